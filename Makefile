@@ -1,0 +1,44 @@
+# Developer entry points. See README.md ("Quick start", "Local control plane").
+#
+#   make dev        cluster + CRDs + controller in the foreground; Ctrl-C stops everything
+#   make dev-up     the same in the background;  make dev-down  stops it
+#   make test       every test (unit + e2e) against one local cluster, stopped afterwards
+#   make crds       regenerate crds/*.yaml from the Rust types
+#
+# The kubeconfig is $(DEV_DIR)/kubeconfig:  export KUBECONFIG=$$(pwd)/.dev/kubeconfig
+
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+DEV_DIR := $(or $(SBX_DEV_DIR),$(CURDIR)/.dev)
+CARGO ?= cargo
+# Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
+TEST_ARGS ?=
+
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build
+
+help:
+	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
+
+dev:
+	deploy/local/dev.sh fg
+
+dev-up:
+	deploy/local/dev.sh up
+
+dev-down:
+	deploy/local/dev.sh down
+
+dev-status:
+	deploy/local/cluster.sh status
+
+test:
+	deploy/local/dev.sh test $(TEST_ARGS)
+
+crds:
+	$(CARGO) run --quiet --bin sandbox-controller -- crdgen
+
+# Builds (or finds in ~/.cache/sbx-cluster) the control-plane binary only.
+cluster-build:
+	deploy/local/build.sh

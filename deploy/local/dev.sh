@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Developer workflows on top of cluster.sh; the Makefile's dev targets call this.
+#
+#   deploy/local/dev.sh fg     cluster + CRDs + controller in the foreground; Ctrl-C tears it all down
+#   deploy/local/dev.sh up     the same in the background (controller pid/log in .dev/run, .dev/logs)
+#   deploy/local/dev.sh down   stop the controller and the cluster
+#   deploy/local/dev.sh test [cargo test args...]
+#                              run every test against one cluster; a cluster this command
+#                              started is stopped on exit, a running one (make dev) is reused
+set -euo pipefail
+
+readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly repo="$(cd "$here/../.." && pwd)"
+readonly dev="${SBX_DEV_DIR:-$repo/.dev}"
+readonly cluster="$here/cluster.sh"
+readonly kubeconfig="$dev/kubeconfig"
+
+log() { printf '[dev] %s\n' "$*" >&2; }
+die() {
+	printf '[dev] error: %s\n' "$*" >&2
+	exit 1
+}
+
+command -v cargo >/dev/null || die "cargo not found on PATH"
+
+# Started cluster only when it was not running before, so that a developer's
+# `make dev` cluster survives `make test`.
+started_cluster=0
+cluster_up() {
+	if "$cluster" status >/dev/null 2>&1; then
+		log "reusing the running cluster in $dev"
+	else
+		started_cluster=1
+	fi
+	# Idempotent: prints the env exports; a no-op when everything runs already.
+	"$cluster" up "$@" >/dev/null
+	export KUBECONFIG="$kubeconfig"
+	export PATH="$dev/bin:$PATH"
+}
+
+apply_crds() {
+	shopt -s nullglob
+	local files=("$repo"/crds/*.yaml)
+	shopt -u nullglob
+	if ((${#files[@]} == 0)); then
+		log "crds/ is empty; generate the CRDs with 'make crds'"
+		return 0
+	fi
+	# Server-side: the CRDs embed the PodTemplateSpec schema and outgrow the
+	# 256 KiB last-applied annotation of a client-side apply.
+	kubectl apply --server-side --force-conflicts --field-manager=sbx-dev -f "$repo/crds/" >/dev/null
+	kubectl wait --for=condition=Established --timeout=60s -f "$repo/crds/" >/dev/null
+	log "CRDs installed from crds/"
+}
+
+# True once the controller binary has a `run` subcommand.
+controller_can_run() {
+	log "building sandbox-controller (cargo build) to see whether it has a 'run' subcommand"
+	(cd "$repo" && cargo run --quiet --bin sandbox-controller -- run --help >/dev/null 2>&1)
+}
+
+print_usage_hint() {
+	cat >&2 <<EOF
+
+  The local control plane is up. In another shell:
+
+    export KUBECONFIG=$kubeconfig
+    export PATH=$dev/bin:\$PATH      # kubectl v1.36, matching the apiserver
+
+EOF
+}
+
+cmd_fg() {
+	trap 'if ((started_cluster)); then "$cluster" down; else log "leaving the cluster running (it was up before make dev)"; fi' EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	cluster_up
+	apply_crds
+	print_usage_hint
+	if controller_can_run; then
+		log "running the controller in the foreground (Ctrl-C stops it and the cluster)"
+		(cd "$repo" && cargo run --quiet --bin sandbox-controller -- run) || log "controller exited with $?"
+	else
+		log "sandbox-controller has no 'run' subcommand yet; only the cluster runs. Ctrl-C to stop."
+		while :; do sleep 3600 & wait $! || true; done
+	fi
+}
+
+cmd_up() {
+	cluster_up
+	apply_crds
+	if controller_can_run; then
+		local bin
+		bin="$(cd "$repo" && cargo build --quiet --bin sandbox-controller --message-format=json |
+			sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
+		[[ -x "$bin" ]] || die "could not locate the built sandbox-controller binary"
+		"$cluster" spawn controller -- env KUBECONFIG="$kubeconfig" "$bin" run
+		log "controller running in the background; log: $dev/logs/controller.log"
+	else
+		log "sandbox-controller has no 'run' subcommand yet; started the cluster only"
+	fi
+	print_usage_hint
+	"$cluster" env
+}
+
+cmd_down() {
+	"$cluster" down
+}
+
+cmd_test() {
+	cleanup() {
+		local rc=$?
+		if ((started_cluster)); then "$cluster" down || true; fi
+		exit "$rc"
+	}
+	trap cleanup EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	cluster_up
+	# The harness (tests/e2e/harness.rs) uses exactly this cluster.
+	export SBX_KUBECONFIG="$kubeconfig"
+	log "running: cargo test $*"
+	(cd "$repo" && cargo test "$@")
+}
+
+sub="${1:-}"
+(($#)) && shift
+case "$sub" in
+fg) cmd_fg "$@" ;;
+up) cmd_up "$@" ;;
+down) cmd_down "$@" ;;
+test) cmd_test "$@" ;;
+*)
+	sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+	exit 2
+	;;
+esac
