@@ -1,0 +1,108 @@
+//! `Pool`: a set of pre-warmed pods that pooled BatchSandboxes allocate from.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The desired state of a Pool.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "sandbox.opensandbox.io",
+    version = "v1alpha1",
+    kind = "Pool",
+    namespaced,
+    status = "PoolStatus",
+    doc = "Pool keeps a buffer of pre-warmed sandbox pods that pooled BatchSandboxes allocate from, sized between its capacity bounds.",
+    printcolumn(name = "TOTAL", type_ = "integer", json_path = ".status.total", description = "The number of pods in the pool."),
+    printcolumn(name = "ALLOCATED", type_ = "integer", json_path = ".status.allocated", description = "The number of pods allocated to BatchSandboxes."),
+    printcolumn(name = "AVAILABLE", type_ = "integer", json_path = ".status.available", description = "The number of idle, ready pods."),
+    printcolumn(name = "BUFFER_MIN", type_ = "integer", json_path = ".spec.capacitySpec.bufferMin", priority = 1, description = "Fewest idle pods to keep."),
+    printcolumn(name = "BUFFER_MAX", type_ = "integer", json_path = ".spec.capacitySpec.bufferMax", priority = 1, description = "Most idle pods to keep."),
+    printcolumn(name = "POOL_MIN", type_ = "integer", json_path = ".spec.capacitySpec.poolMin", priority = 1, description = "Fewest pods in all."),
+    printcolumn(name = "POOL_MAX", type_ = "integer", json_path = ".spec.capacitySpec.poolMax", priority = 1, description = "Most pods in all."),
+    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolSpec {
+    /// Pod template of the pre-warmed pods. Changing it replaces idle pods gradually; allocated
+    /// pods are never touched.
+    pub template: PodTemplateSpec,
+
+    /// Bounds on the number of pods in the pool.
+    pub capacity_spec: CapacitySpec,
+
+    /// What happens to a pod when the BatchSandbox holding it releases it: `Delete` (default)
+    /// deletes it and the pool warms a fresh one; `Reuse` returns a healthy pod to the pool as idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_recycle_policy: Option<PodRecyclePolicy>,
+}
+
+/// Sizing bounds of a Pool. The pool keeps between `bufferMin` and `bufferMax` idle pods, and
+/// between `poolMin` and `poolMax` pods in all; `poolMax` wins when they conflict.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.bufferMin <= self.bufferMax", "message": "bufferMin must be <= bufferMax"},
+    {"rule": "self.poolMin <= self.poolMax", "message": "poolMin must be <= poolMax"},
+]))]
+pub struct CapacitySpec {
+    /// Most idle (pre-warmed, unallocated) pods to keep.
+    #[schemars(range(min = 0))]
+    pub buffer_max: i32,
+    /// Fewest idle pods to keep, so that claims are served at once.
+    #[schemars(range(min = 0))]
+    pub buffer_min: i32,
+    /// Most pods in the pool, idle and allocated together.
+    #[schemars(range(min = 0))]
+    pub pool_max: i32,
+    /// Fewest pods in the pool, idle and allocated together.
+    #[schemars(range(min = 0))]
+    pub pool_min: i32,
+}
+
+/// What to do with a pod a BatchSandbox has released.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PodRecyclePolicy {
+    /// Delete the pod; the pool warms a fresh one.
+    #[default]
+    Delete,
+    /// Return the pod to the pool as idle if it is still Running and Ready; delete it otherwise.
+    Reuse,
+}
+
+/// The observed state of a Pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// Hash of the current pod template; pods carry it in the `sandbox.opensandbox.io/pool-revision` label.
+    #[serde(default)]
+    pub revision: String,
+    /// Number of pods in the pool, allocated or not, excluding terminating ones.
+    #[serde(default)]
+    pub total: i32,
+    /// Number of pods allocated to BatchSandboxes.
+    #[serde(default)]
+    pub allocated: i32,
+    /// Number of idle pods that are Running and Ready, ready to be allocated.
+    #[serde(default)]
+    pub available: i32,
+    /// Number of idle pods still starting.
+    #[serde(default)]
+    pub pending: i32,
+    /// Conditions: Ready, PolicyDegraded, Terminating (what deletion waits for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::schema::conditions")]
+    pub conditions: Vec<Condition>,
+}
+
+impl PoolSpec {
+    /// The pod recycle policy with its default applied.
+    pub fn recycle_policy(&self) -> PodRecyclePolicy {
+        self.pod_recycle_policy.unwrap_or_default()
+    }
+}

@@ -1,0 +1,326 @@
+//! The reconcilers and their shared context.
+//!
+//! Both reconcilers read from one set of reflector stores (pods, batches, pools), so a fresh LIST
+//! at start-up rebuilds everything. Events of every kind, deletions included, are routed to the
+//! objects they affect and fed to kube-runtime's `applier`, which serialises reconciles per object.
+
+mod batch;
+mod backoff;
+mod claims;
+mod pool;
+mod router;
+mod tasks;
+mod writes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::{self, Action};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::api::{BatchSandbox, Pool, names};
+use crate::domain::endpoints::EndpointsFormat;
+use crate::policy::PolicyEngine;
+
+pub use writes::WriteCounter;
+
+/// How the controller behaves; set from the command line.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Watch and manage only this namespace (`None`: all namespaces).
+    pub namespace: Option<String>,
+    /// Reconciles running at once, per kind.
+    pub concurrency: u16,
+    pub endpoints_format: EndpointsFormat,
+    /// Periodic re-check of every object, a safety net for missed events.
+    pub resync: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self { namespace: None, concurrency: 16, endpoints_format: EndpointsFormat::Objects, resync: Duration::from_secs(300) }
+    }
+}
+
+/// Errors a reconcile can end with; each is retried with per-object exponential backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{object}: annotation {} is not valid JSON ({source}); refusing to guess which pods it holds", names::ANNOTATION_ALLOC_STATUS)]
+    CorruptAllocStatus { object: String, source: serde_json::Error },
+    #[error(transparent)]
+    ShardPatch(#[from] crate::domain::pod_template::ShardPatchError),
+    #[error("a policy evaluation thread failed: {0}")]
+    PolicyThread(#[from] tokio::task::JoinError),
+    #[error("{0} write(s) lost an optimistic-concurrency race; retrying with fresh state")]
+    Conflict(usize),
+}
+
+/// Everything a reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub pods: Store<Pod>,
+    pub batches: Store<BatchSandbox>,
+    pub pools: Store<Pool>,
+    pub policies: Arc<dyn PolicyEngine>,
+    pub recorder: Recorder,
+    pub config: ControllerConfig,
+    /// Allocations written but maybe not yet visible in the batch cache.
+    claims: claims::Claims,
+    /// Pods created or deleted but maybe not yet visible in the pod cache.
+    expectations: claims::Expectations,
+    backoff: backoff::PerObjectBackoff,
+    pub writes: WriteCounter,
+}
+
+impl Context {
+    fn api<K>(&self, namespace: &str) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// Publishes an event; failing to do so is logged, never fatal.
+    async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+        self.writes.event();
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
+        if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(%error, reason, "could not publish event");
+        }
+    }
+
+    /// A JSON merge patch of a namespaced object. Include `metadata.resourceVersion` in the patch
+    /// to make it conditional.
+    async fn merge_patch<K>(&self, namespace: &str, name: &str, patch: &serde_json::Value) -> Result<K, kube::Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        self.writes.object();
+        self.api::<K>(namespace).patch(name, &PatchParams::default(), &Patch::Merge(patch)).await
+    }
+
+    async fn patch_status<K>(&self, namespace: &str, name: &str, patch: serde_json::Value) -> Result<K, kube::Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        self.writes.status();
+        self.api::<K>(namespace).patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await
+    }
+
+    /// Adds a finalizer, conditional on the object's resourceVersion.
+    async fn add_finalizer<K>(&self, obj: &K, finalizer: &str) -> Result<(), kube::Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut finalizers = obj.finalizers().to_vec();
+        finalizers.push(finalizer.to_string());
+        self.set_finalizers(obj, finalizers).await
+    }
+
+    /// Removes a finalizer, conditional on the object's resourceVersion.
+    async fn remove_finalizer<K>(&self, obj: &K, finalizer: &str) -> Result<(), kube::Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let finalizers = obj.finalizers().iter().filter(|f| *f != finalizer).cloned().collect();
+        match self.set_finalizers(obj, finalizers).await {
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn set_finalizers<K>(&self, obj: &K, finalizers: Vec<String>) -> Result<(), kube::Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version(), "finalizers": finalizers}});
+        self.merge_patch::<K>(&obj.namespace().unwrap_or_default(), &obj.name_any(), &patch).await?;
+        Ok(())
+    }
+
+    /// Creates a pod; one that already exists (a cache lagging our own create) counts as created.
+    async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<Pod, kube::Error> {
+        self.writes.pod();
+        let api = self.api::<Pod>(namespace);
+        match api.create(&PostParams::default(), &pod).await {
+            Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
+                api.get(pod.metadata.name.as_deref().unwrap_or_default()).await
+            }
+            other => other,
+        }
+    }
+
+    /// Deletes a pod; one already gone counts as deleted.
+    async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
+        self.writes.pod();
+        match self.api::<Pod>(namespace).delete(name, &DeleteParams::default()).await {
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// A controller owner reference to `obj`, so the garbage collector removes what it owns.
+    fn owner_reference<K: Resource<DynamicType = ()>>(&self, obj: &K) -> OwnerReference {
+        obj.controller_owner_ref(&()).unwrap_or_default()
+    }
+
+    /// Runs a policy decision on a blocking thread: policies may take up to their time limit.
+    async fn decide<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn PolicyEngine) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let policies = self.policies.clone();
+        Ok(tokio::task::spawn_blocking(move || f(policies.as_ref())).await?)
+    }
+}
+
+/// Handle to a running controller: its stores and write counter, for tests and benchmarks.
+pub struct Running {
+    pub context: Arc<Context>,
+}
+
+/// Starts the reflectors and both reconcilers; returns when `shutdown` resolves and in-flight
+/// reconciles have finished.
+pub async fn run(
+    client: Client,
+    policies: Arc<dyn PolicyEngine>,
+    config: ControllerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (pods_store, pods_writer) = reflector::store::<Pod>();
+    let (batches_store, batches_writer) = reflector::store::<BatchSandbox>();
+    let (pools_store, pools_writer) = reflector::store::<Pool>();
+    let (pool_tx, pool_rx) = mpsc::unbounded_channel::<ObjectRef<Pool>>();
+    let (batch_tx, batch_rx) = mpsc::unbounded_channel::<ObjectRef<BatchSandbox>>();
+
+    let reporter = Reporter { controller: names::MANAGED_BY.into(), instance: std::env::var("POD_NAME").ok() };
+    let context = Arc::new(Context {
+        client: client.clone(),
+        pods: pods_store.clone(),
+        batches: batches_store.clone(),
+        pools: pools_store.clone(),
+        policies,
+        recorder: Recorder::new(client.clone(), reporter),
+        config: config.clone(),
+        claims: Default::default(),
+        expectations: Default::default(),
+        backoff: Default::default(),
+        writes: WriteCounter::default(),
+    });
+    let router = router::Router::new(context.clone(), pool_tx, batch_tx);
+
+    let ns = config.namespace.as_deref();
+    let pods_api: Api<Pod> = scoped(&client, ns);
+    let pods_cfg = watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY));
+    let pod_events = reflector::reflector(pods_writer, watcher(pods_api, pods_cfg).default_backoff())
+        .for_each({
+            let router = router.clone();
+            move |event| future::ready(router.pod_event(event))
+        });
+    let batch_events = reflector::reflector(batches_writer, watcher(scoped(&client, ns), watcher::Config::default()).default_backoff())
+        .for_each({
+            let router = router.clone();
+            move |event| future::ready(router.batch_event(event))
+        });
+    let pool_events = reflector::reflector(pools_writer, watcher(scoped(&client, ns), watcher::Config::default()).default_backoff())
+        .for_each({
+            let router = router.clone();
+            move |event| future::ready(router.pool_event(event))
+        });
+
+    // Decisions need all three caches: a pool must never allocate from a partial view.
+    let caches = async {
+        pods_store.wait_until_ready().await?;
+        batches_store.wait_until_ready().await?;
+        pools_store.wait_until_ready().await?;
+        anyhow::Ok(())
+    };
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let reconcilers = async {
+        caches.await?;
+        info!("caches synced; reconciling");
+        let ctrl_config = controller::Config::default().concurrency(config.concurrency);
+        let pools = controller::applier(
+            |pool, ctx| Box::pin(pool::reconcile(pool, ctx)),
+            |pool: Arc<Pool>, error: &Error, ctx: Arc<Context>| ctx.backoff.on_error(&ObjectRef::from_obj(pool.as_ref()).erase(), error),
+            context.clone(),
+            pools_store.clone(),
+            queue(pool_rx, shutdown.clone()),
+            ctrl_config.clone(),
+        )
+        .for_each(|result| future::ready(log_result(result)));
+        let batches = controller::applier(
+            |batch, ctx| Box::pin(batch::reconcile(batch, ctx)),
+            |batch: Arc<BatchSandbox>, error: &Error, ctx: Arc<Context>| ctx.backoff.on_error(&ObjectRef::from_obj(batch.as_ref()).erase(), error),
+            context.clone(),
+            batches_store.clone(),
+            queue(batch_rx, shutdown.clone()),
+            ctrl_config,
+        )
+        .for_each(|result| future::ready(log_result(result)));
+        future::join(pools, batches).await;
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        result = reconcilers => result?,
+        _ = pod_events => anyhow::bail!("pod watch ended"),
+        _ = batch_events => anyhow::bail!("BatchSandbox watch ended"),
+        _ = pool_events => anyhow::bail!("Pool watch ended"),
+    }
+    info!("reconcilers stopped");
+    Ok(())
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The reconcile queue: routed requests until shutdown, after which the applier drains.
+fn queue<K: Resource + 'static>(
+    rx: mpsc::UnboundedReceiver<ObjectRef<K>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl futures::Stream<Item = Result<ObjectRef<K>, std::convert::Infallible>> + Send
+where
+    K::DynamicType: Send,
+{
+    tokio_stream_from(rx).take_until(shutdown).map(Ok)
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn log_result<K: Resource, E: std::fmt::Display>(result: Result<(ObjectRef<K>, Action), E>)
+where
+    K::DynamicType: std::fmt::Debug,
+{
+    if let Err(error) = result {
+        // Missing objects (deleted since they were queued) are routine.
+        let text = error.to_string();
+        if !text.contains("missing from store") {
+            warn!(%error, "reconcile failed");
+        }
+    }
+}
+
+/// Name and namespace of any namespaced object, for messages.
+fn object_name<K: ResourceExt>(obj: &K) -> String {
+    format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}

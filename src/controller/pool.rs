@@ -1,0 +1,385 @@
+//! Pool reconciler: the only writer that hands pool pods to batches. It keeps the pool's size
+//! where the sizing policy says, rolls idle pods to a new template, and drains on deletion.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use serde_json::json;
+use tracing::{debug, info};
+
+use super::{Context, Error, object_name};
+use crate::api::{BatchSandbox, Pool, PoolStatus, names};
+use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
+use crate::domain::conditions::{self, Desired};
+use crate::domain::pod_template;
+use crate::domain::pool_plan::{self, PoolPod};
+use crate::domain::pods;
+use crate::domain::sizing::{AllocationEvent, Bounds, PoolSnapshot};
+use crate::domain::{endpoints, pods::is_running_and_ready};
+
+/// Pod writes in flight at once, per reconcile.
+const POD_WRITE_CONCURRENCY: usize = 32;
+
+pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = ObjectRef::from_obj(pool.as_ref()).erase();
+    let result = reconcile_pool(&pool, &ctx).await;
+    if result.is_ok() {
+        ctx.backoff.on_success(&key);
+    }
+    result
+}
+
+/// What the reconcile sees of a pool.
+struct Observed {
+    namespace: String,
+    name: String,
+    revision: String,
+    /// The pool's pods (owned by this pool object), terminating ones included.
+    pods: Vec<Arc<Pod>>,
+    /// Batches that reference this pool, oldest first, with their ledgers.
+    batches: Vec<(Arc<BatchSandbox>, AllocStatus)>,
+    /// Pods held by any batch's ledger or claimed by a write not yet seen.
+    held: HashSet<String>,
+    /// Pods this process deleted that the cache still shows as live.
+    deleting: HashSet<String>,
+    /// Pods this process created that the cache does not show yet.
+    unseen_creations: u32,
+}
+
+impl Observed {
+    fn gather(pool: &Pool, ctx: &Context) -> Result<Self, Error> {
+        let namespace = pool.namespace().unwrap_or_default();
+        let name = pool.name_any();
+        let uid = pool.uid().unwrap_or_default();
+        let pods: Vec<Arc<Pod>> = ctx
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.namespace().as_deref() == Some(namespace.as_str())
+                    && p.labels().get(names::LABEL_POOL_NAME) == Some(&name)
+                    && p.owner_references().iter().any(|o| o.uid == uid)
+            })
+            .collect();
+        let mut batches = Vec::new();
+        for batch in ctx.batches.state() {
+            if batch.namespace().as_deref() != Some(namespace.as_str()) || batch.pool_name() != Some(name.as_str()) {
+                continue;
+            }
+            let ledger = AllocStatus::parse(batch.annotations().get(names::ANNOTATION_ALLOC_STATUS).map(String::as_str))
+                .map_err(|source| Error::CorruptAllocStatus { object: object_name(batch.as_ref()), source })?;
+            batches.push((batch, ledger));
+        }
+        batches.sort_by(|(a, _), (b, _)| {
+            (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
+                .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
+        });
+        let seen_held = allocation::held_pods(batches.iter().map(|(_, l)| l));
+        let mut held: HashSet<String> = seen_held.iter().map(|p| p.to_string()).collect();
+        held.extend(ctx.claims.current(&namespace, &seen_held.iter().copied().collect()));
+
+        let known: HashSet<&str> = pods.iter().map(|p| pods::pod_name(p)).collect();
+        let live: HashSet<&str> = pods.iter().filter(|p| !pods::is_terminating(p)).map(|p| pods::pod_name(p)).collect();
+        let (unseen_creations, deleting) = ctx.expectations.pending(&format!("{namespace}/{name}"), &known, &live);
+        Ok(Self {
+            revision: pod_template::template_revision(&pool.spec.template),
+            namespace,
+            name,
+            pods,
+            batches,
+            held,
+            deleting,
+            unseen_creations,
+        })
+    }
+
+    fn owner_key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Pods that still count: not terminating and not being deleted by us.
+    fn live_pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
+        self.pods.iter().filter(|p| !pods::is_terminating(p) && !self.deleting.contains(pods::pod_name(p)))
+    }
+
+    fn usable(&self, name: &str) -> bool {
+        self.live_pods().any(|p| pods::pod_name(p) == name && pods::is_live(p))
+    }
+
+    /// Idle Running+Ready pods, current template first.
+    fn idle_ready(&self) -> Vec<String> {
+        let mut idle: Vec<(bool, String)> = self
+            .live_pods()
+            .filter(|p| pods::is_live(p) && is_running_and_ready(p) && !self.held.contains(pods::pod_name(p)))
+            .map(|p| (!self.is_current(p), pods::pod_name(p).to_string()))
+            .collect();
+        idle.sort();
+        idle.into_iter().map(|(_, name)| name).collect()
+    }
+
+    fn is_current(&self, pod: &Pod) -> bool {
+        pod.labels().get(names::LABEL_POOL_REVISION) == Some(&self.revision)
+    }
+
+    fn pod_ip(&self, name: &str) -> Option<&str> {
+        self.pods.iter().find(|p| pods::pod_name(p) == name).and_then(|p| pods::pod_ip(p))
+    }
+}
+
+async fn reconcile_pool(pool: &Pool, ctx: &Context) -> Result<Action, Error> {
+    let mut observed = Observed::gather(pool, ctx)?;
+    if pool.metadata.deletion_timestamp.is_some() {
+        return drain(pool, ctx, &observed).await;
+    }
+    if !pool.finalizers().iter().any(|f| f == names::FINALIZER_POOL) {
+        ctx.add_finalizer::<Pool>(pool, names::FINALIZER_POOL).await?;
+    }
+
+    let (unmet, conflicts) = allocate(ctx, &mut observed).await?;
+    let degraded = resize(pool, ctx, &observed, unmet).await?;
+    write_status(pool, ctx, &observed, degraded, None).await?;
+
+    if conflicts > 0 {
+        return Err(Error::Conflict(conflicts));
+    }
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// Hands idle pods to batches that want them. Returns (unmet shards, lost write races).
+async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize), Error> {
+    let wanting: Vec<&(Arc<BatchSandbox>, AllocStatus)> =
+        observed.batches.iter().filter(|(b, _)| b.metadata.deletion_timestamp.is_none()).collect();
+    let demands: Vec<Demand> =
+        wanting.iter().map(|(b, ledger)| Demand { replicas: b.desired_replicas(), held: ledger.pods.clone() }).collect();
+    let idle = observed.idle_ready();
+    let plan = allocation::plan(&demands, |pod| observed.usable(pod), &idle);
+    if plan.grants.is_empty() {
+        return Ok((plan.unmet, 0));
+    }
+
+    let writes = plan.grants.iter().map(|grant| {
+        let batch = wanting[grant.demand].0.clone();
+        write_grant(ctx, observed, batch, grant)
+    });
+    let results: Vec<Result<(), Error>> = futures::future::join_all(writes).await;
+    let mut conflicts = 0;
+    for (grant, result) in plan.grants.iter().zip(results) {
+        match result {
+            Ok(()) => {
+                ctx.claims.record(&observed.namespace, grant.granted.iter().cloned());
+                observed.held.extend(grant.granted.iter().cloned());
+            }
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => conflicts += 1,
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {}
+            Err(other) => return Err(other),
+        }
+    }
+    let granted: usize = plan.grants.iter().map(|g| g.granted.len()).sum();
+    debug!(pool = %observed.owner_key(), granted, unmet = plan.unmet, conflicts, "allocation round");
+    Ok((plan.unmet, conflicts))
+}
+
+/// One write per batch: its new ledger, its endpoints and the cleanup finalizer, conditional on
+/// the batch's resourceVersion, so a concurrent writer (a scale-down, another leader) makes it
+/// fail rather than be overwritten.
+async fn write_grant(ctx: &Context, observed: &Observed, batch: Arc<BatchSandbox>, grant: &Grant) -> Result<(), Error> {
+    let ledger = AllocStatus { pods: grant.pods.clone(), pool_ref: Some(observed.name.clone()) };
+    let ips: Vec<Option<&str>> = grant.pods.iter().map(|p| observed.pod_ip(p)).collect();
+    let mut finalizers = batch.finalizers().to_vec();
+    if !finalizers.iter().any(|f| f == names::FINALIZER_BATCH) {
+        finalizers.push(names::FINALIZER_BATCH.to_string());
+    }
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": batch.resource_version(),
+            "finalizers": finalizers,
+            "annotations": {
+                names::ANNOTATION_ALLOC_STATUS: ledger.to_annotation(),
+                names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format),
+            }
+        }
+    });
+    ctx.merge_patch::<BatchSandbox>(&observed.namespace, &batch.name_any(), &patch).await?;
+    Ok(())
+}
+
+/// Applies the sizing policy. Returns the policy's degradation reason, if it fell back.
+async fn resize(pool: &Pool, ctx: &Context, observed: &Observed, unmet: u32) -> Result<Option<String>, Error> {
+    let plan_pods = plan_pods(observed);
+    let counts = pool_plan::counts(&plan_pods, observed.unseen_creations);
+    let caps = pool.spec.capacity_spec;
+    let snapshot = PoolSnapshot {
+        pool_name: observed.name.clone(),
+        bounds: Bounds {
+            buffer_min: non_negative(caps.buffer_min),
+            buffer_max: non_negative(caps.buffer_max),
+            pool_min: non_negative(caps.pool_min),
+            pool_max: non_negative(caps.pool_max),
+        },
+        total: counts.total,
+        allocated: counts.allocated,
+        available: counts.available,
+        pending: counts.pending,
+        terminating: (observed.pods.len() - observed.live_pods().count()) as u32,
+        unmet_demand: unmet,
+        recent_allocations: recent_allocations(observed),
+        now_unix_ms: Timestamp::now().as_millisecond(),
+    };
+    let selector = policy_selector(pool, "pool-sizing");
+    let outcome = ctx.decide(move |p| p.pool_sizing(selector.as_deref(), &snapshot)).await?;
+    let changes = pool_plan::changes(&plan_pods, observed.unseen_creations, outcome.decision.desired_total);
+    if changes.create > 0 || !changes.delete.is_empty() {
+        info!(pool = %observed.owner_key(), create = changes.create, delete = changes.delete.len(), reason = %outcome.decision.reason, "resizing pool");
+    }
+
+    let owner = ctx.owner_reference(pool);
+    let template = &pool.spec.template;
+    let creations = (0..changes.create).map(|_| pod_template::pool_pod(&observed.name, template, &observed.revision, owner.clone()));
+    let created: Vec<Result<Pod, kube::Error>> = stream::iter(creations.map(|pod| ctx.create_pod(&observed.namespace, pod)))
+        .buffer_unordered(POD_WRITE_CONCURRENCY)
+        .collect()
+        .await;
+    for pod in created {
+        ctx.expectations.created(&observed.owner_key(), pod?.name_any());
+    }
+    delete_pods(ctx, observed, changes.delete).await?;
+
+    if let Some(reason) = &outcome.degraded {
+        ctx.event(pool, EventType::Warning, "PolicyDegraded", reason.clone()).await;
+    }
+    Ok(outcome.degraded)
+}
+
+fn plan_pods(observed: &Observed) -> Vec<PoolPod> {
+    observed
+        .live_pods()
+        .map(|p| PoolPod {
+            name: pods::pod_name(p).to_string(),
+            allocated: observed.held.contains(pods::pod_name(p)),
+            ready: is_running_and_ready(p),
+            dead: pods::is_finished(p),
+            current_revision: observed.is_current(p),
+        })
+        .collect()
+}
+
+/// Allocation history for sizing policies, derived from the batches themselves (their creation
+/// time and how many pods they hold), so it survives restarts.
+fn recent_allocations(observed: &Observed) -> Vec<AllocationEvent> {
+    let mut events: Vec<AllocationEvent> = observed
+        .batches
+        .iter()
+        .filter_map(|(batch, ledger)| {
+            let at = batch.metadata.creation_timestamp.as_ref()?.0.as_millisecond();
+            (!ledger.pods.is_empty()).then(|| AllocationEvent { at_unix_ms: at, count: ledger.pods.len() as u32 })
+        })
+        .collect();
+    events.sort_by_key(|e| e.at_unix_ms);
+    let keep = events.len().saturating_sub(64);
+    events.split_off(keep)
+}
+
+async fn delete_pods(ctx: &Context, observed: &Observed, names: Vec<String>) -> Result<(), Error> {
+    let deletions = names.into_iter().map(|name| async move {
+        ctx.delete_pod(&observed.namespace, &name).await?;
+        ctx.expectations.deleted(&observed.owner_key(), name);
+        Ok::<(), Error>(())
+    });
+    let results: Vec<Result<(), Error>> = stream::iter(deletions).buffer_unordered(POD_WRITE_CONCURRENCY).collect().await;
+    results.into_iter().collect()
+}
+
+/// A deleted pool: idle pods go at once; allocated ones stay with their batches until released.
+/// The finalizer comes off when no pod is left.
+async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action, Error> {
+    if !pool.finalizers().iter().any(|f| f == names::FINALIZER_POOL) {
+        return Ok(Action::await_change());
+    }
+    let idle: Vec<String> = observed
+        .live_pods()
+        .filter(|p| !observed.held.contains(pods::pod_name(p)))
+        .map(|p| pods::pod_name(p).to_string())
+        .collect();
+    delete_pods(ctx, observed, idle).await?;
+
+    if observed.pods.is_empty() && observed.unseen_creations == 0 {
+        ctx.remove_finalizer::<Pool>(pool, names::FINALIZER_POOL).await?;
+        info!(pool = %observed.owner_key(), "pool drained; finalizer removed");
+        return Ok(Action::await_change());
+    }
+    let holders: Vec<String> = observed
+        .batches
+        .iter()
+        .filter(|(_, ledger)| ledger.pods.iter().any(|p| observed.usable(p)))
+        .map(|(b, _)| b.name_any())
+        .collect();
+    let allocated = observed.live_pods().filter(|p| observed.held.contains(pods::pod_name(p))).count();
+    let message = if holders.is_empty() {
+        format!("waiting for {} pod(s) to terminate", observed.pods.len())
+    } else {
+        format!(
+            "waiting for {allocated} allocated pod(s) to be released by BatchSandbox(es) {}; {} pod(s) in all",
+            holders.join(", "),
+            observed.pods.len()
+        )
+    };
+    write_status(pool, ctx, observed, None, Some(message)).await?;
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+async fn write_status(
+    pool: &Pool,
+    ctx: &Context,
+    observed: &Observed,
+    degraded: Option<String>,
+    draining: Option<String>,
+) -> Result<(), Error> {
+    let counts = pool_plan::counts(&plan_pods(observed), observed.unseen_creations);
+    let previous = pool.status.clone().unwrap_or_default();
+    let generation = pool.metadata.generation.unwrap_or_default();
+    let buffer_min = non_negative(pool.spec.capacity_spec.buffer_min);
+    let mut desired = vec![if counts.available >= buffer_min {
+        Desired::new("Ready", true, "BufferFilled", format!("{} idle pod(s) ready (bufferMin {buffer_min})", counts.available))
+    } else {
+        Desired::new("Ready", false, "WarmingUp", format!("{} of bufferMin {buffer_min} idle pod(s) ready", counts.available))
+    }];
+    desired.push(match degraded {
+        Some(reason) => Desired::new("PolicyDegraded", true, "PolicyFallback", reason),
+        None => Desired::new("PolicyDegraded", false, "PoliciesHealthy", ""),
+    });
+    if let Some(message) = draining {
+        desired.push(Desired::new("Terminating", true, "WaitingForRelease", message));
+    }
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
+    let status = PoolStatus {
+        observed_generation: generation,
+        revision: observed.revision.clone(),
+        total: counts.total as i32,
+        allocated: counts.allocated as i32,
+        available: counts.available as i32,
+        pending: counts.pending as i32,
+        conditions: conditions::merge(&previous.conditions, &desired, &now, generation),
+    };
+    let unchanged = PoolStatus { conditions: vec![], ..status.clone() } == PoolStatus { conditions: vec![], ..previous.clone() }
+        && conditions::same(&status.conditions, &previous.conditions);
+    if !unchanged {
+        ctx.patch_status::<Pool>(&observed.namespace, &observed.name, json!({ "status": status })).await?;
+    }
+    Ok(())
+}
+
+fn non_negative(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+/// The custom policy an object selected for `decision`, from its annotations.
+pub(super) fn policy_selector<K: ResourceExt>(obj: &K, decision: &str) -> Option<String> {
+    obj.annotations().get(&format!("{}{decision}", names::ANNOTATION_POLICY_PREFIX)).cloned()
+}

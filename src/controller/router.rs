@@ -1,0 +1,111 @@
+//! Maps every watch event to the reconciles it should trigger. Deletions are routed too (a pod
+//! deleted by hand must wake its pool and its batch), which kube-runtime's shared streams skip.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::warn;
+
+use super::Context;
+use crate::api::{BatchSandbox, Pool, names};
+use crate::domain::allocation::AllocStatus;
+
+#[derive(Clone)]
+pub struct Router {
+    ctx: Arc<Context>,
+    pools: UnboundedSender<ObjectRef<Pool>>,
+    batches: UnboundedSender<ObjectRef<BatchSandbox>>,
+}
+
+impl Router {
+    pub fn new(ctx: Arc<Context>, pools: UnboundedSender<ObjectRef<Pool>>, batches: UnboundedSender<ObjectRef<BatchSandbox>>) -> Self {
+        Self { ctx, pools, batches }
+    }
+
+    pub fn pod_event(&self, event: Result<Event<Pod>, watcher::Error>) {
+        match event {
+            Ok(Event::Apply(pod) | Event::Delete(pod)) => self.pod_changed(&pod),
+            Ok(Event::InitDone) => self.everything(),
+            Ok(_) => {}
+            Err(error) => warn!(%error, "pod watch error; retrying"),
+        }
+    }
+
+    pub fn batch_event(&self, event: Result<Event<BatchSandbox>, watcher::Error>) {
+        match event {
+            Ok(Event::Apply(batch) | Event::Delete(batch)) => {
+                let ns = batch.namespace().unwrap_or_default();
+                self.batch(&ns, &batch.name_any());
+                if let Some(pool) = batch.pool_name() {
+                    self.pool(&ns, pool);
+                }
+            }
+            Ok(Event::InitDone) => self.everything(),
+            Ok(_) => {}
+            Err(error) => warn!(%error, "BatchSandbox watch error; retrying"),
+        }
+    }
+
+    pub fn pool_event(&self, event: Result<Event<Pool>, watcher::Error>) {
+        match event {
+            Ok(Event::Apply(pool) | Event::Delete(pool)) => {
+                let ns = pool.namespace().unwrap_or_default();
+                let name = pool.name_any();
+                self.pool(&ns, &name);
+                for batch in self.ctx.batches.state() {
+                    if batch.namespace().as_deref() == Some(ns.as_str()) && batch.pool_name() == Some(name.as_str()) {
+                        self.batch(&ns, &batch.name_any());
+                    }
+                }
+            }
+            Ok(Event::InitDone) => self.everything(),
+            Ok(_) => {}
+            Err(error) => warn!(%error, "Pool watch error; retrying"),
+        }
+    }
+
+    fn pod_changed(&self, pod: &Pod) {
+        let ns = pod.namespace().unwrap_or_default();
+        let labels = pod.labels();
+        if let Some(batch) = labels.get(names::LABEL_BATCH_NAME) {
+            self.batch(&ns, batch);
+        }
+        if let Some(pool) = labels.get(names::LABEL_POOL_NAME) {
+            self.pool(&ns, pool);
+            let pod_name = pod.name_any();
+            for batch in self.ctx.batches.state() {
+                if batch.namespace().as_deref() != Some(ns.as_str()) || batch.pool_name() != Some(pool.as_str()) {
+                    continue;
+                }
+                let held = AllocStatus::parse(batch.annotations().get(names::ANNOTATION_ALLOC_STATUS).map(String::as_str))
+                    .map(|a| a.pods.contains(&pod_name))
+                    .unwrap_or(true);
+                if held {
+                    self.batch(&ns, &batch.name_any());
+                }
+            }
+        }
+    }
+
+    /// After a (re)list every object is looked at again.
+    fn everything(&self) {
+        for pool in self.ctx.pools.state() {
+            let _ = self.pools.send(ObjectRef::from_obj(pool.as_ref()));
+        }
+        for batch in self.ctx.batches.state() {
+            let _ = self.batches.send(ObjectRef::from_obj(batch.as_ref()));
+        }
+    }
+
+    fn pool(&self, ns: &str, name: &str) {
+        let _ = self.pools.send(ObjectRef::new(name).within(ns));
+    }
+
+    fn batch(&self, ns: &str, name: &str) {
+        let _ = self.batches.send(ObjectRef::new(name).within(ns));
+    }
+}

@@ -1,0 +1,194 @@
+//! The allocation ledger: which pool pod serves which shard of which BatchSandbox.
+//!
+//! A pooled batch's shards are the entries of its `alloc-status` list, in shard order. The Pool
+//! reconciler is the only writer that adds entries, so a plan made here from one consistent view
+//! (the cache plus the claims this process wrote but has not yet seen back) never hands a pod to
+//! two shards.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+/// The `sandbox.opensandbox.io/alloc-status` annotation, in OpenSandbox's format.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocStatus {
+    /// Pod names in shard order: entry i serves shard i.
+    #[serde(default)]
+    pub pods: Vec<String>,
+    /// The Pool the pods came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_ref: Option<String>,
+}
+
+impl AllocStatus {
+    /// Parses the annotation; a missing annotation is an empty ledger. A corrupt one is an error,
+    /// because treating it as empty could hand its pods to someone else.
+    pub fn parse(annotation: Option<&str>) -> Result<Self, serde_json::Error> {
+        match annotation {
+            None => Ok(Self::default()),
+            Some(text) => serde_json::from_str(text),
+        }
+    }
+
+    pub fn to_annotation(&self) -> String {
+        serde_json::to_string(self).expect("plain strings always serialize")
+    }
+}
+
+/// One pooled batch that may want pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Demand {
+    /// Desired shard count.
+    pub replicas: usize,
+    /// The pods it holds now, in shard order.
+    pub held: Vec<String>,
+}
+
+/// What one batch gets in this round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// Index into the demands given to [`plan`].
+    pub demand: usize,
+    /// The batch's new pod list, in shard order.
+    pub pods: Vec<String>,
+    /// Pods newly handed to the batch in this round.
+    pub granted: Vec<String>,
+}
+
+/// The outcome of one allocation round.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub grants: Vec<Grant>,
+    /// Shards still without a live pod after this round.
+    pub unmet: u32,
+}
+
+/// Hands idle pods to batches in the order given (callers pass oldest batch first).
+///
+/// - `is_live(pod)`: the pod exists and can still serve; a held pod that is not live is replaced
+///   in place, so surviving shards keep their pods and indices.
+/// - `idle`: pods free to allocate, most preferred first. Each is used at most once.
+///
+/// Lists stay dense: a shard beyond the end of a list is only added once all before it are.
+pub fn plan(demands: &[Demand], is_live: impl Fn(&str) -> bool, idle: &[String]) -> Plan {
+    let mut free = idle.iter();
+    let mut plan = Plan::default();
+    for (index, demand) in demands.iter().enumerate() {
+        let mut pods = demand.held.clone();
+        let mut granted = Vec::new();
+        for shard in 0..demand.replicas {
+            let needs_pod = match pods.get(shard) {
+                Some(held) => !is_live(held),
+                None => true,
+            };
+            if !needs_pod {
+                continue;
+            }
+            match free.next() {
+                Some(pod) => {
+                    granted.push(pod.clone());
+                    if shard < pods.len() {
+                        pods[shard] = pod.clone();
+                    } else {
+                        pods.push(pod.clone());
+                    }
+                }
+                None => plan.unmet += 1,
+            }
+        }
+        if !granted.is_empty() {
+            plan.grants.push(Grant { demand: index, pods, granted });
+        }
+    }
+    plan
+}
+
+/// Every pod any of the given ledgers holds.
+pub fn held_pods<'a>(ledgers: impl IntoIterator<Item = &'a AllocStatus>) -> BTreeSet<&'a str> {
+    ledgers
+        .into_iter()
+        .flat_map(|l| l.pods.iter().map(String::as_str))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    fn names(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    #[test]
+    fn fills_new_batches_in_order_until_idle_runs_out() {
+        let demands = vec![
+            Demand { replicas: 2, held: vec![] },
+            Demand { replicas: 3, held: vec![] },
+        ];
+        let plan = plan(&demands, |_| true, &names("p", 4));
+        assert_eq!(plan.grants[0].pods, ["p0", "p1"]);
+        assert_eq!(plan.grants[1].pods, ["p2", "p3"]);
+        assert_eq!(plan.unmet, 1);
+    }
+
+    #[test]
+    fn a_lost_pod_is_replaced_in_place() {
+        let demands = vec![Demand { replicas: 3, held: names("h", 3) }];
+        let plan = plan(&demands, |p| p != "h1", &names("p", 1));
+        assert_eq!(plan.grants[0].pods, ["h0", "p0", "h2"]);
+        assert_eq!(plan.grants[0].granted, ["p0"]);
+    }
+
+    #[test]
+    fn satisfied_and_oversized_batches_get_nothing() {
+        let demands = vec![Demand { replicas: 1, held: names("h", 3) }];
+        assert_eq!(plan(&demands, |_| true, &names("p", 2)), Plan::default());
+    }
+
+    #[test]
+    fn annotation_round_trips_in_opensandbox_format() {
+        let status = AllocStatus { pods: names("p", 2), pool_ref: Some("fast-pool".into()) };
+        assert_eq!(status.to_annotation(), r#"{"pods":["p0","p1"],"poolRef":"fast-pool"}"#);
+        assert_eq!(AllocStatus::parse(Some(&status.to_annotation())).unwrap(), status);
+        assert_eq!(AllocStatus::parse(None).unwrap(), AllocStatus::default());
+        assert!(AllocStatus::parse(Some("{not json")).is_err());
+    }
+
+    proptest! {
+        /// The ledger invariant: no pod ever serves two shards, across all batches.
+        #[test]
+        fn no_pod_is_ever_allocated_twice(
+            specs in prop::collection::vec((0usize..6, 0usize..5), 0..8),
+            idle_count in 0usize..20,
+            dead in prop::collection::hash_set(0usize..40, 0..10),
+        ) {
+            // Held pods are distinct across batches, as the ledger guarantees on input.
+            let mut next = 0;
+            let demands: Vec<Demand> = specs.iter().map(|&(replicas, held)| {
+                let pods = (next..next + held).map(|i| format!("h{i}")).collect();
+                next += held;
+                Demand { replicas, held: pods }
+            }).collect();
+            let is_live = |p: &str| !p.strip_prefix('h').and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| dead.contains(&n));
+            let idle = names("p", idle_count);
+            let result = plan(&demands, is_live, &idle);
+
+            let mut finals: Vec<Vec<String>> = demands.iter().map(|d| d.held.clone()).collect();
+            for grant in &result.grants { finals[grant.demand] = grant.pods.clone(); }
+            let mut seen = HashSet::new();
+            for pods in &finals {
+                for pod in pods { prop_assert!(seen.insert(pod.clone()), "{} allocated twice", pod); }
+            }
+            // Every granted pod came from the idle list.
+            for grant in &result.grants {
+                for pod in &grant.granted { prop_assert!(idle.contains(pod)); }
+            }
+            // Demand is either met or idle ran out.
+            let granted: usize = result.grants.iter().map(|g| g.granted.len()).sum();
+            prop_assert!(result.unmet == 0 || granted == idle_count);
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Pure decisions: no I/O, no kube client. Reconcilers and the webhook call into these.
+
+pub mod allocation;
+pub mod conditions;
+pub mod endpoints;
+pub mod expiry;
+pub mod pod_template;
+pub mod pods;
+pub mod pool_plan;
+pub mod sizing;
+pub mod status;
+pub mod tasks;

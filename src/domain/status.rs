@@ -1,0 +1,207 @@
+//! BatchSandbox status, derived only from what was observed: pods, their readiness, task states
+//! and the pool's situation.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::conditions::{self, Desired};
+use super::expiry::TaskPhase;
+use crate::api::BatchSandboxStatus;
+
+/// One shard as observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardView {
+    /// A live pod serves this shard.
+    pub has_pod: bool,
+    /// That pod is Running and Ready.
+    pub ready: bool,
+    pub task: TaskPhase,
+}
+
+/// Why a pooled batch may be unable to get pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolSituation {
+    /// Not pooled, or the pool can serve.
+    Fine,
+    Missing { pool: String },
+    Terminating { pool: String },
+    /// The pool is at `poolMax` with no idle pod left.
+    Exhausted { pool: String, pool_max: i32 },
+}
+
+/// Everything the status is computed from.
+#[derive(Clone, Debug)]
+pub struct BatchView {
+    pub generation: i64,
+    pub pooled: bool,
+    /// One entry per desired shard.
+    pub shards: Vec<ShardView>,
+    /// Live pods of the batch, including any above `replicas` still being removed.
+    pub live_pods: u32,
+    pub pool: PoolSituation,
+    /// Set when a policy decision fell back.
+    pub policy_degraded: Option<String>,
+}
+
+pub const CONDITION_READY: &str = "Ready";
+pub const CONDITION_PROGRESSING: &str = "Progressing";
+pub const CONDITION_POOL_UNAVAILABLE: &str = "PoolUnavailable";
+pub const CONDITION_POOL_EXHAUSTED: &str = "PoolExhausted";
+pub const CONDITION_TASK_FAILED: &str = "TaskFailed";
+pub const CONDITION_POLICY_DEGRADED: &str = "PolicyDegraded";
+
+/// The status for `view`, keeping transition times from `previous`.
+pub fn batch_status(view: &BatchView, previous: &BatchSandboxStatus, now: &Time) -> BatchSandboxStatus {
+    let desired = view.shards.len() as i32;
+    let count = |f: &dyn Fn(&ShardView) -> bool| view.shards.iter().filter(|s| f(s)).count() as i32;
+    let allocated = count(&|s| s.has_pod);
+    let ready = count(&|s| s.has_pod && s.ready);
+    let phase = |p: TaskPhase| count(&move |s: &ShardView| s.task == p);
+    let failed_shards: Vec<String> = view
+        .shards
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.task == TaskPhase::Failed)
+        .map(|(i, _)| i.to_string())
+        .collect();
+
+    let mut desired_conditions = vec![
+        if ready == desired {
+            Desired::new(CONDITION_READY, true, "AllSandboxesReady", format!("{ready}/{desired} sandboxes ready"))
+        } else {
+            Desired::new(CONDITION_READY, false, "SandboxesNotReady", format!("{ready}/{desired} sandboxes ready"))
+        },
+        progressing(view, desired, allocated, ready),
+    ];
+    if view.pooled {
+        let (unavailable, exhausted) = pool_conditions(&view.pool);
+        desired_conditions.push(unavailable);
+        desired_conditions.push(exhausted);
+    }
+    desired_conditions.push(if failed_shards.is_empty() {
+        Desired::new(CONDITION_TASK_FAILED, false, "NoTaskFailed", "")
+    } else {
+        Desired::new(
+            CONDITION_TASK_FAILED,
+            true,
+            "TaskFailed",
+            format!("task failed on shard(s) {}", failed_shards.join(", ")),
+        )
+    });
+    desired_conditions.push(match &view.policy_degraded {
+        Some(reason) => Desired::new(CONDITION_POLICY_DEGRADED, true, "PolicyFallback", reason.clone()),
+        None => Desired::new(CONDITION_POLICY_DEGRADED, false, "PoliciesHealthy", ""),
+    });
+
+    BatchSandboxStatus {
+        observed_generation: view.generation,
+        replicas: view.live_pods as i32,
+        allocated,
+        ready,
+        task_pending: phase(TaskPhase::Pending),
+        task_running: phase(TaskPhase::Running),
+        task_succeed: phase(TaskPhase::Succeeded),
+        task_failed: phase(TaskPhase::Failed),
+        task_unknown: phase(TaskPhase::Unknown),
+        conditions: conditions::merge(&previous.conditions, &desired_conditions, now, view.generation),
+    }
+}
+
+fn progressing(view: &BatchView, desired: i32, allocated: i32, ready: i32) -> Desired {
+    let excess = view.live_pods as i32 - desired;
+    if allocated < desired {
+        Desired::new(CONDITION_PROGRESSING, true, "Allocating", format!("{allocated}/{desired} sandboxes have a pod"))
+    } else if ready < desired {
+        Desired::new(CONDITION_PROGRESSING, true, "Starting", format!("{ready}/{desired} sandboxes ready"))
+    } else if excess > 0 {
+        Desired::new(CONDITION_PROGRESSING, true, "ScalingDown", format!("{excess} sandbox(es) being removed"))
+    } else {
+        Desired::new(CONDITION_PROGRESSING, false, "Complete", format!("{desired} sandboxes delivered"))
+    }
+}
+
+fn pool_conditions(pool: &PoolSituation) -> (Desired, Desired) {
+    let available = Desired::new(CONDITION_POOL_UNAVAILABLE, false, "PoolAvailable", "");
+    let not_exhausted = Desired::new(CONDITION_POOL_EXHAUSTED, false, "PoolHasCapacity", "");
+    match pool {
+        PoolSituation::Fine => (available, not_exhausted),
+        PoolSituation::Missing { pool } => (
+            Desired::new(CONDITION_POOL_UNAVAILABLE, true, "PoolNotFound", format!("Pool {pool:?} does not exist in this namespace")),
+            not_exhausted,
+        ),
+        PoolSituation::Terminating { pool } => (
+            Desired::new(CONDITION_POOL_UNAVAILABLE, true, "PoolTerminating", format!("Pool {pool:?} is being deleted; no new pods are allocated")),
+            not_exhausted,
+        ),
+        PoolSituation::Exhausted { pool, pool_max } => (
+            available,
+            Desired::new(
+                CONDITION_POOL_EXHAUSTED,
+                true,
+                "PoolMaxReached",
+                format!("Pool {pool:?} is at poolMax ({pool_max}) with no idle pod; waiting for capacity to free up"),
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap())
+    }
+
+    fn shard(has_pod: bool, ready: bool, task: TaskPhase) -> ShardView {
+        ShardView { has_pod, ready, task }
+    }
+
+    fn view(shards: Vec<ShardView>) -> BatchView {
+        let live_pods = shards.iter().filter(|s| s.has_pod).count() as u32;
+        BatchView { generation: 3, pooled: false, shards, live_pods, pool: PoolSituation::Fine, policy_degraded: None }
+    }
+
+    fn condition<'a>(s: &'a BatchSandboxStatus, t: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        s.conditions.iter().find(|c| c.type_ == t).expect(t)
+    }
+
+    #[test]
+    fn spec_task_batch_counts() {
+        let s = batch_status(&view(vec![shard(true, true, TaskPhase::Succeeded); 3]), &Default::default(), &now());
+        assert_eq!((s.replicas, s.allocated, s.ready, s.task_succeed, s.task_running, s.task_failed), (3, 3, 3, 3, 0, 0));
+        assert_eq!(condition(&s, "Ready").status, "True");
+        assert_eq!(condition(&s, "Progressing").status, "False");
+        assert_eq!(s.observed_generation, 3);
+    }
+
+    #[test]
+    fn shards_without_a_task_are_not_pending() {
+        let s = batch_status(&view(vec![shard(true, true, TaskPhase::None); 4]), &Default::default(), &now());
+        assert_eq!(s.task_pending, 0);
+    }
+
+    #[test]
+    fn failures_and_exhaustion_show_as_conditions() {
+        let mut v = view(vec![shard(true, true, TaskPhase::Failed), shard(false, false, TaskPhase::Pending)]);
+        v.pooled = true;
+        v.pool = PoolSituation::Exhausted { pool: "p".into(), pool_max: 2 };
+        let s = batch_status(&v, &Default::default(), &now());
+        assert_eq!(condition(&s, "TaskFailed").message, "task failed on shard(s) 0");
+        assert_eq!(condition(&s, "PoolExhausted").status, "True");
+        assert_eq!(condition(&s, "Progressing").reason, "Allocating");
+    }
+
+    proptest! {
+        #[test]
+        fn counts_are_consistent(spec in prop::collection::vec((any::<bool>(), any::<bool>(), 0usize..6), 0..30)) {
+            const PHASES: [TaskPhase; 6] = [TaskPhase::None, TaskPhase::Pending, TaskPhase::Running, TaskPhase::Succeeded, TaskPhase::Failed, TaskPhase::Unknown];
+            let shards: Vec<ShardView> = spec.iter().map(|&(p, r, t)| shard(p, r, PHASES[t])).collect();
+            let s = batch_status(&view(shards.clone()), &Default::default(), &now());
+            prop_assert!(s.ready <= s.allocated && s.allocated <= shards.len() as i32);
+            let with_task = shards.iter().filter(|s| s.task != TaskPhase::None).count() as i32;
+            prop_assert_eq!(s.task_pending + s.task_running + s.task_succeed + s.task_failed + s.task_unknown, with_task);
+            prop_assert_eq!(condition(&s, "Ready").status == "True", s.ready == shards.len() as i32);
+        }
+    }
+}
