@@ -4,4 +4,5 @@
 pub mod api;
 pub mod controller;
 pub mod domain;
+pub mod executor;
 pub mod policy;
