@@ -9,8 +9,14 @@
 //!   counts;
 //! - [`inject_sidecar`] adds the executor container to a pod template.
 
+pub mod auth;
 pub mod client;
+pub mod daemon;
+pub mod manager;
+pub mod server;
+pub mod shim;
 pub mod sidecar;
+pub mod store;
 pub mod wire;
 
 pub use client::{ExecutorClient, ExecutorError};
