@@ -13,6 +13,7 @@ pub mod auth;
 pub mod client;
 pub mod daemon;
 pub mod manager;
+pub mod runner;
 pub mod server;
 pub mod shim;
 pub mod sidecar;
