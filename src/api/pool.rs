@@ -15,57 +15,14 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "PoolStatus",
     doc = "Pool keeps a buffer of pre-warmed sandbox pods that pooled BatchSandboxes allocate from, sized between its capacity bounds.",
-    printcolumn(
-        name = "TOTAL",
-        type_ = "integer",
-        json_path = ".status.total",
-        description = "The number of pods in the pool."
-    ),
-    printcolumn(
-        name = "ALLOCATED",
-        type_ = "integer",
-        json_path = ".status.allocated",
-        description = "The number of pods allocated to BatchSandboxes."
-    ),
-    printcolumn(
-        name = "AVAILABLE",
-        type_ = "integer",
-        json_path = ".status.available",
-        description = "The number of idle, ready pods."
-    ),
-    printcolumn(
-        name = "BUFFER_MIN",
-        type_ = "integer",
-        json_path = ".spec.capacitySpec.bufferMin",
-        priority = 1,
-        description = "Fewest idle pods to keep."
-    ),
-    printcolumn(
-        name = "BUFFER_MAX",
-        type_ = "integer",
-        json_path = ".spec.capacitySpec.bufferMax",
-        priority = 1,
-        description = "Most idle pods to keep."
-    ),
-    printcolumn(
-        name = "POOL_MIN",
-        type_ = "integer",
-        json_path = ".spec.capacitySpec.poolMin",
-        priority = 1,
-        description = "Fewest pods in all."
-    ),
-    printcolumn(
-        name = "POOL_MAX",
-        type_ = "integer",
-        json_path = ".spec.capacitySpec.poolMax",
-        priority = 1,
-        description = "Most pods in all."
-    ),
-    printcolumn(
-        name = "AGE",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "TOTAL", type_ = "integer", json_path = ".status.total", description = "The number of pods in the pool."),
+    printcolumn(name = "ALLOCATED", type_ = "integer", json_path = ".status.allocated", description = "The number of pods allocated to BatchSandboxes."),
+    printcolumn(name = "AVAILABLE", type_ = "integer", json_path = ".status.available", description = "The number of idle, ready pods."),
+    printcolumn(name = "BUFFER_MIN", type_ = "integer", json_path = ".spec.capacitySpec.bufferMin", priority = 1, description = "Fewest idle pods to keep."),
+    printcolumn(name = "BUFFER_MAX", type_ = "integer", json_path = ".spec.capacitySpec.bufferMax", priority = 1, description = "Most idle pods to keep."),
+    printcolumn(name = "POOL_MIN", type_ = "integer", json_path = ".spec.capacitySpec.poolMin", priority = 1, description = "Fewest pods in all."),
+    printcolumn(name = "POOL_MAX", type_ = "integer", json_path = ".spec.capacitySpec.poolMax", priority = 1, description = "Most pods in all."),
+    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PoolSpec {
