@@ -45,13 +45,26 @@ struct Cluster {
     kubectl: PathBuf,
 }
 
-static CLUSTER: OnceCell<Cluster> = OnceCell::const_new();
+/// Set up once per process; a failure is remembered so that every test reports
+/// it at once instead of each retrying a slow start.
+static CLUSTER: OnceCell<Result<Cluster, String>> = OnceCell::const_new();
+
+fn cluster() -> &'static Cluster {
+    match CLUSTER.get() {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => panic!("{e}"),
+        None => panic!("harness: env() has not set up the cluster yet"),
+    }
+}
 
 /// Returns a ready test environment with a fresh namespace
 /// `<sanitized test name>-<random suffix>`.
 pub async fn env(test_name: &str) -> TestEnv {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cluster = CLUSTER.get_or_init(init_cluster).await;
+    let cluster = match CLUSTER.get_or_init(init_cluster).await {
+        Ok(c) => c,
+        Err(e) => panic!("{e}"),
+    };
 
     let client = client_for(&cluster.kubeconfig).await.unwrap_or_else(|e| {
         panic!(
@@ -163,7 +176,7 @@ impl TestEnv {
     }
 
     fn kubectl_cmd(&self, args: &[&str]) -> Command {
-        let cluster = CLUSTER.get().expect("cluster initialised by env()");
+        let cluster = cluster();
         let mut cmd = Command::new(&cluster.kubectl);
         cmd.env("KUBECONFIG", &self.kubeconfig)
             .arg("-n")
@@ -183,7 +196,7 @@ impl Drop for TestEnv {
             return;
         }
         // Fire and forget: the namespace controller finishes the job.
-        if let Some(cluster) = CLUSTER.get() {
+        if let Some(Ok(cluster)) = CLUSTER.get() {
             let _ = Command::new(&cluster.kubectl)
                 .env("KUBECONFIG", &self.kubeconfig)
                 .args([
@@ -361,14 +374,25 @@ async fn client_for(kubeconfig: &Path) -> Result<kube::Client, String> {
     kube::Client::try_from(config).map_err(|e| e.to_string())
 }
 
-async fn init_cluster() -> Cluster {
-    tokio::task::spawn_blocking(|| {
+async fn init_cluster() -> Result<Cluster, String> {
+    let setup = tokio::task::spawn_blocking(|| {
         let cluster = find_or_start_cluster();
         install_crds(&cluster);
         cluster
     })
-    .await
-    .unwrap_or_else(|e| panic!("harness: cluster setup failed: {e}"))
+    .await;
+    setup.map_err(|e| {
+        let msg = e
+            .try_into_panic()
+            .ok()
+            .and_then(|p| {
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            })
+            .unwrap_or_else(|| "cancelled".into());
+        format!("harness: cluster setup failed: {msg}")
+    })
 }
 
 /// The kubectl to use: `$SBX_KUBECTL`, else the v1.36 client the cluster
