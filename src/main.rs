@@ -67,7 +67,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -75,7 +77,9 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
     let config = ControllerConfig {
         namespace: args.namespace,
         concurrency: args.concurrency.max(1),
@@ -106,7 +110,8 @@ fn crdgen(out_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     for crd in api::all_crds() {
         let path = out_dir.join(api::crd_file_name(&crd));
-        std::fs::write(&path, api::render_crd_yaml(&crd)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, api::render_crd_yaml(&crd)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())

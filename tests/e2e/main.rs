@@ -6,4 +6,6 @@
 
 mod harness;
 
+mod batch;
+mod controller;
 mod crds;
