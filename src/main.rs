@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sandbox_controller::api;
 use sandbox_controller::controller::{self, ControllerConfig};
 use sandbox_controller::domain::endpoints::EndpointsFormat;
+use sandbox_controller::health::Health;
+use sandbox_controller::leader::{self, LeaderConfig};
 use sandbox_controller::policy::NativePolicies;
 
 /// Kubernetes controller for OpenSandbox BatchSandbox and Pool resources.
@@ -53,6 +55,21 @@ struct RunArgs {
     /// Seconds between periodic re-checks of every object.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    health_addr: std::net::SocketAddr,
+    /// Reconcile only while holding a Lease, so several replicas can run safely.
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "sandbox-controller")]
+    lease_name: String,
+    /// Seconds a leader's lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,7 +103,56 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         endpoints_format: args.endpoints_format,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
-    controller::run(client, Arc::new(NativePolicies), config, shutdown_signal()).await
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn({
+        let health = health.clone();
+        let stopped = stopped();
+        async move {
+            if let Err(error) =
+                sandbox_controller::health::serve(args.health_addr, health, stopped).await
+            {
+                tracing::error!(%error, addr = %args.health_addr, "health endpoint failed");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    if args.leader_elect {
+        let leader = LeaderConfig {
+            namespace: args.leader_election_namespace,
+            lease_name: args.lease_name,
+            identity: std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+            lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        };
+        let leading = tokio::select! {
+            leading = leader::acquire(client.clone(), &leader) => leading?,
+            _ = stopped() => return Ok(()),
+        };
+        let lost = leader::lost(leading);
+        tokio::select! {
+            result = controller::run(client, Arc::new(NativePolicies), config, health, stopped()) => result,
+            _ = lost => anyhow::bail!("lost the leader lease {}; exiting so a fresh process takes over as follower", leader.lease_name),
+        }
+    } else {
+        controller::run(client, Arc::new(NativePolicies), config, health, stopped()).await
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "sandbox-controller".into())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -91,7 +91,7 @@ pub struct Context {
     /// Pods created or deleted but maybe not yet visible in the pod cache.
     expectations: claims::Expectations,
     backoff: backoff::PerObjectBackoff,
-    pub writes: WriteCounter,
+    pub writes: Arc<WriteCounter>,
 }
 
 impl Context {
@@ -255,17 +255,13 @@ impl Context {
     }
 }
 
-/// Handle to a running controller: its stores and write counter, for tests and benchmarks.
-pub struct Running {
-    pub context: Arc<Context>,
-}
-
 /// Starts the reflectors and both reconcilers; returns when `shutdown` resolves and in-flight
 /// reconciles have finished.
 pub async fn run(
     client: Client,
     policies: Arc<dyn PolicyEngine>,
     config: ControllerConfig,
+    health: Arc<crate::health::Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (pods_store, pods_writer) = reflector::store::<Pod>();
@@ -289,7 +285,7 @@ pub async fn run(
         claims: Default::default(),
         expectations: Default::default(),
         backoff: Default::default(),
-        writes: WriteCounter::default(),
+        writes: health.writes.clone(),
     });
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
@@ -344,6 +340,7 @@ pub async fn run(
     let reconcilers = async {
         caches.await?;
         info!("caches synced; reconciling");
+        health.set_ready(true);
         let ctrl_config = controller::Config::default().concurrency(config.concurrency);
         let pools = controller::applier(
             |pool, ctx| Box::pin(pool::reconcile(pool, ctx)),

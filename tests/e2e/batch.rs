@@ -581,3 +581,53 @@ async fn template_change_rolls_idle_pods_and_leaves_allocated_ones() {
         .collect();
     assert!(held.iter().all(|p| live.contains(p)));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_takes_over_without_double_allocation() {
+    let env = env("leader-change").await;
+    let lease = [
+        "--leader-elect",
+        "--lease-name",
+        "sbx-e2e",
+        "--lease-duration-seconds",
+        "3",
+    ];
+    let ns_arg = ["--leader-election-namespace", env.ns.as_str()];
+    let args: Vec<&str> = lease.iter().chain(ns_arg.iter()).copied().collect();
+    let mut first = env.start_controller(&args);
+    env.apply(&pool_yaml("lp", 2, 20, 10, 40));
+    env.wait_for("10 idle pods", T, || async {
+        env.pool("lp")
+            .await
+            .and_then(|p| p.status)
+            .is_some_and(|s| s.available >= 10)
+    })
+    .await;
+    // A follower waits on the lease while the leader serves the first claims.
+    let _second = env.start_controller(&args);
+    let first_claims: String = (0..5)
+        .map(|i| pooled_batch_yaml(&format!("a-{i}"), "lp", 1) + "---\n")
+        .collect();
+    env.apply(&first_claims);
+    for i in 0..5 {
+        env.wait_batch_ready(&format!("a-{i}"), 1, T).await;
+    }
+    first.kill();
+    let second_claims: String = (0..5)
+        .map(|i| pooled_batch_yaml(&format!("b-{i}"), "lp", 1) + "---\n")
+        .collect();
+    env.apply(&second_claims);
+    let mut all = Vec::new();
+    for name in (0..5)
+        .map(|i| format!("a-{i}"))
+        .chain((0..5).map(|i| format!("b-{i}")))
+    {
+        all.extend(ledger(&env.wait_batch_ready(&name, 1, T).await));
+    }
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        10,
+        "double allocation across the leader change: {all:?}"
+    );
+}

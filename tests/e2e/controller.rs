@@ -26,7 +26,11 @@ pub struct ControllerProcess {
 impl TestEnv {
     /// Starts `sandbox-controller run --namespace <ns> <extra>` against the test cluster.
     pub fn start_controller(&self, extra: &[&str]) -> ControllerProcess {
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|a| a.starts_with("--health-addr")) {
+            // Parallel tests each run a controller: let the OS pick the health port.
+            args.extend(["--health-addr".to_string(), "127.0.0.1:0".to_string()]);
+        }
         spawn(&self.kubeconfig, &self.ns, args, 0)
     }
 
