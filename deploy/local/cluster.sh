@@ -62,7 +62,8 @@ load_settings() {
 		# shellcheck disable=SC1090
 		source "$state_file"
 		if [[ -n "${SBX_PORT_BASE:-}" && "$SBX_PORT_BASE" != "$port_base" ]]; then
-			die "an instance in $dev is running with port base $port_base, not SBX_PORT_BASE=$SBX_PORT_BASE; run 'down' first or use another SBX_DEV_DIR"
+			[[ "${1:-}" != strict ]] || die "an instance in $dev is running with port base $port_base, not SBX_PORT_BASE=$SBX_PORT_BASE; run 'down' first or use another SBX_DEV_DIR"
+			log "note: the instance in $dev runs with port base $port_base (SBX_PORT_BASE=$SBX_PORT_BASE ignored)"
 		fi
 	else
 		port_base="${SBX_PORT_BASE:-16440}"
@@ -71,6 +72,10 @@ load_settings() {
 	[[ "$port_base" =~ ^[0-9]+$ ]] && ((port_base >= 1024 && port_base <= 65525)) ||
 		die "SBX_PORT_BASE must be a number in 1024..65525, got '$port_base'"
 	[[ "$nodes" =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= 200)) || die "SBX_NODES must be 1..200, got '$nodes'"
+	derive_ports
+}
+
+derive_ports() {
 	port_api=$((port_base + 0))
 	port_etcd=$((port_base + 1))
 	port_etcd_peer=$((port_base + 2))
@@ -160,6 +165,14 @@ stop_proc() {
 }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ports_free() { # ports_free BASE: none of BASE..BASE+9 accepts connections
+	local p
+	for ((p = $1; p < $1 + 10; p++)); do
+		port_in_use "$p" && return 1
+	done
+	return 0
+}
 
 # ------------------------------------------------------------- components --
 
@@ -327,7 +340,7 @@ cmd_up() {
 	mkdir -p "$dev" "$rundir" "$logdir"
 	exec 8>"$dev/cluster.lock"
 	flock 8 # one up/down at a time per state directory
-	load_settings
+	load_settings strict
 
 	local t0=$SECONDS deadline=$((SECONDS + ${SBX_UP_TIMEOUT:-120})) started_any=0 name
 
@@ -342,6 +355,19 @@ cmd_up() {
 		fi
 	fi
 
+	if ! any_running && [[ -z "${SBX_PORT_BASE:-}" ]] && ! ports_free "$port_base"; then
+		# The default ports are taken (e.g. a cluster of another worktree):
+		# pick the next free block of 10 rather than fail.
+		local cand
+		for ((cand = port_base + 100; cand <= port_base + 4000; cand += 100)); do
+			if ports_free "$cand"; then
+				log "ports $port_base..$((port_base + 9)) are in use; using port base $cand (set SBX_PORT_BASE to choose)"
+				port_base=$cand
+				derive_ports
+				break
+			fi
+		done
+	fi
 	resolve_binary
 	save_settings
 	# Already-running components are kept; only missing ones are started.
