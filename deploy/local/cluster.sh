@@ -23,8 +23,9 @@
 # pki/, etcd/, logs/<process>.log, run/<process>.pid, cluster.env.
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo
 readonly dev="${SBX_DEV_DIR:-$repo/.dev}"
 readonly pki="$dev/pki" rundir="$dev/run" logdir="$dev/logs" etcd_dir="$dev/etcd" bindir="$dev/bin"
 readonly kubeconfig="$dev/kubeconfig"
@@ -69,9 +70,12 @@ load_settings() {
 		port_base="${SBX_PORT_BASE:-16440}"
 		nodes="${SBX_NODES:-2}"
 	fi
-	[[ "$port_base" =~ ^[0-9]+$ ]] && ((port_base >= 1024 && port_base <= 65525)) ||
+	if ! [[ "$port_base" =~ ^[0-9]+$ ]] || ((port_base < 1024 || port_base > 65525)); then
 		die "SBX_PORT_BASE must be a number in 1024..65525, got '$port_base'"
-	[[ "$nodes" =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= 200)) || die "SBX_NODES must be 1..200, got '$nodes'"
+	fi
+	if ! [[ "$nodes" =~ ^[0-9]+$ ]] || ((nodes < 1 || nodes > 200)); then
+		die "SBX_NODES must be 1..200, got '$nodes'"
+	fi
 	derive_ports
 }
 
@@ -181,6 +185,7 @@ cmd_etcd() {
 }
 
 cmd_kube_apiserver() {
+	# shellcheck disable=SC2054 # commas belong to flag values
 	CMD=("$bin" kube-apiserver
 		--etcd-servers "http://127.0.0.1:$port_etcd"
 		--bind-address 127.0.0.1 --secure-port "$port_api"
@@ -204,6 +209,7 @@ cmd_kube_apiserver() {
 
 cmd_kube_controller_manager() {
 	local kc="$pki/kube-controller-manager.kubeconfig"
+	# shellcheck disable=SC2054 # commas belong to flag values
 	CMD=("$bin" kube-controller-manager
 		--kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc"
 		--bind-address 127.0.0.1 --secure-port "$port_kcm"

@@ -9,8 +9,9 @@
 #                              started is stopped on exit, a running one (make dev) is reused
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo
 readonly dev="${SBX_DEV_DIR:-$repo/.dev}"
 readonly cluster="$here/cluster.sh"
 readonly kubeconfig="$dev/kubeconfig"
@@ -33,7 +34,7 @@ cluster_up() {
 		started_cluster=1
 	fi
 	# Idempotent: prints the env exports; a no-op when everything runs already.
-	"$cluster" up "$@" >/dev/null
+	"$cluster" up >/dev/null
 	export KUBECONFIG="$kubeconfig"
 	export PATH="$dev/bin:$PATH"
 }
