@@ -8,6 +8,8 @@ use sandbox_controller::api;
 use sandbox_controller::controller::{self, ControllerConfig};
 use sandbox_controller::domain::endpoints::EndpointsFormat;
 use sandbox_controller::executor::{self, runner};
+use sandbox_controller::health::Health;
+use sandbox_controller::leader::{self, LeaderConfig};
 use sandbox_controller::policy::NativePolicies;
 
 /// Kubernetes controller for OpenSandbox BatchSandbox and Pool resources.
@@ -58,6 +60,21 @@ struct RunArgs {
     /// Seconds between periodic re-checks of every object.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    health_addr: std::net::SocketAddr,
+    /// Reconcile only while holding a Lease, so several replicas can run safely.
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "sandbox-controller")]
+    lease_name: String,
+    /// Seconds a leader's lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
 }
 
 #[derive(Args)]
@@ -87,7 +104,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crdgen { out_dir } => crdgen(&out_dir),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
-        Command::LocalExecutors(args) => tokio::runtime::Runtime::new()?.block_on(local_executors(args)),
+        Command::LocalExecutors(args) => {
+            tokio::runtime::Runtime::new()?.block_on(local_executors(args))
+        }
     }
 }
 
@@ -113,12 +132,63 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         endpoints_format: args.endpoints_format,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
-    controller::run(client, Arc::new(NativePolicies), config, shutdown_signal()).await
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn({
+        let health = health.clone();
+        let stopped = stopped();
+        async move {
+            if let Err(error) =
+                sandbox_controller::health::serve(args.health_addr, health, stopped).await
+            {
+                tracing::error!(%error, addr = %args.health_addr, "health endpoint failed");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    if args.leader_elect {
+        let leader = LeaderConfig {
+            namespace: args.leader_election_namespace,
+            lease_name: args.lease_name,
+            identity: std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+            lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        };
+        let leading = tokio::select! {
+            leading = leader::acquire(client.clone(), &leader) => leading?,
+            _ = stopped() => return Ok(()),
+        };
+        let lost = leader::lost(leading);
+        tokio::select! {
+            result = controller::run(client, Arc::new(NativePolicies), config, health, stopped()) => result,
+            _ = lost => anyhow::bail!("lost the leader lease {}; exiting so a fresh process takes over as follower", leader.lease_name),
+        }
+    } else {
+        controller::run(client, Arc::new(NativePolicies), config, health, stopped()).await
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "sandbox-controller".into())
 }
 
 async fn local_executors(args: LocalExecutorsArgs) -> anyhow::Result<()> {
     let state_dir = std::path::absolute(&args.state_dir)?;
-    let token_file = args.token_file.unwrap_or_else(|| state_dir.join("executor-token"));
+    let token_file = args
+        .token_file
+        .unwrap_or_else(|| state_dir.join("executor-token"));
     runner::ensure_token_file(&token_file)?;
     let executor_bin = match args.executor_bin {
         Some(path) => path,
@@ -129,7 +199,9 @@ async fn local_executors(args: LocalExecutorsArgs) -> anyhow::Result<()> {
         "{} not found; build it with `cargo build --bin sandbox-task-executor` or pass --executor-bin",
         executor_bin.display()
     );
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
     let config = runner::RunnerConfig {
         state_dir,
         executor_bin,

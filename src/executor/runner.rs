@@ -79,19 +79,28 @@ pub fn placement(pod: &Pod) -> Option<Placement> {
     if !ip.is_loopback() {
         return None;
     }
-    Some(Placement { uid: pod.metadata.uid.clone()?, ip })
+    Some(Placement {
+        uid: pod.metadata.uid.clone()?,
+        ip,
+    })
 }
 
 /// Reads the token file, creating it with a fresh random token (mode 0600) if it is missing.
 pub fn ensure_token_file(path: &Path) -> Result<(), RunnerError> {
-    let io = |source| RunnerError::Io { path: path.to_path_buf(), source };
+    let io = |source| RunnerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if path.exists() {
         return Ok(());
     }
     let mut random = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut random))
-        .map_err(|source| RunnerError::Io { path: "/dev/urandom".into(), source })?;
+        .map_err(|source| RunnerError::Io {
+            path: "/dev/urandom".into(),
+            source,
+        })?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
@@ -99,8 +108,13 @@ pub fn ensure_token_file(path: &Path) -> Result<(), RunnerError> {
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut file =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io)?;
         file.write_all(hex::encode(random).as_bytes()).map_err(io)?;
         file.sync_all().map_err(io)?;
     }
@@ -131,7 +145,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunnerError> {
     let pods: Api<Pod> = Api::all(client);
-    let mut events = watcher(pods, watcher::Config::default()).default_backoff().boxed();
+    let mut events = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut executors = Executors::default();
     let mut listed: Option<HashSet<(String, String)>> = None;
     tokio::pin!(shutdown);
@@ -160,7 +176,12 @@ pub async fn run(
             watcher::Event::InitDone => {
                 // Pods deleted while the watch was down were never reported as deleted.
                 let listed = listed.take().unwrap_or_default();
-                let gone: Vec<_> = executors.running.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+                let gone: Vec<_> = executors
+                    .running
+                    .keys()
+                    .filter(|k| !listed.contains(*k))
+                    .cloned()
+                    .collect();
                 for key in gone {
                     executors.stop(&key, Stop::Wipe);
                 }
@@ -169,7 +190,10 @@ pub async fn run(
             watcher::Event::Delete(pod) => executors.stop(&key(&pod), Stop::Wipe),
         }
     };
-    info!(executors = executors.running.len(), "stopping all executors");
+    info!(
+        executors = executors.running.len(),
+        "stopping all executors"
+    );
     let mut tasks: Vec<_> = executors
         .running
         .into_values()
@@ -206,7 +230,9 @@ impl Executors {
             if Some(&current.placement) == wanted.as_ref() {
                 return;
             }
-            let same_pod = wanted.as_ref().is_some_and(|w| w.uid == current.placement.uid);
+            let same_pod = wanted
+                .as_ref()
+                .is_some_and(|w| w.uid == current.placement.uid);
             self.stop(&key, if same_pod { Stop::Keep } else { Stop::Wipe });
         }
         let Some(placement) = wanted else {
@@ -223,7 +249,14 @@ impl Executors {
             }
             supervise(name, for_task, data_dir, config, stop_rx).await
         });
-        self.running.insert(key, Running { placement, stop: stop_tx, task });
+        self.running.insert(
+            key,
+            Running {
+                placement,
+                stop: stop_tx,
+                task,
+            },
+        );
     }
 
     fn stop(&mut self, key: &PodKey, mode: Stop) {
@@ -235,7 +268,13 @@ impl Executors {
 }
 
 /// Keeps one executor running until told to stop.
-async fn supervise(name: String, placement: Placement, data_dir: PathBuf, config: RunnerConfig, mut stop: watch::Receiver<Stop>) {
+async fn supervise(
+    name: String,
+    placement: Placement,
+    data_dir: PathBuf,
+    config: RunnerConfig,
+    mut stop: watch::Receiver<Stop>,
+) {
     if let Err(error) = prepare_data_dir(&data_dir, &placement.uid) {
         error!(pod = %name, %error, "cannot prepare the executor's data directory");
         return;
@@ -311,7 +350,12 @@ async fn wait_for_stop(stop: &mut watch::Receiver<Stop>) -> Stop {
 /// SIGTERM, which makes the executor stop its tasks (SIGTERM, then SIGKILL after `grace`) and
 /// exit; SIGKILL if it is still there well after that.
 async fn terminate(name: &str, child: &mut tokio::process::Child, grace: Duration) {
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1).and_then(Pid::from_raw) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| *p > 1)
+        .and_then(Pid::from_raw)
+    {
         let _ = rustix::process::kill_process(pid, Signal::TERM);
     }
     let patience = grace + Duration::from_secs(15);
@@ -357,24 +401,49 @@ mod tests {
                 ..Default::default()
             },
             spec: Some(PodSpec {
-                containers: containers.iter().map(|n| Container { name: n.to_string(), ..Container::default() }).collect(),
+                containers: containers
+                    .iter()
+                    .map(|n| Container {
+                        name: n.to_string(),
+                        ..Container::default()
+                    })
+                    .collect(),
                 ..PodSpec::default()
             }),
-            status: Some(PodStatus { phase: Some(phase.into()), pod_ip: Some(ip.into()), ..PodStatus::default() }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                pod_ip: Some(ip.into()),
+                ..PodStatus::default()
+            }),
         }
     }
 
     #[test]
     fn only_running_loopback_pods_with_an_executor_get_one() {
         let ok = pod("127.1.0.5", "Running", &["app", "task-executor"]);
-        assert_eq!(placement(&ok), Some(Placement { uid: "u1".into(), ip: "127.1.0.5".parse().unwrap() }));
-        assert_eq!(placement(&pod("127.1.0.5", "Pending", &["task-executor"])), None);
-        assert_eq!(placement(&pod("10.0.0.5", "Running", &["task-executor"])), None, "never off loopback");
+        assert_eq!(
+            placement(&ok),
+            Some(Placement {
+                uid: "u1".into(),
+                ip: "127.1.0.5".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            placement(&pod("127.1.0.5", "Pending", &["task-executor"])),
+            None
+        );
+        assert_eq!(
+            placement(&pod("10.0.0.5", "Running", &["task-executor"])),
+            None,
+            "never off loopback"
+        );
         assert_eq!(placement(&pod("127.1.0.5", "Running", &["app"])), None);
         assert_eq!(placement(&pod("", "Running", &["task-executor"])), None);
         let mut deleting = ok.clone();
         deleting.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
         assert_eq!(placement(&deleting), None);
         let mut host = ok.clone();
         host.spec.as_mut().unwrap().host_network = Some(true);
@@ -402,8 +471,15 @@ mod tests {
         ensure_token_file(&path).unwrap();
         let token = std::fs::read_to_string(&path).unwrap();
         assert_eq!(token.len(), 64);
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         ensure_token_file(&path).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), token, "an existing token is kept");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            token,
+            "an existing token is kept"
+        );
     }
 }
