@@ -9,3 +9,5 @@ mod harness;
 mod batch;
 mod controller;
 mod crds;
+mod executor;
+mod local_executors;
