@@ -18,11 +18,11 @@ use tracing::info;
 
 use super::pool::policy_selector;
 use super::{Context, Error, object_name};
-use crate::api::{BatchSandbox, BatchSandboxStatus, PodRecyclePolicy, Pool, names};
+use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, names};
 use crate::domain::allocation::AllocStatus;
 use crate::domain::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision, TaskPhase};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
-use crate::domain::{conditions, endpoints, pod_template, pods};
+use crate::domain::{endpoints, pod_template, pods};
 use crate::policy::ShardTaskInput;
 
 const POD_WRITE_CONCURRENCY: usize = 32;
@@ -115,7 +115,7 @@ async fn expire(
     )
     .await;
     info!(batch = %object_name(batch), %expire_time, "expired");
-    ctx.writes.object();
+    ctx.writes.count(super::WriteTarget::BatchObject);
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: batch.uid(),
@@ -374,7 +374,9 @@ async fn write_endpoints(
         .map(|p| p.as_deref().and_then(pods::pod_ip))
         .collect();
     let rendered = endpoints::render(&ips, ctx.config.endpoints_format);
-    if batch.annotations().get(names::ANNOTATION_ENDPOINTS) != Some(&rendered) {
+    let current = batch.annotations().get(names::ANNOTATION_ENDPOINTS);
+    let both_empty = current.is_none() && ips.iter().all(Option::is_none);
+    if current != Some(&rendered) && !both_empty {
         let patch = json!({"metadata": {"annotations": {names::ANNOTATION_ENDPOINTS: rendered}}});
         ctx.merge_patch::<BatchSandbox>(
             &batch.namespace().unwrap_or_default(),
@@ -439,24 +441,41 @@ async fn write_status(
         policy_degraded: expiry_degraded,
         shards: shard_views,
     };
+    // A pooled batch its pool is about to serve: the pool's allocation write comes first, and a
+    // status write now would only make that conditional write lose its race.
+    if batch.status.is_none()
+        && view.pooled
+        && view.live_pods == 0
+        && view.pool == PoolSituation::Fine
+        && pool_can_serve(batch, ctx)
+    {
+        return Ok(());
+    }
     let previous = batch.status.clone().unwrap_or_default();
     let status = status::batch_status(&view, &previous, &Time(Timestamp::now()));
-    let unchanged = BatchSandboxStatus {
-        conditions: vec![],
-        ..status.clone()
-    } == BatchSandboxStatus {
-        conditions: vec![],
-        ..previous.clone()
-    } && conditions::same(&status.conditions, &previous.conditions);
+    let uid = batch.uid().unwrap_or_default();
+    let unchanged =
+        status::equivalent(&status, &previous) || ctx.last_status.wrote_same(&uid, &status);
     if !unchanged {
         ctx.patch_status::<BatchSandbox>(
             &batch.namespace().unwrap_or_default(),
             &batch.name_any(),
-            json!({ "status": status }),
+            json!({ "status": &status }),
         )
         .await?;
+        ctx.last_status.record(uid, status);
     }
     Ok(())
+}
+
+/// Whether the batch's pool has idle pods for all its shards right now.
+fn pool_can_serve(batch: &BatchSandbox, ctx: &Context) -> bool {
+    let ns = batch.namespace().unwrap_or_default();
+    batch
+        .pool_name()
+        .and_then(|pool| ctx.pools.get(&ObjectRef::<Pool>::new(pool).within(&ns)))
+        .and_then(|pool| pool.status.clone())
+        .is_some_and(|status| status.available >= batch.spec.replicas)
 }
 
 fn pool_situation(batch: &BatchSandbox, ctx: &Context, shards: &[ShardView]) -> PoolSituation {

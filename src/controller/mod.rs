@@ -31,7 +31,7 @@ use crate::api::{BatchSandbox, Pool, names};
 use crate::domain::endpoints::EndpointsFormat;
 use crate::policy::PolicyEngine;
 
-pub use writes::WriteCounter;
+pub use writes::{Target as WriteTarget, WriteCounter};
 
 /// How the controller behaves; set from the command line.
 #[derive(Clone, Debug)]
@@ -90,8 +90,13 @@ pub struct Context {
     claims: claims::Claims,
     /// Pods created or deleted but maybe not yet visible in the pod cache.
     expectations: claims::Expectations,
+    /// Statuses written but maybe not yet visible in the cache.
+    last_status: claims::LastStatus,
     backoff: backoff::PerObjectBackoff,
     pub writes: Arc<WriteCounter>,
+    /// Bounds background pod writes across all reconciles.
+    pod_writes: tokio::sync::Semaphore,
+    pod_names: std::sync::atomic::AtomicU64,
 }
 
 impl Context {
@@ -113,7 +118,7 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        self.writes.event();
+        self.writes.count(writes::Target::Event);
         let event = Event {
             type_,
             reason: reason.into(),
@@ -140,7 +145,8 @@ impl Context {
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
     {
-        self.writes.object();
+        self.writes
+            .count(writes::Target::for_kind(&K::kind(&()), false));
         self.api::<K>(namespace)
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -158,7 +164,8 @@ impl Context {
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
     {
-        self.writes.status();
+        self.writes
+            .count(writes::Target::for_kind(&K::kind(&()), true));
         self.api::<K>(namespace)
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -216,7 +223,7 @@ impl Context {
 
     /// Creates a pod; one that already exists (a cache lagging our own create) counts as created.
     async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<Pod, kube::Error> {
-        self.writes.pod();
+        self.writes.count(writes::Target::Pod);
         let api = self.api::<Pod>(namespace);
         match api.create(&PostParams::default(), &pod).await {
             Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
@@ -229,7 +236,7 @@ impl Context {
 
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
-        self.writes.pod();
+        self.writes.count(writes::Target::Pod);
         match self
             .api::<Pod>(namespace)
             .delete(name, &DeleteParams::default())
@@ -238,6 +245,21 @@ impl Context {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other.map(|_| ()),
         }
+    }
+
+    /// A fresh name for a pod of `pool`, unique per process and start time.
+    fn next_pod_name(&self, pool: &str) -> String {
+        let n = self
+            .pod_names
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        crate::domain::pod_template::pool_pod_name(
+            pool,
+            format!("{pool}/{}/{n}/{nanos}", std::process::id()).as_bytes(),
+        )
     }
 
     /// A controller owner reference to `obj`, so the garbage collector removes what it owns.
@@ -284,8 +306,11 @@ pub async fn run(
         config: config.clone(),
         claims: Default::default(),
         expectations: Default::default(),
+        last_status: Default::default(),
         backoff: Default::default(),
         writes: health.writes.clone(),
+        pod_writes: tokio::sync::Semaphore::new(32),
+        pod_names: Default::default(),
     });
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
@@ -422,7 +447,7 @@ where
     if let Err(error) = result {
         // Missing objects (deleted since they were queued) are routine.
         let text = error.to_string();
-        if !text.contains("missing from store") {
+        if !text.contains("not found in local store") {
             warn!(%error, "reconcile failed");
         }
     }

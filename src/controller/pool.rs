@@ -12,7 +12,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Context, Error, object_name};
 use crate::api::{BatchSandbox, Pool, PoolStatus, names};
@@ -168,7 +168,7 @@ impl Observed {
     }
 }
 
-async fn reconcile_pool(pool: &Pool, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error> {
     let mut observed = Observed::gather(pool, ctx)?;
     if pool.metadata.deletion_timestamp.is_some() {
         return drain(pool, ctx, &observed).await;
@@ -265,9 +265,12 @@ async fn write_grant(
 }
 
 /// Applies the sizing policy. Returns the policy's degradation reason, if it fell back.
+///
+/// New pods are named here and expected at once, then created in the background: reconciles of
+/// one pool are serial, and a refill must not hold up the next allocation round.
 async fn resize(
     pool: &Pool,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     observed: &Observed,
     unmet: u32,
 ) -> Result<Option<String>, Error> {
@@ -305,18 +308,25 @@ async fn resize(
     }
 
     let owner = ctx.owner_reference(pool);
-    let template = &pool.spec.template;
-    let creations = (0..changes.create).map(|_| {
-        pod_template::pool_pod(&observed.name, template, &observed.revision, owner.clone())
-    });
-    let created: Vec<Result<Pod, kube::Error>> =
-        stream::iter(creations.map(|pod| ctx.create_pod(&observed.namespace, pod)))
-            .buffer_unordered(POD_WRITE_CONCURRENCY)
-            .collect()
-            .await;
-    for pod in created {
-        ctx.expectations
-            .created(&observed.owner_key(), pod?.name_any());
+    for _ in 0..changes.create {
+        let name = ctx.next_pod_name(&observed.name);
+        let pod = pod_template::pool_pod(
+            &observed.name,
+            name.clone(),
+            &pool.spec.template,
+            &observed.revision,
+            owner.clone(),
+        );
+        let owner_key = observed.owner_key();
+        ctx.expectations.created(&owner_key, name.clone());
+        let (ctx, namespace) = (ctx.clone(), observed.namespace.clone());
+        tokio::spawn(async move {
+            let _permit = ctx.pod_writes.acquire().await;
+            if let Err(error) = ctx.create_pod(&namespace, pod).await {
+                warn!(%error, pod = %name, "creating pool pod failed; the next round retries");
+                ctx.expectations.creation_failed(&owner_key, &name);
+            }
+        });
     }
     delete_pods(ctx, observed, changes.delete).await?;
 

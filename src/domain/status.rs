@@ -137,6 +137,15 @@ pub fn batch_status(
     }
 }
 
+/// Whether two statuses say the same thing, ignoring condition transition times.
+pub fn equivalent(a: &BatchSandboxStatus, b: &BatchSandboxStatus) -> bool {
+    let counts = |s: &BatchSandboxStatus| BatchSandboxStatus {
+        conditions: vec![],
+        ..s.clone()
+    };
+    counts(a) == counts(b) && conditions::same(&a.conditions, &b.conditions)
+}
+
 fn progressing(view: &BatchView, desired: i32, allocated: i32, ready: i32) -> Desired {
     let excess = view.live_pods as i32 - desired;
     if allocated < desired {
