@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sandbox_controller::api;
 use sandbox_controller::controller::{self, ControllerConfig};
 use sandbox_controller::domain::endpoints::EndpointsFormat;
+use sandbox_controller::executor::{self, runner};
 use sandbox_controller::health::Health;
 use sandbox_controller::leader::{self, LeaderConfig};
 use sandbox_controller::policy::NativePolicies;
@@ -32,6 +33,10 @@ enum LogFormat {
 enum Command {
     /// Run the controller against the cluster in $KUBECONFIG (or the in-cluster config).
     Run(RunArgs),
+    /// Run a real task executor for every local (kwok) pod that needs one: Running pods with a
+    /// `task-executor` container and a 127.x.y.z pod IP get `sandbox-task-executor` bound to
+    /// `<podIP>:5758`, stopped again when the pod goes away.
+    LocalExecutors(LocalExecutorsArgs),
     /// Write the CustomResourceDefinitions as YAML files (one per kind).
     Crdgen {
         /// Directory to write into.
@@ -72,12 +77,36 @@ struct RunArgs {
     lease_duration_seconds: u64,
 }
 
+#[derive(Args)]
+struct LocalExecutorsArgs {
+    /// State directory of the local control plane; executors keep their data in
+    /// `<dir>/executors/<namespace>/<pod>`.
+    #[arg(long, env = "SBX_DEV_DIR", default_value = ".dev")]
+    state_dir: PathBuf,
+    /// The bearer token file the executors require and the controller must send; created with a
+    /// random token if missing. Default: `<state dir>/executor-token`.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The `sandbox-task-executor` binary. Default: next to this binary.
+    #[arg(long)]
+    executor_bin: Option<PathBuf>,
+    /// Port the executors listen on, on each pod's IP.
+    #[arg(long, default_value_t = executor::EXECUTOR_PORT)]
+    port: u16,
+    /// Seconds between SIGTERM and SIGKILL when a task times out or is stopped.
+    #[arg(long, default_value_t = 10)]
+    kill_grace_seconds: u64,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Command::Crdgen { out_dir } => crdgen(&out_dir),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
+        Command::LocalExecutors(args) => {
+            tokio::runtime::Runtime::new()?.block_on(local_executors(args))
+        }
     }
 }
 
@@ -153,6 +182,35 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "sandbox-controller".into())
+}
+
+async fn local_executors(args: LocalExecutorsArgs) -> anyhow::Result<()> {
+    let state_dir = std::path::absolute(&args.state_dir)?;
+    let token_file = args
+        .token_file
+        .unwrap_or_else(|| state_dir.join("executor-token"));
+    runner::ensure_token_file(&token_file)?;
+    let executor_bin = match args.executor_bin {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("sandbox-task-executor"),
+    };
+    anyhow::ensure!(
+        executor_bin.is_file(),
+        "{} not found; build it with `cargo build --bin sandbox-task-executor` or pass --executor-bin",
+        executor_bin.display()
+    );
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let config = runner::RunnerConfig {
+        state_dir,
+        executor_bin,
+        token_file,
+        port: args.port,
+        kill_grace: Duration::from_secs(args.kill_grace_seconds),
+    };
+    runner::run(client, config, shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
