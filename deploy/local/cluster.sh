@@ -60,6 +60,9 @@ helper_cmd_executor_runner() {
 			sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
 	fi
 	[[ -n "$ctl" && -x "$ctl" ]] || die "could not build sandbox-controller for the executor runner"
+	# Created here, not only by the runner, so it exists once `up` returns.
+	[[ -s "$dev/executor-token" ]] ||
+		(umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dev/executor-token")
 	CMD=(env KUBECONFIG="$kubeconfig" "$ctl" local-executors --state-dir "$dev")
 }
 

@@ -75,14 +75,13 @@ pub async fn env(test_name: &str) -> TestEnv {
 
     let ns = namespace_name(test_name);
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut object: Namespace = serde_json::from_value(serde_json::json!({
+    let object: Namespace = serde_json::from_value(serde_json::json!({
         "metadata": {
             "name": ns,
             "labels": {"sbx-e2e": "true", "sbx-e2e/test": label_value(test_name)}
         }
     }))
     .expect("namespace object");
-    object.metadata.name = Some(ns.clone());
     namespaces
         .create(&PostParams::default(), &object)
         .await

@@ -11,3 +11,4 @@ mod controller;
 mod crds;
 mod executor;
 mod local_executors;
+mod tasks;
