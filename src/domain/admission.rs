@@ -243,6 +243,22 @@ pub fn validate_batch_sandbox(new: &BatchSandbox, old: Option<&BatchSandbox>, ct
     verdict
 }
 
+/// Validates `spec.replicas` set through the scale subresource (`kubectl scale`). The request
+/// carries only a Scale object, so only the replica bounds can be checked here; leaving the count
+/// as it was is always allowed.
+pub fn validate_batch_scale(replicas: i32, old_replicas: Option<i32>, ctx: &AdmissionContext<'_>) -> Verdict {
+    let mut verdict = Verdict::default();
+    if old_replicas == Some(replicas) {
+        return verdict;
+    }
+    if replicas < 0 {
+        verdict.error("spec.replicas", replicas.to_string(), Rule::Negative);
+    } else if replicas > ctx.max_replicas {
+        verdict.error("spec.replicas", replicas.to_string(), Rule::AboveMaxReplicas { max: ctx.max_replicas });
+    }
+    verdict
+}
+
 /// The rules that look at one object (plus, for the patch-length rule, whether the lists changed).
 fn batch_rules(batch: &BatchSandbox, old: Option<&BatchSandbox>, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
     let spec = &batch.spec;

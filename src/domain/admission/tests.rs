@@ -157,6 +157,16 @@ fn the_replica_maximum_is_configurable() {
 }
 
 #[test]
+fn scale_requests_check_the_replica_bounds() {
+    assert_allowed(&validate_batch_scale(20, Some(10), &ctx()));
+    assert_allowed(&validate_batch_scale(0, Some(10), &ctx()));
+    assert_eq!(single_error(&validate_batch_scale(1001, Some(10), &ctx()), "spec.replicas"), validate_batch_scale(1001, None, &ctx()).errors[0].to_string());
+    assert_eq!(paths(&validate_batch_scale(-1, Some(1), &ctx())), ["spec.replicas"]);
+    // An unchanged count is fine even if a lower maximum now forbids it.
+    assert_allowed(&validate_batch_scale(5000, Some(5000), &ctx()));
+}
+
+#[test]
 fn huge_replicas_are_rejected_without_expanding_every_shard() {
     let value = pooled(json!({"replicas": i32::MAX, "taskTemplate": task(Some(&[]))}));
     let started = std::time::Instant::now();
