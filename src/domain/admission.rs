@@ -315,9 +315,9 @@ fn batch_rules(batch: &BatchSandbox, old: Option<&BatchSandbox>, ctx: &Admission
         let unchanged = old_spec.is_some_and(|o| o.expire_time.as_ref() == Some(expire));
         if expire.0 <= ctx.now && !unchanged {
             if old.is_none() {
-                verdict.error("spec.expireTime", quote(&expire.0.to_string()), Rule::ExpireTimeInPast { now: ctx.now.to_string() });
+                verdict.error("spec.expireTime", quote(&rfc3339(expire.0)), Rule::ExpireTimeInPast { now: rfc3339(ctx.now) });
             } else {
-                verdict.warn(format!("spec.expireTime: {} is in the past: the batch expires at once", quote(&expire.0.to_string())));
+                verdict.warn(format!("spec.expireTime: {} is in the past: the batch expires at once", quote(&rfc3339(expire.0))));
             }
         }
     }
@@ -604,6 +604,11 @@ fn shard_list(shards: &[usize]) -> String {
         ranges.iter().take(8).map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
     let more = if ranges.len() > 8 { ", ..." } else { "" };
     format!("{noun} {}{more}", shown.join(", "))
+}
+
+/// RFC 3339 in UTC to the second, as Kubernetes writes times.
+fn rfc3339(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 fn quote(s: &str) -> String {

@@ -429,6 +429,9 @@ fn expire_time_in_the_past_is_rejected_on_create_and_warned_about_on_update() {
     let past = pooled(json!({"expireTime": "2026-05-31T23:59:59Z"}));
     let message = single_error(&create(past.clone()), "spec.expireTime");
     assert_eq!(message, "spec.expireTime: \"2026-05-31T23:59:59Z\" must be in the future when the object is created (it is now 2026-06-01T00:00:00Z)");
+    let precise = ctx_at("2026-06-01T00:00:00.123456789Z");
+    let verdict = validate_batch_sandbox(&batch(past.clone()), None, &precise);
+    assert!(verdict.message().ends_with("(it is now 2026-06-01T00:00:00Z)"), "times are shown to the second: {}", verdict.message());
     assert_allowed(&create(pooled(json!({"expireTime": "2026-06-01T00:00:01Z"}))));
 
     let future = pooled(json!({"expireTime": "2026-12-31T23:59:59Z"}));
