@@ -31,8 +31,11 @@ const MAX_LABEL_VALUE: usize = 63;
 const MAX_VALUE_CHARS: usize = 80;
 
 /// Decisions a policy annotation can select, and the kind each applies to.
-const POLICY_DECISIONS: &[(&str, Kind)] =
-    &[("pool-sizing", Kind::Pool), ("shard-tasks", Kind::BatchSandbox), ("expiry", Kind::BatchSandbox)];
+const POLICY_DECISIONS: &[(&str, Kind)] = &[
+    ("pool-sizing", Kind::Pool),
+    ("shard-tasks", Kind::BatchSandbox),
+    ("expiry", Kind::BatchSandbox),
+];
 
 /// What the rules need besides the objects themselves.
 pub struct AdmissionContext<'a> {
@@ -60,11 +63,19 @@ impl Verdict {
 
     /// All errors in one line, as `kubectl` shows it.
     pub fn message(&self) -> String {
-        self.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        self.errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     fn error(&mut self, path: impl Into<String>, value: impl Into<String>, rule: Rule) {
-        self.errors.push(FieldError { path: path.into(), value: value.into(), rule });
+        self.errors.push(FieldError {
+            path: path.into(),
+            value: value.into(),
+            rule,
+        });
     }
 
     fn warn(&mut self, warning: impl Into<String>) {
@@ -73,10 +84,15 @@ impl Verdict {
 
     /// Ratcheting (see the module docs): errors the stored object had already become warnings.
     fn ratchet(mut self, old_errors: &[FieldError]) -> Self {
-        let (kept, unchanged): (Vec<_>, Vec<_>) = self.errors.into_iter().partition(|e| !old_errors.contains(e));
+        let (kept, unchanged): (Vec<_>, Vec<_>) = self
+            .errors
+            .into_iter()
+            .partition(|e| !old_errors.contains(e));
         self.errors = kept;
         for error in unchanged {
-            self.warnings.push(format!("{error} (allowed because the stored object already has this value)"));
+            self.warnings.push(format!(
+                "{error} (allowed because the stored object already has this value)"
+            ));
         }
         self
     }
@@ -101,36 +117,55 @@ pub enum Rule {
     #[error("must be <= {max} (the largest number of replicas this webhook admits)")]
     AboveMaxReplicas { max: i32 },
     #[error("must be <= {other} ({other_value})")]
-    AboveOther { other: &'static str, other_value: i32 },
+    AboveOther {
+        other: &'static str,
+        other_value: i32,
+    },
     #[error("must be > 0")]
     NotPositive,
-    #[error("must not be set together with spec.template: set exactly one of spec.template and spec.poolRef")]
+    #[error(
+        "must not be set together with spec.template: set exactly one of spec.template and spec.poolRef"
+    )]
     BothTemplateAndPoolRef,
-    #[error("must be set when spec.poolRef is not: set exactly one of spec.template and spec.poolRef")]
+    #[error(
+        "must be set when spec.poolRef is not: set exactly one of spec.template and spec.poolRef"
+    )]
     NeitherTemplateNorPoolRef,
     #[error("must list at least one container")]
     NoContainers,
-    #[error("must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending alphanumeric, at most 63 characters)")]
+    #[error(
+        "must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending alphanumeric, at most 63 characters)"
+    )]
     NotDnsLabel,
     #[error("must be unique among the pod's containers (also used by containers[{first}])")]
     DuplicateContainerName { first: usize },
     #[error("must be set: a container needs an image")]
     MissingImage,
-    #[error("must be a valid object name (DNS-1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters)")]
+    #[error(
+        "must be a valid object name (DNS-1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters)"
+    )]
     NotObjectName,
     #[error("cannot change once set (was {was}); create a new BatchSandbox to use another pool")]
     PoolRefChanged { was: String },
-    #[error("cannot be set on update: the batch was created from spec.template; create a new BatchSandbox to use a pool")]
+    #[error(
+        "cannot be set on update: the batch was created from spec.template; create a new BatchSandbox to use a pool"
+    )]
     PoolRefAdded,
-    #[error("must be empty for a pooled batch: pool pods are created by the Pool, so there is no template to patch")]
+    #[error(
+        "must be empty for a pooled batch: pool pods are created by the Pool, so there is no template to patch"
+    )]
     ShardPatchesOnPooledBatch,
-    #[error("has {entries} entries, more than spec.replicas ({replicas}): entry i applies to shard i")]
+    #[error(
+        "has {entries} entries, more than spec.replicas ({replicas}): entry i applies to shard i"
+    )]
     MoreEntriesThanReplicas { entries: usize, replicas: i32 },
     #[error("is not a valid pod template patch: {reason}")]
     BadShardPatch { reason: String },
     #[error("leaves the pod of shard {shard} invalid: {problem}")]
     ShardPatchBreaksPod { shard: usize, problem: String },
-    #[error("must be a non-empty command whose first element names the executable, for {shards} after taskTemplate and shardTaskPatches are merged")]
+    #[error(
+        "must be a non-empty command whose first element names the executable, for {shards} after taskTemplate and shardTaskPatches are merged"
+    )]
     EmptyCommand { shards: String },
     #[error("must consist of letters, digits, '_', '-' and '.', and must not start with a digit")]
     BadEnvName,
@@ -206,7 +241,11 @@ pub fn decode_pool(object: Value) -> (Option<Pool>, Vec<FieldError>) {
 }
 
 fn bad_time(raw: &Value, reason: String) -> FieldError {
-    FieldError { path: "spec.expireTime".into(), value: render_json(raw), rule: Rule::BadTime { reason } }
+    FieldError {
+        path: "spec.expireTime".into(),
+        value: render_json(raw),
+        rule: Rule::BadTime { reason },
+    }
 }
 
 fn unreadable(kind: Kind, error: &serde_json::Error) -> FieldError {
@@ -214,13 +253,24 @@ fn unreadable(kind: Kind, error: &serde_json::Error) -> FieldError {
         Kind::BatchSandbox => "BatchSandbox",
         Kind::Pool => "Pool",
     };
-    FieldError { path: "spec".into(), value: "<object>".into(), rule: Rule::Unreadable { kind, reason: error.to_string() } }
+    FieldError {
+        path: "spec".into(),
+        value: "<object>".into(),
+        rule: Rule::Unreadable {
+            kind,
+            reason: error.to_string(),
+        },
+    }
 }
 
 // ------------------------------------------------------------- BatchSandbox --
 
 /// Validates a BatchSandbox on CREATE (`old == None`) or UPDATE (`old` is the stored object).
-pub fn validate_batch_sandbox(new: &BatchSandbox, old: Option<&BatchSandbox>, ctx: &AdmissionContext<'_>) -> Verdict {
+pub fn validate_batch_sandbox(
+    new: &BatchSandbox,
+    old: Option<&BatchSandbox>,
+    ctx: &AdmissionContext<'_>,
+) -> Verdict {
     if is_being_deleted(&new.metadata) {
         // Only finalizers and metadata change from here on; blocking them would strand the object.
         return Verdict::default();
@@ -246,7 +296,11 @@ pub fn validate_batch_sandbox(new: &BatchSandbox, old: Option<&BatchSandbox>, ct
 /// Validates `spec.replicas` set through the scale subresource (`kubectl scale`). The request
 /// carries only a Scale object, so only the replica bounds can be checked here; leaving the count
 /// as it was is always allowed.
-pub fn validate_batch_scale(replicas: i32, old_replicas: Option<i32>, ctx: &AdmissionContext<'_>) -> Verdict {
+pub fn validate_batch_scale(
+    replicas: i32,
+    old_replicas: Option<i32>,
+    ctx: &AdmissionContext<'_>,
+) -> Verdict {
     let mut verdict = Verdict::default();
     if old_replicas == Some(replicas) {
         return verdict;
@@ -254,24 +308,43 @@ pub fn validate_batch_scale(replicas: i32, old_replicas: Option<i32>, ctx: &Admi
     if replicas < 0 {
         verdict.error("spec.replicas", replicas.to_string(), Rule::Negative);
     } else if replicas > ctx.max_replicas {
-        verdict.error("spec.replicas", replicas.to_string(), Rule::AboveMaxReplicas { max: ctx.max_replicas });
+        verdict.error(
+            "spec.replicas",
+            replicas.to_string(),
+            Rule::AboveMaxReplicas {
+                max: ctx.max_replicas,
+            },
+        );
     }
     verdict
 }
 
 /// The rules that look at one object (plus, for the patch-length rule, whether the lists changed).
-fn batch_rules(batch: &BatchSandbox, old: Option<&BatchSandbox>, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
+fn batch_rules(
+    batch: &BatchSandbox,
+    old: Option<&BatchSandbox>,
+    ctx: &AdmissionContext<'_>,
+    verdict: &mut Verdict,
+) {
     let spec = &batch.spec;
     policy_annotations(&batch.metadata, Kind::BatchSandbox, ctx, verdict);
 
     if spec.replicas < 0 {
         verdict.error("spec.replicas", spec.replicas.to_string(), Rule::Negative);
     } else if spec.replicas > ctx.max_replicas {
-        verdict.error("spec.replicas", spec.replicas.to_string(), Rule::AboveMaxReplicas { max: ctx.max_replicas });
+        verdict.error(
+            "spec.replicas",
+            spec.replicas.to_string(),
+            Rule::AboveMaxReplicas {
+                max: ctx.max_replicas,
+            },
+        );
     }
 
     match (&spec.template, &spec.pool_ref) {
-        (Some(_), Some(pool)) => verdict.error("spec.poolRef", quote(pool), Rule::BothTemplateAndPoolRef),
+        (Some(_), Some(pool)) => {
+            verdict.error("spec.poolRef", quote(pool), Rule::BothTemplateAndPoolRef)
+        }
         (None, None) => verdict.error("spec.template", "<unset>", Rule::NeitherTemplateNorPoolRef),
         _ => {}
     }
@@ -288,13 +361,23 @@ fn batch_rules(batch: &BatchSandbox, old: Option<&BatchSandbox>, ctx: &Admission
     }
 
     if spec.pool_ref.is_some() && !spec.shard_patches.is_empty() {
-        verdict.error("spec.shardPatches", format!("[{} entries]", spec.shard_patches.len()), Rule::ShardPatchesOnPooledBatch);
+        verdict.error(
+            "spec.shardPatches",
+            format!("[{} entries]", spec.shard_patches.len()),
+            Rule::ShardPatchesOnPooledBatch,
+        );
     } else if let Some(template) = &spec.template {
         shard_patch_rules(batch, template, verdict);
     }
 
     let old_spec = old.map(|o| &o.spec);
-    patch_count_rule("spec.shardPatches", spec.shard_patches.len(), spec.replicas, old_spec.map(|o| o.shard_patches == spec.shard_patches), verdict);
+    patch_count_rule(
+        "spec.shardPatches",
+        spec.shard_patches.len(),
+        spec.replicas,
+        old_spec.map(|o| o.shard_patches == spec.shard_patches),
+        verdict,
+    );
     patch_count_rule(
         "spec.shardTaskPatches",
         spec.shard_task_patches.len(),
@@ -315,9 +398,18 @@ fn batch_rules(batch: &BatchSandbox, old: Option<&BatchSandbox>, ctx: &Admission
         let unchanged = old_spec.is_some_and(|o| o.expire_time.as_ref() == Some(expire));
         if expire.0 <= ctx.now && !unchanged {
             if old.is_none() {
-                verdict.error("spec.expireTime", quote(&rfc3339(expire.0)), Rule::ExpireTimeInPast { now: rfc3339(ctx.now) });
+                verdict.error(
+                    "spec.expireTime",
+                    quote(&rfc3339(expire.0)),
+                    Rule::ExpireTimeInPast {
+                        now: rfc3339(ctx.now),
+                    },
+                );
             } else {
-                verdict.warn(format!("spec.expireTime: {} is in the past: the batch expires at once", quote(&rfc3339(expire.0))));
+                verdict.warn(format!(
+                    "spec.expireTime: {} is in the past: the batch expires at once",
+                    quote(&rfc3339(expire.0))
+                ));
             }
         }
     }
@@ -326,7 +418,13 @@ fn batch_rules(batch: &BatchSandbox, old: Option<&BatchSandbox>, ctx: &Admission
 /// `shardPatches`/`shardTaskPatches` must not outnumber the shards. Scaling down below the number
 /// of patches leaves the lists untouched, so an UPDATE that only lowers `replicas` is allowed with a
 /// warning: the extra entries apply again when the batch scales back up.
-fn patch_count_rule(path: &str, entries: usize, replicas: i32, unchanged: Option<bool>, verdict: &mut Verdict) {
+fn patch_count_rule(
+    path: &str,
+    entries: usize,
+    replicas: i32,
+    unchanged: Option<bool>,
+    verdict: &mut Verdict,
+) {
     let shards = usize::try_from(replicas).unwrap_or(0);
     if entries <= shards {
         return;
@@ -336,7 +434,11 @@ fn patch_count_rule(path: &str, entries: usize, replicas: i32, unchanged: Option
             "{path} has {entries} entries but spec.replicas is {replicas}: entries from index {shards} on apply only when the batch scales up again"
         ));
     } else {
-        verdict.error(path, format!("[{entries} entries]"), Rule::MoreEntriesThanReplicas { entries, replicas });
+        verdict.error(
+            path,
+            format!("[{entries} entries]"),
+            Rule::MoreEntriesThanReplicas { entries, replicas },
+        );
     }
 }
 
@@ -347,23 +449,45 @@ fn shard_patch_rules(batch: &BatchSandbox, template: &PodTemplateSpec, verdict: 
     for (i, patch) in batch.spec.shard_patches.iter().enumerate() {
         let path = format!("spec.shardPatches[{i}]");
         if !patch.is_object() {
-            verdict.error(path, render_json(patch), Rule::BadShardPatch { reason: "must be an object".into() });
+            verdict.error(
+                path,
+                render_json(patch),
+                Rule::BadShardPatch {
+                    reason: "must be an object".into(),
+                },
+            );
             continue;
         }
         match pod_template::batch_pod(name, i, template, Some(patch), OwnerReference::default()) {
-            Err(e) => verdict.error(path, render_json(patch), Rule::BadShardPatch { reason: e.source.to_string() }),
+            Err(e) => verdict.error(
+                path,
+                render_json(patch),
+                Rule::BadShardPatch {
+                    reason: e.source.to_string(),
+                },
+            ),
             Ok(pod) => {
-                let merged = PodTemplateSpec { metadata: None, spec: pod.spec };
+                let merged = PodTemplateSpec {
+                    metadata: None,
+                    spec: pod.spec,
+                };
                 let mut scratch = Verdict::default();
                 pod_template_rules("spec.template", &merged, &mut scratch);
                 // Problems the template already has are reported on the template itself.
                 let mut own = Verdict::default();
                 pod_template_rules("spec.template", template, &mut own);
-                for problem in scratch.errors.into_iter().filter(|e| !own.errors.contains(e)) {
+                for problem in scratch
+                    .errors
+                    .into_iter()
+                    .filter(|e| !own.errors.contains(e))
+                {
                     verdict.error(
                         path.clone(),
                         render_json(patch),
-                        Rule::ShardPatchBreaksPod { shard: i, problem: problem.to_string() },
+                        Rule::ShardPatchBreaksPod {
+                            shard: i,
+                            problem: problem.to_string(),
+                        },
                     );
                 }
             }
@@ -377,7 +501,11 @@ fn task_fields(path: &str, task: &TaskTemplateSpec, verdict: &mut Verdict) {
     if let Some(timeout) = spec.timeout_seconds
         && timeout <= 0
     {
-        verdict.error(format!("{path}.spec.timeoutSeconds"), timeout.to_string(), Rule::NotPositive);
+        verdict.error(
+            format!("{path}.spec.timeoutSeconds"),
+            timeout.to_string(),
+            Rule::NotPositive,
+        );
     }
     if let Some(env) = spec.process.as_ref().and_then(|p| p.env.as_ref()) {
         env_rules(&format!("{path}.spec.process.env"), env, verdict);
@@ -409,7 +537,10 @@ fn shard_command_rule(spec: &BatchSandboxSpec, ctx: &AdmissionContext<'_>, verdi
     let patched = shards.min(patches.len());
     let mut template_shards: Vec<usize> = Vec::new();
 
-    for (index, task) in tasks::shard_tasks(patched, template, patches).into_iter().enumerate() {
+    for (index, task) in tasks::shard_tasks(patched, template, patches)
+        .into_iter()
+        .enumerate()
+    {
         let Some(task) = task else { continue };
         let command = task.process.as_ref().and_then(|p| p.command.as_ref());
         if is_runnable(command) {
@@ -420,7 +551,9 @@ fn shard_command_rule(spec: &BatchSandboxSpec, ctx: &AdmissionContext<'_>, verdi
             verdict.error(
                 format!("spec.shardTaskPatches[{index}].spec.process.command"),
                 render_command(command),
-                Rule::EmptyCommand { shards: format!("shard {index}") },
+                Rule::EmptyCommand {
+                    shards: format!("shard {index}"),
+                },
             );
         } else {
             template_shards.push(index);
@@ -428,14 +561,19 @@ fn shard_command_rule(spec: &BatchSandboxSpec, ctx: &AdmissionContext<'_>, verdi
     }
 
     let bare = tasks::shard_task(template, None);
-    let bare_command = bare.as_ref().and_then(|t| t.process.as_ref()).and_then(|p| p.command.as_ref());
+    let bare_command = bare
+        .as_ref()
+        .and_then(|t| t.process.as_ref())
+        .and_then(|p| p.command.as_ref());
     if bare.is_some() && !is_runnable(bare_command) {
         template_shards.extend(patched..shards);
         if !template_shards.is_empty() {
             verdict.error(
                 "spec.taskTemplate.spec.process.command",
                 render_command(bare_command),
-                Rule::EmptyCommand { shards: shard_list(&template_shards) },
+                Rule::EmptyCommand {
+                    shards: shard_list(&template_shards),
+                },
             );
         } else {
             verdict.warn(format!(
@@ -448,7 +586,9 @@ fn shard_command_rule(spec: &BatchSandboxSpec, ctx: &AdmissionContext<'_>, verdi
 }
 
 fn is_runnable(command: Option<&Vec<String>>) -> bool {
-    command.and_then(|c| c.first()).is_some_and(|executable| !executable.trim().is_empty())
+    command
+        .and_then(|c| c.first())
+        .is_some_and(|executable| !executable.trim().is_empty())
 }
 
 // --------------------------------------------------------------------- Pool --
@@ -474,17 +614,40 @@ fn pool_rules(pool: &Pool, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
     pod_template_rules("spec.template", &pool.spec.template, verdict);
 
     let c = &pool.spec.capacity_spec;
-    let fields = [("bufferMax", c.buffer_max), ("bufferMin", c.buffer_min), ("poolMax", c.pool_max), ("poolMin", c.pool_min)];
+    let fields = [
+        ("bufferMax", c.buffer_max),
+        ("bufferMin", c.buffer_min),
+        ("poolMax", c.pool_max),
+        ("poolMin", c.pool_min),
+    ];
     for (name, value) in fields {
         if value < 0 {
-            verdict.error(format!("spec.capacitySpec.{name}"), value.to_string(), Rule::Negative);
+            verdict.error(
+                format!("spec.capacitySpec.{name}"),
+                value.to_string(),
+                Rule::Negative,
+            );
         }
     }
     if c.buffer_min > c.buffer_max {
-        verdict.error("spec.capacitySpec.bufferMin", c.buffer_min.to_string(), Rule::AboveOther { other: "bufferMax", other_value: c.buffer_max });
+        verdict.error(
+            "spec.capacitySpec.bufferMin",
+            c.buffer_min.to_string(),
+            Rule::AboveOther {
+                other: "bufferMax",
+                other_value: c.buffer_max,
+            },
+        );
     }
     if c.pool_min > c.pool_max {
-        verdict.error("spec.capacitySpec.poolMin", c.pool_min.to_string(), Rule::AboveOther { other: "poolMax", other_value: c.pool_max });
+        verdict.error(
+            "spec.capacitySpec.poolMin",
+            c.pool_min.to_string(),
+            Rule::AboveOther {
+                other: "poolMax",
+                other_value: c.pool_max,
+            },
+        );
     }
 
     if c.pool_max == 0 {
@@ -514,9 +677,17 @@ fn is_being_deleted(meta: &ObjectMeta) -> bool {
 
 /// Containers of a pod template: at least one, each with a DNS-label name (unique) and an image.
 fn pod_template_rules(path: &str, template: &PodTemplateSpec, verdict: &mut Verdict) {
-    let containers = template.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    let containers = template
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
     if containers.is_empty() {
-        let value = if template.spec.is_some() { "[]" } else { "<unset>" };
+        let value = if template.spec.is_some() {
+            "[]"
+        } else {
+            "<unset>"
+        };
         verdict.error(format!("{path}.spec.containers"), value, Rule::NoContainers);
         return;
     }
@@ -524,14 +695,30 @@ fn pod_template_rules(path: &str, template: &PodTemplateSpec, verdict: &mut Verd
     for (i, container) in containers.iter().enumerate() {
         let base = format!("{path}.spec.containers[{i}]");
         if !is_dns_label(&container.name) {
-            verdict.error(format!("{base}.name"), quote(&container.name), Rule::NotDnsLabel);
+            verdict.error(
+                format!("{base}.name"),
+                quote(&container.name),
+                Rule::NotDnsLabel,
+            );
         } else if let Some(&first) = seen.get(container.name.as_str()) {
-            verdict.error(format!("{base}.name"), quote(&container.name), Rule::DuplicateContainerName { first });
+            verdict.error(
+                format!("{base}.name"),
+                quote(&container.name),
+                Rule::DuplicateContainerName { first },
+            );
         } else {
             seen.insert(&container.name, i);
         }
-        if container.image.as_deref().is_none_or(|image| image.trim().is_empty()) {
-            verdict.error(format!("{base}.image"), render_opt_str(container.image.as_deref()), Rule::MissingImage);
+        if container
+            .image
+            .as_deref()
+            .is_none_or(|image| image.trim().is_empty())
+        {
+            verdict.error(
+                format!("{base}.image"),
+                render_opt_str(container.image.as_deref()),
+                Rule::MissingImage,
+            );
         }
     }
 }
@@ -540,20 +727,37 @@ fn name_fits_label(meta: &ObjectMeta, label: &'static str, verdict: &mut Verdict
     if let Some(name) = &meta.name
         && name.len() > MAX_LABEL_VALUE
     {
-        verdict.error("metadata.name", quote(name), Rule::NameTooLongForLabel { label });
+        verdict.error(
+            "metadata.name",
+            quote(name),
+            Rule::NameTooLongForLabel { label },
+        );
     }
 }
 
 /// Annotations `policy.sandbox.opensandbox.io/<decision>: <name>` must name a loadable policy.
 /// A decision this kind does not make is only a warning: the annotation has no effect.
-fn policy_annotations(meta: &ObjectMeta, kind: Kind, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
-    let Some(annotations) = &meta.annotations else { return };
+fn policy_annotations(
+    meta: &ObjectMeta,
+    kind: Kind,
+    ctx: &AdmissionContext<'_>,
+    verdict: &mut Verdict,
+) {
+    let Some(annotations) = &meta.annotations else {
+        return;
+    };
     for (key, name) in annotations {
-        let Some(decision) = key.strip_prefix(names::ANNOTATION_POLICY_PREFIX) else { continue };
+        let Some(decision) = key.strip_prefix(names::ANNOTATION_POLICY_PREFIX) else {
+            continue;
+        };
         match POLICY_DECISIONS.iter().find(|(d, _)| *d == decision) {
             None => {
                 let known: Vec<_> = POLICY_DECISIONS.iter().map(|(d, _)| *d).collect();
-                verdict.warn(format!("metadata.annotations[{key}]: unknown decision {}; known decisions are {}", quote(decision), known.join(", ")));
+                verdict.warn(format!(
+                    "metadata.annotations[{key}]: unknown decision {}; known decisions are {}",
+                    quote(decision),
+                    known.join(", ")
+                ));
                 continue;
             }
             Some((_, applies_to)) if *applies_to != kind => {
@@ -563,7 +767,11 @@ fn policy_annotations(meta: &ObjectMeta, kind: Kind, ctx: &AdmissionContext<'_>,
             Some(_) => {}
         }
         if !(ctx.policy_exists)(name) {
-            verdict.error(format!("metadata.annotations[{key}]"), quote(name), Rule::UnknownPolicy);
+            verdict.error(
+                format!("metadata.annotations[{key}]"),
+                quote(name),
+                Rule::UnknownPolicy,
+            );
         }
     }
 }
@@ -573,7 +781,9 @@ pub fn is_dns_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
@@ -600,8 +810,17 @@ fn shard_list(shards: &[usize]) -> String {
         }
     }
     let noun = if shards.len() == 1 { "shard" } else { "shards" };
-    let shown: Vec<String> =
-        ranges.iter().take(8).map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+    let shown: Vec<String> = ranges
+        .iter()
+        .take(8)
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
     let more = if ranges.len() > 8 { ", ..." } else { "" };
     format!("{noun} {}{more}", shown.join(", "))
 }
@@ -620,7 +839,10 @@ fn render_opt_str(s: Option<&str>) -> String {
 }
 
 fn render_command(command: Option<&Vec<String>>) -> String {
-    command.map_or_else(|| "<unset>".to_string(), |c| truncate(serde_json::to_string(c).unwrap_or_default()))
+    command.map_or_else(
+        || "<unset>".to_string(),
+        |c| truncate(serde_json::to_string(c).unwrap_or_default()),
+    )
 }
 
 fn render_json(value: &Value) -> String {

@@ -36,18 +36,49 @@ pub fn batch_pod(
     let mut labels = managed_labels(&merged);
     labels.insert(names::LABEL_BATCH_NAME.into(), batch.into());
     labels.insert(names::LABEL_POD_INDEX.into(), index.to_string());
-    Ok(pod_from(merged, ObjectMeta { name: Some(format!("{batch}-{index}")), labels: Some(labels), ..meta_owned_by(owner) }))
+    Ok(pod_from(
+        merged,
+        ObjectMeta {
+            name: Some(format!("{batch}-{index}")),
+            labels: Some(labels),
+            ..meta_owned_by(owner)
+        },
+    ))
 }
 
-/// A warm pod for `pool`, named by the API server (`<pool>-xxxxx`).
-pub fn pool_pod(pool: &str, template: &PodTemplateSpec, revision: &str, owner: OwnerReference) -> Pod {
+/// A warm pod `name` for `pool`. The controller names pool pods itself (see [`pool_pod_name`]),
+/// so it can expect them before the API server confirms their creation.
+pub fn pool_pod(
+    pool: &str,
+    name: String,
+    template: &PodTemplateSpec,
+    revision: &str,
+    owner: OwnerReference,
+) -> Pod {
     let mut labels = managed_labels(template);
     labels.insert(names::LABEL_POOL_NAME.into(), pool.into());
     labels.insert(names::LABEL_POOL_REVISION.into(), revision.into());
     pod_from(
         template.clone(),
-        ObjectMeta { generate_name: Some(format!("{pool}-")), labels: Some(labels), ..meta_owned_by(owner) },
+        ObjectMeta {
+            name: Some(name),
+            labels: Some(labels),
+            ..meta_owned_by(owner)
+        },
     )
+}
+
+/// `<pool>-<5 characters>`, like the API server's `generateName`, unique with overwhelming
+/// probability for a given `seed` (a counter and clock in practice).
+pub fn pool_pod_name(pool: &str, seed: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let digest = Sha256::digest(seed);
+    let suffix: String = digest
+        .iter()
+        .take(5)
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect();
+    format!("{pool}-{suffix}")
 }
 
 /// A short, stable hash of a pool template: pods made from it carry it as their revision.
@@ -61,25 +92,37 @@ fn parse_patch(patch: &serde_json::Value) -> Result<PodTemplateSpec, serde_json:
     // merges as "no change".
     let mut patch = patch.clone();
     if let Some(spec) = patch.get_mut("spec").and_then(|s| s.as_object_mut()) {
-        spec.entry("containers").or_insert_with(|| serde_json::json!([]));
+        spec.entry("containers")
+            .or_insert_with(|| serde_json::json!([]));
     }
     serde_json::from_value(patch)
 }
 
 fn managed_labels(template: &PodTemplateSpec) -> BTreeMap<String, String> {
-    let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let mut labels = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     labels.insert(names::LABEL_MANAGED_BY.into(), names::MANAGED_BY.into());
     labels
 }
 
 fn meta_owned_by(owner: OwnerReference) -> ObjectMeta {
-    ObjectMeta { owner_references: Some(vec![owner]), ..Default::default() }
+    ObjectMeta {
+        owner_references: Some(vec![owner]),
+        ..Default::default()
+    }
 }
 
 fn pod_from(template: PodTemplateSpec, mut meta: ObjectMeta) -> Pod {
     let template_meta = template.metadata.unwrap_or_default();
     meta.annotations = template_meta.annotations;
-    Pod { metadata: meta, spec: template.spec, status: None }
+    Pod {
+        metadata: meta,
+        spec: template.spec,
+        status: None,
+    }
 }
 
 #[cfg(test)]
@@ -99,7 +142,14 @@ mod tests {
     }
 
     fn owner() -> OwnerReference {
-        OwnerReference { api_version: "v1".into(), kind: "X".into(), name: "b".into(), uid: "u".into(), controller: Some(true), ..Default::default() }
+        OwnerReference {
+            api_version: "v1".into(),
+            kind: "X".into(),
+            name: "b".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -128,10 +178,23 @@ mod tests {
     }
 
     #[test]
+    fn pool_pod_names_look_generated_and_differ_by_seed() {
+        let a = pool_pod_name("fast-pool", b"1");
+        assert!(
+            a.starts_with("fast-pool-") && a.len() == "fast-pool-".len() + 5,
+            "{a}"
+        );
+        assert_ne!(a, pool_pod_name("fast-pool", b"2"));
+    }
+
+    #[test]
     fn revision_changes_with_the_template() {
         let mut other = template();
         other.spec.as_mut().unwrap().containers[0].image = Some("nginx:2".into());
         assert_ne!(template_revision(&template()), template_revision(&other));
-        assert_eq!(template_revision(&template()), template_revision(&template()));
+        assert_eq!(
+            template_revision(&template()),
+            template_revision(&template())
+        );
     }
 }

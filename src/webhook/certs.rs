@@ -11,7 +11,8 @@ use std::sync::{Arc, RwLock};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp, tz::TimeZone};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -37,11 +38,17 @@ pub enum CertError {
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {reason}", path.display())]
     Pem { path: PathBuf, reason: String },
     #[error("{}: the private key is unsupported or does not match {CERT_FILE}: {source}", path.display())]
-    Key { path: PathBuf, source: rustls::Error },
+    Key {
+        path: PathBuf,
+        source: rustls::Error,
+    },
     #[error("the time {0} cannot be expressed as a certificate validity date")]
     Date(Timestamp),
 }
@@ -64,23 +71,39 @@ pub fn generate(dir: &Path, sans: &[String], now: Timestamp) -> Result<Generated
 
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params.distinguished_name.push(DnType::CommonName, "sandbox-controller webhook CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "sandbox-controller webhook CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut ca_params);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
 
     let mut params = CertificateParams::new(sans.to_vec())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, sans.first().map_or("sandbox-controller webhook", String::as_str));
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.distinguished_name.push(
+        DnType::CommonName,
+        sans.first()
+            .map_or("sandbox-controller webhook", String::as_str),
+    );
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     validity(&mut params);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca)?;
 
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let ca_pem = ca.pem();
     write_atomically(&dir.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
     // Key before certificate: a watcher that sees the new certificate then finds its key.
@@ -99,11 +122,25 @@ fn ymd(t: Timestamp) -> Result<(i32, u8, u8), CertError> {
 
 /// Writes through a temporary file and a rename, so readers never see half a file.
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let io = |source| CertError::Io { path: path.to_path_buf(), source };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let io = |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp"));
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
-    file.write_all(contents).and_then(|()| file.sync_all()).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
@@ -131,17 +168,32 @@ pub fn load_pair(dir: &Path, provider: &CryptoProvider) -> Result<LoadedPair, Ce
 
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CertError::Pem { path: cert_path.clone(), reason: e.to_string() })?;
+        .map_err(|e| CertError::Pem {
+            path: cert_path.clone(),
+            reason: e.to_string(),
+        })?;
     if chain.is_empty() {
-        return Err(CertError::Pem { path: cert_path, reason: "no CERTIFICATE block".into() });
+        return Err(CertError::Pem {
+            path: cert_path,
+            reason: "no CERTIFICATE block".into(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CertError::Pem { path: key_path.clone(), reason: e.to_string() })?;
-    let key = CertifiedKey::from_der(chain, key, provider).map_err(|source| CertError::Key { path: key_path, source })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CertError::Pem {
+        path: key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let key = CertifiedKey::from_der(chain, key, provider).map_err(|source| CertError::Key {
+        path: key_path,
+        source,
+    })?;
 
     let mut hasher = Sha256::new();
     hasher.update(&cert_pem);
     hasher.update(&key_pem);
-    Ok(LoadedPair { key: Arc::new(key), digest: hasher.finalize().into() })
+    Ok(LoadedPair {
+        key: Arc::new(key),
+        digest: hasher.finalize().into(),
+    })
 }
 
 /// Reads the CA bundle, if the directory has one.
@@ -155,7 +207,10 @@ pub fn read_ca(dir: &Path) -> Result<Option<Vec<u8>>, CertError> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|source| CertError::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The certificate every TLS handshake gets; [`ReloadingCert::replace`] swaps it for the next ones.
@@ -166,16 +221,24 @@ pub struct ReloadingCert {
 
 impl ReloadingCert {
     pub fn new(key: Arc<CertifiedKey>) -> Self {
-        Self { current: RwLock::new(key) }
+        Self {
+            current: RwLock::new(key),
+        }
     }
 
     pub fn replace(&self, key: Arc<CertifiedKey>) {
         // A poisoned lock only means a writer panicked mid-swap of an Arc: the value is intact.
-        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = key;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = key;
     }
 
     pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }
 
@@ -196,14 +259,27 @@ mod tests {
     #[test]
     fn generated_files_load_and_the_key_stays_private() {
         let dir = tempfile::tempdir().unwrap();
-        let generated = generate(dir.path(), &["127.0.0.1".into(), "localhost".into()], Timestamp::now()).unwrap();
+        let generated = generate(
+            dir.path(),
+            &["127.0.0.1".into(), "localhost".into()],
+            Timestamp::now(),
+        )
+        .unwrap();
         assert!(generated.ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         let pair = load_pair(dir.path(), &provider()).unwrap();
         assert_eq!(pair.key.cert.len(), 1);
         assert_eq!(pair.digest, pair_digest(dir.path()).unwrap());
-        assert_eq!(read_ca(dir.path()).unwrap().unwrap(), generated.ca_pem.as_bytes());
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            read_ca(dir.path()).unwrap().unwrap(),
+            generated.ca_pem.as_bytes()
+        );
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         assert!(!dir.path().join(".tls.key.tmp").exists());
     }
 
@@ -223,15 +299,22 @@ mod tests {
         generate(a.path(), &["127.0.0.1".into()], Timestamp::now()).unwrap();
         generate(b.path(), &["127.0.0.1".into()], Timestamp::now()).unwrap();
         std::fs::copy(b.path().join(KEY_FILE), a.path().join(KEY_FILE)).unwrap();
-        let err = load_pair(a.path(), &provider()).err().expect("mismatched key");
+        let err = load_pair(a.path(), &provider())
+            .err()
+            .expect("mismatched key");
         assert!(err.to_string().contains(KEY_FILE), "{err}");
 
         std::fs::write(a.path().join(CERT_FILE), "not pem").unwrap();
-        let err = load_pair(a.path(), &provider()).err().expect("no certificate");
+        let err = load_pair(a.path(), &provider())
+            .err()
+            .expect("no certificate");
         assert!(err.to_string().contains(CERT_FILE), "{err}");
 
         let empty = tempfile::tempdir().unwrap();
-        assert!(matches!(load_pair(empty.path(), &provider()), Err(CertError::Io { .. })));
+        assert!(matches!(
+            load_pair(empty.path(), &provider()),
+            Err(CertError::Io { .. })
+        ));
         assert!(read_ca(empty.path()).unwrap().is_none());
     }
 }

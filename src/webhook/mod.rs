@@ -72,7 +72,10 @@ pub struct RuleSettings {
 
 impl Default for RuleSettings {
     fn default() -> Self {
-        Self { max_replicas: DEFAULT_MAX_REPLICAS, policy_exists: known_policies([]) }
+        Self {
+            max_replicas: DEFAULT_MAX_REPLICAS,
+            policy_exists: known_policies([]),
+        }
     }
 }
 
@@ -113,7 +116,10 @@ pub enum Error {
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     #[error("listening on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("registering ValidatingWebhookConfiguration {name}: {source}")]
     Register { name: String, source: kube::Error },
     #[error("cannot register the webhook: {} has no {} to use as caBundle", dir.display(), certs::CA_FILE)]
@@ -143,7 +149,13 @@ pub struct Webhook {
 impl Webhook {
     /// Prepares the certificate (generating it if asked), then binds the port.
     pub async fn bind(config: WebhookConfig) -> Result<Self, Error> {
-        let WebhookConfig { listen, tls, rules, limits, registration } = config;
+        let WebhookConfig {
+            listen,
+            tls,
+            rules,
+            limits,
+            registration,
+        } = config;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         if let Some(sans) = &tls.generate_for {
             certs::generate(&tls.cert_dir, sans, Timestamp::now())?;
@@ -151,7 +163,9 @@ impl Webhook {
         }
         let pair = certs::load_pair(&tls.cert_dir, &provider)?;
         if registration.is_some() && certs::read_ca(&tls.cert_dir)?.is_none() {
-            return Err(Error::NoCaBundle { dir: tls.cert_dir.clone() });
+            return Err(Error::NoCaBundle {
+                dir: tls.cert_dir.clone(),
+            });
         }
         let resolver = Arc::new(certs::ReloadingCert::new(pair.key));
         let mut server_config = ServerConfig::builder_with_provider(provider.clone())
@@ -160,8 +174,16 @@ impl Webhook {
             .with_cert_resolver(resolver.clone());
         server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
 
-        let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Bind { addr: listen, source })?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: listen,
+            source,
+        })?;
         Ok(Self {
             listener,
             local_addr,
@@ -188,7 +210,11 @@ impl Webhook {
             ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             ip => ip,
         };
-        format!("https://{}{}", SocketAddr::new(ip, self.local_addr.port()), registration::VALIDATE_PATH)
+        format!(
+            "https://{}{}",
+            SocketAddr::new(ip, self.local_addr.port()),
+            registration::VALIDATE_PATH
+        )
     }
 
     /// Registers (if configured), serves until `shutdown` resolves, then unregisters (if
@@ -203,7 +229,8 @@ impl Webhook {
         let (stop_tx, stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(self.shared.limits.max_connections.max(1)));
         let mut connections = JoinSet::new();
-        let mut reload = tokio::time::interval(self.tls.reload_interval.max(Duration::from_millis(50)));
+        let mut reload =
+            tokio::time::interval(self.tls.reload_interval.max(Duration::from_millis(50)));
         reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         reload.tick().await;
         tokio::pin!(shutdown);
@@ -238,8 +265,12 @@ impl Webhook {
             && registration.delete_on_shutdown
         {
             match registration::delete(client, &registration.name).await {
-                Ok(()) => info!(name = %registration.name, "deleted the ValidatingWebhookConfiguration"),
-                Err(error) => warn!(%error, name = %registration.name, "could not delete the ValidatingWebhookConfiguration"),
+                Ok(()) => {
+                    info!(name = %registration.name, "deleted the ValidatingWebhookConfiguration")
+                }
+                Err(error) => {
+                    warn!(%error, name = %registration.name, "could not delete the ValidatingWebhookConfiguration")
+                }
             }
         }
         drop(self.listener);
@@ -249,7 +280,10 @@ impl Webhook {
         })
         .await;
         if drained.is_err() {
-            warn!(remaining = connections.len(), "in-flight requests did not finish in time; closing them");
+            warn!(
+                remaining = connections.len(),
+                "in-flight requests did not finish in time; closing them"
+            );
             connections.shutdown().await;
         }
         Ok(())
@@ -257,8 +291,12 @@ impl Webhook {
 
     /// Applies the configuration with the current `ca.crt`; returns the CA registered.
     async fn register(&self) -> Result<Option<Vec<u8>>, Error> {
-        let Some((client, registration)) = &self.registration else { return Ok(None) };
-        let ca = certs::read_ca(&self.tls.cert_dir)?.ok_or_else(|| Error::NoCaBundle { dir: self.tls.cert_dir.clone() })?;
+        let Some((client, registration)) = &self.registration else {
+            return Ok(None);
+        };
+        let ca = certs::read_ca(&self.tls.cert_dir)?.ok_or_else(|| Error::NoCaBundle {
+            dir: self.tls.cert_dir.clone(),
+        })?;
         let url = match &registration.target {
             Target::Url(url) => url.clone(),
             _ => self.url(),
@@ -266,7 +304,10 @@ impl Webhook {
         let config = registration::configuration(registration, &url, &ca);
         registration::apply(client, &config)
             .await
-            .map_err(|source| Error::Register { name: registration.name.clone(), source })?;
+            .map_err(|source| Error::Register {
+                name: registration.name.clone(),
+                source,
+            })?;
         info!(name = %registration.name, %url, "registered the ValidatingWebhookConfiguration");
         Ok(Some(ca))
     }
@@ -292,7 +333,9 @@ impl Webhook {
     /// the current one (files may be mid-rotation).
     fn reload_certificate(&mut self) {
         let digest = match certs::pair_digest(&self.tls.cert_dir) {
-            Ok(digest) if digest == self.cert_digest || Some(digest) == self.failed_digest => return,
+            Ok(digest) if digest == self.cert_digest || Some(digest) == self.failed_digest => {
+                return;
+            }
             Ok(digest) => digest,
             Err(error) => {
                 warn!(%error, "cannot read the certificate files; keeping the current certificate");

@@ -6,9 +6,12 @@
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
+    RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
+    WebhookClientConfig,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
 use crate::api::{GROUP, VERSION, names};
@@ -34,7 +37,11 @@ pub enum Target {
     /// A fixed URL.
     Url(String),
     /// An in-cluster Service.
-    Service { namespace: String, name: String, port: i32 },
+    Service {
+        namespace: String,
+        name: String,
+        port: i32,
+    },
 }
 
 /// What to register and how.
@@ -64,12 +71,22 @@ impl Registration {
 }
 
 /// The configuration to apply. `url` is used for [`Target::ListenAddress`] and [`Target::Url`].
-pub fn configuration(registration: &Registration, url: &str, ca_bundle: &[u8]) -> ValidatingWebhookConfiguration {
+pub fn configuration(
+    registration: &Registration,
+    url: &str,
+    ca_bundle: &[u8],
+) -> ValidatingWebhookConfiguration {
     let client_config = match &registration.target {
-        Target::ListenAddress | Target::Url(_) => {
-            WebhookClientConfig { url: Some(url.to_owned()), ca_bundle: Some(ByteString(ca_bundle.to_vec())), service: None }
-        }
-        Target::Service { namespace, name, port } => WebhookClientConfig {
+        Target::ListenAddress | Target::Url(_) => WebhookClientConfig {
+            url: Some(url.to_owned()),
+            ca_bundle: Some(ByteString(ca_bundle.to_vec())),
+            service: None,
+        },
+        Target::Service {
+            namespace,
+            name,
+            port,
+        } => WebhookClientConfig {
             url: None,
             ca_bundle: Some(ByteString(ca_bundle.to_vec())),
             service: Some(ServiceReference {
@@ -90,7 +107,13 @@ pub fn configuration(registration: &Registration, url: &str, ca_bundle: &[u8]) -
     ValidatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(registration.name.clone()),
-            labels: Some([(names::LABEL_MANAGED_BY.to_owned(), names::MANAGED_BY.to_owned())].into()),
+            labels: Some(
+                [(
+                    names::LABEL_MANAGED_BY.to_owned(),
+                    names::MANAGED_BY.to_owned(),
+                )]
+                .into(),
+            ),
             ..Default::default()
         },
         webhooks: Some(vec![ValidatingWebhook {
@@ -101,13 +124,20 @@ pub fn configuration(registration: &Registration, url: &str, ca_bundle: &[u8]) -
             side_effects: "None".to_owned(),
             timeout_seconds: Some(registration.timeout_seconds.clamp(1, MAX_TIMEOUT_SECONDS)),
             match_policy: Some("Equivalent".to_owned()),
-            namespace_selector: Some(LabelSelector { match_expressions: Some(expressions), match_labels: None }),
+            namespace_selector: Some(LabelSelector {
+                match_expressions: Some(expressions),
+                match_labels: None,
+            }),
             rules: Some(vec![RuleWithOperations {
                 api_groups: Some(vec![GROUP.to_owned()]),
                 api_versions: Some(vec![VERSION.to_owned()]),
                 operations: Some(vec!["CREATE".to_owned(), "UPDATE".to_owned()]),
                 // The scale subresource too: otherwise `kubectl scale` would bypass the replica bound.
-                resources: Some(vec!["batchsandboxes".to_owned(), "batchsandboxes/scale".to_owned(), "pools".to_owned()]),
+                resources: Some(vec![
+                    "batchsandboxes".to_owned(),
+                    "batchsandboxes/scale".to_owned(),
+                    "pools".to_owned(),
+                ]),
                 scope: Some("Namespaced".to_owned()),
             }]),
             ..Default::default()
@@ -124,10 +154,22 @@ fn requirement(operator: &str, namespace: &str) -> LabelSelectorRequirement {
 }
 
 /// Creates or updates the configuration.
-pub async fn apply(client: &kube::Client, config: &ValidatingWebhookConfiguration) -> Result<(), kube::Error> {
+pub async fn apply(
+    client: &kube::Client,
+    config: &ValidatingWebhookConfiguration,
+) -> Result<(), kube::Error> {
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    let name = config.metadata.name.as_deref().unwrap_or(DEFAULT_CONFIGURATION_NAME);
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(config)).await?;
+    let name = config
+        .metadata
+        .name
+        .as_deref()
+        .unwrap_or(DEFAULT_CONFIGURATION_NAME);
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(config),
+    )
+    .await?;
     Ok(())
 }
 
@@ -158,30 +200,52 @@ mod tests {
 
     #[test]
     fn local_registration_points_at_the_url_with_the_ca_and_the_required_settings() {
-        let config = configuration(&registration(Target::ListenAddress), "https://127.0.0.1:4321/validate", b"PEM");
-        assert_eq!(config.metadata.name.as_deref(), Some("sandbox-controller-webhook-team-a"));
+        let config = configuration(
+            &registration(Target::ListenAddress),
+            "https://127.0.0.1:4321/validate",
+            b"PEM",
+        );
+        assert_eq!(
+            config.metadata.name.as_deref(),
+            Some("sandbox-controller-webhook-team-a")
+        );
         let webhook = &config.webhooks.as_ref().unwrap()[0];
-        assert_eq!(webhook.client_config.url.as_deref(), Some("https://127.0.0.1:4321/validate"));
+        assert_eq!(
+            webhook.client_config.url.as_deref(),
+            Some("https://127.0.0.1:4321/validate")
+        );
         assert_eq!(webhook.client_config.ca_bundle.as_ref().unwrap().0, b"PEM");
         assert_eq!(webhook.failure_policy.as_deref(), Some("Fail"));
         assert_eq!(webhook.side_effects, "None");
         assert_eq!(webhook.timeout_seconds, Some(5), "clamped to the 5 s cap");
         let rule = &webhook.rules.as_ref().unwrap()[0];
         assert_eq!(rule.operations.as_ref().unwrap(), &["CREATE", "UPDATE"]);
-        assert!(rule.resources.as_ref().unwrap().contains(&"batchsandboxes/scale".to_string()));
+        assert!(
+            rule.resources
+                .as_ref()
+                .unwrap()
+                .contains(&"batchsandboxes/scale".to_string())
+        );
 
         let json = serde_json::to_value(&config).unwrap();
         assert_eq!(json["apiVersion"], "admissionregistration.k8s.io/v1");
         assert_eq!(json["kind"], "ValidatingWebhookConfiguration");
         let selector = &json["webhooks"][0]["namespaceSelector"]["matchExpressions"];
-        assert_eq!(selector[0], serde_json::json!({"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a"]}));
+        assert_eq!(
+            selector[0],
+            serde_json::json!({"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a"]})
+        );
         assert_eq!(selector[1]["operator"], "NotIn");
         assert_eq!(selector[1]["values"][0], "opensandbox-system");
     }
 
     #[test]
     fn service_registration_uses_the_service_and_the_validate_path() {
-        let target = Target::Service { namespace: "opensandbox-system".into(), name: "sandbox-controller-webhook".into(), port: 443 };
+        let target = Target::Service {
+            namespace: "opensandbox-system".into(),
+            name: "sandbox-controller-webhook".into(),
+            port: 443,
+        };
         let mut reg = registration(target);
         reg.only_namespace = None;
         reg.timeout_seconds = 0;
@@ -189,8 +253,21 @@ mod tests {
         let webhook = &config.webhooks.as_ref().unwrap()[0];
         assert!(webhook.client_config.url.is_none());
         let service = webhook.client_config.service.as_ref().unwrap();
-        assert_eq!((service.name.as_str(), service.port, service.path.as_deref()), ("sandbox-controller-webhook", Some(443), Some(VALIDATE_PATH)));
+        assert_eq!(
+            (service.name.as_str(), service.port, service.path.as_deref()),
+            ("sandbox-controller-webhook", Some(443), Some(VALIDATE_PATH))
+        );
         assert_eq!(webhook.timeout_seconds, Some(1));
-        assert_eq!(webhook.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            webhook
+                .namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_expressions
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -38,24 +38,28 @@ pub(super) async fn connection(
     stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let tls = match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            debug!(%error, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            debug!("TLS handshake timed out");
-            return;
-        }
-    };
+    let tls =
+        match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                debug!(%error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return;
+            }
+        };
     let service_shared = shared.clone();
     let service = service_fn(move |request| {
         let shared = service_shared.clone();
         async move { Ok::<_, Infallible>(handle(request, &shared).await) }
     });
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(shared.limits.header_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_timeout)
+        .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
     tokio::select! {
@@ -89,26 +93,52 @@ async fn handle(request: Request<Incoming>, shared: &Shared) -> Response<Full<By
 
 async fn validate(request: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let limit = shared.limits.max_body_bytes;
-    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
         return too_large(limit);
     }
     let body = Limited::new(request.into_body(), limit);
     let bytes = match tokio::time::timeout(shared.limits.body_timeout, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => return too_large(limit),
-        Ok(Err(error)) => return text(StatusCode::BAD_REQUEST, &format!("reading the request body: {error}")),
-        Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time"),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            return too_large(limit);
+        }
+        Ok(Err(error)) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body: {error}"),
+            );
+        }
+        Err(_) => {
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            );
+        }
     };
 
     let rules = &shared.rules;
-    let ctx = AdmissionContext { now: Timestamp::now(), max_replicas: rules.max_replicas, policy_exists: &*rules.policy_exists };
+    let ctx = AdmissionContext {
+        now: Timestamp::now(),
+        max_replicas: rules.max_replicas,
+        policy_exists: &*rules.policy_exists,
+    };
     // The rules are pure and tested never to panic; should one anyway, the request is denied by
     // the apiserver (failurePolicy Fail) and the server keeps serving.
-    let reply = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| review(&bytes, &ctx))) {
-        Ok(reply) => reply,
-        Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "the admission rules failed on this request"),
-    };
+    let reply =
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| review(&bytes, &ctx))) {
+            Ok(reply) => reply,
+            Err(_) => {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the admission rules failed on this request",
+                );
+            }
+        };
     if let Some(response) = &reply.response {
         if response.allowed {
             debug!(uid = %response.uid, warnings = response.warnings.as_ref().map_or(0, Vec::len), "admitted");
@@ -119,24 +149,35 @@ async fn validate(request: Request<Incoming>, shared: &Shared) -> Response<Full<
     match serde_json::to_vec(&reply) {
         Ok(json) => {
             let mut response = Response::new(Full::new(Bytes::from(json)));
-            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
         Err(error) => {
             warn!(%error, "could not encode an AdmissionReview reply");
-            text(StatusCode::INTERNAL_SERVER_ERROR, "could not encode the reply")
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not encode the reply",
+            )
         }
     }
 }
 
 fn too_large(limit: usize) -> Response<Full<Bytes>> {
-    text(StatusCode::PAYLOAD_TOO_LARGE, &format!("the request body exceeds {limit} bytes"))
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the request body exceeds {limit} bytes"),
+    )
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 

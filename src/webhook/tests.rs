@@ -33,7 +33,10 @@ impl Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("server stops").expect("server task")
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops")
+            .expect("server task")
     }
 }
 
@@ -41,7 +44,11 @@ async fn start(limits: Limits) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let config = WebhookConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        tls: TlsSettings { cert_dir: dir.path().to_path_buf(), generate_for: Some(default_sans()), reload_interval: Duration::from_millis(100) },
+        tls: TlsSettings {
+            cert_dir: dir.path().to_path_buf(),
+            generate_for: Some(default_sans()),
+            reload_interval: Duration::from_millis(100),
+        },
         rules: RuleSettings::default(),
         limits,
         registration: None,
@@ -49,12 +56,20 @@ async fn start(limits: Limits) -> Running {
     let webhook = Webhook::bind(config).await.expect("bind");
     let addr = webhook.local_addr();
     assert_ne!(addr.port(), 0);
-    assert_eq!(webhook.url(), format!("https://127.0.0.1:{}/validate", addr.port()));
+    assert_eq!(
+        webhook.url(),
+        format!("https://127.0.0.1:{}/validate", addr.port())
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(webhook.run(async move {
         let _ = stopped.await;
     }));
-    Running { addr, dir, stop: Some(stop), task }
+    Running {
+        addr,
+        dir,
+        stop: Some(stop),
+        task,
+    }
 }
 
 async fn tls(addr: SocketAddr, ca_pem: &[u8]) -> Result<TlsStream<TcpStream>, std::io::Error> {
@@ -62,24 +77,39 @@ async fn tls(addr: SocketAddr, ca_pem: &[u8]) -> Result<TlsStream<TcpStream>, st
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await?;
-    TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
 }
 
 async fn client(addr: SocketAddr, ca_pem: &[u8]) -> SendRequest<Full<Bytes>> {
     let stream = tls(addr, ca_pem).await.expect("TLS handshake");
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(connection);
     sender
 }
 
-async fn call(sender: &mut SendRequest<Full<Bytes>>, method: &str, path: &str, body: Vec<u8>) -> (StatusCode, String) {
-    let request = Request::builder().method(method).uri(path).header("host", "127.0.0.1").body(Full::new(Bytes::from(body))).unwrap();
+async fn call(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, String) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
     let response = sender.send_request(request).await.expect("response");
     let status = response.status();
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -107,12 +137,18 @@ async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("server closes within 10 s") {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("server closes within 10 s")
+        {
             Ok(0) | Err(_) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
         }
     }
-    (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
 }
 
 #[tokio::test]
@@ -125,21 +161,41 @@ async fn answers_reviews_health_checks_and_nothing_else() {
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(reply["response"]["uid"], "u-1");
     assert_eq!(reply["response"]["allowed"], false);
-    assert_eq!(reply["response"]["status"]["message"], "spec.capacitySpec.bufferMin: 2 must be <= bufferMax (1)");
+    assert_eq!(
+        reply["response"]["status"]["message"],
+        "spec.capacitySpec.bufferMin: 2 must be <= bufferMax (1)"
+    );
 
     // Same connection, kept alive.
-    assert_eq!(call(&mut sender, "GET", "/healthz", vec![]).await.0, StatusCode::OK);
-    assert_eq!(call(&mut sender, "GET", "/validate", vec![]).await.0, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(call(&mut sender, "POST", "/mutate", vec![]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        call(&mut sender, "GET", "/healthz", vec![]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&mut sender, "GET", "/validate", vec![]).await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        call(&mut sender, "POST", "/mutate", vec![]).await.0,
+        StatusCode::NOT_FOUND
+    );
     let (status, body) = call(&mut sender, "POST", "/validate", b"{}".to_vec()).await;
-    assert_eq!(status, StatusCode::OK, "a malformed review still gets a review back");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a malformed review still gets a review back"
+    );
     assert!(body.contains("\"allowed\":false"), "{body}");
     server.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn oversized_bodies_are_refused_declared_or_streamed() {
-    let server = start(Limits { max_body_bytes: 1024, ..Limits::default() }).await;
+    let server = start(Limits {
+        max_body_bytes: 1024,
+        ..Limits::default()
+    })
+    .await;
     let mut sender = client(server.addr, &server.ca()).await;
     let (status, _) = call(&mut sender, "POST", "/validate", vec![b' '; 4096]).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -147,11 +203,20 @@ async fn oversized_bodies_are_refused_declared_or_streamed() {
     // Chunked, so no Content-Length to refuse up front: the limit trips while reading.
     let mut stream = tls(server.addr, &server.ca()).await.unwrap();
     let chunk = format!("{:x}\r\n{}\r\n", 800, " ".repeat(800));
-    let request = format!("POST /validate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n");
+    let request = format!(
+        "POST /validate HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 413"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     server.stop().await.unwrap();
 }
 
@@ -168,20 +233,35 @@ async fn slow_clients_are_cut_off() {
     // Connects, never says hello.
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     let (_, waited) = read_until_closed(&mut silent).await;
-    assert!(waited < Duration::from_secs(3), "handshake timeout took {waited:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "handshake timeout took {waited:?}"
+    );
 
     // Half a request line, then nothing.
     let mut slow_headers = tls(server.addr, &server.ca()).await.unwrap();
-    slow_headers.write_all(b"POST /validate HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    slow_headers
+        .write_all(b"POST /validate HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
     let (_, waited) = read_until_closed(&mut slow_headers).await;
-    assert!(waited < Duration::from_secs(3), "header timeout took {waited:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "header timeout took {waited:?}"
+    );
 
     // Headers promise 100 bytes, 10 arrive.
     let mut slow_body = tls(server.addr, &server.ca()).await.unwrap();
-    slow_body.write_all(b"POST /validate HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789").await.unwrap();
+    slow_body
+        .write_all(b"POST /validate HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
     let (reply, waited) = read_until_closed(&mut slow_body).await;
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
-    assert!(waited < Duration::from_secs(3), "body timeout took {waited:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "body timeout took {waited:?}"
+    );
     server.stop().await.unwrap();
 }
 
@@ -191,20 +271,31 @@ async fn changed_certificate_files_are_served_without_a_restart() {
     let old_ca = server.ca();
     assert!(tls(server.addr, &old_ca).await.is_ok());
 
-    let new_ca = write_certificates(server.dir.path(), &default_sans()).unwrap().into_bytes();
+    let new_ca = write_certificates(server.dir.path(), &default_sans())
+        .unwrap()
+        .into_bytes();
     assert_ne!(old_ca, new_ca);
     let deadline = Instant::now() + Duration::from_secs(5);
     while tls(server.addr, &new_ca).await.is_err() {
-        assert!(Instant::now() < deadline, "the new certificate was not picked up");
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(tls(server.addr, &old_ca).await.is_err(), "the old CA no longer verifies the server");
+    assert!(
+        tls(server.addr, &old_ca).await.is_err(),
+        "the old CA no longer verifies the server"
+    );
 
     // Garbage in the files keeps the last good certificate in service.
     std::fs::write(server.dir.path().join(certs::CERT_FILE), "garbage").unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let mut sender = client(server.addr, &new_ca).await;
-    assert_eq!(call(&mut sender, "GET", "/healthz", vec![]).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&mut sender, "GET", "/healthz", vec![]).await.0,
+        StatusCode::OK
+    );
     server.stop().await.unwrap();
 }
 
@@ -216,12 +307,17 @@ async fn shutdown_finishes_in_flight_requests_then_stops_listening() {
     let (head, tail) = body.split_at(body.len() / 2);
 
     let mut stream = tls(addr, &server.ca()).await.unwrap();
-    let headers = format!("POST /validate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+    let headers = format!(
+        "POST /validate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
     stream.write_all(headers.as_bytes()).await.unwrap();
     stream.write_all(head).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let Running { stop, task, dir, .. } = server;
+    let Running {
+        stop, task, dir, ..
+    } = server;
     stop.unwrap().send(()).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     stream.write_all(tail).await.unwrap();
@@ -229,8 +325,15 @@ async fn shutdown_finishes_in_flight_requests_then_stops_listening() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"uid\":\"u-1\""), "{reply}");
 
-    tokio::time::timeout(Duration::from_secs(5), task).await.expect("run returns").unwrap().unwrap();
-    assert!(TcpStream::connect(addr).await.is_err(), "no longer listening");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("run returns")
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
     drop(dir);
 }
 
@@ -252,12 +355,19 @@ async fn registration_without_a_ca_file_is_refused_up_front() {
     };
     let config = WebhookConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        tls: TlsSettings { cert_dir: dir.path().to_path_buf(), generate_for: None, reload_interval: Duration::from_secs(1) },
+        tls: TlsSettings {
+            cert_dir: dir.path().to_path_buf(),
+            generate_for: None,
+            reload_interval: Duration::from_secs(1),
+        },
         rules: RuleSettings::default(),
         limits: Limits::default(),
         registration: Some((client, registration)),
     };
-    assert!(matches!(Webhook::bind(config).await, Err(Error::NoCaBundle { .. })));
+    assert!(matches!(
+        Webhook::bind(config).await,
+        Err(Error::NoCaBundle { .. })
+    ));
 }
 
 #[test]

@@ -11,11 +11,14 @@ use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use sandbox_controller::webhook::{
-    Limits, Registration, RuleSettings, Target, TlsSettings, Webhook, WebhookConfig, default_sans, registration,
+    Limits, Registration, RuleSettings, Target, TlsSettings, Webhook, WebhookConfig, default_sans,
+    registration,
 };
 use serde_json::Value;
 
-use crate::harness::{self, TestEnv, in_namespace, spec_manifest, spec_manifest_names, with_future_expire};
+use crate::harness::{
+    self, TestEnv, in_namespace, spec_manifest, spec_manifest_names, with_future_expire,
+};
 
 /// The namespace every test registration excludes, as the controller's own would be.
 const CONTROLLER_NAMESPACE: &str = "opensandbox-system";
@@ -47,7 +50,9 @@ impl ScopedWebhook {
         };
         let rules = RuleSettings {
             max_replicas,
-            policy_exists: sandbox_controller::webhook::known_policies(policies.iter().map(|p| p.to_string())),
+            policy_exists: sandbox_controller::webhook::known_policies(
+                policies.iter().map(|p| p.to_string()),
+            ),
         };
         let tls = TlsSettings {
             cert_dir: certs.path().to_path_buf(),
@@ -58,7 +63,11 @@ impl ScopedWebhook {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound_rx) = std::sync::mpsc::channel::<String>();
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(async move {
                 let client = client_for(&kubeconfig).await;
                 let config = WebhookConfig {
@@ -78,12 +87,17 @@ impl ScopedWebhook {
                     .expect("webhook run");
             });
         });
-        let url = tokio::task::spawn_blocking(move || bound_rx.recv_timeout(Duration::from_secs(30)))
-            .await
-            .expect("join")
-            .expect("the webhook binds");
+        let url =
+            tokio::task::spawn_blocking(move || bound_rx.recv_timeout(Duration::from_secs(30)))
+                .await
+                .expect("join")
+                .expect("the webhook binds");
         assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-        let webhook = Self { stop: Some(stop), thread: Some(thread), _certs: certs };
+        let webhook = Self {
+            stop: Some(stop),
+            thread: Some(thread),
+            _certs: certs,
+        };
         wait_until_effective(env, max_replicas).await;
         webhook
     }
@@ -107,24 +121,40 @@ impl Drop for ScopedWebhook {
 
 async fn client_for(kubeconfig: &Path) -> kube::Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("client config");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("client config");
     kube::Client::try_from(config).expect("client")
 }
 
 /// The apiserver picks up a new configuration a moment after it is written: probe with an object
 /// only the webhook rejects until it is rejected.
 async fn wait_until_effective(env: &TestEnv, max_replicas: i32) {
-    let probe = pooled_batch("webhook-probe", &format!("replicas: {}", i64::from(max_replicas) + 1));
-    env.wait_for("the webhook to be called by the apiserver", Duration::from_secs(30), || {
-        let out = env.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &probe);
-        let err = stderr(&out);
-        std::future::ready(if err.contains(DENIED) { Ok(()) } else { Err(err) })
-    })
+    let probe = pooled_batch(
+        "webhook-probe",
+        &format!("replicas: {}", i64::from(max_replicas) + 1),
+    );
+    env.wait_for(
+        "the webhook to be called by the apiserver",
+        Duration::from_secs(30),
+        || {
+            let out = env.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &probe);
+            let err = stderr(&out);
+            std::future::ready(if err.contains(DENIED) {
+                Ok(())
+            } else {
+                Err(err)
+            })
+        },
+    )
     .await;
 }
 
 fn pooled_batch(name: &str, spec: &str) -> String {
-    format!("apiVersion: sandbox.opensandbox.io/v1alpha1\nkind: BatchSandbox\nmetadata:\n  name: {name}\nspec:\n  poolRef: fast-pool\n{}", indent(spec))
+    format!(
+        "apiVersion: sandbox.opensandbox.io/v1alpha1\nkind: BatchSandbox\nmetadata:\n  name: {name}\nspec:\n  poolRef: fast-pool\n{}",
+        indent(spec)
+    )
 }
 
 fn templated_batch(name: &str, spec: &str, containers: &str) -> String {
@@ -149,7 +179,10 @@ fn indent(text: &str) -> String {
 
 fn indent_by(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
-    text.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("{pad}{l}\n")).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("{pad}{l}\n"))
+        .collect()
 }
 
 /// `kubectl apply -f -` (client-side, as the spec types it) into the test namespace.
@@ -163,7 +196,10 @@ fn exists(env: &TestEnv, kind: &str, name: &str) -> bool {
         return true;
     }
     let err = stderr(&out);
-    assert!(err.contains("NotFound") || err.contains("not found"), "kubectl get {kind} {name} failed oddly: {err}");
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "kubectl get {kind} {name} failed oddly: {err}"
+    );
     false
 }
 
@@ -179,12 +215,21 @@ fn manifest_name(yaml: &str) -> (String, String) {
 fn assert_rejected(env: &TestEnv, what: &str, yaml: &str, expected: &[&str]) -> String {
     let out = apply(env, yaml);
     let err = stderr(&out);
-    assert!(!out.status.success(), "{what}: kubectl apply succeeded but should have been rejected:\n{yaml}");
+    assert!(
+        !out.status.success(),
+        "{what}: kubectl apply succeeded but should have been rejected:\n{yaml}"
+    );
     for fragment in expected {
-        assert!(err.contains(fragment), "{what}: kubectl's stderr lacks {fragment:?}:\n{err}");
+        assert!(
+            err.contains(fragment),
+            "{what}: kubectl's stderr lacks {fragment:?}:\n{err}"
+        );
     }
     let (kind, name) = manifest_name(yaml);
-    assert!(!exists(env, &kind, &name), "{what}: {kind}/{name} was stored despite the rejection");
+    assert!(
+        !exists(env, &kind, &name),
+        "{what}: {kind}/{name} was stored despite the rejection"
+    );
     err
 }
 
@@ -198,19 +243,36 @@ async fn every_spec_manifest_is_accepted_and_passed_dates_are_refused_on_create(
         &env,
         "expiring-batch.yaml as written",
         &spec_manifest("expiring-batch"),
-        &[DENIED, "spec.expireTime: \"2026-03-02T12:00:00Z\" must be in the future when the object is created"],
+        &[
+            DENIED,
+            "spec.expireTime: \"2026-03-02T12:00:00Z\" must be in the future when the object is created",
+        ],
     );
-    assert!(err.contains("it is now 20"), "the message says what time it is: {err}");
+    assert!(
+        err.contains("it is now 20"),
+        "the message says what time it is: {err}"
+    );
 
     let names = spec_manifest_names();
     assert!(names.len() >= 8, "{names:?}");
     for name in names {
         let yaml = with_future_expire(&spec_manifest(&name));
         let out = apply(&env, &yaml);
-        assert!(out.status.success(), "{name} was refused:\n{}", stderr(&out));
-        assert!(!stderr(&out).contains("Warning:"), "{name} drew warnings: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "{name} was refused:\n{}",
+            stderr(&out)
+        );
+        assert!(
+            !stderr(&out).contains("Warning:"),
+            "{name} drew warnings: {}",
+            stderr(&out)
+        );
         let (kind, object) = manifest_name(&yaml);
-        assert!(exists(&env, &kind, &object), "{name}: {kind}/{object} not stored");
+        assert!(
+            exists(&env, &kind, &object),
+            "{name}: {kind}/{object} not stored"
+        );
     }
 }
 
@@ -321,12 +383,20 @@ async fn invalid_variants_are_refused_naming_the_field_and_never_stored() {
             "spec.expireTime: \"2020-01-01T00:00:00Z\"",
         ],
     );
-    assert_eq!(err.matches("; spec.").count(), 4, "five errors joined in one message: {err}");
+    assert_eq!(
+        err.matches("; spec.").count(),
+        4,
+        "five errors joined in one message: {err}"
+    );
 
     // Rules the CRD schema already enforces (CEL and OpenAPI) are refused before the webhook is
     // asked; the apiserver's own message names the field.
     let schema_cases: Vec<(&str, String, Vec<&str>)> = vec![
-        ("negative replicas", pooled_batch("negative", "replicas: -1"), vec!["spec.replicas", "greater than or equal to 0"]),
+        (
+            "negative replicas",
+            pooled_batch("negative", "replicas: -1"),
+            vec!["spec.replicas", "greater than or equal to 0"],
+        ),
         (
             "both template and poolRef",
             templated_batch("both-modes", "poolRef: fast-pool", nginx),
@@ -334,12 +404,19 @@ async fn invalid_variants_are_refused_naming_the_field_and_never_stored() {
         ),
         (
             "pooled batch with shardPatches",
-            pooled_batch("pooled-patches", "shardPatches:\n- metadata:\n    labels:\n      x: y"),
+            pooled_batch(
+                "pooled-patches",
+                "shardPatches:\n- metadata:\n    labels:\n      x: y",
+            ),
             vec!["spec.shardPatches applies to non-pooled batches only"],
         ),
         (
             "bufferMin above bufferMax",
-            pool("inverted-buffer", "bufferMax: 20\nbufferMin: 30\npoolMax: 50\npoolMin: 10", "- name: sandbox\n  image: busybox"),
+            pool(
+                "inverted-buffer",
+                "bufferMax: 20\nbufferMin: 30\npoolMax: 50\npoolMin: 10",
+                "- name: sandbox\n  image: busybox",
+            ),
             vec!["spec.capacitySpec", "bufferMin must be <= bufferMax"],
         ),
     ];
@@ -348,7 +425,10 @@ async fn invalid_variants_are_refused_naming_the_field_and_never_stored() {
     }
 
     // The same objects, fixed, go through.
-    let fixed = pooled_batch("fixed", "replicas: 3\ntaskTemplate:\n  spec:\n    timeoutSeconds: 60\n    process:\n      command: [run]\n      env:\n      - name: A");
+    let fixed = pooled_batch(
+        "fixed",
+        "replicas: 3\ntaskTemplate:\n  spec:\n    timeoutSeconds: 60\n    process:\n      command: [run]\n      env:\n      - name: A",
+    );
     let out = apply(&env, &fixed);
     assert!(out.status.success(), "{}", stderr(&out));
     let allowed_policy = pooled_batch("known-policy", "replicas: 1").replace(
@@ -370,33 +450,83 @@ async fn updates_keep_pool_ref_and_scale_within_bounds() {
     );
     let out = apply(&env, &original);
     assert!(out.status.success(), "{}", stderr(&out));
-    let pool_ref = || env.kubectl_ok(&["get", "batchsandbox", "claim", "-o", "jsonpath={.spec.poolRef}"]);
+    let pool_ref = || {
+        env.kubectl_ok(&[
+            "get",
+            "batchsandbox",
+            "claim",
+            "-o",
+            "jsonpath={.spec.poolRef}",
+        ])
+    };
 
     // Another pool: the CRD's transition rule or the webhook refuses it; either names the field.
-    let out = apply(&env, &original.replace("poolRef: fast-pool", "poolRef: other-pool"));
+    let out = apply(
+        &env,
+        &original.replace("poolRef: fast-pool", "poolRef: other-pool"),
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("spec.poolRef"), "{}", stderr(&out));
 
     // Dropping poolRef for a template: no CEL rule sees a removed field, the webhook does.
-    let switched = templated_batch("claim", "replicas: 3", "- name: main\n  image: nginx:latest");
+    let switched = templated_batch(
+        "claim",
+        "replicas: 3",
+        "- name: main\n  image: nginx:latest",
+    );
     let out = apply(&env, &switched);
-    assert!(!out.status.success(), "switching a live batch to a template was allowed");
+    assert!(
+        !out.status.success(),
+        "switching a live batch to a template was allowed"
+    );
     let err = stderr(&out);
-    assert!(err.contains(DENIED) && err.contains("spec.poolRef: <unset> cannot change once set (was \"fast-pool\")"), "{err}");
+    assert!(
+        err.contains(DENIED)
+            && err.contains("spec.poolRef: <unset> cannot change once set (was \"fast-pool\")"),
+        "{err}"
+    );
     assert_eq!(pool_ref(), "fast-pool");
 
     // Scaling below the patch count is allowed with a warning kubectl prints.
-    let out = env.kubectl(&["patch", "batchsandbox", "claim", "--type=merge", "-p", r#"{"spec":{"replicas":1}}"#]);
+    let out = env.kubectl(&[
+        "patch",
+        "batchsandbox",
+        "claim",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":1}}"#,
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("Warning: spec.shardTaskPatches has 3 entries but spec.replicas is 1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("Warning: spec.shardTaskPatches has 3 entries but spec.replicas is 1"),
+        "{}",
+        stderr(&out)
+    );
 
     // The scale subresource goes through the webhook too.
     let out = env.kubectl(&["scale", "batchsandbox", "claim", "--replicas=5000"]);
-    assert!(!out.status.success(), "kubectl scale past the maximum was allowed");
-    assert!(stderr(&out).contains("spec.replicas: 5000 must be <= 1000"), "{}", stderr(&out));
+    assert!(
+        !out.status.success(),
+        "kubectl scale past the maximum was allowed"
+    );
+    assert!(
+        stderr(&out).contains("spec.replicas: 5000 must be <= 1000"),
+        "{}",
+        stderr(&out)
+    );
     let out = env.kubectl(&["scale", "batchsandbox", "claim", "--replicas=3"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(env.kubectl_ok(&["get", "batchsandbox", "claim", "-o", "jsonpath={.spec.replicas}"]), "3");
+    assert_eq!(
+        env.kubectl_ok(&[
+            "get",
+            "batchsandbox",
+            "claim",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "3"
+    );
 }
 
 #[tokio::test]
@@ -410,29 +540,55 @@ async fn the_standalone_webhook_registers_for_its_namespace_and_unregisters_on_s
 
     let name = Registration::scoped_name(registration::DEFAULT_CONFIGURATION_NAME, &env.ns);
     let configs: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
-    let config = serde_json::to_value(configs.get(&name).await.expect("registered configuration")).expect("json");
+    let config = serde_json::to_value(configs.get(&name).await.expect("registered configuration"))
+        .expect("json");
     let webhook = &config["webhooks"][0];
     assert_eq!(webhook["clientConfig"]["url"], url.as_str());
-    assert!(webhook["clientConfig"]["caBundle"].as_str().is_some_and(|ca| !ca.is_empty()));
+    assert!(
+        webhook["clientConfig"]["caBundle"]
+            .as_str()
+            .is_some_and(|ca| !ca.is_empty())
+    );
     assert_eq!(webhook["failurePolicy"], "Fail");
     assert_eq!(webhook["sideEffects"], "None");
     assert_eq!(webhook["timeoutSeconds"], 5);
     let selector = webhook["namespaceSelector"]["matchExpressions"].to_string();
-    assert!(selector.contains(&format!("\"In\",\"values\":[\"{}\"]", env.ns)), "{selector}");
-    assert!(selector.contains(&format!("\"NotIn\",\"values\":[\"{CONTROLLER_NAMESPACE}\"]")), "{selector}");
+    assert!(
+        selector.contains(&format!("\"In\",\"values\":[\"{}\"]", env.ns)),
+        "{selector}"
+    );
+    assert!(
+        selector.contains(&format!(
+            "\"NotIn\",\"values\":[\"{CONTROLLER_NAMESPACE}\"]"
+        )),
+        "{selector}"
+    );
 
     // --max-replicas 10 applies here, and only here.
     let eleven = pooled_batch("eleven", "replicas: 11");
-    assert_rejected(&env, "eleven replicas", &eleven, &[DENIED, "spec.replicas: 11 must be <= 10"]);
+    assert_rejected(
+        &env,
+        "eleven replicas",
+        &eleven,
+        &[DENIED, "spec.replicas: 11 must be <= 10"],
+    );
     let out = apply(&other, &eleven);
-    assert!(out.status.success(), "a namespace outside the scope was validated: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "a namespace outside the scope was validated: {}",
+        stderr(&out)
+    );
 
     let status = child.terminate();
     assert!(status.success(), "the webhook exited with {status}");
     let gone = configs.get_opt(&name).await.expect("get configuration");
     assert!(gone.is_none(), "the configuration outlived the webhook");
     let out = apply(&env, &eleven);
-    assert!(out.status.success(), "still validated after the webhook stopped: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "still validated after the webhook stopped: {}",
+        stderr(&out)
+    );
 }
 
 /// `sandbox-controller webhook` as a child process.
@@ -446,7 +602,15 @@ struct StandaloneWebhook {
 impl StandaloneWebhook {
     fn spawn(env: &TestEnv, cert_dir: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
-            .args(["webhook", "--webhook-listen", "127.0.0.1:0", "--webhook-namespace", &env.ns, "--max-replicas", "10"])
+            .args([
+                "webhook",
+                "--webhook-listen",
+                "127.0.0.1:0",
+                "--webhook-namespace",
+                &env.ns,
+                "--max-replicas",
+                "10",
+            ])
             .arg("--webhook-cert-dir")
             .arg(cert_dir)
             .args(["--controller-namespace", CONTROLLER_NAMESPACE])
@@ -459,16 +623,29 @@ impl StandaloneWebhook {
             .expect("spawning sandbox-controller webhook");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        stdout.read_line(&mut line).expect("reading the webhook's first line");
-        let url = line.trim().strip_prefix("webhook listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_owned();
-        Self { child: Some(child), url, _stdout: stdout }
+        stdout
+            .read_line(&mut line)
+            .expect("reading the webhook's first line");
+        let url = line
+            .trim()
+            .strip_prefix("webhook listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            child: Some(child),
+            url,
+            _stdout: stdout,
+        }
     }
 
     /// SIGTERM, then wait (at most 20 s) for a clean exit.
     fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         let pid = child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
         assert!(sent.success());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -528,23 +705,54 @@ async fn deploy_manifests_are_accepted_by_the_apiserver() {
             }
             let yaml = serde_yaml_ng::to_string(&value).expect("YAML");
             let out = env.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &yaml);
-            assert!(out.status.success(), "{} ({kind}) was refused:\n{}", file.display(), stderr(&out));
+            assert!(
+                out.status.success(),
+                "{} ({kind}) was refused:\n{}",
+                file.display(),
+                stderr(&out)
+            );
         }
     }
-    for expected in ["Deployment", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ValidatingWebhookConfiguration", "Certificate", "Issuer"] {
-        assert!(kinds.iter().any(|k| k == expected), "deploy/kubernetes has no {expected}: {kinds:?}");
+    for expected in [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingWebhookConfiguration",
+        "Certificate",
+        "Issuer",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == expected),
+            "deploy/kubernetes has no {expected}: {kinds:?}"
+        );
     }
 }
 
 fn check_webhook_configuration(config: &Value) {
     let annotation = &config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"];
-    assert!(annotation.as_str().is_some_and(|a| a.contains('/')), "inject-ca-from is missing: {config}");
+    assert!(
+        annotation.as_str().is_some_and(|a| a.contains('/')),
+        "inject-ca-from is missing: {config}"
+    );
     for webhook in config["webhooks"].as_array().expect("webhooks") {
         assert_eq!(webhook["failurePolicy"], "Fail");
         assert_eq!(webhook["sideEffects"], "None");
-        assert!(webhook["timeoutSeconds"].as_i64().is_some_and(|t| (1..=5).contains(&t)), "{webhook}");
+        assert!(
+            webhook["timeoutSeconds"]
+                .as_i64()
+                .is_some_and(|t| (1..=5).contains(&t)),
+            "{webhook}"
+        );
         let selector = webhook["namespaceSelector"].to_string();
-        assert!(selector.contains("NotIn") && selector.contains(CONTROLLER_NAMESPACE), "the controller's namespace is not excluded: {selector}");
-        assert_eq!(webhook["clientConfig"]["service"]["path"], registration::VALIDATE_PATH);
+        assert!(
+            selector.contains("NotIn") && selector.contains(CONTROLLER_NAMESPACE),
+            "the controller's namespace is not excluded: {selector}"
+        );
+        assert_eq!(
+            webhook["clientConfig"]["service"]["path"],
+            registration::VALIDATE_PATH
+        );
     }
 }

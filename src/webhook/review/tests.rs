@@ -7,7 +7,11 @@ fn no_policies(_: &str) -> bool {
 }
 
 fn ctx() -> AdmissionContext<'static> {
-    AdmissionContext { now: "2026-06-01T00:00:00Z".parse().unwrap(), max_replicas: 1000, policy_exists: &no_policies }
+    AdmissionContext {
+        now: "2026-06-01T00:00:00Z".parse().unwrap(),
+        max_replicas: 1000,
+        policy_exists: &no_policies,
+    }
 }
 
 fn request(operation: &str, kind: Value, resource: Value, object: Value, old: Value) -> Value {
@@ -51,7 +55,13 @@ fn answer(body: &Value) -> AdmissionResponse {
 #[test]
 fn a_valid_create_is_allowed_and_echoes_the_uid() {
     let (kind, resource) = batch_kind();
-    let body = request("CREATE", kind, resource, batch_object(json!({"replicas": 3, "poolRef": "fast-pool"})), Value::Null);
+    let body = request(
+        "CREATE",
+        kind,
+        resource,
+        batch_object(json!({"replicas": 3, "poolRef": "fast-pool"})),
+        Value::Null,
+    );
     let response = answer(&body);
     assert!(response.allowed);
     assert_eq!(response.uid, "7f0b2b8e-0000-4000-8000-000000000001");
@@ -61,15 +71,34 @@ fn a_valid_create_is_allowed_and_echoes_the_uid() {
 #[test]
 fn an_invalid_create_is_denied_with_every_field_and_causes() {
     let (kind, resource) = batch_kind();
-    let object = batch_object(json!({"replicas": 5000, "poolRef": "fast-pool", "taskTemplate": {"spec": {"process": {"command": []}}}}));
+    let object = batch_object(
+        json!({"replicas": 5000, "poolRef": "fast-pool", "taskTemplate": {"spec": {"process": {"command": []}}}}),
+    );
     let response = answer(&request("CREATE", kind, resource, object, Value::Null));
     assert!(!response.allowed);
     assert_eq!(response.result.code, 403);
-    assert!(response.result.message.starts_with("spec.replicas: 5000 must be <= 1000"), "{}", response.result.message);
-    assert!(response.result.message.contains("; spec.taskTemplate.spec.process.command: []"), "{}", response.result.message);
+    assert!(
+        response
+            .result
+            .message
+            .starts_with("spec.replicas: 5000 must be <= 1000"),
+        "{}",
+        response.result.message
+    );
+    assert!(
+        response
+            .result
+            .message
+            .contains("; spec.taskTemplate.spec.process.command: []"),
+        "{}",
+        response.result.message
+    );
     let causes = response.result.details.expect("details").causes;
     let fields: Vec<_> = causes.iter().map(|c| c.field.as_str()).collect();
-    assert_eq!(fields, ["spec.replicas", "spec.taskTemplate.spec.process.command"]);
+    assert_eq!(
+        fields,
+        ["spec.replicas", "spec.taskTemplate.spec.process.command"]
+    );
 }
 
 #[test]
@@ -77,22 +106,61 @@ fn updates_compare_with_the_old_object() {
     let (kind, resource) = batch_kind();
     let old = batch_object(json!({"poolRef": "fast-pool"}));
     let new = batch_object(json!({"poolRef": "slow-pool"}));
-    let response = answer(&request("UPDATE", kind.clone(), resource.clone(), new, old.clone()));
+    let response = answer(&request(
+        "UPDATE",
+        kind.clone(),
+        resource.clone(),
+        new,
+        old.clone(),
+    ));
     assert!(!response.allowed);
-    assert!(response.result.message.starts_with("spec.poolRef: \"slow-pool\" cannot change once set"), "{}", response.result.message);
+    assert!(
+        response
+            .result
+            .message
+            .starts_with("spec.poolRef: \"slow-pool\" cannot change once set"),
+        "{}",
+        response.result.message
+    );
 
     // A past expireTime that was already stored is fine on update, and rejected on create.
-    let expired = batch_object(json!({"poolRef": "fast-pool", "expireTime": "2026-03-02T12:00:00Z"}));
-    assert!(answer(&request("UPDATE", kind.clone(), resource.clone(), expired.clone(), expired.clone())).allowed);
+    let expired =
+        batch_object(json!({"poolRef": "fast-pool", "expireTime": "2026-03-02T12:00:00Z"}));
+    assert!(
+        answer(&request(
+            "UPDATE",
+            kind.clone(),
+            resource.clone(),
+            expired.clone(),
+            expired.clone()
+        ))
+        .allowed
+    );
     let response = answer(&request("CREATE", kind, resource, expired, Value::Null));
-    assert!(response.result.message.contains("spec.expireTime: \"2026-03-02T12:00:00Z\" must be in the future"), "{}", response.result.message);
+    assert!(
+        response
+            .result
+            .message
+            .contains("spec.expireTime: \"2026-03-02T12:00:00Z\" must be in the future"),
+        "{}",
+        response.result.message
+    );
 }
 
 #[test]
 fn delete_and_connect_are_allowed() {
     let (kind, resource) = batch_kind();
     let bad = batch_object(json!({"replicas": -1}));
-    assert!(answer(&request("DELETE", kind.clone(), resource.clone(), Value::Null, bad.clone())).allowed);
+    assert!(
+        answer(&request(
+            "DELETE",
+            kind.clone(),
+            resource.clone(),
+            Value::Null,
+            bad.clone()
+        ))
+        .allowed
+    );
     assert!(answer(&request("CONNECT", kind, resource, Value::Null, bad)).allowed);
 }
 
@@ -106,7 +174,10 @@ fn pools_are_validated() {
                  "capacitySpec": {"bufferMax": 20, "bufferMin": 30, "poolMax": 10, "poolMin": 0}},
     });
     let response = answer(&request("CREATE", kind, resource, pool, Value::Null));
-    assert_eq!(response.result.message, "spec.capacitySpec.bufferMin: 30 must be <= bufferMax (20)");
+    assert_eq!(
+        response.result.message,
+        "spec.capacitySpec.bufferMin: 30 must be <= bufferMax (20)"
+    );
 }
 
 #[test]
@@ -114,31 +185,69 @@ fn scale_requests_are_bounded() {
     let kind = json!({"group": "autoscaling", "version": "v1", "kind": "Scale"});
     let resource = json!({"group": GROUP, "version": VERSION, "resource": "batchsandboxes"});
     let scale = |n: i64| json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "b"}, "spec": {"replicas": n}});
-    let mut body = request("UPDATE", kind.clone(), resource.clone(), scale(5000), scale(3));
+    let mut body = request(
+        "UPDATE",
+        kind.clone(),
+        resource.clone(),
+        scale(5000),
+        scale(3),
+    );
     body["request"]["subResource"] = json!("scale");
     let response = answer(&body);
     assert!(!response.allowed);
-    assert!(response.result.message.starts_with("spec.replicas: 5000 must be <= 1000"), "{}", response.result.message);
+    assert!(
+        response
+            .result
+            .message
+            .starts_with("spec.replicas: 5000 must be <= 1000"),
+        "{}",
+        response.result.message
+    );
     let mut body = request("UPDATE", kind.clone(), resource, scale(7), scale(3));
     body["request"]["subResource"] = json!("scale");
     assert!(answer(&body).allowed);
-    let mut body = request("UPDATE", kind, json!({"group": "apps", "version": "v1", "resource": "deployments"}), scale(5000), scale(3));
+    let mut body = request(
+        "UPDATE",
+        kind,
+        json!({"group": "apps", "version": "v1", "resource": "deployments"}),
+        scale(5000),
+        scale(3),
+    );
     body["request"]["subResource"] = json!("scale");
-    assert!(answer(&body).allowed, "scales of other resources are not ours");
+    assert!(
+        answer(&body).allowed,
+        "scales of other resources are not ours"
+    );
 }
 
 #[test]
 fn other_kinds_pass_with_a_warning_and_other_versions_of_ours_are_refused() {
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}});
-    let response = answer(&request("CREATE", json!({"group": "", "version": "v1", "kind": "Pod"}), json!({"group": "", "version": "v1", "resource": "pods"}), pod, Value::Null));
+    let response = answer(&request(
+        "CREATE",
+        json!({"group": "", "version": "v1", "kind": "Pod"}),
+        json!({"group": "", "version": "v1", "resource": "pods"}),
+        pod,
+        Value::Null,
+    ));
     assert!(response.allowed);
     assert_eq!(response.warnings.map(|w| w.len()), Some(1));
 
     let kind = json!({"group": GROUP, "version": "v1beta9", "kind": "BatchSandbox"});
     let resource = json!({"group": GROUP, "version": "v1beta9", "resource": "batchsandboxes"});
-    let response = answer(&request("CREATE", kind, resource, batch_object(json!({"poolRef": "p"})), Value::Null));
+    let response = answer(&request(
+        "CREATE",
+        kind,
+        resource,
+        batch_object(json!({"poolRef": "p"})),
+        Value::Null,
+    ));
     assert!(!response.allowed);
-    assert!(response.result.message.contains("v1beta9"), "{}", response.result.message);
+    assert!(
+        response.result.message.contains("v1beta9"),
+        "{}",
+        response.result.message
+    );
 }
 
 #[test]
@@ -146,7 +255,11 @@ fn malformed_bodies_get_an_invalid_response_with_the_uid_when_there_is_one() {
     let response = answer_bytes(b"{not json");
     assert!(!response.allowed);
     assert_eq!(response.uid, "");
-    assert!(response.result.message.contains("not JSON"), "{}", response.result.message);
+    assert!(
+        response.result.message.contains("not JSON"),
+        "{}",
+        response.result.message
+    );
 
     let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "abc", "operation": "CREATE"}});
     let response = answer(&body);
@@ -154,15 +267,32 @@ fn malformed_bodies_get_an_invalid_response_with_the_uid_when_there_is_one() {
     assert_eq!(response.uid, "abc");
 
     let response = answer(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}));
-    assert!(response.result.message.contains("no request"), "{}", response.result.message);
+    assert!(
+        response.result.message.contains("no request"),
+        "{}",
+        response.result.message
+    );
 }
 
 #[test]
 fn an_unreadable_spec_is_denied_not_crashed_on() {
     let (kind, resource) = batch_kind();
-    let response = answer(&request("CREATE", kind, resource, batch_object(json!({"replicas": "lots"})), Value::Null));
+    let response = answer(&request(
+        "CREATE",
+        kind,
+        resource,
+        batch_object(json!({"replicas": "lots"})),
+        Value::Null,
+    ));
     assert!(!response.allowed);
-    assert!(response.result.message.starts_with("spec: <object> cannot be read as a BatchSandbox"), "{}", response.result.message);
+    assert!(
+        response
+            .result
+            .message
+            .starts_with("spec: <object> cannot be read as a BatchSandbox"),
+        "{}",
+        response.result.message
+    );
 }
 
 fn answer_bytes(body: &[u8]) -> AdmissionResponse {
@@ -181,7 +311,14 @@ fn assert_well_formed(body: &[u8], expected_uid: Option<&str>) -> Result<(), Tes
         prop_assert_eq!(json["response"]["uid"].as_str(), Some(uid));
     }
     if json["response"]["allowed"] == json!(false) {
-        prop_assert!(!json["response"]["status"]["message"].as_str().unwrap_or_default().is_empty(), "a denial says why: {}", json);
+        prop_assert!(
+            !json["response"]["status"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "a denial says why: {}",
+            json
+        );
     }
     Ok(())
 }
@@ -191,21 +328,58 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         ".{0,16}".prop_map(Value::from),
-        prop::sample::select(vec!["CREATE", "UPDATE", "DELETE", "BatchSandbox", "Pool", "Scale", GROUP, VERSION, "autoscaling", "2026-01-01T00:00:00Z"])
-            .prop_map(Value::from),
+        prop::sample::select(vec![
+            "CREATE",
+            "UPDATE",
+            "DELETE",
+            "BatchSandbox",
+            "Pool",
+            "Scale",
+            GROUP,
+            VERSION,
+            "autoscaling",
+            "2026-01-01T00:00:00Z"
+        ])
+        .prop_map(Value::from),
     ];
     leaf.prop_recursive(5, 64, 6, |inner| {
         let keys = prop::sample::select(vec![
-            "apiVersion", "kind", "request", "uid", "group", "version", "resource", "operation", "object", "oldObject",
-            "metadata", "name", "spec", "replicas", "poolRef", "template", "containers", "image", "taskTemplate",
-            "shardTaskPatches", "process", "command", "env", "capacitySpec", "bufferMin", "expireTime", "subResource",
+            "apiVersion",
+            "kind",
+            "request",
+            "uid",
+            "group",
+            "version",
+            "resource",
+            "operation",
+            "object",
+            "oldObject",
+            "metadata",
+            "name",
+            "spec",
+            "replicas",
+            "poolRef",
+            "template",
+            "containers",
+            "image",
+            "taskTemplate",
+            "shardTaskPatches",
+            "process",
+            "command",
+            "env",
+            "capacitySpec",
+            "bufferMin",
+            "expireTime",
+            "subResource",
         ]);
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            prop::collection::btree_map(keys, inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            prop::collection::btree_map(keys, inner, 0..6).prop_map(|m| Value::Object(
+                m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+            )),
         ]
     })
 }
@@ -223,19 +397,28 @@ fn arb_review() -> impl Strategy<Value = Value> {
         "/request/operation",
         "/request",
     ]);
-    (arb_json(), places, prop::sample::select(vec!["CREATE", "UPDATE"]), prop::bool::ANY).prop_map(|(graft, place, op, pool)| {
-        let (kind, resource) = if pool {
-            (json!({"group": GROUP, "version": VERSION, "kind": "Pool"}), json!({"group": GROUP, "version": VERSION, "resource": "pools"}))
-        } else {
-            batch_kind()
-        };
-        let object = batch_object(json!({"replicas": 2, "poolRef": "p"}));
-        let mut body = request(op, kind, resource, object.clone(), object);
-        if let Some(slot) = body.pointer_mut(place) {
-            *slot = graft;
-        }
-        body
-    })
+    (
+        arb_json(),
+        places,
+        prop::sample::select(vec!["CREATE", "UPDATE"]),
+        prop::bool::ANY,
+    )
+        .prop_map(|(graft, place, op, pool)| {
+            let (kind, resource) = if pool {
+                (
+                    json!({"group": GROUP, "version": VERSION, "kind": "Pool"}),
+                    json!({"group": GROUP, "version": VERSION, "resource": "pools"}),
+                )
+            } else {
+                batch_kind()
+            };
+            let object = batch_object(json!({"replicas": 2, "poolRef": "p"}));
+            let mut body = request(op, kind, resource, object.clone(), object);
+            if let Some(slot) = body.pointer_mut(place) {
+                *slot = graft;
+            }
+            body
+        })
 }
 
 proptest! {
