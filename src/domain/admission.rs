@@ -446,6 +446,9 @@ fn patch_count_rule(
 /// the patch parses and the shard's pod still has valid containers.
 fn shard_patch_rules(batch: &BatchSandbox, template: &PodTemplateSpec, verdict: &mut Verdict) {
     let name = batch.metadata.name.as_deref().unwrap_or("batch");
+    // Problems the template already has are reported on the template itself, not on each patch.
+    let mut own = Verdict::default();
+    pod_template_rules("spec.template", template, &mut own);
     for (i, patch) in batch.spec.shard_patches.iter().enumerate() {
         let path = format!("spec.shardPatches[{i}]");
         if !patch.is_object() {
@@ -473,9 +476,6 @@ fn shard_patch_rules(batch: &BatchSandbox, template: &PodTemplateSpec, verdict: 
                 };
                 let mut scratch = Verdict::default();
                 pod_template_rules("spec.template", &merged, &mut scratch);
-                // Problems the template already has are reported on the template itself.
-                let mut own = Verdict::default();
-                pod_template_rules("spec.template", template, &mut own);
                 for problem in scratch
                     .errors
                     .into_iter()

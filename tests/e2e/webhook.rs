@@ -534,7 +534,17 @@ async fn the_standalone_webhook_registers_for_its_namespace_and_unregisters_on_s
     let env = harness::env("webhook_standalone").await;
     let other = harness::env("webhook_standalone_other").await;
     let certs = tempfile::tempdir().expect("cert dir");
-    let mut child = StandaloneWebhook::spawn(&env, certs.path());
+    let mut child = StandaloneWebhook::spawn(
+        &env,
+        &[
+            "webhook",
+            "--webhook-namespace",
+            &env.ns,
+            "--max-replicas",
+            "10",
+        ],
+        certs.path(),
+    );
     let url = child.url.clone();
     wait_until_effective(&env, 10).await;
 
@@ -591,6 +601,68 @@ async fn the_standalone_webhook_registers_for_its_namespace_and_unregisters_on_s
     );
 }
 
+/// `sandbox-controller run --webhook`: the controller reconciles while the webhook, in the same
+/// process and scoped by `--namespace`, guards what reaches it.
+#[tokio::test]
+async fn run_with_webhook_serves_admission_next_to_the_controller() {
+    let env = harness::env("webhook_in_run").await;
+    let certs = tempfile::tempdir().expect("cert dir");
+    let mut process = StandaloneWebhook::spawn(
+        &env,
+        &[
+            "run",
+            "--webhook",
+            "--namespace",
+            &env.ns,
+            "--health-addr",
+            "127.0.0.1:0",
+        ],
+        certs.path(),
+    );
+    wait_until_effective(&env, 1000).await;
+    let name = Registration::scoped_name(registration::DEFAULT_CONFIGURATION_NAME, &env.ns);
+    let configs: Api<ValidatingWebhookConfiguration> = Api::all(env.client.clone());
+    assert!(
+        configs.get_opt(&name).await.expect("get").is_some(),
+        "run --namespace scopes the webhook's registration"
+    );
+
+    for manifest in ["pool", "heterogeneous-tasks"] {
+        let out = apply(&env, &spec_manifest(manifest));
+        assert!(out.status.success(), "{manifest}: {}", stderr(&out));
+    }
+    env.wait_for(
+        "the controller to warm the pool",
+        Duration::from_secs(60),
+        || {
+            let total =
+                env.kubectl(&["get", "pool", "fast-pool", "-o", "jsonpath={.status.total}"]);
+            let total = String::from_utf8_lossy(&total.stdout)
+                .trim()
+                .parse::<i64>()
+                .unwrap_or(0);
+            std::future::ready(total > 0)
+        },
+    )
+    .await;
+    let fewer_shards = spec_manifest("heterogeneous-tasks")
+        .replace("name: task-batch", "name: task-batch-two")
+        .replace("replicas: 3", "replicas: 2");
+    assert_rejected(
+        &env,
+        "three patches for two shards",
+        &fewer_shards,
+        &[DENIED, "spec.shardTaskPatches: [3 entries]"],
+    );
+
+    let status = process.terminate();
+    assert!(status.success(), "run exited with {status}");
+    assert!(
+        configs.get_opt(&name).await.expect("get").is_none(),
+        "the configuration outlived run"
+    );
+}
+
 /// `sandbox-controller webhook` as a child process.
 struct StandaloneWebhook {
     child: Option<Child>,
@@ -600,17 +672,12 @@ struct StandaloneWebhook {
 }
 
 impl StandaloneWebhook {
-    fn spawn(env: &TestEnv, cert_dir: &Path) -> Self {
+    /// `sandbox-controller <args> --webhook-listen 127.0.0.1:0 --webhook-cert-dir <dir>`, which
+    /// prints where it listens as its first line.
+    fn spawn(env: &TestEnv, args: &[&str], cert_dir: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
-            .args([
-                "webhook",
-                "--webhook-listen",
-                "127.0.0.1:0",
-                "--webhook-namespace",
-                &env.ns,
-                "--max-replicas",
-                "10",
-            ])
+            .args(args)
+            .args(["--webhook-listen", "127.0.0.1:0"])
             .arg("--webhook-cert-dir")
             .arg(cert_dir)
             .args(["--controller-namespace", CONTROLLER_NAMESPACE])
@@ -620,7 +687,7 @@ impl StandaloneWebhook {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawning sandbox-controller webhook");
+            .expect("spawning sandbox-controller");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout
