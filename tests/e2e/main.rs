@@ -12,3 +12,4 @@ mod crds;
 mod executor;
 mod local_executors;
 mod tasks;
+mod webhook;
