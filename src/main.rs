@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sandbox_controller::api;
 use sandbox_controller::controller::{self, ControllerConfig};
 use sandbox_controller::domain::endpoints::EndpointsFormat;
-use sandbox_controller::policy::NativePolicies;
+use sandbox_controller::policy::cli::PolicyCommand;
+use sandbox_controller::policy::{Limits, NativePolicies, PolicyEngine, PolicyRegistry, RegistryConfig};
 
 /// Kubernetes controller for OpenSandbox BatchSandbox and Pool resources.
 #[derive(Parser)]
@@ -36,6 +37,9 @@ enum Command {
         #[arg(long, default_value = "crds")]
         out_dir: PathBuf,
     },
+    /// Check, try out or benchmark WebAssembly policy components.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
 }
 
 #[derive(Args)]
@@ -53,6 +57,42 @@ struct RunArgs {
     /// Seconds between periodic re-checks of every object.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// Which engine makes the pool-sizing, shard-task and expiry decisions: `wasm` (the embedded
+    /// WebAssembly defaults plus custom policies) or `native` (built-in Rust, no custom policies).
+    #[arg(long, value_enum, default_value_t = PolicyEngineKind::Wasm)]
+    policy_engine: PolicyEngineKind,
+    /// Directory of custom policies: `<name>.wasm`, optional `<name>.json` settings and
+    /// `<name>.sha256` pin. Polled for changes.
+    #[arg(long, env = "POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+    /// Namespace whose ConfigMaps labelled `policy.sandbox.opensandbox.io/policy=true` hold custom
+    /// policies (normally the controller's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    policy_namespace: Option<String>,
+    /// Seconds between checks of --policy-dir.
+    #[arg(long, default_value_t = 2)]
+    policy_poll_seconds: u64,
+    /// Fuel (about one unit per WebAssembly instruction) for one policy decision.
+    #[arg(long, default_value_t = Limits::default().fuel)]
+    policy_fuel: u64,
+    /// Wall-clock limit of one policy decision, in milliseconds.
+    #[arg(long, default_value_t = Limits::default().timeout.as_millis() as u64)]
+    policy_timeout_ms: u64,
+    /// Memory limit of one policy instance, in MiB.
+    #[arg(long, default_value_t = Limits::default().memory_bytes >> 20)]
+    policy_memory_mib: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyEngineKind {
+    Wasm,
+    Native,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +101,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crdgen { out_dir } => crdgen(&out_dir),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
+        Command::Policy(command) => {
+            let code = sandbox_controller::policy::cli::run(command)?;
+            if code != std::process::ExitCode::SUCCESS {
+                std::process::exit(if code == std::process::ExitCode::from(3) { 3 } else { 1 });
+            }
+            Ok(())
+        }
     }
 }
 
@@ -82,7 +129,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         endpoints_format: args.endpoints_format,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
-    controller::run(client, Arc::new(NativePolicies), config, shutdown_signal()).await
+    let policies = start_policies(&args.policy, &client).await?;
+    controller::run(client, policies, config, shutdown_signal()).await
+}
+
+async fn start_policies(args: &PolicyArgs, client: &kube::Client) -> anyhow::Result<Arc<dyn PolicyEngine>> {
+    if let PolicyEngineKind::Native = args.policy_engine {
+        tracing::info!("policy decisions are made natively; custom policies are disabled");
+        return Ok(Arc::new(NativePolicies));
+    }
+    let config = RegistryConfig {
+        namespace: args.policy_namespace.clone(),
+        dir: args.policy_dir.clone(),
+        poll_interval: Duration::from_secs(args.policy_poll_seconds.max(1)),
+        limits: Limits {
+            fuel: args.policy_fuel,
+            timeout: Duration::from_millis(args.policy_timeout_ms.max(1)),
+            memory_bytes: args.policy_memory_mib.max(1) << 20,
+            ..Limits::default()
+        },
+    };
+    if config.namespace.is_none() {
+        tracing::info!("no --policy-namespace (or POD_NAMESPACE): policy ConfigMaps are not watched");
+    }
+    let policies = PolicyRegistry::start(Some(client.clone()), config).await.context("starting the policy engine")?;
+    tracing::info!("policy decisions run in WebAssembly (embedded defaults plus custom policies)");
+    Ok(policies)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
