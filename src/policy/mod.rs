@@ -14,6 +14,9 @@ pub mod registry;
 pub mod validate;
 pub mod wasm;
 
+#[cfg(test)]
+mod tests;
+
 pub use host::{CallError, Decision, Limits, LoadError, WasmHost};
 pub use registry::{PolicyRegistry, RegistryConfig};
 pub use wasm::{PolicyInput, Source, WasmPolicies};
