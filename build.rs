@@ -9,18 +9,34 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Components the controller embeds or its tests load, by crate name.
-const COMPONENTS: &[&str] =
-    &["default-pool-sizing", "default-shard-tasks", "default-expiry", "demand-aware-sizing", "expiry-grace", "hostile"];
+const COMPONENTS: &[&str] = &[
+    "default-pool-sizing",
+    "default-shard-tasks",
+    "default-expiry",
+    "demand-aware-sizing",
+    "expiry-grace",
+    "hostile",
+];
 
 /// Sources whose change must rebuild the guests.
-const WATCHED: &[&str] = &["wit", "policies/Cargo.toml", "policies/Cargo.lock", "policies/defaults", "policies/tests"];
+const WATCHED: &[&str] = &[
+    "wit",
+    "policies/Cargo.toml",
+    "policies/Cargo.lock",
+    "policies/defaults",
+    "policies/tests",
+];
 /// The Rust examples; other languages' examples have their own build and are not embedded.
-const WATCHED_EXAMPLES: &[&str] = &["policies/examples/demand-aware-sizing", "policies/examples/expiry-grace"];
+const WATCHED_EXAMPLES: &[&str] = &[
+    "policies/examples/demand-aware-sizing",
+    "policies/examples/expiry-grace",
+];
 
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     for path in WATCHED.iter().chain(WATCHED_EXAMPLES) {
         println!("cargo:rerun-if-changed={path}");
@@ -33,7 +49,14 @@ fn main() {
     let mut build = Command::new(&cargo);
     build
         .current_dir(manifest_dir.join("policies"))
-        .args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     for name in COMPONENTS {
         build.args(["--package", name]);
@@ -52,9 +75,13 @@ fn main() {
     ] {
         build.env_remove(var);
     }
-    let status = build.status().unwrap_or_else(|e| panic!("running {cargo:?} to build the policy guests: {e}"));
+    let status = build
+        .status()
+        .unwrap_or_else(|e| panic!("running {cargo:?} to build the policy guests: {e}"));
     if !status.success() {
-        panic!("building the policy guests in policies/ for {TARGET} failed ({status}); see the cargo output above");
+        panic!(
+            "building the policy guests in policies/ for {TARGET} failed ({status}); see the cargo output above"
+        );
     }
 
     let built = target_dir.join(TARGET).join("release");
@@ -74,7 +101,9 @@ fn guest_target_dir(out_dir: &Path) -> PathBuf {
         return PathBuf::from(dir);
     }
     match env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".cache").join("sbx-policies-target"),
+        Some(home) => PathBuf::from(home)
+            .join(".cache")
+            .join("sbx-policies-target"),
         None => out_dir.join("policies-target"),
     }
 }
@@ -95,5 +124,6 @@ fn check_target_installed() {
 }
 
 fn copy(from: &Path, to: &Path) {
-    std::fs::copy(from, to).unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), to.display()));
+    std::fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), to.display()));
 }

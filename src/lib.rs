@@ -4,4 +4,6 @@
 pub mod api;
 pub mod controller;
 pub mod domain;
+pub mod health;
+pub mod leader;
 pub mod policy;

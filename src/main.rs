@@ -7,8 +7,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sandbox_controller::api;
 use sandbox_controller::controller::{self, ControllerConfig};
 use sandbox_controller::domain::endpoints::EndpointsFormat;
+use sandbox_controller::health::Health;
+use sandbox_controller::leader::{self, LeaderConfig};
 use sandbox_controller::policy::cli::PolicyCommand;
-use sandbox_controller::policy::{Limits, NativePolicies, PolicyEngine, PolicyRegistry, RegistryConfig};
+use sandbox_controller::policy::{
+    Limits, NativePolicies, PolicyEngine, PolicyRegistry, RegistryConfig,
+};
 
 /// Kubernetes controller for OpenSandbox BatchSandbox and Pool resources.
 #[derive(Parser)]
@@ -57,6 +61,21 @@ struct RunArgs {
     /// Seconds between periodic re-checks of every object.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    health_addr: std::net::SocketAddr,
+    /// Reconcile only while holding a Lease, so several replicas can run safely.
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "sandbox-controller")]
+    lease_name: String,
+    /// Seconds a leader's lease lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -72,7 +91,7 @@ struct PolicyArgs {
     #[arg(long, env = "POLICY_DIR")]
     policy_dir: Option<PathBuf>,
     /// Namespace whose ConfigMaps labelled `policy.sandbox.opensandbox.io/policy=true` hold custom
-    /// policies (normally the controller's own).
+    /// policies (normally the controller's own). Unset: ConfigMaps are not watched.
     #[arg(long, env = "POD_NAMESPACE")]
     policy_namespace: Option<String>,
     /// Seconds between checks of --policy-dir.
@@ -103,10 +122,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
         Command::Policy(command) => {
             let code = sandbox_controller::policy::cli::run(command)?;
-            if code != std::process::ExitCode::SUCCESS {
-                std::process::exit(if code == std::process::ExitCode::from(3) { 3 } else { 1 });
-            }
-            Ok(())
+            std::process::exit(code);
         }
     }
 }
@@ -114,7 +130,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -122,18 +140,71 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
     let config = ControllerConfig {
         namespace: args.namespace,
         concurrency: args.concurrency.max(1),
         endpoints_format: args.endpoints_format,
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
+    let health = Arc::new(Health::default());
     let policies = start_policies(&args.policy, &client).await?;
-    controller::run(client, policies, config, shutdown_signal()).await
+    {
+        let policies = policies.clone();
+        let mut extra = health.extra.lock().unwrap_or_else(|e| e.into_inner());
+        extra.push(Box::new(move || policies.metrics_text()));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn({
+        let health = health.clone();
+        let stopped = stopped();
+        async move {
+            if let Err(error) =
+                sandbox_controller::health::serve(args.health_addr, health, stopped).await
+            {
+                tracing::error!(%error, addr = %args.health_addr, "health endpoint failed");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    if args.leader_elect {
+        let leader = LeaderConfig {
+            namespace: args.leader_election_namespace,
+            lease_name: args.lease_name,
+            identity: std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+            lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        };
+        let leading = tokio::select! {
+            leading = leader::acquire(client.clone(), &leader) => leading?,
+            _ = stopped() => return Ok(()),
+        };
+        let lost = leader::lost(leading);
+        tokio::select! {
+            result = controller::run(client, policies, config, health, stopped()) => result,
+            _ = lost => anyhow::bail!("lost the leader lease {}; exiting so a fresh process takes over as follower", leader.lease_name),
+        }
+    } else {
+        controller::run(client, policies, config, health, stopped()).await
+    }
 }
 
-async fn start_policies(args: &PolicyArgs, client: &kube::Client) -> anyhow::Result<Arc<dyn PolicyEngine>> {
+async fn start_policies(
+    args: &PolicyArgs,
+    client: &kube::Client,
+) -> anyhow::Result<Arc<dyn PolicyEngine>> {
     if let PolicyEngineKind::Native = args.policy_engine {
         tracing::info!("policy decisions are made natively; custom policies are disabled");
         return Ok(Arc::new(NativePolicies));
@@ -150,11 +221,21 @@ async fn start_policies(args: &PolicyArgs, client: &kube::Client) -> anyhow::Res
         },
     };
     if config.namespace.is_none() {
-        tracing::info!("no --policy-namespace (or POD_NAMESPACE): policy ConfigMaps are not watched");
+        tracing::info!(
+            "no --policy-namespace (or POD_NAMESPACE): policy ConfigMaps are not watched"
+        );
     }
-    let policies = PolicyRegistry::start(Some(client.clone()), config).await.context("starting the policy engine")?;
-    tracing::info!("policy decisions run in WebAssembly (embedded defaults plus custom policies)");
+    let policies = PolicyRegistry::start(Some(client.clone()), config)
+        .await
+        .context("starting the policy engine")?;
+    tracing::info!("policy decisions run in WebAssembly: embedded defaults plus custom policies");
     Ok(policies)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "sandbox-controller".into())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -178,7 +259,8 @@ fn crdgen(out_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     for crd in api::all_crds() {
         let path = out_dir.join(api::crd_file_name(&crd));
-        std::fs::write(&path, api::render_crd_yaml(&crd)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, api::render_crd_yaml(&crd)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -45,6 +45,7 @@ fi
 out_dir="$cache_root/$hash"
 bin="$out_dir/sbx-cluster"
 if [[ -x "$bin" ]]; then
+	touch -c "$bin" # marks it as in use for the pruning below
 	echo "$bin"
 	exit 0
 fi
@@ -70,7 +71,7 @@ for pkg in "$pkg_cb" "$pkg_cg"; do
 	ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.gitCommit=sbx-cluster-$hash"
 done
 
-echo "build.sh: building sbx-cluster ($hash) with $go_version; a cold build takes 10-20 minutes" >&2
+echo "build.sh: building sbx-cluster ($hash) with $go_version; with a cold Go build cache this takes 10-20 minutes" >&2
 start=$(date +%s)
 tmp="$out_dir/.sbx-cluster.tmp.$$"
 trap 'rm -f "$tmp"' EXIT
@@ -78,4 +79,10 @@ go build -trimpath -ldflags "$ldflags" -o "$tmp" .
 mv -f "$tmp" "$bin"
 ln -sfn sbx-cluster "$out_dir/kubectl"
 echo "build.sh: built $bin in $(($(date +%s) - start))s" >&2
+
+# Binaries of other source versions unused for 14 days go (~140 MB each).
+find "$cache_root" -mindepth 2 -maxdepth 2 -name sbx-cluster -mtime +14 -printf '%h\n' 2>/dev/null |
+	while read -r old; do
+		[[ "$old" != "$out_dir" ]] && rm -rf -- "$old" && echo "build.sh: pruned $old" >&2
+	done || true
 echo "$bin"

@@ -23,8 +23,9 @@
 # pki/, etcd/, logs/<process>.log, run/<process>.pid, cluster.env.
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo
 readonly dev="${SBX_DEV_DIR:-$repo/.dev}"
 readonly pki="$dev/pki" rundir="$dev/run" logdir="$dev/logs" etcd_dir="$dev/etcd" bindir="$dev/bin"
 readonly kubeconfig="$dev/kubeconfig"
@@ -62,15 +63,23 @@ load_settings() {
 		# shellcheck disable=SC1090
 		source "$state_file"
 		if [[ -n "${SBX_PORT_BASE:-}" && "$SBX_PORT_BASE" != "$port_base" ]]; then
-			die "an instance in $dev is running with port base $port_base, not SBX_PORT_BASE=$SBX_PORT_BASE; run 'down' first or use another SBX_DEV_DIR"
+			[[ "${1:-}" != strict ]] || die "an instance in $dev is running with port base $port_base, not SBX_PORT_BASE=$SBX_PORT_BASE; run 'down' first or use another SBX_DEV_DIR"
+			log "note: the instance in $dev runs with port base $port_base (SBX_PORT_BASE=$SBX_PORT_BASE ignored)"
 		fi
 	else
 		port_base="${SBX_PORT_BASE:-16440}"
 		nodes="${SBX_NODES:-2}"
 	fi
-	[[ "$port_base" =~ ^[0-9]+$ ]] && ((port_base >= 1024 && port_base <= 65525)) ||
+	if ! [[ "$port_base" =~ ^[0-9]+$ ]] || ((port_base < 1024 || port_base > 65525)); then
 		die "SBX_PORT_BASE must be a number in 1024..65525, got '$port_base'"
-	[[ "$nodes" =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= 200)) || die "SBX_NODES must be 1..200, got '$nodes'"
+	fi
+	if ! [[ "$nodes" =~ ^[0-9]+$ ]] || ((nodes < 1 || nodes > 200)); then
+		die "SBX_NODES must be 1..200, got '$nodes'"
+	fi
+	derive_ports
+}
+
+derive_ports() {
 	port_api=$((port_base + 0))
 	port_etcd=$((port_base + 1))
 	port_etcd_peer=$((port_base + 2))
@@ -161,6 +170,14 @@ stop_proc() {
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+ports_free() { # ports_free BASE: none of BASE..BASE+9 accepts connections
+	local p
+	for ((p = $1; p < $1 + 10; p++)); do
+		port_in_use "$p" && return 1
+	done
+	return 0
+}
+
 # ------------------------------------------------------------- components --
 
 cmd_etcd() {
@@ -168,6 +185,7 @@ cmd_etcd() {
 }
 
 cmd_kube_apiserver() {
+	# shellcheck disable=SC2054 # commas belong to flag values
 	CMD=("$bin" kube-apiserver
 		--etcd-servers "http://127.0.0.1:$port_etcd"
 		--bind-address 127.0.0.1 --secure-port "$port_api"
@@ -191,6 +209,7 @@ cmd_kube_apiserver() {
 
 cmd_kube_controller_manager() {
 	local kc="$pki/kube-controller-manager.kubeconfig"
+	# shellcheck disable=SC2054 # commas belong to flag values
 	CMD=("$bin" kube-controller-manager
 		--kubeconfig "$kc" --authentication-kubeconfig "$kc" --authorization-kubeconfig "$kc"
 		--bind-address 127.0.0.1 --secure-port "$port_kcm"
@@ -327,7 +346,7 @@ cmd_up() {
 	mkdir -p "$dev" "$rundir" "$logdir"
 	exec 8>"$dev/cluster.lock"
 	flock 8 # one up/down at a time per state directory
-	load_settings
+	load_settings strict
 
 	local t0=$SECONDS deadline=$((SECONDS + ${SBX_UP_TIMEOUT:-120})) started_any=0 name
 
@@ -342,6 +361,19 @@ cmd_up() {
 		fi
 	fi
 
+	if ! any_running && [[ -z "${SBX_PORT_BASE:-}" ]] && ! ports_free "$port_base"; then
+		# The default ports are taken (e.g. a cluster of another worktree):
+		# pick the next free block of 10 rather than fail.
+		local cand
+		for ((cand = port_base + 100; cand <= port_base + 4000; cand += 100)); do
+			if ports_free "$cand"; then
+				log "ports $port_base..$((port_base + 9)) are in use; using port base $cand (set SBX_PORT_BASE to choose)"
+				port_base=$cand
+				derive_ports
+				break
+			fi
+		done
+	fi
 	resolve_binary
 	save_settings
 	# Already-running components are kept; only missing ones are started.

@@ -9,8 +9,9 @@
 #                              started is stopped on exit, a running one (make dev) is reused
 set -euo pipefail
 
-readonly here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-readonly repo="$(cd "$here/../.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+readonly here repo
 readonly dev="${SBX_DEV_DIR:-$repo/.dev}"
 readonly cluster="$here/cluster.sh"
 readonly kubeconfig="$dev/kubeconfig"
@@ -33,7 +34,7 @@ cluster_up() {
 		started_cluster=1
 	fi
 	# Idempotent: prints the env exports; a no-op when everything runs already.
-	"$cluster" up "$@" >/dev/null
+	"$cluster" up >/dev/null
 	export KUBECONFIG="$kubeconfig"
 	export PATH="$dev/bin:$PATH"
 }
@@ -53,11 +54,18 @@ apply_crds() {
 	log "CRDs installed from crds/"
 }
 
-# True once the controller binary has a `run` subcommand.
-controller_can_run() {
-	log "building sandbox-controller (cargo build) to see whether it has a 'run' subcommand"
-	(cd "$repo" && cargo run --quiet --bin sandbox-controller -- run --help >/dev/null 2>&1)
+# Builds sandbox-controller and prints the path of the binary.
+build_controller() {
+	log "building sandbox-controller"
+	local bin
+	bin="$(cd "$repo" && cargo build --bin sandbox-controller --message-format=json-render-diagnostics |
+		sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
+	[[ -n "$bin" && -x "$bin" ]] || die "could not build sandbox-controller"
+	echo "$bin"
 }
+
+# True once the controller binary has a `run` subcommand.
+can_run() { "$1" run --help >/dev/null 2>&1; }
 
 print_usage_hint() {
 	cat >&2 <<EOF
@@ -77,9 +85,11 @@ cmd_fg() {
 	cluster_up
 	apply_crds
 	print_usage_hint
-	if controller_can_run; then
-		log "running the controller in the foreground (Ctrl-C stops it and the cluster)"
-		(cd "$repo" && cargo run --quiet --bin sandbox-controller -- run) || log "controller exited with $?"
+	local bin
+	bin="$(build_controller)"
+	if can_run "$bin"; then
+		log "running the controller in the foreground (Ctrl-C stops it and the cluster); log level via RUST_LOG"
+		KUBECONFIG="$kubeconfig" "$bin" run || log "controller exited with status $?"
 	else
 		log "sandbox-controller has no 'run' subcommand yet; only the cluster runs. Ctrl-C to stop."
 		while :; do sleep 3600 & wait $! || true; done
@@ -89,11 +99,9 @@ cmd_fg() {
 cmd_up() {
 	cluster_up
 	apply_crds
-	if controller_can_run; then
-		local bin
-		bin="$(cd "$repo" && cargo build --quiet --bin sandbox-controller --message-format=json |
-			sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
-		[[ -x "$bin" ]] || die "could not locate the built sandbox-controller binary"
+	local bin
+	bin="$(build_controller)"
+	if can_run "$bin"; then
 		"$cluster" spawn controller -- env KUBECONFIG="$kubeconfig" "$bin" run
 		log "controller running in the background; log: $dev/logs/controller.log"
 	else

@@ -1,4 +1,6 @@
 //! `BatchSandbox`: N identical sandboxes, from a pod template or from a warm Pool.
+// kube's derive takes one `printcolumn(...)` per column; clippy reads the repeats as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -18,15 +20,60 @@ use super::task::TaskTemplateSpec;
     shortname = "bsbx",
     status = "BatchSandboxStatus",
     doc = "BatchSandbox delivers a number of identical sandboxes, either created from its own pod template or allocated from a Pool of pre-warmed pods, optionally running one process task per sandbox.",
-    scale(spec_replicas_path = ".spec.replicas", status_replicas_path = ".status.replicas"),
-    printcolumn(name = "DESIRED", type_ = "integer", json_path = ".spec.replicas", description = "The desired number of sandboxes."),
-    printcolumn(name = "TOTAL", type_ = "integer", json_path = ".status.replicas", description = "The number of sandbox pods that exist."),
-    printcolumn(name = "ALLOCATED", type_ = "integer", json_path = ".status.allocated", description = "The number of sandboxes bound to a pod."),
-    printcolumn(name = "READY", type_ = "integer", json_path = ".status.ready", description = "The number of sandboxes whose pod is ready."),
-    printcolumn(name = "TASK_RUNNING", type_ = "integer", json_path = ".status.taskRunning", priority = 1, description = "The number of running tasks."),
-    printcolumn(name = "TASK_SUCCEED", type_ = "integer", json_path = ".status.taskSucceed", priority = 1, description = "The number of tasks that exited 0."),
-    printcolumn(name = "TASK_FAILED", type_ = "integer", json_path = ".status.taskFailed", priority = 1, description = "The number of tasks that failed or timed out."),
-    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas"
+    ),
+    printcolumn(
+        name = "DESIRED",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "The desired number of sandboxes."
+    ),
+    printcolumn(
+        name = "TOTAL",
+        type_ = "integer",
+        json_path = ".status.replicas",
+        description = "The number of sandbox pods that exist."
+    ),
+    printcolumn(
+        name = "ALLOCATED",
+        type_ = "integer",
+        json_path = ".status.allocated",
+        description = "The number of sandboxes bound to a pod."
+    ),
+    printcolumn(
+        name = "READY",
+        type_ = "integer",
+        json_path = ".status.ready",
+        description = "The number of sandboxes whose pod is ready."
+    ),
+    printcolumn(
+        name = "TASK_RUNNING",
+        type_ = "integer",
+        json_path = ".status.taskRunning",
+        priority = 1,
+        description = "The number of running tasks."
+    ),
+    printcolumn(
+        name = "TASK_SUCCEED",
+        type_ = "integer",
+        json_path = ".status.taskSucceed",
+        priority = 1,
+        description = "The number of tasks that exited 0."
+    ),
+    printcolumn(
+        name = "TASK_FAILED",
+        type_ = "integer",
+        json_path = ".status.taskFailed",
+        priority = 1,
+        description = "The number of tasks that failed or timed out."
+    ),
+    printcolumn(
+        name = "AGE",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

@@ -29,7 +29,10 @@ pub fn render_crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_y
 
 fn slim(crd: CustomResourceDefinition) -> CustomResourceDefinition {
     let mut value = serde_json::to_value(&crd).expect("a CRD always serializes");
-    if let Some(versions) = value.pointer_mut("/spec/versions").and_then(Value::as_array_mut) {
+    if let Some(versions) = value
+        .pointer_mut("/spec/versions")
+        .and_then(Value::as_array_mut)
+    {
         for version in versions {
             if let Some(template) =
                 version.pointer_mut("/schema/openAPIV3Schema/properties/spec/properties/template")
@@ -86,7 +89,12 @@ mod tests {
     fn crds_fit_the_client_side_apply_annotation() {
         for crd in all_crds() {
             let json = serde_json::to_string(&crd).expect("serialize");
-            assert!(json.len() < 200 * 1024, "{} is {} bytes", crd_file_name(&crd), json.len());
+            assert!(
+                json.len() < 200 * 1024,
+                "{} is {} bytes",
+                crd_file_name(&crd),
+                json.len()
+            );
         }
     }
 

@@ -1,4 +1,6 @@
 //! `Pool`: a set of pre-warmed pods that pooled BatchSandboxes allocate from.
+// kube's derive takes one `printcolumn(...)` per column; clippy reads the repeats as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -15,14 +17,57 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "PoolStatus",
     doc = "Pool keeps a buffer of pre-warmed sandbox pods that pooled BatchSandboxes allocate from, sized between its capacity bounds.",
-    printcolumn(name = "TOTAL", type_ = "integer", json_path = ".status.total", description = "The number of pods in the pool."),
-    printcolumn(name = "ALLOCATED", type_ = "integer", json_path = ".status.allocated", description = "The number of pods allocated to BatchSandboxes."),
-    printcolumn(name = "AVAILABLE", type_ = "integer", json_path = ".status.available", description = "The number of idle, ready pods."),
-    printcolumn(name = "BUFFER_MIN", type_ = "integer", json_path = ".spec.capacitySpec.bufferMin", priority = 1, description = "Fewest idle pods to keep."),
-    printcolumn(name = "BUFFER_MAX", type_ = "integer", json_path = ".spec.capacitySpec.bufferMax", priority = 1, description = "Most idle pods to keep."),
-    printcolumn(name = "POOL_MIN", type_ = "integer", json_path = ".spec.capacitySpec.poolMin", priority = 1, description = "Fewest pods in all."),
-    printcolumn(name = "POOL_MAX", type_ = "integer", json_path = ".spec.capacitySpec.poolMax", priority = 1, description = "Most pods in all."),
-    printcolumn(name = "AGE", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "TOTAL",
+        type_ = "integer",
+        json_path = ".status.total",
+        description = "The number of pods in the pool."
+    ),
+    printcolumn(
+        name = "ALLOCATED",
+        type_ = "integer",
+        json_path = ".status.allocated",
+        description = "The number of pods allocated to BatchSandboxes."
+    ),
+    printcolumn(
+        name = "AVAILABLE",
+        type_ = "integer",
+        json_path = ".status.available",
+        description = "The number of idle, ready pods."
+    ),
+    printcolumn(
+        name = "BUFFER_MIN",
+        type_ = "integer",
+        json_path = ".spec.capacitySpec.bufferMin",
+        priority = 1,
+        description = "Fewest idle pods to keep."
+    ),
+    printcolumn(
+        name = "BUFFER_MAX",
+        type_ = "integer",
+        json_path = ".spec.capacitySpec.bufferMax",
+        priority = 1,
+        description = "Most idle pods to keep."
+    ),
+    printcolumn(
+        name = "POOL_MIN",
+        type_ = "integer",
+        json_path = ".spec.capacitySpec.poolMin",
+        priority = 1,
+        description = "Fewest pods in all."
+    ),
+    printcolumn(
+        name = "POOL_MAX",
+        type_ = "integer",
+        json_path = ".spec.capacitySpec.poolMax",
+        priority = 1,
+        description = "Most pods in all."
+    ),
+    printcolumn(
+        name = "AGE",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PoolSpec {

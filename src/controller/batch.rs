@@ -51,7 +51,9 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     let expiry = decide_expiry(batch, ctx).await?;
     let recheck = match expiry.decision {
         ExpiryDecision::Expire { action } => return expire(batch, ctx, action).await,
-        ExpiryDecision::Keep { recheck_after_ms } => recheck_after_ms.map(std::time::Duration::from_millis),
+        ExpiryDecision::Keep { recheck_after_ms } => {
+            recheck_after_ms.map(std::time::Duration::from_millis)
+        }
     };
 
     let shards = match batch.pool_name() {
@@ -66,31 +68,66 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(recheck.map_or(resync, |r| r.min(resync))))
 }
 
-async fn decide_expiry(batch: &BatchSandbox, ctx: &Context) -> Result<crate::policy::Outcome<ExpiryDecision>, Error> {
+async fn decide_expiry(
+    batch: &BatchSandbox,
+    ctx: &Context,
+) -> Result<crate::policy::Outcome<ExpiryDecision>, Error> {
     let snapshot = BatchSnapshot {
         name: batch.name_any(),
-        expire_time_unix_ms: batch.spec.expire_time.as_ref().map(|t| t.0.as_millisecond()),
+        expire_time_unix_ms: batch
+            .spec
+            .expire_time
+            .as_ref()
+            .map(|t| t.0.as_millisecond()),
         now_unix_ms: Timestamp::now().as_millisecond(),
         pooled: batch.pool_name().is_some(),
         task_phases: vec![],
     };
     let selector = policy_selector(batch, "expiry");
-    ctx.decide(move |p| p.expiry(selector.as_deref(), &snapshot)).await
+    ctx.decide(move |p| p.expiry(selector.as_deref(), &snapshot))
+        .await
 }
 
 /// Deletes an expired batch; its finalizer then releases the pods.
-async fn expire(batch: &BatchSandbox, ctx: &Context, action: ExpireAction) -> Result<Action, Error> {
+async fn expire(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    action: ExpireAction,
+) -> Result<Action, Error> {
     let ns = batch.namespace().unwrap_or_default();
     if action == ExpireAction::ReturnToPool && batch.pool_name().is_some() {
-        let patch = json!({"metadata": {"annotations": {names::ANNOTATION_RELEASE_POLICY: "Reuse"}}});
-        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch).await?;
+        let patch =
+            json!({"metadata": {"annotations": {names::ANNOTATION_RELEASE_POLICY: "Reuse"}}});
+        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+            .await?;
     }
-    let expire_time = batch.spec.expire_time.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
-    ctx.event(batch, EventType::Normal, "Expired", format!("expireTime {expire_time} reached; deleting")).await;
+    let expire_time = batch
+        .spec
+        .expire_time
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    ctx.event(
+        batch,
+        EventType::Normal,
+        "Expired",
+        format!("expireTime {expire_time} reached; deleting"),
+    )
+    .await;
     info!(batch = %object_name(batch), %expire_time, "expired");
     ctx.writes.object();
-    let params = DeleteParams { preconditions: Some(Preconditions { uid: batch.uid(), resource_version: None }), ..Default::default() };
-    match ctx.api::<BatchSandbox>(&ns).delete(&batch.name_any(), &params).await {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: batch.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match ctx
+        .api::<BatchSandbox>(&ns)
+        .delete(&batch.name_any(), &params)
+        .await
+    {
         Ok(_) => Ok(Action::await_change()),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(Action::await_change()),
         Err(error) => Err(error.into()),
@@ -99,7 +136,11 @@ async fn expire(batch: &BatchSandbox, ctx: &Context, action: ExpireAction) -> Re
 
 /// Non-pooled: pods `<name>-<index>` for every shard, none above `replicas`.
 async fn own_pods(batch: &BatchSandbox, ctx: &Context) -> Result<Shards, Error> {
-    if !batch.finalizers().iter().any(|f| f == names::FINALIZER_BATCH) {
+    if !batch
+        .finalizers()
+        .iter()
+        .any(|f| f == names::FINALIZER_BATCH)
+    {
         ctx.add_finalizer(batch, names::FINALIZER_BATCH).await?;
     }
     let ns = batch.namespace().unwrap_or_default();
@@ -113,9 +154,17 @@ async fn own_pods(batch: &BatchSandbox, ctx: &Context) -> Result<Shards, Error> 
     let mut to_delete = Vec::new();
     for index in 0..replicas {
         match by_index.get(&index) {
-            None => to_create.push(pod_template::batch_pod(&name, index, &template, batch.spec.shard_patches.get(index), owner.clone())?),
+            None => to_create.push(pod_template::batch_pod(
+                &name,
+                index,
+                &template,
+                batch.spec.shard_patches.get(index),
+                owner.clone(),
+            )?),
             // A finished pod can never serve again: replace it (it is recreated once gone).
-            Some(pod) if pods::is_finished(pod) && !pods::is_terminating(pod) => to_delete.push(pods::pod_name(pod).to_string()),
+            Some(pod) if pods::is_finished(pod) && !pods::is_terminating(pod) => {
+                to_delete.push(pods::pod_name(pod).to_string())
+            }
             Some(_) => {}
         }
     }
@@ -129,18 +178,35 @@ async fn own_pods(batch: &BatchSandbox, ctx: &Context) -> Result<Shards, Error> 
     if !to_create.is_empty() {
         let created = to_create.len();
         let results: Vec<Result<Pod, kube::Error>> =
-            stream::iter(to_create.into_iter().map(|pod| ctx.create_pod(&ns, pod))).buffer_unordered(POD_WRITE_CONCURRENCY).collect().await;
+            stream::iter(to_create.into_iter().map(|pod| ctx.create_pod(&ns, pod)))
+                .buffer_unordered(POD_WRITE_CONCURRENCY)
+                .collect()
+                .await;
         results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        ctx.event(batch, EventType::Normal, "PodsCreated", format!("created {created} sandbox pod(s)")).await;
+        ctx.event(
+            batch,
+            EventType::Normal,
+            "PodsCreated",
+            format!("created {created} sandbox pod(s)"),
+        )
+        .await;
     }
     delete_all(ctx, &ns, &to_delete).await?;
     if !excess.is_empty() {
-        ctx.event(batch, EventType::Normal, "ScaledDown", format!("removed shard pod(s) {}", excess.join(", "))).await;
+        ctx.event(
+            batch,
+            EventType::Normal,
+            "ScaledDown",
+            format!("removed shard pod(s) {}", excess.join(", ")),
+        )
+        .await;
     }
 
     let by_index = owned_pods_by_index(batch, ctx);
     let live = by_index.values().filter(|p| pods::is_live(p)).count() as u32;
-    let pods = (0..replicas).map(|i| by_index.get(&i).filter(|p| pods::is_live(p)).cloned()).collect();
+    let pods = (0..replicas)
+        .map(|i| by_index.get(&i).filter(|p| pods::is_live(p)).cloned())
+        .collect();
     Ok(Shards { pods, live })
 }
 
@@ -151,7 +217,11 @@ fn owned_pods_by_index(batch: &BatchSandbox, ctx: &Context) -> BTreeMap<usize, A
     ctx.pods
         .state()
         .into_iter()
-        .filter(|p| p.namespace() == ns && p.labels().get(names::LABEL_BATCH_NAME) == Some(&name) && p.owner_references().iter().any(|o| o.uid == uid))
+        .filter(|p| {
+            p.namespace() == ns
+                && p.labels().get(names::LABEL_BATCH_NAME) == Some(&name)
+                && p.owner_references().iter().any(|o| o.uid == uid)
+        })
         .filter_map(|p| Some((p.labels().get(names::LABEL_POD_INDEX)?.parse().ok()?, p)))
         .collect()
 }
@@ -164,8 +234,15 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     if ledger.pods.len() > replicas {
         let released = ledger.pods[replicas..].to_vec();
         release(batch, ctx, &released).await?;
-        let kept = AllocStatus { pods: ledger.pods[..replicas].to_vec(), pool_ref: Some(pool.to_string()) };
-        let ips: Vec<Option<String>> = kept.pods.iter().map(|p| pod_named(ctx, &ns, p).and_then(|p| pods::pod_ip(&p).map(str::to_string))).collect();
+        let kept = AllocStatus {
+            pods: ledger.pods[..replicas].to_vec(),
+            pool_ref: Some(pool.to_string()),
+        };
+        let ips: Vec<Option<String>> = kept
+            .pods
+            .iter()
+            .map(|p| pod_named(ctx, &ns, p).and_then(|p| pods::pod_ip(&p).map(str::to_string)))
+            .collect();
         let ips: Vec<Option<&str>> = ips.iter().map(Option::as_deref).collect();
         let patch = json!({"metadata": {
             "resourceVersion": batch.resource_version(),
@@ -174,20 +251,40 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
                 names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format),
             }
         }});
-        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch).await?;
-        ctx.event(batch, EventType::Normal, "ScaledDown", format!("released {} pod(s) to pool {pool}", released.len())).await;
+        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+            .await?;
+        ctx.event(
+            batch,
+            EventType::Normal,
+            "ScaledDown",
+            format!("released {} pod(s) to pool {pool}", released.len()),
+        )
+        .await;
     }
     let shown = ledger.pods.len().min(replicas);
-    let mut shard_pods: Vec<Option<Arc<Pod>>> =
-        ledger.pods[..shown].iter().map(|p| pod_named(ctx, &ns, p).filter(|p| pods::is_live(p))).collect();
+    let mut shard_pods: Vec<Option<Arc<Pod>>> = ledger.pods[..shown]
+        .iter()
+        .map(|p| pod_named(ctx, &ns, p).filter(|p| pods::is_live(p)))
+        .collect();
     let live = shard_pods.iter().flatten().count() as u32;
     shard_pods.resize(replicas, None);
-    Ok(Shards { pods: shard_pods, live })
+    Ok(Shards {
+        pods: shard_pods,
+        live,
+    })
 }
 
 fn ledger_of(batch: &BatchSandbox) -> Result<AllocStatus, Error> {
-    AllocStatus::parse(batch.annotations().get(names::ANNOTATION_ALLOC_STATUS).map(String::as_str))
-        .map_err(|source| Error::CorruptAllocStatus { object: object_name(batch), source })
+    AllocStatus::parse(
+        batch
+            .annotations()
+            .get(names::ANNOTATION_ALLOC_STATUS)
+            .map(String::as_str),
+    )
+    .map_err(|source| Error::CorruptAllocStatus {
+        object: object_name(batch),
+        source,
+    })
 }
 
 fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
@@ -202,14 +299,23 @@ async fn release(batch: &BatchSandbox, ctx: &Context, released: &[String]) -> Re
     let reuse = recycle_policy(batch, ctx) == PodRecyclePolicy::Reuse;
     let doomed: Vec<String> = released
         .iter()
-        .filter(|name| !reuse || !pod_named(ctx, &ns, name).is_some_and(|p| pods::is_live(&p) && pods::is_running_and_ready(&p)))
+        .filter(|name| {
+            !reuse
+                || !pod_named(ctx, &ns, name)
+                    .is_some_and(|p| pods::is_live(&p) && pods::is_running_and_ready(&p))
+        })
         .cloned()
         .collect();
     delete_all(ctx, &ns, &doomed).await
 }
 
 fn recycle_policy(batch: &BatchSandbox, ctx: &Context) -> PodRecyclePolicy {
-    if batch.annotations().get(names::ANNOTATION_RELEASE_POLICY).map(String::as_str) == Some("Reuse") {
+    if batch
+        .annotations()
+        .get(names::ANNOTATION_RELEASE_POLICY)
+        .map(String::as_str)
+        == Some("Reuse")
+    {
         return PodRecyclePolicy::Reuse;
     }
     let ns = batch.namespace().unwrap_or_default();
@@ -222,20 +328,30 @@ fn recycle_policy(batch: &BatchSandbox, ctx: &Context) -> PodRecyclePolicy {
 
 async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Error> {
     let results: Vec<Result<(), kube::Error>> =
-        stream::iter(names.iter().map(|name| ctx.delete_pod(ns, name))).buffer_unordered(POD_WRITE_CONCURRENCY).collect().await;
+        stream::iter(names.iter().map(|name| ctx.delete_pod(ns, name)))
+            .buffer_unordered(POD_WRITE_CONCURRENCY)
+            .collect()
+            .await;
     results.into_iter().collect::<Result<(), _>>()?;
     Ok(())
 }
 
 /// Deletion: stop tasks, release or delete pods, then let the object go.
 async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
-    if !batch.finalizers().iter().any(|f| f == names::FINALIZER_BATCH) {
+    if !batch
+        .finalizers()
+        .iter()
+        .any(|f| f == names::FINALIZER_BATCH)
+    {
         return Ok(Action::await_change());
     }
     let ns = batch.namespace().unwrap_or_default();
     let pods: Vec<String> = match batch.pool_name() {
         Some(_) => ledger_of(batch)?.pods,
-        None => owned_pods_by_index(batch, ctx).values().map(|p| pods::pod_name(p).to_string()).collect(),
+        None => owned_pods_by_index(batch, ctx)
+            .values()
+            .map(|p| pods::pod_name(p).to_string())
+            .collect(),
     };
     super::tasks::stop_all(batch, ctx, &pods).await?;
     match batch.pool_name() {
@@ -247,18 +363,35 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-async fn write_endpoints(batch: &BatchSandbox, ctx: &Context, shards: &Shards) -> Result<(), Error> {
-    let ips: Vec<Option<&str>> = shards.pods.iter().map(|p| p.as_deref().and_then(pods::pod_ip)).collect();
+async fn write_endpoints(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    shards: &Shards,
+) -> Result<(), Error> {
+    let ips: Vec<Option<&str>> = shards
+        .pods
+        .iter()
+        .map(|p| p.as_deref().and_then(pods::pod_ip))
+        .collect();
     let rendered = endpoints::render(&ips, ctx.config.endpoints_format);
     if batch.annotations().get(names::ANNOTATION_ENDPOINTS) != Some(&rendered) {
         let patch = json!({"metadata": {"annotations": {names::ANNOTATION_ENDPOINTS: rendered}}});
-        ctx.merge_patch::<BatchSandbox>(&batch.namespace().unwrap_or_default(), &batch.name_any(), &patch).await?;
+        ctx.merge_patch::<BatchSandbox>(
+            &batch.namespace().unwrap_or_default(),
+            &batch.name_any(),
+            &patch,
+        )
+        .await?;
     }
     Ok(())
 }
 
 /// Task phase per shard (`None` for shards without a task).
-async fn task_phases(batch: &BatchSandbox, ctx: &Context, shards: &Shards) -> Result<Vec<TaskPhase>, Error> {
+async fn task_phases(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    shards: &Shards,
+) -> Result<Vec<TaskPhase>, Error> {
     let input = ShardTaskInput {
         batch_name: batch.name_any(),
         replicas: shards.pods.len() as u32,
@@ -266,7 +399,9 @@ async fn task_phases(batch: &BatchSandbox, ctx: &Context, shards: &Shards) -> Re
         shard_patches: batch.spec.shard_task_patches.clone(),
     };
     let selector = policy_selector(batch, "shard-tasks");
-    let outcome = ctx.decide(move |p| p.shard_tasks(selector.as_deref(), &input)).await?;
+    let outcome = ctx
+        .decide(move |p| p.shard_tasks(selector.as_deref(), &input))
+        .await?;
     super::tasks::sync(batch, ctx, shards_pods(shards), outcome).await
 }
 
@@ -284,7 +419,12 @@ async fn write_status(
     let shard_views: Vec<ShardView> = shards
         .pods
         .iter()
-        .zip(task_phases.iter().copied().chain(std::iter::repeat(TaskPhase::None)))
+        .zip(
+            task_phases
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(TaskPhase::None)),
+        )
         .map(|(pod, task)| ShardView {
             has_pod: pod.is_some(),
             ready: pod.as_deref().is_some_and(pods::is_running_and_ready),
@@ -301,19 +441,34 @@ async fn write_status(
     };
     let previous = batch.status.clone().unwrap_or_default();
     let status = status::batch_status(&view, &previous, &Time(Timestamp::now()));
-    let unchanged = BatchSandboxStatus { conditions: vec![], ..status.clone() } == BatchSandboxStatus { conditions: vec![], ..previous.clone() }
-        && conditions::same(&status.conditions, &previous.conditions);
+    let unchanged = BatchSandboxStatus {
+        conditions: vec![],
+        ..status.clone()
+    } == BatchSandboxStatus {
+        conditions: vec![],
+        ..previous.clone()
+    } && conditions::same(&status.conditions, &previous.conditions);
     if !unchanged {
-        ctx.patch_status::<BatchSandbox>(&batch.namespace().unwrap_or_default(), &batch.name_any(), json!({ "status": status })).await?;
+        ctx.patch_status::<BatchSandbox>(
+            &batch.namespace().unwrap_or_default(),
+            &batch.name_any(),
+            json!({ "status": status }),
+        )
+        .await?;
     }
     Ok(())
 }
 
 fn pool_situation(batch: &BatchSandbox, ctx: &Context, shards: &[ShardView]) -> PoolSituation {
-    let Some(pool_name) = batch.pool_name() else { return PoolSituation::Fine };
+    let Some(pool_name) = batch.pool_name() else {
+        return PoolSituation::Fine;
+    };
     let ns = batch.namespace().unwrap_or_default();
     let pool = pool_name.to_string();
-    match ctx.pools.get(&ObjectRef::<Pool>::new(pool_name).within(&ns)) {
+    match ctx
+        .pools
+        .get(&ObjectRef::<Pool>::new(pool_name).within(&ns))
+    {
         None => PoolSituation::Missing { pool },
         Some(p) if p.metadata.deletion_timestamp.is_some() => PoolSituation::Terminating { pool },
         Some(p) => {

@@ -21,14 +21,19 @@ impl Claims {
     pub fn record(&self, namespace: &str, pods: impl IntoIterator<Item = String>) {
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.entry(namespace.to_string()).or_default().extend(pods.into_iter().map(|p| (p, now)));
+        inner
+            .entry(namespace.to_string())
+            .or_default()
+            .extend(pods.into_iter().map(|p| (p, now)));
     }
 
     /// The claimed pods of a namespace, after dropping those the cache now shows as held
     /// (`seen_held`) and those past the horizon.
     pub fn current(&self, namespace: &str, seen_held: &HashSet<&str>) -> HashSet<String> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entries) = inner.get_mut(namespace) else { return HashSet::new() };
+        let Some(entries) = inner.get_mut(namespace) else {
+            return HashSet::new();
+        };
         entries.retain(|(pod, at)| at.elapsed() < HORIZON && !seen_held.contains(pod.as_str()));
         entries.iter().map(|(pod, _)| pod.clone()).collect()
     }
@@ -49,22 +54,41 @@ struct Expected {
 impl Expectations {
     pub fn created(&self, owner: &str, pod: String) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.entry(owner.to_string()).or_default().created.push((pod, Instant::now()));
+        inner
+            .entry(owner.to_string())
+            .or_default()
+            .created
+            .push((pod, Instant::now()));
     }
 
     pub fn deleted(&self, owner: &str, pod: String) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.entry(owner.to_string()).or_default().deleted.push((pod, Instant::now()));
+        inner
+            .entry(owner.to_string())
+            .or_default()
+            .deleted
+            .push((pod, Instant::now()));
     }
 
     /// Returns (creations not yet in the cache, deletions whose pod the cache still shows as live).
     /// `live` holds the names of the owner's pods the cache shows as live (not terminating).
     /// `known` holds all names in the cache, terminating or not.
-    pub fn pending(&self, owner: &str, known: &HashSet<&str>, live: &HashSet<&str>) -> (u32, HashSet<String>) {
+    pub fn pending(
+        &self,
+        owner: &str,
+        known: &HashSet<&str>,
+        live: &HashSet<&str>,
+    ) -> (u32, HashSet<String>) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(expected) = inner.get_mut(owner) else { return (0, HashSet::new()) };
-        expected.created.retain(|(pod, at)| at.elapsed() < HORIZON && !known.contains(pod.as_str()));
-        expected.deleted.retain(|(pod, at)| at.elapsed() < HORIZON && live.contains(pod.as_str()));
+        let Some(expected) = inner.get_mut(owner) else {
+            return (0, HashSet::new());
+        };
+        expected
+            .created
+            .retain(|(pod, at)| at.elapsed() < HORIZON && !known.contains(pod.as_str()));
+        expected
+            .deleted
+            .retain(|(pod, at)| at.elapsed() < HORIZON && live.contains(pod.as_str()));
         let deleting = expected.deleted.iter().map(|(p, _)| p.clone()).collect();
         (expected.created.len() as u32, deleting)
     }
@@ -79,7 +103,10 @@ mod tests {
         let claims = Claims::default();
         claims.record("ns", ["a".to_string(), "b".to_string()]);
         assert_eq!(claims.current("ns", &HashSet::new()).len(), 2);
-        assert_eq!(claims.current("ns", &HashSet::from(["a"])), HashSet::from(["b".to_string()]));
+        assert_eq!(
+            claims.current("ns", &HashSet::from(["a"])),
+            HashSet::from(["b".to_string()])
+        );
         assert!(claims.current("other", &HashSet::new()).is_empty());
     }
 
@@ -88,9 +115,11 @@ mod tests {
         let e = Expectations::default();
         e.created("ns/p", "p-1".into());
         e.deleted("ns/p", "p-0".into());
-        let (unseen, deleting) = e.pending("ns/p", &HashSet::from(["p-0"]), &HashSet::from(["p-0"]));
+        let (unseen, deleting) =
+            e.pending("ns/p", &HashSet::from(["p-0"]), &HashSet::from(["p-0"]));
         assert_eq!((unseen, deleting.len()), (1, 1));
-        let (unseen, deleting) = e.pending("ns/p", &HashSet::from(["p-1"]), &HashSet::from(["p-1"]));
+        let (unseen, deleting) =
+            e.pending("ns/p", &HashSet::from(["p-1"]), &HashSet::from(["p-1"]));
         assert_eq!((unseen, deleting.len()), (0, 0));
     }
 }

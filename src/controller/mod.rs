@@ -4,8 +4,8 @@
 //! at start-up rebuilds everything. Events of every kind, deletions included, are routed to the
 //! objects they affect and fed to kube-runtime's `applier`, which serialises reconciles per object.
 
-mod batch;
 mod backoff;
+mod batch;
 mod claims;
 mod pool;
 mod router;
@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -47,7 +47,12 @@ pub struct ControllerConfig {
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        Self { namespace: None, concurrency: 16, endpoints_format: EndpointsFormat::Objects, resync: Duration::from_secs(300) }
+        Self {
+            namespace: None,
+            concurrency: 16,
+            endpoints_format: EndpointsFormat::Objects,
+            resync: Duration::from_secs(300),
+        }
     }
 }
 
@@ -56,8 +61,14 @@ impl Default for ControllerConfig {
 pub enum Error {
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
-    #[error("{object}: annotation {} is not valid JSON ({source}); refusing to guess which pods it holds", names::ANNOTATION_ALLOC_STATUS)]
-    CorruptAllocStatus { object: String, source: serde_json::Error },
+    #[error(
+        "{object}: annotation {} is not valid JSON ({source}); refusing to guess which pods it holds",
+        names::ANNOTATION_ALLOC_STATUS
+    )]
+    CorruptAllocStatus {
+        object: String,
+        source: serde_json::Error,
+    },
     #[error(transparent)]
     ShardPatch(#[from] crate::domain::pod_template::ShardPatchError),
     #[error("a policy evaluation thread failed: {0}")]
@@ -80,21 +91,36 @@ pub struct Context {
     /// Pods created or deleted but maybe not yet visible in the pod cache.
     expectations: claims::Expectations,
     backoff: backoff::PerObjectBackoff,
-    pub writes: WriteCounter,
+    pub writes: Arc<WriteCounter>,
 }
 
 impl Context {
     fn api<K>(&self, namespace: &str) -> Api<K>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
     {
         Api::namespaced(self.client.clone(), namespace)
     }
 
     /// Publishes an event; failing to do so is logged, never fatal.
-    async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         self.writes.event();
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
         if let Err(error) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(%error, reason, "could not publish event");
         }
@@ -102,26 +128,49 @@ impl Context {
 
     /// A JSON merge patch of a namespaced object. Include `metadata.resourceVersion` in the patch
     /// to make it conditional.
-    async fn merge_patch<K>(&self, namespace: &str, name: &str, patch: &serde_json::Value) -> Result<K, kube::Error>
+    async fn merge_patch<K>(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<K, kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
     {
         self.writes.object();
-        self.api::<K>(namespace).patch(name, &PatchParams::default(), &Patch::Merge(patch)).await
+        self.api::<K>(namespace)
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
     }
 
-    async fn patch_status<K>(&self, namespace: &str, name: &str, patch: serde_json::Value) -> Result<K, kube::Error>
+    async fn patch_status<K>(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: serde_json::Value,
+    ) -> Result<K, kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
     {
         self.writes.status();
-        self.api::<K>(namespace).patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await
+        self.api::<K>(namespace)
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
     }
 
     /// Adds a finalizer, conditional on the object's resourceVersion.
     async fn add_finalizer<K>(&self, obj: &K, finalizer: &str) -> Result<(), kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
     {
         let mut finalizers = obj.finalizers().to_vec();
         finalizers.push(finalizer.to_string());
@@ -131,9 +180,17 @@ impl Context {
     /// Removes a finalizer, conditional on the object's resourceVersion.
     async fn remove_finalizer<K>(&self, obj: &K, finalizer: &str) -> Result<(), kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
     {
-        let finalizers = obj.finalizers().iter().filter(|f| *f != finalizer).cloned().collect();
+        let finalizers = obj
+            .finalizers()
+            .iter()
+            .filter(|f| *f != finalizer)
+            .cloned()
+            .collect();
         match self.set_finalizers(obj, finalizers).await {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other,
@@ -142,10 +199,18 @@ impl Context {
 
     async fn set_finalizers<K>(&self, obj: &K, finalizers: Vec<String>) -> Result<(), kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
     {
         let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version(), "finalizers": finalizers}});
-        self.merge_patch::<K>(&obj.namespace().unwrap_or_default(), &obj.name_any(), &patch).await?;
+        self.merge_patch::<K>(
+            &obj.namespace().unwrap_or_default(),
+            &obj.name_any(),
+            &patch,
+        )
+        .await?;
         Ok(())
     }
 
@@ -155,7 +220,8 @@ impl Context {
         let api = self.api::<Pod>(namespace);
         match api.create(&PostParams::default(), &pod).await {
             Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
-                api.get(pod.metadata.name.as_deref().unwrap_or_default()).await
+                api.get(pod.metadata.name.as_deref().unwrap_or_default())
+                    .await
             }
             other => other,
         }
@@ -164,7 +230,11 @@ impl Context {
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
         self.writes.pod();
-        match self.api::<Pod>(namespace).delete(name, &DeleteParams::default()).await {
+        match self
+            .api::<Pod>(namespace)
+            .delete(name, &DeleteParams::default())
+            .await
+        {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other.map(|_| ()),
         }
@@ -185,17 +255,13 @@ impl Context {
     }
 }
 
-/// Handle to a running controller: its stores and write counter, for tests and benchmarks.
-pub struct Running {
-    pub context: Arc<Context>,
-}
-
 /// Starts the reflectors and both reconcilers; returns when `shutdown` resolves and in-flight
 /// reconciles have finished.
 pub async fn run(
     client: Client,
     policies: Arc<dyn PolicyEngine>,
     config: ControllerConfig,
+    health: Arc<crate::health::Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (pods_store, pods_writer) = reflector::store::<Pod>();
@@ -204,7 +270,10 @@ pub async fn run(
     let (pool_tx, pool_rx) = mpsc::unbounded_channel::<ObjectRef<Pool>>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel::<ObjectRef<BatchSandbox>>();
 
-    let reporter = Reporter { controller: names::MANAGED_BY.into(), instance: std::env::var("POD_NAME").ok() };
+    let reporter = Reporter {
+        controller: names::MANAGED_BY.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let context = Arc::new(Context {
         client: client.clone(),
         pods: pods_store.clone(),
@@ -216,28 +285,49 @@ pub async fn run(
         claims: Default::default(),
         expectations: Default::default(),
         backoff: Default::default(),
-        writes: WriteCounter::default(),
+        writes: health.writes.clone(),
     });
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
     let ns = config.namespace.as_deref();
     let pods_api: Api<Pod> = scoped(&client, ns);
-    let pods_cfg = watcher::Config::default().labels(&format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY));
-    let pod_events = reflector::reflector(pods_writer, watcher(pods_api, pods_cfg).default_backoff())
-        .for_each({
-            let router = router.clone();
-            move |event| future::ready(router.pod_event(event))
-        });
-    let batch_events = reflector::reflector(batches_writer, watcher(scoped(&client, ns), watcher::Config::default()).default_backoff())
-        .for_each({
-            let router = router.clone();
-            move |event| future::ready(router.batch_event(event))
-        });
-    let pool_events = reflector::reflector(pools_writer, watcher(scoped(&client, ns), watcher::Config::default()).default_backoff())
-        .for_each({
-            let router = router.clone();
-            move |event| future::ready(router.pool_event(event))
-        });
+    let pods_cfg = watcher::Config::default().labels(&format!(
+        "{}={}",
+        names::LABEL_MANAGED_BY,
+        names::MANAGED_BY
+    ));
+    let pod_events =
+        reflector::reflector(pods_writer, watcher(pods_api, pods_cfg).default_backoff()).for_each(
+            {
+                let router = router.clone();
+                move |event| {
+                    router.pod_event(event);
+                    future::ready(())
+                }
+            },
+        );
+    let batch_events = reflector::reflector(
+        batches_writer,
+        watcher(scoped(&client, ns), watcher::Config::default()).default_backoff(),
+    )
+    .for_each({
+        let router = router.clone();
+        move |event| {
+            router.batch_event(event);
+            future::ready(())
+        }
+    });
+    let pool_events = reflector::reflector(
+        pools_writer,
+        watcher(scoped(&client, ns), watcher::Config::default()).default_backoff(),
+    )
+    .for_each({
+        let router = router.clone();
+        move |event| {
+            router.pool_event(event);
+            future::ready(())
+        }
+    });
 
     // Decisions need all three caches: a pool must never allocate from a partial view.
     let caches = async {
@@ -250,25 +340,38 @@ pub async fn run(
     let reconcilers = async {
         caches.await?;
         info!("caches synced; reconciling");
+        health.set_ready(true);
         let ctrl_config = controller::Config::default().concurrency(config.concurrency);
         let pools = controller::applier(
             |pool, ctx| Box::pin(pool::reconcile(pool, ctx)),
-            |pool: Arc<Pool>, error: &Error, ctx: Arc<Context>| ctx.backoff.on_error(&ObjectRef::from_obj(pool.as_ref()).erase(), error),
+            |pool: Arc<Pool>, error: &Error, ctx: Arc<Context>| {
+                ctx.backoff
+                    .on_error(&ObjectRef::from_obj(pool.as_ref()).erase(), error)
+            },
             context.clone(),
             pools_store.clone(),
             queue(pool_rx, shutdown.clone()),
             ctrl_config.clone(),
         )
-        .for_each(|result| future::ready(log_result(result)));
+        .for_each(|result| {
+            log_result(result);
+            future::ready(())
+        });
         let batches = controller::applier(
             |batch, ctx| Box::pin(batch::reconcile(batch, ctx)),
-            |batch: Arc<BatchSandbox>, error: &Error, ctx: Arc<Context>| ctx.backoff.on_error(&ObjectRef::from_obj(batch.as_ref()).erase(), error),
+            |batch: Arc<BatchSandbox>, error: &Error, ctx: Arc<Context>| {
+                ctx.backoff
+                    .on_error(&ObjectRef::from_obj(batch.as_ref()).erase(), error)
+            },
             context.clone(),
             batches_store.clone(),
             queue(batch_rx, shutdown.clone()),
             ctrl_config,
         )
-        .for_each(|result| future::ready(log_result(result)));
+        .for_each(|result| {
+            log_result(result);
+            future::ready(())
+        });
         future::join(pools, batches).await;
         anyhow::Ok(())
     };
@@ -284,7 +387,10 @@ pub async fn run(
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -303,7 +409,9 @@ where
     tokio_stream_from(rx).take_until(shutdown).map(Ok)
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 

@@ -19,8 +19,8 @@ use crate::api::{BatchSandbox, Pool, PoolStatus, names};
 use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
 use crate::domain::conditions::{self, Desired};
 use crate::domain::pod_template;
-use crate::domain::pool_plan::{self, PoolPod};
 use crate::domain::pods;
+use crate::domain::pool_plan::{self, PoolPod};
 use crate::domain::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use crate::domain::{endpoints, pods::is_running_and_ready};
 
@@ -70,24 +70,49 @@ impl Observed {
             .collect();
         let mut batches = Vec::new();
         for batch in ctx.batches.state() {
-            if batch.namespace().as_deref() != Some(namespace.as_str()) || batch.pool_name() != Some(name.as_str()) {
+            if batch.namespace().as_deref() != Some(namespace.as_str())
+                || batch.pool_name() != Some(name.as_str())
+            {
                 continue;
             }
-            let ledger = AllocStatus::parse(batch.annotations().get(names::ANNOTATION_ALLOC_STATUS).map(String::as_str))
-                .map_err(|source| Error::CorruptAllocStatus { object: object_name(batch.as_ref()), source })?;
+            let ledger = AllocStatus::parse(
+                batch
+                    .annotations()
+                    .get(names::ANNOTATION_ALLOC_STATUS)
+                    .map(String::as_str),
+            )
+            .map_err(|source| Error::CorruptAllocStatus {
+                object: object_name(batch.as_ref()),
+                source,
+            })?;
             batches.push((batch, ledger));
         }
         batches.sort_by(|(a, _), (b, _)| {
-            (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.name_any())
-                .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.name_any()))
+            (
+                a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                a.name_any(),
+            )
+                .cmp(&(
+                    b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    b.name_any(),
+                ))
         });
         let seen_held = allocation::held_pods(batches.iter().map(|(_, l)| l));
         let mut held: HashSet<String> = seen_held.iter().map(|p| p.to_string()).collect();
-        held.extend(ctx.claims.current(&namespace, &seen_held.iter().copied().collect()));
+        held.extend(
+            ctx.claims
+                .current(&namespace, &seen_held.iter().copied().collect()),
+        );
 
         let known: HashSet<&str> = pods.iter().map(|p| pods::pod_name(p)).collect();
-        let live: HashSet<&str> = pods.iter().filter(|p| !pods::is_terminating(p)).map(|p| pods::pod_name(p)).collect();
-        let (unseen_creations, deleting) = ctx.expectations.pending(&format!("{namespace}/{name}"), &known, &live);
+        let live: HashSet<&str> = pods
+            .iter()
+            .filter(|p| !pods::is_terminating(p))
+            .map(|p| pods::pod_name(p))
+            .collect();
+        let (unseen_creations, deleting) =
+            ctx.expectations
+                .pending(&format!("{namespace}/{name}"), &known, &live);
         Ok(Self {
             revision: pod_template::template_revision(&pool.spec.template),
             namespace,
@@ -106,18 +131,25 @@ impl Observed {
 
     /// Pods that still count: not terminating and not being deleted by us.
     fn live_pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
-        self.pods.iter().filter(|p| !pods::is_terminating(p) && !self.deleting.contains(pods::pod_name(p)))
+        self.pods
+            .iter()
+            .filter(|p| !pods::is_terminating(p) && !self.deleting.contains(pods::pod_name(p)))
     }
 
     fn usable(&self, name: &str) -> bool {
-        self.live_pods().any(|p| pods::pod_name(p) == name && pods::is_live(p))
+        self.live_pods()
+            .any(|p| pods::pod_name(p) == name && pods::is_live(p))
     }
 
     /// Idle Running+Ready pods, current template first.
     fn idle_ready(&self) -> Vec<String> {
         let mut idle: Vec<(bool, String)> = self
             .live_pods()
-            .filter(|p| pods::is_live(p) && is_running_and_ready(p) && !self.held.contains(pods::pod_name(p)))
+            .filter(|p| {
+                pods::is_live(p)
+                    && is_running_and_ready(p)
+                    && !self.held.contains(pods::pod_name(p))
+            })
             .map(|p| (!self.is_current(p), pods::pod_name(p).to_string()))
             .collect();
         idle.sort();
@@ -129,7 +161,10 @@ impl Observed {
     }
 
     fn pod_ip(&self, name: &str) -> Option<&str> {
-        self.pods.iter().find(|p| pods::pod_name(p) == name).and_then(|p| pods::pod_ip(p))
+        self.pods
+            .iter()
+            .find(|p| pods::pod_name(p) == name)
+            .and_then(|p| pods::pod_ip(p))
     }
 }
 
@@ -139,7 +174,8 @@ async fn reconcile_pool(pool: &Pool, ctx: &Context) -> Result<Action, Error> {
         return drain(pool, ctx, &observed).await;
     }
     if !pool.finalizers().iter().any(|f| f == names::FINALIZER_POOL) {
-        ctx.add_finalizer::<Pool>(pool, names::FINALIZER_POOL).await?;
+        ctx.add_finalizer::<Pool>(pool, names::FINALIZER_POOL)
+            .await?;
     }
 
     let (unmet, conflicts) = allocate(ctx, &mut observed).await?;
@@ -154,10 +190,18 @@ async fn reconcile_pool(pool: &Pool, ctx: &Context) -> Result<Action, Error> {
 
 /// Hands idle pods to batches that want them. Returns (unmet shards, lost write races).
 async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize), Error> {
-    let wanting: Vec<&(Arc<BatchSandbox>, AllocStatus)> =
-        observed.batches.iter().filter(|(b, _)| b.metadata.deletion_timestamp.is_none()).collect();
-    let demands: Vec<Demand> =
-        wanting.iter().map(|(b, ledger)| Demand { replicas: b.desired_replicas(), held: ledger.pods.clone() }).collect();
+    let wanting: Vec<&(Arc<BatchSandbox>, AllocStatus)> = observed
+        .batches
+        .iter()
+        .filter(|(b, _)| b.metadata.deletion_timestamp.is_none())
+        .collect();
+    let demands: Vec<Demand> = wanting
+        .iter()
+        .map(|(b, ledger)| Demand {
+            replicas: b.desired_replicas(),
+            held: ledger.pods.clone(),
+        })
+        .collect();
     let idle = observed.idle_ready();
     let plan = allocation::plan(&demands, |pod| observed.usable(pod), &idle);
     if plan.grants.is_empty() {
@@ -173,7 +217,8 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
     for (grant, result) in plan.grants.iter().zip(results) {
         match result {
             Ok(()) => {
-                ctx.claims.record(&observed.namespace, grant.granted.iter().cloned());
+                ctx.claims
+                    .record(&observed.namespace, grant.granted.iter().cloned());
                 observed.held.extend(grant.granted.iter().cloned());
             }
             Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => conflicts += 1,
@@ -189,8 +234,16 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
 /// One write per batch: its new ledger, its endpoints and the cleanup finalizer, conditional on
 /// the batch's resourceVersion, so a concurrent writer (a scale-down, another leader) makes it
 /// fail rather than be overwritten.
-async fn write_grant(ctx: &Context, observed: &Observed, batch: Arc<BatchSandbox>, grant: &Grant) -> Result<(), Error> {
-    let ledger = AllocStatus { pods: grant.pods.clone(), pool_ref: Some(observed.name.clone()) };
+async fn write_grant(
+    ctx: &Context,
+    observed: &Observed,
+    batch: Arc<BatchSandbox>,
+    grant: &Grant,
+) -> Result<(), Error> {
+    let ledger = AllocStatus {
+        pods: grant.pods.clone(),
+        pool_ref: Some(observed.name.clone()),
+    };
     let ips: Vec<Option<&str>> = grant.pods.iter().map(|p| observed.pod_ip(p)).collect();
     let mut finalizers = batch.finalizers().to_vec();
     if !finalizers.iter().any(|f| f == names::FINALIZER_BATCH) {
@@ -206,12 +259,18 @@ async fn write_grant(ctx: &Context, observed: &Observed, batch: Arc<BatchSandbox
             }
         }
     });
-    ctx.merge_patch::<BatchSandbox>(&observed.namespace, &batch.name_any(), &patch).await?;
+    ctx.merge_patch::<BatchSandbox>(&observed.namespace, &batch.name_any(), &patch)
+        .await?;
     Ok(())
 }
 
 /// Applies the sizing policy. Returns the policy's degradation reason, if it fell back.
-async fn resize(pool: &Pool, ctx: &Context, observed: &Observed, unmet: u32) -> Result<Option<String>, Error> {
+async fn resize(
+    pool: &Pool,
+    ctx: &Context,
+    observed: &Observed,
+    unmet: u32,
+) -> Result<Option<String>, Error> {
     let plan_pods = plan_pods(observed);
     let counts = pool_plan::counts(&plan_pods, observed.unseen_creations);
     let caps = pool.spec.capacity_spec;
@@ -233,26 +292,37 @@ async fn resize(pool: &Pool, ctx: &Context, observed: &Observed, unmet: u32) -> 
         now_unix_ms: Timestamp::now().as_millisecond(),
     };
     let selector = policy_selector(pool, "pool-sizing");
-    let outcome = ctx.decide(move |p| p.pool_sizing(selector.as_deref(), &snapshot)).await?;
-    let changes = pool_plan::changes(&plan_pods, observed.unseen_creations, outcome.decision.desired_total);
+    let outcome = ctx
+        .decide(move |p| p.pool_sizing(selector.as_deref(), &snapshot))
+        .await?;
+    let changes = pool_plan::changes(
+        &plan_pods,
+        observed.unseen_creations,
+        outcome.decision.desired_total,
+    );
     if changes.create > 0 || !changes.delete.is_empty() {
         info!(pool = %observed.owner_key(), create = changes.create, delete = changes.delete.len(), reason = %outcome.decision.reason, "resizing pool");
     }
 
     let owner = ctx.owner_reference(pool);
     let template = &pool.spec.template;
-    let creations = (0..changes.create).map(|_| pod_template::pool_pod(&observed.name, template, &observed.revision, owner.clone()));
-    let created: Vec<Result<Pod, kube::Error>> = stream::iter(creations.map(|pod| ctx.create_pod(&observed.namespace, pod)))
-        .buffer_unordered(POD_WRITE_CONCURRENCY)
-        .collect()
-        .await;
+    let creations = (0..changes.create).map(|_| {
+        pod_template::pool_pod(&observed.name, template, &observed.revision, owner.clone())
+    });
+    let created: Vec<Result<Pod, kube::Error>> =
+        stream::iter(creations.map(|pod| ctx.create_pod(&observed.namespace, pod)))
+            .buffer_unordered(POD_WRITE_CONCURRENCY)
+            .collect()
+            .await;
     for pod in created {
-        ctx.expectations.created(&observed.owner_key(), pod?.name_any());
+        ctx.expectations
+            .created(&observed.owner_key(), pod?.name_any());
     }
     delete_pods(ctx, observed, changes.delete).await?;
 
     if let Some(reason) = &outcome.degraded {
-        ctx.event(pool, EventType::Warning, "PolicyDegraded", reason.clone()).await;
+        ctx.event(pool, EventType::Warning, "PolicyDegraded", reason.clone())
+            .await;
     }
     Ok(outcome.degraded)
 }
@@ -277,8 +347,16 @@ fn recent_allocations(observed: &Observed) -> Vec<AllocationEvent> {
         .batches
         .iter()
         .filter_map(|(batch, ledger)| {
-            let at = batch.metadata.creation_timestamp.as_ref()?.0.as_millisecond();
-            (!ledger.pods.is_empty()).then(|| AllocationEvent { at_unix_ms: at, count: ledger.pods.len() as u32 })
+            let at = batch
+                .metadata
+                .creation_timestamp
+                .as_ref()?
+                .0
+                .as_millisecond();
+            (!ledger.pods.is_empty()).then_some(AllocationEvent {
+                at_unix_ms: at,
+                count: ledger.pods.len() as u32,
+            })
         })
         .collect();
     events.sort_by_key(|e| e.at_unix_ms);
@@ -292,7 +370,10 @@ async fn delete_pods(ctx: &Context, observed: &Observed, names: Vec<String>) -> 
         ctx.expectations.deleted(&observed.owner_key(), name);
         Ok::<(), Error>(())
     });
-    let results: Vec<Result<(), Error>> = stream::iter(deletions).buffer_unordered(POD_WRITE_CONCURRENCY).collect().await;
+    let results: Vec<Result<(), Error>> = stream::iter(deletions)
+        .buffer_unordered(POD_WRITE_CONCURRENCY)
+        .collect()
+        .await;
     results.into_iter().collect()
 }
 
@@ -310,7 +391,8 @@ async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action
     delete_pods(ctx, observed, idle).await?;
 
     if observed.pods.is_empty() && observed.unseen_creations == 0 {
-        ctx.remove_finalizer::<Pool>(pool, names::FINALIZER_POOL).await?;
+        ctx.remove_finalizer::<Pool>(pool, names::FINALIZER_POOL)
+            .await?;
         info!(pool = %observed.owner_key(), "pool drained; finalizer removed");
         return Ok(Action::await_change());
     }
@@ -320,7 +402,10 @@ async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action
         .filter(|(_, ledger)| ledger.pods.iter().any(|p| observed.usable(p)))
         .map(|(b, _)| b.name_any())
         .collect();
-    let allocated = observed.live_pods().filter(|p| observed.held.contains(pods::pod_name(p))).count();
+    let allocated = observed
+        .live_pods()
+        .filter(|p| observed.held.contains(pods::pod_name(p)))
+        .count();
     let message = if holders.is_empty() {
         format!("waiting for {} pod(s) to terminate", observed.pods.len())
     } else {
@@ -346,16 +431,37 @@ async fn write_status(
     let generation = pool.metadata.generation.unwrap_or_default();
     let buffer_min = non_negative(pool.spec.capacity_spec.buffer_min);
     let mut desired = vec![if counts.available >= buffer_min {
-        Desired::new("Ready", true, "BufferFilled", format!("{} idle pod(s) ready (bufferMin {buffer_min})", counts.available))
+        Desired::new(
+            "Ready",
+            true,
+            "BufferFilled",
+            format!(
+                "{} idle pod(s) ready (bufferMin {buffer_min})",
+                counts.available
+            ),
+        )
     } else {
-        Desired::new("Ready", false, "WarmingUp", format!("{} of bufferMin {buffer_min} idle pod(s) ready", counts.available))
+        Desired::new(
+            "Ready",
+            false,
+            "WarmingUp",
+            format!(
+                "{} of bufferMin {buffer_min} idle pod(s) ready",
+                counts.available
+            ),
+        )
     }];
     desired.push(match degraded {
         Some(reason) => Desired::new("PolicyDegraded", true, "PolicyFallback", reason),
         None => Desired::new("PolicyDegraded", false, "PoliciesHealthy", ""),
     });
     if let Some(message) = draining {
-        desired.push(Desired::new("Terminating", true, "WaitingForRelease", message));
+        desired.push(Desired::new(
+            "Terminating",
+            true,
+            "WaitingForRelease",
+            message,
+        ));
     }
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
     let status = PoolStatus {
@@ -367,10 +473,20 @@ async fn write_status(
         pending: counts.pending as i32,
         conditions: conditions::merge(&previous.conditions, &desired, &now, generation),
     };
-    let unchanged = PoolStatus { conditions: vec![], ..status.clone() } == PoolStatus { conditions: vec![], ..previous.clone() }
-        && conditions::same(&status.conditions, &previous.conditions);
+    let unchanged = PoolStatus {
+        conditions: vec![],
+        ..status.clone()
+    } == PoolStatus {
+        conditions: vec![],
+        ..previous.clone()
+    } && conditions::same(&status.conditions, &previous.conditions);
     if !unchanged {
-        ctx.patch_status::<Pool>(&observed.namespace, &observed.name, json!({ "status": status })).await?;
+        ctx.patch_status::<Pool>(
+            &observed.namespace,
+            &observed.name,
+            json!({ "status": status }),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -381,5 +497,7 @@ fn non_negative(value: i32) -> u32 {
 
 /// The custom policy an object selected for `decision`, from its annotations.
 pub(super) fn policy_selector<K: ResourceExt>(obj: &K, decision: &str) -> Option<String> {
-    obj.annotations().get(&format!("{}{decision}", names::ANNOTATION_POLICY_PREFIX)).cloned()
+    obj.annotations()
+        .get(&format!("{}{decision}", names::ANNOTATION_POLICY_PREFIX))
+        .cloned()
 }

@@ -22,8 +22,16 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(ctx: Arc<Context>, pools: UnboundedSender<ObjectRef<Pool>>, batches: UnboundedSender<ObjectRef<BatchSandbox>>) -> Self {
-        Self { ctx, pools, batches }
+    pub fn new(
+        ctx: Arc<Context>,
+        pools: UnboundedSender<ObjectRef<Pool>>,
+        batches: UnboundedSender<ObjectRef<BatchSandbox>>,
+    ) -> Self {
+        Self {
+            ctx,
+            pools,
+            batches,
+        }
     }
 
     pub fn pod_event(&self, event: Result<Event<Pod>, watcher::Error>) {
@@ -57,7 +65,9 @@ impl Router {
                 let name = pool.name_any();
                 self.pool(&ns, &name);
                 for batch in self.ctx.batches.state() {
-                    if batch.namespace().as_deref() == Some(ns.as_str()) && batch.pool_name() == Some(name.as_str()) {
+                    if batch.namespace().as_deref() == Some(ns.as_str())
+                        && batch.pool_name() == Some(name.as_str())
+                    {
                         self.batch(&ns, &batch.name_any());
                     }
                 }
@@ -78,12 +88,19 @@ impl Router {
             self.pool(&ns, pool);
             let pod_name = pod.name_any();
             for batch in self.ctx.batches.state() {
-                if batch.namespace().as_deref() != Some(ns.as_str()) || batch.pool_name() != Some(pool.as_str()) {
+                if batch.namespace().as_deref() != Some(ns.as_str())
+                    || batch.pool_name() != Some(pool.as_str())
+                {
                     continue;
                 }
-                let held = AllocStatus::parse(batch.annotations().get(names::ANNOTATION_ALLOC_STATUS).map(String::as_str))
-                    .map(|a| a.pods.contains(&pod_name))
-                    .unwrap_or(true);
+                let held = AllocStatus::parse(
+                    batch
+                        .annotations()
+                        .get(names::ANNOTATION_ALLOC_STATUS)
+                        .map(String::as_str),
+                )
+                .map(|a| a.pods.contains(&pod_name))
+                .unwrap_or(true);
                 if held {
                     self.batch(&ns, &batch.name_any());
                 }

@@ -19,10 +19,23 @@ pub async fn sync(
     let Some(tasks) = tasks.decision else {
         return Ok(vec![TaskPhase::Pending; pods.len()]);
     };
-    Ok(tasks.iter().map(|task| if task.is_some() { TaskPhase::Pending } else { TaskPhase::None }).collect())
+    Ok(tasks
+        .iter()
+        .map(|task| {
+            if task.is_some() {
+                TaskPhase::Pending
+            } else {
+                TaskPhase::None
+            }
+        })
+        .collect())
 }
 
 /// Stops the tasks running on `pods` before they are released.
-pub async fn stop_all(_batch: &BatchSandbox, _ctx: &Context, _pods: &[String]) -> Result<(), Error> {
+pub async fn stop_all(
+    _batch: &BatchSandbox,
+    _ctx: &Context,
+    _pods: &[String],
+) -> Result<(), Error> {
     Ok(())
 }

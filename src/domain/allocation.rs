@@ -98,7 +98,11 @@ pub fn plan(demands: &[Demand], is_live: impl Fn(&str) -> bool, idle: &[String])
             }
         }
         if !granted.is_empty() {
-            plan.grants.push(Grant { demand: index, pods, granted });
+            plan.grants.push(Grant {
+                demand: index,
+                pods,
+                granted,
+            });
         }
     }
     plan
@@ -125,8 +129,14 @@ mod tests {
     #[test]
     fn fills_new_batches_in_order_until_idle_runs_out() {
         let demands = vec![
-            Demand { replicas: 2, held: vec![] },
-            Demand { replicas: 3, held: vec![] },
+            Demand {
+                replicas: 2,
+                held: vec![],
+            },
+            Demand {
+                replicas: 3,
+                held: vec![],
+            },
         ];
         let plan = plan(&demands, |_| true, &names("p", 4));
         assert_eq!(plan.grants[0].pods, ["p0", "p1"]);
@@ -136,7 +146,10 @@ mod tests {
 
     #[test]
     fn a_lost_pod_is_replaced_in_place() {
-        let demands = vec![Demand { replicas: 3, held: names("h", 3) }];
+        let demands = vec![Demand {
+            replicas: 3,
+            held: names("h", 3),
+        }];
         let plan = plan(&demands, |p| p != "h1", &names("p", 1));
         assert_eq!(plan.grants[0].pods, ["h0", "p0", "h2"]);
         assert_eq!(plan.grants[0].granted, ["p0"]);
@@ -144,15 +157,27 @@ mod tests {
 
     #[test]
     fn satisfied_and_oversized_batches_get_nothing() {
-        let demands = vec![Demand { replicas: 1, held: names("h", 3) }];
+        let demands = vec![Demand {
+            replicas: 1,
+            held: names("h", 3),
+        }];
         assert_eq!(plan(&demands, |_| true, &names("p", 2)), Plan::default());
     }
 
     #[test]
     fn annotation_round_trips_in_opensandbox_format() {
-        let status = AllocStatus { pods: names("p", 2), pool_ref: Some("fast-pool".into()) };
-        assert_eq!(status.to_annotation(), r#"{"pods":["p0","p1"],"poolRef":"fast-pool"}"#);
-        assert_eq!(AllocStatus::parse(Some(&status.to_annotation())).unwrap(), status);
+        let status = AllocStatus {
+            pods: names("p", 2),
+            pool_ref: Some("fast-pool".into()),
+        };
+        assert_eq!(
+            status.to_annotation(),
+            r#"{"pods":["p0","p1"],"poolRef":"fast-pool"}"#
+        );
+        assert_eq!(
+            AllocStatus::parse(Some(&status.to_annotation())).unwrap(),
+            status
+        );
         assert_eq!(AllocStatus::parse(None).unwrap(), AllocStatus::default());
         assert!(AllocStatus::parse(Some("{not json")).is_err());
     }

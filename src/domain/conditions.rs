@@ -12,14 +12,29 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { type_, status, reason: reason.into(), message: message.into() }
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// The new condition list: `desired` conditions in the given order, each keeping its previous
 /// transition time when its status has not changed. Conditions of other types are dropped.
-pub fn merge(previous: &[Condition], desired: &[Desired], now: &Time, generation: i64) -> Vec<Condition> {
+pub fn merge(
+    previous: &[Condition],
+    desired: &[Desired],
+    now: &Time,
+    generation: i64,
+) -> Vec<Condition> {
     desired
         .iter()
         .map(|d| {
@@ -63,10 +78,25 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_on_status_change() {
-        let first = merge(&[], &[Desired::new("Ready", false, "Starting", "")], &time(1), 1);
-        let same_status = merge(&first, &[Desired::new("Ready", false, "StillStarting", "x")], &time(2), 1);
+        let first = merge(
+            &[],
+            &[Desired::new("Ready", false, "Starting", "")],
+            &time(1),
+            1,
+        );
+        let same_status = merge(
+            &first,
+            &[Desired::new("Ready", false, "StillStarting", "x")],
+            &time(2),
+            1,
+        );
         assert_eq!(same_status[0].last_transition_time, time(1));
-        let flipped = merge(&same_status, &[Desired::new("Ready", true, "AllReady", "")], &time(3), 2);
+        let flipped = merge(
+            &same_status,
+            &[Desired::new("Ready", true, "AllReady", "")],
+            &time(3),
+            2,
+        );
         assert_eq!(flipped[0].last_transition_time, time(3));
         assert!(!same(&first, &flipped));
     }

@@ -21,10 +21,18 @@ struct Endpoint<'a> {
 /// The annotation value for shards in order; shards without an IP yet are left out, so the list
 /// only ever names reachable sandboxes.
 pub fn render(ips: &[Option<&str>], format: EndpointsFormat) -> String {
-    let known = ips.iter().enumerate().filter_map(|(i, ip)| ip.map(|ip| (i, ip)));
+    let known = ips
+        .iter()
+        .enumerate()
+        .filter_map(|(i, ip)| ip.map(|ip| (i, ip)));
     match format {
         EndpointsFormat::Objects => {
-            let list: Vec<Endpoint<'_>> = known.map(|(i, ip)| Endpoint { sandbox_id: i.to_string(), ip }).collect();
+            let list: Vec<Endpoint<'_>> = known
+                .map(|(i, ip)| Endpoint {
+                    sandbox_id: i.to_string(),
+                    ip,
+                })
+                .collect();
             serde_json::to_string(&list)
         }
         EndpointsFormat::Ips => serde_json::to_string(&known.map(|(_, ip)| ip).collect::<Vec<_>>()),
@@ -43,6 +51,9 @@ mod tests {
             render(&ips, EndpointsFormat::Objects),
             r#"[{"sandbox_id":"0","ip":"127.1.1.2"},{"sandbox_id":"2","ip":"127.1.1.4"}]"#
         );
-        assert_eq!(render(&ips, EndpointsFormat::Ips), r#"["127.1.1.2","127.1.1.4"]"#);
+        assert_eq!(
+            render(&ips, EndpointsFormat::Ips),
+            r#"["127.1.1.2","127.1.1.4"]"#
+        );
     }
 }

@@ -47,9 +47,15 @@ pub enum ExpiryDecision {
 /// Expire exactly at `expireTime`; before it, recheck when it falls due.
 pub fn at_expire_time(batch: &BatchSnapshot) -> ExpiryDecision {
     match batch.expire_time_unix_ms {
-        None => ExpiryDecision::Keep { recheck_after_ms: None },
-        Some(at) if at <= batch.now_unix_ms => ExpiryDecision::Expire { action: ExpireAction::Delete },
-        Some(at) => ExpiryDecision::Keep { recheck_after_ms: Some(u64::try_from(at - batch.now_unix_ms).unwrap_or(u64::MAX)) },
+        None => ExpiryDecision::Keep {
+            recheck_after_ms: None,
+        },
+        Some(at) if at <= batch.now_unix_ms => ExpiryDecision::Expire {
+            action: ExpireAction::Delete,
+        },
+        Some(at) => ExpiryDecision::Keep {
+            recheck_after_ms: Some(u64::try_from(at - batch.now_unix_ms).unwrap_or(u64::MAX)),
+        },
     }
 }
 

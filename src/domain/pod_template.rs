@@ -36,17 +36,33 @@ pub fn batch_pod(
     let mut labels = managed_labels(&merged);
     labels.insert(names::LABEL_BATCH_NAME.into(), batch.into());
     labels.insert(names::LABEL_POD_INDEX.into(), index.to_string());
-    Ok(pod_from(merged, ObjectMeta { name: Some(format!("{batch}-{index}")), labels: Some(labels), ..meta_owned_by(owner) }))
+    Ok(pod_from(
+        merged,
+        ObjectMeta {
+            name: Some(format!("{batch}-{index}")),
+            labels: Some(labels),
+            ..meta_owned_by(owner)
+        },
+    ))
 }
 
 /// A warm pod for `pool`, named by the API server (`<pool>-xxxxx`).
-pub fn pool_pod(pool: &str, template: &PodTemplateSpec, revision: &str, owner: OwnerReference) -> Pod {
+pub fn pool_pod(
+    pool: &str,
+    template: &PodTemplateSpec,
+    revision: &str,
+    owner: OwnerReference,
+) -> Pod {
     let mut labels = managed_labels(template);
     labels.insert(names::LABEL_POOL_NAME.into(), pool.into());
     labels.insert(names::LABEL_POOL_REVISION.into(), revision.into());
     pod_from(
         template.clone(),
-        ObjectMeta { generate_name: Some(format!("{pool}-")), labels: Some(labels), ..meta_owned_by(owner) },
+        ObjectMeta {
+            generate_name: Some(format!("{pool}-")),
+            labels: Some(labels),
+            ..meta_owned_by(owner)
+        },
     )
 }
 
@@ -61,25 +77,37 @@ fn parse_patch(patch: &serde_json::Value) -> Result<PodTemplateSpec, serde_json:
     // merges as "no change".
     let mut patch = patch.clone();
     if let Some(spec) = patch.get_mut("spec").and_then(|s| s.as_object_mut()) {
-        spec.entry("containers").or_insert_with(|| serde_json::json!([]));
+        spec.entry("containers")
+            .or_insert_with(|| serde_json::json!([]));
     }
     serde_json::from_value(patch)
 }
 
 fn managed_labels(template: &PodTemplateSpec) -> BTreeMap<String, String> {
-    let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    let mut labels = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     labels.insert(names::LABEL_MANAGED_BY.into(), names::MANAGED_BY.into());
     labels
 }
 
 fn meta_owned_by(owner: OwnerReference) -> ObjectMeta {
-    ObjectMeta { owner_references: Some(vec![owner]), ..Default::default() }
+    ObjectMeta {
+        owner_references: Some(vec![owner]),
+        ..Default::default()
+    }
 }
 
 fn pod_from(template: PodTemplateSpec, mut meta: ObjectMeta) -> Pod {
     let template_meta = template.metadata.unwrap_or_default();
     meta.annotations = template_meta.annotations;
-    Pod { metadata: meta, spec: template.spec, status: None }
+    Pod {
+        metadata: meta,
+        spec: template.spec,
+        status: None,
+    }
 }
 
 #[cfg(test)]
@@ -99,7 +127,14 @@ mod tests {
     }
 
     fn owner() -> OwnerReference {
-        OwnerReference { api_version: "v1".into(), kind: "X".into(), name: "b".into(), uid: "u".into(), controller: Some(true), ..Default::default() }
+        OwnerReference {
+            api_version: "v1".into(),
+            kind: "X".into(),
+            name: "b".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -132,6 +167,9 @@ mod tests {
         let mut other = template();
         other.spec.as_mut().unwrap().containers[0].image = Some("nginx:2".into());
         assert_ne!(template_revision(&template()), template_revision(&other));
-        assert_eq!(template_revision(&template()), template_revision(&template()));
+        assert_eq!(
+            template_revision(&template()),
+            template_revision(&template())
+        );
     }
 }

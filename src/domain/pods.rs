@@ -4,7 +4,9 @@ use k8s_openapi::api::core::v1::Pod;
 
 /// Whether the pod is Running and its Ready condition is True.
 pub fn is_running_and_ready(pod: &Pod) -> bool {
-    let Some(status) = pod.status.as_ref() else { return false };
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
     status.phase.as_deref() == Some("Running")
         && status
             .conditions
@@ -33,7 +35,11 @@ pub fn is_live(pod: &Pod) -> bool {
 
 /// The pod's IP, once it has one.
 pub fn pod_ip(pod: &Pod) -> Option<&str> {
-    pod.status.as_ref()?.pod_ip.as_deref().filter(|ip| !ip.is_empty())
+    pod.status
+        .as_ref()?
+        .pod_ip
+        .as_deref()
+        .filter(|ip| !ip.is_empty())
 }
 
 /// The pod's name (empty for an object without one, which the API never returns).
@@ -49,7 +55,10 @@ pub(crate) mod fixtures {
     /// A pod with the given name and, when `ready`, Running+Ready with an IP.
     pub fn pod(name: &str, ready: bool) -> Pod {
         Pod {
-            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
             spec: None,
             status: Some(PodStatus {
                 phase: Some(if ready { "Running" } else { "Pending" }.into()),

@@ -37,7 +37,11 @@ pub struct PodChanges {
 /// Counts of the pool's live pods. `unseen_creations` are pods created but not yet in the cache.
 pub fn counts(pods: &[PoolPod], unseen_creations: u32) -> PoolCounts {
     let live = pods.iter().filter(|p| !p.dead);
-    let mut counts = PoolCounts { pending: unseen_creations, total: unseen_creations, ..Default::default() };
+    let mut counts = PoolCounts {
+        pending: unseen_creations,
+        total: unseen_creations,
+        ..Default::default()
+    };
     for pod in live {
         counts.total += 1;
         if pod.allocated {
@@ -56,15 +60,28 @@ pub fn counts(pods: &[PoolPod], unseen_creations: u32) -> PoolCounts {
 pub fn changes(pods: &[PoolPod], unseen_creations: u32, desired_total: u32) -> PodChanges {
     let counts = counts(pods, unseen_creations);
     // Dead idle pods never serve again; remove them whatever the size (they do not count toward it).
-    let mut delete: Vec<String> = pods.iter().filter(|p| p.dead && !p.allocated).map(|p| p.name.clone()).collect();
+    let mut delete: Vec<String> = pods
+        .iter()
+        .filter(|p| p.dead && !p.allocated)
+        .map(|p| p.name.clone())
+        .collect();
 
     if desired_total > counts.total {
-        return PodChanges { create: desired_total - counts.total, delete };
+        return PodChanges {
+            create: desired_total - counts.total,
+            delete,
+        };
     }
 
     let mut idle: Vec<&PoolPod> = pods.iter().filter(|p| !p.dead && !p.allocated).collect();
     // Cheapest to lose first: not ready, then an old template, then by name (stable).
-    idle.sort_by_key(|p| (p.ready, p.current_revision, std::cmp::Reverse(p.name.clone())));
+    idle.sort_by_key(|p| {
+        (
+            p.ready,
+            p.current_revision,
+            std::cmp::Reverse(p.name.clone()),
+        )
+    });
     let surplus = (counts.total - desired_total) as usize;
     let shrink: Vec<String> = idle.iter().take(surplus).map(|p| p.name.clone()).collect();
     if !shrink.is_empty() {
@@ -75,10 +92,17 @@ pub fn changes(pods: &[PoolPod], unseen_creations: u32, desired_total: u32) -> P
     // Template rollout: replace old idle pods gradually, only once the previous step's
     // replacements are ready, so available capacity never drops by more than a step.
     let replacements_starting = unseen_creations > 0
-        || pods.iter().any(|p| !p.dead && !p.allocated && p.current_revision && !p.ready);
+        || pods
+            .iter()
+            .any(|p| !p.dead && !p.allocated && p.current_revision && !p.ready);
     if !replacements_starting {
         let step = (idle.len() / 4).max(1);
-        delete.extend(idle.iter().filter(|p| !p.current_revision).take(step).map(|p| p.name.clone()));
+        delete.extend(
+            idle.iter()
+                .filter(|p| !p.current_revision)
+                .take(step)
+                .map(|p| p.name.clone()),
+        );
     }
     PodChanges { create: 0, delete }
 }
@@ -89,25 +113,47 @@ mod tests {
     use proptest::prelude::*;
 
     fn pod(name: &str, allocated: bool, ready: bool, current: bool) -> PoolPod {
-        PoolPod { name: name.into(), allocated, ready, dead: false, current_revision: current }
+        PoolPod {
+            name: name.into(),
+            allocated,
+            ready,
+            dead: false,
+            current_revision: current,
+        }
     }
 
     #[test]
     fn grows_to_the_desired_size_counting_unseen_creations() {
         let pods = vec![pod("a", false, true, true)];
-        assert_eq!(changes(&pods, 2, 10), PodChanges { create: 7, delete: vec![] });
+        assert_eq!(
+            changes(&pods, 2, 10),
+            PodChanges {
+                create: 7,
+                delete: vec![]
+            }
+        );
     }
 
     #[test]
     fn shrinks_idle_pods_only_preferring_unready_ones() {
-        let pods = vec![pod("a", true, true, true), pod("b", false, true, true), pod("c", false, false, true)];
+        let pods = vec![
+            pod("a", true, true, true),
+            pod("b", false, true, true),
+            pod("c", false, false, true),
+        ];
         assert_eq!(changes(&pods, 0, 2).delete, ["c"]);
-        assert_eq!(changes(&pods, 0, 0).delete, ["c", "b"], "allocated pods are never deleted");
+        assert_eq!(
+            changes(&pods, 0, 0).delete,
+            ["c", "b"],
+            "allocated pods are never deleted"
+        );
     }
 
     #[test]
     fn rolls_old_idle_pods_a_step_at_a_time() {
-        let pods: Vec<PoolPod> = (0..8).map(|i| pod(&format!("old{i}"), false, true, false)).collect();
+        let pods: Vec<PoolPod> = (0..8)
+            .map(|i| pod(&format!("old{i}"), false, true, false))
+            .collect();
         let step = changes(&pods, 0, 8);
         assert_eq!((step.create, step.delete.len()), (0, 2));
         // While a replacement starts, no further old pod goes.
@@ -121,7 +167,13 @@ mod tests {
         let mut dead = pod("d", false, false, true);
         dead.dead = true;
         let pods = vec![dead, pod("a", false, true, true)];
-        assert_eq!(changes(&pods, 0, 2), PodChanges { create: 1, delete: vec!["d".into()] });
+        assert_eq!(
+            changes(&pods, 0, 2),
+            PodChanges {
+                create: 1,
+                delete: vec!["d".into()]
+            }
+        );
     }
 
     proptest! {

@@ -56,19 +56,35 @@ pub fn buffer_sizing(pool: &PoolSnapshot) -> SizingDecision {
     let idle = pool.total.saturating_sub(pool.allocated);
     let wanted_idle = idle
         .max(b.buffer_min.saturating_add(pool.unmet_demand))
-        .min(b.buffer_max.max(b.buffer_min).saturating_add(pool.unmet_demand));
+        .min(
+            b.buffer_max
+                .max(b.buffer_min)
+                .saturating_add(pool.unmet_demand),
+        );
     let wanted = pool.allocated.saturating_add(wanted_idle);
     let desired_total = clamp_to_bounds(wanted, &b);
     let reason = if desired_total < wanted {
-        format!("capped at poolMax {}: wanted {wanted} ({} allocated + {wanted_idle} idle)", b.pool_max, pool.allocated)
+        format!(
+            "capped at poolMax {}: wanted {wanted} ({} allocated + {wanted_idle} idle)",
+            b.pool_max, pool.allocated
+        )
     } else if desired_total > wanted {
         format!("raised to poolMin {}", b.pool_min)
     } else if pool.unmet_demand > 0 {
-        format!("{} allocated + {} unmet demand + buffer", pool.allocated, pool.unmet_demand)
+        format!(
+            "{} allocated + {} unmet demand + buffer",
+            pool.allocated, pool.unmet_demand
+        )
     } else {
-        format!("{} allocated + {wanted_idle} idle within buffer [{}, {}]", pool.allocated, b.buffer_min, b.buffer_max)
+        format!(
+            "{} allocated + {wanted_idle} idle within buffer [{}, {}]",
+            pool.allocated, b.buffer_min, b.buffer_max
+        )
     };
-    SizingDecision { desired_total, reason }
+    SizingDecision {
+        desired_total,
+        reason,
+    }
 }
 
 /// `value` within `[poolMin, poolMax]`; `poolMax` wins if the bounds conflict.
@@ -82,11 +98,23 @@ mod tests {
     use proptest::prelude::*;
 
     fn spec_bounds() -> Bounds {
-        Bounds { buffer_min: 5, buffer_max: 20, pool_min: 10, pool_max: 50 }
+        Bounds {
+            buffer_min: 5,
+            buffer_max: 20,
+            pool_min: 10,
+            pool_max: 50,
+        }
     }
 
     fn snapshot(total: u32, allocated: u32, unmet: u32) -> PoolSnapshot {
-        PoolSnapshot { bounds: spec_bounds(), total, allocated, available: total - allocated, unmet_demand: unmet, ..Default::default() }
+        PoolSnapshot {
+            bounds: spec_bounds(),
+            total,
+            allocated,
+            available: total - allocated,
+            unmet_demand: unmet,
+            ..Default::default()
+        }
     }
 
     #[test]

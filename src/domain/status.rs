@@ -22,10 +22,17 @@ pub struct ShardView {
 pub enum PoolSituation {
     /// Not pooled, or the pool can serve.
     Fine,
-    Missing { pool: String },
-    Terminating { pool: String },
+    Missing {
+        pool: String,
+    },
+    Terminating {
+        pool: String,
+    },
     /// The pool is at `poolMax` with no idle pod left.
-    Exhausted { pool: String, pool_max: i32 },
+    Exhausted {
+        pool: String,
+        pool_max: i32,
+    },
 }
 
 /// Everything the status is computed from.
@@ -50,7 +57,11 @@ pub const CONDITION_TASK_FAILED: &str = "TaskFailed";
 pub const CONDITION_POLICY_DEGRADED: &str = "PolicyDegraded";
 
 /// The status for `view`, keeping transition times from `previous`.
-pub fn batch_status(view: &BatchView, previous: &BatchSandboxStatus, now: &Time) -> BatchSandboxStatus {
+pub fn batch_status(
+    view: &BatchView,
+    previous: &BatchSandboxStatus,
+    now: &Time,
+) -> BatchSandboxStatus {
     let desired = view.shards.len() as i32;
     let count = |f: &dyn Fn(&ShardView) -> bool| view.shards.iter().filter(|s| f(s)).count() as i32;
     let allocated = count(&|s| s.has_pod);
@@ -66,9 +77,19 @@ pub fn batch_status(view: &BatchView, previous: &BatchSandboxStatus, now: &Time)
 
     let mut desired_conditions = vec![
         if ready == desired {
-            Desired::new(CONDITION_READY, true, "AllSandboxesReady", format!("{ready}/{desired} sandboxes ready"))
+            Desired::new(
+                CONDITION_READY,
+                true,
+                "AllSandboxesReady",
+                format!("{ready}/{desired} sandboxes ready"),
+            )
         } else {
-            Desired::new(CONDITION_READY, false, "SandboxesNotReady", format!("{ready}/{desired} sandboxes ready"))
+            Desired::new(
+                CONDITION_READY,
+                false,
+                "SandboxesNotReady",
+                format!("{ready}/{desired} sandboxes ready"),
+            )
         },
         progressing(view, desired, allocated, ready),
     ];
@@ -88,7 +109,12 @@ pub fn batch_status(view: &BatchView, previous: &BatchSandboxStatus, now: &Time)
         )
     });
     desired_conditions.push(match &view.policy_degraded {
-        Some(reason) => Desired::new(CONDITION_POLICY_DEGRADED, true, "PolicyFallback", reason.clone()),
+        Some(reason) => Desired::new(
+            CONDITION_POLICY_DEGRADED,
+            true,
+            "PolicyFallback",
+            reason.clone(),
+        ),
         None => Desired::new(CONDITION_POLICY_DEGRADED, false, "PoliciesHealthy", ""),
     });
 
@@ -102,20 +128,45 @@ pub fn batch_status(view: &BatchView, previous: &BatchSandboxStatus, now: &Time)
         task_succeed: phase(TaskPhase::Succeeded),
         task_failed: phase(TaskPhase::Failed),
         task_unknown: phase(TaskPhase::Unknown),
-        conditions: conditions::merge(&previous.conditions, &desired_conditions, now, view.generation),
+        conditions: conditions::merge(
+            &previous.conditions,
+            &desired_conditions,
+            now,
+            view.generation,
+        ),
     }
 }
 
 fn progressing(view: &BatchView, desired: i32, allocated: i32, ready: i32) -> Desired {
     let excess = view.live_pods as i32 - desired;
     if allocated < desired {
-        Desired::new(CONDITION_PROGRESSING, true, "Allocating", format!("{allocated}/{desired} sandboxes have a pod"))
+        Desired::new(
+            CONDITION_PROGRESSING,
+            true,
+            "Allocating",
+            format!("{allocated}/{desired} sandboxes have a pod"),
+        )
     } else if ready < desired {
-        Desired::new(CONDITION_PROGRESSING, true, "Starting", format!("{ready}/{desired} sandboxes ready"))
+        Desired::new(
+            CONDITION_PROGRESSING,
+            true,
+            "Starting",
+            format!("{ready}/{desired} sandboxes ready"),
+        )
     } else if excess > 0 {
-        Desired::new(CONDITION_PROGRESSING, true, "ScalingDown", format!("{excess} sandbox(es) being removed"))
+        Desired::new(
+            CONDITION_PROGRESSING,
+            true,
+            "ScalingDown",
+            format!("{excess} sandbox(es) being removed"),
+        )
     } else {
-        Desired::new(CONDITION_PROGRESSING, false, "Complete", format!("{desired} sandboxes delivered"))
+        Desired::new(
+            CONDITION_PROGRESSING,
+            false,
+            "Complete",
+            format!("{desired} sandboxes delivered"),
+        )
     }
 }
 
@@ -125,11 +176,21 @@ fn pool_conditions(pool: &PoolSituation) -> (Desired, Desired) {
     match pool {
         PoolSituation::Fine => (available, not_exhausted),
         PoolSituation::Missing { pool } => (
-            Desired::new(CONDITION_POOL_UNAVAILABLE, true, "PoolNotFound", format!("Pool {pool:?} does not exist in this namespace")),
+            Desired::new(
+                CONDITION_POOL_UNAVAILABLE,
+                true,
+                "PoolNotFound",
+                format!("Pool {pool:?} does not exist in this namespace"),
+            ),
             not_exhausted,
         ),
         PoolSituation::Terminating { pool } => (
-            Desired::new(CONDITION_POOL_UNAVAILABLE, true, "PoolTerminating", format!("Pool {pool:?} is being deleted; no new pods are allocated")),
+            Desired::new(
+                CONDITION_POOL_UNAVAILABLE,
+                true,
+                "PoolTerminating",
+                format!("Pool {pool:?} is being deleted; no new pods are allocated"),
+            ),
             not_exhausted,
         ),
         PoolSituation::Exhausted { pool, pool_max } => (
@@ -138,7 +199,9 @@ fn pool_conditions(pool: &PoolSituation) -> (Desired, Desired) {
                 CONDITION_POOL_EXHAUSTED,
                 true,
                 "PoolMaxReached",
-                format!("Pool {pool:?} is at poolMax ({pool_max}) with no idle pod; waiting for capacity to free up"),
+                format!(
+                    "Pool {pool:?} is at poolMax ({pool_max}) with no idle pod; waiting for capacity to free up"
+                ),
             ),
         ),
     }
@@ -154,22 +217,50 @@ mod tests {
     }
 
     fn shard(has_pod: bool, ready: bool, task: TaskPhase) -> ShardView {
-        ShardView { has_pod, ready, task }
+        ShardView {
+            has_pod,
+            ready,
+            task,
+        }
     }
 
     fn view(shards: Vec<ShardView>) -> BatchView {
         let live_pods = shards.iter().filter(|s| s.has_pod).count() as u32;
-        BatchView { generation: 3, pooled: false, shards, live_pods, pool: PoolSituation::Fine, policy_degraded: None }
+        BatchView {
+            generation: 3,
+            pooled: false,
+            shards,
+            live_pods,
+            pool: PoolSituation::Fine,
+            policy_degraded: None,
+        }
     }
 
-    fn condition<'a>(s: &'a BatchSandboxStatus, t: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    fn condition<'a>(
+        s: &'a BatchSandboxStatus,
+        t: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         s.conditions.iter().find(|c| c.type_ == t).expect(t)
     }
 
     #[test]
     fn spec_task_batch_counts() {
-        let s = batch_status(&view(vec![shard(true, true, TaskPhase::Succeeded); 3]), &Default::default(), &now());
-        assert_eq!((s.replicas, s.allocated, s.ready, s.task_succeed, s.task_running, s.task_failed), (3, 3, 3, 3, 0, 0));
+        let s = batch_status(
+            &view(vec![shard(true, true, TaskPhase::Succeeded); 3]),
+            &Default::default(),
+            &now(),
+        );
+        assert_eq!(
+            (
+                s.replicas,
+                s.allocated,
+                s.ready,
+                s.task_succeed,
+                s.task_running,
+                s.task_failed
+            ),
+            (3, 3, 3, 3, 0, 0)
+        );
         assert_eq!(condition(&s, "Ready").status, "True");
         assert_eq!(condition(&s, "Progressing").status, "False");
         assert_eq!(s.observed_generation, 3);
@@ -177,17 +268,30 @@ mod tests {
 
     #[test]
     fn shards_without_a_task_are_not_pending() {
-        let s = batch_status(&view(vec![shard(true, true, TaskPhase::None); 4]), &Default::default(), &now());
+        let s = batch_status(
+            &view(vec![shard(true, true, TaskPhase::None); 4]),
+            &Default::default(),
+            &now(),
+        );
         assert_eq!(s.task_pending, 0);
     }
 
     #[test]
     fn failures_and_exhaustion_show_as_conditions() {
-        let mut v = view(vec![shard(true, true, TaskPhase::Failed), shard(false, false, TaskPhase::Pending)]);
+        let mut v = view(vec![
+            shard(true, true, TaskPhase::Failed),
+            shard(false, false, TaskPhase::Pending),
+        ]);
         v.pooled = true;
-        v.pool = PoolSituation::Exhausted { pool: "p".into(), pool_max: 2 };
+        v.pool = PoolSituation::Exhausted {
+            pool: "p".into(),
+            pool_max: 2,
+        };
         let s = batch_status(&v, &Default::default(), &now());
-        assert_eq!(condition(&s, "TaskFailed").message, "task failed on shard(s) 0");
+        assert_eq!(
+            condition(&s, "TaskFailed").message,
+            "task failed on shard(s) 0"
+        );
         assert_eq!(condition(&s, "PoolExhausted").status, "True");
         assert_eq!(condition(&s, "Progressing").reason, "Allocating");
     }

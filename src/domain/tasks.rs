@@ -50,7 +50,10 @@ fn merge_process(base: &ProcessTask, patch: &ProcessTask) -> ProcessTask {
         command: patch.command.clone().or_else(|| base.command.clone()),
         args: patch.args.clone().or_else(|| base.args.clone()),
         env: merge_env(base.env.as_deref(), patch.env.as_deref()),
-        working_dir: patch.working_dir.clone().or_else(|| base.working_dir.clone()),
+        working_dir: patch
+            .working_dir
+            .clone()
+            .or_else(|| base.working_dir.clone()),
     }
 }
 
@@ -62,7 +65,10 @@ fn merge_env(base: Option<&[EnvVar]>, patch: Option<&[EnvVar]>) -> Option<Vec<En
         (Some(b), Some(p)) => {
             let mut merged = b.to_vec();
             for entry in p {
-                match merged.iter_mut().find(|existing| existing.name == entry.name) {
+                match merged
+                    .iter_mut()
+                    .find(|existing| existing.name == entry.name)
+                {
                     Some(existing) => *existing = entry.clone(),
                     None => merged.push(entry.clone()),
                 }
@@ -78,7 +84,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn env(name: &str, value: &str) -> EnvVar {
-        EnvVar { name: name.into(), value: Some(value.into()) }
+        EnvVar {
+            name: name.into(),
+            value: Some(value.into()),
+        }
     }
 
     fn task(command: &[&str], args: &[&str], envs: Vec<EnvVar>) -> TaskTemplateSpec {
@@ -97,16 +106,31 @@ mod tests {
 
     #[test]
     fn spec_heterogeneous_example_gives_each_shard_its_patch() {
-        let template = task(&["echo"], &["Default message"], vec![env("TASK_TYPE", "default")]);
+        let template = task(
+            &["echo"],
+            &["Default message"],
+            vec![env("TASK_TYPE", "default")],
+        );
         let patches = vec![
-            task(&["python"], &["-m", "http.server", "8080"], vec![env("TASK_TYPE", "web-server")]),
-            task(&["bash"], &["-c", "while true; do date; sleep 5; done"], vec![env("TASK_TYPE", "logger")]),
+            task(
+                &["python"],
+                &["-m", "http.server", "8080"],
+                vec![env("TASK_TYPE", "web-server")],
+            ),
+            task(
+                &["bash"],
+                &["-c", "while true; do date; sleep 5; done"],
+                vec![env("TASK_TYPE", "logger")],
+            ),
             task(&["sleep"], &["3600"], vec![env("TASK_TYPE", "idle")]),
         ];
         let tasks = shard_tasks(3, Some(&template), &patches);
         let process = |i: usize| tasks[i].as_ref().unwrap().process.as_ref().unwrap().clone();
         assert_eq!(process(0).command.unwrap(), ["python"]);
-        assert_eq!(process(1).args.unwrap(), ["-c", "while true; do date; sleep 5; done"]);
+        assert_eq!(
+            process(1).args.unwrap(),
+            ["-c", "while true; do date; sleep 5; done"]
+        );
         assert_eq!(process(2).env.unwrap(), vec![env("TASK_TYPE", "idle")]);
     }
 
@@ -120,7 +144,10 @@ mod tests {
     #[test]
     fn shards_without_template_or_patch_have_no_task() {
         // The spec's test-runners example: 10 replicas, two patches, no template.
-        let patches = vec![task(&["pytest"], &["tests/unit"], vec![]), task(&["pytest"], &["tests/integration"], vec![])];
+        let patches = vec![
+            task(&["pytest"], &["tests/unit"], vec![]),
+            task(&["pytest"], &["tests/integration"], vec![]),
+        ];
         let tasks = shard_tasks(10, None, &patches);
         assert!(tasks[0].is_some() && tasks[1].is_some());
         assert!(tasks[2..].iter().all(Option::is_none));
@@ -131,21 +158,35 @@ mod tests {
         let template = task(&["run"], &[], vec![env("A", "1"), env("B", "2")]);
         let patch = TaskTemplateSpec {
             spec: Some(TaskSpec {
-                process: Some(ProcessTask { env: Some(vec![env("C", "3"), env("A", "9")]), ..Default::default() }),
+                process: Some(ProcessTask {
+                    env: Some(vec![env("C", "3"), env("A", "9")]),
+                    ..Default::default()
+                }),
                 timeout_seconds: Some(5),
             }),
         };
         let merged = shard_task(Some(&template), Some(&patch)).unwrap();
         let process = merged.process.unwrap();
-        assert_eq!(process.env.unwrap(), vec![env("A", "9"), env("B", "2"), env("C", "3")]);
-        assert_eq!(process.command.unwrap(), ["run"], "an unset command keeps the template's");
+        assert_eq!(
+            process.env.unwrap(),
+            vec![env("A", "9"), env("B", "2"), env("C", "3")]
+        );
+        assert_eq!(
+            process.command.unwrap(),
+            ["run"],
+            "an unset command keeps the template's"
+        );
         assert_eq!(merged.timeout_seconds, Some(5));
     }
 
     fn arb_task() -> impl Strategy<Value = TaskTemplateSpec> {
         let words = prop::collection::vec("[a-z]{1,4}", 0..3);
-        let envs = prop::collection::vec(("[A-C]", "[a-z]{0,3}"), 0..4)
-            .prop_map(|pairs| pairs.into_iter().map(|(n, v)| env(&n, &v)).collect::<Vec<_>>());
+        let envs = prop::collection::vec(("[A-C]", "[a-z]{0,3}"), 0..4).prop_map(|pairs| {
+            pairs
+                .into_iter()
+                .map(|(n, v)| env(&n, &v))
+                .collect::<Vec<_>>()
+        });
         (
             prop::option::of(words.clone()),
             prop::option::of(words),
@@ -154,7 +195,12 @@ mod tests {
         )
             .prop_map(|(command, args, env, timeout_seconds)| TaskTemplateSpec {
                 spec: Some(TaskSpec {
-                    process: Some(ProcessTask { command, args, env, working_dir: None }),
+                    process: Some(ProcessTask {
+                        command,
+                        args,
+                        env,
+                        working_dir: None,
+                    }),
                     timeout_seconds,
                 }),
             })

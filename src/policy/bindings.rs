@@ -63,7 +63,10 @@ impl From<&PoolSnapshot> for sizing::wit::PoolSnapshot {
             recent_allocations: p
                 .recent_allocations
                 .iter()
-                .map(|e| sizing::wit::AllocationEvent { at_unix_ms: e.at_unix_ms, count: e.count })
+                .map(|e| sizing::wit::AllocationEvent {
+                    at_unix_ms: e.at_unix_ms,
+                    count: e.count,
+                })
                 .collect(),
             now_unix_ms: p.now_unix_ms,
         }
@@ -72,7 +75,10 @@ impl From<&PoolSnapshot> for sizing::wit::PoolSnapshot {
 
 impl From<sizing::wit::SizingDecision> for SizingDecision {
     fn from(d: sizing::wit::SizingDecision) -> Self {
-        Self { desired_total: d.desired_total, reason: d.reason }
+        Self {
+            desired_total: d.desired_total,
+            reason: d.reason,
+        }
     }
 }
 
@@ -89,13 +95,18 @@ impl From<&ShardTaskInput> for shard::wit::BatchInput {
 
 impl From<&TaskTemplateSpec> for shard::wit::TaskTemplate {
     fn from(t: &TaskTemplateSpec) -> Self {
-        Self { spec: t.spec.as_ref().map(Into::into) }
+        Self {
+            spec: t.spec.as_ref().map(Into::into),
+        }
     }
 }
 
 impl From<&TaskSpec> for shard::wit::TaskSpec {
     fn from(t: &TaskSpec) -> Self {
-        Self { process: t.process.as_ref().map(Into::into), timeout_seconds: t.timeout_seconds }
+        Self {
+            process: t.process.as_ref().map(Into::into),
+            timeout_seconds: t.timeout_seconds,
+        }
     }
 }
 
@@ -105,7 +116,12 @@ impl From<&ProcessTask> for shard::wit::ProcessTask {
             command: p.command.clone(),
             args: p.args.clone(),
             env: p.env.as_ref().map(|env| {
-                env.iter().map(|e| shard::wit::EnvVar { name: e.name.clone(), value: e.value.clone() }).collect()
+                env.iter()
+                    .map(|e| shard::wit::EnvVar {
+                        name: e.name.clone(),
+                        value: e.value.clone(),
+                    })
+                    .collect()
             }),
             working_dir: p.working_dir.clone(),
         }
@@ -114,7 +130,10 @@ impl From<&ProcessTask> for shard::wit::ProcessTask {
 
 impl From<shard::wit::TaskSpec> for TaskSpec {
     fn from(t: shard::wit::TaskSpec) -> Self {
-        Self { process: t.process.map(Into::into), timeout_seconds: t.timeout_seconds }
+        Self {
+            process: t.process.map(Into::into),
+            timeout_seconds: t.timeout_seconds,
+        }
     }
 }
 
@@ -123,7 +142,14 @@ impl From<shard::wit::ProcessTask> for ProcessTask {
         Self {
             command: p.command,
             args: p.args,
-            env: p.env.map(|env| env.into_iter().map(|e| EnvVar { name: e.name, value: e.value }).collect()),
+            env: p.env.map(|env| {
+                env.into_iter()
+                    .map(|e| EnvVar {
+                        name: e.name,
+                        value: e.value,
+                    })
+                    .collect()
+            }),
             working_dir: p.working_dir,
         }
     }

@@ -5,9 +5,18 @@ use std::path::{Path, PathBuf};
 
 use super::host::Decision;
 
-pub const DEFAULT_POOL_SIZING: &[u8] = include_bytes!(concat!(env!("SANDBOX_POLICY_WASM_DIR"), "/default_pool_sizing.wasm"));
-pub const DEFAULT_SHARD_TASKS: &[u8] = include_bytes!(concat!(env!("SANDBOX_POLICY_WASM_DIR"), "/default_shard_tasks.wasm"));
-pub const DEFAULT_EXPIRY: &[u8] = include_bytes!(concat!(env!("SANDBOX_POLICY_WASM_DIR"), "/default_expiry.wasm"));
+pub const DEFAULT_POOL_SIZING: &[u8] = include_bytes!(concat!(
+    env!("SANDBOX_POLICY_WASM_DIR"),
+    "/default_pool_sizing.wasm"
+));
+pub const DEFAULT_SHARD_TASKS: &[u8] = include_bytes!(concat!(
+    env!("SANDBOX_POLICY_WASM_DIR"),
+    "/default_shard_tasks.wasm"
+));
+pub const DEFAULT_EXPIRY: &[u8] = include_bytes!(concat!(
+    env!("SANDBOX_POLICY_WASM_DIR"),
+    "/default_expiry.wasm"
+));
 
 /// The embedded default component for `decision`.
 pub fn default_component(decision: Decision) -> &'static [u8] {

@@ -1,7 +1,6 @@
 //! `sandbox-controller policy check|test|bench`: try a policy component without a cluster.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -61,7 +60,15 @@ pub struct BenchArgs {
     pub runs: usize,
 }
 
-pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+/// Exit status: all good.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: the component does not load (or `check` found a problem).
+pub const EXIT_FAILED: i32 = 1;
+/// Exit status of `test`: the decision is a fallback (`degraded` says why).
+pub const EXIT_DEGRADED: i32 = 3;
+
+/// Runs a `policy` subcommand; returns the process exit status.
+pub fn run(command: PolicyCommand) -> anyhow::Result<i32> {
     match command {
         PolicyCommand::Check(args) => check(&args),
         PolicyCommand::Test(args) => test(&args),
@@ -75,37 +82,53 @@ const CLI_POLICY: &str = "cli";
 fn read_input(file: &Path, settings: Option<&Path>) -> anyhow::Result<PolicyInput> {
     let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let settings = match settings {
-        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
         None => std::fs::read_to_string(file.with_extension("json")).ok(),
     };
-    Ok(PolicyInput { wasm, settings, pinned_sha256: None })
+    Ok(PolicyInput {
+        wasm,
+        settings,
+        pinned_sha256: None,
+    })
 }
 
-fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+fn check(args: &CheckArgs) -> anyhow::Result<i32> {
     let input = read_input(&args.file, args.settings.as_deref())?;
     let policies = WasmPolicies::new(Limits::default())?;
     let compiled = match policies.host().compile(&input.wasm) {
         Ok(compiled) => compiled,
         Err(error) => {
             println!("{}: {error}", args.file.display());
-            return Ok(ExitCode::FAILURE);
+            return Ok(EXIT_FAILED);
         }
     };
-    println!("{}: sha256 {} ({} bytes)", args.file.display(), compiled.digest, compiled.size_bytes);
+    println!(
+        "{}: sha256 {} ({} bytes)",
+        args.file.display(),
+        compiled.digest,
+        compiled.size_bytes
+    );
     for decision in Decision::ALL {
         match compiled.why_not(decision) {
             None => println!("  implements {} ({decision})", decision.world()),
             Some(why) => println!("  does not implement {}: {why}", decision.world()),
         }
     }
-    match policies.load(CLI_POLICY, Source::Directory, &args.file.display().to_string(), &input) {
+    match policies.load(
+        CLI_POLICY,
+        Source::Directory,
+        &args.file.display().to_string(),
+        &input,
+    ) {
         Ok(_) => {
             println!("  settings accepted");
-            Ok(ExitCode::SUCCESS)
+            Ok(EXIT_OK)
         }
         Err(error) => {
             println!("  not loadable: {error}");
-            Ok(ExitCode::FAILURE)
+            Ok(EXIT_FAILED)
         }
     }
 }
@@ -117,15 +140,26 @@ struct TestOutput<T> {
     degraded: Option<String>,
 }
 
-fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
+fn test(args: &TestArgs) -> anyhow::Result<i32> {
     let input = read_input(&args.file, args.settings.as_deref())?;
     let policies = WasmPolicies::new(Limits::default())?;
-    if let Err(error) = policies.load(CLI_POLICY, Source::Directory, &args.file.display().to_string(), &input) {
+    if let Err(error) = policies.load(
+        CLI_POLICY,
+        Source::Directory,
+        &args.file.display().to_string(),
+        &input,
+    ) {
         bail!("{} does not load: {error}", args.file.display());
     }
-    let implemented = policies.status().into_iter().flat_map(|s| s.decisions).collect::<Vec<_>>();
+    let implemented = policies
+        .status()
+        .into_iter()
+        .flat_map(|s| s.decisions)
+        .collect::<Vec<_>>();
     let decision = match args.decision.as_deref() {
-        Some(name) => Decision::from_name(name).with_context(|| format!("unknown decision {name:?}; use pool-sizing, shard-tasks or expiry"))?,
+        Some(name) => Decision::from_name(name).with_context(|| {
+            format!("unknown decision {name:?}; use pool-sizing, shard-tasks or expiry")
+        })?,
         None => match implemented.as_slice() {
             [only] => *only,
             _ => bail!("the component implements {implemented:?}; choose one with --decision"),
@@ -134,14 +168,21 @@ fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
     let text = if args.input == Path::new("-") {
         std::io::read_to_string(std::io::stdin()).context("reading the input from stdin")?
     } else {
-        std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?
+        std::fs::read_to_string(&args.input)
+            .with_context(|| format!("reading {}", args.input.display()))?
     };
     let given: Value = serde_json::from_str(&text).context("the input is not JSON")?;
     let now = now_unix_ms();
     let selector = Some(CLI_POLICY);
     let degraded = match decision {
         Decision::PoolSizing => {
-            let pool: PoolSnapshot = with_defaults(PoolSnapshot { now_unix_ms: now, ..Default::default() }, given)?;
+            let pool: PoolSnapshot = with_defaults(
+                PoolSnapshot {
+                    now_unix_ms: now,
+                    ..Default::default()
+                },
+                given,
+            )?;
             print_outcome(policies.pool_sizing(selector, &pool))?
         }
         Decision::ShardTasks => {
@@ -149,16 +190,25 @@ fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
             print_outcome(policies.shard_tasks(selector, &batch))?
         }
         Decision::Expiry => {
-            let batch: BatchSnapshot = with_defaults(BatchSnapshot { now_unix_ms: now, ..Default::default() }, given)?;
+            let batch: BatchSnapshot = with_defaults(
+                BatchSnapshot {
+                    now_unix_ms: now,
+                    ..Default::default()
+                },
+                given,
+            )?;
             print_outcome(policies.expiry(selector, &batch))?
         }
     };
-    Ok(if degraded { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
 }
 
 fn print_outcome<T: Serialize>(outcome: super::Outcome<T>) -> anyhow::Result<bool> {
     let degraded = outcome.degraded.is_some();
-    let output = TestOutput { decision: outcome.decision, degraded: outcome.degraded };
+    let output = TestOutput {
+        decision: outcome.decision,
+        degraded: outcome.degraded,
+    };
     println!("{}", serde_json::to_string_pretty(&output)?);
     Ok(degraded)
 }
@@ -187,7 +237,9 @@ fn overlay(base: &mut Value, given: Value) {
 }
 
 fn now_unix_ms() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -196,14 +248,24 @@ pub fn bench_inputs() -> (PoolSnapshot, ShardTaskInput, BatchSnapshot) {
     let now = 1_800_000_000_000;
     let pool = PoolSnapshot {
         pool_name: "bench".into(),
-        bounds: Bounds { buffer_min: 5, buffer_max: 20, pool_min: 10, pool_max: 500 },
+        bounds: Bounds {
+            buffer_min: 5,
+            buffer_max: 20,
+            pool_min: 10,
+            pool_max: 500,
+        },
         total: 120,
         allocated: 100,
         available: 15,
         pending: 5,
         terminating: 2,
         unmet_demand: 7,
-        recent_allocations: (0..64).map(|i| AllocationEvent { at_unix_ms: now - 60_000 + i * 900, count: 2 }).collect(),
+        recent_allocations: (0..64)
+            .map(|i| AllocationEvent {
+                at_unix_ms: now - 60_000 + i * 900,
+                count: 2,
+            })
+            .collect(),
         now_unix_ms: now,
     };
     let task = |command: &str, env: &[(&str, &str)]| TaskTemplateSpec {
@@ -211,7 +273,14 @@ pub fn bench_inputs() -> (PoolSnapshot, ShardTaskInput, BatchSnapshot) {
             process: Some(ProcessTask {
                 command: Some(vec![command.into()]),
                 args: Some(vec!["-c".into(), "run --fast".into()]),
-                env: Some(env.iter().map(|(n, v)| EnvVar { name: (*n).into(), value: Some((*v).into()) }).collect()),
+                env: Some(
+                    env.iter()
+                        .map(|(n, v)| EnvVar {
+                            name: (*n).into(),
+                            value: Some((*v).into()),
+                        })
+                        .collect(),
+                ),
                 working_dir: None,
             }),
             timeout_seconds: Some(600),
@@ -221,7 +290,9 @@ pub fn bench_inputs() -> (PoolSnapshot, ShardTaskInput, BatchSnapshot) {
         batch_name: "bench".into(),
         replicas: 10,
         task_template: Some(task("sh", &[("A", "1"), ("B", "2"), ("C", "3")])),
-        shard_patches: (0..3).map(|i| task("python", &[("B", "patched"), (["X", "Y", "Z"][i], "new")])).collect(),
+        shard_patches: (0..3)
+            .map(|i| task("python", &[("B", "patched"), (["X", "Y", "Z"][i], "new")]))
+            .collect(),
     };
     let expiring = BatchSnapshot {
         name: "bench".into(),
@@ -233,18 +304,32 @@ pub fn bench_inputs() -> (PoolSnapshot, ShardTaskInput, BatchSnapshot) {
     (pool, batch, expiring)
 }
 
-fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
     let runs = args.runs.max(10);
     let started = Instant::now();
     let policies = WasmPolicies::new(Limits::default())?;
-    println!("engine start + compiling the 3 embedded defaults: {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "engine start + compiling the 3 embedded defaults: {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
     let (pool, batch, expiring) = bench_inputs();
-    println!("{runs} decisions each (fresh instance + call + output validation), after 100 warm-up calls:");
-    println!("{:<12} {:>9} {:>9} {:>9} {:>9}   {:>12}", "policy", "p50 µs", "p99 µs", "max µs", "mean µs", "native p50 µs");
-    let report = |name: &str, wasm: &mut dyn FnMut() -> bool, native: &mut dyn FnMut()| -> anyhow::Result<()> {
+    println!(
+        "{runs} decisions each (fresh instance + call + output validation), after 100 warm-up calls:"
+    );
+    println!(
+        "{:<12} {:>9} {:>9} {:>9} {:>9}   {:>12}",
+        "policy", "p50 µs", "p99 µs", "max µs", "mean µs", "native p50 µs"
+    );
+    let report = |name: &str,
+                  wasm: &mut dyn FnMut() -> bool,
+                  native: &mut dyn FnMut()|
+     -> anyhow::Result<()> {
         let samples = measure(runs, || {
             let degraded = wasm();
-            assert!(!degraded, "the default policy degraded during the benchmark");
+            assert!(
+                !degraded,
+                "the default policy degraded during the benchmark"
+            );
         });
         let native = measure(runs, native);
         println!(
@@ -260,19 +345,27 @@ fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     report(
         "pool-sizing",
         &mut || policies.pool_sizing(None, &pool).degraded.is_some(),
-        &mut || drop(std::hint::black_box(NativePolicies.pool_sizing(None, &pool))),
+        &mut || {
+            drop(std::hint::black_box(
+                NativePolicies.pool_sizing(None, &pool),
+            ))
+        },
     )?;
     report(
         "shard-tasks",
         &mut || policies.shard_tasks(None, &batch).degraded.is_some(),
-        &mut || drop(std::hint::black_box(NativePolicies.shard_tasks(None, &batch))),
+        &mut || {
+            drop(std::hint::black_box(
+                NativePolicies.shard_tasks(None, &batch),
+            ))
+        },
     )?;
     report(
         "expiry",
         &mut || policies.expiry(None, &expiring).degraded.is_some(),
         &mut || drop(std::hint::black_box(NativePolicies.expiry(None, &expiring))),
     )?;
-    Ok(ExitCode::SUCCESS)
+    Ok(EXIT_OK)
 }
 
 /// Sorted durations of `runs` calls of `f`, after a warm-up.
@@ -309,10 +402,23 @@ mod tests {
 
     #[test]
     fn inputs_may_leave_out_fields() {
-        let pool: PoolSnapshot =
-            with_defaults(PoolSnapshot { now_unix_ms: 7, ..Default::default() }, serde_json::json!({"bounds": {"pool_max": 9}, "total": 3}))
-                .unwrap();
-        assert_eq!((pool.bounds.pool_max, pool.bounds.pool_min, pool.total, pool.now_unix_ms), (9, 0, 3, 7));
+        let pool: PoolSnapshot = with_defaults(
+            PoolSnapshot {
+                now_unix_ms: 7,
+                ..Default::default()
+            },
+            serde_json::json!({"bounds": {"pool_max": 9}, "total": 3}),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                pool.bounds.pool_max,
+                pool.bounds.pool_min,
+                pool.total,
+                pool.now_unix_ms
+            ),
+            (9, 0, 3, 7)
+        );
     }
 
     #[test]

@@ -50,7 +50,9 @@ impl Decision {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|d| d.name() == name || d.world() == name)
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == name || d.world() == name)
     }
 
     pub(crate) fn index(self) -> usize {
@@ -81,7 +83,12 @@ impl Default for Limits {
     /// Generous for any sane decision (the defaults use well under 1% of the fuel on large
     /// inputs), tight enough that a runaway guest is stopped in a fraction of a second.
     fn default() -> Self {
-        Self { fuel: 100_000_000, timeout: Duration::from_secs(1), memory_bytes: 64 << 20, max_wasm_stack: 512 << 10 }
+        Self {
+            fuel: 100_000_000,
+            timeout: Duration::from_secs(1),
+            memory_bytes: 64 << 20,
+            max_wasm_stack: 512 << 10,
+        }
     }
 }
 
@@ -111,7 +118,10 @@ pub enum LoadError {
     #[error("settings are not valid JSON: {0}")]
     SettingsNotJson(String),
     #[error("{decision} rejected its settings: {error}")]
-    Settings { decision: Decision, error: CallError },
+    Settings {
+        decision: Decision,
+        error: CallError,
+    },
     #[error("reading {path}: {error}")]
     Read { path: String, error: String },
 }
@@ -175,24 +185,38 @@ impl CompiledPolicy {
     }
 
     pub fn decisions(&self) -> Vec<Decision> {
-        Decision::ALL.into_iter().filter(|d| self.implements(*d)).collect()
+        Decision::ALL
+            .into_iter()
+            .filter(|d| self.implements(*d))
+            .collect()
     }
 
     /// Why the component does not implement `decision`, if it does not.
     pub fn why_not(&self, decision: Decision) -> Option<&str> {
-        self.missing.iter().find(|(d, _)| *d == decision).map(|(_, why)| why.as_str())
+        self.missing
+            .iter()
+            .find(|(d, _)| *d == decision)
+            .map(|(_, why)| why.as_str())
     }
 }
 
 impl fmt::Debug for CompiledPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CompiledPolicy").field("digest", &self.digest).field("decisions", &self.decisions()).finish()
+        f.debug_struct("CompiledPolicy")
+            .field("digest", &self.digest)
+            .field("decisions", &self.decisions())
+            .finish()
     }
 }
 
 /// The typed pre-instance for one world, or why the component does not implement it.
-fn implemented<T>(decision: Decision, pre: wasmtime::Result<T>, missing: &mut Vec<(Decision, String)>) -> Option<T> {
-    pre.map_err(|e| missing.push((decision, format!("{e:#}")))).ok()
+fn implemented<T>(
+    decision: Decision,
+    pre: wasmtime::Result<T>,
+    missing: &mut Vec<(Decision, String)>,
+) -> Option<T> {
+    pre.map_err(|e| missing.push((decision, format!("{e:#}"))))
+        .ok()
 }
 
 /// Hex sha256 of `bytes`.
@@ -225,14 +249,27 @@ const MAX_TABLES: usize = 64;
 const MAX_MEMORIES: usize = 16;
 
 impl ResourceLimiter for CallLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
-            return Err(wasmtime::Error::new(MemoryLimitExceeded { limit: self.memory_bytes, asked: desired }));
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit: self.memory_bytes,
+                asked: desired,
+            }));
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 
@@ -302,7 +339,12 @@ impl WasmHost {
             .concurrency_support(false);
         let engine = Engine::new(&config).map_err(|e| HostError(e.to_string()))?;
         let ticker = EpochTicker::start(&engine)?;
-        Ok(Self { engine, limits, compiled: Mutex::new(HashMap::new()), _ticker: ticker })
+        Ok(Self {
+            engine,
+            limits,
+            compiled: Mutex::new(HashMap::new()),
+            _ticker: ticker,
+        })
     }
 
     pub fn limits(&self) -> Limits {
@@ -315,51 +357,92 @@ impl WasmHost {
         if let Some(hit) = self.cached(&digest) {
             return Ok(hit);
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let mut linker = Linker::<CallState>::new(&self.engine);
-        linker.define_unknown_imports_as_traps(&component).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
 
         let mut missing = Vec::new();
         let policy = CompiledPolicy {
             digest: digest.clone(),
             size_bytes: bytes.len(),
-            sizing: implemented(Decision::PoolSizing, sizing::PoolSizingPolicyPre::new(pre.clone()), &mut missing),
-            shard: implemented(Decision::ShardTasks, shard::ShardTasksPolicyPre::new(pre.clone()), &mut missing),
-            expiry: implemented(Decision::Expiry, expiry::ExpiryPolicyPre::new(pre), &mut missing),
+            sizing: implemented(
+                Decision::PoolSizing,
+                sizing::PoolSizingPolicyPre::new(pre.clone()),
+                &mut missing,
+            ),
+            shard: implemented(
+                Decision::ShardTasks,
+                shard::ShardTasksPolicyPre::new(pre.clone()),
+                &mut missing,
+            ),
+            expiry: implemented(
+                Decision::Expiry,
+                expiry::ExpiryPolicyPre::new(pre),
+                &mut missing,
+            ),
             missing,
         };
         if policy.decisions().is_empty() {
-            let reasons = policy.missing.iter().map(|(d, why)| format!("{}: {why}", d.world())).collect();
+            let reasons = policy
+                .missing
+                .iter()
+                .map(|(d, why)| format!("{}: {why}", d.world()))
+                .collect();
             return Err(LoadError::NoPolicyWorld(reasons));
         }
         let policy = Arc::new(policy);
-        let mut compiled = self.compiled.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut compiled = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         compiled.retain(|_, weak| weak.strong_count() > 0);
         compiled.insert(digest, Arc::downgrade(&policy));
         Ok(policy)
     }
 
     fn cached(&self, digest: &str) -> Option<Arc<CompiledPolicy>> {
-        let compiled = self.compiled.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let compiled = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         compiled.get(digest).and_then(Weak::upgrade)
     }
 
     /// A store with this host's limits, good for one instantiation and call.
     fn store(&self) -> Store<CallState> {
-        let mut store = Store::new(&self.engine, CallState { limiter: CallLimiter { memory_bytes: self.limits.memory_bytes } });
+        let mut store = Store::new(
+            &self.engine,
+            CallState {
+                limiter: CallLimiter {
+                    memory_bytes: self.limits.memory_bytes,
+                },
+            },
+        );
         store.limiter(|state| &mut state.limiter);
         // Fuel is enabled on the engine, so this cannot fail.
         let _ = store.set_fuel(self.limits.fuel);
         let tick = EPOCH_TICK.as_micros().max(1);
-        store.set_epoch_deadline(u64::try_from(self.limits.timeout.as_micros().div_ceil(tick)).unwrap_or(u64::MAX).max(1));
+        store.set_epoch_deadline(
+            u64::try_from(self.limits.timeout.as_micros().div_ceil(tick))
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
         store.epoch_deadline_trap();
         store
     }
 
     fn classify(&self, error: wasmtime::Error) -> CallError {
         if let Some(m) = error.downcast_ref::<MemoryLimitExceeded>() {
-            return CallError::MemoryLimit { limit: m.limit, asked: m.asked };
+            return CallError::MemoryLimit {
+                limit: m.limit,
+                asked: m.asked,
+            };
         }
         match error.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => CallError::OutOfFuel(self.limits.fuel),
@@ -371,51 +454,97 @@ impl WasmHost {
     }
 
     /// Asks the component whether it accepts `settings` for `decision`.
-    pub fn validate_settings(&self, policy: &CompiledPolicy, decision: Decision, settings: &str) -> Result<(), CallError> {
+    pub fn validate_settings(
+        &self,
+        policy: &CompiledPolicy,
+        decision: Decision,
+        settings: &str,
+    ) -> Result<(), CallError> {
         let mut store = self.store();
         let result = match decision {
             Decision::PoolSizing => {
-                let pre = policy.sizing.as_ref().ok_or(CallError::WrongWorld(decision))?;
+                let pre = policy
+                    .sizing
+                    .as_ref()
+                    .ok_or(CallError::WrongWorld(decision))?;
                 pre.instantiate(&mut store).and_then(|i| {
-                    i.opensandbox_policy_pool_sizing().call_validate_settings(&mut store, settings).map(|r| r.map_err(|e| e.text()))
+                    i.opensandbox_policy_pool_sizing()
+                        .call_validate_settings(&mut store, settings)
+                        .map(|r| r.map_err(|e| e.text()))
                 })
             }
             Decision::ShardTasks => {
-                let pre = policy.shard.as_ref().ok_or(CallError::WrongWorld(decision))?;
+                let pre = policy
+                    .shard
+                    .as_ref()
+                    .ok_or(CallError::WrongWorld(decision))?;
                 pre.instantiate(&mut store).and_then(|i| {
-                    i.opensandbox_policy_shard_tasks().call_validate_settings(&mut store, settings).map(|r| r.map_err(|e| e.text()))
+                    i.opensandbox_policy_shard_tasks()
+                        .call_validate_settings(&mut store, settings)
+                        .map(|r| r.map_err(|e| e.text()))
                 })
             }
             Decision::Expiry => {
-                let pre = policy.expiry.as_ref().ok_or(CallError::WrongWorld(decision))?;
+                let pre = policy
+                    .expiry
+                    .as_ref()
+                    .ok_or(CallError::WrongWorld(decision))?;
                 pre.instantiate(&mut store).and_then(|i| {
-                    i.opensandbox_policy_expiry().call_validate_settings(&mut store, settings).map(|r| r.map_err(|e| e.text()))
+                    i.opensandbox_policy_expiry()
+                        .call_validate_settings(&mut store, settings)
+                        .map(|r| r.map_err(|e| e.text()))
                 })
             }
         };
-        result.map_err(|e| self.classify(e))?.map_err(CallError::Refused)
+        result
+            .map_err(|e| self.classify(e))?
+            .map_err(CallError::Refused)
     }
 
     /// The policy's raw sizing decision (not yet checked against the pool's bounds).
-    pub fn pool_sizing(&self, policy: &CompiledPolicy, settings: &str, pool: &PoolSnapshot) -> Result<SizingDecision, CallError> {
-        let pre = policy.sizing.as_ref().ok_or(CallError::WrongWorld(Decision::PoolSizing))?;
+    pub fn pool_sizing(
+        &self,
+        policy: &CompiledPolicy,
+        settings: &str,
+        pool: &PoolSnapshot,
+    ) -> Result<SizingDecision, CallError> {
+        let pre = policy
+            .sizing
+            .as_ref()
+            .ok_or(CallError::WrongWorld(Decision::PoolSizing))?;
         let mut store = self.store();
         let input = sizing::wit::PoolSnapshot::from(pool);
         let output = pre
             .instantiate(&mut store)
-            .and_then(|i| i.opensandbox_policy_pool_sizing().call_decide(&mut store, settings, &input))
+            .and_then(|i| {
+                i.opensandbox_policy_pool_sizing()
+                    .call_decide(&mut store, settings, &input)
+            })
             .map_err(|e| self.classify(e))?;
-        output.map(Into::into).map_err(|e| CallError::Refused(e.text()))
+        output
+            .map(Into::into)
+            .map_err(|e| CallError::Refused(e.text()))
     }
 
     /// The policy's raw shard tasks (not yet checked against the batch).
-    pub fn shard_tasks(&self, policy: &CompiledPolicy, settings: &str, batch: &ShardTaskInput) -> Result<ShardTasks, CallError> {
-        let pre = policy.shard.as_ref().ok_or(CallError::WrongWorld(Decision::ShardTasks))?;
+    pub fn shard_tasks(
+        &self,
+        policy: &CompiledPolicy,
+        settings: &str,
+        batch: &ShardTaskInput,
+    ) -> Result<ShardTasks, CallError> {
+        let pre = policy
+            .shard
+            .as_ref()
+            .ok_or(CallError::WrongWorld(Decision::ShardTasks))?;
         let mut store = self.store();
         let input = shard::wit::BatchInput::from(batch);
         let output = pre
             .instantiate(&mut store)
-            .and_then(|i| i.opensandbox_policy_shard_tasks().call_decide(&mut store, settings, &input))
+            .and_then(|i| {
+                i.opensandbox_policy_shard_tasks()
+                    .call_decide(&mut store, settings, &input)
+            })
             .map_err(|e| self.classify(e))?;
         output
             .map(|tasks| tasks.into_iter().map(|t| t.map(Into::into)).collect())
@@ -423,14 +552,27 @@ impl WasmHost {
     }
 
     /// The policy's raw expiry decision (not yet checked for sane bounds).
-    pub fn expiry(&self, policy: &CompiledPolicy, settings: &str, batch: &BatchSnapshot) -> Result<ExpiryDecision, CallError> {
-        let pre = policy.expiry.as_ref().ok_or(CallError::WrongWorld(Decision::Expiry))?;
+    pub fn expiry(
+        &self,
+        policy: &CompiledPolicy,
+        settings: &str,
+        batch: &BatchSnapshot,
+    ) -> Result<ExpiryDecision, CallError> {
+        let pre = policy
+            .expiry
+            .as_ref()
+            .ok_or(CallError::WrongWorld(Decision::Expiry))?;
         let mut store = self.store();
         let input = expiry::wit::BatchSnapshot::from(batch);
         let output = pre
             .instantiate(&mut store)
-            .and_then(|i| i.opensandbox_policy_expiry().call_decide(&mut store, settings, &input))
+            .and_then(|i| {
+                i.opensandbox_policy_expiry()
+                    .call_decide(&mut store, settings, &input)
+            })
             .map_err(|e| self.classify(e))?;
-        output.map(Into::into).map_err(|e| CallError::Refused(e.text()))
+        output
+            .map(Into::into)
+            .map_err(|e| CallError::Refused(e.text()))
     }
 }

@@ -52,17 +52,32 @@ pub struct Outcome<T> {
 
 impl<T> Outcome<T> {
     pub fn ok(decision: T) -> Self {
-        Self { decision, degraded: None }
+        Self {
+            decision,
+            degraded: None,
+        }
     }
 }
 
 /// Decides for the reconcilers. Implementations must never panic and always return a decision
 /// within the spec's bounds; calls may block briefly, so async callers run them on a blocking thread.
 pub trait PolicyEngine: Send + Sync + 'static {
-    fn pool_sizing(&self, selector: PolicySelector<'_>, pool: &PoolSnapshot) -> Outcome<SizingDecision>;
+    fn pool_sizing(
+        &self,
+        selector: PolicySelector<'_>,
+        pool: &PoolSnapshot,
+    ) -> Outcome<SizingDecision>;
     /// `decision == None` means "dispatch nothing for now and retry with backoff".
-    fn shard_tasks(&self, selector: PolicySelector<'_>, batch: &ShardTaskInput) -> Outcome<Option<ShardTasks>>;
-    fn expiry(&self, selector: PolicySelector<'_>, batch: &BatchSnapshot) -> Outcome<ExpiryDecision>;
+    fn shard_tasks(
+        &self,
+        selector: PolicySelector<'_>,
+        batch: &ShardTaskInput,
+    ) -> Outcome<Option<ShardTasks>>;
+    fn expiry(
+        &self,
+        selector: PolicySelector<'_>,
+        batch: &BatchSnapshot,
+    ) -> Outcome<ExpiryDecision>;
 
     /// Whether a custom policy of this name is loaded or being loaded (for admission checks of
     /// the `policy.sandbox.opensandbox.io/*` annotations). Engines without custom policies know none.
@@ -82,7 +97,11 @@ pub struct NativePolicies;
 
 impl NativePolicies {
     pub fn shard_tasks_of(batch: &ShardTaskInput) -> ShardTasks {
-        tasks::shard_tasks(batch.replicas as usize, batch.task_template.as_ref(), &batch.shard_patches)
+        tasks::shard_tasks(
+            batch.replicas as usize,
+            batch.task_template.as_ref(),
+            &batch.shard_patches,
+        )
     }
 }
 
@@ -91,7 +110,11 @@ impl PolicyEngine for NativePolicies {
         Outcome::ok(sizing::buffer_sizing(pool))
     }
 
-    fn shard_tasks(&self, _: PolicySelector<'_>, batch: &ShardTaskInput) -> Outcome<Option<ShardTasks>> {
+    fn shard_tasks(
+        &self,
+        _: PolicySelector<'_>,
+        batch: &ShardTaskInput,
+    ) -> Outcome<Option<ShardTasks>> {
         Outcome::ok(Some(Self::shard_tasks_of(batch)))
     }
 

@@ -37,7 +37,12 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        Self { namespace: None, dir: None, poll_interval: Duration::from_secs(2), limits: Limits::default() }
+        Self {
+            namespace: None,
+            dir: None,
+            poll_interval: Duration::from_secs(2),
+            limits: Limits::default(),
+        }
     }
 }
 
@@ -48,7 +53,10 @@ impl PolicyRegistry {
     /// Compiles the embedded defaults, loads the directory once, then keeps the directory and
     /// (given a client and a namespace) the policy ConfigMaps in sync from background tasks on the
     /// current tokio runtime. Fails only if the embedded defaults do not load.
-    pub async fn start(client: Option<Client>, config: RegistryConfig) -> Result<Arc<WasmPolicies>, StartError> {
+    pub async fn start(
+        client: Option<Client>,
+        config: RegistryConfig,
+    ) -> Result<Arc<WasmPolicies>, StartError> {
         let limits = config.limits;
         let policies = tokio::task::spawn_blocking(move || WasmPolicies::new(limits))
             .await
@@ -96,7 +104,13 @@ pub fn sync_dir(policies: &WasmPolicies, dir: &Path) {
         if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
             continue;
         }
-        let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else { continue };
+        let Some(name) = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
         present.insert(name.clone());
         let origin = path.display().to_string();
         match read_dir_input(&path) {
@@ -115,7 +129,10 @@ pub fn sync_dir(policies: &WasmPolicies, dir: &Path) {
 }
 
 fn read_dir_input(wasm_path: &Path) -> Result<PolicyInput, LoadError> {
-    let read_error = |path: &Path, error: std::io::Error| LoadError::Read { path: path.display().to_string(), error: error.to_string() };
+    let read_error = |path: &Path, error: std::io::Error| LoadError::Read {
+        path: path.display().to_string(),
+        error: error.to_string(),
+    };
     let wasm = std::fs::read(wasm_path).map_err(|e| read_error(wasm_path, e))?;
     let optional = |extension: &str| -> Result<Option<String>, LoadError> {
         let path = wasm_path.with_extension(extension);
@@ -125,7 +142,11 @@ fn read_dir_input(wasm_path: &Path) -> Result<PolicyInput, LoadError> {
             Err(e) => Err(read_error(&path, e)),
         }
     };
-    Ok(PolicyInput { wasm, settings: optional("json")?, pinned_sha256: optional("sha256")? })
+    Ok(PolicyInput {
+        wasm,
+        settings: optional("json")?,
+        pinned_sha256: optional("sha256")?,
+    })
 }
 
 async fn watch_config_maps(policies: Arc<WasmPolicies>, client: Client, namespace: String) {
@@ -163,7 +184,9 @@ async fn load_config_map(policies: &Arc<WasmPolicies>, namespace: &str, cm: Conf
     let input = config_map_input(&cm);
     let policies = policies.clone();
     let loaded = tokio::task::spawn_blocking(move || match input {
-        Ok(input) => policies.load(&name, Source::ConfigMap, &origin, &input).map(drop),
+        Ok(input) => policies
+            .load(&name, Source::ConfigMap, &origin, &input)
+            .map(drop),
         Err(error) => {
             policies.record_load_error(&name, Source::ConfigMap, &origin, &error);
             Err(error)
@@ -186,7 +209,18 @@ pub fn config_map_input(cm: &ConfigMap) -> Result<PolicyInput, LoadError> {
             path: format!("ConfigMap {}", cm.name_any()),
             error: format!("no binaryData key {:?}", names::POLICY_CONFIGMAP_WASM_KEY),
         })?;
-    let settings = cm.data.as_ref().and_then(|data| data.get(names::POLICY_CONFIGMAP_SETTINGS_KEY)).cloned();
-    let pinned_sha256 = cm.annotations().get(names::ANNOTATION_POLICY_SHA256).cloned();
-    Ok(PolicyInput { wasm, settings, pinned_sha256 })
+    let settings = cm
+        .data
+        .as_ref()
+        .and_then(|data| data.get(names::POLICY_CONFIGMAP_SETTINGS_KEY))
+        .cloned();
+    let pinned_sha256 = cm
+        .annotations()
+        .get(names::ANNOTATION_POLICY_SHA256)
+        .cloned();
+    Ok(PolicyInput {
+        wasm,
+        settings,
+        pinned_sha256,
+    })
 }

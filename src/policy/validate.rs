@@ -18,10 +18,16 @@ pub const MAX_REASON_BYTES: usize = 1024;
 pub fn check_sizing(pool: &PoolSnapshot, decision: &SizingDecision) -> Result<(), String> {
     let b = pool.bounds;
     if sizing::clamp_to_bounds(decision.desired_total, &b) != decision.desired_total {
-        return Err(format!("desired total {} is outside [poolMin {}, poolMax {}]", decision.desired_total, b.pool_min, b.pool_max));
+        return Err(format!(
+            "desired total {} is outside [poolMin {}, poolMax {}]",
+            decision.desired_total, b.pool_min, b.pool_max
+        ));
     }
     if decision.reason.len() > MAX_REASON_BYTES {
-        return Err(format!("reason is {} bytes long, more than {MAX_REASON_BYTES}", decision.reason.len()));
+        return Err(format!(
+            "reason is {} bytes long, more than {MAX_REASON_BYTES}",
+            decision.reason.len()
+        ));
     }
     Ok(())
 }
@@ -29,13 +35,26 @@ pub fn check_sizing(pool: &PoolSnapshot, decision: &SizingDecision) -> Result<()
 /// Shard tasks are valid when there is exactly one slot per shard and every time limit is positive.
 pub fn check_shard_tasks(batch: &ShardTaskInput, tasks: &ShardTasks) -> Result<(), String> {
     if tasks.len() != batch.replicas as usize {
-        return Err(format!("{} task slot(s) for {} shard(s)", tasks.len(), batch.replicas));
+        return Err(format!(
+            "{} task slot(s) for {} shard(s)",
+            tasks.len(),
+            batch.replicas
+        ));
     }
     for (index, task) in tasks.iter().enumerate() {
-        if let Some(timeout) = task.as_ref().and_then(|t| t.timeout_seconds).filter(|t| *t <= 0) {
-            return Err(format!("shard {index}: timeoutSeconds {timeout} is not positive"));
+        if let Some(timeout) = task
+            .as_ref()
+            .and_then(|t| t.timeout_seconds)
+            .filter(|t| *t <= 0)
+        {
+            return Err(format!(
+                "shard {index}: timeoutSeconds {timeout} is not positive"
+            ));
         }
-        let names = task.as_ref().and_then(|t| t.process.as_ref()).and_then(|p| p.env.as_ref());
+        let names = task
+            .as_ref()
+            .and_then(|t| t.process.as_ref())
+            .and_then(|p| p.env.as_ref());
         if names.is_some_and(|env| env.iter().any(|e| e.name.is_empty())) {
             return Err(format!("shard {index}: an env entry has an empty name"));
         }
@@ -46,10 +65,17 @@ pub fn check_shard_tasks(batch: &ShardTaskInput, tasks: &ShardTasks) -> Result<(
 /// A recheck delay is valid up to [`MAX_RECHECK_MS`], or when it is exactly the time left until
 /// `expireTime`.
 pub fn check_expiry(batch: &BatchSnapshot, decision: &ExpiryDecision) -> Result<(), String> {
-    if let ExpiryDecision::Keep { recheck_after_ms: Some(ms) } = *decision {
-        let until_expiry = batch.expire_time_unix_ms.and_then(|at| u64::try_from(at.saturating_sub(batch.now_unix_ms)).ok());
+    if let ExpiryDecision::Keep {
+        recheck_after_ms: Some(ms),
+    } = *decision
+    {
+        let until_expiry = batch
+            .expire_time_unix_ms
+            .and_then(|at| u64::try_from(at.saturating_sub(batch.now_unix_ms)).ok());
         if ms > MAX_RECHECK_MS && until_expiry != Some(ms) {
-            return Err(format!("recheck after {ms} ms is beyond {MAX_RECHECK_MS} ms and not the time left until expireTime"));
+            return Err(format!(
+                "recheck after {ms} ms is beyond {MAX_RECHECK_MS} ms and not the time left until expireTime"
+            ));
         }
     }
     Ok(())
@@ -58,12 +84,20 @@ pub fn check_expiry(batch: &BatchSnapshot, decision: &ExpiryDecision) -> Result<
 /// Sizing fallback: keep the current size, brought within the bounds.
 pub fn fallback_sizing(pool: &PoolSnapshot) -> SizingDecision {
     let desired_total = sizing::clamp_to_bounds(pool.total, &pool.bounds);
-    SizingDecision { desired_total, reason: format!("policy failed; keeping the current size {} within bounds", pool.total) }
+    SizingDecision {
+        desired_total,
+        reason: format!(
+            "policy failed; keeping the current size {} within bounds",
+            pool.total
+        ),
+    }
 }
 
 /// Expiry fallback: keep the batch and look again soon.
 pub fn fallback_expiry() -> ExpiryDecision {
-    ExpiryDecision::Keep { recheck_after_ms: Some(FALLBACK_RECHECK_MS) }
+    ExpiryDecision::Keep {
+        recheck_after_ms: Some(FALLBACK_RECHECK_MS),
+    }
 }
 
 #[cfg(test)]
@@ -74,11 +108,23 @@ mod tests {
     use proptest::prelude::*;
 
     fn pool(total: u32, pool_min: u32, pool_max: u32) -> PoolSnapshot {
-        PoolSnapshot { total, bounds: Bounds { buffer_min: 1, buffer_max: 2, pool_min, pool_max }, ..Default::default() }
+        PoolSnapshot {
+            total,
+            bounds: Bounds {
+                buffer_min: 1,
+                buffer_max: 2,
+                pool_min,
+                pool_max,
+            },
+            ..Default::default()
+        }
     }
 
     fn decision(desired_total: u32) -> SizingDecision {
-        SizingDecision { desired_total, reason: String::new() }
+        SizingDecision {
+            desired_total,
+            reason: String::new(),
+        }
     }
 
     #[test]
@@ -95,28 +141,73 @@ mod tests {
 
     #[test]
     fn an_overlong_reason_is_rejected() {
-        let d = SizingDecision { desired_total: 3, reason: "x".repeat(MAX_REASON_BYTES + 1) };
+        let d = SizingDecision {
+            desired_total: 3,
+            reason: "x".repeat(MAX_REASON_BYTES + 1),
+        };
         assert!(check_sizing(&pool(0, 2, 5), &d).is_err());
     }
 
     #[test]
     fn shard_tasks_need_one_slot_per_shard_and_positive_timeouts() {
-        let batch = ShardTaskInput { replicas: 2, ..Default::default() };
+        let batch = ShardTaskInput {
+            replicas: 2,
+            ..Default::default()
+        };
         assert!(check_shard_tasks(&batch, &vec![None, None]).is_ok());
         assert!(check_shard_tasks(&batch, &vec![None]).is_err());
         assert!(check_shard_tasks(&batch, &vec![None, None, None]).is_err());
-        let bad = TaskSpec { process: Some(ProcessTask::default()), timeout_seconds: Some(0) };
+        let bad = TaskSpec {
+            process: Some(ProcessTask::default()),
+            timeout_seconds: Some(0),
+        };
         assert!(check_shard_tasks(&batch, &vec![None, Some(bad)]).is_err());
     }
 
     #[test]
     fn a_recheck_is_bounded_unless_it_is_the_time_to_expiry() {
-        let far = BatchSnapshot { expire_time_unix_ms: Some(i64::MAX), now_unix_ms: 0, ..Default::default() };
+        let far = BatchSnapshot {
+            expire_time_unix_ms: Some(i64::MAX),
+            now_unix_ms: 0,
+            ..Default::default()
+        };
         let until = u64::try_from(i64::MAX).unwrap_or(u64::MAX);
-        assert!(check_expiry(&far, &ExpiryDecision::Keep { recheck_after_ms: Some(until) }).is_ok());
-        assert!(check_expiry(&far, &ExpiryDecision::Keep { recheck_after_ms: Some(MAX_RECHECK_MS + 1) }).is_err());
-        assert!(check_expiry(&far, &ExpiryDecision::Keep { recheck_after_ms: Some(MAX_RECHECK_MS) }).is_ok());
-        assert!(check_expiry(&far, &ExpiryDecision::Keep { recheck_after_ms: None }).is_ok());
+        assert!(
+            check_expiry(
+                &far,
+                &ExpiryDecision::Keep {
+                    recheck_after_ms: Some(until)
+                }
+            )
+            .is_ok()
+        );
+        assert!(
+            check_expiry(
+                &far,
+                &ExpiryDecision::Keep {
+                    recheck_after_ms: Some(MAX_RECHECK_MS + 1)
+                }
+            )
+            .is_err()
+        );
+        assert!(
+            check_expiry(
+                &far,
+                &ExpiryDecision::Keep {
+                    recheck_after_ms: Some(MAX_RECHECK_MS)
+                }
+            )
+            .is_ok()
+        );
+        assert!(
+            check_expiry(
+                &far,
+                &ExpiryDecision::Keep {
+                    recheck_after_ms: None
+                }
+            )
+            .is_ok()
+        );
     }
 
     proptest! {

@@ -99,7 +99,10 @@ pub enum StartError {
     #[error(transparent)]
     Host(#[from] HostError),
     #[error("the embedded default {decision} policy does not load: {error}")]
-    Default { decision: Decision, error: LoadError },
+    Default {
+        decision: Decision,
+        error: LoadError,
+    },
 }
 
 impl WasmPolicies {
@@ -113,12 +116,23 @@ impl WasmPolicies {
             if policy.implements(decision) {
                 Ok(policy)
             } else {
-                let error = LoadError::NoPolicyWorld(vec![policy.why_not(decision).unwrap_or_default().to_string()]);
+                let error = LoadError::NoPolicyWorld(vec![
+                    policy.why_not(decision).unwrap_or_default().to_string(),
+                ]);
                 Err(StartError::Default { decision, error })
             }
         };
-        let defaults = [compile(Decision::PoolSizing)?, compile(Decision::ShardTasks)?, compile(Decision::Expiry)?];
-        Ok(Self { host, defaults, custom: RwLock::new(BTreeMap::new()), metrics: PolicyMetrics::default() })
+        let defaults = [
+            compile(Decision::PoolSizing)?,
+            compile(Decision::ShardTasks)?,
+            compile(Decision::Expiry)?,
+        ];
+        Ok(Self {
+            host,
+            defaults,
+            custom: RwLock::new(BTreeMap::new()),
+            metrics: PolicyMetrics::default(),
+        })
     }
 
     pub fn host(&self) -> &WasmHost {
@@ -137,14 +151,28 @@ impl WasmPolicies {
     /// Loads a revision of `name` from `source`. On failure the previous good revision (if any)
     /// keeps serving and the error is reported with every decision that selects `name`.
     /// Returns `Ok(None)` when the input is the one already tried.
-    pub fn load(&self, name: &str, source: Source, origin: &str, input: &PolicyInput) -> Result<Option<String>, LoadError> {
+    pub fn load(
+        &self,
+        name: &str,
+        source: Source,
+        origin: &str,
+        input: &PolicyInput,
+    ) -> Result<Option<String>, LoadError> {
         let input_digest = input.digest();
-        if self.entry(name, source).and_then(|e| e.input).as_deref() == Some(input_digest.as_str()) {
+        if self.entry(name, source).and_then(|e| e.input).as_deref() == Some(input_digest.as_str())
+        {
             return Ok(None);
         }
         let result = self.compile_revision(input, origin);
-        let mut custom = self.custom.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let entry = custom.entry(name.to_string()).or_default().entry(source).or_default();
+        let mut custom = self
+            .custom
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entry = custom
+            .entry(name.to_string())
+            .or_default()
+            .entry(source)
+            .or_default();
         entry.input = Some(input_digest);
         self.metrics.loaded(result.is_ok());
         match result {
@@ -168,8 +196,15 @@ impl WasmPolicies {
     pub fn record_load_error(&self, name: &str, source: Source, origin: &str, error: &LoadError) {
         warn!(policy = name, ?source, origin, %error, "policy failed to load");
         self.metrics.loaded(false);
-        let mut custom = self.custom.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let entry = custom.entry(name.to_string()).or_default().entry(source).or_default();
+        let mut custom = self
+            .custom
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entry = custom
+            .entry(name.to_string())
+            .or_default()
+            .entry(source)
+            .or_default();
         entry.error = Some(format!("{origin}: {error}"));
         entry.input = None;
     }
@@ -177,26 +212,43 @@ impl WasmPolicies {
     fn compile_revision(&self, input: &PolicyInput, origin: &str) -> Result<Revision, LoadError> {
         let actual = super::host::digest(&input.wasm);
         if let Some(expected) = input.pinned_sha256.as_deref().map(str::trim) {
-            let expected = expected.strip_prefix("sha256:").unwrap_or(expected).to_ascii_lowercase();
+            let expected = expected
+                .strip_prefix("sha256:")
+                .unwrap_or(expected)
+                .to_ascii_lowercase();
             if expected != actual {
                 return Err(LoadError::DigestMismatch { expected, actual });
             }
         }
-        let settings = input.settings.clone().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| DEFAULT_SETTINGS.into());
-        serde_json::from_str::<serde_json::Value>(&settings).map_err(|e| LoadError::SettingsNotJson(e.to_string()))?;
+        let settings = input
+            .settings
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_SETTINGS.into());
+        serde_json::from_str::<serde_json::Value>(&settings)
+            .map_err(|e| LoadError::SettingsNotJson(e.to_string()))?;
         let policy = self.host.compile(&input.wasm)?;
         for decision in policy.decisions() {
             self.host
                 .validate_settings(&policy, decision, &settings)
                 .map_err(|error| LoadError::Settings { decision, error })?;
         }
-        Ok(Revision { policy, settings, origin: origin.to_string() })
+        Ok(Revision {
+            policy,
+            settings,
+            origin: origin.to_string(),
+        })
     }
 
     /// Forgets `name` from `source` (its ConfigMap or file is gone). Returns whether it was there.
     pub fn unload(&self, name: &str, source: Source) -> bool {
-        let mut custom = self.custom.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let Some(sources) = custom.get_mut(name) else { return false };
+        let mut custom = self
+            .custom
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(sources) = custom.get_mut(name) else {
+            return false;
+        };
         let removed = sources.remove(&source).is_some();
         if sources.is_empty() {
             custom.remove(name);
@@ -209,20 +261,33 @@ impl WasmPolicies {
 
     /// Names loaded (or failing to load) from `source`.
     pub fn names(&self, source: Source) -> Vec<String> {
-        let custom = self.custom.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        custom.iter().filter(|(_, sources)| sources.contains_key(&source)).map(|(name, _)| name.clone()).collect()
+        let custom = self
+            .custom
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        custom
+            .iter()
+            .filter(|(_, sources)| sources.contains_key(&source))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Whether a custom policy of this name exists in any source, loaded or failing to load. The
     /// admission webhook rejects selectors of unknown names; a known but broken policy is accepted
     /// and reported through the object's `PolicyDegraded` condition instead.
     pub fn is_known(&self, name: &str) -> bool {
-        let custom = self.custom.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let custom = self
+            .custom
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         custom.contains_key(name)
     }
 
     pub fn status(&self) -> Vec<PolicyStatus> {
-        let custom = self.custom.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let custom = self
+            .custom
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         custom
             .iter()
             .flat_map(|(name, sources)| {
@@ -231,7 +296,11 @@ impl WasmPolicies {
                     source: *source,
                     origin: e.good.as_ref().map(|r| r.origin.clone()),
                     digest: e.good.as_ref().map(|r| r.policy.digest.clone()),
-                    decisions: e.good.as_ref().map(|r| r.policy.decisions()).unwrap_or_default(),
+                    decisions: e
+                        .good
+                        .as_ref()
+                        .map(|r| r.policy.decisions())
+                        .unwrap_or_default(),
                     error: e.error.clone(),
                 })
             })
@@ -239,8 +308,14 @@ impl WasmPolicies {
     }
 
     fn entry(&self, name: &str, source: Source) -> Option<Entry> {
-        let custom = self.custom.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        custom.get(name).and_then(|sources| sources.get(&source)).cloned()
+        let custom = self
+            .custom
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        custom
+            .get(name)
+            .and_then(|sources| sources.get(&source))
+            .cloned()
     }
 
     fn choose(&self, decision: Decision, selector: PolicySelector<'_>) -> Chosen {
@@ -250,11 +325,22 @@ impl WasmPolicies {
             label: format!("the default {decision} policy"),
             note: None,
         };
-        let Some(name) = selector else { return default() };
-        let custom = self.custom.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(name) = selector else {
+            return default();
+        };
+        let custom = self
+            .custom
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // The first source that has the name decides, ConfigMaps before the directory.
         let Some(entry) = custom.get(name).and_then(|sources| sources.values().next()) else {
-            return Chosen { note: Some(("not-loaded", format!("policy {name:?} not loaded; used the default"))), ..default() };
+            return Chosen {
+                note: Some((
+                    "not-loaded",
+                    format!("policy {name:?} not loaded; used the default"),
+                )),
+                ..default()
+            };
         };
         match (&entry.good, &entry.error) {
             (Some(good), error) => Chosen {
@@ -284,15 +370,19 @@ impl WasmPolicies {
     ) -> Outcome<T> {
         self.metrics.decided(decision);
         let chosen = self.choose(decision, selector);
-        let result = call(&chosen.policy, &chosen.settings).and_then(|answer| match check(&answer) {
-            Ok(()) => Ok(answer),
-            Err(why) => Err(CallError::InvalidOutput(why)),
-        });
+        let result =
+            call(&chosen.policy, &chosen.settings).and_then(|answer| match check(&answer) {
+                Ok(()) => Ok(answer),
+                Err(why) => Err(CallError::InvalidOutput(why)),
+            });
         match (result, chosen.note) {
             (Ok(answer), None) => Outcome::ok(answer),
             (Ok(answer), Some((kind, note))) => {
                 self.metrics.degraded(decision, kind);
-                Outcome { decision: answer, degraded: Some(note) }
+                Outcome {
+                    decision: answer,
+                    degraded: Some(note),
+                }
             }
             (Err(error), note) => {
                 self.metrics.degraded(decision, error.kind());
@@ -303,14 +393,21 @@ impl WasmPolicies {
                     Some((_, note)) => format!("{note}; {failed}"),
                     None => failed,
                 };
-                Outcome { decision: answer, degraded: Some(reason) }
+                Outcome {
+                    decision: answer,
+                    degraded: Some(reason),
+                }
             }
         }
     }
 }
 
 impl PolicyEngine for WasmPolicies {
-    fn pool_sizing(&self, selector: PolicySelector<'_>, pool: &PoolSnapshot) -> Outcome<SizingDecision> {
+    fn pool_sizing(
+        &self,
+        selector: PolicySelector<'_>,
+        pool: &PoolSnapshot,
+    ) -> Outcome<SizingDecision> {
         self.decide(
             Decision::PoolSizing,
             selector,
@@ -324,24 +421,44 @@ impl PolicyEngine for WasmPolicies {
         )
     }
 
-    fn shard_tasks(&self, selector: PolicySelector<'_>, batch: &ShardTaskInput) -> Outcome<Option<ShardTasks>> {
+    fn shard_tasks(
+        &self,
+        selector: PolicySelector<'_>,
+        batch: &ShardTaskInput,
+    ) -> Outcome<Option<ShardTasks>> {
         self.decide(
             Decision::ShardTasks,
             selector,
             |policy, settings| self.host.shard_tasks(policy, settings, batch).map(Some),
-            |answer| answer.as_ref().map_or(Ok(()), |tasks| validate::check_shard_tasks(batch, tasks)),
-            || (None, "dispatched no tasks; retrying with backoff".to_string()),
+            |answer| {
+                answer
+                    .as_ref()
+                    .map_or(Ok(()), |tasks| validate::check_shard_tasks(batch, tasks))
+            },
+            || {
+                (
+                    None,
+                    "dispatched no tasks; retrying with backoff".to_string(),
+                )
+            },
         )
     }
 
-    fn expiry(&self, selector: PolicySelector<'_>, batch: &BatchSnapshot) -> Outcome<ExpiryDecision> {
+    fn expiry(
+        &self,
+        selector: PolicySelector<'_>,
+        batch: &BatchSnapshot,
+    ) -> Outcome<ExpiryDecision> {
         self.decide(
             Decision::Expiry,
             selector,
             |policy, settings| self.host.expiry(policy, settings, batch),
             |answer| validate::check_expiry(batch, answer),
             || {
-                let what = format!("kept the batch; rechecking in {} s", validate::FALLBACK_RECHECK_MS / 1000);
+                let what = format!(
+                    "kept the batch; rechecking in {} s",
+                    validate::FALLBACK_RECHECK_MS / 1000
+                );
                 (validate::fallback_expiry(), what)
             },
         )

@@ -1,0 +1,633 @@
+//! BatchSandbox and Pool behaviour against the real control plane, with a real controller process:
+//! the spec's scenarios, concurrency, crash recovery and lost pods.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::future::join_all;
+use sandbox_controller::api::names;
+
+use crate::controller::{endpoints, ledger};
+use crate::harness::{env, spec_manifest, with_future_expire};
+
+const T: Duration = Duration::from_secs(60);
+
+fn pool_yaml(name: &str, buffer_min: i32, buffer_max: i32, pool_min: i32, pool_max: i32) -> String {
+    format!(
+        r#"apiVersion: sandbox.opensandbox.io/v1alpha1
+kind: Pool
+metadata:
+  name: {name}
+spec:
+  template:
+    spec:
+      containers:
+      - name: sandbox
+        image: opensandbox/code-interpreter:v1.0.1
+  capacitySpec:
+    bufferMin: {buffer_min}
+    bufferMax: {buffer_max}
+    poolMin: {pool_min}
+    poolMax: {pool_max}
+"#
+    )
+}
+
+fn pooled_batch_yaml(name: &str, pool: &str, replicas: i32) -> String {
+    format!(
+        r#"apiVersion: sandbox.opensandbox.io/v1alpha1
+kind: BatchSandbox
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  poolRef: {pool}
+"#
+    )
+}
+
+async fn wait_pool(
+    env: &crate::harness::TestEnv,
+    name: &str,
+    total: i32,
+    allocated: i32,
+    available: i32,
+) {
+    env.wait_for(
+        &format!("Pool {name} total={total} allocated={allocated} available={available}"),
+        T,
+        || async {
+            let s = env
+                .pool(name)
+                .await
+                .and_then(|p| p.status)
+                .map(|s| (s.total, s.allocated, s.available));
+            if s == Some((total, allocated, available)) {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_batch_creates_scales_and_deletes_its_pods() {
+    let env = env("basic-batch").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&spec_manifest("basic-batch"));
+    let batch = env.wait_batch_ready("basic-batch-sandbox", 5, T).await;
+
+    let selector = format!("{}=basic-batch-sandbox", names::LABEL_BATCH_NAME);
+    let mut pods: Vec<String> = env
+        .live_pods(&selector)
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    pods.sort();
+    assert_eq!(
+        pods,
+        (0..5)
+            .map(|i| format!("basic-batch-sandbox-{i}"))
+            .collect::<Vec<_>>()
+    );
+    let eps = endpoints(&batch);
+    assert_eq!(
+        eps.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["0", "1", "2", "3", "4"]
+    );
+    assert!(
+        eps.iter().all(|(_, ip)| ip.starts_with("127.1.")),
+        "{eps:?}"
+    );
+    let ready = batch
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AllSandboxesReady")
+    );
+
+    env.kubectl_ok(&[
+        "patch",
+        "batchsandbox",
+        "basic-batch-sandbox",
+        "-p",
+        r#"{"spec":{"replicas":7}}"#,
+        "--type=merge",
+    ]);
+    env.wait_batch_ready("basic-batch-sandbox", 7, T).await;
+    env.kubectl_ok(&[
+        "scale",
+        "batchsandbox",
+        "basic-batch-sandbox",
+        "--replicas=2",
+    ]);
+    env.wait_batch_ready("basic-batch-sandbox", 2, T).await;
+    env.wait_for("scale-down to remove the highest indices", T, || async {
+        let mut names: Vec<String> = env
+            .live_pods(&selector)
+            .await
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        names.sort();
+        names == ["basic-batch-sandbox-0", "basic-batch-sandbox-1"]
+    })
+    .await;
+
+    // A pod deleted by hand comes back under the same index.
+    env.kubectl_ok(&["delete", "pod", "basic-batch-sandbox-1", "--wait=false"]);
+    env.wait_batch_ready("basic-batch-sandbox", 2, T).await;
+
+    env.kubectl_ok(&[
+        "delete",
+        "batchsandbox",
+        "basic-batch-sandbox",
+        "--wait=false",
+    ]);
+    env.wait_for("the batch and its pods to be gone", T, || async {
+        env.batch("basic-batch-sandbox").await.is_none()
+            && env.live_pods(&selector).await.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_warms_and_pooled_batch_allocates_scales_and_releases() {
+    let env = env("pooled-batch").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&spec_manifest("pool"));
+    // poolMin 10 with no demand: 10 idle pods.
+    wait_pool(&env, "fast-pool", 10, 0, 10).await;
+
+    env.apply(&with_future_expire(&spec_manifest("pooled-batch")));
+    let batch = env.wait_batch_ready("pooled-batch-sandbox", 10, T).await;
+    let held = ledger(&batch);
+    assert_eq!(held.len(), 10);
+    assert_eq!(
+        held.iter().collect::<HashSet<_>>().len(),
+        10,
+        "distinct pods"
+    );
+    // Endpoints list each held pod's IP in shard order.
+    let pods = env
+        .live_pods(&format!("{}=fast-pool", names::LABEL_POOL_NAME))
+        .await;
+    let ip_of = |name: &str| {
+        pods.iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+    };
+    let eps = endpoints(&batch);
+    for (i, pod) in held.iter().enumerate() {
+        assert_eq!(eps[i], (i.to_string(), ip_of(pod).expect("pod ip")));
+    }
+    // The buffer refills: 10 allocated + bufferMin 5 idle.
+    wait_pool(&env, "fast-pool", 15, 10, 5).await;
+
+    env.kubectl_ok(&[
+        "patch",
+        "batchsandbox",
+        "pooled-batch-sandbox",
+        "-p",
+        r#"{"spec":{"replicas":20}}"#,
+        "--type=merge",
+    ]);
+    let grown = env.wait_batch_ready("pooled-batch-sandbox", 20, T).await;
+    assert_eq!(
+        ledger(&grown)[..10],
+        held[..],
+        "existing shards keep their pods"
+    );
+    wait_pool(&env, "fast-pool", 25, 20, 5).await;
+
+    env.kubectl_ok(&[
+        "patch",
+        "batchsandbox",
+        "pooled-batch-sandbox",
+        "-p",
+        r#"{"spec":{"replicas":5}}"#,
+        "--type=merge",
+    ]);
+    let shrunk = env.wait_batch_ready("pooled-batch-sandbox", 5, T).await;
+    assert_eq!(
+        ledger(&shrunk)[..],
+        held[..5],
+        "scale-down releases the highest shards"
+    );
+    // Released pods are deleted (recycle policy Delete) and the pool settles at poolMin.
+    wait_pool(&env, "fast-pool", 10, 5, 5).await;
+
+    // Deleting the batch returns its pods; the pool refills to poolMin with idle pods.
+    env.kubectl_ok(&[
+        "delete",
+        "batchsandbox",
+        "pooled-batch-sandbox",
+        "--wait=false",
+    ]);
+    wait_pool(&env, "fast-pool", 10, 0, 10).await;
+    assert!(env.batch("pooled-batch-sandbox").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expiring_batch_is_deleted_at_expire_time_and_its_pods_return() {
+    let env = env("expiring-batch").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&pool_yaml("fast-pool", 2, 10, 5, 20));
+    wait_pool(&env, "fast-pool", 5, 0, 5).await;
+
+    let expire_at =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(4);
+    let expire_text = expire_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    env.apply(&spec_manifest("expiring-batch").replace("2026-03-02T12:00:00Z", &expire_text));
+    env.wait_batch_ready("expiring-batch", 3, T).await;
+    env.wait_for("the expired batch to be deleted", T, || async {
+        env.batch("expiring-batch").await.is_none()
+    })
+    .await;
+    let late = k8s_openapi::jiff::Timestamp::now().duration_since(
+        expire_at
+            .round(k8s_openapi::jiff::Unit::Second)
+            .expect("round"),
+    );
+    assert!(
+        late < k8s_openapi::jiff::SignedDuration::from_secs(10),
+        "deleted {late:?} after expireTime"
+    );
+    wait_pool(&env, "fast-pool", 5, 0, 5).await;
+    let events = env.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=Expired",
+        "-o",
+        "name",
+    ]);
+    assert!(!events.trim().is_empty(), "an Expired event is recorded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_pool_waits_for_allocated_pods_to_be_released() {
+    let env = env("delete-pool").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&pool_yaml("fast-pool", 2, 5, 4, 10));
+    wait_pool(&env, "fast-pool", 4, 0, 4).await;
+    env.apply(&pooled_batch_yaml("holder", "fast-pool", 2));
+    let batch = env.wait_batch_ready("holder", 2, T).await;
+    let held: HashSet<String> = ledger(&batch).into_iter().collect();
+
+    env.kubectl_ok(&["delete", "pool", "fast-pool", "--wait=false"]);
+    let selector = format!("{}=fast-pool", names::LABEL_POOL_NAME);
+    env.wait_for("idle pods deleted, allocated pods kept", T, || async {
+        let live: HashSet<String> = env
+            .live_pods(&selector)
+            .await
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        if live == held {
+            Ok(())
+        } else {
+            Err(format!("live {live:?}, held {held:?}"))
+        }
+    })
+    .await;
+    let pool = env
+        .pool("fast-pool")
+        .await
+        .expect("pool waits for its allocated pods");
+    let terminating = pool
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Terminating")
+        .expect("Terminating condition");
+    assert!(
+        terminating.message.contains("holder"),
+        "{}",
+        terminating.message
+    );
+    env.wait_for("the batch to report its pool unavailable", T, || async {
+        let conditions = env.batch("holder").await?.status?.conditions;
+        conditions.into_iter().find(|c| {
+            c.type_ == "PoolUnavailable" && c.status == "True" && c.reason == "PoolTerminating"
+        })
+    })
+    .await;
+
+    env.kubectl_ok(&["delete", "batchsandbox", "holder", "--wait=false"]);
+    env.wait_for("the pool and all its pods to be gone", T, || async {
+        env.pool("fast-pool").await.is_none() && env.live_pods(&selector).await.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_pool_and_exhausted_pool_show_conditions() {
+    let env = env("pool-conditions").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&pooled_batch_yaml("orphan", "no-such-pool", 1));
+    env.wait_for("PoolUnavailable=True (PoolNotFound)", T, || async {
+        let conditions = env.batch("orphan").await?.status?.conditions;
+        conditions.into_iter().find(|c| {
+            c.type_ == "PoolUnavailable" && c.status == "True" && c.reason == "PoolNotFound"
+        })
+    })
+    .await;
+
+    env.apply(&pool_yaml("small", 0, 2, 0, 2));
+    env.apply(&pooled_batch_yaml("big", "small", 3));
+    env.wait_for("PoolExhausted=True", T, || async {
+        let batch = env.batch("big").await?;
+        let status = batch.status?;
+        (status.allocated == 2).then_some(())?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "PoolExhausted" && c.status == "True")
+    })
+    .await;
+    // Capacity frees up: the condition clears and the batch completes.
+    env.kubectl_ok(&[
+        "patch",
+        "pool",
+        "small",
+        "-p",
+        r#"{"spec":{"capacitySpec":{"poolMax":4}}}"#,
+        "--type=merge",
+    ]);
+    let batch = env.wait_batch_ready("big", 3, T).await;
+    let exhausted = batch
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "PoolExhausted")
+        .unwrap();
+    assert_eq!(exhausted.status, "False");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_claims_get_distinct_pods() {
+    let env = env("concurrent-claims").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&pool_yaml("shared", 10, 60, 50, 100));
+    env.wait_for("50 idle pods", T, || async {
+        env.pool("shared")
+            .await
+            .and_then(|p| p.status)
+            .is_some_and(|s| s.available >= 50)
+    })
+    .await;
+
+    let applies = (0..50).map(|i| {
+        let yaml = pooled_batch_yaml(&format!("claim-{i}"), "shared", 1);
+        let env = &env;
+        async move { tokio::task::block_in_place(|| env.apply(&yaml)) }
+    });
+    join_all(applies).await;
+
+    let mut all = Vec::new();
+    for i in 0..50 {
+        let batch = env.wait_batch_ready(&format!("claim-{i}"), 1, T).await;
+        all.extend(ledger(&batch));
+    }
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 50);
+    assert_eq!(distinct.len(), 50, "a pod was allocated twice: {all:?}");
+    env.wait_for("pool to count 50 allocated", T, || async {
+        env.pool("shared")
+            .await
+            .and_then(|p| p.status)
+            .is_some_and(|s| s.allocated == 50)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_controller_mid_allocation_loses_and_doubles_nothing() {
+    let env = env("controller-crash").await;
+    let mut controller = env.start_controller(&[]);
+    env.apply(&pool_yaml("crashy", 5, 40, 30, 80));
+    env.wait_for("30 idle pods", T, || async {
+        env.pool("crashy")
+            .await
+            .and_then(|p| p.status)
+            .is_some_and(|s| s.available >= 30)
+    })
+    .await;
+
+    // Claims arrive while the controller is allocating; it dies (SIGKILL) as soon as the first
+    // allocation lands, with the rest of the claims still arriving.
+    let yaml: String = (0..40)
+        .map(|i| pooled_batch_yaml(&format!("c-{i}"), "crashy", 1) + "---\n")
+        .collect();
+    let applier = {
+        let (kubeconfig, ns) = (env.kubeconfig.clone(), env.ns.clone());
+        std::thread::spawn(move || {
+            for chunk in yaml
+                .split("---\n")
+                .filter(|d| !d.trim().is_empty())
+                .collect::<Vec<_>>()
+                .chunks(4)
+            {
+                let mut child = std::process::Command::new("kubectl")
+                    .env("KUBECONFIG", &kubeconfig)
+                    .args(["-n", &ns, "apply", "-f", "-"])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("kubectl");
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(chunk.join("---\n").as_bytes())
+                    .expect("write");
+                assert!(child.wait().expect("kubectl").success());
+            }
+        })
+    };
+    let allocated = || async {
+        let list = env.batches().list(&Default::default()).await.expect("list");
+        list.items.iter().map(|b| ledger(b).len()).sum::<usize>()
+    };
+    env.wait_for("the first allocation", T, || async {
+        allocated().await > 0
+    })
+    .await;
+    controller.kill();
+    let allocated_at_kill = allocated().await;
+    applier.join().expect("applying claims");
+    eprintln!("{allocated_at_kill} of 40 claims were allocated when the controller was killed");
+    assert!(
+        allocated_at_kill < 40,
+        "the kill should land mid-allocation"
+    );
+    controller.restart();
+
+    let mut all = Vec::new();
+    for i in 0..40 {
+        let batch = env
+            .wait_batch_ready(&format!("c-{i}"), 1, Duration::from_secs(90))
+            .await;
+        all.extend(ledger(&batch));
+    }
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        40,
+        "double allocation after restart: {all:?}"
+    );
+    // Counts converge and every pod is accounted for: 40 allocated, bufferMin idle, all owned.
+    env.wait_for("pool counts to converge", T, || async {
+        let s = env
+            .pool("crashy")
+            .await
+            .and_then(|p| p.status)
+            .unwrap_or_default();
+        if s.allocated == 40 && s.available == 5 && s.total == 45 {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+    let pods = env
+        .live_pods(&format!("{}=crashy", names::LABEL_POOL_NAME))
+        .await;
+    assert_eq!(pods.len(), 45, "no leaked pods");
+    assert!(pods.iter().all(|p| {
+        p.metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| !o.is_empty())
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_pod_deleted_by_hand_is_replaced() {
+    let env = env("lost-pod").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&pool_yaml("p", 2, 5, 3, 10));
+    wait_pool(&env, "p", 3, 0, 3).await;
+    env.apply(&pooled_batch_yaml("b", "p", 3));
+    let before = ledger(&env.wait_batch_ready("b", 3, T).await);
+    env.kubectl_ok(&["delete", "pod", &before[1], "--wait=false"]);
+    let after = env
+        .wait_for("shard 1 to get a new pod", T, || async {
+            let batch = env.batch("b").await?;
+            let pods = ledger(&batch);
+            (pods.len() == 3 && pods[1] != before[1] && batch.status?.ready == 3).then_some(pods)
+        })
+        .await;
+    assert_eq!(
+        (&after[0], &after[2]),
+        (&before[0], &before[2]),
+        "other shards keep their pods"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn template_change_rolls_idle_pods_and_leaves_allocated_ones() {
+    let env = env("pool-rollout").await;
+    let _controller = env.start_controller(&[]);
+    env.apply(&pool_yaml("roll", 4, 6, 6, 10));
+    wait_pool(&env, "roll", 6, 0, 6).await;
+    env.apply(&pooled_batch_yaml("keep", "roll", 2));
+    let held = ledger(&env.wait_batch_ready("keep", 2, T).await);
+    let old_revision = env.pool("roll").await.unwrap().status.unwrap().revision;
+
+    env.kubectl_ok(&["patch", "pool", "roll", "--type=json", "-p",
+        r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"opensandbox/code-interpreter:v2"}]"#]);
+    let selector = format!("{}=roll", names::LABEL_POOL_NAME);
+    env.wait_for(
+        "every idle pod on the new template",
+        Duration::from_secs(90),
+        || async {
+            let pool = env.pool("roll").await?;
+            let revision = pool.status?.revision;
+            (revision != old_revision).then_some(())?;
+            let pods = env.live_pods(&selector).await;
+            let idle_old = pods.iter().filter(|p| {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                !held.contains(&name)
+                    && p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(names::LABEL_POOL_REVISION))
+                        != Some(&revision)
+            });
+            (idle_old.count() == 0).then_some(())
+        },
+    )
+    .await;
+    let batch = env.batch("keep").await.unwrap();
+    assert_eq!(ledger(&batch), held, "allocated pods are never touched");
+    let live: HashSet<String> = env
+        .live_pods(&selector)
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert!(held.iter().all(|p| live.contains(p)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_leader_takes_over_without_double_allocation() {
+    let env = env("leader-change").await;
+    let lease = [
+        "--leader-elect",
+        "--lease-name",
+        "sbx-e2e",
+        "--lease-duration-seconds",
+        "3",
+    ];
+    let ns_arg = ["--leader-election-namespace", env.ns.as_str()];
+    let args: Vec<&str> = lease.iter().chain(ns_arg.iter()).copied().collect();
+    let mut first = env.start_controller(&args);
+    env.apply(&pool_yaml("lp", 2, 20, 10, 40));
+    env.wait_for("10 idle pods", T, || async {
+        env.pool("lp")
+            .await
+            .and_then(|p| p.status)
+            .is_some_and(|s| s.available >= 10)
+    })
+    .await;
+    // A follower waits on the lease while the leader serves the first claims.
+    let _second = env.start_controller(&args);
+    let first_claims: String = (0..5)
+        .map(|i| pooled_batch_yaml(&format!("a-{i}"), "lp", 1) + "---\n")
+        .collect();
+    env.apply(&first_claims);
+    for i in 0..5 {
+        env.wait_batch_ready(&format!("a-{i}"), 1, T).await;
+    }
+    first.kill();
+    let second_claims: String = (0..5)
+        .map(|i| pooled_batch_yaml(&format!("b-{i}"), "lp", 1) + "---\n")
+        .collect();
+    env.apply(&second_claims);
+    let mut all = Vec::new();
+    for name in (0..5)
+        .map(|i| format!("a-{i}"))
+        .chain((0..5).map(|i| format!("b-{i}")))
+    {
+        all.extend(ledger(&env.wait_batch_ready(&name, 1, T).await));
+    }
+    let distinct: HashSet<&String> = all.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        10,
+        "double allocation across the leader change: {all:?}"
+    );
+}

@@ -1,0 +1,203 @@
+//! A real `sandbox-controller run` process per test, scoped to the test's namespace, so tests run
+//! in parallel without two controllers ever managing the same objects.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use sandbox_controller::api::{BatchSandbox, Pool, names};
+use sandbox_controller::domain::allocation::AllocStatus;
+
+use crate::harness::{TestEnv, dev_dir};
+
+/// A controller process; killed (SIGKILL) when dropped.
+pub struct ControllerProcess {
+    child: Child,
+    pub log: std::path::PathBuf,
+    args: Vec<String>,
+    kubeconfig: std::path::PathBuf,
+    ns: String,
+}
+
+impl TestEnv {
+    /// Starts `sandbox-controller run --namespace <ns> <extra>` against the test cluster.
+    pub fn start_controller(&self, extra: &[&str]) -> ControllerProcess {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|a| a.starts_with("--health-addr")) {
+            // Parallel tests each run a controller: let the OS pick the health port.
+            args.extend(["--health-addr".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        spawn(&self.kubeconfig, &self.ns, args, 0)
+    }
+
+    pub fn batches(&self) -> Api<BatchSandbox> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn pools(&self) -> Api<Pool> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// The batch, or `None` once it is gone.
+    pub async fn batch(&self, name: &str) -> Option<BatchSandbox> {
+        self.batches()
+            .get_opt(name)
+            .await
+            .expect("reading BatchSandbox")
+    }
+
+    pub async fn pool(&self, name: &str) -> Option<Pool> {
+        self.pools().get_opt(name).await.expect("reading Pool")
+    }
+
+    /// Pods in the namespace with `label_selector`, terminating ones excluded.
+    pub async fn live_pods(&self, label_selector: &str) -> Vec<Pod> {
+        self.pods()
+            .list(&ListParams::default().labels(label_selector))
+            .await
+            .expect("listing pods")
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect()
+    }
+
+    /// Waits until the batch reports `allocated` and `ready` equal to `n` (and desired `n`).
+    pub async fn wait_batch_ready(&self, name: &str, n: i32, timeout: Duration) -> BatchSandbox {
+        self.wait_for(
+            &format!("BatchSandbox {name} to have {n} ready sandboxes"),
+            timeout,
+            || async {
+                let batch = self.batch(name).await?;
+                let status = batch.status.clone()?;
+                (batch.spec.replicas == n
+                    && status.allocated == n
+                    && status.ready == n
+                    && status.replicas == n)
+                    .then_some(batch)
+            },
+        )
+        .await
+    }
+}
+
+/// The pods a pooled batch holds, from its ledger.
+pub fn ledger(batch: &BatchSandbox) -> Vec<String> {
+    AllocStatus::parse(
+        batch
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(names::ANNOTATION_ALLOC_STATUS))
+            .map(String::as_str),
+    )
+    .expect("valid alloc-status")
+    .pods
+}
+
+/// The parsed endpoints annotation: (sandbox_id, ip) in order.
+pub fn endpoints(batch: &BatchSandbox) -> Vec<(String, String)> {
+    let text = batch
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::ANNOTATION_ENDPOINTS))
+        .cloned()
+        .unwrap_or_default();
+    let list: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+    list.iter()
+        .map(|e| {
+            (
+                e["sandbox_id"].as_str().unwrap_or_default().to_string(),
+                e["ip"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn spawn(
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    args: Vec<String>,
+    generation: u32,
+) -> ControllerProcess {
+    let logs = dev_dir().join("logs");
+    std::fs::create_dir_all(&logs).expect("creating log dir");
+    let log = logs.join(format!("controller-{ns}-{generation}.log"));
+    let file = File::create(&log).expect("creating controller log");
+    let child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,sandbox_controller=debug")
+        .args(["run", "--namespace", ns])
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log handle"))
+        .stderr(file)
+        .spawn()
+        .expect("starting sandbox-controller");
+    ControllerProcess {
+        child,
+        log,
+        args,
+        kubeconfig: kubeconfig.to_path_buf(),
+        ns: ns.to_string(),
+    }
+}
+
+impl ControllerProcess {
+    /// SIGKILL: no cleanup, no graceful shutdown.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a fresh process with the same arguments (after [`kill`](Self::kill)).
+    pub fn restart(&mut self) {
+        self.kill();
+        let generation = std::fs::read_dir(self.log.parent().expect("log dir"))
+            .map(|d| d.count())
+            .unwrap_or(1) as u32;
+        *self = spawn(
+            &self.kubeconfig.clone(),
+            &self.ns.clone(),
+            self.args.clone(),
+            generation,
+        );
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Shared handle type for tests that hand the environment to spawned tasks.
+pub type SharedEnv = Arc<TestEnv>;

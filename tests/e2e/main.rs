@@ -1,0 +1,11 @@
+//! End-to-end tests against a real local Kubernetes control plane
+//! (deploy/local/cluster.sh). One test binary; one module per area.
+//!
+//! Run with `make test`, or `cargo test --test e2e` (the harness starts the
+//! control plane itself when none is running, and stops it on exit).
+
+mod harness;
+
+mod batch;
+mod controller;
+mod crds;
