@@ -89,6 +89,12 @@ pub trait PolicyEngine: Send + Sync + 'static {
     fn metrics_text(&self) -> String {
         String::new()
     }
+
+    /// Ticks whenever a custom policy is loaded, fails to load or is removed, so the controller
+    /// can re-decide for every object at once instead of at its next resync.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The built-in decisions, computed in Rust.

@@ -91,6 +91,8 @@ pub struct WasmPolicies {
     defaults: [Arc<CompiledPolicy>; 3],
     custom: RwLock<BTreeMap<String, BTreeMap<Source, Entry>>>,
     metrics: PolicyMetrics,
+    /// Counts changes to the custom policies; see [`PolicyEngine::changes`].
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The embedded defaults failed to compile: the binary itself is broken.
@@ -132,7 +134,12 @@ impl WasmPolicies {
             defaults,
             custom: RwLock::new(BTreeMap::new()),
             metrics: PolicyMetrics::default(),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub fn host(&self) -> &WasmHost {
@@ -175,6 +182,7 @@ impl WasmPolicies {
             .or_default();
         entry.input = Some(input_digest);
         self.metrics.loaded(result.is_ok());
+        self.changed();
         match result {
             Ok(revision) => {
                 let digest = revision.policy.digest.clone();
@@ -193,9 +201,8 @@ impl WasmPolicies {
     }
 
     /// Records that `name` could not even be read (so there is no input to load).
+    /// Repeats of the same error (a directory poll) are recorded once.
     pub fn record_load_error(&self, name: &str, source: Source, origin: &str, error: &LoadError) {
-        warn!(policy = name, ?source, origin, %error, "policy failed to load");
-        self.metrics.loaded(false);
         let mut custom = self
             .custom
             .write()
@@ -205,8 +212,15 @@ impl WasmPolicies {
             .or_default()
             .entry(source)
             .or_default();
-        entry.error = Some(format!("{origin}: {error}"));
+        let message = format!("{origin}: {error}");
+        if entry.input.is_none() && entry.error.as_deref() == Some(message.as_str()) {
+            return;
+        }
+        warn!(policy = name, ?source, origin, %error, "policy failed to load");
+        self.metrics.loaded(false);
+        entry.error = Some(message);
         entry.input = None;
+        self.changed();
     }
 
     fn compile_revision(&self, input: &PolicyInput, origin: &str) -> Result<Revision, LoadError> {
@@ -255,6 +269,7 @@ impl WasmPolicies {
         }
         if removed {
             info!(policy = name, ?source, "policy unloaded");
+            self.changed();
         }
         removed
     }
@@ -470,5 +485,9 @@ impl PolicyEngine for WasmPolicies {
 
     fn metrics_text(&self) -> String {
         self.metrics.render()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 }

@@ -9,3 +9,4 @@ mod harness;
 mod batch;
 mod controller;
 mod crds;
+mod policy;
