@@ -320,17 +320,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
         "{:<12} {:>9} {:>9} {:>9} {:>9}   {:>12}",
         "policy", "p50 µs", "p99 µs", "max µs", "mean µs", "native p50 µs"
     );
-    let report = |name: &str,
-                  wasm: &mut dyn FnMut() -> bool,
-                  native: &mut dyn FnMut()|
-     -> anyhow::Result<()> {
-        let samples = measure(runs, || {
-            let degraded = wasm();
-            assert!(
-                !degraded,
-                "the default policy degraded during the benchmark"
-            );
-        });
+    let mut degraded = 0usize;
+    let mut report = |name: &str, wasm: &mut dyn FnMut() -> bool, native: &mut dyn FnMut()| {
+        let samples = measure(runs, || degraded += usize::from(wasm()));
         let native = measure(runs, native);
         println!(
             "{name:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1}   {:>12.2}",
@@ -340,7 +332,6 @@ fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
             micros(samples.iter().sum::<Duration>() / samples.len().max(1) as u32),
             micros(percentile(&native, 0.50)),
         );
-        Ok(())
     };
     report(
         "pool-sizing",
@@ -350,7 +341,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
                 NativePolicies.pool_sizing(None, &pool),
             ))
         },
-    )?;
+    );
     report(
         "shard-tasks",
         &mut || policies.shard_tasks(None, &batch).degraded.is_some(),
@@ -359,12 +350,16 @@ fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
                 NativePolicies.shard_tasks(None, &batch),
             ))
         },
-    )?;
+    );
     report(
         "expiry",
         &mut || policies.expiry(None, &expiring).degraded.is_some(),
         &mut || drop(std::hint::black_box(NativePolicies.expiry(None, &expiring))),
-    )?;
+    );
+    if degraded > 0 {
+        println!("{degraded} decision(s) degraded: the figures include fallbacks");
+        return Ok(EXIT_FAILED);
+    }
     Ok(EXIT_OK)
 }
 

@@ -229,13 +229,15 @@ pub struct CallState {
     limiter: CallLimiter,
 }
 
+/// Counts linear memory across all of an instance's memories: a component may have several.
 struct CallLimiter {
     memory_bytes: usize,
+    used: usize,
 }
 
 /// The error a refused `memory.grow` traps with, so the failure is reported as what it is.
 #[derive(Debug, thiserror::Error)]
-#[error("memory limit of {limit} bytes exceeded (asked for {asked})")]
+#[error("memory limit of {limit} bytes exceeded (asked for {asked} in all)")]
 struct MemoryLimitExceeded {
     limit: usize,
     asked: usize,
@@ -251,16 +253,18 @@ const MAX_MEMORIES: usize = 16;
 impl ResourceLimiter for CallLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.memory_bytes {
             return Err(wasmtime::Error::new(MemoryLimitExceeded {
                 limit: self.memory_bytes,
-                asked: desired,
+                asked: total,
             }));
         }
+        self.used = total;
         Ok(true)
     }
 
@@ -421,6 +425,7 @@ impl WasmHost {
             CallState {
                 limiter: CallLimiter {
                     memory_bytes: self.limits.memory_bytes,
+                    used: 0,
                 },
             },
         );
