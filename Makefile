@@ -4,6 +4,7 @@
 #   make dev-up     the same in the background;  make dev-down  stops it
 #   make test       every test (unit + e2e) against one local cluster, stopped afterwards
 #   make crds       regenerate crds/*.yaml from the Rust types
+#   make policies   rebuild the policy components and refresh policies/prebuilt/ (commit them)
 #
 # The kubeconfig is $(DEV_DIR)/kubeconfig:  export KUBECONFIG=$$(pwd)/.dev/kubeconfig
 
@@ -16,7 +17,7 @@ CARGO ?= cargo
 # Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
 TEST_ARGS ?=
 
-.PHONY: help dev dev-up dev-down dev-status test crds cluster-build
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build policies
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -42,3 +43,7 @@ crds:
 # Builds (or finds in ~/.cache/sbx-cluster) the control-plane binary only.
 cluster-build:
 	deploy/local/build.sh
+
+policies:
+	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --bin sandbox-controller
+	@ls -l policies/prebuilt

@@ -3,6 +3,12 @@
 //!
 //! The guests are a cargo workspace of their own, built by a nested cargo with its OWN target
 //! directory: reusing the outer one would wait forever on the lock the outer build holds.
+//!
+//! Where the wasm32-wasip2 target is not installed (it is downloaded by rustup, not from a package
+//! registry), the components committed under `policies/prebuilt/` are used instead. A unit test
+//! compares them with a fresh build wherever the target exists; `SANDBOX_POLICY_UPDATE_PREBUILT=1
+//! cargo build` (`make policies`) refreshes them. Source paths are remapped so a build's bytes do
+//! not depend on where the repository is checked out.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -25,9 +31,8 @@ const WATCHED: &[&str] = &[
     "policies/Cargo.lock",
     "policies/defaults",
     "policies/tests",
-];
-/// The Rust examples; other languages' examples have their own build and are not embedded.
-const WATCHED_EXAMPLES: &[&str] = &[
+    "policies/prebuilt",
+    // The Rust examples; other languages' examples have their own build and are not embedded.
     "policies/examples/demand-aware-sizing",
     "policies/examples/expiry-grace",
 ];
@@ -38,14 +43,52 @@ fn main() {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for path in WATCHED.iter().chain(WATCHED_EXAMPLES) {
+    for path in WATCHED {
         println!("cargo:rerun-if-changed={path}");
     }
-    println!("cargo:rerun-if-env-changed=SANDBOX_POLICY_TARGET_DIR");
+    for var in [
+        "SANDBOX_POLICY_TARGET_DIR",
+        "SANDBOX_POLICY_UPDATE_PREBUILT",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let prebuilt = manifest_dir.join("policies").join("prebuilt");
+    let dest = out_dir.join("policies");
+    std::fs::create_dir_all(&dest).unwrap_or_else(|e| panic!("creating {}: {e}", dest.display()));
+    println!("cargo:rustc-env=SANDBOX_POLICY_WASM_DIR={}", dest.display());
+    println!(
+        "cargo:rustc-env=SANDBOX_POLICY_PREBUILT_DIR={}",
+        prebuilt.display()
+    );
 
+    let built = match missing_target() {
+        None => build_guests(&manifest_dir, &out_dir),
+        Some(why) => {
+            println!(
+                "cargo:warning={why}; using the committed components in policies/prebuilt/ \
+                 (install the target with `rustup target add {TARGET}` to build them from source)"
+            );
+            prebuilt.clone()
+        }
+    };
+    let update = env::var_os("SANDBOX_POLICY_UPDATE_PREBUILT").is_some_and(|v| v == "1");
+    for name in COMPONENTS {
+        let file = wasm_file(name);
+        copy(&built.join(&file), &dest.join(&file));
+        if update && built != prebuilt {
+            copy(&built.join(&file), &prebuilt.join(&file));
+        }
+    }
+}
+
+fn wasm_file(crate_name: &str) -> String {
+    format!("{}.wasm", crate_name.replace('-', "_"))
+}
+
+/// Builds every component with the nested cargo; returns the directory holding them.
+fn build_guests(manifest_dir: &Path, out_dir: &Path) -> PathBuf {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    check_target_installed();
-    let target_dir = guest_target_dir(&out_dir);
+    let target_dir = guest_target_dir(out_dir);
     let mut build = Command::new(&cargo);
     build
         .current_dir(manifest_dir.join("policies"))
@@ -67,7 +110,6 @@ fn main() {
         "CARGO_BUILD_TARGET",
         "CARGO_BUILD_TARGET_DIR",
         "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_RUSTFLAGS",
         "RUSTC_WRAPPER",
         "RUSTC_WORKSPACE_WRAPPER",
@@ -75,6 +117,7 @@ fn main() {
     ] {
         build.env_remove(var);
     }
+    build.env("CARGO_ENCODED_RUSTFLAGS", remap_flags(manifest_dir));
     let status = build
         .status()
         .unwrap_or_else(|e| panic!("running {cargo:?} to build the policy guests: {e}"));
@@ -83,15 +126,23 @@ fn main() {
             "building the policy guests in policies/ for {TARGET} failed ({status}); see the cargo output above"
         );
     }
+    target_dir.join(TARGET).join("release")
+}
 
-    let built = target_dir.join(TARGET).join("release");
-    let dest = out_dir.join("policies");
-    std::fs::create_dir_all(&dest).unwrap_or_else(|e| panic!("creating {}: {e}", dest.display()));
-    for name in COMPONENTS {
-        let file = format!("{}.wasm", name.replace('-', "_"));
-        copy(&built.join(&file), &dest.join(&file));
+/// Paths embedded in the components (panic locations) made independent of the checkout and of
+/// the cargo home, so the same sources give the same bytes anywhere.
+fn remap_flags(manifest_dir: &Path) -> String {
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
+    let mut flags = vec![format!(
+        "--remap-path-prefix={}=/opensandbox",
+        manifest_dir.display()
+    )];
+    if let Some(home) = cargo_home {
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
     }
-    println!("cargo:rustc-env=SANDBOX_POLICY_WASM_DIR={}", dest.display());
+    flags.join("\u{1f}")
 }
 
 /// `$SANDBOX_POLICY_TARGET_DIR`, else a cache directory under `$HOME` so guests stay built across
@@ -108,19 +159,22 @@ fn guest_target_dir(out_dir: &Path) -> PathBuf {
     }
 }
 
-/// A missing target otherwise surfaces as a cryptic "can't find crate for `core`".
-fn check_target_installed() {
+/// Why the guests cannot be built here, if they cannot: a missing target otherwise surfaces as a
+/// cryptic "can't find crate for `core`".
+fn missing_target() -> Option<String> {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output();
-    let Ok(output) = sysroot else { return };
+    let output = match Command::new(&rustc).args(["--print", "sysroot"]).output() {
+        Ok(output) if output.status.success() => output,
+        _ => return Some(format!("`{rustc:?} --print sysroot` failed")),
+    };
     let sysroot = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    if !sysroot.join("lib").join("rustlib").join(TARGET).exists() {
-        panic!(
-            "the {TARGET} Rust target is not installed ({} has no lib/rustlib/{TARGET}); the default \
-             policies are built for it. Install it with: rustup target add {TARGET}",
-            sysroot.display()
-        );
-    }
+    let target = sysroot.join("lib").join("rustlib").join(TARGET);
+    (!target.exists()).then(|| {
+        format!(
+            "the {TARGET} Rust target is not installed (no {})",
+            target.display()
+        )
+    })
 }
 
 fn copy(from: &Path, to: &Path) {

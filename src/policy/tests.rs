@@ -251,6 +251,29 @@ proptest! {
 }
 
 #[test]
+fn the_committed_prebuilt_components_match_the_sources() {
+    // Used by builds without the wasm32-wasip2 target; stale copies would embed old decisions.
+    let prebuilt = std::path::Path::new(env!("SANDBOX_POLICY_PREBUILT_DIR"));
+    let mut compared = 0;
+    for entry in std::fs::read_dir(builtin::built_components_dir()).expect("the build's components")
+    {
+        let built = entry.expect("a directory entry").path();
+        let name = built
+            .file_name()
+            .expect("a file name")
+            .to_string_lossy()
+            .to_string();
+        let committed = std::fs::read(prebuilt.join(&name)).unwrap_or_default();
+        assert!(
+            committed == std::fs::read(&built).expect("a built component"),
+            "policies/prebuilt/{name} differs from a build of its sources: run `make policies` and commit it"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 6, "every component is compared");
+}
+
+#[test]
 fn defaults_take_no_settings() {
     let policies = shared();
     for decision in Decision::ALL {
