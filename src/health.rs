@@ -38,23 +38,22 @@ impl Health {
     }
 
     fn metrics(&self) -> String {
-        let w = self.writes.snapshot();
-        let mut out = format!(
-            "# HELP sandbox_controller_api_writes_total API write requests made by the controller, by kind.\n\
-             # TYPE sandbox_controller_api_writes_total counter\n\
-             sandbox_controller_api_writes_total{{kind=\"object\"}} {}\n\
-             sandbox_controller_api_writes_total{{kind=\"status\"}} {}\n\
-             sandbox_controller_api_writes_total{{kind=\"pod\"}} {}\n\
-             sandbox_controller_api_writes_total{{kind=\"event\"}} {}\n\
-             # HELP sandbox_controller_ready Whether caches are synced (and this instance leads).\n\
+        let mut out = String::from(
+            "# HELP sandbox_controller_api_writes_total API write requests made by the controller, by target.\n\
+             # TYPE sandbox_controller_api_writes_total counter\n",
+        );
+        for (target, count) in self.writes.snapshot() {
+            out.push_str(&format!(
+                "sandbox_controller_api_writes_total{{target=\"{}\"}} {count}\n",
+                target.label()
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP sandbox_controller_ready Whether caches are synced (and this instance leads).\n\
              # TYPE sandbox_controller_ready gauge\n\
              sandbox_controller_ready {}\n",
-            w.object,
-            w.status,
-            w.pods,
-            w.events,
             u8::from(self.is_ready())
-        );
+        ));
         for extra in self.extra.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             out.push_str(&extra());
         }

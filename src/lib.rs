@@ -4,6 +4,7 @@
 pub mod api;
 pub mod controller;
 pub mod domain;
+pub mod executor;
 pub mod health;
 pub mod leader;
 pub mod policy;

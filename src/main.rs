@@ -5,8 +5,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sandbox_controller::api;
-use sandbox_controller::controller::{self, ControllerConfig};
+use sandbox_controller::controller::{self, ControllerConfig, ExecutorSettings, PoolInjection};
 use sandbox_controller::domain::endpoints::EndpointsFormat;
+use sandbox_controller::executor::{self, runner};
 use sandbox_controller::health::Health;
 use sandbox_controller::leader::{self, LeaderConfig};
 use sandbox_controller::policy::cli::PolicyCommand;
@@ -35,6 +36,10 @@ enum LogFormat {
 enum Command {
     /// Run the controller against the cluster in $KUBECONFIG (or the in-cluster config).
     Run(RunArgs),
+    /// Run a real task executor for every local (kwok) pod that needs one: Running pods with a
+    /// `task-executor` container and a 127.x.y.z pod IP get `sandbox-task-executor` bound to
+    /// `<podIP>:5758`, stopped again when the pod goes away.
+    LocalExecutors(LocalExecutorsArgs),
     /// Write the CustomResourceDefinitions as YAML files (one per kind).
     Crdgen {
         /// Directory to write into.
@@ -76,6 +81,25 @@ struct RunArgs {
     /// Seconds a leader's lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Image of the task-executor sidecar injected into pods that run tasks.
+    #[arg(
+        long,
+        env = "EXECUTOR_IMAGE",
+        default_value = "opensandbox/sandbox-task-executor:latest"
+    )]
+    executor_image: String,
+    /// Secret (key `token`) the injected executor reads its bearer token from. Without it the
+    /// sidecar runs unauthenticated.
+    #[arg(long, env = "EXECUTOR_TOKEN_SECRET")]
+    executor_token_secret: Option<String>,
+    /// File with the bearer token the controller presents to executors (the Secret's value
+    /// mounted in-cluster; `.dev/executor-token` locally).
+    #[arg(long, env = "EXECUTOR_TOKEN_FILE")]
+    executor_token_file: Option<PathBuf>,
+    /// Which pool pods get the executor sidecar: `always`, or `annotated` (Pools annotated
+    /// `sandbox.opensandbox.io/task-executor: "true"`).
+    #[arg(long, value_enum, default_value_t = PoolInjection::Always)]
+    pool_executor_injection: PoolInjection,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -114,6 +138,27 @@ enum PolicyEngineKind {
     Native,
 }
 
+#[derive(Args)]
+struct LocalExecutorsArgs {
+    /// State directory of the local control plane; executors keep their data in
+    /// `<dir>/executors/<namespace>/<pod>`.
+    #[arg(long, env = "SBX_DEV_DIR", default_value = ".dev")]
+    state_dir: PathBuf,
+    /// The bearer token file the executors require and the controller must send; created with a
+    /// random token if missing. Default: `<state dir>/executor-token`.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The `sandbox-task-executor` binary. Default: next to this binary.
+    #[arg(long)]
+    executor_bin: Option<PathBuf>,
+    /// Port the executors listen on, on each pod's IP.
+    #[arg(long, default_value_t = executor::EXECUTOR_PORT)]
+    port: u16,
+    /// Seconds between SIGTERM and SIGKILL when a task times out or is stopped.
+    #[arg(long, default_value_t = 10)]
+    kill_grace_seconds: u64,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -123,6 +168,9 @@ fn main() -> anyhow::Result<()> {
         Command::Policy(command) => {
             let code = sandbox_controller::policy::cli::run(command)?;
             std::process::exit(code);
+        }
+        Command::LocalExecutors(args) => {
+            tokio::runtime::Runtime::new()?.block_on(local_executors(args))
         }
     }
 }
@@ -143,7 +191,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let token = match &args.executor_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the executor token from {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(sandbox_controller::executor::TOKEN_ENV).ok(),
+    };
     let config = ControllerConfig {
+        executor: ExecutorSettings {
+            image: args.executor_image.clone(),
+            token_secret: args.executor_token_secret.clone(),
+            token,
+            pool_injection: args.pool_executor_injection,
+        },
         namespace: args.namespace,
         concurrency: args.concurrency.max(1),
         endpoints_format: args.endpoints_format,
@@ -236,6 +299,35 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "sandbox-controller".into())
+}
+
+async fn local_executors(args: LocalExecutorsArgs) -> anyhow::Result<()> {
+    let state_dir = std::path::absolute(&args.state_dir)?;
+    let token_file = args
+        .token_file
+        .unwrap_or_else(|| state_dir.join("executor-token"));
+    runner::ensure_token_file(&token_file)?;
+    let executor_bin = match args.executor_bin {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("sandbox-task-executor"),
+    };
+    anyhow::ensure!(
+        executor_bin.is_file(),
+        "{} not found; build it with `cargo build --bin sandbox-task-executor` or pass --executor-bin",
+        executor_bin.display()
+    );
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let config = runner::RunnerConfig {
+        state_dir,
+        executor_bin,
+        token_file,
+        port: args.port,
+        kill_grace: Duration::from_secs(args.kill_grace_seconds),
+    };
+    runner::run(client, config, shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

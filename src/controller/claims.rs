@@ -61,6 +61,14 @@ impl Expectations {
             .push((pod, Instant::now()));
     }
 
+    /// Forgets a creation that failed.
+    pub fn creation_failed(&self, owner: &str, pod: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(expected) = inner.get_mut(owner) {
+            expected.created.retain(|(p, _)| p != pod);
+        }
+    }
+
     pub fn deleted(&self, owner: &str, pod: String) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner
@@ -121,5 +129,27 @@ mod tests {
         let (unseen, deleting) =
             e.pending("ns/p", &HashSet::from(["p-1"]), &HashSet::from(["p-1"]));
         assert_eq!((unseen, deleting.len()), (0, 0));
+    }
+}
+
+/// The status this process last wrote per BatchSandbox (by uid). A reconcile that runs before its
+/// own status write is back in the cache would otherwise write the same status again.
+#[derive(Default)]
+pub struct LastStatus {
+    inner: Mutex<HashMap<String, (crate::api::BatchSandboxStatus, Instant)>>,
+}
+
+impl LastStatus {
+    pub fn wrote_same(&self, uid: &str, status: &crate::api::BatchSandboxStatus) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.get(uid).is_some_and(|(last, at)| {
+            at.elapsed() < HORIZON && crate::domain::status::equivalent(last, status)
+        })
+    }
+
+    pub fn record(&self, uid: String, status: crate::api::BatchSandboxStatus) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.retain(|_, (_, at)| at.elapsed() < HORIZON);
+        inner.insert(uid, (status, Instant::now()));
     }
 }

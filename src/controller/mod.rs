@@ -31,7 +31,7 @@ use crate::api::{BatchSandbox, Pool, names};
 use crate::domain::endpoints::EndpointsFormat;
 use crate::policy::PolicyEngine;
 
-pub use writes::WriteCounter;
+pub use writes::{Target as WriteTarget, WriteCounter};
 
 /// How the controller behaves; set from the command line.
 #[derive(Clone, Debug)]
@@ -43,6 +43,68 @@ pub struct ControllerConfig {
     pub endpoints_format: EndpointsFormat,
     /// Periodic re-check of every object, a safety net for missed events.
     pub resync: Duration,
+    pub executor: ExecutorSettings,
+}
+
+/// Where pods get their task executor from, and how the controller talks to it.
+#[derive(Clone, Debug)]
+pub struct ExecutorSettings {
+    /// Image of the injected `task-executor` sidecar.
+    pub image: String,
+    /// Secret (key `token`) the sidecar reads its bearer token from; `None` runs it without auth.
+    pub token_secret: Option<String>,
+    /// Bearer token the controller presents to executors.
+    pub token: Option<String>,
+    /// Which pool pods get the sidecar.
+    pub pool_injection: PoolInjection,
+}
+
+/// Which pool pods get the task executor sidecar.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolInjection {
+    /// Every pool pod, so any pooled batch can run tasks.
+    #[default]
+    Always,
+    /// Only pods of Pools annotated `sandbox.opensandbox.io/task-executor: "true"`.
+    Annotated,
+}
+
+/// Annotation on a Pool that opts its pods into the task executor sidecar under
+/// `--pool-executor-injection=annotated`.
+pub const ANNOTATION_POOL_EXECUTOR: &str = "sandbox.opensandbox.io/task-executor";
+
+impl Default for ExecutorSettings {
+    fn default() -> Self {
+        Self {
+            image: "opensandbox/sandbox-task-executor:latest".into(),
+            token_secret: None,
+            token: None,
+            pool_injection: PoolInjection::Always,
+        }
+    }
+}
+
+impl ExecutorSettings {
+    /// Adds the executor sidecar to a pod (idempotent).
+    pub fn inject(&self, pod: &mut Pod) {
+        if let Some(spec) = pod.spec.as_mut() {
+            crate::executor::sidecar::inject_sidecar(
+                spec,
+                &self.image,
+                self.token_secret.as_deref(),
+            );
+        }
+    }
+
+    /// Whether pods of `pool` get the sidecar.
+    pub fn for_pool(&self, pool: &Pool) -> bool {
+        self.pool_injection == PoolInjection::Always
+            || pool
+                .annotations()
+                .get(ANNOTATION_POOL_EXECUTOR)
+                .map(String::as_str)
+                == Some("true")
+    }
 }
 
 impl Default for ControllerConfig {
@@ -52,6 +114,7 @@ impl Default for ControllerConfig {
             concurrency: 16,
             endpoints_format: EndpointsFormat::Objects,
             resync: Duration::from_secs(300),
+            executor: ExecutorSettings::default(),
         }
     }
 }
@@ -90,8 +153,15 @@ pub struct Context {
     claims: claims::Claims,
     /// Pods created or deleted but maybe not yet visible in the pod cache.
     expectations: claims::Expectations,
+    /// Statuses written but maybe not yet visible in the cache.
+    last_status: claims::LastStatus,
     backoff: backoff::PerObjectBackoff,
     pub writes: Arc<WriteCounter>,
+    /// Bounds background pod writes across all reconciles.
+    pod_writes: tokio::sync::Semaphore,
+    pod_names: std::sync::atomic::AtomicU64,
+    pub executor: crate::executor::client::ExecutorClient,
+    task_polls: tasks::TaskPolls,
 }
 
 impl Context {
@@ -113,7 +183,7 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        self.writes.event();
+        self.writes.count(writes::Target::Event);
         let event = Event {
             type_,
             reason: reason.into(),
@@ -140,7 +210,8 @@ impl Context {
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
     {
-        self.writes.object();
+        self.writes
+            .count(writes::Target::for_kind(&K::kind(&()), false));
         self.api::<K>(namespace)
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -158,7 +229,8 @@ impl Context {
             + serde::de::DeserializeOwned
             + std::fmt::Debug,
     {
-        self.writes.status();
+        self.writes
+            .count(writes::Target::for_kind(&K::kind(&()), true));
         self.api::<K>(namespace)
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -216,7 +288,7 @@ impl Context {
 
     /// Creates a pod; one that already exists (a cache lagging our own create) counts as created.
     async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<Pod, kube::Error> {
-        self.writes.pod();
+        self.writes.count(writes::Target::Pod);
         let api = self.api::<Pod>(namespace);
         match api.create(&PostParams::default(), &pod).await {
             Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
@@ -229,7 +301,7 @@ impl Context {
 
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
-        self.writes.pod();
+        self.writes.count(writes::Target::Pod);
         match self
             .api::<Pod>(namespace)
             .delete(name, &DeleteParams::default())
@@ -238,6 +310,21 @@ impl Context {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other.map(|_| ()),
         }
+    }
+
+    /// A fresh name for a pod of `pool`, unique per process and start time.
+    fn next_pod_name(&self, pool: &str) -> String {
+        let n = self
+            .pod_names
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        crate::domain::pod_template::pool_pod_name(
+            pool,
+            format!("{pool}/{}/{n}/{nanos}", std::process::id()).as_bytes(),
+        )
     }
 
     /// A controller owner reference to `obj`, so the garbage collector removes what it owns.
@@ -284,8 +371,13 @@ pub async fn run(
         config: config.clone(),
         claims: Default::default(),
         expectations: Default::default(),
+        last_status: Default::default(),
         backoff: Default::default(),
         writes: health.writes.clone(),
+        pod_writes: tokio::sync::Semaphore::new(32),
+        pod_names: Default::default(),
+        executor: crate::executor::client::ExecutorClient::new(config.executor.token.clone()),
+        task_polls: Default::default(),
     });
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
@@ -435,7 +527,7 @@ where
     if let Err(error) = result {
         // Missing objects (deleted since they were queued) are routine.
         let text = error.to_string();
-        if !text.contains("missing from store") {
+        if !text.contains("not found in local store") {
             warn!(%error, "reconcile failed");
         }
     }

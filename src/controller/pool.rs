@@ -12,7 +12,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Context, Error, object_name};
 use crate::api::{BatchSandbox, Pool, PoolStatus, names};
@@ -21,6 +21,7 @@ use crate::domain::conditions::{self, Desired};
 use crate::domain::pod_template;
 use crate::domain::pods;
 use crate::domain::pool_plan::{self, PoolPod};
+use crate::domain::released::{self, Released};
 use crate::domain::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use crate::domain::{endpoints, pods::is_running_and_ready};
 
@@ -168,7 +169,7 @@ impl Observed {
     }
 }
 
-async fn reconcile_pool(pool: &Pool, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error> {
     let mut observed = Observed::gather(pool, ctx)?;
     if pool.metadata.deletion_timestamp.is_some() {
         return drain(pool, ctx, &observed).await;
@@ -200,6 +201,7 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
         .map(|(b, ledger)| Demand {
             replicas: b.desired_replicas(),
             held: ledger.pods.clone(),
+            released: released_of(b).0.into_keys().collect(),
         })
         .collect();
     let idle = observed.idle_ready();
@@ -265,9 +267,12 @@ async fn write_grant(
 }
 
 /// Applies the sizing policy. Returns the policy's degradation reason, if it fell back.
+///
+/// New pods are named here and expected at once, then created in the background: reconciles of
+/// one pool are serial, and a refill must not hold up the next allocation round.
 async fn resize(
     pool: &Pool,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     observed: &Observed,
     unmet: u32,
 ) -> Result<Option<String>, Error> {
@@ -305,18 +310,29 @@ async fn resize(
     }
 
     let owner = ctx.owner_reference(pool);
-    let template = &pool.spec.template;
-    let creations = (0..changes.create).map(|_| {
-        pod_template::pool_pod(&observed.name, template, &observed.revision, owner.clone())
-    });
-    let created: Vec<Result<Pod, kube::Error>> =
-        stream::iter(creations.map(|pod| ctx.create_pod(&observed.namespace, pod)))
-            .buffer_unordered(POD_WRITE_CONCURRENCY)
-            .collect()
-            .await;
-    for pod in created {
-        ctx.expectations
-            .created(&observed.owner_key(), pod?.name_any());
+    for _ in 0..changes.create {
+        let name = ctx.next_pod_name(&observed.name);
+        let pod = pod_template::pool_pod(
+            &observed.name,
+            name.clone(),
+            &pool.spec.template,
+            &observed.revision,
+            owner.clone(),
+        );
+        let owner_key = observed.owner_key();
+        let mut pod = pod;
+        if ctx.config.executor.for_pool(pool) {
+            ctx.config.executor.inject(&mut pod);
+        }
+        ctx.expectations.created(&owner_key, name.clone());
+        let (ctx, namespace) = (ctx.clone(), observed.namespace.clone());
+        tokio::spawn(async move {
+            let _permit = ctx.pod_writes.acquire().await;
+            if let Err(error) = ctx.create_pod(&namespace, pod).await {
+                warn!(%error, pod = %name, "creating pool pod failed; the next round retries");
+                ctx.expectations.creation_failed(&owner_key, &name);
+            }
+        });
     }
     delete_pods(ctx, observed, changes.delete).await?;
 
@@ -489,6 +505,15 @@ async fn write_status(
         .await?;
     }
     Ok(())
+}
+
+pub(super) fn released_of(batch: &BatchSandbox) -> Released {
+    Released::parse(
+        batch
+            .annotations()
+            .get(released::ANNOTATION_TASK_RESULTS)
+            .map(String::as_str),
+    )
 }
 
 fn non_negative(value: i32) -> u32 {

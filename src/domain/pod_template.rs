@@ -46,9 +46,11 @@ pub fn batch_pod(
     ))
 }
 
-/// A warm pod for `pool`, named by the API server (`<pool>-xxxxx`).
+/// A warm pod `name` for `pool`. The controller names pool pods itself (see [`pool_pod_name`]),
+/// so it can expect them before the API server confirms their creation.
 pub fn pool_pod(
     pool: &str,
+    name: String,
     template: &PodTemplateSpec,
     revision: &str,
     owner: OwnerReference,
@@ -59,11 +61,24 @@ pub fn pool_pod(
     pod_from(
         template.clone(),
         ObjectMeta {
-            generate_name: Some(format!("{pool}-")),
+            name: Some(name),
             labels: Some(labels),
             ..meta_owned_by(owner)
         },
     )
+}
+
+/// `<pool>-<5 characters>`, like the API server's `generateName`, unique with overwhelming
+/// probability for a given `seed` (a counter and clock in practice).
+pub fn pool_pod_name(pool: &str, seed: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let digest = Sha256::digest(seed);
+    let suffix: String = digest
+        .iter()
+        .take(5)
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect();
+    format!("{pool}-{suffix}")
 }
 
 /// A short, stable hash of a pool template: pods made from it carry it as their revision.
@@ -160,6 +175,16 @@ mod tests {
         let bad = json!({"spec": {"containers": "nope"}});
         let err = batch_pod("b", 4, &template(), Some(&bad), owner()).unwrap_err();
         assert!(err.to_string().starts_with("spec.shardPatches[4]"));
+    }
+
+    #[test]
+    fn pool_pod_names_look_generated_and_differ_by_seed() {
+        let a = pool_pod_name("fast-pool", b"1");
+        assert!(
+            a.starts_with("fast-pool-") && a.len() == "fast-pool-".len() + 5,
+            "{a}"
+        );
+        assert_ne!(a, pool_pod_name("fast-pool", b"2"));
     }
 
     #[test]

@@ -75,14 +75,13 @@ pub async fn env(test_name: &str) -> TestEnv {
 
     let ns = namespace_name(test_name);
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let mut object: Namespace = serde_json::from_value(serde_json::json!({
+    let object: Namespace = serde_json::from_value(serde_json::json!({
         "metadata": {
             "name": ns,
             "labels": {"sbx-e2e": "true", "sbx-e2e/test": label_value(test_name)}
         }
     }))
     .expect("namespace object");
-    object.metadata.name = Some(ns.clone());
     namespaces
         .create(&PostParams::default(), &object)
         .await
@@ -517,6 +516,9 @@ fn find_or_start_cluster() -> Cluster {
         let started = Instant::now();
         let out = Command::new(&script)
             .args(["up", "--watch-parent", &std::process::id().to_string()])
+            // The executor runner uses the binaries cargo built for this test run, instead of
+            // a nested `cargo build` whose different environment would rebuild dependencies.
+            .env("SBX_RUNNER_BIN", env!("CARGO_BIN_EXE_sandbox-controller"))
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
