@@ -37,6 +37,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller against the cluster in $KUBECONFIG (or the in-cluster config).
@@ -316,12 +318,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let policies = start_policies(&args.policy, &client).await?;
     let webhook = if args.webhook {
         let mut webhook_args = args.webhook_args.clone();
         webhook_args.only_namespace = webhook_args
             .only_namespace
             .or_else(|| args.namespace.clone());
-        Some(bind_webhook(webhook_args, Some(client.clone())).await?)
+        Some(bind_webhook(webhook_args, Some(client.clone()), Some(policies.clone())).await?)
     } else {
         None
     };
@@ -347,7 +350,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
     let health = Arc::new(Health::default());
-    let policies = start_policies(&args.policy, &client).await?;
     {
         let policies = policies.clone();
         let mut extra = health.extra.lock().unwrap_or_else(|e| e.into_inner());
@@ -431,7 +433,7 @@ async fn alongside_webhook(
 }
 
 async fn run_webhook(args: WebhookArgs) -> anyhow::Result<()> {
-    let webhook = bind_webhook(args, None).await?;
+    let webhook = bind_webhook(args, None, None).await?;
     webhook
         .run(shutdown_signal())
         .await
@@ -439,7 +441,13 @@ async fn run_webhook(args: WebhookArgs) -> anyhow::Result<()> {
 }
 
 /// Binds the webhook and prints where it listens (tests and scripts read this line).
-async fn bind_webhook(args: WebhookArgs, client: Option<kube::Client>) -> anyhow::Result<Webhook> {
+/// Binds the webhook. `loaded` adds the names of policies the running engine has loaded to the
+/// names given with `--policy-name`.
+async fn bind_webhook(
+    args: WebhookArgs,
+    client: Option<kube::Client>,
+    loaded: Option<Arc<dyn PolicyEngine>>,
+) -> anyhow::Result<Webhook> {
     let registration = match args.registration {
         RegistrationMode::None => None,
         mode => {
@@ -483,7 +491,15 @@ async fn bind_webhook(args: WebhookArgs, client: Option<kube::Client>) -> anyhow
         },
         rules: webhook::RuleSettings {
             max_replicas: args.max_replicas,
-            policy_exists: webhook::known_policies(args.policy_names),
+            policy_exists: {
+                let listed = webhook::known_policies(args.policy_names);
+                match loaded {
+                    Some(engine) => {
+                        Arc::new(move |name: &str| listed(name) || engine.is_known(name))
+                    }
+                    None => listed,
+                }
+            },
         },
         limits: webhook::Limits {
             max_body_bytes: args.max_body_bytes,
