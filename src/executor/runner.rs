@@ -294,7 +294,9 @@ async fn supervise(
             .arg("--stop-tasks-on-exit")
             .arg("--parent-pid")
             .arg(std::process::id().to_string())
+            // Tasks inherit the executor's environment: no cluster credentials in it.
             .env_remove(super::TOKEN_ENV)
+            .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
