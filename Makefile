@@ -4,6 +4,7 @@
 #   make dev-up     the same in the background;  make dev-down  stops it
 #   make test       every test (unit + e2e) against one local cluster, stopped afterwards
 #   make crds       regenerate crds/*.yaml from the Rust types
+#   make bench      claim benchmarks (release build) against the cluster in $$KUBECONFIG or .dev
 #
 # The kubeconfig is $(DEV_DIR)/kubeconfig:  export KUBECONFIG=$$(pwd)/.dev/kubeconfig
 
@@ -16,7 +17,7 @@ CARGO ?= cargo
 # Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
 TEST_ARGS ?=
 
-.PHONY: help dev dev-up dev-down dev-status test crds cluster-build
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -42,3 +43,9 @@ crds:
 # Builds (or finds in ~/.cache/sbx-cluster) the control-plane binary only.
 cluster-build:
 	deploy/local/build.sh
+
+# Claim benchmarks: release build, against a running cluster (make dev-up). BENCH_ARGS='--runs 5'
+BENCH_ARGS ?=
+bench:
+	$(CARGO) build --release --bin sandbox-controller --bin sandbox-bench
+	KUBECONFIG="$${KUBECONFIG:-$(DEV_DIR)/kubeconfig}" "$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)

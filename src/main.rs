@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sandbox_controller::api;
-use sandbox_controller::controller::{self, ControllerConfig};
+use sandbox_controller::controller::{self, ControllerConfig, ExecutorSettings, PoolInjection};
 use sandbox_controller::domain::endpoints::EndpointsFormat;
 use sandbox_controller::executor::{self, runner};
 use sandbox_controller::health::Health;
@@ -92,6 +92,25 @@ struct RunArgs {
     /// Seconds a leader's lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Image of the task-executor sidecar injected into pods that run tasks.
+    #[arg(
+        long,
+        env = "EXECUTOR_IMAGE",
+        default_value = "opensandbox/sandbox-task-executor:latest"
+    )]
+    executor_image: String,
+    /// Secret (key `token`) the injected executor reads its bearer token from. Without it the
+    /// sidecar runs unauthenticated.
+    #[arg(long, env = "EXECUTOR_TOKEN_SECRET")]
+    executor_token_secret: Option<String>,
+    /// File with the bearer token the controller presents to executors (the Secret's value
+    /// mounted in-cluster; `.dev/executor-token` locally).
+    #[arg(long, env = "EXECUTOR_TOKEN_FILE")]
+    executor_token_file: Option<PathBuf>,
+    /// Which pool pods get the executor sidecar: `always`, or `annotated` (Pools annotated
+    /// `sandbox.opensandbox.io/task-executor: "true"`).
+    #[arg(long, value_enum, default_value_t = PoolInjection::Always)]
+    pool_executor_injection: PoolInjection,
     /// Also serve the validating admission webhook (configured by the --webhook-* flags), on
     /// every replica whether it leads or not. With --namespace, the webhook is scoped to that
     /// namespace too.
@@ -260,7 +279,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let token = match &args.executor_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the executor token from {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(sandbox_controller::executor::TOKEN_ENV).ok(),
+    };
     let config = ControllerConfig {
+        executor: ExecutorSettings {
+            image: args.executor_image.clone(),
+            token_secret: args.executor_token_secret.clone(),
+            token,
+            pool_injection: args.pool_executor_injection,
+        },
         namespace: args.namespace,
         concurrency: args.concurrency.max(1),
         endpoints_format: args.endpoints_format,

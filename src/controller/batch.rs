@@ -18,12 +18,14 @@ use tracing::info;
 
 use super::pool::policy_selector;
 use super::{Context, Error, object_name};
-use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, names};
+use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, TaskResourcePolicy, names};
 use crate::domain::allocation::AllocStatus;
 use crate::domain::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision, TaskPhase};
+use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
 use crate::domain::{endpoints, pod_template, pods};
 use crate::policy::ShardTaskInput;
+use std::time::Duration;
 
 const POD_WRITE_CONCURRENCY: usize = 32;
 
@@ -41,7 +43,12 @@ struct Shards {
     pods: Vec<Option<Arc<Pod>>>,
     /// Live pods of the batch, including ones above `replicas` still going away.
     live: u32,
+    /// Removed shards whose tasks are still stopping; their pods go once the tasks are gone.
+    stopping: bool,
 }
+
+/// How often to look again while tasks are being stopped.
+const STOP_POLL: Duration = Duration::from_millis(250);
 
 async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     if batch.metadata.deletion_timestamp.is_some() {
@@ -56,16 +63,32 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         }
     };
 
+    let released = super::pool::released_of(batch);
     let shards = match batch.pool_name() {
         Some(pool) => pooled_shards(batch, ctx, pool).await?,
-        None => own_pods(batch, ctx).await?,
+        None => own_pods(batch, ctx, &released).await?,
     };
     write_endpoints(batch, ctx, &shards).await?;
-    let task_phases = task_phases(batch, ctx, &shards).await?;
-    write_status(batch, ctx, &shards, &task_phases, expiry.degraded).await?;
+    let report = task_phases(batch, ctx, &shards, &released).await?;
+    if batch.spec.task_resource_policy_when_completed == Some(TaskResourcePolicy::Release)
+        && release_finished(batch, ctx, &shards, &report.phases, &released).await?
+    {
+        // The write above triggers a fresh reconcile with the new ledger.
+        return Ok(Action::await_change());
+    }
+    let degraded = expiry.degraded.or(report.degraded);
+    write_status(batch, ctx, &shards, &report.phases, &released, degraded).await?;
 
     let resync = ctx.config.resync;
-    Ok(Action::requeue(recheck.map_or(resync, |r| r.min(resync))))
+    let next = [
+        recheck,
+        report.recheck,
+        shards.stopping.then_some(STOP_POLL),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(resync, Duration::min);
+    Ok(Action::requeue(next))
 }
 
 async fn decide_expiry(
@@ -135,7 +158,11 @@ async fn expire(
 }
 
 /// Non-pooled: pods `<name>-<index>` for every shard, none above `replicas`.
-async fn own_pods(batch: &BatchSandbox, ctx: &Context) -> Result<Shards, Error> {
+async fn own_pods(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    released: &Released,
+) -> Result<Shards, Error> {
     if !batch
         .finalizers()
         .iter()
@@ -152,15 +179,23 @@ async fn own_pods(batch: &BatchSandbox, ctx: &Context) -> Result<Shards, Error> 
 
     let mut to_create = Vec::new();
     let mut to_delete = Vec::new();
+    let with_executor = uses_tasks(batch);
     for index in 0..replicas {
         match by_index.get(&index) {
-            None => to_create.push(pod_template::batch_pod(
-                &name,
-                index,
-                &template,
-                batch.spec.shard_patches.get(index),
-                owner.clone(),
-            )?),
+            None if released.contains(index) => {}
+            None => {
+                let mut pod = pod_template::batch_pod(
+                    &name,
+                    index,
+                    &template,
+                    batch.spec.shard_patches.get(index),
+                    owner.clone(),
+                )?;
+                if with_executor {
+                    ctx.config.executor.inject(&mut pod);
+                }
+                to_create.push(pod)
+            }
             // A finished pod can never serve again: replace it (it is recreated once gone).
             Some(pod) if pods::is_finished(pod) && !pods::is_terminating(pod) => {
                 to_delete.push(pods::pod_name(pod).to_string())
@@ -168,11 +203,21 @@ async fn own_pods(batch: &BatchSandbox, ctx: &Context) -> Result<Shards, Error> 
             Some(_) => {}
         }
     }
-    let excess: Vec<String> = by_index
+    let excess_pods: Vec<Arc<Pod>> = by_index
         .range(replicas..)
         .filter(|(_, p)| !pods::is_terminating(p))
-        .map(|(_, p)| pods::pod_name(p).to_string())
+        .map(|(_, p)| p.clone())
         .collect();
+    // Tasks of removed shards stop before their pods go.
+    let stopping = !excess_pods.is_empty() && !super::tasks::stop(ctx, &excess_pods).await;
+    let excess: Vec<String> = if stopping {
+        vec![]
+    } else {
+        excess_pods
+            .iter()
+            .map(|p| pods::pod_name(p).to_string())
+            .collect()
+    };
     to_delete.extend(excess.iter().cloned());
 
     if !to_create.is_empty() {
@@ -207,7 +252,11 @@ async fn own_pods(batch: &BatchSandbox, ctx: &Context) -> Result<Shards, Error> 
     let pods = (0..replicas)
         .map(|i| by_index.get(&i).filter(|p| pods::is_live(p)).cloned())
         .collect();
-    Ok(Shards { pods, live })
+    Ok(Shards {
+        pods,
+        live,
+        stopping,
+    })
 }
 
 fn owned_pods_by_index(batch: &BatchSandbox, ctx: &Context) -> BTreeMap<usize, Arc<Pod>> {
@@ -231,7 +280,14 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     let ns = batch.namespace().unwrap_or_default();
     let ledger = ledger_of(batch)?;
     let replicas = batch.desired_replicas();
-    if ledger.pods.len() > replicas {
+    let removed: Vec<Arc<Pod>> = ledger
+        .pods
+        .iter()
+        .skip(replicas)
+        .filter_map(|p| pod_named(ctx, &ns, p))
+        .collect();
+    let stopping = !removed.is_empty() && !super::tasks::stop(ctx, &removed).await;
+    if ledger.pods.len() > replicas && !stopping {
         let released = ledger.pods[replicas..].to_vec();
         release(batch, ctx, &released).await?;
         let kept = AllocStatus {
@@ -271,6 +327,7 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     Ok(Shards {
         pods: shard_pods,
         live,
+        stopping,
     })
 }
 
@@ -353,7 +410,11 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
             .map(|p| pods::pod_name(p).to_string())
             .collect(),
     };
-    super::tasks::stop_all(batch, ctx, &pods).await?;
+    // Tasks stop first; pods are released or deleted only once they have.
+    let pod_objects: Vec<Arc<Pod>> = pods.iter().filter_map(|p| pod_named(ctx, &ns, p)).collect();
+    if !super::tasks::stop(ctx, &pod_objects).await {
+        return Ok(Action::requeue(STOP_POLL));
+    }
     match batch.pool_name() {
         Some(_) => release(batch, ctx, &pods).await?,
         None => delete_all(ctx, &ns, &pods).await?,
@@ -393,7 +454,8 @@ async fn task_phases(
     batch: &BatchSandbox,
     ctx: &Context,
     shards: &Shards,
-) -> Result<Vec<TaskPhase>, Error> {
+    released: &Released,
+) -> Result<super::tasks::TaskReport, Error> {
     let input = ShardTaskInput {
         batch_name: batch.name_any(),
         replicas: shards.pods.len() as u32,
@@ -404,11 +466,81 @@ async fn task_phases(
     let outcome = ctx
         .decide(move |p| p.shard_tasks(selector.as_deref(), &input))
         .await?;
-    super::tasks::sync(batch, ctx, shards_pods(shards), outcome).await
+    super::tasks::sync(batch, ctx, &shards.pods, released, outcome).await
 }
 
-fn shards_pods(shards: &Shards) -> &[Option<Arc<Pod>>] {
-    &shards.pods
+/// Whether any shard has a task (then non-pooled pods get the task executor).
+fn uses_tasks(batch: &BatchSandbox) -> bool {
+    batch.spec.task_template.is_some() || !batch.spec.shard_task_patches.is_empty()
+}
+
+/// Releases shards whose task has finished (`Release` policy): records their results on the
+/// batch first, conditional on its resourceVersion, then deletes or returns their pods. Returns
+/// whether anything was released.
+async fn release_finished(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    shards: &Shards,
+    phases: &[TaskPhase],
+    released: &Released,
+) -> Result<bool, Error> {
+    let finished: Vec<(usize, TaskPhase, Arc<Pod>)> = phases
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| {
+            matches!(p, TaskPhase::Succeeded | TaskPhase::Failed) && !released.contains(*i)
+        })
+        .filter_map(|(i, p)| Some((i, *p, shards.pods.get(i)?.clone()?)))
+        .collect();
+    if finished.is_empty() {
+        return Ok(false);
+    }
+    let ns = batch.namespace().unwrap_or_default();
+    let mut results = released.clone();
+    let mut annotations = serde_json::Map::new();
+    if batch.pool_name().is_some() {
+        let mut ledger = ledger_of(batch)?;
+        for (i, _, _) in &finished {
+            if let Some(entry) = ledger.pods.get_mut(*i) {
+                entry.clear();
+            }
+        }
+        annotations.insert(
+            names::ANNOTATION_ALLOC_STATUS.into(),
+            ledger.to_annotation().into(),
+        );
+    }
+    for (i, phase, _) in &finished {
+        results.0.insert(*i, *phase);
+    }
+    annotations.insert(
+        ANNOTATION_TASK_RESULTS.into(),
+        results.to_annotation().into(),
+    );
+    let patch = json!({"metadata": {"resourceVersion": batch.resource_version(), "annotations": annotations}});
+    ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+        .await?;
+
+    let names_released: Vec<String> = finished
+        .iter()
+        .map(|(_, _, p)| pods::pod_name(p).to_string())
+        .collect();
+    match batch.pool_name() {
+        Some(_) => release(batch, ctx, &names_released).await?,
+        None => delete_all(ctx, &ns, &names_released).await?,
+    }
+    let shards_released: Vec<String> = finished.iter().map(|(i, _, _)| i.to_string()).collect();
+    ctx.event(
+        batch,
+        EventType::Normal,
+        "ShardsReleased",
+        format!(
+            "task finished on shard(s) {}; released their pods",
+            shards_released.join(", ")
+        ),
+    )
+    .await;
+    Ok(true)
 }
 
 async fn write_status(
@@ -416,7 +548,8 @@ async fn write_status(
     ctx: &Context,
     shards: &Shards,
     task_phases: &[TaskPhase],
-    expiry_degraded: Option<String>,
+    released: &Released,
+    degraded: Option<String>,
 ) -> Result<(), Error> {
     let shard_views: Vec<ShardView> = shards
         .pods
@@ -427,7 +560,9 @@ async fn write_status(
                 .copied()
                 .chain(std::iter::repeat(TaskPhase::None)),
         )
-        .map(|(pod, task)| ShardView {
+        .enumerate()
+        .map(|(index, (pod, task))| ShardView {
+            released: released.contains(index),
             has_pod: pod.is_some(),
             ready: pod.as_deref().is_some_and(pods::is_running_and_ready),
             task,
@@ -438,7 +573,7 @@ async fn write_status(
         pooled: batch.pool_name().is_some(),
         live_pods: shards.live,
         pool: pool_situation(batch, ctx, &shard_views),
-        policy_degraded: expiry_degraded,
+        policy_degraded: degraded,
         shards: shard_views,
     };
     // A pooled batch its pool is about to serve: the pool's allocation write comes first, and a

@@ -43,6 +43,68 @@ pub struct ControllerConfig {
     pub endpoints_format: EndpointsFormat,
     /// Periodic re-check of every object, a safety net for missed events.
     pub resync: Duration,
+    pub executor: ExecutorSettings,
+}
+
+/// Where pods get their task executor from, and how the controller talks to it.
+#[derive(Clone, Debug)]
+pub struct ExecutorSettings {
+    /// Image of the injected `task-executor` sidecar.
+    pub image: String,
+    /// Secret (key `token`) the sidecar reads its bearer token from; `None` runs it without auth.
+    pub token_secret: Option<String>,
+    /// Bearer token the controller presents to executors.
+    pub token: Option<String>,
+    /// Which pool pods get the sidecar.
+    pub pool_injection: PoolInjection,
+}
+
+/// Which pool pods get the task executor sidecar.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolInjection {
+    /// Every pool pod, so any pooled batch can run tasks.
+    #[default]
+    Always,
+    /// Only pods of Pools annotated `sandbox.opensandbox.io/task-executor: "true"`.
+    Annotated,
+}
+
+/// Annotation on a Pool that opts its pods into the task executor sidecar under
+/// `--pool-executor-injection=annotated`.
+pub const ANNOTATION_POOL_EXECUTOR: &str = "sandbox.opensandbox.io/task-executor";
+
+impl Default for ExecutorSettings {
+    fn default() -> Self {
+        Self {
+            image: "opensandbox/sandbox-task-executor:latest".into(),
+            token_secret: None,
+            token: None,
+            pool_injection: PoolInjection::Always,
+        }
+    }
+}
+
+impl ExecutorSettings {
+    /// Adds the executor sidecar to a pod (idempotent).
+    pub fn inject(&self, pod: &mut Pod) {
+        if let Some(spec) = pod.spec.as_mut() {
+            crate::executor::sidecar::inject_sidecar(
+                spec,
+                &self.image,
+                self.token_secret.as_deref(),
+            );
+        }
+    }
+
+    /// Whether pods of `pool` get the sidecar.
+    pub fn for_pool(&self, pool: &Pool) -> bool {
+        self.pool_injection == PoolInjection::Always
+            || pool
+                .annotations()
+                .get(ANNOTATION_POOL_EXECUTOR)
+                .map(String::as_str)
+                == Some("true")
+    }
 }
 
 impl Default for ControllerConfig {
@@ -52,6 +114,7 @@ impl Default for ControllerConfig {
             concurrency: 16,
             endpoints_format: EndpointsFormat::Objects,
             resync: Duration::from_secs(300),
+            executor: ExecutorSettings::default(),
         }
     }
 }
@@ -97,6 +160,8 @@ pub struct Context {
     /// Bounds background pod writes across all reconciles.
     pod_writes: tokio::sync::Semaphore,
     pod_names: std::sync::atomic::AtomicU64,
+    pub executor: crate::executor::client::ExecutorClient,
+    task_polls: tasks::TaskPolls,
 }
 
 impl Context {
@@ -311,6 +376,8 @@ pub async fn run(
         writes: health.writes.clone(),
         pod_writes: tokio::sync::Semaphore::new(32),
         pod_names: Default::default(),
+        executor: crate::executor::client::ExecutorClient::new(config.executor.token.clone()),
+        task_polls: Default::default(),
     });
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 

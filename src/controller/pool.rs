@@ -21,6 +21,7 @@ use crate::domain::conditions::{self, Desired};
 use crate::domain::pod_template;
 use crate::domain::pods;
 use crate::domain::pool_plan::{self, PoolPod};
+use crate::domain::released::{self, Released};
 use crate::domain::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use crate::domain::{endpoints, pods::is_running_and_ready};
 
@@ -200,6 +201,7 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
         .map(|(b, ledger)| Demand {
             replicas: b.desired_replicas(),
             held: ledger.pods.clone(),
+            released: released_of(b).0.into_keys().collect(),
         })
         .collect();
     let idle = observed.idle_ready();
@@ -318,6 +320,10 @@ async fn resize(
             owner.clone(),
         );
         let owner_key = observed.owner_key();
+        let mut pod = pod;
+        if ctx.config.executor.for_pool(pool) {
+            ctx.config.executor.inject(&mut pod);
+        }
         ctx.expectations.created(&owner_key, name.clone());
         let (ctx, namespace) = (ctx.clone(), observed.namespace.clone());
         tokio::spawn(async move {
@@ -499,6 +505,15 @@ async fn write_status(
         .await?;
     }
     Ok(())
+}
+
+pub(super) fn released_of(batch: &BatchSandbox) -> Released {
+    Released::parse(
+        batch
+            .annotations()
+            .get(released::ANNOTATION_TASK_RESULTS)
+            .map(String::as_str),
+    )
 }
 
 fn non_negative(value: i32) -> u32 {

@@ -43,6 +43,8 @@ pub struct Demand {
     pub replicas: usize,
     /// The pods it holds now, in shard order.
     pub held: Vec<String>,
+    /// Shards released after their task finished: they never get a pod again.
+    pub released: BTreeSet<usize>,
 }
 
 /// What one batch gets in this round.
@@ -78,6 +80,12 @@ pub fn plan(demands: &[Demand], is_live: impl Fn(&str) -> bool, idle: &[String])
         let mut pods = demand.held.clone();
         let mut granted = Vec::new();
         for shard in 0..demand.replicas {
+            if demand.released.contains(&shard) {
+                if shard >= pods.len() {
+                    pods.push(String::new());
+                }
+                continue;
+            }
             let needs_pod = match pods.get(shard) {
                 Some(held) => !is_live(held),
                 None => true,
@@ -131,10 +139,12 @@ mod tests {
         let demands = vec![
             Demand {
                 replicas: 2,
+                released: BTreeSet::new(),
                 held: vec![],
             },
             Demand {
                 replicas: 3,
+                released: BTreeSet::new(),
                 held: vec![],
             },
         ];
@@ -148,6 +158,7 @@ mod tests {
     fn a_lost_pod_is_replaced_in_place() {
         let demands = vec![Demand {
             replicas: 3,
+            released: BTreeSet::new(),
             held: names("h", 3),
         }];
         let plan = plan(&demands, |p| p != "h1", &names("p", 1));
@@ -159,9 +170,22 @@ mod tests {
     fn satisfied_and_oversized_batches_get_nothing() {
         let demands = vec![Demand {
             replicas: 1,
+            released: BTreeSet::new(),
             held: names("h", 3),
         }];
         assert_eq!(plan(&demands, |_| true, &names("p", 2)), Plan::default());
+    }
+
+    #[test]
+    fn released_shards_never_get_a_pod_again() {
+        let demands = vec![Demand {
+            replicas: 3,
+            held: vec!["h0".into(), String::new()],
+            released: BTreeSet::from([1]),
+        }];
+        let plan = plan(&demands, |p| p == "h0", &names("p", 3));
+        assert_eq!(plan.grants[0].pods, ["h0", "", "p0"]);
+        assert_eq!(plan.unmet, 0);
     }
 
     #[test]
@@ -195,7 +219,7 @@ mod tests {
             let demands: Vec<Demand> = specs.iter().map(|&(replicas, held)| {
                 let pods = (next..next + held).map(|i| format!("h{i}")).collect();
                 next += held;
-                Demand { replicas, held: pods }
+                Demand { replicas, held: pods, released: BTreeSet::new() }
             }).collect();
             let is_live = |p: &str| !p.strip_prefix('h').and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| dead.contains(&n));
             let idle = names("p", idle_count);

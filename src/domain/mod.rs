@@ -8,6 +8,7 @@ pub mod expiry;
 pub mod pod_template;
 pub mod pods;
 pub mod pool_plan;
+pub mod released;
 pub mod sizing;
 pub mod status;
 pub mod tasks;

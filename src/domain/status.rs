@@ -10,6 +10,8 @@ use crate::api::BatchSandboxStatus;
 /// One shard as observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShardView {
+    /// The shard's task finished and its pod was released on purpose: it is complete.
+    pub released: bool,
     /// A live pod serves this shard.
     pub has_pod: bool,
     /// That pod is Running and Ready.
@@ -62,10 +64,11 @@ pub fn batch_status(
     previous: &BatchSandboxStatus,
     now: &Time,
 ) -> BatchSandboxStatus {
-    let desired = view.shards.len() as i32;
     let count = |f: &dyn Fn(&ShardView) -> bool| view.shards.iter().filter(|s| f(s)).count() as i32;
-    let allocated = count(&|s| s.has_pod);
-    let ready = count(&|s| s.has_pod && s.ready);
+    // Released shards are done: they count toward neither the pods wanted nor the pods held.
+    let desired = count(&|s| !s.released);
+    let allocated = count(&|s| !s.released && s.has_pod);
+    let ready = count(&|s| !s.released && s.has_pod && s.ready);
     let phase = |p: TaskPhase| count(&move |s: &ShardView| s.task == p);
     let failed_shards: Vec<String> = view
         .shards
@@ -227,6 +230,7 @@ mod tests {
 
     fn shard(has_pod: bool, ready: bool, task: TaskPhase) -> ShardView {
         ShardView {
+            released: false,
             has_pod,
             ready,
             task,
@@ -273,6 +277,22 @@ mod tests {
         assert_eq!(condition(&s, "Ready").status, "True");
         assert_eq!(condition(&s, "Progressing").status, "False");
         assert_eq!(s.observed_generation, 3);
+    }
+
+    #[test]
+    fn released_shards_are_complete_and_keep_their_result() {
+        let mut done = shard(false, false, TaskPhase::Succeeded);
+        done.released = true;
+        let s = batch_status(
+            &view(vec![done, shard(true, true, TaskPhase::Running)]),
+            &Default::default(),
+            &now(),
+        );
+        assert_eq!(
+            (s.allocated, s.ready, s.task_succeed, s.task_running),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(condition(&s, "Ready").status, "True");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 use super::TOKEN_ENV;
-use super::store::{DataDir, StoreError, StoredTask, Supervisor, TaskDir};
+use super::store::{DataDir, StartRecord, StoreError, StoredTask, Supervisor, TaskDir};
 use super::wire::{
     InvalidTask, ProcessStatus, REASON_LOST, REASON_START_ERROR, Running, Task, Terminated,
     Waiting, validate_tasks,
@@ -382,8 +382,9 @@ impl TaskManager {
             return;
         };
         let mut stop_sent = false;
+        let mut started = None;
         loop {
-            match self.observe(&dir, child.as_mut()).await {
+            match Self::observe(&dir, child.as_mut(), &mut started) {
                 Ok(Observed::Terminated(terminated)) => {
                     if let Some(child) = child.as_mut() {
                         // The supervisor exits right after recording the result; reap it.
@@ -419,15 +420,20 @@ impl TaskManager {
         }
     }
 
-    async fn observe(
-        &self,
+    /// Looks at the supervisor's files and liveness. `started` caches the start record, which
+    /// never changes once written.
+    fn observe(
         dir: &TaskDir,
         child: Option<&mut tokio::process::Child>,
+        started: &mut Option<StartRecord>,
     ) -> Result<Observed, StoreError> {
         if let Some(terminated) = dir.read_exit()? {
             return Ok(Observed::Terminated(terminated));
         }
-        let started = dir.read_started()?;
+        if started.is_none() {
+            *started = dir.read_started()?;
+        }
+        let started = started.clone();
         let alive = match child {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => dir.supervisor()? == Supervisor::Alive,
@@ -490,7 +496,7 @@ impl TaskManager {
 
 enum Observed {
     Starting,
-    Running(super::store::StartRecord),
+    Running(StartRecord),
     Terminated(Terminated),
 }
 

@@ -31,6 +31,14 @@ impl TestEnv {
             // Parallel tests each run a controller: let the OS pick the health port.
             args.extend(["--health-addr".to_string(), "127.0.0.1:0".to_string()]);
         }
+        // The local executor runner's token sits beside the kubeconfig (cluster.sh's state dir).
+        let token = self.kubeconfig.with_file_name("executor-token");
+        if token.exists() && !extra.iter().any(|a| a.starts_with("--executor-token-file")) {
+            args.extend([
+                "--executor-token-file".to_string(),
+                token.display().to_string(),
+            ]);
+        }
         spawn(&self.kubeconfig, &self.ns, args, 0)
     }
 

@@ -516,6 +516,9 @@ fn find_or_start_cluster() -> Cluster {
         let started = Instant::now();
         let out = Command::new(&script)
             .args(["up", "--watch-parent", &std::process::id().to_string()])
+            // The executor runner uses the binaries cargo built for this test run, instead of
+            // a nested `cargo build` whose different environment would rebuild dependencies.
+            .env("SBX_RUNNER_BIN", env!("CARGO_BIN_EXE_sandbox-controller"))
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()

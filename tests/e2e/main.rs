@@ -9,4 +9,7 @@ mod harness;
 mod batch;
 mod controller;
 mod crds;
+mod executor;
+mod local_executors;
+mod tasks;
 mod webhook;

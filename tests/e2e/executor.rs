@@ -1,0 +1,599 @@
+//! The task executor as a real process (`sandbox-task-executor` on 127.0.0.1, port from the OS),
+//! driven through the controller's client. No cluster needed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sandbox_controller::domain::expiry::TaskPhase;
+use sandbox_controller::executor::wire::{EnvVar, Process};
+use sandbox_controller::executor::{ExecutorClient, ExecutorError, Task};
+
+const T: Duration = Duration::from_secs(30);
+const LOCAL: &str = "127.0.0.1";
+
+/// One executor process with its own data directory and token; stopped (with its tasks) on drop.
+pub struct Executor {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    token: String,
+    port: u16,
+    grace_seconds: u64,
+    token_in_env: bool,
+}
+
+impl Executor {
+    pub fn start(grace_seconds: u64) -> Self {
+        Self::start_with(grace_seconds, false)
+    }
+
+    /// `token_in_env`: pass the token through `SANDBOX_EXECUTOR_TOKEN` instead of a file.
+    pub fn start_with(grace_seconds: u64, token_in_env: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let token = format!("token-{}", std::process::id());
+        std::fs::write(dir.path().join("token"), &token).expect("token file");
+        let mut executor = Executor {
+            child: None,
+            dir,
+            token,
+            port: 0,
+            grace_seconds,
+            token_in_env,
+        };
+        executor.spawn();
+        executor
+    }
+
+    /// Starts the executor process (again) on the same data directory; waits until it serves.
+    pub fn spawn(&mut self) {
+        let ready = self.dir.path().join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sandbox-task-executor"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--stop-tasks-on-exit"])
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(["--kill-grace-seconds", &self.grace_seconds.to_string()])
+            .env_remove("SANDBOX_EXECUTOR_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if self.token_in_env {
+            command.env("SANDBOX_EXECUTOR_TOKEN", &self.token);
+        } else {
+            command
+                .arg("--token-file")
+                .arg(self.dir.path().join("token"));
+        }
+        self.child = Some(command.spawn().expect("spawning sandbox-task-executor"));
+        let start = Instant::now();
+        let addr = loop {
+            if let Ok(addr) = std::fs::read_to_string(&ready) {
+                break addr;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("sandbox-task-executor exited at start: {status}");
+            }
+            assert!(start.elapsed() < T, "executor not ready after {T:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .expect("port in ready file");
+    }
+
+    /// SIGKILL, like a crash: no chance to clean up.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL the executor");
+            child.wait().expect("reap the executor");
+        }
+    }
+
+    pub fn client(&self) -> ExecutorClient {
+        ExecutorClient::new(Some(self.token.clone())).with_port(self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// What a task wrote to stdout.
+    pub fn stdout(&self, task: &str) -> String {
+        std::fs::read_to_string(self.data_dir().join("tasks").join(task).join("stdout.log"))
+            .unwrap_or_default()
+    }
+
+    /// A scratch directory of this test.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SIGTERM: with --stop-tasks-on-exit the executor stops its tasks before it exits.
+        if let Some(pid) = i32::try_from(child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.grace_seconds + 10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+pub fn task(name: &str, command: &[&str]) -> Task {
+    Task {
+        name: name.into(),
+        process: Some(Process {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            ..Process::default()
+        }),
+        ..Task::default()
+    }
+}
+
+fn with_timeout(mut task: Task, seconds: i64) -> Task {
+    task.process.as_mut().unwrap().timeout_seconds = Some(seconds);
+    task
+}
+
+/// Polls `get_tasks` of the executor at `ip` until `task_name` satisfies `done`; returns that task.
+pub async fn wait_task(
+    client: &ExecutorClient,
+    ip: &str,
+    task_name: &str,
+    what: &str,
+    done: impl Fn(&Task) -> bool,
+) -> Task {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < T {
+        match client.get_tasks(ip).await {
+            Ok(tasks) => {
+                if let Some(task) = tasks.iter().find(|t| t.name == task_name)
+                    && done(task)
+                {
+                    return task.clone();
+                }
+                last = Some(format!("{tasks:?}"));
+            }
+            Err(error) => last = Some(error.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("task {task_name} never became {what} within {T:?}; last observation: {last:?}");
+}
+
+async fn wait_gone(client: &ExecutorClient, task_name: &str) {
+    let start = Instant::now();
+    loop {
+        let tasks = client.get_tasks(LOCAL).await.expect("getTasks");
+        if !tasks.iter().any(|t| t.name == task_name) {
+            return;
+        }
+        assert!(
+            start.elapsed() < T,
+            "task {task_name} still listed after {T:?}: {tasks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `path` holds a pid and returns it.
+async fn read_pid(path: &Path) -> u32 {
+    let start = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(start.elapsed() < T, "{} never got a pid", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True if `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.chars().next())
+        .unwrap_or_default();
+    !matches!(state, Some('Z' | 'X'))
+}
+
+async fn wait_dead(pid: u32, what: &str) {
+    let start = Instant::now();
+    while alive(pid) {
+        assert!(
+            start.elapsed() < T,
+            "{what} (pid {pid}) still alive after {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn terminated(task: &Task) -> bool {
+    task.is_terminated()
+}
+
+fn exit_of(task: &Task) -> (i32, i32, String) {
+    let t = task
+        .process_status
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .expect("terminated");
+    (t.exit_code, t.signal, t.reason.clone())
+}
+
+#[tokio::test]
+async fn a_failing_task_is_reported_failed() {
+    let executor = Executor::start(1);
+    let client = executor.client();
+    let tasks = vec![
+        task("fails", &["sh", "-c", "echo about to fail; exit 1"]),
+        task("succeeds", &["true"]),
+    ];
+    let accepted = client.set_tasks(LOCAL, &tasks).await.expect("setTasks");
+    assert_eq!(accepted.len(), 2);
+
+    let failed = wait_task(&client, LOCAL, "fails", "terminated", terminated).await;
+    assert_eq!(exit_of(&failed), (1, 0, "Error".into()));
+    assert_eq!(failed.phase(), TaskPhase::Failed);
+    assert_eq!(executor.stdout("fails"), "about to fail\n");
+    let succeeded = wait_task(&client, LOCAL, "succeeds", "terminated", terminated).await;
+    assert_eq!(exit_of(&succeeded), (0, 0, "Completed".into()));
+    assert_eq!(succeeded.phase(), TaskPhase::Succeeded);
+
+    let still_listed = wait_task(&client, LOCAL, "succeeds", "listed", |_| true).await;
+    assert!(
+        still_listed.deletion_timestamp.is_none(),
+        "finished tasks stay listed while desired"
+    );
+    client
+        .set_tasks(LOCAL, &[task("nope", &["/no/such/binary"])])
+        .await
+        .expect("setTasks");
+    let start_error = wait_task(&client, LOCAL, "nope", "terminated", terminated).await;
+    assert_eq!(exit_of(&start_error), (127, 0, "StartError".into()));
+    assert_eq!(start_error.phase(), TaskPhase::Failed);
+}
+
+#[tokio::test]
+async fn a_timed_out_task_gets_sigterm_then_sigkill() {
+    let grace = 2;
+    let executor = Executor::start(grace);
+    let client = executor.client();
+    let stubborn = with_timeout(
+        task(
+            "stubborn",
+            &[
+                "sh",
+                "-c",
+                r#"trap 'echo TERM received' TERM; echo started; while :; do sleep 0.1; done"#,
+            ],
+        ),
+        1,
+    );
+    let polite = with_timeout(task("polite", &["sleep", "30"]), 1);
+    let started = Instant::now();
+    client
+        .set_tasks(LOCAL, &[stubborn, polite])
+        .await
+        .expect("setTasks");
+
+    let polite = wait_task(&client, LOCAL, "polite", "terminated", terminated).await;
+    assert_eq!(
+        exit_of(&polite),
+        (143, 15, "DeadlineExceeded".into()),
+        "SIGTERM was enough"
+    );
+    assert_eq!(polite.phase(), TaskPhase::Failed);
+
+    let stubborn = wait_task(&client, LOCAL, "stubborn", "terminated", terminated).await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        exit_of(&stubborn),
+        (137, 9, "DeadlineExceeded".into()),
+        "it ignored SIGTERM, so SIGKILL"
+    );
+    assert_eq!(stubborn.phase(), TaskPhase::Failed);
+    assert_eq!(
+        executor.stdout("stubborn"),
+        "started\nTERM received\n",
+        "SIGTERM came first"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(1 + grace) - Duration::from_millis(200),
+        "SIGKILL only after the {grace}s grace period (took {elapsed:?})"
+    );
+}
+
+#[tokio::test]
+async fn an_executor_restart_recovers_its_state() {
+    let mut executor = Executor::start(1);
+    let client = executor.client();
+    let pid_file = executor.scratch().join("long.pid");
+    let long_cmd = format!("echo $$ > {}; exec sleep 60", pid_file.display());
+    let tasks = vec![
+        task("done", &["echo", "hi"]),
+        task("failed", &["sh", "-c", "exit 3"]),
+        task("long", &["sh", "-c", &long_cmd]),
+        // Finishes while the executor is down: its exit code must not be lost.
+        task("during-downtime", &["sh", "-c", "sleep 2; exit 7"]),
+    ];
+    client.set_tasks(LOCAL, &tasks).await.expect("setTasks");
+    wait_task(&client, LOCAL, "done", "terminated", terminated).await;
+    wait_task(&client, LOCAL, "failed", "terminated", terminated).await;
+    let long_before = wait_task(&client, LOCAL, "long", "running", |t| {
+        t.phase() == TaskPhase::Running
+    })
+    .await;
+    wait_task(&client, LOCAL, "during-downtime", "running", |t| {
+        t.phase() == TaskPhase::Running
+    })
+    .await;
+    let long_pid = read_pid(&pid_file).await;
+
+    executor.crash();
+    assert!(client.get_tasks(LOCAL).await.unwrap_err().is_unreachable());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(alive(long_pid), "tasks outlive the executor");
+    executor.spawn();
+    let client = executor.client();
+
+    let tasks = client
+        .get_tasks(LOCAL)
+        .await
+        .expect("getTasks after restart");
+    let names: Vec<_> = tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["done", "failed", "long", "during-downtime"],
+        "same list, same order"
+    );
+    assert_eq!(exit_of(&tasks[0]), (0, 0, "Completed".into()));
+    assert_eq!(exit_of(&tasks[1]), (3, 0, "Error".into()));
+    assert_eq!(
+        tasks[2].phase(),
+        TaskPhase::Running,
+        "the running task was picked up again"
+    );
+    assert_eq!(
+        tasks[2].process_status, long_before.process_status,
+        "with its original start time"
+    );
+    let downtime = wait_task(&client, LOCAL, "during-downtime", "terminated", terminated).await;
+    assert_eq!(
+        exit_of(&downtime),
+        (7, 0, "Error".into()),
+        "exit code recorded while no executor ran"
+    );
+
+    // The resumed task is still under control: removing it stops it.
+    let keep: Vec<Task> = tasks.iter().filter(|t| t.name != "long").cloned().collect();
+    client.set_tasks(LOCAL, &keep).await.expect("setTasks");
+    wait_gone(&client, "long").await;
+    wait_dead(long_pid, "the resumed task").await;
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_are_rejected() {
+    let executor = Executor::start(1);
+    let marker = executor.scratch().join("ran");
+    let attempt = vec![task("sneaky", &["touch", marker.to_str().unwrap()])];
+
+    let anonymous = ExecutorClient::new(None).with_port(executor.port());
+    let wrong = ExecutorClient::new(Some("not-the-token".into())).with_port(executor.port());
+    for client in [&anonymous, &wrong] {
+        let error = client.set_tasks(LOCAL, &attempt).await.unwrap_err();
+        assert!(
+            matches!(error, ExecutorError::Unauthorized { .. }),
+            "{error:?}"
+        );
+        let error = client.get_tasks(LOCAL).await.unwrap_err();
+        assert!(
+            matches!(error, ExecutorError::Unauthorized { .. }),
+            "{error:?}"
+        );
+        client.health(LOCAL).await.expect("/health needs no token");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        executor
+            .client()
+            .get_tasks(LOCAL)
+            .await
+            .expect("getTasks")
+            .is_empty()
+    );
+    assert!(!marker.exists(), "nothing ran");
+}
+
+#[tokio::test]
+async fn shell_metacharacters_are_passed_literally() {
+    let executor = Executor::start(1);
+    let client = executor.client();
+    let pwned = executor.scratch().join("pwned");
+    let args = [
+        format!("; touch {}", pwned.display()),
+        format!("$(touch {})", pwned.display()),
+        format!("`touch {}`", pwned.display()),
+        "$HOME".to_string(),
+        "a  b".to_string(),
+        "| cat /etc/passwd".to_string(),
+    ];
+    let mut echo = task("echo", &["echo"]);
+    echo.process.as_mut().unwrap().args = args.to_vec();
+    client.set_tasks(LOCAL, &[echo]).await.expect("setTasks");
+    let done = wait_task(&client, LOCAL, "echo", "terminated", terminated).await;
+    assert_eq!(exit_of(&done), (0, 0, "Completed".into()));
+    assert_eq!(
+        executor.stdout("echo"),
+        format!("{}\n", args.join(" ")),
+        "echoed verbatim"
+    );
+    assert!(!pwned.exists(), "no shell ever saw the arguments");
+}
+
+#[tokio::test]
+async fn task_env_is_set_and_the_token_is_not_inherited() {
+    let executor = Executor::start_with(1, true);
+    let client = executor.client();
+    let mut probe = task(
+        "env",
+        &[
+            "sh",
+            "-c",
+            r#"echo "$TASK_TYPE|${SANDBOX_EXECUTOR_TOKEN:-unset}|$(pwd)""#,
+        ],
+    );
+    let process = probe.process.as_mut().unwrap();
+    process.env = vec![EnvVar {
+        name: "TASK_TYPE".into(),
+        value: "logger".into(),
+        value_from: None,
+    }];
+    process.working_dir = executor.scratch().display().to_string();
+    client.set_tasks(LOCAL, &[probe]).await.expect("setTasks");
+    wait_task(&client, LOCAL, "env", "terminated", terminated).await;
+    assert_eq!(
+        executor.stdout("env"),
+        format!("logger|unset|{}\n", executor.scratch().display())
+    );
+}
+
+#[tokio::test]
+async fn removing_a_task_from_the_list_stops_it_and_its_children() {
+    let executor = Executor::start(1);
+    let client = executor.client();
+    let script = |name: &str| {
+        let dir = executor.scratch();
+        // A loop like the spec's logger, with a child of its own.
+        format!(
+            "echo $$ > {d}/{name}.pid; sleep 60 & echo $! > {d}/{name}.child; while true; do date; sleep 1; done",
+            d = dir.display()
+        )
+    };
+    let (a, b) = (script("a"), script("b"));
+    client
+        .set_tasks(
+            LOCAL,
+            &[
+                task("a", &["bash", "-c", &a]),
+                task("b", &["bash", "-c", &b]),
+            ],
+        )
+        .await
+        .unwrap();
+    let a_pid = read_pid(&executor.scratch().join("a.pid")).await;
+    let a_child = read_pid(&executor.scratch().join("a.child")).await;
+    let b_pid = read_pid(&executor.scratch().join("b.pid")).await;
+    wait_task(&client, LOCAL, "a", "running", |t| {
+        t.phase() == TaskPhase::Running
+    })
+    .await;
+
+    let listed = client
+        .set_tasks(LOCAL, &[task("b", &["bash", "-c", &b])])
+        .await
+        .unwrap();
+    let a = listed
+        .iter()
+        .find(|t| t.name == "a")
+        .expect("a is listed until it has stopped");
+    assert!(a.deletion_timestamp.is_some());
+    assert_eq!(
+        a.phase(),
+        TaskPhase::Running,
+        "still counted as running while it stops"
+    );
+    wait_gone(&client, "a").await;
+    wait_dead(a_pid, "the removed task").await;
+    wait_dead(a_child, "the removed task's child").await;
+    assert!(alive(b_pid), "the task that stays keeps running");
+
+    client.set_tasks(LOCAL, &[]).await.unwrap();
+    wait_gone(&client, "b").await;
+    wait_dead(b_pid, "task b").await;
+    assert!(client.get_tasks(LOCAL).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_and_unreachable_executors_reported() {
+    let mut executor = Executor::start(1);
+    let client = executor.client();
+    let error = client
+        .set_tasks(LOCAL, &[task("../escape", &["true"])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ExecutorError::Status { status: 400, .. }),
+        "{error:?}"
+    );
+    let error = client
+        .set_tasks(LOCAL, &[task("a", &["true"]), task("a", &["true"])])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ExecutorError::Status { status: 400, .. }),
+        "{error:?}"
+    );
+    let mut huge = task("huge", &["echo"]);
+    huge.process.as_mut().unwrap().args = vec!["x".repeat(2 * 1024 * 1024)];
+    let error = client.set_tasks(LOCAL, &[huge]).await.unwrap_err();
+    assert!(
+        matches!(error, ExecutorError::Status { status: 413, .. }),
+        "{error:?}"
+    );
+    assert!(
+        client.get_tasks(LOCAL).await.unwrap().is_empty(),
+        "nothing was applied"
+    );
+    assert!(matches!(
+        client.get_tasks("not-an-ip").await,
+        Err(ExecutorError::InvalidAddress(_))
+    ));
+
+    executor.crash();
+    let error = client.get_tasks(LOCAL).await.unwrap_err();
+    assert!(error.is_unreachable(), "{error:?}");
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = ExecutorClient::new(None)
+        .with_port(silent.local_addr().unwrap().port())
+        .with_timeout(Duration::from_millis(300));
+    let error = slow.get_tasks(LOCAL).await.unwrap_err();
+    assert!(
+        matches!(error, ExecutorError::Timeout { .. }),
+        "an executor that never answers: {error:?}"
+    );
+}
