@@ -4,6 +4,7 @@
 #   make dev-up     the same in the background;  make dev-down  stops it
 #   make test       every test (unit + e2e) against one local cluster, stopped afterwards
 #   make crds       regenerate crds/*.yaml from the Rust types
+#   make policies   rebuild the policy components and refresh policies/prebuilt/ (commit them)
 #   make bench      claim benchmarks (release build) against the cluster in $$KUBECONFIG or .dev
 #
 # The kubeconfig is $(DEV_DIR)/kubeconfig:  export KUBECONFIG=$$(pwd)/.dev/kubeconfig
@@ -17,7 +18,7 @@ CARGO ?= cargo
 # Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
 TEST_ARGS ?=
 
-.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench policies
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -43,6 +44,10 @@ crds:
 # Builds (or finds in ~/.cache/sbx-cluster) the control-plane binary only.
 cluster-build:
 	deploy/local/build.sh
+
+policies:
+	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --bin sandbox-controller
+	@ls -l policies/prebuilt
 
 # Claim benchmarks: release build, against a running cluster (make dev-up). BENCH_ARGS='--runs 5'
 BENCH_ARGS ?=

@@ -12,7 +12,10 @@ use sandbox_controller::domain::endpoints::EndpointsFormat;
 use sandbox_controller::executor::{self, runner};
 use sandbox_controller::health::Health;
 use sandbox_controller::leader::{self, LeaderConfig};
-use sandbox_controller::policy::NativePolicies;
+use sandbox_controller::policy::cli::PolicyCommand;
+use sandbox_controller::policy::{
+    Limits, NativePolicies, PolicyEngine, PolicyRegistry, RegistryConfig,
+};
 use sandbox_controller::webhook::{
     self, Registration, Target, Webhook, registration::DEFAULT_CONFIGURATION_NAME,
 };
@@ -34,6 +37,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller against the cluster in $KUBECONFIG (or the in-cluster config).
@@ -54,6 +59,9 @@ enum Command {
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
     },
+    /// Check, try out or benchmark WebAssembly policy components.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Write the CustomResourceDefinitions as YAML files (one per kind).
     Crdgen {
         /// Directory to write into.
@@ -118,6 +126,42 @@ struct RunArgs {
     webhook: bool,
     #[command(flatten)]
     webhook_args: WebhookArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// Which engine makes the pool-sizing, shard-task and expiry decisions: `wasm` (the embedded
+    /// WebAssembly defaults plus custom policies) or `native` (built-in Rust, no custom policies).
+    #[arg(long, value_enum, default_value_t = PolicyEngineKind::Wasm)]
+    policy_engine: PolicyEngineKind,
+    /// Directory of custom policies: `<name>.wasm`, optional `<name>.json` settings and
+    /// `<name>.sha256` pin. Polled for changes.
+    #[arg(long, env = "POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+    /// Namespace whose ConfigMaps labelled `policy.sandbox.opensandbox.io/policy=true` hold custom
+    /// policies (normally the controller's own). Unset: ConfigMaps are not watched.
+    #[arg(long, env = "POD_NAMESPACE")]
+    policy_namespace: Option<String>,
+    /// Seconds between checks of --policy-dir.
+    #[arg(long, default_value_t = 2)]
+    policy_poll_seconds: u64,
+    /// Fuel (about one unit per WebAssembly instruction) for one policy decision.
+    #[arg(long, default_value_t = Limits::default().fuel)]
+    policy_fuel: u64,
+    /// Wall-clock limit of one policy decision, in milliseconds.
+    #[arg(long, default_value_t = Limits::default().timeout.as_millis() as u64)]
+    policy_timeout_ms: u64,
+    /// Memory limit of one policy instance, in MiB.
+    #[arg(long, default_value_t = Limits::default().memory_bytes >> 20)]
+    policy_memory_mib: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyEngineKind {
+    Wasm,
+    Native,
 }
 
 #[derive(Args, Clone)]
@@ -241,6 +285,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crdgen { out_dir } => crdgen(&out_dir),
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
+        Command::Policy(command) => {
+            let code = sandbox_controller::policy::cli::run(command)?;
+            std::process::exit(code);
+        }
         Command::LocalExecutors(args) => {
             tokio::runtime::Runtime::new()?.block_on(local_executors(args))
         }
@@ -270,12 +318,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let policies = start_policies(&args.policy, &client).await?;
     let webhook = if args.webhook {
         let mut webhook_args = args.webhook_args.clone();
         webhook_args.only_namespace = webhook_args
             .only_namespace
             .or_else(|| args.namespace.clone());
-        Some(bind_webhook(webhook_args, Some(client.clone())).await?)
+        Some(bind_webhook(webhook_args, Some(client.clone()), Some(policies.clone())).await?)
     } else {
         None
     };
@@ -301,6 +350,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
     let health = Arc::new(Health::default());
+    {
+        let policies = policies.clone();
+        let mut extra = health.extra.lock().unwrap_or_else(|e| e.into_inner());
+        extra.push(Box::new(move || policies.metrics_text()));
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -341,11 +395,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             let lost = leader::lost(leading);
             tokio::select! {
-                result = controller::run(client, Arc::new(NativePolicies), config, health, stopped()) => result,
+                result = controller::run(client, policies, config, health, stopped()) => result,
                 _ = lost => anyhow::bail!("lost the leader lease {}; exiting so a fresh process takes over as follower", leader.lease_name),
             }
         } else {
-            controller::run(client, Arc::new(NativePolicies), config, health, stopped()).await
+            controller::run(client, policies, config, health, stopped()).await
         }
     };
     match webhook {
@@ -379,7 +433,7 @@ async fn alongside_webhook(
 }
 
 async fn run_webhook(args: WebhookArgs) -> anyhow::Result<()> {
-    let webhook = bind_webhook(args, None).await?;
+    let webhook = bind_webhook(args, None, None).await?;
     webhook
         .run(shutdown_signal())
         .await
@@ -387,7 +441,13 @@ async fn run_webhook(args: WebhookArgs) -> anyhow::Result<()> {
 }
 
 /// Binds the webhook and prints where it listens (tests and scripts read this line).
-async fn bind_webhook(args: WebhookArgs, client: Option<kube::Client>) -> anyhow::Result<Webhook> {
+/// Binds the webhook. `loaded` adds the names of policies the running engine has loaded to the
+/// names given with `--policy-name`.
+async fn bind_webhook(
+    args: WebhookArgs,
+    client: Option<kube::Client>,
+    loaded: Option<Arc<dyn PolicyEngine>>,
+) -> anyhow::Result<Webhook> {
     let registration = match args.registration {
         RegistrationMode::None => None,
         mode => {
@@ -431,7 +491,15 @@ async fn bind_webhook(args: WebhookArgs, client: Option<kube::Client>) -> anyhow
         },
         rules: webhook::RuleSettings {
             max_replicas: args.max_replicas,
-            policy_exists: webhook::known_policies(args.policy_names),
+            policy_exists: {
+                let listed = webhook::known_policies(args.policy_names);
+                match loaded {
+                    Some(engine) => {
+                        Arc::new(move |name: &str| listed(name) || engine.is_known(name))
+                    }
+                    None => listed,
+                }
+            },
         },
         limits: webhook::Limits {
             max_body_bytes: args.max_body_bytes,
@@ -459,6 +527,37 @@ fn parse_service(spec: &str) -> anyhow::Result<Target> {
         name: name.into(),
         port,
     })
+}
+
+async fn start_policies(
+    args: &PolicyArgs,
+    client: &kube::Client,
+) -> anyhow::Result<Arc<dyn PolicyEngine>> {
+    if let PolicyEngineKind::Native = args.policy_engine {
+        tracing::info!("policy decisions are made natively; custom policies are disabled");
+        return Ok(Arc::new(NativePolicies));
+    }
+    let config = RegistryConfig {
+        namespace: args.policy_namespace.clone(),
+        dir: args.policy_dir.clone(),
+        poll_interval: Duration::from_secs(args.policy_poll_seconds.max(1)),
+        limits: Limits {
+            fuel: args.policy_fuel,
+            timeout: Duration::from_millis(args.policy_timeout_ms.max(1)),
+            memory_bytes: args.policy_memory_mib.max(1) << 20,
+            ..Limits::default()
+        },
+    };
+    if config.namespace.is_none() {
+        tracing::info!(
+            "no --policy-namespace (or POD_NAMESPACE): policy ConfigMaps are not watched"
+        );
+    }
+    let policies = PolicyRegistry::start(Some(client.clone()), config)
+        .await
+        .context("starting the policy engine")?;
+    tracing::info!("policy decisions run in WebAssembly: embedded defaults plus custom policies");
+    Ok(policies)
 }
 
 fn hostname() -> String {

@@ -464,7 +464,20 @@ pub async fn run(
             log_result(result);
             future::ready(())
         });
-        future::join(pools, batches).await;
+        // A policy loaded, changed or removed may change any decision: decide again for all.
+        let policy_changes = async {
+            if let Some(mut changes) = context.policies.changes() {
+                while changes.changed().await.is_ok() {
+                    info!("policies changed; re-reconciling every object");
+                    router.everything();
+                }
+            }
+            future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = future::join(pools, batches) => {}
+            _ = policy_changes => {}
+        }
         anyhow::Ok(())
     };
     tokio::select! {

@@ -108,8 +108,8 @@ impl Router {
         }
     }
 
-    /// After a (re)list every object is looked at again.
-    fn everything(&self) {
+    /// After a (re)list, or a change of policies, every object is looked at again.
+    pub(super) fn everything(&self) {
         for pool in self.ctx.pools.state() {
             let _ = self.pools.send(ObjectRef::from_obj(pool.as_ref()));
         }

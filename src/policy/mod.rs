@@ -1,7 +1,25 @@
 //! The three decisions the controller delegates: pool sizing, shard-task generation and expiry.
 //!
 //! Reconcilers ask a [`PolicyEngine`] and apply the answer; they never compute a decision inline.
-//! [`NativePolicies`] is the built-in implementation and the fail-safe fallback.
+//! [`NativePolicies`] is the built-in implementation and the reference the WebAssembly defaults
+//! are proven against; [`WasmPolicies`] runs every decision in a sandboxed WebAssembly component
+//! (the embedded defaults, or a custom policy loaded at runtime by [`PolicyRegistry`]).
+
+pub mod bindings;
+pub mod builtin;
+pub mod cli;
+pub mod host;
+pub mod metrics;
+pub mod registry;
+pub mod validate;
+pub mod wasm;
+
+#[cfg(test)]
+mod tests;
+
+pub use host::{CallError, Decision, Limits, LoadError, WasmHost};
+pub use registry::{PolicyRegistry, RegistryConfig};
+pub use wasm::{PolicyInput, Source, WasmPolicies};
 
 use crate::api::{TaskSpec, TaskTemplateSpec};
 use crate::domain::expiry::{self, BatchSnapshot, ExpiryDecision};
@@ -60,6 +78,23 @@ pub trait PolicyEngine: Send + Sync + 'static {
         selector: PolicySelector<'_>,
         batch: &BatchSnapshot,
     ) -> Outcome<ExpiryDecision>;
+
+    /// Whether a custom policy of this name is loaded or being loaded (for admission checks of
+    /// the `policy.sandbox.opensandbox.io/*` annotations). Engines without custom policies know none.
+    fn is_known(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// Counters in the Prometheus text format, for `/metrics`.
+    fn metrics_text(&self) -> String {
+        String::new()
+    }
+
+    /// Ticks whenever a custom policy is loaded, fails to load or is removed, so the controller
+    /// can re-decide for every object at once instead of at its next resync.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The built-in decisions, computed in Rust.

@@ -11,5 +11,6 @@ mod controller;
 mod crds;
 mod executor;
 mod local_executors;
+mod policy;
 mod tasks;
 mod webhook;

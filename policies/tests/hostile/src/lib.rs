@@ -1,0 +1,108 @@
+//! A deliberately hostile policy for the controller's fail-safe tests. It implements all three
+//! decisions and misbehaves as its settings say: `{"mode": "<mode>"}`.
+//!
+//! Modes: `ok` (a plausible answer), `loop` (never returns), `memory-bomb` (allocates until
+//! refused), `trap` (panics), `garbage` (an answer the host must reject), `stack-overflow`,
+//! `wasi` (calls a WASI clock the host does not grant), `bad-settings` (refuses to load),
+//! `loop-on-load` (never returns from validate-settings).
+
+wit_bindgen::generate!({ world: "all-policies", path: "../../../wit" });
+
+use exports::opensandbox::policy::{expiry, pool_sizing, shard_tasks};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Settings {
+    mode: String,
+}
+
+fn mode(text: &str) -> String {
+    serde_json::from_str::<Settings>(text).map(|s| s.mode).unwrap_or_default()
+}
+
+/// Misbehaves, or returns for the modes that need a decision-specific answer.
+fn misbehave(mode: &str) {
+    match mode {
+        "loop" => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "memory-bomb" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(std::hint::black_box(vec![1u8; 1 << 20]));
+            }
+        }
+        "trap" => panic!("hostile policy panics on purpose"),
+        "stack-overflow" => {
+            std::hint::black_box(recurse(std::hint::black_box(1)));
+        }
+        "wasi" => {
+            let now = std::time::SystemTime::now();
+            std::hint::black_box(now);
+        }
+        _ => {}
+    }
+}
+
+#[allow(unconditional_recursion, reason = "overflowing the stack is the point")]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 64]);
+    recurse(depth + 1).wrapping_add(frame[depth as usize % 64])
+}
+
+fn validate(text: &str) -> Result<(), String> {
+    match mode(text).as_str() {
+        "bad-settings" => Err("hostile policy refuses its settings".into()),
+        "loop-on-load" => {
+            misbehave("loop");
+            Ok(())
+        }
+        "ok" | "loop" | "memory-bomb" | "trap" | "garbage" | "stack-overflow" | "wasi" => Ok(()),
+        other => Err(format!("unknown mode {other:?}")),
+    }
+}
+
+struct Hostile;
+
+impl pool_sizing::Guest for Hostile {
+    fn validate_settings(settings: String) -> Result<(), pool_sizing::PolicyError> {
+        validate(&settings).map_err(pool_sizing::PolicyError::InvalidSettings)
+    }
+
+    fn decide(settings: String, pool: pool_sizing::PoolSnapshot) -> Result<pool_sizing::SizingDecision, pool_sizing::PolicyError> {
+        let mode = mode(&settings);
+        misbehave(&mode);
+        let desired_total = if mode == "garbage" { pool.bounds.pool_max.saturating_add(1000) } else { pool.bounds.pool_max };
+        Ok(pool_sizing::SizingDecision { desired_total, reason: format!("hostile policy in mode {mode}") })
+    }
+}
+
+impl shard_tasks::Guest for Hostile {
+    fn validate_settings(settings: String) -> Result<(), shard_tasks::PolicyError> {
+        validate(&settings).map_err(shard_tasks::PolicyError::InvalidSettings)
+    }
+
+    fn decide(settings: String, batch: shard_tasks::BatchInput) -> Result<Vec<Option<shard_tasks::TaskSpec>>, shard_tasks::PolicyError> {
+        let mode = mode(&settings);
+        misbehave(&mode);
+        let slots = if mode == "garbage" { batch.replicas as usize + 1 } else { batch.replicas as usize };
+        Ok(vec![None; slots])
+    }
+}
+
+impl expiry::Guest for Hostile {
+    fn validate_settings(settings: String) -> Result<(), expiry::PolicyError> {
+        validate(&settings).map_err(expiry::PolicyError::InvalidSettings)
+    }
+
+    fn decide(settings: String, _batch: expiry::BatchSnapshot) -> Result<expiry::ExpiryDecision, expiry::PolicyError> {
+        let mode = mode(&settings);
+        misbehave(&mode);
+        Ok(expiry::ExpiryDecision::Keep(Some(if mode == "garbage" { u64::MAX } else { 1000 })))
+    }
+}
+
+export!(Hostile);

@@ -1,0 +1,583 @@
+//! The sandboxed wasmtime host: one [`Engine`], components compiled once per sha256 digest, and a
+//! fresh [`Store`] for every call under fuel, wall-clock, memory and stack limits.
+//!
+//! Guests get no capabilities: every import a component declares (WASI included) is linked to a
+//! function that traps, so a policy can compute and nothing else. Calls are synchronous; async
+//! callers run them on a blocking thread.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+
+use super::bindings::{GuestError, expiry, shard, sizing};
+use super::{ShardTaskInput, ShardTasks};
+use crate::domain::expiry::{BatchSnapshot, ExpiryDecision};
+use crate::domain::sizing::{PoolSnapshot, SizingDecision};
+
+/// The three decisions, each a WIT interface with a world of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Decision {
+    PoolSizing,
+    ShardTasks,
+    Expiry,
+}
+
+impl Decision {
+    pub const ALL: [Decision; 3] = [Decision::PoolSizing, Decision::ShardTasks, Decision::Expiry];
+
+    /// The interface name, also the suffix of the selecting annotation.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::PoolSizing => "pool-sizing",
+            Decision::ShardTasks => "shard-tasks",
+            Decision::Expiry => "expiry",
+        }
+    }
+
+    /// The WIT world a component implements to make this decision.
+    pub fn world(self) -> &'static str {
+        match self {
+            Decision::PoolSizing => "pool-sizing-policy",
+            Decision::ShardTasks => "shard-tasks-policy",
+            Decision::Expiry => "expiry-policy",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.name() == name || d.world() == name)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What one call may use. Exceeding any limit ends the call with a [`CallError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Units of fuel (about one per WebAssembly instruction) for instantiation plus the call.
+    pub fuel: u64,
+    /// Wall-clock bound, enforced by epoch interruption at [`EPOCH_TICK`] granularity.
+    pub timeout: Duration,
+    /// Largest linear memory, in bytes.
+    pub memory_bytes: usize,
+    /// Largest WebAssembly call stack, in bytes.
+    pub max_wasm_stack: usize,
+}
+
+impl Default for Limits {
+    /// Generous for any sane decision (the defaults use well under 1% of the fuel on large
+    /// inputs), tight enough that a runaway guest is stopped in a fraction of a second.
+    fn default() -> Self {
+        Self {
+            fuel: 100_000_000,
+            timeout: Duration::from_secs(1),
+            memory_bytes: 64 << 20,
+            max_wasm_stack: 512 << 10,
+        }
+    }
+}
+
+/// How often the epoch advances; the wall-clock limit is rounded up to whole ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Why a host could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("configuring the WebAssembly engine failed: {0}")]
+pub struct HostError(String);
+
+impl HostError {
+    pub(crate) fn from_join(error: tokio::task::JoinError) -> Self {
+        Self(format!("the engine start-up thread failed: {error}"))
+    }
+}
+
+/// Why a component could not be loaded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a valid WebAssembly component: {0}")]
+    Compile(String),
+    #[error("implements none of the policy worlds ({})", .0.join("; "))]
+    NoPolicyWorld(Vec<String>),
+    #[error("sha256 is {actual} but {expected} is pinned")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("settings are not valid JSON: {0}")]
+    SettingsNotJson(String),
+    #[error("{decision} rejected its settings: {error}")]
+    Settings {
+        decision: Decision,
+        error: CallError,
+    },
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: String },
+}
+
+/// Why a call produced no usable decision.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("does not implement the {} world", .0.world())]
+    WrongWorld(Decision),
+    #[error("ran out of fuel ({0} units)")]
+    OutOfFuel(u64),
+    #[error("exceeded its time limit of {0:?}")]
+    Timeout(Duration),
+    #[error("exceeded its memory limit of {limit} bytes (asked for {asked})")]
+    MemoryLimit { limit: usize, asked: usize },
+    #[error("overflowed its stack")]
+    StackOverflow,
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("returned an error: {0}")]
+    Refused(String),
+    #[error("returned an invalid decision: {0}")]
+    InvalidOutput(String),
+}
+
+impl CallError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::WrongWorld(_) => "wrong-world",
+            CallError::OutOfFuel(_) => "out-of-fuel",
+            CallError::Timeout(_) => "timeout",
+            CallError::MemoryLimit { .. } => "memory-limit",
+            CallError::StackOverflow => "stack-overflow",
+            CallError::Trap(_) => "trap",
+            CallError::Refused(_) => "policy-error",
+            CallError::InvalidOutput(_) => "invalid-output",
+        }
+    }
+}
+
+/// A compiled component, ready to instantiate for each decision it implements.
+pub struct CompiledPolicy {
+    /// Hex sha256 of the component's bytes.
+    pub digest: String,
+    pub size_bytes: usize,
+    sizing: Option<sizing::PoolSizingPolicyPre<CallState>>,
+    shard: Option<shard::ShardTasksPolicyPre<CallState>>,
+    expiry: Option<expiry::ExpiryPolicyPre<CallState>>,
+    /// For each decision it does not implement, why not.
+    missing: Vec<(Decision, String)>,
+}
+
+impl CompiledPolicy {
+    pub fn implements(&self, decision: Decision) -> bool {
+        match decision {
+            Decision::PoolSizing => self.sizing.is_some(),
+            Decision::ShardTasks => self.shard.is_some(),
+            Decision::Expiry => self.expiry.is_some(),
+        }
+    }
+
+    pub fn decisions(&self) -> Vec<Decision> {
+        Decision::ALL
+            .into_iter()
+            .filter(|d| self.implements(*d))
+            .collect()
+    }
+
+    /// Why the component does not implement `decision`, if it does not.
+    pub fn why_not(&self, decision: Decision) -> Option<&str> {
+        self.missing
+            .iter()
+            .find(|(d, _)| *d == decision)
+            .map(|(_, why)| why.as_str())
+    }
+}
+
+impl fmt::Debug for CompiledPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompiledPolicy")
+            .field("digest", &self.digest)
+            .field("decisions", &self.decisions())
+            .finish()
+    }
+}
+
+/// The typed pre-instance for one world, or why the component does not implement it.
+fn implemented<T>(
+    decision: Decision,
+    pre: wasmtime::Result<T>,
+    missing: &mut Vec<(Decision, String)>,
+) -> Option<T> {
+    pre.map_err(|e| missing.push((decision, format!("{e:#}"))))
+        .ok()
+}
+
+/// Hex sha256 of `bytes`.
+pub fn digest(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Per-call store data: just the memory limiter.
+pub struct CallState {
+    limiter: CallLimiter,
+}
+
+/// Counts linear memory across all of an instance's memories: a component may have several.
+struct CallLimiter {
+    memory_bytes: usize,
+    used: usize,
+}
+
+/// The error a refused `memory.grow` traps with, so the failure is reported as what it is.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded (asked for {asked} in all)")]
+struct MemoryLimitExceeded {
+    limit: usize,
+    asked: usize,
+}
+
+/// Tables and instances are bounded too, far above what a policy needs, so a component cannot
+/// exhaust the host with them either.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+const MAX_INSTANCES: usize = 64;
+const MAX_TABLES: usize = 64;
+const MAX_MEMORIES: usize = 16;
+
+impl ResourceLimiter for CallLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.memory_bytes {
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit: self.memory_bytes,
+                asked: total,
+            }));
+        }
+        self.used = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+/// Advances the engine's epoch until the host is dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> Result<Self, HostError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let weak = engine.weak();
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| HostError(format!("starting the epoch thread: {e}")))?;
+        Ok(Self { stop })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One engine and its compiled components. Cheap to share: all methods take `&self`.
+pub struct WasmHost {
+    engine: Engine,
+    limits: Limits,
+    /// Compiled components by digest; an entry lives as long as some registry revision uses it.
+    compiled: Mutex<HashMap<String, Weak<CompiledPolicy>>>,
+    _ticker: EpochTicker,
+}
+
+impl WasmHost {
+    pub fn new(limits: Limits) -> Result<Self, HostError> {
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(limits.max_wasm_stack)
+            // Calls are synchronous; the concurrency machinery would only slow each call down.
+            .concurrency_support(false);
+        let engine = Engine::new(&config).map_err(|e| HostError(e.to_string()))?;
+        let ticker = EpochTicker::start(&engine)?;
+        Ok(Self {
+            engine,
+            limits,
+            compiled: Mutex::new(HashMap::new()),
+            _ticker: ticker,
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Compiles `bytes` (once per digest) and finds which policy worlds it implements.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Arc<CompiledPolicy>, LoadError> {
+        let digest = digest(bytes);
+        if let Some(hit) = self.cached(&digest) {
+            return Ok(hit);
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let mut linker = Linker::<CallState>::new(&self.engine);
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+
+        let mut missing = Vec::new();
+        let policy = CompiledPolicy {
+            digest: digest.clone(),
+            size_bytes: bytes.len(),
+            sizing: implemented(
+                Decision::PoolSizing,
+                sizing::PoolSizingPolicyPre::new(pre.clone()),
+                &mut missing,
+            ),
+            shard: implemented(
+                Decision::ShardTasks,
+                shard::ShardTasksPolicyPre::new(pre.clone()),
+                &mut missing,
+            ),
+            expiry: implemented(
+                Decision::Expiry,
+                expiry::ExpiryPolicyPre::new(pre),
+                &mut missing,
+            ),
+            missing,
+        };
+        if policy.decisions().is_empty() {
+            let reasons = policy
+                .missing
+                .iter()
+                .map(|(d, why)| format!("{}: {why}", d.world()))
+                .collect();
+            return Err(LoadError::NoPolicyWorld(reasons));
+        }
+        let policy = Arc::new(policy);
+        let mut compiled = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        compiled.retain(|_, weak| weak.strong_count() > 0);
+        compiled.insert(digest, Arc::downgrade(&policy));
+        Ok(policy)
+    }
+
+    fn cached(&self, digest: &str) -> Option<Arc<CompiledPolicy>> {
+        let compiled = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        compiled.get(digest).and_then(Weak::upgrade)
+    }
+
+    /// A store with this host's limits, good for one instantiation and call.
+    fn store(&self) -> Store<CallState> {
+        let mut store = Store::new(
+            &self.engine,
+            CallState {
+                limiter: CallLimiter {
+                    memory_bytes: self.limits.memory_bytes,
+                    used: 0,
+                },
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        // Fuel is enabled on the engine, so this cannot fail.
+        let _ = store.set_fuel(self.limits.fuel);
+        let tick = EPOCH_TICK.as_micros().max(1);
+        store.set_epoch_deadline(
+            u64::try_from(self.limits.timeout.as_micros().div_ceil(tick))
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn classify(&self, error: wasmtime::Error) -> CallError {
+        if let Some(m) = error.downcast_ref::<MemoryLimitExceeded>() {
+            return CallError::MemoryLimit {
+                limit: m.limit,
+                asked: m.asked,
+            };
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => CallError::OutOfFuel(self.limits.fuel),
+            Some(Trap::Interrupt) => CallError::Timeout(self.limits.timeout),
+            Some(Trap::StackOverflow) => CallError::StackOverflow,
+            Some(trap) => CallError::Trap(trap.to_string()),
+            None => CallError::Trap(error.root_cause().to_string()),
+        }
+    }
+
+    /// Asks the component whether it accepts `settings` for `decision`.
+    pub fn validate_settings(
+        &self,
+        policy: &CompiledPolicy,
+        decision: Decision,
+        settings: &str,
+    ) -> Result<(), CallError> {
+        let mut store = self.store();
+        let result = match decision {
+            Decision::PoolSizing => {
+                let pre = policy
+                    .sizing
+                    .as_ref()
+                    .ok_or(CallError::WrongWorld(decision))?;
+                pre.instantiate(&mut store).and_then(|i| {
+                    i.opensandbox_policy_pool_sizing()
+                        .call_validate_settings(&mut store, settings)
+                        .map(|r| r.map_err(|e| e.text()))
+                })
+            }
+            Decision::ShardTasks => {
+                let pre = policy
+                    .shard
+                    .as_ref()
+                    .ok_or(CallError::WrongWorld(decision))?;
+                pre.instantiate(&mut store).and_then(|i| {
+                    i.opensandbox_policy_shard_tasks()
+                        .call_validate_settings(&mut store, settings)
+                        .map(|r| r.map_err(|e| e.text()))
+                })
+            }
+            Decision::Expiry => {
+                let pre = policy
+                    .expiry
+                    .as_ref()
+                    .ok_or(CallError::WrongWorld(decision))?;
+                pre.instantiate(&mut store).and_then(|i| {
+                    i.opensandbox_policy_expiry()
+                        .call_validate_settings(&mut store, settings)
+                        .map(|r| r.map_err(|e| e.text()))
+                })
+            }
+        };
+        result
+            .map_err(|e| self.classify(e))?
+            .map_err(CallError::Refused)
+    }
+
+    /// The policy's raw sizing decision (not yet checked against the pool's bounds).
+    pub fn pool_sizing(
+        &self,
+        policy: &CompiledPolicy,
+        settings: &str,
+        pool: &PoolSnapshot,
+    ) -> Result<SizingDecision, CallError> {
+        let pre = policy
+            .sizing
+            .as_ref()
+            .ok_or(CallError::WrongWorld(Decision::PoolSizing))?;
+        let mut store = self.store();
+        let input = sizing::wit::PoolSnapshot::from(pool);
+        let output = pre
+            .instantiate(&mut store)
+            .and_then(|i| {
+                i.opensandbox_policy_pool_sizing()
+                    .call_decide(&mut store, settings, &input)
+            })
+            .map_err(|e| self.classify(e))?;
+        output
+            .map(Into::into)
+            .map_err(|e| CallError::Refused(e.text()))
+    }
+
+    /// The policy's raw shard tasks (not yet checked against the batch).
+    pub fn shard_tasks(
+        &self,
+        policy: &CompiledPolicy,
+        settings: &str,
+        batch: &ShardTaskInput,
+    ) -> Result<ShardTasks, CallError> {
+        let pre = policy
+            .shard
+            .as_ref()
+            .ok_or(CallError::WrongWorld(Decision::ShardTasks))?;
+        let mut store = self.store();
+        let input = shard::wit::BatchInput::from(batch);
+        let output = pre
+            .instantiate(&mut store)
+            .and_then(|i| {
+                i.opensandbox_policy_shard_tasks()
+                    .call_decide(&mut store, settings, &input)
+            })
+            .map_err(|e| self.classify(e))?;
+        output
+            .map(|tasks| tasks.into_iter().map(|t| t.map(Into::into)).collect())
+            .map_err(|e| CallError::Refused(e.text()))
+    }
+
+    /// The policy's raw expiry decision (not yet checked for sane bounds).
+    pub fn expiry(
+        &self,
+        policy: &CompiledPolicy,
+        settings: &str,
+        batch: &BatchSnapshot,
+    ) -> Result<ExpiryDecision, CallError> {
+        let pre = policy
+            .expiry
+            .as_ref()
+            .ok_or(CallError::WrongWorld(Decision::Expiry))?;
+        let mut store = self.store();
+        let input = expiry::wit::BatchSnapshot::from(batch);
+        let output = pre
+            .instantiate(&mut store)
+            .and_then(|i| {
+                i.opensandbox_policy_expiry()
+                    .call_decide(&mut store, settings, &input)
+            })
+            .map_err(|e| self.classify(e))?;
+        output
+            .map(Into::into)
+            .map_err(|e| CallError::Refused(e.text()))
+    }
+}
