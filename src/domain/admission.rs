@@ -181,6 +181,9 @@ pub enum Rule {
     NameTooLongForLabel { label: &'static str },
     #[error("cannot be read as a {kind}: {reason}")]
     Unreadable { kind: &'static str, reason: String },
+    /// A problem with the review request itself rather than with a field of the object.
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -174,10 +174,7 @@ fn failure(path: &str, value: &str, reason: String) -> Verdict {
         errors: vec![FieldError {
             path: path.into(),
             value: value.into(),
-            rule: admission::Rule::Unreadable {
-                kind: "BatchSandbox or Pool review",
-                reason,
-            },
+            rule: admission::Rule::BadRequest(reason),
         }],
         warnings: Vec::new(),
     }
