@@ -341,17 +341,19 @@ pub struct WasmHost {
 /// a slot rather than failing.
 pub const CONCURRENT_CALLS: u32 = 64;
 
-/// The instance pool: room for [`CONCURRENT_CALLS`] component instances, each with up to 16 core
-/// instances, memories and tables (Rust guests use 3 or 4 of each).
+/// The instance pool: room for [`CONCURRENT_CALLS`] component instances. Rust guests use 3 or 4
+/// core instances, memories and tables each; componentize-py guests (CPython) about 40 core
+/// instances. Core instance slots are only counted, while memory and table slots are reserved
+/// address space (no resident memory until used).
 fn pooling(limits: &Limits) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(CONCURRENT_CALLS)
-        .max_core_instances_per_component(16)
-        .total_core_instances(CONCURRENT_CALLS * 16)
+        .max_core_instances_per_component(128)
+        .total_core_instances(CONCURRENT_CALLS * 64)
         .max_memories_per_component(16)
         .total_memories(CONCURRENT_CALLS * 4)
-        .max_tables_per_component(16)
-        .total_tables(CONCURRENT_CALLS * 8)
+        .max_tables_per_component(128)
+        .total_tables(CONCURRENT_CALLS * 64)
         .table_elements(MAX_TABLE_ELEMENTS)
         .max_memory_size(limits.memory_bytes);
     pool
