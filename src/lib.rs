@@ -8,3 +8,4 @@ pub mod executor;
 pub mod health;
 pub mod leader;
 pub mod policy;
+pub mod webhook;

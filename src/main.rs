@@ -1,3 +1,5 @@
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,9 @@ use sandbox_controller::leader::{self, LeaderConfig};
 use sandbox_controller::policy::cli::PolicyCommand;
 use sandbox_controller::policy::{
     Limits, NativePolicies, PolicyEngine, PolicyRegistry, RegistryConfig,
+};
+use sandbox_controller::webhook::{
+    self, Registration, Target, Webhook, registration::DEFAULT_CONFIGURATION_NAME,
 };
 
 /// Kubernetes controller for OpenSandbox BatchSandbox and Pool resources.
@@ -32,6 +37,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller against the cluster in $KUBECONFIG (or the in-cluster config).
@@ -40,15 +47,27 @@ enum Command {
     /// `task-executor` container and a 127.x.y.z pod IP get `sandbox-task-executor` bound to
     /// `<podIP>:5758`, stopped again when the pod goes away.
     LocalExecutors(LocalExecutorsArgs),
+    /// Run only the validating admission webhook for BatchSandbox and Pool.
+    Webhook(WebhookArgs),
+    /// Write a CA and a serving certificate for the webhook (for installs that manage the
+    /// caBundle themselves): ca.crt, tls.crt and tls.key.
+    WebhookCerts {
+        /// Directory to write into.
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Subject alternative names, e.g. sandbox-controller-webhook.opensandbox-system.svc.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
+    /// Check, try out or benchmark WebAssembly policy components.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Write the CustomResourceDefinitions as YAML files (one per kind).
     Crdgen {
         /// Directory to write into.
         #[arg(long, default_value = "crds")]
         out_dir: PathBuf,
     },
-    /// Check, try out or benchmark WebAssembly policy components.
-    #[command(subcommand)]
-    Policy(PolicyCommand),
 }
 
 #[derive(Args)]
@@ -100,6 +119,13 @@ struct RunArgs {
     /// `sandbox.opensandbox.io/task-executor: "true"`).
     #[arg(long, value_enum, default_value_t = PoolInjection::Always)]
     pool_executor_injection: PoolInjection,
+    /// Also serve the validating admission webhook (configured by the --webhook-* flags), on
+    /// every replica whether it leads or not. With --namespace, the webhook is scoped to that
+    /// namespace too.
+    #[arg(long)]
+    webhook: bool,
+    #[command(flatten)]
+    webhook_args: WebhookArgs,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -138,6 +164,100 @@ enum PolicyEngineKind {
     Native,
 }
 
+#[derive(Args, Clone)]
+struct WebhookArgs {
+    /// Address the webhook listens on; port 0 picks a free one.
+    #[arg(
+        long = "webhook-listen",
+        env = "WEBHOOK_LISTEN",
+        default_value = "127.0.0.1:9443"
+    )]
+    listen: SocketAddr,
+    /// Directory holding tls.crt, tls.key and ca.crt.
+    #[arg(
+        long = "webhook-cert-dir",
+        env = "WEBHOOK_CERT_DIR",
+        default_value = "/tmp/sandbox-controller/webhook-certs"
+    )]
+    cert_dir: PathBuf,
+    /// `generate`: make a fresh CA and serving certificate at start (local runs); `files`: use the
+    /// files as they are (cert-manager). Either way, changed files are reloaded.
+    #[arg(long = "webhook-certs", value_enum, default_value_t = CertSource::Generate)]
+    certs: CertSource,
+    /// Subject alternative names of a generated certificate.
+    #[arg(long = "webhook-cert-san", default_values_t = webhook::default_sans())]
+    sans: Vec<String>,
+    /// Seconds between checks of the certificate files for changes.
+    #[arg(long = "webhook-cert-reload-seconds", default_value_t = 10)]
+    reload_seconds: u64,
+    /// `url`: register https://<listen address>/validate (local runs); `service`: register
+    /// --webhook-service with ca.crt as caBundle (in-cluster, self-managed); `none`: the
+    /// configuration comes from manifests (cert-manager's inject-ca-from).
+    #[arg(long = "webhook-registration", value_enum, default_value_t = RegistrationMode::Url)]
+    registration: RegistrationMode,
+    /// The Service for `--webhook-registration service`, as namespace/name:port.
+    #[arg(
+        long = "webhook-service",
+        default_value = "opensandbox-system/sandbox-controller-webhook:443"
+    )]
+    service: String,
+    /// Name of the ValidatingWebhookConfiguration. With --webhook-namespace, the namespace is
+    /// appended, so each scoped webhook has its own.
+    #[arg(long = "webhook-configuration-name", default_value = DEFAULT_CONFIGURATION_NAME)]
+    configuration_name: String,
+    /// Validate objects in this namespace only.
+    #[arg(long = "webhook-namespace")]
+    only_namespace: Option<String>,
+    /// The controller's own namespace, which the webhook never validates.
+    #[arg(
+        long = "controller-namespace",
+        env = "POD_NAMESPACE",
+        default_value = "opensandbox-system"
+    )]
+    controller_namespace: String,
+    /// Leave the configuration registered on shutdown (the default for `service`, where other
+    /// replicas keep serving).
+    #[arg(long = "webhook-keep-registration")]
+    keep_registration: bool,
+    /// Seconds the apiserver waits for the webhook per request (1 to 5).
+    #[arg(
+        long = "webhook-timeout-seconds",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(i32).range(1..=5)
+    )]
+    timeout_seconds: i32,
+    /// Largest spec.replicas admitted.
+    #[arg(
+        long = "max-replicas",
+        default_value_t = webhook::RuleSettings::default().max_replicas,
+        value_parser = clap::value_parser!(i32).range(0..)
+    )]
+    max_replicas: i32,
+    /// A policy name that `policy.sandbox.opensandbox.io/<decision>` annotations may use (repeat
+    /// for several).
+    #[arg(long = "policy-name")]
+    policy_names: Vec<String>,
+    /// Largest AdmissionReview body accepted, in bytes.
+    #[arg(
+        long = "webhook-max-body-bytes",
+        default_value_t = webhook::Limits::default().max_body_bytes
+    )]
+    max_body_bytes: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CertSource {
+    Generate,
+    Files,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RegistrationMode {
+    Url,
+    Service,
+    None,
+}
+
 #[derive(Args)]
 struct LocalExecutorsArgs {
     /// State directory of the local control plane; executors keep their data in
@@ -172,6 +292,13 @@ fn main() -> anyhow::Result<()> {
         Command::LocalExecutors(args) => {
             tokio::runtime::Runtime::new()?.block_on(local_executors(args))
         }
+        Command::Webhook(args) => tokio::runtime::Runtime::new()?.block_on(run_webhook(args)),
+        Command::WebhookCerts { out_dir, sans } => {
+            webhook::write_certificates(&out_dir, &sans)?;
+            let dir = out_dir.display();
+            println!("wrote {dir}/{{ca.crt,tls.crt,tls.key}}; caBundle: base64 -w0 {dir}/ca.crt");
+            Ok(())
+        }
     }
 }
 
@@ -191,6 +318,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let policies = start_policies(&args.policy, &client).await?;
+    let webhook = if args.webhook {
+        let mut webhook_args = args.webhook_args.clone();
+        webhook_args.only_namespace = webhook_args
+            .only_namespace
+            .or_else(|| args.namespace.clone());
+        Some(bind_webhook(webhook_args, Some(client.clone()), Some(policies.clone())).await?)
+    } else {
+        None
+    };
     let token = match &args.executor_token_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -213,7 +350,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
     };
     let health = Arc::new(Health::default());
-    let policies = start_policies(&args.policy, &client).await?;
     {
         let policies = policies.clone();
         let mut extra = health.extra.lock().unwrap_or_else(|e| e.into_inner());
@@ -242,26 +378,155 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    if args.leader_elect {
-        let leader = LeaderConfig {
-            namespace: args.leader_election_namespace,
-            lease_name: args.lease_name,
-            identity: std::env::var("POD_NAME")
-                .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
-            lease_duration: Duration::from_secs(args.lease_duration_seconds),
-        };
-        let leading = tokio::select! {
-            leading = leader::acquire(client.clone(), &leader) => leading?,
-            _ = stopped() => return Ok(()),
-        };
-        let lost = leader::lost(leading);
-        tokio::select! {
-            result = controller::run(client, policies, config, health, stopped()) => result,
-            _ = lost => anyhow::bail!("lost the leader lease {}; exiting so a fresh process takes over as follower", leader.lease_name),
+    let webhook = webhook.map(|webhook| tokio::spawn(webhook.run(stopped())));
+
+    let controller = async {
+        if args.leader_elect {
+            let leader = LeaderConfig {
+                namespace: args.leader_election_namespace,
+                lease_name: args.lease_name,
+                identity: std::env::var("POD_NAME")
+                    .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+                lease_duration: Duration::from_secs(args.lease_duration_seconds),
+            };
+            let leading = tokio::select! {
+                leading = leader::acquire(client.clone(), &leader) => leading?,
+                _ = stopped() => return Ok(()),
+            };
+            let lost = leader::lost(leading);
+            tokio::select! {
+                result = controller::run(client, policies, config, health, stopped()) => result,
+                _ = lost => anyhow::bail!("lost the leader lease {}; exiting so a fresh process takes over as follower", leader.lease_name),
+            }
+        } else {
+            controller::run(client, policies, config, health, stopped()).await
         }
-    } else {
-        controller::run(client, policies, config, health, stopped()).await
+    };
+    match webhook {
+        None => controller.await,
+        Some(webhook) => alongside_webhook(controller, webhook).await,
     }
+}
+
+/// Runs the controller while the webhook serves. A webhook that fails ends the process, so it is
+/// restarted rather than leaving the apiserver to refuse every write (failurePolicy Fail).
+async fn alongside_webhook(
+    controller: impl Future<Output = anyhow::Result<()>>,
+    mut webhook: tokio::task::JoinHandle<Result<(), webhook::Error>>,
+) -> anyhow::Result<()> {
+    let served = |joined: Result<Result<(), webhook::Error>, tokio::task::JoinError>| {
+        joined
+            .context("the admission webhook task failed")?
+            .context("admission webhook")
+    };
+    tokio::pin!(controller);
+    tokio::select! {
+        result = &mut controller => {
+            let webhook_result = served(webhook.await);
+            result.and(webhook_result)
+        }
+        joined = &mut webhook => {
+            served(joined)?;
+            controller.await
+        }
+    }
+}
+
+async fn run_webhook(args: WebhookArgs) -> anyhow::Result<()> {
+    let webhook = bind_webhook(args, None, None).await?;
+    webhook
+        .run(shutdown_signal())
+        .await
+        .context("admission webhook")
+}
+
+/// Binds the webhook and prints where it listens (tests and scripts read this line).
+/// Binds the webhook. `loaded` adds the names of policies the running engine has loaded to the
+/// names given with `--policy-name`.
+async fn bind_webhook(
+    args: WebhookArgs,
+    client: Option<kube::Client>,
+    loaded: Option<Arc<dyn PolicyEngine>>,
+) -> anyhow::Result<Webhook> {
+    let registration = match args.registration {
+        RegistrationMode::None => None,
+        mode => {
+            let target = match mode {
+                RegistrationMode::Service => parse_service(&args.service)?,
+                _ => Target::ListenAddress,
+            };
+            if args.only_namespace.as_deref() == Some(args.controller_namespace.as_str()) {
+                anyhow::bail!(
+                    "--webhook-namespace {} is the controller's own namespace, which is never validated",
+                    args.controller_namespace
+                );
+            }
+            let name = match &args.only_namespace {
+                Some(ns) => Registration::scoped_name(&args.configuration_name, ns),
+                None => args.configuration_name.clone(),
+            };
+            let client = match client {
+                Some(client) => client,
+                None => kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API to register the webhook")?,
+            };
+            let registration = Registration {
+                name,
+                target,
+                only_namespace: args.only_namespace.clone(),
+                exclude_namespace: Some(args.controller_namespace.clone()),
+                timeout_seconds: args.timeout_seconds,
+                delete_on_shutdown: !args.keep_registration && mode == RegistrationMode::Url,
+            };
+            Some((client, registration))
+        }
+    };
+    let config = webhook::WebhookConfig {
+        listen: args.listen,
+        tls: webhook::TlsSettings {
+            cert_dir: args.cert_dir,
+            generate_for: matches!(args.certs, CertSource::Generate).then_some(args.sans),
+            reload_interval: Duration::from_secs(args.reload_seconds.max(1)),
+        },
+        rules: webhook::RuleSettings {
+            max_replicas: args.max_replicas,
+            policy_exists: {
+                let listed = webhook::known_policies(args.policy_names);
+                match loaded {
+                    Some(engine) => {
+                        Arc::new(move |name: &str| listed(name) || engine.is_known(name))
+                    }
+                    None => listed,
+                }
+            },
+        },
+        limits: webhook::Limits {
+            max_body_bytes: args.max_body_bytes,
+            ..webhook::Limits::default()
+        },
+        registration,
+    };
+    let webhook = Webhook::bind(config).await?;
+    println!("webhook listening on {}", webhook.url());
+    Ok(webhook)
+}
+
+/// `namespace/name:port` of the webhook Service.
+fn parse_service(spec: &str) -> anyhow::Result<Target> {
+    let invalid =
+        || anyhow::anyhow!("--webhook-service must look like namespace/name:port, not {spec:?}");
+    let (namespace, rest) = spec.split_once('/').ok_or_else(invalid)?;
+    let (name, port) = rest.split_once(':').ok_or_else(invalid)?;
+    let port = port.parse::<i32>().map_err(|_| invalid())?;
+    if namespace.is_empty() || name.is_empty() {
+        return Err(invalid());
+    }
+    Ok(Target::Service {
+        namespace: namespace.into(),
+        name: name.into(),
+        port,
+    })
 }
 
 async fn start_policies(

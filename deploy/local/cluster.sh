@@ -338,7 +338,9 @@ EOF
 
 resolve_binary() {
 	# The build script prints the cached binary's path (building it if needed).
-	bin="$("$here/build.sh")" || die "building sbx-cluster failed"
+	# 8>&-: a build must not inherit the state-dir lock, or killing `up`
+	# mid-build would leave `down` waiting for the orphaned compiler.
+	bin="$("$here/build.sh" 8>&-)" || die "building sbx-cluster failed"
 	[[ -x "$bin" ]] || die "build.sh did not produce an executable: $bin"
 	mkdir -p "$bindir"
 	ln -sfn sbx-cluster "$(dirname "$bin")/kubectl"
@@ -436,7 +438,7 @@ cmd_up() {
 	for name in "${HELPERS[@]}"; do
 		if ! running "$name"; then
 			local CMD=()
-			"$(fn helper_cmd "$name")"
+			"$(fn helper_cmd "$name")" 8>&- # may build; see resolve_binary
 			spawn_proc "$name" "${CMD[@]}"
 		fi
 		local probe

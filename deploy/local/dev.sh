@@ -64,6 +64,26 @@ build_controller() {
 	echo "$bin"
 }
 
+# How the local controller runs: tasks authenticate with the executor runner's token, the
+# admission webhook is registered at https://127.0.0.1:9443, and custom policies load from
+# .dev/policies (*.wasm) or from ConfigMaps in the default namespace, without a restart.
+mkdir -p "$dev/policies"
+controller_args=(
+	--executor-token-file "$dev/executor-token"
+	--webhook --webhook-cert-dir "$dev/webhook-certs" --controller-namespace kube-system
+	--policy-dir "$dev/policies" --policy-namespace default
+)
+
+# The executor runner writes the token when it starts; wait for it (briefly) before the controller reads it.
+wait_for_token() {
+	local i
+	for ((i = 0; i < 100; i++)); do
+		[[ -s "$dev/executor-token" ]] && return 0
+		sleep 0.1
+	done
+	die "$dev/executor-token did not appear; is the executor runner running? (.dev/logs/executor-runner.log)"
+}
+
 # True once the controller binary has a `run` subcommand.
 can_run() { "$1" run --help >/dev/null 2>&1; }
 
@@ -89,7 +109,8 @@ cmd_fg() {
 	bin="$(build_controller)"
 	if can_run "$bin"; then
 		log "running the controller in the foreground (Ctrl-C stops it and the cluster); log level via RUST_LOG"
-		KUBECONFIG="$kubeconfig" "$bin" run || log "controller exited with status $?"
+		wait_for_token
+		KUBECONFIG="$kubeconfig" "$bin" run "${controller_args[@]}" || log "controller exited with status $?"
 	else
 		log "sandbox-controller has no 'run' subcommand yet; only the cluster runs. Ctrl-C to stop."
 		while :; do sleep 3600 & wait $! || true; done
@@ -102,7 +123,8 @@ cmd_up() {
 	local bin
 	bin="$(build_controller)"
 	if can_run "$bin"; then
-		"$cluster" spawn controller -- env KUBECONFIG="$kubeconfig" "$bin" run
+		wait_for_token
+		"$cluster" spawn controller -- env KUBECONFIG="$kubeconfig" "$bin" run "${controller_args[@]}"
 		log "controller running in the background; log: $dev/logs/controller.log"
 	else
 		log "sandbox-controller has no 'run' subcommand yet; started the cluster only"

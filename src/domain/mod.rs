@@ -1,5 +1,6 @@
 //! Pure decisions: no I/O, no kube client. Reconcilers and the webhook call into these.
 
+pub mod admission;
 pub mod allocation;
 pub mod conditions;
 pub mod endpoints;

@@ -459,3 +459,33 @@ async fn garbage_collector_removes_pods_of_a_deleted_batchsandbox() {
         "the garbage collector deleted a pod without owner"
     );
 }
+
+#[tokio::test]
+async fn dropping_a_test_env_removes_its_namespace_despite_finalizers() {
+    let env = harness::env("harness_cleanup").await;
+    let inner = harness::env("harness_cleanup_inner").await;
+    // What a killed controller leaves behind: objects holding finalizers.
+    let mut batch = batch_yaml("held", 1);
+    batch = batch.replacen(
+        "  name: held\n",
+        "  name: held\n  finalizers: [e2e.sandbox.opensandbox.io/hold]\n",
+        1,
+    );
+    inner.apply(&batch);
+    inner.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: held\n  finalizers: [e2e.sandbox.opensandbox.io/hold]\n\
+         spec:\n  containers: [{name: c, image: busybox:1.36}]\n",
+    );
+    let ns = inner.ns.clone();
+    drop(inner);
+
+    env.wait_for(
+        &format!("namespace {ns} to be deleted"),
+        Duration::from_secs(60),
+        || async {
+            let out = env.kubectl(&["get", "namespace", &ns, "-o", "name", "--ignore-not-found"]);
+            out.status.success() && stdout(&out).trim().is_empty()
+        },
+    )
+    .await;
+}

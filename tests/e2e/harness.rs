@@ -194,22 +194,76 @@ impl Drop for TestEnv {
             eprintln!("harness: SBX_KEEP_NS is set, keeping namespace {}", self.ns);
             return;
         }
-        // Fire and forget: the namespace controller finishes the job.
         if let Some(Ok(cluster)) = CLUSTER.get() {
-            let _ = Command::new(&cluster.kubectl)
-                .env("KUBECONFIG", &self.kubeconfig)
-                .args([
-                    "delete",
-                    "namespace",
-                    &self.ns,
-                    "--wait=false",
-                    "--ignore-not-found",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            self.cleanup(cluster);
         }
+    }
+}
+
+/// What a test namespace may hold that carries finalizers of our controller.
+const FINALIZED_KINDS: [&str; 3] = [
+    "batchsandboxes.sandbox.opensandbox.io",
+    "pools.sandbox.opensandbox.io",
+    "pods",
+];
+
+impl TestEnv {
+    /// Deletes the namespace without waiting. The controller of a test is
+    /// usually gone by now, so finalizers it put on BatchSandboxes, Pools and
+    /// pods would hold the namespace in Terminating forever: delete those
+    /// objects first (after which no finalizer can be added) and strip the
+    /// finalizers. Best effort; failures are ignored.
+    fn cleanup(&self, cluster: &Cluster) {
+        let run = |args: &[&str]| {
+            Command::new(&cluster.kubectl)
+                .env("KUBECONFIG", &self.kubeconfig)
+                .arg("-n")
+                .arg(&self.ns)
+                .args(args)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        };
+        let kinds = FINALIZED_KINDS.join(",");
+        run(&[
+            "delete",
+            &kinds,
+            "--all",
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
+        for kind in FINALIZED_KINDS {
+            let Some(listing) = run(&[
+                "get",
+                kind,
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.metadata.finalizers}{\"\\n\"}{end}",
+            ]) else {
+                continue;
+            };
+            let names: Vec<&str> = listing
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(_, finalizers)| !finalizers.trim().is_empty())
+                .map(|(name, _)| name)
+                .collect();
+            if !names.is_empty() {
+                let mut args = vec!["patch", kind];
+                args.extend(&names);
+                args.extend(["--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#]);
+                run(&args);
+            }
+        }
+        run(&[
+            "delete",
+            "namespace",
+            &self.ns,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
     }
 }
 

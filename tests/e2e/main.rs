@@ -13,3 +13,4 @@ mod executor;
 mod local_executors;
 mod policy;
 mod tasks;
+mod webhook;

@@ -1,0 +1,861 @@
+//! Admission rules for BatchSandbox and Pool: pure functions from the submitted object (and, on
+//! UPDATE, the stored one) to a [`Verdict`] that lists every failing field at once.
+//!
+//! The webhook server only decodes and encodes; every decision is made here, so each rule is
+//! tested without a server. Messages read `<path>: <value> <rule>`, for example
+//! `spec.capacitySpec.bufferMin: 30 must be <= bufferMax (20)`.
+//!
+//! UPDATE requests are ratcheted: an error that the stored object already had, on the same field
+//! with the same value, becomes a warning. An object that became invalid under stricter settings
+//! (a lower `--max-replicas`, a policy that was removed) can still get its finalizer removed, its
+//! annotations written and its other fields fixed one at a time.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
+use serde_json::Value;
+
+use crate::api::{BatchSandbox, BatchSandboxSpec, EnvVar, Pool, TaskTemplateSpec, names};
+use crate::domain::{pod_template, tasks};
+
+/// Replicas allowed when no other maximum is configured.
+pub const DEFAULT_MAX_REPLICAS: i32 = 1000;
+
+/// Longest value of a label; pool names and non-pooled batch names become label values on pods.
+const MAX_LABEL_VALUE: usize = 63;
+
+/// Longest rendering of a bad value in a message; longer ones are cut with an ellipsis.
+const MAX_VALUE_CHARS: usize = 80;
+
+/// Decisions a policy annotation can select, and the kind each applies to.
+const POLICY_DECISIONS: &[(&str, Kind)] = &[
+    ("pool-sizing", Kind::Pool),
+    ("shard-tasks", Kind::BatchSandbox),
+    ("expiry", Kind::BatchSandbox),
+];
+
+/// What the rules need besides the objects themselves.
+pub struct AdmissionContext<'a> {
+    /// The time "now" for `expireTime` checks.
+    pub now: Timestamp,
+    /// Largest `spec.replicas` a BatchSandbox may ask for.
+    pub max_replicas: i32,
+    /// Whether a policy of this name can be loaded.
+    pub policy_exists: &'a dyn Fn(&str) -> bool,
+}
+
+/// The outcome of validating one object: allowed when `errors` is empty.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Verdict {
+    /// Every failing field, in a stable order.
+    pub errors: Vec<FieldError>,
+    /// Suspicious but valid settings, returned to the client as AdmissionResponse warnings.
+    pub warnings: Vec<String>,
+}
+
+impl Verdict {
+    pub fn is_allowed(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// All errors in one line, as `kubectl` shows it.
+    pub fn message(&self) -> String {
+        self.errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    fn error(&mut self, path: impl Into<String>, value: impl Into<String>, rule: Rule) {
+        self.errors.push(FieldError {
+            path: path.into(),
+            value: value.into(),
+            rule,
+        });
+    }
+
+    fn warn(&mut self, warning: impl Into<String>) {
+        self.warnings.push(warning.into());
+    }
+
+    /// Ratcheting (see the module docs): errors the stored object had already become warnings.
+    fn ratchet(mut self, old_errors: &[FieldError]) -> Self {
+        let (kept, unchanged): (Vec<_>, Vec<_>) = self
+            .errors
+            .into_iter()
+            .partition(|e| !old_errors.contains(e));
+        self.errors = kept;
+        for error in unchanged {
+            self.warnings.push(format!(
+                "{error} (allowed because the stored object already has this value)"
+            ));
+        }
+        self
+    }
+}
+
+/// One failing field: where it is, what it holds, and the rule it breaks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {value} {rule}")]
+pub struct FieldError {
+    /// JSON path from the object root, e.g. `spec.shardTaskPatches[2].spec.process.command`.
+    pub path: String,
+    /// The offending value as written (strings quoted, `<unset>` when absent).
+    pub value: String,
+    pub rule: Rule,
+}
+
+/// The rule a field breaks; its message completes `<path>: <value> ...`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rule {
+    #[error("must be >= 0")]
+    Negative,
+    #[error("must be <= {max} (the largest number of replicas this webhook admits)")]
+    AboveMaxReplicas { max: i32 },
+    #[error("must be <= {other} ({other_value})")]
+    AboveOther {
+        other: &'static str,
+        other_value: i32,
+    },
+    #[error("must be > 0")]
+    NotPositive,
+    #[error(
+        "must not be set together with spec.template: set exactly one of spec.template and spec.poolRef"
+    )]
+    BothTemplateAndPoolRef,
+    #[error(
+        "must be set when spec.poolRef is not: set exactly one of spec.template and spec.poolRef"
+    )]
+    NeitherTemplateNorPoolRef,
+    #[error("must list at least one container")]
+    NoContainers,
+    #[error(
+        "must be a DNS-1123 label (lower-case letters, digits and '-', starting and ending alphanumeric, at most 63 characters)"
+    )]
+    NotDnsLabel,
+    #[error("must be unique among the pod's containers (also used by containers[{first}])")]
+    DuplicateContainerName { first: usize },
+    #[error("must be set: a container needs an image")]
+    MissingImage,
+    #[error(
+        "must be a valid object name (DNS-1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters)"
+    )]
+    NotObjectName,
+    #[error("cannot change once set (was {was}); create a new BatchSandbox to use another pool")]
+    PoolRefChanged { was: String },
+    #[error(
+        "cannot be set on update: the batch was created from spec.template; create a new BatchSandbox to use a pool"
+    )]
+    PoolRefAdded,
+    #[error(
+        "must be empty for a pooled batch: pool pods are created by the Pool, so there is no template to patch"
+    )]
+    ShardPatchesOnPooledBatch,
+    #[error(
+        "has {entries} entries, more than spec.replicas ({replicas}): entry i applies to shard i"
+    )]
+    MoreEntriesThanReplicas { entries: usize, replicas: i32 },
+    #[error("is not a valid pod template patch: {reason}")]
+    BadShardPatch { reason: String },
+    #[error("leaves the pod of shard {shard} invalid: {problem}")]
+    ShardPatchBreaksPod { shard: usize, problem: String },
+    #[error(
+        "must be a non-empty command whose first element names the executable, for {shards} after taskTemplate and shardTaskPatches are merged"
+    )]
+    EmptyCommand { shards: String },
+    #[error("must consist of letters, digits, '_', '-' and '.', and must not start with a digit")]
+    BadEnvName,
+    #[error("must be unique in this env list (also used by env[{first}])")]
+    DuplicateEnvName { first: usize },
+    #[error("must be an RFC 3339 time such as \"2026-12-31T23:59:59Z\" ({reason})")]
+    BadTime { reason: String },
+    #[error("must be in the future when the object is created (it is now {now})")]
+    ExpireTimeInPast { now: String },
+    #[error("names no loadable policy")]
+    UnknownPolicy,
+    #[error("must be at most 63 characters: it becomes the value of label {label} on every pod")]
+    NameTooLongForLabel { label: &'static str },
+    #[error("cannot be read as a {kind}: {reason}")]
+    Unreadable { kind: &'static str, reason: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    BatchSandbox,
+    Pool,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::BatchSandbox => "BatchSandbox",
+            Kind::Pool => "Pool",
+        })
+    }
+}
+
+// ------------------------------------------------------------------ decoding --
+
+/// Reads a BatchSandbox from its JSON form. Problems that the typed form cannot even hold (an
+/// `expireTime` that is no time, a spec of the wrong shape) come back as field errors, so that they
+/// are reported together with the rule violations instead of hiding them.
+pub fn decode_batch_sandbox(object: Value) -> (Option<BatchSandbox>, Vec<FieldError>) {
+    let mut object = object;
+    let mut errors = Vec::new();
+    if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut)
+        && let Some(raw) = spec.get("expireTime")
+        && !raw.is_null()
+    {
+        let parsed = raw.as_str().map(|s| s.parse::<Timestamp>());
+        match parsed {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                errors.push(bad_time(raw, e.to_string()));
+                spec.remove("expireTime");
+            }
+            None => {
+                errors.push(bad_time(raw, "not a string".into()));
+                spec.remove("expireTime");
+            }
+        }
+    }
+    match serde_json::from_value::<BatchSandbox>(object) {
+        Ok(batch) => (Some(batch), errors),
+        Err(e) => {
+            errors.push(unreadable(Kind::BatchSandbox, &e));
+            (None, errors)
+        }
+    }
+}
+
+/// Reads a Pool from its JSON form; see [`decode_batch_sandbox`].
+pub fn decode_pool(object: Value) -> (Option<Pool>, Vec<FieldError>) {
+    match serde_json::from_value::<Pool>(object) {
+        Ok(pool) => (Some(pool), Vec::new()),
+        Err(e) => (None, vec![unreadable(Kind::Pool, &e)]),
+    }
+}
+
+fn bad_time(raw: &Value, reason: String) -> FieldError {
+    FieldError {
+        path: "spec.expireTime".into(),
+        value: render_json(raw),
+        rule: Rule::BadTime { reason },
+    }
+}
+
+fn unreadable(kind: Kind, error: &serde_json::Error) -> FieldError {
+    let kind = match kind {
+        Kind::BatchSandbox => "BatchSandbox",
+        Kind::Pool => "Pool",
+    };
+    FieldError {
+        path: "spec".into(),
+        value: "<object>".into(),
+        rule: Rule::Unreadable {
+            kind,
+            reason: error.to_string(),
+        },
+    }
+}
+
+// ------------------------------------------------------------- BatchSandbox --
+
+/// Validates a BatchSandbox on CREATE (`old == None`) or UPDATE (`old` is the stored object).
+pub fn validate_batch_sandbox(
+    new: &BatchSandbox,
+    old: Option<&BatchSandbox>,
+    ctx: &AdmissionContext<'_>,
+) -> Verdict {
+    if is_being_deleted(&new.metadata) {
+        // Only finalizers and metadata change from here on; blocking them would strand the object.
+        return Verdict::default();
+    }
+    let mut verdict = Verdict::default();
+    batch_rules(new, old, ctx, &mut verdict);
+    if let Some(old) = old {
+        if old.spec.pool_ref != new.spec.pool_ref {
+            let value = render_opt_str(new.spec.pool_ref.as_deref());
+            let rule = match &old.spec.pool_ref {
+                Some(was) => Rule::PoolRefChanged { was: quote(was) },
+                None => Rule::PoolRefAdded,
+            };
+            verdict.error("spec.poolRef", value, rule);
+        }
+        let mut stale = Verdict::default();
+        batch_rules(old, Some(old), ctx, &mut stale);
+        verdict = verdict.ratchet(&stale.errors);
+    }
+    verdict
+}
+
+/// Validates `spec.replicas` set through the scale subresource (`kubectl scale`). The request
+/// carries only a Scale object, so only the replica bounds can be checked here; leaving the count
+/// as it was is always allowed.
+pub fn validate_batch_scale(
+    replicas: i32,
+    old_replicas: Option<i32>,
+    ctx: &AdmissionContext<'_>,
+) -> Verdict {
+    let mut verdict = Verdict::default();
+    if old_replicas == Some(replicas) {
+        return verdict;
+    }
+    if replicas < 0 {
+        verdict.error("spec.replicas", replicas.to_string(), Rule::Negative);
+    } else if replicas > ctx.max_replicas {
+        verdict.error(
+            "spec.replicas",
+            replicas.to_string(),
+            Rule::AboveMaxReplicas {
+                max: ctx.max_replicas,
+            },
+        );
+    }
+    verdict
+}
+
+/// The rules that look at one object (plus, for the patch-length rule, whether the lists changed).
+fn batch_rules(
+    batch: &BatchSandbox,
+    old: Option<&BatchSandbox>,
+    ctx: &AdmissionContext<'_>,
+    verdict: &mut Verdict,
+) {
+    let spec = &batch.spec;
+    policy_annotations(&batch.metadata, Kind::BatchSandbox, ctx, verdict);
+
+    if spec.replicas < 0 {
+        verdict.error("spec.replicas", spec.replicas.to_string(), Rule::Negative);
+    } else if spec.replicas > ctx.max_replicas {
+        verdict.error(
+            "spec.replicas",
+            spec.replicas.to_string(),
+            Rule::AboveMaxReplicas {
+                max: ctx.max_replicas,
+            },
+        );
+    }
+
+    match (&spec.template, &spec.pool_ref) {
+        (Some(_), Some(pool)) => {
+            verdict.error("spec.poolRef", quote(pool), Rule::BothTemplateAndPoolRef)
+        }
+        (None, None) => verdict.error("spec.template", "<unset>", Rule::NeitherTemplateNorPoolRef),
+        _ => {}
+    }
+    if let Some(pool) = &spec.pool_ref
+        && !is_dns_subdomain(pool)
+    {
+        verdict.error("spec.poolRef", quote(pool), Rule::NotObjectName);
+    }
+    if let Some(template) = &spec.template {
+        pod_template_rules("spec.template", template, verdict);
+        if spec.pool_ref.is_none() {
+            name_fits_label(&batch.metadata, names::LABEL_BATCH_NAME, verdict);
+        }
+    }
+
+    if spec.pool_ref.is_some() && !spec.shard_patches.is_empty() {
+        verdict.error(
+            "spec.shardPatches",
+            format!("[{} entries]", spec.shard_patches.len()),
+            Rule::ShardPatchesOnPooledBatch,
+        );
+    } else if let Some(template) = &spec.template {
+        shard_patch_rules(batch, template, verdict);
+    }
+
+    let old_spec = old.map(|o| &o.spec);
+    patch_count_rule(
+        "spec.shardPatches",
+        spec.shard_patches.len(),
+        spec.replicas,
+        old_spec.map(|o| o.shard_patches == spec.shard_patches),
+        verdict,
+    );
+    patch_count_rule(
+        "spec.shardTaskPatches",
+        spec.shard_task_patches.len(),
+        spec.replicas,
+        old_spec.map(|o| o.shard_task_patches == spec.shard_task_patches),
+        verdict,
+    );
+
+    if let Some(template) = &spec.task_template {
+        task_fields("spec.taskTemplate", template, verdict);
+    }
+    for (i, patch) in spec.shard_task_patches.iter().enumerate() {
+        task_fields(&format!("spec.shardTaskPatches[{i}]"), patch, verdict);
+    }
+    shard_command_rule(spec, ctx, verdict);
+
+    if let Some(expire) = &spec.expire_time {
+        let unchanged = old_spec.is_some_and(|o| o.expire_time.as_ref() == Some(expire));
+        if expire.0 <= ctx.now && !unchanged {
+            if old.is_none() {
+                verdict.error(
+                    "spec.expireTime",
+                    quote(&rfc3339(expire.0)),
+                    Rule::ExpireTimeInPast {
+                        now: rfc3339(ctx.now),
+                    },
+                );
+            } else {
+                verdict.warn(format!(
+                    "spec.expireTime: {} is in the past: the batch expires at once",
+                    quote(&rfc3339(expire.0))
+                ));
+            }
+        }
+    }
+}
+
+/// `shardPatches`/`shardTaskPatches` must not outnumber the shards. Scaling down below the number
+/// of patches leaves the lists untouched, so an UPDATE that only lowers `replicas` is allowed with a
+/// warning: the extra entries apply again when the batch scales back up.
+fn patch_count_rule(
+    path: &str,
+    entries: usize,
+    replicas: i32,
+    unchanged: Option<bool>,
+    verdict: &mut Verdict,
+) {
+    let shards = usize::try_from(replicas).unwrap_or(0);
+    if entries <= shards {
+        return;
+    }
+    if unchanged == Some(true) {
+        verdict.warn(format!(
+            "{path} has {entries} entries but spec.replicas is {replicas}: entries from index {shards} on apply only when the batch scales up again"
+        ));
+    } else {
+        verdict.error(
+            path,
+            format!("[{entries} entries]"),
+            Rule::MoreEntriesThanReplicas { entries, replicas },
+        );
+    }
+}
+
+/// Applies each `shardPatches[i]` to the template exactly as the controller will, and checks that
+/// the patch parses and the shard's pod still has valid containers.
+fn shard_patch_rules(batch: &BatchSandbox, template: &PodTemplateSpec, verdict: &mut Verdict) {
+    let name = batch.metadata.name.as_deref().unwrap_or("batch");
+    // Problems the template already has are reported on the template itself, not on each patch.
+    let mut own = Verdict::default();
+    pod_template_rules("spec.template", template, &mut own);
+    for (i, patch) in batch.spec.shard_patches.iter().enumerate() {
+        let path = format!("spec.shardPatches[{i}]");
+        if !patch.is_object() {
+            verdict.error(
+                path,
+                render_json(patch),
+                Rule::BadShardPatch {
+                    reason: "must be an object".into(),
+                },
+            );
+            continue;
+        }
+        match pod_template::batch_pod(name, i, template, Some(patch), OwnerReference::default()) {
+            Err(e) => verdict.error(
+                path,
+                render_json(patch),
+                Rule::BadShardPatch {
+                    reason: e.source.to_string(),
+                },
+            ),
+            Ok(pod) => {
+                let merged = PodTemplateSpec {
+                    metadata: None,
+                    spec: pod.spec,
+                };
+                let mut scratch = Verdict::default();
+                pod_template_rules("spec.template", &merged, &mut scratch);
+                for problem in scratch
+                    .errors
+                    .into_iter()
+                    .filter(|e| !own.errors.contains(e))
+                {
+                    verdict.error(
+                        path.clone(),
+                        render_json(patch),
+                        Rule::ShardPatchBreaksPod {
+                            shard: i,
+                            problem: problem.to_string(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Field rules inside one task template or patch: env names and the timeout.
+fn task_fields(path: &str, task: &TaskTemplateSpec, verdict: &mut Verdict) {
+    let Some(spec) = &task.spec else { return };
+    if let Some(timeout) = spec.timeout_seconds
+        && timeout <= 0
+    {
+        verdict.error(
+            format!("{path}.spec.timeoutSeconds"),
+            timeout.to_string(),
+            Rule::NotPositive,
+        );
+    }
+    if let Some(env) = spec.process.as_ref().and_then(|p| p.env.as_ref()) {
+        env_rules(&format!("{path}.spec.process.env"), env, verdict);
+    }
+}
+
+fn env_rules(path: &str, env: &[EnvVar], verdict: &mut Verdict) {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, var) in env.iter().enumerate() {
+        let field = format!("{path}[{i}].name");
+        if !is_env_name(&var.name) {
+            verdict.error(field, quote(&var.name), Rule::BadEnvName);
+        } else if let Some(&first) = seen.get(var.name.as_str()) {
+            verdict.error(field, quote(&var.name), Rule::DuplicateEnvName { first });
+        } else {
+            seen.insert(&var.name, i);
+        }
+    }
+}
+
+/// Every shard that has a task must end up with a command. Shards with neither a template nor a
+/// patch have no task, which is fine. The merge is `domain::tasks`, the one the controller runs;
+/// shards past the last patch all get the bare template, so one representative stands for them
+/// all and the cost does not grow with `replicas`.
+fn shard_command_rule(spec: &BatchSandboxSpec, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
+    let shards = usize::try_from(spec.replicas.clamp(0, ctx.max_replicas.max(0))).unwrap_or(0);
+    let patches = &spec.shard_task_patches;
+    let template = spec.task_template.as_ref();
+    let patched = shards.min(patches.len());
+    let mut template_shards: Vec<usize> = Vec::new();
+
+    for (index, task) in tasks::shard_tasks(patched, template, patches)
+        .into_iter()
+        .enumerate()
+    {
+        let Some(task) = task else { continue };
+        let command = task.process.as_ref().and_then(|p| p.command.as_ref());
+        if is_runnable(command) {
+            continue;
+        }
+        let patch_has_spec = patches.get(index).is_some_and(|p| p.spec.is_some());
+        if patch_has_spec {
+            verdict.error(
+                format!("spec.shardTaskPatches[{index}].spec.process.command"),
+                render_command(command),
+                Rule::EmptyCommand {
+                    shards: format!("shard {index}"),
+                },
+            );
+        } else {
+            template_shards.push(index);
+        }
+    }
+
+    let bare = tasks::shard_task(template, None);
+    let bare_command = bare
+        .as_ref()
+        .and_then(|t| t.process.as_ref())
+        .and_then(|p| p.command.as_ref());
+    if bare.is_some() && !is_runnable(bare_command) {
+        template_shards.extend(patched..shards);
+        if !template_shards.is_empty() {
+            verdict.error(
+                "spec.taskTemplate.spec.process.command",
+                render_command(bare_command),
+                Rule::EmptyCommand {
+                    shards: shard_list(&template_shards),
+                },
+            );
+        } else {
+            verdict.warn(format!(
+                "spec.taskTemplate.spec.process.command is {}: no current shard runs the template alone, but shards from index {} on would, without a command, if the batch scaled up",
+                render_command(bare_command),
+                patches.len()
+            ));
+        }
+    }
+}
+
+fn is_runnable(command: Option<&Vec<String>>) -> bool {
+    command
+        .and_then(|c| c.first())
+        .is_some_and(|executable| !executable.trim().is_empty())
+}
+
+// --------------------------------------------------------------------- Pool --
+
+/// Validates a Pool on CREATE (`old == None`) or UPDATE.
+pub fn validate_pool(new: &Pool, old: Option<&Pool>, ctx: &AdmissionContext<'_>) -> Verdict {
+    if is_being_deleted(&new.metadata) {
+        return Verdict::default();
+    }
+    let mut verdict = Verdict::default();
+    pool_rules(new, ctx, &mut verdict);
+    if let Some(old) = old {
+        let mut stale = Verdict::default();
+        pool_rules(old, ctx, &mut stale);
+        verdict = verdict.ratchet(&stale.errors);
+    }
+    verdict
+}
+
+fn pool_rules(pool: &Pool, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
+    policy_annotations(&pool.metadata, Kind::Pool, ctx, verdict);
+    name_fits_label(&pool.metadata, names::LABEL_POOL_NAME, verdict);
+    pod_template_rules("spec.template", &pool.spec.template, verdict);
+
+    let c = &pool.spec.capacity_spec;
+    let fields = [
+        ("bufferMax", c.buffer_max),
+        ("bufferMin", c.buffer_min),
+        ("poolMax", c.pool_max),
+        ("poolMin", c.pool_min),
+    ];
+    for (name, value) in fields {
+        if value < 0 {
+            verdict.error(
+                format!("spec.capacitySpec.{name}"),
+                value.to_string(),
+                Rule::Negative,
+            );
+        }
+    }
+    if c.buffer_min > c.buffer_max {
+        verdict.error(
+            "spec.capacitySpec.bufferMin",
+            c.buffer_min.to_string(),
+            Rule::AboveOther {
+                other: "bufferMax",
+                other_value: c.buffer_max,
+            },
+        );
+    }
+    if c.pool_min > c.pool_max {
+        verdict.error(
+            "spec.capacitySpec.poolMin",
+            c.pool_min.to_string(),
+            Rule::AboveOther {
+                other: "poolMax",
+                other_value: c.pool_max,
+            },
+        );
+    }
+
+    if c.pool_max == 0 {
+        verdict.warn("spec.capacitySpec.poolMax is 0: the pool can never hold a pod, so batches that reference it wait forever");
+    } else if c.buffer_min > c.pool_max {
+        verdict.warn(format!(
+            "spec.capacitySpec.bufferMin ({}) > poolMax ({}): the buffer can never be filled; the pool stops at poolMax",
+            c.buffer_min, c.pool_max
+        ));
+    } else if c.buffer_max > c.pool_max {
+        verdict.warn(format!(
+            "spec.capacitySpec.bufferMax ({}) > poolMax ({}): at most poolMax pods exist, so the buffer never exceeds {}",
+            c.buffer_max, c.pool_max, c.pool_max
+        ));
+    }
+    if c.pool_min > 0 && c.pool_min <= c.pool_max && c.buffer_max == 0 && c.buffer_min == 0 {
+        // Valid, but worth saying: nothing is ever kept warm beyond poolMin.
+        verdict.warn("spec.capacitySpec.bufferMax is 0: no idle pods are kept beyond poolMin, so claims past it wait for new pods");
+    }
+}
+
+// ------------------------------------------------------------------- shared --
+
+fn is_being_deleted(meta: &ObjectMeta) -> bool {
+    meta.deletion_timestamp.is_some()
+}
+
+/// Containers of a pod template: at least one, each with a DNS-label name (unique) and an image.
+fn pod_template_rules(path: &str, template: &PodTemplateSpec, verdict: &mut Verdict) {
+    let containers = template
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    if containers.is_empty() {
+        let value = if template.spec.is_some() {
+            "[]"
+        } else {
+            "<unset>"
+        };
+        verdict.error(format!("{path}.spec.containers"), value, Rule::NoContainers);
+        return;
+    }
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, container) in containers.iter().enumerate() {
+        let base = format!("{path}.spec.containers[{i}]");
+        if !is_dns_label(&container.name) {
+            verdict.error(
+                format!("{base}.name"),
+                quote(&container.name),
+                Rule::NotDnsLabel,
+            );
+        } else if let Some(&first) = seen.get(container.name.as_str()) {
+            verdict.error(
+                format!("{base}.name"),
+                quote(&container.name),
+                Rule::DuplicateContainerName { first },
+            );
+        } else {
+            seen.insert(&container.name, i);
+        }
+        if container
+            .image
+            .as_deref()
+            .is_none_or(|image| image.trim().is_empty())
+        {
+            verdict.error(
+                format!("{base}.image"),
+                render_opt_str(container.image.as_deref()),
+                Rule::MissingImage,
+            );
+        }
+    }
+}
+
+fn name_fits_label(meta: &ObjectMeta, label: &'static str, verdict: &mut Verdict) {
+    if let Some(name) = &meta.name
+        && name.len() > MAX_LABEL_VALUE
+    {
+        verdict.error(
+            "metadata.name",
+            quote(name),
+            Rule::NameTooLongForLabel { label },
+        );
+    }
+}
+
+/// Annotations `policy.sandbox.opensandbox.io/<decision>: <name>` must name a loadable policy.
+/// A decision this kind does not make is only a warning: the annotation has no effect.
+fn policy_annotations(
+    meta: &ObjectMeta,
+    kind: Kind,
+    ctx: &AdmissionContext<'_>,
+    verdict: &mut Verdict,
+) {
+    let Some(annotations) = &meta.annotations else {
+        return;
+    };
+    for (key, name) in annotations {
+        let Some(decision) = key.strip_prefix(names::ANNOTATION_POLICY_PREFIX) else {
+            continue;
+        };
+        match POLICY_DECISIONS.iter().find(|(d, _)| *d == decision) {
+            None => {
+                let known: Vec<_> = POLICY_DECISIONS.iter().map(|(d, _)| *d).collect();
+                verdict.warn(format!(
+                    "metadata.annotations[{key}]: unknown decision {}; known decisions are {}",
+                    quote(decision),
+                    known.join(", ")
+                ));
+                continue;
+            }
+            Some((_, applies_to)) if *applies_to != kind => {
+                verdict.warn(format!("metadata.annotations[{key}]: a {kind} makes no {decision} decision, so this annotation has no effect"));
+                continue;
+            }
+            Some(_) => {}
+        }
+        if !(ctx.policy_exists)(name) {
+            verdict.error(
+                format!("metadata.annotations[{key}]"),
+                quote(name),
+                Rule::UnknownPolicy,
+            );
+        }
+    }
+}
+
+/// RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
+pub fn is_dns_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// RFC 1123 subdomain (the rule for most object names): dot-separated labels, at most 253 characters.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Environment variable names as Kubernetes accepts them: `[-._a-zA-Z][-._a-zA-Z0-9]*`.
+pub fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    chars.next().is_some_and(|c| ok(c) && !c.is_ascii_digit()) && chars.all(ok)
+}
+
+/// `0-2, 5, 7-9`; long lists are cut after a few ranges.
+fn shard_list(shards: &[usize]) -> String {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for &s in shards {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == s => *end = s,
+            _ => ranges.push((s, s)),
+        }
+    }
+    let noun = if shards.len() == 1 { "shard" } else { "shards" };
+    let shown: Vec<String> = ranges
+        .iter()
+        .take(8)
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    let more = if ranges.len() > 8 { ", ..." } else { "" };
+    format!("{noun} {}{more}", shown.join(", "))
+}
+
+/// RFC 3339 in UTC to the second, as Kubernetes writes times.
+fn rfc3339(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn quote(s: &str) -> String {
+    truncate(serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}")))
+}
+
+fn render_opt_str(s: Option<&str>) -> String {
+    s.map_or_else(|| "<unset>".to_string(), quote)
+}
+
+fn render_command(command: Option<&Vec<String>>) -> String {
+    command.map_or_else(
+        || "<unset>".to_string(),
+        |c| truncate(serde_json::to_string(c).unwrap_or_default()),
+    )
+}
+
+fn render_json(value: &Value) -> String {
+    truncate(value.to_string())
+}
+
+fn truncate(mut s: String) -> String {
+    if s.chars().count() > MAX_VALUE_CHARS {
+        s = s.chars().take(MAX_VALUE_CHARS).collect();
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;
