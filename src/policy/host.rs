@@ -8,12 +8,15 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap,
+};
 
 use super::bindings::{GuestError, expiry, shard, sizing};
 use super::{ShardTaskInput, ShardTasks};
@@ -328,7 +331,76 @@ pub struct WasmHost {
     limits: Limits,
     /// Compiled components by digest; an entry lives as long as some registry revision uses it.
     compiled: Mutex<HashMap<String, Weak<CompiledPolicy>>>,
+    /// Calls in flight never exceed what the instance pool holds.
+    slots: CallSlots,
     _ticker: EpochTicker,
+}
+
+/// Decisions evaluated at once. Instances come from a preallocated pool (reused memory slots make
+/// a fresh instance several times cheaper than mapping new memory); a call beyond this waits for
+/// a slot rather than failing.
+pub const CONCURRENT_CALLS: u32 = 64;
+
+/// The instance pool: room for [`CONCURRENT_CALLS`] component instances. Rust guests use 3 or 4
+/// core instances, memories and tables each; componentize-py guests (CPython) about 40 core
+/// instances. Core instance slots are only counted, while memory and table slots are reserved
+/// address space (no resident memory until used).
+fn pooling(limits: &Limits) -> PoolingAllocationConfig {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(CONCURRENT_CALLS)
+        .max_core_instances_per_component(128)
+        .total_core_instances(CONCURRENT_CALLS * 64)
+        .max_memories_per_component(16)
+        .total_memories(CONCURRENT_CALLS * 4)
+        .max_tables_per_component(128)
+        .total_tables(CONCURRENT_CALLS * 64)
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .max_memory_size(limits.memory_bytes);
+    pool
+}
+
+/// A counting semaphore for [`CONCURRENT_CALLS`]; callers are blocking threads.
+struct CallSlots {
+    free: Mutex<u32>,
+    freed: Condvar,
+}
+
+impl CallSlots {
+    fn new(count: u32) -> Self {
+        Self {
+            free: Mutex::new(count),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> CallSlot<'_> {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *free == 0 {
+            free = self
+                .freed
+                .wait(free)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        *free -= 1;
+        CallSlot(self)
+    }
+}
+
+struct CallSlot<'a>(&'a CallSlots);
+
+impl Drop for CallSlot<'_> {
+    fn drop(&mut self) {
+        let mut free = self
+            .0
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *free += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 impl WasmHost {
@@ -340,13 +412,17 @@ impl WasmHost {
             .epoch_interruption(true)
             .max_wasm_stack(limits.max_wasm_stack)
             // Calls are synchronous; the concurrency machinery would only slow each call down.
-            .concurrency_support(false);
+            .concurrency_support(false)
+            // A slot per memory of at most the memory limit, not the default 4 GiB reservation.
+            .memory_reservation(limits.memory_bytes as u64)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&limits)));
         let engine = Engine::new(&config).map_err(|e| HostError(e.to_string()))?;
         let ticker = EpochTicker::start(&engine)?;
         Ok(Self {
             engine,
             limits,
             compiled: Mutex::new(HashMap::new()),
+            slots: CallSlots::new(CONCURRENT_CALLS),
             _ticker: ticker,
         })
     }
@@ -465,6 +541,8 @@ impl WasmHost {
         decision: Decision,
         settings: &str,
     ) -> Result<(), CallError> {
+        // Declared first, so the slot is given back only after the store is dropped.
+        let _slot = self.slots.acquire();
         let mut store = self.store();
         let result = match decision {
             Decision::PoolSizing => {
@@ -517,6 +595,8 @@ impl WasmHost {
             .sizing
             .as_ref()
             .ok_or(CallError::WrongWorld(Decision::PoolSizing))?;
+        // Declared first, so the slot is given back only after the store is dropped.
+        let _slot = self.slots.acquire();
         let mut store = self.store();
         let input = sizing::wit::PoolSnapshot::from(pool);
         let output = pre
@@ -542,6 +622,8 @@ impl WasmHost {
             .shard
             .as_ref()
             .ok_or(CallError::WrongWorld(Decision::ShardTasks))?;
+        // Declared first, so the slot is given back only after the store is dropped.
+        let _slot = self.slots.acquire();
         let mut store = self.store();
         let input = shard::wit::BatchInput::from(batch);
         let output = pre
@@ -567,6 +649,8 @@ impl WasmHost {
             .expiry
             .as_ref()
             .ok_or(CallError::WrongWorld(Decision::Expiry))?;
+        // Declared first, so the slot is given back only after the store is dropped.
+        let _slot = self.slots.acquire();
         let mut store = self.store();
         let input = expiry::wit::BatchSnapshot::from(batch);
         let output = pre

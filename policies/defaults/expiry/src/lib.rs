@@ -4,7 +4,9 @@
 
 wit_bindgen::generate!({ world: "expiry-policy", path: "../../../wit" });
 
-use exports::opensandbox::policy::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision, Guest, PolicyError};
+use exports::opensandbox::policy::expiry::{
+    BatchSnapshot, ExpireAction, ExpiryDecision, Guest, PolicyError,
+};
 
 struct AtExpireTime;
 
@@ -12,7 +14,9 @@ impl Guest for AtExpireTime {
     fn validate_settings(settings: String) -> Result<(), PolicyError> {
         match settings.trim() {
             "" | "{}" => Ok(()),
-            _ => Err(PolicyError::InvalidSettings("the default expiry policy takes no settings".into())),
+            _ => Err(PolicyError::InvalidSettings(
+                "the default expiry policy takes no settings".into(),
+            )),
         }
     }
 
@@ -20,7 +24,9 @@ impl Guest for AtExpireTime {
         Ok(match batch.expire_time_unix_ms {
             None => ExpiryDecision::Keep(None),
             Some(at) if at <= batch.now_unix_ms => ExpiryDecision::Expire(ExpireAction::Delete),
-            Some(at) => ExpiryDecision::Keep(Some(u64::try_from(at - batch.now_unix_ms).unwrap_or(u64::MAX))),
+            Some(at) => ExpiryDecision::Keep(Some(
+                u64::try_from(at - batch.now_unix_ms).unwrap_or(u64::MAX),
+            )),
         })
     }
 }

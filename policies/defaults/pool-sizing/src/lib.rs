@@ -6,7 +6,9 @@
 
 wit_bindgen::generate!({ world: "pool-sizing-policy", path: "../../../wit" });
 
-use exports::opensandbox::policy::pool_sizing::{Bounds, Guest, PolicyError, PoolSnapshot, SizingDecision};
+use exports::opensandbox::policy::pool_sizing::{
+    Bounds, Guest, PolicyError, PoolSnapshot, SizingDecision,
+};
 
 struct BufferSizing;
 
@@ -14,7 +16,9 @@ impl Guest for BufferSizing {
     fn validate_settings(settings: String) -> Result<(), PolicyError> {
         match settings.trim() {
             "" | "{}" => Ok(()),
-            _ => Err(PolicyError::InvalidSettings("the default pool-sizing policy takes no settings".into())),
+            _ => Err(PolicyError::InvalidSettings(
+                "the default pool-sizing policy takes no settings".into(),
+            )),
         }
     }
 
@@ -23,19 +27,35 @@ impl Guest for BufferSizing {
         let idle = pool.total.saturating_sub(pool.allocated);
         let wanted_idle = idle
             .max(b.buffer_min.saturating_add(pool.unmet_demand))
-            .min(b.buffer_max.max(b.buffer_min).saturating_add(pool.unmet_demand));
+            .min(
+                b.buffer_max
+                    .max(b.buffer_min)
+                    .saturating_add(pool.unmet_demand),
+            );
         let wanted = pool.allocated.saturating_add(wanted_idle);
         let desired_total = clamp_to_bounds(wanted, &b);
         let reason = if desired_total < wanted {
-            format!("capped at poolMax {}: wanted {wanted} ({} allocated + {wanted_idle} idle)", b.pool_max, pool.allocated)
+            format!(
+                "capped at poolMax {}: wanted {wanted} ({} allocated + {wanted_idle} idle)",
+                b.pool_max, pool.allocated
+            )
         } else if desired_total > wanted {
             format!("raised to poolMin {}", b.pool_min)
         } else if pool.unmet_demand > 0 {
-            format!("{} allocated + {} unmet demand + buffer", pool.allocated, pool.unmet_demand)
+            format!(
+                "{} allocated + {} unmet demand + buffer",
+                pool.allocated, pool.unmet_demand
+            )
         } else {
-            format!("{} allocated + {wanted_idle} idle within buffer [{}, {}]", pool.allocated, b.buffer_min, b.buffer_max)
+            format!(
+                "{} allocated + {wanted_idle} idle within buffer [{}, {}]",
+                pool.allocated, b.buffer_min, b.buffer_max
+            )
         };
-        Ok(SizingDecision { desired_total, reason })
+        Ok(SizingDecision {
+            desired_total,
+            reason,
+        })
     }
 }
 

@@ -8,7 +8,9 @@
 
 wit_bindgen::generate!({ world: "shard-tasks-policy", path: "../../../wit" });
 
-use exports::opensandbox::policy::shard_tasks::{BatchInput, EnvVar, Guest, PolicyError, ProcessTask, TaskSpec};
+use exports::opensandbox::policy::shard_tasks::{
+    BatchInput, EnvVar, Guest, PolicyError, ProcessTask, TaskSpec,
+};
 
 struct TemplateMerge;
 
@@ -16,7 +18,9 @@ impl Guest for TemplateMerge {
     fn validate_settings(settings: String) -> Result<(), PolicyError> {
         match settings.trim() {
             "" | "{}" => Ok(()),
-            _ => Err(PolicyError::InvalidSettings("the default shard-tasks policy takes no settings".into())),
+            _ => Err(PolicyError::InvalidSettings(
+                "the default shard-tasks policy takes no settings".into(),
+            )),
         }
     }
 
@@ -53,7 +57,10 @@ fn merge_process(base: &ProcessTask, patch: &ProcessTask) -> ProcessTask {
         command: patch.command.clone().or_else(|| base.command.clone()),
         args: patch.args.clone().or_else(|| base.args.clone()),
         env: merge_env(base.env.as_deref(), patch.env.as_deref()),
-        working_dir: patch.working_dir.clone().or_else(|| base.working_dir.clone()),
+        working_dir: patch
+            .working_dir
+            .clone()
+            .or_else(|| base.working_dir.clone()),
     }
 }
 
@@ -65,7 +72,10 @@ fn merge_env(base: Option<&[EnvVar]>, patch: Option<&[EnvVar]>) -> Option<Vec<En
         (Some(b), Some(p)) => {
             let mut merged = b.to_vec();
             for entry in p {
-                match merged.iter_mut().find(|existing| existing.name == entry.name) {
+                match merged
+                    .iter_mut()
+                    .find(|existing| existing.name == entry.name)
+                {
                     Some(existing) => *existing = entry.clone(),
                     None => merged.push(entry.clone()),
                 }

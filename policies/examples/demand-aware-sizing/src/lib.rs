@@ -25,18 +25,28 @@ struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { window_seconds: 300, pods_per_allocated_pod: 1.0, min_extra: 0, max_extra: 100 }
+        Self {
+            window_seconds: 300,
+            pods_per_allocated_pod: 1.0,
+            min_extra: 0,
+            max_extra: 100,
+        }
     }
 }
 
 fn settings(text: &str) -> Result<Settings, PolicyError> {
     let text = if text.trim().is_empty() { "{}" } else { text };
-    let s: Settings = serde_json::from_str(text).map_err(|e| PolicyError::InvalidSettings(e.to_string()))?;
+    let s: Settings =
+        serde_json::from_str(text).map_err(|e| PolicyError::InvalidSettings(e.to_string()))?;
     if !(s.pods_per_allocated_pod.is_finite() && s.pods_per_allocated_pod >= 0.0) {
-        return Err(PolicyError::InvalidSettings("podsPerAllocatedPod must be a non-negative number".into()));
+        return Err(PolicyError::InvalidSettings(
+            "podsPerAllocatedPod must be a non-negative number".into(),
+        ));
     }
     if s.min_extra > s.max_extra {
-        return Err(PolicyError::InvalidSettings("minExtra must not exceed maxExtra".into()));
+        return Err(PolicyError::InvalidSettings(
+            "minExtra must not exceed maxExtra".into(),
+        ));
     }
     Ok(s)
 }
@@ -50,14 +60,18 @@ impl Guest for DemandAware {
 
     fn decide(text: String, pool: PoolSnapshot) -> Result<SizingDecision, PolicyError> {
         let s = settings(&text)?;
-        let since = pool.now_unix_ms.saturating_sub(i64::from(s.window_seconds) * 1000);
+        let since = pool
+            .now_unix_ms
+            .saturating_sub(i64::from(s.window_seconds) * 1000);
         let recent: u32 = pool
             .recent_allocations
             .iter()
             .filter(|e| e.at_unix_ms > since && e.at_unix_ms <= pool.now_unix_ms)
             .fold(0u32, |sum, e| sum.saturating_add(e.count));
         // The float is bounded by maxExtra before the cast, so the cast cannot wrap.
-        let from_rate = (f64::from(recent) * s.pods_per_allocated_pod).ceil().min(f64::from(s.max_extra)) as u32;
+        let from_rate = (f64::from(recent) * s.pods_per_allocated_pod)
+            .ceil()
+            .min(f64::from(s.max_extra)) as u32;
         let extra = s.min_extra.saturating_add(from_rate).min(s.max_extra);
 
         let b = pool.bounds;
@@ -74,9 +88,19 @@ impl Guest for DemandAware {
             s.window_seconds,
             pool.allocated,
             pool.unmet_demand,
-            if desired_total != wanted { format!(", wanted {wanted}, bounded to [{}, {}]", b.pool_min, b.pool_max) } else { String::new() },
+            if desired_total != wanted {
+                format!(
+                    ", wanted {wanted}, bounded to [{}, {}]",
+                    b.pool_min, b.pool_max
+                )
+            } else {
+                String::new()
+            },
         );
-        Ok(SizingDecision { desired_total, reason })
+        Ok(SizingDecision {
+            desired_total,
+            reason,
+        })
     }
 }
 

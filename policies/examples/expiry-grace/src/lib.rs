@@ -7,7 +7,9 @@
 
 wit_bindgen::generate!({ world: "expiry-policy", path: "../../../wit" });
 
-use exports::opensandbox::policy::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision, Guest, PolicyError, TaskPhase};
+use exports::opensandbox::policy::expiry::{
+    BatchSnapshot, ExpireAction, ExpiryDecision, Guest, PolicyError, TaskPhase,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -27,15 +29,22 @@ enum Action {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { grace_seconds: 300, recheck_seconds: 10, action: Action::Delete }
+        Self {
+            grace_seconds: 300,
+            recheck_seconds: 10,
+            action: Action::Delete,
+        }
     }
 }
 
 fn settings(text: &str) -> Result<Settings, PolicyError> {
     let text = if text.trim().is_empty() { "{}" } else { text };
-    let s: Settings = serde_json::from_str(text).map_err(|e| PolicyError::InvalidSettings(e.to_string()))?;
+    let s: Settings =
+        serde_json::from_str(text).map_err(|e| PolicyError::InvalidSettings(e.to_string()))?;
     if s.recheck_seconds == 0 {
-        return Err(PolicyError::InvalidSettings("recheckSeconds must be at least 1".into()));
+        return Err(PolicyError::InvalidSettings(
+            "recheckSeconds must be at least 1".into(),
+        ));
     }
     Ok(s)
 }
@@ -56,10 +65,15 @@ impl Guest for GracePeriod {
             return Ok(ExpiryDecision::Keep(Some(at.abs_diff(batch.now_unix_ms))));
         }
         let grace_ends = at.saturating_add(i64::from(s.grace_seconds) * 1000);
-        let running = batch.task_phases.iter().any(|p| matches!(p, TaskPhase::Running));
+        let running = batch
+            .task_phases
+            .iter()
+            .any(|p| matches!(p, TaskPhase::Running));
         if running && batch.now_unix_ms < grace_ends {
             let left = grace_ends.abs_diff(batch.now_unix_ms);
-            return Ok(ExpiryDecision::Keep(Some(left.min(u64::from(s.recheck_seconds) * 1000))));
+            return Ok(ExpiryDecision::Keep(Some(
+                left.min(u64::from(s.recheck_seconds) * 1000),
+            )));
         }
         Ok(ExpiryDecision::Expire(match s.action {
             Action::Delete => ExpireAction::Delete,

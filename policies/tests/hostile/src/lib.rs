@@ -17,7 +17,9 @@ struct Settings {
 }
 
 fn mode(text: &str) -> String {
-    serde_json::from_str::<Settings>(text).map(|s| s.mode).unwrap_or_default()
+    serde_json::from_str::<Settings>(text)
+        .map(|s| s.mode)
+        .unwrap_or_default()
 }
 
 /// Misbehaves, or returns for the modes that need a decision-specific answer.
@@ -72,11 +74,21 @@ impl pool_sizing::Guest for Hostile {
         validate(&settings).map_err(pool_sizing::PolicyError::InvalidSettings)
     }
 
-    fn decide(settings: String, pool: pool_sizing::PoolSnapshot) -> Result<pool_sizing::SizingDecision, pool_sizing::PolicyError> {
+    fn decide(
+        settings: String,
+        pool: pool_sizing::PoolSnapshot,
+    ) -> Result<pool_sizing::SizingDecision, pool_sizing::PolicyError> {
         let mode = mode(&settings);
         misbehave(&mode);
-        let desired_total = if mode == "garbage" { pool.bounds.pool_max.saturating_add(1000) } else { pool.bounds.pool_max };
-        Ok(pool_sizing::SizingDecision { desired_total, reason: format!("hostile policy in mode {mode}") })
+        let desired_total = if mode == "garbage" {
+            pool.bounds.pool_max.saturating_add(1000)
+        } else {
+            pool.bounds.pool_max
+        };
+        Ok(pool_sizing::SizingDecision {
+            desired_total,
+            reason: format!("hostile policy in mode {mode}"),
+        })
     }
 }
 
@@ -85,10 +97,17 @@ impl shard_tasks::Guest for Hostile {
         validate(&settings).map_err(shard_tasks::PolicyError::InvalidSettings)
     }
 
-    fn decide(settings: String, batch: shard_tasks::BatchInput) -> Result<Vec<Option<shard_tasks::TaskSpec>>, shard_tasks::PolicyError> {
+    fn decide(
+        settings: String,
+        batch: shard_tasks::BatchInput,
+    ) -> Result<Vec<Option<shard_tasks::TaskSpec>>, shard_tasks::PolicyError> {
         let mode = mode(&settings);
         misbehave(&mode);
-        let slots = if mode == "garbage" { batch.replicas as usize + 1 } else { batch.replicas as usize };
+        let slots = if mode == "garbage" {
+            batch.replicas as usize + 1
+        } else {
+            batch.replicas as usize
+        };
         Ok(vec![None; slots])
     }
 }
@@ -98,10 +117,17 @@ impl expiry::Guest for Hostile {
         validate(&settings).map_err(expiry::PolicyError::InvalidSettings)
     }
 
-    fn decide(settings: String, _batch: expiry::BatchSnapshot) -> Result<expiry::ExpiryDecision, expiry::PolicyError> {
+    fn decide(
+        settings: String,
+        _batch: expiry::BatchSnapshot,
+    ) -> Result<expiry::ExpiryDecision, expiry::PolicyError> {
         let mode = mode(&settings);
         misbehave(&mode);
-        Ok(expiry::ExpiryDecision::Keep(Some(if mode == "garbage" { u64::MAX } else { 1000 })))
+        Ok(expiry::ExpiryDecision::Keep(Some(if mode == "garbage" {
+            u64::MAX
+        } else {
+            1000
+        })))
     }
 }
 
