@@ -382,44 +382,32 @@ pub async fn run(
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
     let ns = config.namespace.as_deref();
-    let pods_api: Api<Pod> = scoped(&client, ns);
     let pods_cfg = watcher::Config::default().labels(&format!(
         "{}={}",
         names::LABEL_MANAGED_BY,
         names::MANAGED_BY
     ));
-    let pod_events =
-        reflector::reflector(pods_writer, watcher(pods_api, pods_cfg).default_backoff()).for_each(
-            {
-                let router = router.clone();
-                move |event| {
-                    router.pod_event(event);
-                    future::ready(())
-                }
-            },
-        );
-    let batch_events = reflector::reflector(
+    let pod_events = reflect(
+        pods_writer,
+        scoped(&client, ns),
+        pods_cfg,
+        router.clone(),
+        router::Router::pod_event,
+    );
+    let batch_events = reflect(
         batches_writer,
-        watcher(scoped(&client, ns), watcher::Config::default()).default_backoff(),
-    )
-    .for_each({
-        let router = router.clone();
-        move |event| {
-            router.batch_event(event);
-            future::ready(())
-        }
-    });
-    let pool_events = reflector::reflector(
+        scoped(&client, ns),
+        watcher::Config::default(),
+        router.clone(),
+        router::Router::batch_event,
+    );
+    let pool_events = reflect(
         pools_writer,
-        watcher(scoped(&client, ns), watcher::Config::default()).default_backoff(),
-    )
-    .for_each({
-        let router = router.clone();
-        move |event| {
-            router.pool_event(event);
-            future::ready(())
-        }
-    });
+        scoped(&client, ns),
+        watcher::Config::default(),
+        router.clone(),
+        router::Router::pool_event,
+    );
 
     // Decisions need all three caches: a pool must never allocate from a partial view.
     let caches = async {
@@ -488,6 +476,29 @@ pub async fn run(
     }
     info!("reconcilers stopped");
     Ok(())
+}
+
+/// Keeps `writer`'s store in sync with a watch of `api`, handing every event to `route`.
+fn reflect<K>(
+    writer: reflector::store::Writer<K>,
+    api: Api<K>,
+    config: watcher::Config,
+    router: router::Router,
+    route: fn(&router::Router, Result<watcher::Event<K>, watcher::Error>),
+) -> impl std::future::Future<Output = ()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    reflector::reflector(writer, watcher(api, config).default_backoff()).for_each(move |event| {
+        route(&router, event);
+        future::ready(())
+    })
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
