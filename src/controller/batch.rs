@@ -55,14 +55,6 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         return cleanup(batch, ctx).await;
     }
 
-    let expiry = decide_expiry(batch, ctx).await?;
-    let recheck = match expiry.decision {
-        ExpiryDecision::Expire { action } => return expire(batch, ctx, action).await,
-        ExpiryDecision::Keep { recheck_after_ms } => {
-            recheck_after_ms.map(std::time::Duration::from_millis)
-        }
-    };
-
     let released = super::pool::released_of(batch);
     let shards = match batch.pool_name() {
         Some(pool) => pooled_shards(batch, ctx, pool).await?,
@@ -70,6 +62,12 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     };
     write_endpoints(batch, ctx, &shards).await?;
     let report = task_phases(batch, ctx, &shards, &released).await?;
+    // Expiry sees the observed task phases, so a policy can grant running tasks a grace period.
+    let expiry = decide_expiry(batch, ctx, &report.phases).await?;
+    let recheck = match expiry.decision {
+        ExpiryDecision::Expire { action } => return expire(batch, ctx, action).await,
+        ExpiryDecision::Keep { recheck_after_ms } => recheck_after_ms.map(Duration::from_millis),
+    };
     if batch.spec.task_resource_policy_when_completed == Some(TaskResourcePolicy::Release)
         && release_finished(batch, ctx, &shards, &report.phases, &released).await?
     {
@@ -94,6 +92,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
 async fn decide_expiry(
     batch: &BatchSandbox,
     ctx: &Context,
+    task_phases: &[TaskPhase],
 ) -> Result<crate::policy::Outcome<ExpiryDecision>, Error> {
     let snapshot = BatchSnapshot {
         name: batch.name_any(),
@@ -104,7 +103,7 @@ async fn decide_expiry(
             .map(|t| t.0.as_millisecond()),
         now_unix_ms: Timestamp::now().as_millisecond(),
         pooled: batch.pool_name().is_some(),
-        task_phases: vec![],
+        task_phases: task_phases.to_vec(),
     };
     let selector = policy_selector(batch, "expiry");
     ctx.decide(move |p| p.expiry(selector.as_deref(), &snapshot))
