@@ -140,6 +140,23 @@ pub enum Error {
     Conflict(usize),
 }
 
+/// A namespaced API object the controller reads and writes through a typed `Api`.
+pub trait NamespacedObject:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> NamespacedObject for K where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// Everything a reconcile needs.
 pub struct Context {
     pub client: Client,
@@ -167,10 +184,7 @@ pub struct Context {
 impl Context {
     fn api<K>(&self, namespace: &str) -> Api<K>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedObject,
     {
         Api::namespaced(self.client.clone(), namespace)
     }
@@ -205,10 +219,7 @@ impl Context {
         patch: &serde_json::Value,
     ) -> Result<K, kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedObject,
     {
         self.writes
             .count(writes::Target::for_kind(&K::kind(&()), false));
@@ -224,10 +235,7 @@ impl Context {
         patch: serde_json::Value,
     ) -> Result<K, kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedObject,
     {
         self.writes
             .count(writes::Target::for_kind(&K::kind(&()), true));
@@ -239,10 +247,7 @@ impl Context {
     /// Adds a finalizer, conditional on the object's resourceVersion.
     async fn add_finalizer<K>(&self, obj: &K, finalizer: &str) -> Result<(), kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedObject,
     {
         let mut finalizers = obj.finalizers().to_vec();
         finalizers.push(finalizer.to_string());
@@ -252,10 +257,7 @@ impl Context {
     /// Removes a finalizer, conditional on the object's resourceVersion.
     async fn remove_finalizer<K>(&self, obj: &K, finalizer: &str) -> Result<(), kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedObject,
     {
         let finalizers = obj
             .finalizers()
@@ -271,10 +273,7 @@ impl Context {
 
     async fn set_finalizers<K>(&self, obj: &K, finalizers: Vec<String>) -> Result<(), kube::Error>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedObject,
     {
         let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version(), "finalizers": finalizers}});
         self.merge_patch::<K>(
@@ -503,10 +502,7 @@ where
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: NamespacedObject,
 {
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
