@@ -3,6 +3,8 @@
 #   make dev        cluster + CRDs + controller in the foreground; Ctrl-C stops everything
 #   make dev-up     the same in the background;  make dev-down  stops it
 #   make test       every test (unit + e2e) against one local cluster, stopped afterwards
+#   make sdk        OpenSandbox's server + Python SDK next to the running cluster; prints the exports
+#                   (eval "$$(make -s sdk)"; python examples/spec/batch_example.py)   make sdk-down stops it
 #   make crds       regenerate crds/*.yaml from the Rust types
 #   make policies   rebuild the policy components and refresh policies/prebuilt/ (commit them)
 #   make bench      claim benchmarks (release build) against the cluster in $$KUBECONFIG or .dev
@@ -18,7 +20,7 @@ CARGO ?= cargo
 # Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
 TEST_ARGS ?=
 
-.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench policies
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench policies sdk sdk-down
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -37,6 +39,14 @@ dev-status:
 
 test:
 	deploy/local/dev.sh test $(TEST_ARGS)
+
+# OpenSandbox's lifecycle server (PyPI, in a virtual environment cached under ~/.cache/sbx-sdk) on
+# 127.0.0.1 next to the cluster of `make dev`; stdout is only the exports, so `eval "$$(make -s sdk)"`.
+sdk:
+	@deploy/opensandbox/sdk.sh up
+
+sdk-down:
+	@deploy/opensandbox/sdk.sh down
 
 crds:
 	$(CARGO) run --quiet --bin sandbox-controller -- crdgen
