@@ -11,8 +11,14 @@
 
 pub mod auth;
 pub mod client;
+pub mod command;
+pub mod command_api;
+#[cfg(test)]
+mod command_tests;
 pub mod daemon;
+pub mod http;
 pub mod manager;
+pub mod mounts;
 pub mod runner;
 pub mod server;
 pub mod shim;
