@@ -1,5 +1,6 @@
 //! `sandbox-task-executor`: runs a sandbox's process tasks and reports their state over HTTP
-//! (OpenSandbox-compatible `POST /setTasks`, `GET /getTasks`, `GET /health` on port 5758).
+//! (OpenSandbox-compatible `POST /setTasks`, `GET /getTasks`, `GET /health` on port 5758), and
+//! serves the command API of OpenSandbox's execd (`GET /ping`, `POST /command`, port 44772).
 #![forbid(unsafe_code)]
 
 use std::ffi::OsString;
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use sandbox_controller::executor::auth::{Auth, load_token};
+use sandbox_controller::executor::command::ACCESS_TOKEN_ENV;
 use sandbox_controller::executor::daemon::{self, ExecutorConfig};
+use sandbox_controller::executor::mounts::{self, BindMount};
 use sandbox_controller::executor::shim::{self, ShimConfig};
 use sandbox_controller::executor::{DEFAULT_DATA_DIR, EXECUTOR_PORT, TOKEN_ENV};
 
@@ -33,9 +36,20 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; see --ready-file).
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], EXECUTOR_PORT)), env = "TASK_EXECUTOR_LISTEN")]
-    listen: SocketAddr,
+    /// Address of the task API (port 0 picks a free port; see --ready-file), or `none`.
+    #[arg(long, default_value_t = Listen(Some(SocketAddr::from(([0, 0, 0, 0], EXECUTOR_PORT)))), value_parser = parse_listen, env = "TASK_EXECUTOR_LISTEN")]
+    listen: Listen,
+    /// Address of the command API of OpenSandbox's execd (its port is 44772), or `none`.
+    #[arg(long, default_value_t = Listen(None), value_parser = parse_listen, env = "TASK_EXECUTOR_COMMAND_LISTEN")]
+    command_listen: Listen,
+    /// File holding the access token the command API requires in X-EXECD-ACCESS-TOKEN. Without
+    /// it the token is read from $EXECD_ACCESS_TOKEN; with neither, none is required.
+    #[arg(long)]
+    command_token_file: Option<PathBuf>,
+    /// Mount HOST_DIR at PATH for the executor and everything it runs, in a private mount
+    /// namespace (for executors outside a container; repeatable).
+    #[arg(long = "mount", value_name = "HOST_DIR:PATH")]
+    mounts: Vec<BindMount>,
     /// Directory for the task list, task results and task output; survives restarts.
     #[arg(long, default_value = DEFAULT_DATA_DIR, env = "TASK_EXECUTOR_DATA_DIR")]
     data_dir: PathBuf,
@@ -43,7 +57,7 @@ struct ServeArgs {
     /// $SANDBOX_EXECUTOR_TOKEN.
     #[arg(long, env = "SANDBOX_EXECUTOR_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Accept requests without a token (for OpenSandbox clients that cannot send one).
+    /// Accept task API requests without a token (for OpenSandbox clients that cannot send one).
     #[arg(long, conflicts_with = "token_file")]
     allow_unauthenticated: bool,
     /// Seconds between SIGTERM and SIGKILL when a task times out or is stopped.
@@ -81,6 +95,14 @@ struct ShimArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_none() {
+        init_logging(&cli.serve.log_format);
+        // Before any thread exists: a user namespace can only be entered single-threaded.
+        if let Err(error) = mounts::enter(&cli.serve.mounts, &cli.serve.data_dir.join(".mounts")) {
+            let mounts: Vec<String> = cli.serve.mounts.iter().map(ToString::to_string).collect();
+            tracing::error!(%error, ?mounts, "cannot set up the mounts; running without them");
+        }
+    }
     let runtime = match cli.command {
         Some(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -119,8 +141,9 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs, runtime: tokio::runtime::Runtime) -> ExitCode {
-    init_logging(&args.log_format);
-    let auth = if args.allow_unauthenticated {
+    let auth = if args.listen.0.is_none() {
+        Auth::Open
+    } else if args.allow_unauthenticated {
         tracing::warn!(
             "--allow-unauthenticated: anyone who can reach this port can run processes here"
         );
@@ -134,6 +157,19 @@ fn serve(args: ServeArgs, runtime: tokio::runtime::Runtime) -> ExitCode {
             }
         }
     };
+    let command_token = match &args.command_token_file {
+        Some(path) => match load_token(Some(path), None) {
+            Ok(token) => Some(token),
+            Err(error) => {
+                tracing::error!(%error, "cannot read the command API's token");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => std::env::var(ACCESS_TOKEN_ENV)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
     let shim_exe = match std::env::current_exe() {
         Ok(path) => path,
         Err(error) => {
@@ -142,7 +178,9 @@ fn serve(args: ServeArgs, runtime: tokio::runtime::Runtime) -> ExitCode {
         }
     };
     let config = ExecutorConfig {
-        listen: args.listen,
+        listen: args.listen.0,
+        command_listen: args.command_listen.0,
+        command_token,
         data_dir: args.data_dir,
         auth,
         grace: Duration::from_secs(args.kill_grace_seconds),
@@ -160,6 +198,29 @@ fn serve(args: ServeArgs, runtime: tokio::runtime::Runtime) -> ExitCode {
             tracing::error!(%error, "task executor failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An address to listen on, or none (`none`).
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<SocketAddr>);
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    match s {
+        "none" | "off" | "" => Ok(Listen(None)),
+        _ => s
+            .parse()
+            .map(|addr| Listen(Some(addr)))
+            .map_err(|e| format!("{s:?}: {e} (an address like 0.0.0.0:44772, or none)")),
     }
 }
 

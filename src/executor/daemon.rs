@@ -1,4 +1,5 @@
-//! The executor process: recover the task list, serve the API, shut down cleanly.
+//! The executor process: recover the task list, serve the task API and the command API, shut
+//! down cleanly.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,16 +8,24 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::auth::Auth;
+use super::command::{ACCESS_TOKEN_ENV, CommandConfig, Commands};
+use super::command_api::{self, CommandApi};
 use super::manager::{ManagerConfig, TaskManager};
 use super::server::{Api, serve};
 use super::store::{DataDir, StoreError, write_atomic};
 
 /// How the executor runs; set from its command line.
 pub struct ExecutorConfig {
-    pub listen: SocketAddr,
+    /// The task API (`/setTasks`, `/getTasks`, `/health`); `None` serves none.
+    pub listen: Option<SocketAddr>,
+    /// OpenSandbox's in-sandbox command API (`/ping`, `/command`); `None` serves none.
+    pub command_listen: Option<SocketAddr>,
+    /// The access token the command API requires, if any.
+    pub command_token: Option<String>,
     pub data_dir: PathBuf,
     pub auth: Auth,
     /// Time between SIGTERM and SIGKILL when a task times out or is stopped.
@@ -26,7 +35,8 @@ pub struct ExecutorConfig {
     pub stop_tasks_on_exit: bool,
     /// Shut down (as on SIGTERM) once this process is no longer our parent.
     pub parent_pid: Option<u32>,
-    /// Written with the bound address once the API is being served (useful with port 0).
+    /// Written once serving, with the task API's bound address (the command API's when there is
+    /// no task API); useful with port 0.
     pub ready_file: Option<PathBuf>,
     /// The executable providing the `shim` subcommand.
     pub shim_exe: PathBuf,
@@ -45,11 +55,16 @@ pub enum DaemonError {
     },
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
+    #[error("nothing to serve: neither the task API nor the command API has an address")]
+    NothingToServe,
 }
 
 /// Runs the executor until SIGTERM/SIGINT (or the parent's exit, see
 /// [`ExecutorConfig::parent_pid`]).
 pub async fn run(config: ExecutorConfig) -> Result<(), DaemonError> {
+    if config.listen.is_none() && config.command_listen.is_none() {
+        return Err(DaemonError::NothingToServe);
+    }
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let data = DataDir::open(&config.data_dir)?;
@@ -58,37 +73,83 @@ pub async fn run(config: ExecutorConfig) -> Result<(), DaemonError> {
         ..ManagerConfig::new(config.shim_exe.clone())
     };
     let manager = TaskManager::recover(data, manager_config).await?;
-    let listener =
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| DaemonError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    if let Some(path) = &config.ready_file {
+    let tasks_listener = match config.listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let commands_listener = match config.command_listen {
+        // The command port may already be served in this pod, by OpenSandbox's own execd:
+        // then tasks are still served, and commands are left to it.
+        Some(addr) => match bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(DaemonError::Listen { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && tasks_listener.is_some() =>
+            {
+                warn!(%addr, "the command API's address is in use; serving tasks only");
+                None
+            }
+            Err(error) => return Err(error),
+        },
+        None => None,
+    };
+    let tasks_addr = tasks_listener.as_ref().map(|(_, addr)| *addr);
+    let commands_addr = commands_listener.as_ref().map(|(_, addr)| *addr);
+    if let Some(path) = &config.ready_file
+        && let Some(addr) = tasks_addr.or(commands_addr)
+    {
         write_atomic(path, addr.to_string().as_bytes())?;
     }
-    info!(%addr, data_dir = %config.data_dir.display(), authenticated = matches!(config.auth, Auth::Token(_)), "task executor listening");
+    info!(
+        tasks = ?tasks_addr,
+        commands = ?commands_addr,
+        data_dir = %config.data_dir.display(),
+        authenticated = matches!(config.auth, Auth::Token(_)),
+        command_token = config.command_token.is_some(),
+        "task executor listening"
+    );
 
-    let parent_pid = config.parent_pid;
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => info!("SIGTERM received; shutting down"),
-            _ = sigint.recv() => info!("SIGINT received; shutting down"),
-            _ = parent_gone(parent_pid) => info!("parent process exited; shutting down"),
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
         }
     };
-    let api = Arc::new(Api {
-        manager: manager.clone(),
-        auth: config.auth,
+    let commands = Commands::new(CommandConfig {
+        scrub_env: vec![super::TOKEN_ENV.to_string(), ACCESS_TOKEN_ENV.to_string()],
+        ..CommandConfig::new(config.data_dir.join("commands"))
     });
-    serve(listener, api, shutdown).await;
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some((listener, _)) = tasks_listener {
+        let api = Arc::new(Api {
+            manager: manager.clone(),
+            auth: config.auth,
+        });
+        servers.spawn(serve(listener, api, stopped()));
+    }
+    if let Some((listener, _)) = commands_listener {
+        let api = Arc::new(CommandApi::new(
+            commands.clone(),
+            config.command_token.as_deref(),
+        ));
+        servers.spawn(super::http::serve(
+            listener,
+            move |request| command_api::handle(api.clone(), request),
+            stopped(),
+        ));
+    }
+    let parent_pid = config.parent_pid;
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM received; shutting down"),
+        _ = sigint.recv() => info!("SIGINT received; shutting down"),
+        _ = parent_gone(parent_pid) => info!("parent process exited; shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    let killed = commands.kill_all();
+    if killed > 0 {
+        info!(killed, "killed the commands still running");
+    }
+    while servers.join_next().await.is_some() {}
 
     if config.stop_tasks_on_exit {
         let still_running = manager
@@ -106,6 +167,13 @@ pub async fn run(config: ExecutorConfig) -> Result<(), DaemonError> {
         info!("tasks keep running under their supervisors; a restarted executor resumes them");
     }
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), DaemonError> {
+    let error = |source| DaemonError::Listen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }
 
 /// Resolves once `parent` is no longer our parent process (never, for `None`).

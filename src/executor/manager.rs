@@ -20,6 +20,7 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 use super::TOKEN_ENV;
+use super::command::ACCESS_TOKEN_ENV;
 use super::store::{DataDir, StartRecord, StoreError, StoredTask, Supervisor, TaskDir};
 use super::wire::{
     InvalidTask, ProcessStatus, REASON_LOST, REASON_START_ERROR, Running, Task, Terminated,
@@ -322,8 +323,8 @@ impl TaskManager {
             command.arg("--working-dir").arg(&process.working_dir);
         }
         command.arg("--").args(&process.command).args(&process.args);
-        // The token is the executor's secret, not the task's.
-        command.env_remove(TOKEN_ENV);
+        // The tokens are the executor's secrets, not the task's.
+        command.env_remove(TOKEN_ENV).env_remove(ACCESS_TOKEN_ENV);
         command.envs(process.env.iter().map(|v| (&v.name, &v.value)));
         command
             .stdin(Stdio::null())

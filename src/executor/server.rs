@@ -3,18 +3,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::auth::Auth;
 use super::manager::{SetTasksError, TaskManager};
@@ -22,10 +16,6 @@ use super::wire::{ErrorBody, Task};
 
 /// Largest accepted request body: a task list, far below this in practice.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight requests may take to finish once shutdown starts.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every request handler needs.
 pub struct Api {
@@ -36,57 +26,12 @@ pub struct Api {
 /// Serves `listener` until `shutdown` resolves, then stops accepting, lets in-flight requests
 /// finish (up to 10 s) and returns.
 pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>) {
-    let (stop_tx, stop_rx) = watch::channel(());
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let api = api.clone();
-                    let mut stop = stop_rx.clone();
-                    connections.spawn(async move {
-                        let service = service_fn(move |request| handle(api.clone(), request));
-                        let connection = http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(HEADER_READ_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service);
-                        tokio::pin!(connection);
-                        let result = tokio::select! {
-                            result = connection.as_mut() => result,
-                            _ = stop.changed() => {
-                                connection.as_mut().graceful_shutdown();
-                                connection.await
-                            }
-                        };
-                        if let Err(error) = result {
-                            debug!(%peer, %error, "connection ended with an error");
-                        }
-                    });
-                }
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    drop(listener);
-    let _ = stop_tx.send(());
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
+    super::http::serve(
+        listener,
+        move |request| handle(api.clone(), request),
+        shutdown,
+    )
     .await;
-    if drained.is_err() {
-        warn!(
-            left = connections.len(),
-            "connections still open after the drain timeout; closing them"
-        );
-        connections.abort_all();
-    }
 }
 
 async fn handle(
