@@ -78,9 +78,10 @@ struct RunArgs {
     /// Reconciles running at once, per kind.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
-    /// Format of the `sandbox.opensandbox.io/endpoints` annotation: `objects` as in the spec, or
-    /// `ips`, the plain list of IP strings OpenSandbox's server reads.
-    #[arg(long, value_enum, default_value_t = EndpointsFormat::Objects)]
+    /// Format of the `sandbox.opensandbox.io/endpoints` annotation: `auto` writes the plain list
+    /// of IP strings for BatchSandboxes of OpenSandbox's server (label `opensandbox.io/id`) and
+    /// the spec's objects for all others; `objects` or `ips` force one form for every batch.
+    #[arg(long, value_enum, default_value_t = EndpointsFormat::Auto)]
     endpoints_format: EndpointsFormat,
     /// Seconds between periodic re-checks of every object.
     #[arg(long, default_value_t = 300)]
@@ -271,9 +272,16 @@ struct LocalExecutorsArgs {
     /// The `sandbox-task-executor` binary. Default: next to this binary.
     #[arg(long)]
     executor_bin: Option<PathBuf>,
-    /// Port the executors listen on, on each pod's IP.
+    /// Port the executors' task API listens on, on each pod's IP.
     #[arg(long, default_value_t = executor::EXECUTOR_PORT)]
     port: u16,
+    /// Port of the command API (OpenSandbox's execd) on each pod's IP.
+    #[arg(long, default_value_t = executor::command::COMMAND_PORT)]
+    command_port: u16,
+    /// The access token file the command API requires (X-EXECD-ACCESS-TOKEN). Default: none, as
+    /// OpenSandbox's SDK 1.1.1 sends none.
+    #[arg(long)]
+    command_token_file: Option<PathBuf>,
     /// Seconds between SIGTERM and SIGKILL when a task times out or is stopped.
     #[arg(long, default_value_t = 10)]
     kill_grace_seconds: u64,
@@ -589,6 +597,8 @@ async fn local_executors(args: LocalExecutorsArgs) -> anyhow::Result<()> {
         executor_bin,
         token_file,
         port: args.port,
+        command_port: args.command_port,
+        command_token_file: args.command_token_file,
         kill_grace: Duration::from_secs(args.kill_grace_seconds),
     };
     runner::run(client, config, shutdown_signal()).await?;

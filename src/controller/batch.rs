@@ -303,7 +303,7 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
             "resourceVersion": batch.resource_version(),
             "annotations": {
                 names::ANNOTATION_ALLOC_STATUS: kept.to_annotation(),
-                names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format),
+                names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format.for_labels(batch.labels())),
             }
         }});
         ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
@@ -433,7 +433,7 @@ async fn write_endpoints(
         .iter()
         .map(|p| p.as_deref().and_then(pods::pod_ip))
         .collect();
-    let rendered = endpoints::render(&ips, ctx.config.endpoints_format);
+    let rendered = endpoints::render(&ips, ctx.config.endpoints_format.for_labels(batch.labels()));
     let current = batch.annotations().get(names::ANNOTATION_ENDPOINTS);
     let both_empty = current.is_none() && ips.iter().all(Option::is_none);
     if current != Some(&rendered) && !both_empty {

@@ -112,7 +112,7 @@ impl Default for ControllerConfig {
         Self {
             namespace: None,
             concurrency: 16,
-            endpoints_format: EndpointsFormat::Objects,
+            endpoints_format: EndpointsFormat::Auto,
             resync: Duration::from_secs(300),
             executor: ExecutorSettings::default(),
         }

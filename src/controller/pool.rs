@@ -257,7 +257,7 @@ async fn write_grant(
             "finalizers": finalizers,
             "annotations": {
                 names::ANNOTATION_ALLOC_STATUS: ledger.to_annotation(),
-                names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format),
+                names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format.for_labels(batch.labels())),
             }
         }
     });

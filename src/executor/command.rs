@@ -48,6 +48,8 @@ use tracing::{info, warn};
 pub const COMMAND_PORT: u16 = 44772;
 /// The header carrying the access token, when one is configured (as execd's).
 pub const ACCESS_TOKEN_HEADER: &str = "X-EXECD-ACCESS-TOKEN";
+/// The init container with which OpenSandbox's server installs its own execd into a sandbox pod.
+pub const EXECD_INSTALLER: &str = "execd-installer";
 /// The environment variable execd reads its access token from; the executor reads it too.
 pub const ACCESS_TOKEN_ENV: &str = "EXECD_ACCESS_TOKEN";
 

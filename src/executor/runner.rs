@@ -1,11 +1,21 @@
 //! The local executor runner (`sandbox-controller local-executors`).
 //!
-//! kwok pods run no containers, so locally nothing would answer on a sandbox pod's executor port.
-//! This runner watches all pods and, for every Running pod that has a `task-executor` container
-//! and a loopback pod IP (kwok hands out 127.1.x.y), runs the real `sandbox-task-executor`
-//! bound to `<podIP>:5758`, with its data in `<state dir>/executors/<namespace>/<pod>`. When the
-//! pod goes away, its executor stops its tasks and exits, and the data goes too, as a pod's
-//! `emptyDir` would. An executor that crashes is restarted (with backoff) and resumes its tasks.
+//! kwok pods run no containers, so locally nothing would answer on a sandbox pod's ports. This
+//! runner watches all pods and, for every Running pod that is a sandbox and has a loopback pod IP
+//! (kwok hands out 127.1.x.y), runs the real `sandbox-task-executor` bound to that IP, with its
+//! data in `<state dir>/executors/<namespace>/<pod>`:
+//!
+//! * a pod with a `task-executor` container gets the task API on `:5758` and the command API
+//!   of OpenSandbox's execd on `:44772`, as the sidecar serves them in a cluster;
+//! * a pod that would run OpenSandbox's execd (it has the `execd-installer` init container of
+//!   OpenSandbox's server) gets the command API on `:44772` only.
+//!
+//! Each executor sees `<data>/opensandbox-bin` (holding `bootstrap.sh`) at `/opt/opensandbox`, in
+//! a private mount namespace, where OpenSandbox's sandboxes find it in a pod.
+//!
+//! When the pod goes away, its executor stops its tasks and commands and exits, and the data goes
+//! too, as a pod's `emptyDir` would. An executor that crashes is restarted (with backoff) and
+//! resumes its tasks.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -25,6 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use super::command::EXECD_INSTALLER;
 use super::has_executor;
 
 /// How the runner starts executors.
@@ -37,9 +48,19 @@ pub struct RunnerConfig {
     /// Passed to every executor as `--token-file`.
     pub token_file: PathBuf,
     pub port: u16,
+    /// The command API's port on each pod IP.
+    pub command_port: u16,
+    /// Passed to every executor as `--command-token-file`, if set.
+    pub command_token_file: Option<PathBuf>,
     /// The executors' `--kill-grace-seconds`.
     pub kill_grace: Duration,
 }
+
+/// OpenSandbox's `bootstrap.sh` for sandboxes whose command API the executor serves; every
+/// executor finds it at [`OPENSANDBOX_DIR`]`/bootstrap.sh`.
+pub const BOOTSTRAP_SH: &str = include_str!("../../deploy/opensandbox/bootstrap.sh");
+/// Where OpenSandbox's sandboxes expect their tools.
+pub const OPENSANDBOX_DIR: &str = "/opt/opensandbox";
 
 /// Why the runner stopped.
 #[derive(Debug, thiserror::Error)]
@@ -61,17 +82,26 @@ pub enum RunnerError {
 pub struct Placement {
     pub uid: String,
     pub ip: IpAddr,
+    /// Serve the task API (the pod has a `task-executor` container), not only the command API.
+    pub tasks: bool,
 }
 
-/// The executor a pod needs, if any: Running, not being deleted, with a `task-executor`
-/// container, on a loopback pod IP and not on the host network (whose IP all such pods share).
+/// The executor a pod needs, if any: Running, not being deleted, a sandbox (a `task-executor`
+/// container, or OpenSandbox's execd installer), on a loopback pod IP and not on the host network
+/// (whose IP all such pods share).
 pub fn placement(pod: &Pod) -> Option<Placement> {
     let spec = pod.spec.as_ref()?;
     let status = pod.status.as_ref()?;
+    let tasks = has_executor(spec);
+    let execd = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .any(|c| c.name == EXECD_INSTALLER);
     if pod.metadata.deletion_timestamp.is_some()
         || status.phase.as_deref() != Some("Running")
         || spec.host_network == Some(true)
-        || !has_executor(spec)
+        || !(tasks || execd)
     {
         return None;
     }
@@ -82,6 +112,7 @@ pub fn placement(pod: &Pod) -> Option<Placement> {
     Some(Placement {
         uid: pod.metadata.uid.clone()?,
         ip,
+        tasks,
     })
 }
 
@@ -275,20 +306,37 @@ async fn supervise(
     config: RunnerConfig,
     mut stop: watch::Receiver<Stop>,
 ) {
-    if let Err(error) = prepare_data_dir(&data_dir, &placement.uid) {
+    let volume = data_dir.join("opensandbox-bin");
+    if let Err(error) =
+        prepare_data_dir(&data_dir, &placement.uid).and_then(|()| write_bootstrap(&volume))
+    {
         error!(pod = %name, %error, "cannot prepare the executor's data directory");
         return;
     }
     let listen = SocketAddr::new(placement.ip, config.port);
+    let command_listen = SocketAddr::new(placement.ip, config.command_port);
     let mut backoff = Duration::from_millis(500);
     let mode = loop {
-        let spawned = tokio::process::Command::new(&config.executor_bin)
-            .arg("--listen")
-            .arg(listen.to_string())
+        let mut command = tokio::process::Command::new(&config.executor_bin);
+        if placement.tasks {
+            command
+                .arg("--listen")
+                .arg(listen.to_string())
+                .arg("--token-file")
+                .arg(&config.token_file);
+        } else {
+            command.args(["--listen", "none"]);
+        }
+        if let Some(token) = &config.command_token_file {
+            command.arg("--command-token-file").arg(token);
+        }
+        let spawned = command
+            .arg("--command-listen")
+            .arg(command_listen.to_string())
+            .arg("--mount")
+            .arg(format!("{}:{OPENSANDBOX_DIR}", volume.display()))
             .arg("--data-dir")
             .arg(&data_dir)
-            .arg("--token-file")
-            .arg(&config.token_file)
             .arg("--kill-grace-seconds")
             .arg(config.kill_grace.as_secs().to_string())
             .arg("--stop-tasks-on-exit")
@@ -296,6 +344,7 @@ async fn supervise(
             .arg(std::process::id().to_string())
             // Tasks inherit the executor's environment: no cluster credentials in it.
             .env_remove(super::TOKEN_ENV)
+            .env_remove(super::command::ACCESS_TOKEN_ENV)
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -304,7 +353,7 @@ async fn supervise(
             .spawn();
         match spawned {
             Ok(mut child) => {
-                info!(pod = %name, %listen, pid = child.id().unwrap_or_default(), "started executor");
+                info!(pod = %name, tasks = placement.tasks.then_some(listen).map(|a| a.to_string()), commands = %command_listen, pid = child.id().unwrap_or_default(), "started executor");
                 if let Some(stderr) = child.stderr.take() {
                     tokio::spawn(prefix_lines(name.clone(), stderr));
                 }
@@ -380,6 +429,15 @@ fn prepare_data_dir(dir: &Path, uid: &str) -> std::io::Result<()> {
     std::fs::write(marker, uid)
 }
 
+/// The pod's `/opt/opensandbox` volume: `bootstrap.sh`, executable.
+fn write_bootstrap(volume: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(volume)?;
+    let path = volume.join("bootstrap.sh");
+    std::fs::write(&path, BOOTSTRAP_SH)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+}
+
 /// Copies an executor's log lines to ours, each prefixed with its pod.
 async fn prefix_lines(name: String, stderr: tokio::process::ChildStderr) {
     let mut lines = BufReader::new(stderr).lines();
@@ -427,7 +485,8 @@ mod tests {
             placement(&ok),
             Some(Placement {
                 uid: "u1".into(),
-                ip: "127.1.0.5".parse().unwrap()
+                ip: "127.1.0.5".parse().unwrap(),
+                tasks: true,
             })
         );
         assert_eq!(
@@ -450,6 +509,37 @@ mod tests {
         let mut host = ok.clone();
         host.spec.as_mut().unwrap().host_network = Some(true);
         assert_eq!(placement(&host), None);
+    }
+
+    #[test]
+    fn pods_of_opensandbox_server_get_the_command_api_only() {
+        let mut sandbox = pod("127.1.0.6", "Running", &["sandbox"]);
+        sandbox.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: EXECD_INSTALLER.into(),
+            ..Container::default()
+        }]);
+        assert_eq!(
+            placement(&sandbox),
+            Some(Placement {
+                uid: "u1".into(),
+                ip: "127.1.0.6".parse().unwrap(),
+                tasks: false,
+            })
+        );
+    }
+
+    #[test]
+    fn the_bootstrap_volume_holds_an_executable_script() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let volume = tmp.path().join("opensandbox-bin");
+        write_bootstrap(&volume).unwrap();
+        let script = volume.join("bootstrap.sh");
+        assert_eq!(std::fs::read_to_string(&script).unwrap(), BOOTSTRAP_SH);
+        assert_eq!(
+            std::fs::metadata(&script).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
     }
 
     #[test]

@@ -6,13 +6,16 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::command::{COMMAND_PORT, EXECD_INSTALLER};
 use super::{
     DATA_VOLUME_NAME, DEFAULT_DATA_DIR, EXECUTOR_CONTAINER_NAME, EXECUTOR_PORT, TOKEN_ENV,
     TOKEN_SECRET_KEY,
 };
 
 /// Adds the task executor as a sidecar container of `pod_spec`, listening on [`EXECUTOR_PORT`],
-/// with its state on an `emptyDir` (so it survives a restart of the sidecar, not of the pod).
+/// with its state on an `emptyDir` (so it survives a restart of the sidecar, not of the pod). It
+/// also serves OpenSandbox's command API on [`COMMAND_PORT`], unless the pod brings OpenSandbox's
+/// own execd (its [`EXECD_INSTALLER`] init container), which serves that port itself.
 ///
 /// `image` must contain `sandbox-task-executor` on `PATH` and whatever the tasks run: tasks run
 /// inside this container. `token_secret` names a Secret in the pod's namespace whose
@@ -31,6 +34,29 @@ pub fn inject_sidecar(pod_spec: &mut PodSpec, image: &str, token_secret: Option<
         "--data-dir".to_string(),
         DEFAULT_DATA_DIR.to_string(),
     ];
+    let own_execd = pod_spec
+        .init_containers
+        .iter()
+        .flatten()
+        .any(|c| c.name == EXECD_INSTALLER);
+    let mut ports = vec![ContainerPort {
+        name: Some(EXECUTOR_CONTAINER_NAME.to_string()),
+        container_port: i32::from(EXECUTOR_PORT),
+        protocol: Some("TCP".to_string()),
+        ..ContainerPort::default()
+    }];
+    if !own_execd {
+        args.extend([
+            "--command-listen".to_string(),
+            format!("0.0.0.0:{COMMAND_PORT}"),
+        ]);
+        ports.push(ContainerPort {
+            name: Some("execd".to_string()),
+            container_port: i32::from(COMMAND_PORT),
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        });
+    }
     let env = match token_secret {
         Some(secret) => vec![EnvVar {
             name: TOKEN_ENV.to_string(),
@@ -60,12 +86,7 @@ pub fn inject_sidecar(pod_spec: &mut PodSpec, image: &str, token_secret: Option<
         command: Some(vec!["sandbox-task-executor".to_string()]),
         args: Some(args),
         env: (!env.is_empty()).then_some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some(EXECUTOR_CONTAINER_NAME.to_string()),
-            container_port: i32::from(EXECUTOR_PORT),
-            protocol: Some("TCP".to_string()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(ports),
         readiness_probe: Some(Probe {
             http_get: Some(health),
             period_seconds: Some(2),
@@ -152,7 +173,20 @@ mod tests {
             ),
             (TOKEN_ENV, "executor-token", "token")
         );
-        assert_eq!(sidecar.ports.as_ref().unwrap()[0].container_port, 5758);
+        assert_eq!(
+            sidecar
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|p| p.container_port)
+                .collect::<Vec<_>>(),
+            [5758, 44772]
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--command-listen", "0.0.0.0:44772"])
+        );
         let probe = sidecar
             .readiness_probe
             .as_ref()
@@ -165,6 +199,25 @@ mod tests {
         let volume = &spec.volumes.as_ref().unwrap()[0];
         assert_eq!(mount.name, volume.name);
         assert!(volume.empty_dir.is_some());
+    }
+
+    #[test]
+    fn pods_with_opensandboxs_own_execd_keep_its_port() {
+        let mut spec = app_pod();
+        spec.init_containers = Some(vec![Container {
+            name: EXECD_INSTALLER.into(),
+            ..Container::default()
+        }]);
+        inject_sidecar(&mut spec, "img", None);
+        let sidecar = &spec.containers[1];
+        assert!(
+            !sidecar
+                .args
+                .as_ref()
+                .unwrap()
+                .contains(&"--command-listen".to_string())
+        );
+        assert_eq!(sidecar.ports.as_ref().unwrap().len(), 1);
     }
 
     #[test]
