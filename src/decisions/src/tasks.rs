@@ -1,11 +1,129 @@
-//! Shard-task generation: `taskTemplate` merged with `shardTaskPatches[i]`, the built-in behaviour
-//! that the default shard-task policy reproduces.
+//! Shard tasks: the task types of `taskTemplate` and `shardTaskPatches`, and their merge, the
+//! decision the default shard-task policy makes.
 //!
 //! Merge semantics follow strategic merge patch for these fields: scalars and the `command` and
 //! `args` lists are replaced whole by the patch; `env` merges by `name` (a patch entry replaces the
 //! template's entry of the same name in place, new names are appended in patch order).
 
-use crate::api::{EnvVar, ProcessTask, TaskSpec, TaskTemplateSpec};
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// A task to run inside a sandbox once it is ready.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct TaskTemplateSpec {
+    /// What the task runs and for how long.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub spec: Option<TaskSpec>,
+}
+
+/// The task's process and its time limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serde", serde(rename_all = "camelCase"))]
+pub struct TaskSpec {
+    /// The process to run in the sandbox.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub process: Option<ProcessTask>,
+    /// Longest run time in seconds. At the limit the task executor sends SIGTERM, then SIGKILL
+    /// after a grace period. Unset means no limit. Must be greater than 0.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// A process started directly (never through a shell), so arguments are passed literally.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "serde", serde(rename_all = "camelCase"))]
+pub struct ProcessTask {
+    /// The executable and any leading arguments. Required after `taskTemplate` and this shard's
+    /// patch are merged; a shard patch that sets it replaces the template's command whole.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub command: Option<Vec<String>>,
+    /// Arguments after the command. A shard patch that sets them replaces the template's list whole.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub args: Option<Vec<String>>,
+    /// Environment variables. A shard patch merges with the template's list by `name`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub env: Option<Vec<EnvVar>>,
+    /// Working directory of the process. Defaults to the task executor's own.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub working_dir: Option<String>,
+}
+
+/// One environment variable of a task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+pub struct EnvVar {
+    /// Variable name: letters, digits, `_`, `-` and `.`, not starting with a digit.
+    pub name: String,
+    /// Variable value. Empty when unset.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub value: Option<String>,
+}
+
+/// What shard-task generation sees of a batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ShardTaskInput {
+    pub batch_name: String,
+    pub replicas: u32,
+    pub task_template: Option<TaskTemplateSpec>,
+    pub shard_patches: Vec<TaskTemplateSpec>,
+}
+
+/// The tasks of a batch, one slot per shard (`None`: that shard runs no task).
+pub type ShardTasks = Vec<Option<TaskSpec>>;
+
+/// State of one shard's task, as the controller observes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum TaskPhase {
+    /// The shard has no task.
+    None,
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+/// The default shard-task decision: every shard's task, in shard order.
+pub fn template_merge(batch: &ShardTaskInput) -> ShardTasks {
+    shard_tasks(
+        batch.replicas as usize,
+        batch.task_template.as_ref(),
+        &batch.shard_patches,
+    )
+}
 
 /// The task of every shard, `None` for a shard with neither a template nor a patch.
 pub fn shard_tasks(
@@ -81,6 +199,8 @@ fn merge_env(base: Option<&[EnvVar]>, patch: Option<&[EnvVar]>) -> Option<Vec<En
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
+    use alloc::vec;
     use proptest::prelude::*;
 
     fn env(name: &str, value: &str) -> EnvVar {
@@ -179,9 +299,10 @@ mod tests {
         assert_eq!(merged.timeout_seconds, Some(5));
     }
 
+    /// Tasks whose env lists name each variable once, as a template's must (env is keyed by name).
     fn arb_task() -> impl Strategy<Value = TaskTemplateSpec> {
         let words = prop::collection::vec("[a-z]{1,4}", 0..3);
-        let envs = prop::collection::vec(("[A-C]", "[a-z]{0,3}"), 0..4).prop_map(|pairs| {
+        let envs = prop::collection::btree_map("[A-C]", "[a-z]{0,3}", 0..4).prop_map(|pairs| {
             pairs
                 .into_iter()
                 .map(|(n, v)| env(&n, &v))
@@ -218,16 +339,16 @@ mod tests {
             );
             prop_assert_eq!(mp.command, pp.command.or(bp.command));
             prop_assert_eq!(mp.args, pp.args.or(bp.args));
-            // Every env name of either side appears exactly once, with the patch's value if it has one.
+            // Every env name of either side appears exactly once, with the value of the patch's
+            // last entry of that name if the patch has one, else the template's.
             let names: std::collections::BTreeSet<_> = bp.env.iter().flatten().chain(pp.env.iter().flatten()).map(|e| e.name.clone()).collect();
             let merged_env = mp.env.unwrap_or_default();
             for name in names {
                 let hits: Vec<_> = merged_env.iter().filter(|e| e.name == name).collect();
-                let from_patch = pp.env.iter().flatten().rev().find(|e| e.name == name);
-                if let Some(p) = from_patch {
-                    prop_assert!(hits.iter().any(|h| h.value == p.value));
-                }
-                prop_assert!(!hits.is_empty());
+                prop_assert_eq!(hits.len(), 1, "env {} appears {} times in {:?}", name, hits.len(), merged_env);
+                let expected = pp.env.iter().flatten().rev().find(|e| e.name == name)
+                    .or_else(|| bp.env.iter().flatten().find(|e| e.name == name));
+                prop_assert_eq!(Some(hits[0]), expected);
             }
         }
 

@@ -1,9 +1,12 @@
 //! What every policy answer must satisfy before the controller acts on it, and the fail-safe
 //! decision used when it does not (or when the policy failed outright).
 
-use super::{ShardTaskInput, ShardTasks};
-use crate::domain::expiry::{BatchSnapshot, ExpiryDecision};
-use crate::domain::sizing::{self, PoolSnapshot, SizingDecision};
+use alloc::format;
+use alloc::string::String;
+
+use crate::expiry::{BatchSnapshot, ExpiryDecision};
+use crate::sizing::{self, PoolSnapshot, SizingDecision};
+use crate::tasks::{ShardTaskInput, ShardTasks};
 
 /// Longest recheck delay a policy may ask for, unless it is exactly the time left until
 /// `expireTime` (what the default policy asks for, however far off that is).
@@ -103,8 +106,9 @@ pub fn fallback_expiry() -> ExpiryDecision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ProcessTask, TaskSpec};
-    use crate::domain::sizing::Bounds;
+    use crate::sizing::Bounds;
+    use crate::tasks::{ProcessTask, TaskSpec};
+    use alloc::vec;
     use proptest::prelude::*;
 
     fn pool(total: u32, pool_min: u32, pool_max: u32) -> PoolSnapshot {
@@ -226,7 +230,7 @@ mod tests {
             let p = PoolSnapshot { total, allocated, unmet_demand: unmet, bounds: Bounds { buffer_min, buffer_max, pool_min, pool_max }, ..Default::default() };
             prop_assert!(check_sizing(&p, &sizing::buffer_sizing(&p)).is_ok());
             let b = BatchSnapshot { expire_time_unix_ms: expire, now_unix_ms: now, ..Default::default() };
-            prop_assert!(check_expiry(&b, &crate::domain::expiry::at_expire_time(&b)).is_ok());
+            prop_assert!(check_expiry(&b, &crate::expiry::at_expire_time(&b)).is_ok());
             prop_assert!(check_expiry(&b, &fallback_expiry()).is_ok());
         }
     }

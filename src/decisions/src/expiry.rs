@@ -1,21 +1,14 @@
-//! Expiry: whether a batch has reached its `expireTime`. The built-in decision; the default
-//! WebAssembly expiry policy computes the same.
+//! Expiry: whether a batch has reached its `expireTime`. The default expiry policy is this
+//! function behind a WIT adapter.
 
-use serde::{Deserialize, Serialize};
+use alloc::string::String;
+use alloc::vec::Vec;
 
-/// State of one shard's task, as the expiry decision sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TaskPhase {
-    None,
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Unknown,
-}
+use crate::tasks::TaskPhase;
 
 /// What an expiry decision sees of a batch.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct BatchSnapshot {
     pub name: String,
     pub expire_time_unix_ms: Option<i64>,
@@ -25,7 +18,8 @@ pub struct BatchSnapshot {
 }
 
 /// What to do with an expired batch's pods.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ExpireAction {
     /// Delete the batch; its pods are released as on deletion (the pool's recycle policy, or
     /// deleted when non-pooled).
@@ -36,7 +30,8 @@ pub enum ExpireAction {
 }
 
 /// An expiry decision.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ExpiryDecision {
     /// Keep the batch; look again after this many milliseconds (`None`: only on change).
     Keep { recheck_after_ms: Option<u64> },

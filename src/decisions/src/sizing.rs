@@ -1,10 +1,13 @@
 //! Pool sizing: how many pods a pool should have, given what it holds and what is asked of it.
-//! This is the built-in (native) decision; the default WebAssembly policy computes the same.
+//! The default pool-sizing policy is this function behind a WIT adapter.
 
-use serde::{Deserialize, Serialize};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 /// Capacity bounds of a pool, as plain numbers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Bounds {
     pub buffer_min: u32,
     pub buffer_max: u32,
@@ -13,14 +16,16 @@ pub struct Bounds {
 }
 
 /// One recent allocation: `count` pods claimed at `at_unix_ms`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct AllocationEvent {
     pub at_unix_ms: i64,
     pub count: u32,
 }
 
 /// What a sizing decision sees of a pool.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PoolSnapshot {
     pub pool_name: String,
     pub bounds: Bounds,
@@ -42,7 +47,8 @@ pub struct PoolSnapshot {
 }
 
 /// The pool size a policy asks for, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct SizingDecision {
     pub desired_total: u32,
     pub reason: String,
