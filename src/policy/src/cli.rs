@@ -9,12 +9,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::host::{Decision, Limits};
-use super::wasm::{PolicyInput, Source, WasmPolicies};
-use super::{NativePolicies, PolicyEngine, ShardTaskInput};
-use crate::api::{EnvVar, ProcessTask, TaskSpec, TaskTemplateSpec};
-use crate::domain::expiry::{BatchSnapshot, TaskPhase};
-use crate::domain::sizing::{AllocationEvent, Bounds, PoolSnapshot};
+use sandbox_decisions::expiry::BatchSnapshot;
+use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
+use sandbox_decisions::tasks::{EnvVar, ProcessTask, TaskPhase, TaskSpec, TaskTemplateSpec};
+
+use crate::host::Limits;
+use crate::wasm::{PolicyInput, Source, WasmPolicies};
+use crate::{Decision, NativePolicies, Outcome, PolicyEngine, ShardTaskInput};
 
 /// Work with policy components.
 #[derive(Subcommand)]
@@ -203,7 +204,7 @@ fn test(args: &TestArgs) -> anyhow::Result<i32> {
     Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
 }
 
-fn print_outcome<T: Serialize>(outcome: super::Outcome<T>) -> anyhow::Result<bool> {
+fn print_outcome<T: Serialize>(outcome: Outcome<T>) -> anyhow::Result<bool> {
     let degraded = outcome.degraded.is_some();
     let output = TestOutput {
         decision: outcome.decision,

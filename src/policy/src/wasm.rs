@@ -10,13 +10,16 @@ use std::sync::{Arc, RwLock};
 
 use tracing::{info, warn};
 
-use super::builtin;
-use super::host::{CallError, CompiledPolicy, Decision, HostError, Limits, LoadError, WasmHost};
-use super::metrics::PolicyMetrics;
-use super::validate;
-use super::{Outcome, PolicyEngine, PolicySelector, ShardTaskInput, ShardTasks};
-use crate::domain::expiry::{BatchSnapshot, ExpiryDecision};
-use crate::domain::sizing::{PoolSnapshot, SizingDecision};
+use sandbox_decisions::expiry::{BatchSnapshot, ExpiryDecision};
+use sandbox_decisions::sizing::{PoolSnapshot, SizingDecision};
+
+use crate::embedded;
+use crate::host::{CallError, CompiledPolicy, HostError, Limits, LoadError, WasmHost};
+use crate::kind::{DecisionKind, Expiry, PoolSizing, ShardTasksKind};
+use crate::metrics::{DegradedReason, PolicyMetrics};
+use crate::{
+    Decision, Outcome, PerDecision, PolicyEngine, PolicySelector, ShardTaskInput, ShardTasks,
+};
 
 /// Settings passed to a policy that was given none.
 pub const DEFAULT_SETTINGS: &str = "{}";
@@ -53,7 +56,7 @@ impl PolicyInput {
             bytes.push(0);
             bytes.extend_from_slice(part.unwrap_or("\u{0}none").as_bytes());
         }
-        super::host::digest(&bytes)
+        crate::host::digest(&bytes)
     }
 }
 
@@ -82,13 +85,13 @@ struct Chosen {
     policy: Arc<CompiledPolicy>,
     settings: String,
     label: String,
-    note: Option<(&'static str, String)>,
+    note: Option<(DegradedReason, String)>,
 }
 
 /// Runs decisions in WebAssembly. Shared by all reconcilers; every method takes `&self`.
 pub struct WasmPolicies {
     host: WasmHost,
-    defaults: [Arc<CompiledPolicy>; 3],
+    defaults: PerDecision<Arc<CompiledPolicy>>,
     custom: RwLock<BTreeMap<String, BTreeMap<Source, Entry>>>,
     metrics: PolicyMetrics,
     /// Counts changes to the custom policies; see [`PolicyEngine::changes`].
@@ -113,7 +116,7 @@ impl WasmPolicies {
         let host = WasmHost::new(limits)?;
         let compile = |decision: Decision| {
             let policy = host
-                .compile(builtin::default_component(decision))
+                .compile(embedded::default_component(decision))
                 .map_err(|error| StartError::Default { decision, error })?;
             if policy.implements(decision) {
                 Ok(policy)
@@ -124,11 +127,7 @@ impl WasmPolicies {
                 Err(StartError::Default { decision, error })
             }
         };
-        let defaults = [
-            compile(Decision::PoolSizing)?,
-            compile(Decision::ShardTasks)?,
-            compile(Decision::Expiry)?,
-        ];
+        let defaults = PerDecision::try_from_fn(compile)?;
         Ok(Self {
             host,
             defaults,
@@ -152,7 +151,7 @@ impl WasmPolicies {
 
     /// The embedded default policy for `decision`.
     pub fn default_policy(&self, decision: Decision) -> &Arc<CompiledPolicy> {
-        &self.defaults[decision.index()]
+        &self.defaults[decision]
     }
 
     /// Loads a revision of `name` from `source`. On failure the previous good revision (if any)
@@ -224,7 +223,7 @@ impl WasmPolicies {
     }
 
     fn compile_revision(&self, input: &PolicyInput, origin: &str) -> Result<Revision, LoadError> {
-        let actual = super::host::digest(&input.wasm);
+        let actual = crate::host::digest(&input.wasm);
         if let Some(expected) = input.pinned_sha256.as_deref().map(str::trim) {
             let expected = expected
                 .strip_prefix("sha256:")
@@ -351,7 +350,7 @@ impl WasmPolicies {
         let Some(entry) = custom.get(name).and_then(|sources| sources.values().next()) else {
             return Chosen {
                 note: Some((
-                    "not-loaded",
+                    DegradedReason::NotLoaded,
                     format!("policy {name:?} not loaded; used the default"),
                 )),
                 ..default()
@@ -364,44 +363,44 @@ impl WasmPolicies {
                 label: format!("policy {name:?}"),
                 note: error.as_ref().map(|e| {
                     let short = &good.policy.digest[..12];
-                    ("stale-revision", format!("policy {name:?}: latest revision failed to load ({e}); used the last good revision sha256:{short}"))
+                    (DegradedReason::StaleRevision, format!("policy {name:?}: latest revision failed to load ({e}); used the last good revision sha256:{short}"))
                 }),
             },
             (None, error) => {
                 let why = error.as_deref().unwrap_or("no revision yet");
-                Chosen { note: Some(("not-loaded", format!("policy {name:?} not loaded ({why}); used the default"))), ..default() }
+                Chosen { note: Some((DegradedReason::NotLoaded, format!("policy {name:?} not loaded ({why}); used the default"))), ..default() }
             }
         }
     }
 
     /// Runs one decision: the chosen policy, its answer checked, the fallback on any failure.
-    fn decide<T>(
+    pub fn decide<K: DecisionKind>(
         &self,
-        decision: Decision,
         selector: PolicySelector<'_>,
-        call: impl FnOnce(&CompiledPolicy, &str) -> Result<T, CallError>,
-        check: impl FnOnce(&T) -> Result<(), String>,
-        fallback: impl FnOnce() -> (T, String),
-    ) -> Outcome<T> {
+        input: &K::Input,
+    ) -> Outcome<K::Output> {
+        let decision = K::DECISION;
         self.metrics.decided(decision);
         let chosen = self.choose(decision, selector);
-        let result =
-            call(&chosen.policy, &chosen.settings).and_then(|answer| match check(&answer) {
+        let result = self
+            .host
+            .decide::<K>(&chosen.policy, &chosen.settings, input)
+            .and_then(|answer| match K::check(input, &answer) {
                 Ok(()) => Ok(answer),
                 Err(why) => Err(CallError::InvalidOutput(why)),
             });
         match (result, chosen.note) {
             (Ok(answer), None) => Outcome::ok(answer),
-            (Ok(answer), Some((kind, note))) => {
-                self.metrics.degraded(decision, kind);
+            (Ok(answer), Some((reason, note))) => {
+                self.metrics.degraded(decision, reason);
                 Outcome {
                     decision: answer,
                     degraded: Some(note),
                 }
             }
             (Err(error), note) => {
-                self.metrics.degraded(decision, error.kind());
-                let (answer, what) = fallback();
+                self.metrics.degraded(decision, error.reason());
+                let (answer, what) = K::fallback(input);
                 let failed = format!("{} ({decision}) {error}; {what}", chosen.label);
                 warn!(%decision, policy = ?selector, %error, fallback = what, "policy failed; used the fail-safe decision");
                 let reason = match note {
@@ -423,17 +422,7 @@ impl PolicyEngine for WasmPolicies {
         selector: PolicySelector<'_>,
         pool: &PoolSnapshot,
     ) -> Outcome<SizingDecision> {
-        self.decide(
-            Decision::PoolSizing,
-            selector,
-            |policy, settings| self.host.pool_sizing(policy, settings, pool),
-            |answer| validate::check_sizing(pool, answer),
-            || {
-                let d = validate::fallback_sizing(pool);
-                let what = format!("kept the current size within bounds ({})", d.desired_total);
-                (d, what)
-            },
-        )
+        self.decide::<PoolSizing>(selector, pool)
     }
 
     fn shard_tasks(
@@ -441,22 +430,7 @@ impl PolicyEngine for WasmPolicies {
         selector: PolicySelector<'_>,
         batch: &ShardTaskInput,
     ) -> Outcome<Option<ShardTasks>> {
-        self.decide(
-            Decision::ShardTasks,
-            selector,
-            |policy, settings| self.host.shard_tasks(policy, settings, batch).map(Some),
-            |answer| {
-                answer
-                    .as_ref()
-                    .map_or(Ok(()), |tasks| validate::check_shard_tasks(batch, tasks))
-            },
-            || {
-                (
-                    None,
-                    "dispatched no tasks; retrying with backoff".to_string(),
-                )
-            },
-        )
+        self.decide::<ShardTasksKind>(selector, batch)
     }
 
     fn expiry(
@@ -464,27 +438,11 @@ impl PolicyEngine for WasmPolicies {
         selector: PolicySelector<'_>,
         batch: &BatchSnapshot,
     ) -> Outcome<ExpiryDecision> {
-        self.decide(
-            Decision::Expiry,
-            selector,
-            |policy, settings| self.host.expiry(policy, settings, batch),
-            |answer| validate::check_expiry(batch, answer),
-            || {
-                let what = format!(
-                    "kept the batch; rechecking in {} s",
-                    validate::FALLBACK_RECHECK_MS / 1000
-                );
-                (validate::fallback_expiry(), what)
-            },
-        )
+        self.decide::<Expiry>(selector, batch)
     }
 
     fn is_known(&self, name: &str) -> bool {
         WasmPolicies::is_known(self, name)
-    }
-
-    fn metrics_text(&self) -> String {
-        self.metrics.render()
     }
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::host::Decision;
+use crate::Decision;
 
 pub const DEFAULT_POOL_SIZING: &[u8] = include_bytes!(concat!(
     env!("SANDBOX_POLICY_WASM_DIR"),

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use super::has_executor;
+use sandbox_controller::controller::sidecar::has_executor;
 
 /// How the runner starts executors.
 #[derive(Clone, Debug)]
@@ -295,7 +295,7 @@ async fn supervise(
             .arg("--parent-pid")
             .arg(std::process::id().to_string())
             // Tasks inherit the executor's environment: no cluster credentials in it.
-            .env_remove(super::TOKEN_ENV)
+            .env_remove(sandbox_executor::TOKEN_ENV)
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{
+use sandbox_executor::{
     DATA_VOLUME_NAME, DEFAULT_DATA_DIR, EXECUTOR_CONTAINER_NAME, EXECUTOR_PORT, TOKEN_ENV,
     TOKEN_SECRET_KEY,
 };

@@ -19,9 +19,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{debug, warn};
 
-use super::host::{Limits, LoadError};
-use super::wasm::{PolicyInput, Source, StartError, WasmPolicies};
-use crate::api::names;
+use crate::host::{HostError, Limits, LoadError};
+use crate::wasm::{PolicyInput, Source, StartError, WasmPolicies};
 
 /// Where custom policies come from.
 #[derive(Clone, Debug)]
@@ -60,7 +59,7 @@ impl PolicyRegistry {
         let limits = config.limits;
         let policies = tokio::task::spawn_blocking(move || WasmPolicies::new(limits))
             .await
-            .map_err(|e| StartError::Host(super::host::HostError::from_join(e)))??;
+            .map_err(|e| StartError::Host(HostError::from_join(e)))??;
         let policies = Arc::new(policies);
         if let Some(dir) = config.dir.clone() {
             let first = policies.clone();
@@ -151,7 +150,7 @@ fn read_dir_input(wasm_path: &Path) -> Result<PolicyInput, LoadError> {
 
 async fn watch_config_maps(policies: Arc<WasmPolicies>, client: Client, namespace: String) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().labels(&format!("{}=true", names::LABEL_POLICY));
+    let config = watcher::Config::default().labels(&format!("{}=true", crate::names::LABEL_POLICY));
     let mut events = watcher(api, config).default_backoff().boxed();
     // Names seen during a (re)list, so ConfigMaps deleted while the watch was down are unloaded.
     let mut relisted = BTreeSet::new();
@@ -203,20 +202,23 @@ pub fn config_map_input(cm: &ConfigMap) -> Result<PolicyInput, LoadError> {
     let wasm = cm
         .binary_data
         .as_ref()
-        .and_then(|data| data.get(names::POLICY_CONFIGMAP_WASM_KEY))
+        .and_then(|data| data.get(crate::names::POLICY_CONFIGMAP_WASM_KEY))
         .map(|bytes| bytes.0.clone())
         .ok_or_else(|| LoadError::Read {
             path: format!("ConfigMap {}", cm.name_any()),
-            error: format!("no binaryData key {:?}", names::POLICY_CONFIGMAP_WASM_KEY),
+            error: format!(
+                "no binaryData key {:?}",
+                crate::names::POLICY_CONFIGMAP_WASM_KEY
+            ),
         })?;
     let settings = cm
         .data
         .as_ref()
-        .and_then(|data| data.get(names::POLICY_CONFIGMAP_SETTINGS_KEY))
+        .and_then(|data| data.get(crate::names::POLICY_CONFIGMAP_SETTINGS_KEY))
         .cloned();
     let pinned_sha256 = cm
         .annotations()
-        .get(names::ANNOTATION_POLICY_SHA256)
+        .get(crate::names::ANNOTATION_POLICY_SHA256)
         .cloned();
     Ok(PolicyInput {
         wasm,

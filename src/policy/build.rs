@@ -1,5 +1,5 @@
 //! Builds the policy guests under `policies/` for wasm32-wasip2 and leaves the components in
-//! `$OUT_DIR/policies/`, where `src/policy/builtin.rs` embeds the defaults with `include_bytes!`.
+//! `$OUT_DIR/policies/`, where `src/embedded.rs` embeds the defaults with `include_bytes!`.
 //!
 //! The guests are a cargo workspace of their own, built by a nested cargo with its OWN target
 //! directory: reusing the outer one would wait forever on the lock the outer build holds.
@@ -24,9 +24,11 @@ const COMPONENTS: &[&str] = &[
     "hostile",
 ];
 
-/// Sources whose change must rebuild the guests.
+/// Sources whose change must rebuild the guests, relative to the repository's root.
 const WATCHED: &[&str] = &[
     "wit",
+    // The decisions the default guests adapt.
+    "src/decisions",
     "policies/Cargo.toml",
     "policies/Cargo.lock",
     "policies/defaults",
@@ -42,9 +44,15 @@ const TARGET: &str = "wasm32-wasip2";
 fn main() {
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    // This crate lives in src/policy; the guests, wit/ and the prebuilt components at the root.
+    let repo = manifest_dir
+        .ancestors()
+        .nth(2)
+        .expect("src/policy has a repository root two levels up")
+        .to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     for path in WATCHED {
-        println!("cargo:rerun-if-changed={path}");
+        println!("cargo:rerun-if-changed={}", repo.join(path).display());
     }
     for var in [
         "SANDBOX_POLICY_TARGET_DIR",
@@ -52,7 +60,7 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    let prebuilt = manifest_dir.join("policies").join("prebuilt");
+    let prebuilt = repo.join("policies").join("prebuilt");
     let dest = out_dir.join("policies");
     std::fs::create_dir_all(&dest).unwrap_or_else(|e| panic!("creating {}: {e}", dest.display()));
     println!("cargo:rustc-env=SANDBOX_POLICY_WASM_DIR={}", dest.display());
@@ -61,8 +69,14 @@ fn main() {
         prebuilt.display()
     );
 
+    // Tests that compare the committed prebuilt components with a fresh build run only when
+    // there was a fresh build.
+    println!("cargo::rustc-check-cfg=cfg(policies_from_source)");
     let built = match missing_target() {
-        None => build_guests(&manifest_dir, &out_dir),
+        None => {
+            println!("cargo:rustc-cfg=policies_from_source");
+            build_guests(&repo, &out_dir)
+        }
         Some(why) => {
             println!(
                 "cargo:warning={why}; using the committed components in policies/prebuilt/ \
@@ -86,12 +100,12 @@ fn wasm_file(crate_name: &str) -> String {
 }
 
 /// Builds every component with the nested cargo; returns the directory holding them.
-fn build_guests(manifest_dir: &Path, out_dir: &Path) -> PathBuf {
+fn build_guests(repo: &Path, out_dir: &Path) -> PathBuf {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target_dir = guest_target_dir(out_dir);
     let mut build = Command::new(&cargo);
     build
-        .current_dir(manifest_dir.join("policies"))
+        .current_dir(repo.join("policies"))
         .args([
             "build",
             "--release",
@@ -117,7 +131,7 @@ fn build_guests(manifest_dir: &Path, out_dir: &Path) -> PathBuf {
     ] {
         build.env_remove(var);
     }
-    build.env("CARGO_ENCODED_RUSTFLAGS", remap_flags(manifest_dir));
+    build.env("CARGO_ENCODED_RUSTFLAGS", remap_flags(repo));
     let status = build
         .status()
         .unwrap_or_else(|e| panic!("running {cargo:?} to build the policy guests: {e}"));
@@ -131,13 +145,13 @@ fn build_guests(manifest_dir: &Path, out_dir: &Path) -> PathBuf {
 
 /// Paths embedded in the components (panic locations) made independent of the checkout and of
 /// the cargo home, so the same sources give the same bytes anywhere.
-fn remap_flags(manifest_dir: &Path) -> String {
+fn remap_flags(repo: &Path) -> String {
     let cargo_home = env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
     let mut flags = vec![format!(
         "--remap-path-prefix={}=/opensandbox",
-        manifest_dir.display()
+        repo.display()
     )];
     if let Some(home) = cargo_home {
         flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));

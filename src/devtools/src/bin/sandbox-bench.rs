@@ -276,13 +276,7 @@ fn spawn_batch_watch(
             let name = batch.name_any();
             seen.lock().unwrap().entry(name.clone()).or_insert(now);
             let annotations = batch.annotations();
-            let held = AllocStatus::parse(
-                annotations
-                    .get(names::ANNOTATION_ALLOC_STATUS)
-                    .map(String::as_str),
-            )
-            .map(|a| a.pods.len())
-            .unwrap_or(0);
+            let held = AllocStatus::of(&batch).map(|a| a.pods.len()).unwrap_or(0);
             let endpoints: usize = annotations
                 .get(names::ANNOTATION_ENDPOINTS)
                 .and_then(|e| serde_json::from_str::<Vec<serde_json::Value>>(e).ok())

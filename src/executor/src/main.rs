@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use sandbox_controller::executor::auth::{Auth, load_token};
-use sandbox_controller::executor::daemon::{self, ExecutorConfig};
-use sandbox_controller::executor::shim::{self, ShimConfig};
-use sandbox_controller::executor::{DEFAULT_DATA_DIR, EXECUTOR_PORT, TOKEN_ENV};
+use sandbox_executor::auth::{Auth, load_token};
+use sandbox_executor::daemon::{self, ExecutorConfig};
+use sandbox_executor::shim::{self, ShimConfig};
+use sandbox_executor::{DEFAULT_DATA_DIR, EXECUTOR_PORT, TOKEN_ENV};
 
 /// Runs a sandbox's process tasks and reports their state over HTTP.
 #[derive(Parser)]

@@ -9,8 +9,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::api::TaskSpec;
-use crate::domain::expiry::TaskPhase;
+use sandbox_decisions::tasks::TaskPhase;
+use sandbox_decisions::tasks::TaskSpec;
 
 /// Longest task name: task names become directory names in the executor's data directory.
 pub const MAX_TASK_NAME_LEN: usize = 253;
@@ -369,8 +369,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{EnvVar as SpecEnvVar, ProcessTask};
     use proptest::prelude::*;
+    use sandbox_decisions::tasks::{EnvVar as SpecEnvVar, ProcessTask};
 
     fn process_task(name: &str, command: &[&str]) -> Task {
         Task {

@@ -12,62 +12,15 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     Trap,
 };
 
-use super::bindings::{GuestError, expiry, shard, sizing};
-use super::{ShardTaskInput, ShardTasks};
-use crate::domain::expiry::{BatchSnapshot, ExpiryDecision};
-use crate::domain::sizing::{PoolSnapshot, SizingDecision};
-
-/// The three decisions, each a WIT interface with a world of its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Decision {
-    PoolSizing,
-    ShardTasks,
-    Expiry,
-}
-
-impl Decision {
-    pub const ALL: [Decision; 3] = [Decision::PoolSizing, Decision::ShardTasks, Decision::Expiry];
-
-    /// The interface name, also the suffix of the selecting annotation.
-    pub fn name(self) -> &'static str {
-        match self {
-            Decision::PoolSizing => "pool-sizing",
-            Decision::ShardTasks => "shard-tasks",
-            Decision::Expiry => "expiry",
-        }
-    }
-
-    /// The WIT world a component implements to make this decision.
-    pub fn world(self) -> &'static str {
-        match self {
-            Decision::PoolSizing => "pool-sizing-policy",
-            Decision::ShardTasks => "shard-tasks-policy",
-            Decision::Expiry => "expiry-policy",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.name() == name || d.world() == name)
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Decision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use crate::Decision;
+use crate::kind::{DecisionKind, Expiry, GuestResult, PoolSizing, ShardTasksKind};
+use crate::metrics::DegradedReason;
 
 /// What one call may use. Exceeding any limit ends the call with a [`CallError`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,17 +104,17 @@ pub enum CallError {
 }
 
 impl CallError {
-    /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// Why a decision that ran into this error is degraded.
+    pub fn reason(&self) -> DegradedReason {
         match self {
-            CallError::WrongWorld(_) => "wrong-world",
-            CallError::OutOfFuel(_) => "out-of-fuel",
-            CallError::Timeout(_) => "timeout",
-            CallError::MemoryLimit { .. } => "memory-limit",
-            CallError::StackOverflow => "stack-overflow",
-            CallError::Trap(_) => "trap",
-            CallError::Refused(_) => "policy-error",
-            CallError::InvalidOutput(_) => "invalid-output",
+            CallError::WrongWorld(_) => DegradedReason::WrongWorld,
+            CallError::OutOfFuel(_) => DegradedReason::OutOfFuel,
+            CallError::Timeout(_) => DegradedReason::Timeout,
+            CallError::MemoryLimit { .. } => DegradedReason::MemoryLimit,
+            CallError::StackOverflow => DegradedReason::StackOverflow,
+            CallError::Trap(_) => DegradedReason::Trap,
+            CallError::Refused(_) => DegradedReason::PolicyError,
+            CallError::InvalidOutput(_) => DegradedReason::InvalidOutput,
         }
     }
 }
@@ -171,20 +124,21 @@ pub struct CompiledPolicy {
     /// Hex sha256 of the component's bytes.
     pub digest: String,
     pub size_bytes: usize,
-    sizing: Option<sizing::PoolSizingPolicyPre<CallState>>,
-    shard: Option<shard::ShardTasksPolicyPre<CallState>>,
-    expiry: Option<expiry::ExpiryPolicyPre<CallState>>,
+    exports: Exports,
     /// For each decision it does not implement, why not.
     missing: Vec<(Decision, String)>,
 }
 
+/// A component's typed pre-instance for each world it implements.
+pub struct Exports {
+    pub(crate) pool_sizing: Option<<PoolSizing as DecisionKind>::Pre>,
+    pub(crate) shard_tasks: Option<<ShardTasksKind as DecisionKind>::Pre>,
+    pub(crate) expiry: Option<<Expiry as DecisionKind>::Pre>,
+}
+
 impl CompiledPolicy {
     pub fn implements(&self, decision: Decision) -> bool {
-        match decision {
-            Decision::PoolSizing => self.sizing.is_some(),
-            Decision::ShardTasks => self.shard.is_some(),
-            Decision::Expiry => self.expiry.is_some(),
-        }
+        crate::with_kind!(decision, |K| K::pre_of(&self.exports).is_some())
     }
 
     pub fn decisions(&self) -> Vec<Decision> {
@@ -212,13 +166,13 @@ impl fmt::Debug for CompiledPolicy {
     }
 }
 
-/// The typed pre-instance for one world, or why the component does not implement it.
-fn implemented<T>(
-    decision: Decision,
-    pre: wasmtime::Result<T>,
+/// The typed pre-instance of `K`'s world, or why the component does not implement it.
+fn implemented<K: DecisionKind>(
+    pre: &InstancePre<CallState>,
     missing: &mut Vec<(Decision, String)>,
-) -> Option<T> {
-    pre.map_err(|e| missing.push((decision, format!("{e:#}"))))
+) -> Option<K::Pre> {
+    K::pre(pre.clone())
+        .map_err(|e| missing.push((K::DECISION, format!("{e:#}"))))
         .ok()
 }
 
@@ -448,24 +402,15 @@ impl WasmHost {
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
 
         let mut missing = Vec::new();
+        let exports = Exports {
+            pool_sizing: implemented::<PoolSizing>(&pre, &mut missing),
+            shard_tasks: implemented::<ShardTasksKind>(&pre, &mut missing),
+            expiry: implemented::<Expiry>(&pre, &mut missing),
+        };
         let policy = CompiledPolicy {
             digest: digest.clone(),
             size_bytes: bytes.len(),
-            sizing: implemented(
-                Decision::PoolSizing,
-                sizing::PoolSizingPolicyPre::new(pre.clone()),
-                &mut missing,
-            ),
-            shard: implemented(
-                Decision::ShardTasks,
-                shard::ShardTasksPolicyPre::new(pre.clone()),
-                &mut missing,
-            ),
-            expiry: implemented(
-                Decision::Expiry,
-                expiry::ExpiryPolicyPre::new(pre),
-                &mut missing,
-            ),
+            exports,
             missing,
         };
         if policy.decisions().is_empty() {
@@ -541,127 +486,33 @@ impl WasmHost {
         decision: Decision,
         settings: &str,
     ) -> Result<(), CallError> {
+        crate::with_kind!(decision, |K| self.run::<K, _>(policy, |pre, store| {
+            K::validate_settings(pre, store, settings)
+        }))
+    }
+
+    /// The policy's raw decision of kind `K` (not yet checked against its input).
+    pub fn decide<K: DecisionKind>(
+        &self,
+        policy: &CompiledPolicy,
+        settings: &str,
+        input: &K::Input,
+    ) -> Result<K::Output, CallError> {
+        self.run::<K, _>(policy, |pre, store| K::call(pre, store, settings, input))
+    }
+
+    /// One call into a fresh instance of `policy`'s `K` world, its failure classified.
+    fn run<K: DecisionKind, T>(
+        &self,
+        policy: &CompiledPolicy,
+        call: impl FnOnce(&K::Pre, &mut Store<CallState>) -> GuestResult<T>,
+    ) -> Result<T, CallError> {
+        let pre = K::pre_of(&policy.exports).ok_or(CallError::WrongWorld(K::DECISION))?;
         // Declared first, so the slot is given back only after the store is dropped.
         let _slot = self.slots.acquire();
         let mut store = self.store();
-        let result = match decision {
-            Decision::PoolSizing => {
-                let pre = policy
-                    .sizing
-                    .as_ref()
-                    .ok_or(CallError::WrongWorld(decision))?;
-                pre.instantiate(&mut store).and_then(|i| {
-                    i.opensandbox_policy_pool_sizing()
-                        .call_validate_settings(&mut store, settings)
-                        .map(|r| r.map_err(|e| e.text()))
-                })
-            }
-            Decision::ShardTasks => {
-                let pre = policy
-                    .shard
-                    .as_ref()
-                    .ok_or(CallError::WrongWorld(decision))?;
-                pre.instantiate(&mut store).and_then(|i| {
-                    i.opensandbox_policy_shard_tasks()
-                        .call_validate_settings(&mut store, settings)
-                        .map(|r| r.map_err(|e| e.text()))
-                })
-            }
-            Decision::Expiry => {
-                let pre = policy
-                    .expiry
-                    .as_ref()
-                    .ok_or(CallError::WrongWorld(decision))?;
-                pre.instantiate(&mut store).and_then(|i| {
-                    i.opensandbox_policy_expiry()
-                        .call_validate_settings(&mut store, settings)
-                        .map(|r| r.map_err(|e| e.text()))
-                })
-            }
-        };
-        result
+        call(pre, &mut store)
             .map_err(|e| self.classify(e))?
-            .map_err(CallError::Refused)
-    }
-
-    /// The policy's raw sizing decision (not yet checked against the pool's bounds).
-    pub fn pool_sizing(
-        &self,
-        policy: &CompiledPolicy,
-        settings: &str,
-        pool: &PoolSnapshot,
-    ) -> Result<SizingDecision, CallError> {
-        let pre = policy
-            .sizing
-            .as_ref()
-            .ok_or(CallError::WrongWorld(Decision::PoolSizing))?;
-        // Declared first, so the slot is given back only after the store is dropped.
-        let _slot = self.slots.acquire();
-        let mut store = self.store();
-        let input = sizing::wit::PoolSnapshot::from(pool);
-        let output = pre
-            .instantiate(&mut store)
-            .and_then(|i| {
-                i.opensandbox_policy_pool_sizing()
-                    .call_decide(&mut store, settings, &input)
-            })
-            .map_err(|e| self.classify(e))?;
-        output
-            .map(Into::into)
-            .map_err(|e| CallError::Refused(e.text()))
-    }
-
-    /// The policy's raw shard tasks (not yet checked against the batch).
-    pub fn shard_tasks(
-        &self,
-        policy: &CompiledPolicy,
-        settings: &str,
-        batch: &ShardTaskInput,
-    ) -> Result<ShardTasks, CallError> {
-        let pre = policy
-            .shard
-            .as_ref()
-            .ok_or(CallError::WrongWorld(Decision::ShardTasks))?;
-        // Declared first, so the slot is given back only after the store is dropped.
-        let _slot = self.slots.acquire();
-        let mut store = self.store();
-        let input = shard::wit::BatchInput::from(batch);
-        let output = pre
-            .instantiate(&mut store)
-            .and_then(|i| {
-                i.opensandbox_policy_shard_tasks()
-                    .call_decide(&mut store, settings, &input)
-            })
-            .map_err(|e| self.classify(e))?;
-        output
-            .map(|tasks| tasks.into_iter().map(|t| t.map(Into::into)).collect())
-            .map_err(|e| CallError::Refused(e.text()))
-    }
-
-    /// The policy's raw expiry decision (not yet checked for sane bounds).
-    pub fn expiry(
-        &self,
-        policy: &CompiledPolicy,
-        settings: &str,
-        batch: &BatchSnapshot,
-    ) -> Result<ExpiryDecision, CallError> {
-        let pre = policy
-            .expiry
-            .as_ref()
-            .ok_or(CallError::WrongWorld(Decision::Expiry))?;
-        // Declared first, so the slot is given back only after the store is dropped.
-        let _slot = self.slots.acquire();
-        let mut store = self.store();
-        let input = expiry::wit::BatchSnapshot::from(batch);
-        let output = pre
-            .instantiate(&mut store)
-            .and_then(|i| {
-                i.opensandbox_policy_expiry()
-                    .call_decide(&mut store, settings, &input)
-            })
-            .map_err(|e| self.classify(e))?;
-        output
-            .map(Into::into)
-            .map_err(|e| CallError::Refused(e.text()))
+            .map_err(|e| CallError::Refused(e.to_string()))
     }
 }
