@@ -11,7 +11,7 @@
 # Components (one process each, all listening on 127.0.0.1 only): embedded
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok with
 # SBX_NODES fake nodes whose pod CIDRs are 127.1.<n>.0/24; then the executor
-# runner (`sandbox-controller local-executors`), which serves task executors on
+# runner (`sandbox-local-executors`), which serves task executors on
 # those pod IPs.
 #
 # Environment:
@@ -20,7 +20,7 @@
 #   SBX_NODES          number of kwok nodes (default 2, max 200)
 #   SBX_ADVERTISE_ADDRESS  address kube-apiserver advertises (default: detected, non-loopback)
 #   SBX_UP_TIMEOUT     seconds to wait for the cluster in `up` (default 120)
-#   SBX_RUNNER_BIN     prebuilt sandbox-controller for the executor runner (default: cargo build)
+#   SBX_RUNNER_BIN     prebuilt sandbox-local-executors for the executor runner (default: cargo build)
 #
 # Layout of $SBX_DEV_DIR: kubeconfig, bin/kubectl (matching v1.36 client),
 # pki/, etcd/, logs/<process>.log, run/<process>.pid, cluster.env.
@@ -49,21 +49,23 @@ HELPERS=(executor-runner)
 # kwok pods run no containers: the runner starts a real sandbox-task-executor
 # for every Running pod with a task-executor container, on the pod's 127.1.x.y
 # IP, port 5758, with the token in $SBX_DEV_DIR/executor-token (created if
-# missing). SBX_RUNNER_BIN: a prebuilt sandbox-controller (with
+# missing). SBX_RUNNER_BIN: a prebuilt sandbox-local-executors (with
 # sandbox-task-executor next to it) instead of building them here.
 helper_cmd_executor_runner() {
 	local ctl="${SBX_RUNNER_BIN:-}"
 	if [[ -z "$ctl" ]]; then
-		log "building sandbox-controller and sandbox-task-executor for the executor runner"
-		ctl="$(cd "$repo" && cargo build --bin sandbox-controller --bin sandbox-task-executor \
+		log "building sandbox-local-executors and sandbox-task-executor for the executor runner"
+		# The whole workspace, as every other build here: a narrower selection unifies
+		# dependency features differently and compiles the heavy crates a second time.
+		ctl="$(cd "$repo" && cargo build --workspace --bins \
 			--message-format=json-render-diagnostics |
-			sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
+			sed -n 's/.*"executable":"\([^"]*sandbox-local-executors\)".*/\1/p' | tail -n1)"
 	fi
-	[[ -n "$ctl" && -x "$ctl" ]] || die "could not build sandbox-controller for the executor runner"
+	[[ -n "$ctl" && -x "$ctl" ]] || die "could not build sandbox-local-executors for the executor runner"
 	# Created here, not only by the runner, so it exists once `up` returns.
 	[[ -s "$dev/executor-token" ]] ||
 		(umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dev/executor-token")
-	CMD=(env KUBECONFIG="$kubeconfig" "$ctl" local-executors --state-dir "$dev")
+	CMD=(env KUBECONFIG="$kubeconfig" "$ctl" --state-dir "$dev")
 }
 
 log() { printf '[cluster] %s\n' "$*" >&2; }

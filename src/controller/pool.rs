@@ -14,7 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use super::{Context, Error, object_name};
+use super::{Context, Error, ledger_of, policy_selector};
 use crate::api::{BatchSandbox, Pool, PoolStatus, names};
 use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
 use crate::domain::conditions::{self, Desired};
@@ -22,8 +22,9 @@ use crate::domain::pod_template;
 use crate::domain::pods;
 use crate::domain::pool_plan::{self, PoolPod};
 use crate::domain::released::{self, Released};
-use crate::domain::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use crate::domain::{endpoints, pods::is_running_and_ready};
+use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
+use sandbox_policy::Decision;
 
 /// Pod writes in flight at once, per reconcile.
 const POD_WRITE_CONCURRENCY: usize = 32;
@@ -76,16 +77,7 @@ impl Observed {
             {
                 continue;
             }
-            let ledger = AllocStatus::parse(
-                batch
-                    .annotations()
-                    .get(names::ANNOTATION_ALLOC_STATUS)
-                    .map(String::as_str),
-            )
-            .map_err(|source| Error::CorruptAllocStatus {
-                object: object_name(batch.as_ref()),
-                source,
-            })?;
+            let ledger = ledger_of(&batch)?;
             batches.push((batch, ledger));
         }
         batches.sort_by(|(a, _), (b, _)| {
@@ -296,7 +288,7 @@ async fn resize(
         recent_allocations: recent_allocations(observed),
         now_unix_ms: Timestamp::now().as_millisecond(),
     };
-    let selector = policy_selector(pool, "pool-sizing");
+    let selector = policy_selector(pool, Decision::PoolSizing);
     let outcome = ctx
         .decide(move |p| p.pool_sizing(selector.as_deref(), &snapshot))
         .await?;
@@ -518,11 +510,4 @@ pub(super) fn released_of(batch: &BatchSandbox) -> Released {
 
 fn non_negative(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
-}
-
-/// The custom policy an object selected for `decision`, from its annotations.
-pub(super) fn policy_selector<K: ResourceExt>(obj: &K, decision: &str) -> Option<String> {
-    obj.annotations()
-        .get(&format!("{}{decision}", names::ANNOTATION_POLICY_PREFIX))
-        .cloned()
 }

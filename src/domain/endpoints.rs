@@ -13,7 +13,7 @@ use serde::Serialize;
 pub const OPENSANDBOX_SERVER_LABEL: &str = "opensandbox.io/id";
 
 /// How the endpoints annotation is written (`--endpoints-format`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EndpointsFormat {
     /// IP strings for BatchSandboxes of OpenSandbox's server (label `opensandbox.io/id`),
     /// objects for all others.

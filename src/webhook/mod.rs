@@ -144,6 +144,15 @@ pub struct Webhook {
     tls: TlsSettings,
     shared: Arc<server::Shared>,
     registration: Option<(kube::Client, Registration)>,
+    reloads: watch::Sender<CertReloads>,
+}
+
+/// How often changed certificate files were taken into service or refused, so a rotation can
+/// be observed (tests, logs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CertReloads {
+    pub loaded: u64,
+    pub rejected: u64,
 }
 
 impl Webhook {
@@ -195,7 +204,13 @@ impl Webhook {
             tls,
             shared: Arc::new(server::Shared { rules, limits }),
             registration,
+            reloads: watch::Sender::new(CertReloads::default()),
         })
+    }
+
+    /// Counts of certificate reloads, updated while [`Webhook::run`] serves.
+    pub fn cert_reloads(&self) -> watch::Receiver<CertReloads> {
+        self.reloads.subscribe()
     }
 
     /// The bound address (with the real port when 0 was asked for).
@@ -347,10 +362,12 @@ impl Webhook {
                 self.resolver.replace(pair.key);
                 self.cert_digest = pair.digest;
                 self.failed_digest = None;
+                self.reloads.send_modify(|r| r.loaded += 1);
                 info!(dir = %self.tls.cert_dir.display(), "reloaded the serving certificate");
             }
             Err(error) => {
                 self.failed_digest = Some(digest);
+                self.reloads.send_modify(|r| r.rejected += 1);
                 warn!(%error, "the certificate files changed but do not load; keeping the current certificate");
             }
         }

@@ -4,6 +4,7 @@
 //! Run with `make test`, or `cargo test --test e2e` (the harness starts the
 //! control plane itself when none is running, and stops it on exit).
 
+mod fixtures;
 mod harness;
 
 mod batch;
@@ -12,5 +13,6 @@ mod crds;
 mod executor;
 mod local_executors;
 mod policy;
+mod sdk;
 mod tasks;
 mod webhook;
