@@ -164,6 +164,12 @@ export PATH=$venv/bin:\$PATH
 EOF
 }
 
+# The managed process is alive (its pid file names a live process).
+server_alive() {
+	local pid
+	pid="$(cut -d' ' -f1 "$dev/run/$proc.pid" 2>/dev/null)" && [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null
+}
+
 healthy() { curl --silent --fail --max-time 2 "http://127.0.0.1:$1/health" >/dev/null 2>&1; }
 
 cmd_up() {
@@ -184,8 +190,7 @@ cmd_up() {
 		local i
 		for ((i = 0; i < 300; i++)); do
 			healthy "$port" && break
-			"$cluster" status 2>/dev/null | grep -q "^$proc: running" ||
-				die "$proc exited; see $dev/logs/$proc.log"
+			server_alive || die "$proc exited; see $dev/logs/$proc.log"
 			sleep 0.1
 		done
 		healthy "$port" || die "$proc did not answer on 127.0.0.1:$port within 30 s; see $dev/logs/$proc.log"
