@@ -230,6 +230,24 @@ fn annotation<'a>(batch: &'a BatchSandbox, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// A log line without its terminal colours.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Waits for a child process on a blocking thread.
 async fn finish(child: Child) -> Output {
     tokio::task::spawn_blocking(move || child.wait_with_output())
@@ -392,14 +410,33 @@ async fn pool_example(env: &TestEnv, recycle: Option<&str>) -> (String, String) 
     assert!(
         versions
             .iter()
-            .any(|(_, b)| b.status.as_ref().is_some_and(|s| s.task_running == 1)),
-        "bootstrap.sh ran as the sandbox's task"
-    );
-    assert!(
-        versions
-            .iter()
             .all(|(_, b)| b.status.as_ref().is_none_or(|s| s.task_failed == 0)),
         "the task never failed"
+    );
+    // The task ran bootstrap.sh until the kill stopped it: the pod's executor reports it
+    // terminated as Stopped (a missing bootstrap.sh would have ended it at once with 127).
+    let runner_log = env
+        .kubeconfig
+        .with_file_name("logs")
+        .join("executor-runner.log");
+    let prefix = format!("[{}/{pod}]", env.ns);
+    let terminated = env
+        .wait_for(
+            "the pod's executor to log how the task ended",
+            T,
+            || async {
+                std::fs::read_to_string(&runner_log)
+                    .ok()?
+                    .lines()
+                    .filter(|l| l.starts_with(&prefix) && l.contains("task terminated"))
+                    .map(strip_ansi)
+                    .next()
+            },
+        )
+        .await;
+    assert!(
+        terminated.contains("reason=Stopped") && !terminated.contains("exit_code=127"),
+        "bootstrap.sh ran as the sandbox's task until the kill stopped it: {terminated}"
     );
     eprintln!("sdk-pool ({recycle:?}): create -> Running from the warm pool in {running:?}");
     assert!(
