@@ -4,7 +4,7 @@
 #   make dev-up     the same in the background;  make dev-down  stops it
 #   make test       every test (unit + e2e) against one local cluster, stopped afterwards
 #   make sdk        OpenSandbox's server + Python SDK next to the running cluster; prints the exports
-#                   (eval "$$(make -s sdk)"; python examples/spec/batch_example.py)   make sdk-down stops it
+#                   (eval "$$(make -s sdk)"; python examples/sdk/batch_example.py)   make sdk-down stops it
 #   make crds       regenerate crds/*.yaml from the Rust types
 #   make policies   rebuild the policy components and refresh policies/prebuilt/ (commit them)
 #   make bench      claim benchmarks (release build) against the cluster in $$KUBECONFIG or .dev

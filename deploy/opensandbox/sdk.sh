@@ -196,7 +196,7 @@ cmd_up() {
 		healthy "$port" || die "$proc did not answer on 127.0.0.1:$port within 30 s; see $dev/logs/$proc.log"
 	fi
 	log "opensandbox-server on http://127.0.0.1:$port (namespace $namespace, log $dev/logs/$proc.log)"
-	log "then: python examples/spec/batch_example.py"
+	log "then: python examples/sdk/batch_example.py"
 	print_env
 }
 

@@ -199,7 +199,7 @@ impl Seen {
     }
 
     /// The versions of the one BatchSandbox OpenSandbox's server created.
-    fn from_server(&self) -> Vec<(Instant, BatchSandbox)> {
+    fn server_batch(&self) -> Vec<(Instant, BatchSandbox)> {
         let all = self.all();
         let names: std::collections::BTreeSet<String> = all
             .iter()
@@ -303,11 +303,11 @@ async fn the_spec_batch_example_runs_unchanged_through_opensandbox_server() {
     let (seen, _watch) = Seen::watch(&env).await;
 
     let started = Instant::now();
-    let out = finish(server.python(&repo_root().join("examples/spec/batch_example.py"))).await;
+    let out = finish(server.python(&repo_root().join("examples/sdk/batch_example.py"))).await;
     let took = started.elapsed();
     check_output(&out, &server);
 
-    let versions = seen.from_server();
+    let versions = seen.server_batch();
     let (_, first) = &versions[0];
     let name = first.metadata.name.clone().expect("name");
     assert_eq!(labels(first).get(SANDBOX_ID_LABEL), Some(&name));
@@ -383,7 +383,7 @@ async fn pool_example(env: &TestEnv, recycle: Option<&str>) -> (String, String) 
     let out = finish(server.python(&repo_root().join("examples/sdk/pool_example.py"))).await;
     check_output(&out, &server);
 
-    let versions = seen.from_server();
+    let versions = seen.server_batch();
     let (_, first) = &versions[0];
     let name = first.metadata.name.clone().expect("name");
     assert_eq!(first.spec.pool_ref.as_deref(), Some("fast-pool"));
@@ -564,4 +564,16 @@ async fn an_executors_mount_gives_its_tasks_a_private_opt_opensandbox() {
         host_had_it,
         "the machine's /opt is unchanged"
     );
+}
+
+/// The pool-mode example is the spec's, with the one argument that selects the pool.
+#[test]
+fn the_pool_example_is_the_spec_example_plus_the_pool_extension() {
+    let read = |p: &str| std::fs::read_to_string(repo_root().join(p)).expect(p);
+    let spec = read("examples/sdk/batch_example.py");
+    let pool = read("examples/sdk/pool_example.py");
+    let extra = "        extensions={\"poolRef\": \"fast-pool\"},\n";
+    let anchor = "        timeout=timedelta(minutes=10),\n";
+    assert_eq!(spec.matches(anchor).count(), 1);
+    assert_eq!(pool, spec.replace(anchor, &format!("{anchor}{extra}")));
 }

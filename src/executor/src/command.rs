@@ -433,6 +433,9 @@ pub struct CommandConfig {
     pub ping_interval: Duration,
     /// Frames buffered per stream before the command waits for the client to read.
     pub buffer_frames: usize,
+    /// Finished commands remembered for `status` (the oldest are forgotten first, with their
+    /// background output).
+    pub max_finished: usize,
 }
 
 impl CommandConfig {
@@ -443,6 +446,7 @@ impl CommandConfig {
             max_line_bytes: 64 * 1024,
             ping_interval: Duration::from_secs(3),
             buffer_frames: 64,
+            max_finished: 1024,
         }
     }
 }
@@ -467,6 +471,8 @@ struct Record {
     /// The leader's pid (= its process group) while it has not been reaped.
     pgid: Option<u32>,
     background_log: Option<PathBuf>,
+    /// Order of finishing, for forgetting the oldest.
+    finished: Option<u64>,
 }
 
 /// The commands of one executor.
@@ -605,17 +611,34 @@ impl Commands {
                 status,
                 pgid,
                 background_log: log,
+                finished: None,
             },
         );
     }
 
     fn finish(&self, id: &str, outcome: &Outcome) {
-        if let Some(record) = self.lock().get_mut(id) {
+        let mut records = self.lock();
+        let sequence = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(record) = records.get_mut(id) {
             record.pgid = None;
+            record.finished = Some(sequence);
             record.status.running = false;
             record.status.exit_code = Some(outcome.exit_code);
             record.status.error = (outcome.exit_code != 0).then(|| outcome.traceback.clone());
             record.status.finished_at = Some(rfc3339_now());
+        }
+        let mut finished: Vec<(u64, String)> = records
+            .iter()
+            .filter_map(|(id, r)| r.finished.map(|n| (n, id.clone())))
+            .collect();
+        if finished.len() > self.config.max_finished {
+            finished.sort();
+            let excess = finished.len() - self.config.max_finished;
+            for (_, old) in finished.into_iter().take(excess) {
+                if let Some(log) = records.remove(&old).and_then(|r| r.background_log) {
+                    let _ = std::fs::remove_file(log);
+                }
+            }
         }
     }
 

@@ -438,6 +438,24 @@ async fn background_commands_answer_at_once_and_report_status_and_output() {
 }
 
 #[tokio::test]
+async fn only_the_latest_finished_commands_are_remembered() {
+    let server = server_with(None, |c| c.max_finished = 2).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let events = run(server.addr, json!({"command": "true"})).await;
+        ids.push(events[0]["text"].as_str().expect("id").to_string());
+    }
+    let addr = server.addr;
+    let status = |id: &str| {
+        let path = format!("/command/status/{id}");
+        async move { send(addr, "GET", &path, "", &[]).await.status() }
+    };
+    assert_eq!(status(&ids[0]).await, StatusCode::NOT_FOUND);
+    assert_eq!(status(&ids[1]).await, StatusCode::OK);
+    assert_eq!(status(&ids[2]).await, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn a_configured_token_is_required_on_every_request() {
     let guarded = server_with(Some("s3cret"), |_| {}).await;
     let response = send(guarded.addr, "GET", "/ping", "", &[]).await;
