@@ -39,7 +39,7 @@ test:
 	deploy/local/dev.sh test $(TEST_ARGS)
 
 crds:
-	$(CARGO) build --quiet --workspace --bins
+	$(CARGO) build --quiet --workspace --all-targets
 	"$${CARGO_TARGET_DIR:-target}/debug/sandbox-controller" crdgen
 
 # Builds (or finds in ~/.cache/sbx-cluster) the control-plane binary only.
@@ -47,7 +47,7 @@ cluster-build:
 	deploy/local/build.sh
 
 policies:
-	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --workspace --bins
+	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --workspace --all-targets
 	@ls -l policies/prebuilt
 
 # Claim benchmarks: release build, against a running cluster (make dev-up). BENCH_ARGS='--runs 5'

@@ -55,9 +55,10 @@ helper_cmd_executor_runner() {
 	local ctl="${SBX_RUNNER_BIN:-}"
 	if [[ -z "$ctl" ]]; then
 		log "building sandbox-local-executors and sandbox-task-executor for the executor runner"
-		# The whole workspace, as every other build here: a narrower selection unifies
-		# dependency features differently and compiles the heavy crates a second time.
-		ctl="$(cd "$repo" && cargo build --workspace --bins \
+		# Every target of the workspace, as every other debug build here: any narrower selection
+		# (without the tests' dev-dependencies, or without some crates) unifies dependency
+		# features differently and compiles wasmtime and kube a second time.
+		ctl="$(cd "$repo" && cargo build --workspace --all-targets \
 			--message-format=json-render-diagnostics |
 			sed -n 's/.*"executable":"\([^"]*sandbox-local-executors\)".*/\1/p' | tail -n1)"
 	fi

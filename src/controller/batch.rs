@@ -32,7 +32,13 @@ const POD_WRITE_CONCURRENCY: usize = 32;
 
 pub async fn reconcile(batch: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(batch.as_ref()).erase();
+    let started = std::time::Instant::now();
     let result = reconcile_batch(&batch, &ctx).await;
+    ctx.metrics.reconciled(
+        "BatchSandbox",
+        started.elapsed(),
+        result.as_ref().map(|_| ()),
+    );
     if result.is_ok() {
         ctx.backoff.on_success(&key);
     }
@@ -138,7 +144,7 @@ async fn expire(
     )
     .await;
     info!(batch = %object_name(batch), %expire_time, "expired");
-    ctx.writes.count(super::WriteTarget::BatchObject);
+    ctx.metrics.writes.count(super::WriteTarget::BatchObject);
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: batch.uid(),
