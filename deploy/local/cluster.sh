@@ -141,7 +141,8 @@ derive_ports() {
 	port_kcm=$((port_base + 3))
 	port_sched=$((port_base + 4))
 	port_kwok=$((port_base + 5))
-	# port_base+6..+9 are free for helpers (see HELPERS).
+	# port_base+6/+7: the webhook and health ports of the controller dev.sh runs; +8..+9 are free
+	# for helpers (see HELPERS).
 	server="https://127.0.0.1:$port_api"
 }
 
