@@ -1016,7 +1016,7 @@ async fn deploy_manifests_are_accepted_by_the_apiserver() {
                     rule["resources"] == serde_json::json!(["validatingwebhookconfigurations"])
                         && rule["resourceNames"]
                             == serde_json::json!([registration::DEFAULT_CONFIGURATION_NAME])
-                        && rule["verbs"] == serde_json::json!(["patch"])
+                        && rule["verbs"] == serde_json::json!(["create", "patch"])
                 })
             });
             assert!(
