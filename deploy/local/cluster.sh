@@ -387,6 +387,34 @@ print_env() {
 	echo "export PATH=$bindir:\$PATH"
 }
 
+# pick_ports: when SBX_PORT_BASE is not set and nothing of this instance runs, moves to the next
+# free block of 10 if the current one is taken (e.g. by the cluster of another worktree).
+pick_ports() {
+	if ! any_running && [[ -z "${SBX_PORT_BASE:-}" ]] && ! ports_free "$port_base"; then
+		local cand
+		for ((cand = port_base + 100; cand <= port_base + 4000; cand += 100)); do
+			if ports_free "$cand"; then
+				log "ports $port_base..$((port_base + 9)) are in use; using port base $cand (set SBX_PORT_BASE to choose)"
+				port_base=$cand
+				derive_ports
+				return 0
+			fi
+		done
+	fi
+}
+
+# check_ports: dies if a port of a component that is not running yet is taken.
+check_ports() {
+	local name p
+	for name in "${COMPONENTS[@]}"; do
+		running "$name" && continue
+		for p in $(port_of "$name"); do
+			port_in_use "$p" && die "port $p (for $name) is in use by another process; stop it or set SBX_PORT_BASE"
+		done
+	done
+	return 0
+}
+
 cmd_up() {
 	local watch_pid=""
 	while (($#)); do
@@ -420,33 +448,18 @@ cmd_up() {
 		fi
 	fi
 
-	if ! any_running && [[ -z "${SBX_PORT_BASE:-}" ]] && ! ports_free "$port_base"; then
-		# The default ports are taken (e.g. a cluster of another worktree):
-		# pick the next free block of 10 rather than fail.
-		local cand
-		for ((cand = port_base + 100; cand <= port_base + 4000; cand += 100)); do
-			if ports_free "$cand"; then
-				log "ports $port_base..$((port_base + 9)) are in use; using port base $cand (set SBX_PORT_BASE to choose)"
-				port_base=$cand
-				derive_ports
-				break
-			fi
-		done
-	fi
+	# Ports are checked before the build, so a clash fails at once rather than after a
+	# 10-minute first build, and again after it, as another cluster may have started meanwhile.
+	pick_ports
+	check_ports
 	# The first run builds the control plane (~10 min cold): that must not eat the deadline.
 	resolve_binary
 	local t_built=$SECONDS
 	deadline=$((SECONDS + ${SBX_UP_TIMEOUT:-120}))
+	pick_ports
+	check_ports
 	derive_cidrs
 	save_settings
-	# Already-running components are kept; only missing ones are started.
-	for name in "${COMPONENTS[@]}"; do
-		running "$name" && continue
-		local p
-		for p in $(port_of "$name"); do
-			port_in_use "$p" && die "port $p (for $name) is in use by another process; stop it or set SBX_PORT_BASE"
-		done
-	done
 
 	if [[ -n "${SBX_ADVERTISE_ADDRESS:-}" ]]; then
 		advertise="$SBX_ADVERTISE_ADDRESS"
