@@ -6,6 +6,8 @@
 #   make crds       regenerate crds/*.yaml from the Rust types
 #   make policies   rebuild the policy components and refresh policies/prebuilt/ (commit them)
 #   make bench      claim benchmarks (release build) against the cluster in $$KUBECONFIG or .dev
+#   make image      container images sandbox-controller and sandbox-task-executor (buildah, podman or docker)
+#   make fresh-machine  README's make dev + make test in a fresh clone with empty caches (30+ min)
 #
 # The kubeconfig is $(DEV_DIR)/kubeconfig:  export KUBECONFIG=$$(pwd)/.dev/kubeconfig
 
@@ -18,7 +20,7 @@ CARGO ?= cargo
 # Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
 TEST_ARGS ?=
 
-.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench policies
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench policies image fresh-machine
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -55,3 +57,12 @@ BENCH_ARGS ?=
 bench:
 	$(CARGO) build --release --workspace --bins
 	KUBECONFIG="$${KUBECONFIG:-$(DEV_DIR)/kubeconfig}" "$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)
+
+# Release images from static (musl) binaries, FROM scratch; see deploy/images/build.sh for
+# IMAGE_BUILDER, IMAGE_PREFIX, IMAGE_TAG and EXECUTOR_BASE.
+image:
+	deploy/images/build.sh
+
+# On demand only (not CI): a fresh clone, empty cargo/Go/cluster caches, timed phases.
+fresh-machine:
+	deploy/local/fresh-machine.sh
