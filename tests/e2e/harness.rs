@@ -728,6 +728,18 @@ fn format_rfc3339(t: i64) -> String {
         .unwrap_or_else(|e| panic!("harness: {t} is not a representable time: {e}"))
 }
 
+/// A binary of another workspace package (the executor, the local runner), built next to the
+/// controller binary this test run built. `make test` builds them all first (`cargo build --workspace --all-targets`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_sandbox-controller")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace --all-targets`, as `make test` does)",
+        path.display()
+    );
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,16 +828,4 @@ mod tests {
         let out = in_namespace(&spec_manifest("rl-batch.yaml"), "t-2");
         assert!(out.contains("namespace: t-2"), "{out}");
     }
-}
-
-/// A binary of another workspace package (the executor, the local runner), built next to the
-/// controller binary this test run built. `make test` builds them all first (`cargo build --workspace --all-targets`).
-pub fn workspace_bin(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_sandbox-controller")).with_file_name(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build the workspace first (`cargo build --workspace --all-targets`, as `make test` does)",
-        path.display()
-    );
-    path
 }
