@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::info;
 
-use super::{Context, Error, ledger_of, object_name, policy_selector};
+use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, TaskResourcePolicy, names};
 use crate::domain::allocation::AllocStatus;
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
@@ -62,7 +62,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         return cleanup(batch, ctx).await;
     }
 
-    let released = super::pool::released_of(batch);
+    let released = released_of(batch);
     let shards = match batch.pool_name() {
         Some(pool) => pooled_shards(batch, ctx, pool).await?,
         None => own_pods(batch, ctx, &released).await?,

@@ -594,3 +594,13 @@ fn policy_selector<K: ResourceExt>(obj: &K, decision: sandbox_policy::Decision) 
         ))
         .cloned()
 }
+
+/// The shards of a batch released after their task finished.
+fn released_of(batch: &BatchSandbox) -> crate::domain::released::Released {
+    crate::domain::released::Released::parse(
+        batch
+            .annotations()
+            .get(crate::domain::released::ANNOTATION_TASK_RESULTS)
+            .map(String::as_str),
+    )
+}

@@ -14,14 +14,13 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use super::{Context, Error, ledger_of, policy_selector};
+use super::{Context, Error, ledger_of, policy_selector, released_of};
 use crate::api::{BatchSandbox, Pool, PoolStatus, names};
 use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
 use crate::domain::conditions::{self, Desired};
 use crate::domain::pod_template;
 use crate::domain::pods;
 use crate::domain::pool_plan::{self, PoolPod};
-use crate::domain::released::{self, Released};
 use crate::domain::{endpoints, pods::is_running_and_ready};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_policy::Decision;
@@ -519,15 +518,6 @@ async fn write_status(
         .await?;
     }
     Ok(())
-}
-
-pub(super) fn released_of(batch: &BatchSandbox) -> Released {
-    Released::parse(
-        batch
-            .annotations()
-            .get(released::ANNOTATION_TASK_RESULTS)
-            .map(String::as_str),
-    )
 }
 
 fn non_negative(value: i32) -> u32 {
