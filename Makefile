@@ -8,6 +8,8 @@
 #   make crds       regenerate crds/*.yaml from the Rust types
 #   make policies   rebuild the policy components and refresh policies/prebuilt/ (commit them)
 #   make bench      claim benchmarks (release build) against the cluster in $$KUBECONFIG or .dev
+#   make image      container images sandbox-controller and sandbox-task-executor (buildah, podman or docker)
+#   make fresh-machine  README's make dev + make test in a fresh clone with empty caches (30+ min)
 #
 # The kubeconfig is $(DEV_DIR)/kubeconfig:  export KUBECONFIG=$$(pwd)/.dev/kubeconfig
 
@@ -20,7 +22,7 @@ CARGO ?= cargo
 # Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
 TEST_ARGS ?=
 
-.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench policies sdk sdk-down
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench policies image fresh-machine sdk sdk-down
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -49,7 +51,7 @@ sdk-down:
 	@deploy/opensandbox/sdk.sh down
 
 crds:
-	$(CARGO) build --quiet --workspace --bins
+	$(CARGO) build --quiet --workspace --all-targets
 	"$${CARGO_TARGET_DIR:-target}/debug/sandbox-controller" crdgen
 
 # Builds (or finds in ~/.cache/sbx-cluster) the control-plane binary only.
@@ -57,7 +59,7 @@ cluster-build:
 	deploy/local/build.sh
 
 policies:
-	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --workspace --bins
+	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --workspace --all-targets
 	@ls -l policies/prebuilt
 
 # Claim benchmarks: release build, against a running cluster (make dev-up). BENCH_ARGS='--runs 5'
@@ -65,3 +67,12 @@ BENCH_ARGS ?=
 bench:
 	$(CARGO) build --release --workspace --bins
 	KUBECONFIG="$${KUBECONFIG:-$(DEV_DIR)/kubeconfig}" "$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)
+
+# Release images from static (musl) binaries, FROM scratch; see deploy/images/build.sh for
+# IMAGE_BUILDER, IMAGE_PREFIX, IMAGE_TAG and EXECUTOR_BASE.
+image:
+	deploy/images/build.sh
+
+# On demand only (not CI): a fresh clone, empty cargo/Go/cluster caches, timed phases.
+fresh-machine:
+	deploy/local/fresh-machine.sh

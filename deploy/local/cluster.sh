@@ -10,16 +10,28 @@
 #
 # Components (one process each, all listening on 127.0.0.1 only): embedded
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok with
-# SBX_NODES fake nodes whose pod CIDRs are 127.1.<n>.0/24; then the executor
+# SBX_NODES fake nodes, each with a pod CIDR 127.1.<k>.0/24; then the executor
 # runner (`sandbox-local-executors`), which serves task executors on
-# those pod IPs.
+# those pod IPs (<podIP>:5758).
+#
+# Several instances on one machine: give each its own SBX_DEV_DIR and port
+# block. Their pod CIDRs are disjoint, so their executor runners never bind the
+# same <podIP>:5758: instance i (SBX_CIDR_INDEX, 0..30) gives node n the CIDR
+# 127.1.<1 + 8*i + n>.0/24, all inside 127.1.0.0/16 (127.1.255.0/24 stays kwok's
+# fallback). By default i is derived from the port block, (SBX_PORT_BASE/10 -
+# 1644) mod 31, so the default block 16440 has 127.1.1.0/24, 127.1.2.0/24, ...
+# and the blocks `up` picks when 16440 is taken (16540, 16640, ...) get
+# i = 10, 20, ... An instance with more than 8 nodes spans ceil(nodes/8)
+# consecutive indices; choose SBX_CIDR_INDEX for it so the ranges don't meet.
 #
 # Environment:
 #   SBX_DEV_DIR        state directory (default <repo>/.dev); kubeconfig at $SBX_DEV_DIR/kubeconfig
 #   SBX_PORT_BASE      first of 10 consecutive ports (default 16440); use another base for a 2nd instance
 #   SBX_NODES          number of kwok nodes (default 2, max 200)
+#   SBX_CIDR_INDEX     which pod-CIDR block this instance uses (default: derived from the port block)
 #   SBX_ADVERTISE_ADDRESS  address kube-apiserver advertises (default: detected, non-loopback)
-#   SBX_UP_TIMEOUT     seconds to wait for the cluster in `up` (default 120)
+#   SBX_UP_TIMEOUT     seconds `up` waits for the cluster to come up (default 120); builds (the
+#                      control-plane binary, the executor runner) happen before or outside it
 #   SBX_RUNNER_BIN     prebuilt sandbox-local-executors for the executor runner (default: cargo build)
 #
 # Layout of $SBX_DEV_DIR: kubeconfig, bin/kubectl (matching v1.36 client),
@@ -54,10 +66,12 @@ HELPERS=(executor-runner)
 helper_cmd_executor_runner() {
 	local ctl="${SBX_RUNNER_BIN:-}"
 	if [[ -z "$ctl" ]]; then
-		log "building sandbox-local-executors and sandbox-task-executor for the executor runner"
-		# The whole workspace, as every other build here: a narrower selection unifies
-		# dependency features differently and compiles the heavy crates a second time.
-		ctl="$(cd "$repo" && cargo build --workspace --bins \
+		log "building the workspace (sandbox-local-executors, sandbox-task-executor) for the executor runner" \
+			"(cargo build; a first build with an empty target dir takes several minutes, not counted in SBX_UP_TIMEOUT)"
+		# Every target of the workspace, as every other debug build here: any narrower selection
+		# (without the tests' dev-dependencies, or without some crates) unifies dependency
+		# features differently and compiles wasmtime and kube a second time.
+		ctl="$(cd "$repo" && cargo build --workspace --all-targets \
 			--message-format=json-render-diagnostics |
 			sed -n 's/.*"executable":"\([^"]*sandbox-local-executors\)".*/\1/p' | tail -n1)"
 	fi
@@ -94,6 +108,7 @@ load_settings() {
 	else
 		port_base="${SBX_PORT_BASE:-16440}"
 		nodes="${SBX_NODES:-2}"
+		cidr_index="${SBX_CIDR_INDEX:-}"
 	fi
 	if ! [[ "$port_base" =~ ^[0-9]+$ ]] || ((port_base < 1024 || port_base > 65525)); then
 		die "SBX_PORT_BASE must be a number in 1024..65525, got '$port_base'"
@@ -104,6 +119,24 @@ load_settings() {
 	derive_ports
 }
 
+# Pod CIDRs: node n of instance i gets 127.1.<cidr_first + n>.0/24 (see the header).
+readonly CIDR_SLOT=8 CIDR_SLOTS=31
+derive_cidrs() {
+	local span=$(((nodes + CIDR_SLOT - 1) / CIDR_SLOT))
+	if [[ -z "${cidr_index:-}" ]]; then
+		# Spread port blocks over the slots that leave room for `span` of them.
+		local slots=$((CIDR_SLOTS - span + 1))
+		cidr_index=$((((port_base / 10 - 1644) % slots + slots) % slots))
+	fi
+	[[ "$cidr_index" =~ ^[0-9]+$ ]] || die "SBX_CIDR_INDEX must be a number in 0..$((CIDR_SLOTS - 1)), got '$cidr_index'"
+	cidr_first=$((1 + CIDR_SLOT * cidr_index))
+	cidr_last=$((cidr_first + nodes - 1))
+	((cidr_last <= 254)) ||
+		die "SBX_CIDR_INDEX=$cidr_index with $nodes node(s) needs 127.1.$cidr_first-$cidr_last.0/24, beyond 127.1.254.0/24; choose a smaller index"
+}
+
+node_cidr() { echo "127.1.$((cidr_first + $1)).0/24"; }
+
 derive_ports() {
 	port_api=$((port_base + 0))
 	port_etcd=$((port_base + 1))
@@ -111,7 +144,8 @@ derive_ports() {
 	port_kcm=$((port_base + 3))
 	port_sched=$((port_base + 4))
 	port_kwok=$((port_base + 5))
-	# port_base+6..+9 are free for helpers (see HELPERS).
+	# port_base+6/+7: the webhook and health ports of the controller dev.sh runs; +8..+9 are free
+	# for helpers (see HELPERS).
 	server="https://127.0.0.1:$port_api"
 }
 
@@ -119,6 +153,7 @@ save_settings() {
 	cat >"$state_file.tmp" <<EOF
 port_base=$port_base
 nodes=$nodes
+cidr_index=$cidr_index
 bin=$bin
 EOF
 	mv -f "$state_file.tmp" "$state_file"
@@ -300,7 +335,7 @@ wait_ready() { # wait_ready NAME DEADLINE
 	until "$probe"; do
 		running "$name" || die "$name exited; last lines of $logdir/$name.log:
 $(tail -n 20 "$logdir/$name.log" 2>/dev/null)"
-		((SECONDS < deadline)) || die "$name not ready after ${SBX_UP_TIMEOUT:-120}s; see $logdir/$name.log"
+		((SECONDS < deadline)) || die "$name not ready ${SBX_UP_TIMEOUT:-120}s after the build finished (SBX_UP_TIMEOUT); see $logdir/$name.log"
 		sleep 0.2
 	done
 }
@@ -327,8 +362,8 @@ metadata:
     kubernetes.io/role: agent
     node-role.kubernetes.io/agent: ""
 spec:
-  podCIDR: 127.1.$((i + 1)).0/24
-  podCIDRs: [127.1.$((i + 1)).0/24]
+  podCIDR: $(node_cidr "$i")
+  podCIDRs: [$(node_cidr "$i")]
 status:
   allocatable: {cpu: "32", memory: 256Gi, pods: "250"}
   capacity: {cpu: "32", memory: 256Gi, pods: "250"}
@@ -355,6 +390,34 @@ print_env() {
 	echo "export PATH=$bindir:\$PATH"
 }
 
+# pick_ports: when SBX_PORT_BASE is not set and nothing of this instance runs, moves to the next
+# free block of 10 if the current one is taken (e.g. by the cluster of another worktree).
+pick_ports() {
+	if ! any_running && [[ -z "${SBX_PORT_BASE:-}" ]] && ! ports_free "$port_base"; then
+		local cand
+		for ((cand = port_base + 100; cand <= port_base + 4000; cand += 100)); do
+			if ports_free "$cand"; then
+				log "ports $port_base..$((port_base + 9)) are in use; using port base $cand (set SBX_PORT_BASE to choose)"
+				port_base=$cand
+				derive_ports
+				return 0
+			fi
+		done
+	fi
+}
+
+# check_ports: dies if a port of a component that is not running yet is taken.
+check_ports() {
+	local name p
+	for name in "${COMPONENTS[@]}"; do
+		running "$name" && continue
+		for p in $(port_of "$name"); do
+			port_in_use "$p" && die "port $p (for $name) is in use by another process; stop it or set SBX_PORT_BASE"
+		done
+	done
+	return 0
+}
+
 cmd_up() {
 	local watch_pid=""
 	while (($#)); do
@@ -375,7 +438,7 @@ cmd_up() {
 	flock 8 # one up/down at a time per state directory
 	load_settings strict
 
-	local t0=$SECONDS deadline=$((SECONDS + ${SBX_UP_TIMEOUT:-120})) started_any=0 name
+	local t0=$SECONDS deadline started_any=0 name
 
 	if running kube-apiserver && ready_kube_apiserver; then
 		local all=1
@@ -388,29 +451,18 @@ cmd_up() {
 		fi
 	fi
 
-	if ! any_running && [[ -z "${SBX_PORT_BASE:-}" ]] && ! ports_free "$port_base"; then
-		# The default ports are taken (e.g. a cluster of another worktree):
-		# pick the next free block of 10 rather than fail.
-		local cand
-		for ((cand = port_base + 100; cand <= port_base + 4000; cand += 100)); do
-			if ports_free "$cand"; then
-				log "ports $port_base..$((port_base + 9)) are in use; using port base $cand (set SBX_PORT_BASE to choose)"
-				port_base=$cand
-				derive_ports
-				break
-			fi
-		done
-	fi
+	# Ports are checked before the build, so a clash fails at once rather than after a
+	# 10-minute first build, and again after it, as another cluster may have started meanwhile.
+	pick_ports
+	check_ports
+	# The first run builds the control plane (~10 min cold): that must not eat the deadline.
 	resolve_binary
+	local t_built=$SECONDS
+	deadline=$((SECONDS + ${SBX_UP_TIMEOUT:-120}))
+	pick_ports
+	check_ports
+	derive_cidrs
 	save_settings
-	# Already-running components are kept; only missing ones are started.
-	for name in "${COMPONENTS[@]}"; do
-		running "$name" && continue
-		local p
-		for p in $(port_of "$name"); do
-			port_in_use "$p" && die "port $p (for $name) is in use by another process; stop it or set SBX_PORT_BASE"
-		done
-	done
 
 	if [[ -n "${SBX_ADVERTISE_ADDRESS:-}" ]]; then
 		advertise="$SBX_ADVERTISE_ADDRESS"
@@ -440,7 +492,11 @@ cmd_up() {
 	for name in "${HELPERS[@]}"; do
 		if ! running "$name"; then
 			local CMD=()
+			local b0=$SECONDS
 			"$(fn helper_cmd "$name")" 8>&- # may build; see resolve_binary
+			# A build in helper_cmd does not count against SBX_UP_TIMEOUT either.
+			deadline=$((deadline + SECONDS - b0))
+			t_built=$((t_built + SECONDS - b0))
 			spawn_proc "$name" "${CMD[@]}"
 		fi
 		local probe
@@ -457,7 +513,8 @@ cmd_up() {
 			log "not watching pid $watch_pid: the control plane was already running"
 		fi
 	fi
-	log "ready in $((SECONDS - t0))s: apiserver $server, $nodes kwok node(s), kubeconfig $kubeconfig"
+	log "ready in $((SECONDS - t0))s ($((t_built - t0))s building, $((SECONDS - t_built))s starting): apiserver $server," \
+		"$nodes kwok node(s) with pod CIDRs $(node_cidr 0)..$(node_cidr $((nodes - 1))) (SBX_CIDR_INDEX=$cidr_index), kubeconfig $kubeconfig"
 	print_env
 }
 
@@ -537,7 +594,9 @@ cmd_status() {
 		}
 	done
 	if ((healthy == 0)); then
+		derive_cidrs
 		echo "apiserver: $server (port base $port_base)"
+		echo "pod CIDRs: $(node_cidr 0) .. $(node_cidr $((nodes - 1))) (SBX_CIDR_INDEX=$cidr_index)"
 		echo "kubeconfig: $kubeconfig"
 		kctl get nodes -o wide 2>/dev/null || true
 	fi

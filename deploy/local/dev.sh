@@ -58,21 +58,31 @@ apply_crds() {
 build_controller() {
 	log "building sandbox-controller"
 	local bin
-	bin="$(cd "$repo" && cargo build --workspace --bins --message-format=json-render-diagnostics |
+	bin="$(cd "$repo" && cargo build --workspace --all-targets --message-format=json-render-diagnostics |
 		sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
 	[[ -n "$bin" && -x "$bin" ]] || die "could not build sandbox-controller"
 	echo "$bin"
 }
 
 # How the local controller runs: tasks authenticate with the executor runner's token, the
-# admission webhook is registered at https://127.0.0.1:9443, and custom policies load from
-# .dev/policies (*.wasm) or from ConfigMaps in the default namespace, without a restart.
-mkdir -p "$dev/policies"
-controller_args=(
-	--executor-token-file "$dev/executor-token"
-	--webhook --webhook-cert-dir "$dev/webhook-certs" --controller-namespace kube-system
-	--policy-dir "$dev/policies" --policy-namespace default
-)
+# admission webhook is registered at https://127.0.0.1:<port base + 6>, health and metrics are on
+# http://127.0.0.1:<port base + 7> (the cluster's helper ports, so controllers of several local
+# clusters never collide), and custom policies load from .dev/policies (*.wasm) or from
+# ConfigMaps in the default namespace, without a restart. Call after cluster_up.
+set_controller_args() {
+	local port_base
+	port_base="$(sed -n 's/^port_base=//p' "$dev/cluster.env" 2>/dev/null)"
+	[[ "$port_base" =~ ^[0-9]+$ ]] || die "no port base in $dev/cluster.env; is the cluster up?"
+	mkdir -p "$dev/policies"
+	controller_args=(
+		--executor-token-file "$dev/executor-token"
+		--webhook --webhook-listen "127.0.0.1:$((port_base + 6))"
+		--webhook-cert-dir "$dev/webhook-certs" --controller-namespace kube-system
+		--health-addr "127.0.0.1:$((port_base + 7))"
+		--policy-dir "$dev/policies" --policy-namespace default
+	)
+	log "controller: webhook https://127.0.0.1:$((port_base + 6)), health http://127.0.0.1:$((port_base + 7))/readyz"
+}
 
 # The executor runner writes the token when it starts; wait for it (briefly) before the controller reads it.
 wait_for_token() {
@@ -108,6 +118,7 @@ cmd_fg() {
 	local bin
 	bin="$(build_controller)"
 	if can_run "$bin"; then
+		set_controller_args
 		log "running the controller in the foreground (Ctrl-C stops it and the cluster); log level via RUST_LOG"
 		wait_for_token
 		KUBECONFIG="$kubeconfig" "$bin" run "${controller_args[@]}" || log "controller exited with status $?"
@@ -123,6 +134,7 @@ cmd_up() {
 	local bin
 	bin="$(build_controller)"
 	if can_run "$bin"; then
+		set_controller_args
 		wait_for_token
 		"$cluster" spawn controller -- env KUBECONFIG="$kubeconfig" "$bin" run "${controller_args[@]}"
 		log "controller running in the background; log: $dev/logs/controller.log"
@@ -151,8 +163,8 @@ cmd_test() {
 	export SBX_KUBECONFIG="$kubeconfig"
 	# Every binary of the workspace: the e2e tests run the executor and the runner next to the
 	# controller they test (tests/e2e/harness.rs finds them beside it).
-	log "building every binary (cargo build --workspace --bins)"
-	(cd "$repo" && cargo build --workspace --bins)
+	log "building every target (cargo build --workspace --all-targets)"
+	(cd "$repo" && cargo build --workspace --all-targets)
 	log "running: cargo test $*"
 	(cd "$repo" && cargo test "$@")
 }

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::info;
 
-use super::{Context, Error, ledger_of, object_name, policy_selector};
+use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, TaskResourcePolicy, names};
 use crate::domain::allocation::AllocStatus;
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
@@ -32,7 +32,13 @@ const POD_WRITE_CONCURRENCY: usize = 32;
 
 pub async fn reconcile(batch: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(batch.as_ref()).erase();
+    let started = std::time::Instant::now();
     let result = reconcile_batch(&batch, &ctx).await;
+    ctx.metrics.reconciled(
+        "BatchSandbox",
+        started.elapsed(),
+        result.as_ref().map(|_| ()),
+    );
     if result.is_ok() {
         ctx.backoff.on_success(&key);
     }
@@ -56,7 +62,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         return cleanup(batch, ctx).await;
     }
 
-    let released = super::pool::released_of(batch);
+    let released = released_of(batch);
     let shards = match batch.pool_name() {
         Some(pool) => pooled_shards(batch, ctx, pool).await?,
         None => own_pods(batch, ctx, &released).await?,
@@ -138,7 +144,7 @@ async fn expire(
     )
     .await;
     info!(batch = %object_name(batch), %expire_time, "expired");
-    ctx.writes.count(super::WriteTarget::BatchObject);
+    ctx.metrics.writes.count(super::WriteTarget::BatchObject);
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: batch.uid(),

@@ -7,6 +7,7 @@
 mod backoff;
 mod batch;
 mod claims;
+mod metrics;
 mod pool;
 mod router;
 pub mod sidecar;
@@ -35,6 +36,7 @@ use crate::api::{BatchSandbox, Pool, names};
 use crate::domain::endpoints::EndpointsFormat;
 use sandbox_policy::PolicyEngine;
 
+pub use metrics::ControllerMetrics;
 pub use writes::{Target as WriteTarget, WriteCounter};
 
 /// How the controller behaves; set from the command line.
@@ -173,7 +175,7 @@ pub struct Context {
     /// Statuses written but maybe not yet visible in the cache.
     last_status: claims::LastStatus,
     backoff: backoff::PerObjectBackoff,
-    pub writes: WriteCounter,
+    pub metrics: ControllerMetrics,
     /// Bounds background pod writes across all reconciles.
     pod_writes: tokio::sync::Semaphore,
     pod_names: std::sync::atomic::AtomicU64,
@@ -194,7 +196,7 @@ impl Context {
         stores: Stores,
         policies: Arc<dyn PolicyEngine>,
         config: ControllerConfig,
-        writes: WriteCounter,
+        metrics: ControllerMetrics,
     ) -> Self {
         let reporter = Reporter {
             controller: names::MANAGED_BY.into(),
@@ -213,7 +215,7 @@ impl Context {
             expectations: Default::default(),
             last_status: Default::default(),
             backoff: Default::default(),
-            writes,
+            metrics,
             pod_writes: tokio::sync::Semaphore::new(32),
             pod_names: Default::default(),
             task_polls: Default::default(),
@@ -235,7 +237,7 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        self.writes.count(writes::Target::Event);
+        self.metrics.writes.count(writes::Target::Event);
         let event = Event {
             type_,
             reason: reason.into(),
@@ -259,7 +261,8 @@ impl Context {
     where
         K: NamespacedObject,
     {
-        self.writes
+        self.metrics
+            .writes
             .count(writes::Target::for_kind(&K::kind(&()), false));
         self.api::<K>(namespace)
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
@@ -275,7 +278,8 @@ impl Context {
     where
         K: NamespacedObject,
     {
-        self.writes
+        self.metrics
+            .writes
             .count(writes::Target::for_kind(&K::kind(&()), true));
         self.api::<K>(namespace)
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -325,7 +329,7 @@ impl Context {
 
     /// Creates a pod; one that already exists (a cache lagging our own create) counts as created.
     async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<Pod, kube::Error> {
-        self.writes.count(writes::Target::Pod);
+        self.metrics.writes.count(writes::Target::Pod);
         let api = self.api::<Pod>(namespace);
         match api.create(&PostParams::default(), &pod).await {
             Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
@@ -338,7 +342,7 @@ impl Context {
 
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
-        self.writes.count(writes::Target::Pod);
+        self.metrics.writes.count(writes::Target::Pod);
         match self
             .api::<Pod>(namespace)
             .delete(name, &DeleteParams::default())
@@ -386,7 +390,7 @@ pub async fn run(
     policies: Arc<dyn PolicyEngine>,
     config: ControllerConfig,
     health: crate::runtime::health::Health,
-    writes: WriteCounter,
+    metrics: ControllerMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (pods_store, pods_writer) = reflector::store::<Pod>();
@@ -404,7 +408,7 @@ pub async fn run(
         },
         policies,
         config.clone(),
-        writes,
+        metrics,
     ));
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
@@ -589,4 +593,14 @@ fn policy_selector<K: ResourceExt>(obj: &K, decision: sandbox_policy::Decision) 
             decision.name()
         ))
         .cloned()
+}
+
+/// The shards of a batch released after their task finished.
+fn released_of(batch: &BatchSandbox) -> crate::domain::released::Released {
+    crate::domain::released::Released::parse(
+        batch
+            .annotations()
+            .get(crate::domain::released::ANNOTATION_TASK_RESULTS)
+            .map(String::as_str),
+    )
 }

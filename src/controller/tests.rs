@@ -159,7 +159,7 @@ fn context(
         },
         Arc::new(sandbox_policy::NativePolicies),
         config,
-        WriteCounter::default(),
+        ControllerMetrics::default(),
     ))
 }
 

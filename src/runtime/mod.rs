@@ -14,7 +14,7 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 use sandbox_policy::{Limits, NativePolicies, PolicyEngine, PolicyRegistry, RegistryConfig};
 
-use crate::controller::{self, ControllerConfig, WriteCounter};
+use crate::controller::{self, ControllerConfig, ControllerMetrics};
 use crate::webhook::{self, Registration, Target, Webhook};
 use health::Health;
 use leader::LeaderConfig;
@@ -145,7 +145,12 @@ pub async fn run(
     let policies = start_policies(&config.policy, &client, &mut registry).await?;
     let webhook = match config.webhook.clone() {
         Some(settings) => {
-            Some(bind_webhook(settings, Some(client.clone()), Some(policies.clone())).await?)
+            let webhook =
+                bind_webhook(settings, Some(client.clone()), Some(policies.clone())).await?;
+            webhook
+                .admissions()
+                .register(registry.sub_registry_with_prefix("sandbox_webhook"));
+            Some(webhook)
         }
         None => None,
     };
@@ -160,10 +165,10 @@ pub async fn run(
         None => std::env::var(sandbox_executor::TOKEN_ENV).ok(),
     };
     let health = Health::default();
-    let writes = WriteCounter::default();
+    let metrics = ControllerMetrics::default();
     let own = registry.sub_registry_with_prefix("sandbox_controller");
     health.register(own);
-    writes.register(own);
+    metrics.register(own);
     let registry = Arc::new(registry);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -193,7 +198,7 @@ pub async fn run(
             policies,
             controller_config,
             health,
-            writes,
+            metrics,
             stopped(),
         );
         let Some(leader_config) = &config.leader else {
@@ -360,4 +365,95 @@ async fn start_policies(
     policies.metrics().register(registry);
     tracing::info!("policy decisions run in WebAssembly: embedded defaults plus custom policies");
     Ok(policies)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use prometheus_client::encoding::text::encode;
+    use sandbox_policy::{Decision, DegradedReason, PolicyMetrics};
+
+    use super::*;
+
+    /// Every metric family the process exports, each with a sample so it renders.
+    fn exported_families() -> BTreeSet<String> {
+        let mut registry = Registry::default();
+        let own = registry.sub_registry_with_prefix("sandbox_controller");
+        let health = Health::default();
+        health.register(own);
+        let metrics = ControllerMetrics::default();
+        metrics.register(own);
+        metrics.reconciled("Pool", Duration::from_millis(1), Ok(()));
+        metrics.reconciled(
+            "Pool",
+            Duration::from_millis(1),
+            Err(&controller::Error::Conflict(1)),
+        );
+        metrics.claimed("ns", "p", Duration::from_secs(1));
+        metrics.pool_pods("ns", "p", 1, 1, 1);
+        metrics.writes.count(controller::WriteTarget::Pod);
+        let policy = PolicyMetrics::default();
+        policy.register(&mut registry);
+        policy.decided(Decision::Expiry);
+        policy.degraded(Decision::Expiry, DegradedReason::Trap);
+        policy.loaded(true);
+        let admissions = webhook::AdmissionMetrics::default();
+        admissions.register(registry.sub_registry_with_prefix("sandbox_webhook"));
+        admissions.count(
+            br#"{"request":{"kind":{"kind":"Pool"},"operation":"CREATE"}}"#,
+            false,
+        );
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encoding");
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The family a series name in a query belongs to.
+    fn family_of(series: &str) -> &str {
+        ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|suffix| series.strip_suffix(suffix))
+            .unwrap_or(series)
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alerts_query_only_exported_metrics() {
+        let families = exported_families();
+        assert!(
+            families.contains("sandbox_controller_claim_duration_seconds"),
+            "{families:?}"
+        );
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/monitoring");
+        for file in ["grafana-dashboard.json", "alerts.yaml"] {
+            let text = std::fs::read_to_string(dir.join(file)).expect("reading the file");
+            let mut used = 0;
+            for (start, _) in text.match_indices("sandbox_") {
+                let name: String = text[start..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if name == "sandbox_" || name.starts_with("sandbox_controller\"") {
+                    continue;
+                }
+                // Names of dashboards, rules and groups are not metrics.
+                if !name.starts_with("sandbox_controller_")
+                    && !name.starts_with("sandbox_policy_")
+                    && !name.starts_with("sandbox_webhook_")
+                {
+                    continue;
+                }
+                assert!(
+                    families.contains(family_of(&name)),
+                    "{file} queries {name}, which is not exported (exported: {families:?})"
+                );
+                used += 1;
+            }
+            assert!(used >= 5, "{file} queries only {used} metrics");
+        }
+    }
 }

@@ -39,7 +39,16 @@ impl TestEnv {
                 token.display().to_string(),
             ]);
         }
-        spawn(&self.kubeconfig, &self.ns, args, 0)
+        // Each process its own log (tests read their health address from it).
+        let logs = dev_dir().join("logs");
+        let generation = (0..)
+            .find(|g| {
+                !logs
+                    .join(format!("controller-{}-{g}.log", self.ns))
+                    .exists()
+            })
+            .unwrap_or_default();
+        spawn(&self.kubeconfig, &self.ns, args, generation)
     }
 
     pub fn batches(&self) -> Api<BatchSandbox> {
@@ -99,16 +108,7 @@ impl TestEnv {
 
 /// The pods a pooled batch holds, from its ledger.
 pub fn ledger(batch: &BatchSandbox) -> Vec<String> {
-    AllocStatus::parse(
-        batch
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(names::ANNOTATION_ALLOC_STATUS))
-            .map(String::as_str),
-    )
-    .expect("valid alloc-status")
-    .pods
+    AllocStatus::of(batch).expect("valid alloc-status").pods
 }
 
 /// The parsed endpoints annotation: (sandbox_id, ip) in order.
@@ -170,9 +170,14 @@ impl ControllerProcess {
     /// Starts a fresh process with the same arguments (after [`kill`](Self::kill)).
     pub fn restart(&mut self) {
         self.kill();
-        let generation = std::fs::read_dir(self.log.parent().expect("log dir"))
-            .map(|d| d.count())
-            .unwrap_or(1) as u32;
+        let logs = self.log.parent().expect("log dir").to_path_buf();
+        let generation = (0..)
+            .find(|g| {
+                !logs
+                    .join(format!("controller-{}-{g}.log", self.ns))
+                    .exists()
+            })
+            .unwrap_or_default();
         *self = spawn(
             &self.kubeconfig.clone(),
             &self.ns.clone(),

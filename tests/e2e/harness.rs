@@ -646,15 +646,24 @@ fn install_crds(cluster: &Cluster) {
         "harness: crds/ applied no CustomResourceDefinition:\n{names}"
     );
 
-    let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+    // A CRD created a moment ago may have no status yet, which `kubectl wait` reports as an
+    // error ("accessor error: <nil>") instead of waiting: ask again until the deadline.
+    let mut wait = vec!["wait", "--for=condition=Established", "--timeout=10s"];
     wait.extend(crds.iter().copied());
-    let out = Command::new(&cluster.kubectl)
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .args(&wait)
-        .stdin(Stdio::null())
-        .output()
-        .expect("harness: running kubectl wait");
-    check_ok("harness: waiting for CRDs to be Established", &out);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(&cluster.kubectl)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .args(&wait)
+            .stdin(Stdio::null())
+            .output()
+            .expect("harness: running kubectl wait");
+        let no_status_yet = String::from_utf8_lossy(&out.stderr).contains("accessor error: <nil>");
+        if out.status.success() || !no_status_yet || Instant::now() > deadline {
+            check_ok("harness: waiting for CRDs to be Established", &out);
+            return;
+        }
+    }
 }
 
 static NS_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -717,6 +726,18 @@ fn format_rfc3339(t: i64) -> String {
     Timestamp::from_second(t)
         .map(|t| t.to_string())
         .unwrap_or_else(|e| panic!("harness: {t} is not a representable time: {e}"))
+}
+
+/// A binary of another workspace package (the executor, the local runner), built next to the
+/// controller binary this test run built. `make test` builds them all first (`cargo build --workspace --all-targets`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_sandbox-controller")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace --all-targets`, as `make test` does)",
+        path.display()
+    );
+    path
 }
 
 #[cfg(test)]
@@ -807,16 +828,4 @@ mod tests {
         let out = in_namespace(&spec_manifest("rl-batch.yaml"), "t-2");
         assert!(out.contains("namespace: t-2"), "{out}");
     }
-}
-
-/// A binary of another workspace package (the executor, the local runner), built next to the
-/// controller binary this test run built. `make test` builds them all first (`cargo build --bins`).
-pub fn workspace_bin(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_sandbox-controller")).with_file_name(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build the workspace's binaries first (`cargo build --bins`, as `make test` does)",
-        path.display()
-    );
-    path
 }

@@ -737,64 +737,371 @@ impl Drop for StandaloneWebhook {
     }
 }
 
-/// The in-cluster manifests: the apiserver accepts them (cert-manager's kinds aside, which this
-/// cluster does not have), and the webhook settings are the required ones.
+/// The in-cluster install, `deploy/kubernetes`: each overlay, as kubectl's kustomize renders it,
+/// passes `kubectl apply -k --server-side --dry-run=server` (moved into the test namespace by a
+/// kustomization around it), and so does the sandbox namespaces' NetworkPolicy. This cluster has
+/// no cert-manager, so its kinds (Issuer, Certificate) are left out of the dry run and checked
+/// here instead: the Certificate the CA injector reads is the one that writes the Secret the
+/// controller mounts, for the Service's DNS name, from an Issuer that exists.
 #[tokio::test]
 async fn deploy_manifests_are_accepted_by_the_apiserver() {
+    const CERT_MANAGER_GROUP: &str = "cert-manager.io/";
     let env = harness::env("webhook_deploy_manifests").await;
-    let dir = harness::repo_root().join("deploy/kubernetes");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in {}", dir.display());
+    let root: PathBuf = harness::repo_root().join("deploy/kubernetes");
 
-    let mut kinds = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).expect("manifest");
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let mut value: Value = serde::Deserialize::deserialize(doc).expect("YAML");
-            if value.is_null() {
-                continue;
-            }
-            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
-            kinds.push(kind.clone());
-            if kind == "ValidatingWebhookConfiguration" {
-                check_webhook_configuration(&value);
-            }
-            if matches!(kind.as_str(), "Namespace" | "Certificate" | "Issuer") {
-                continue;
-            }
-            if value["metadata"]["namespace"].is_string() {
-                value["metadata"]["namespace"] = Value::from(env.ns.clone());
-            }
-            let yaml = serde_yaml_ng::to_string(&value).expect("YAML");
-            let out = env.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &yaml);
+    let render = |dir: &Path| -> Vec<Value> {
+        let out = env.kubectl(&["kustomize", dir.to_str().expect("utf-8 path")]);
+        assert!(
+            out.status.success(),
+            "kubectl kustomize {} failed:\n{}",
+            dir.display(),
+            stderr(&out)
+        );
+        let text = String::from_utf8(out.stdout).expect("utf-8");
+        serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|doc| serde::Deserialize::deserialize(doc).expect("YAML"))
+            .filter(|v: &Value| !v.is_null())
+            .collect()
+    };
+    let find = |docs: &[Value], kind: &str| -> Vec<Value> {
+        docs.iter().filter(|d| d["kind"] == kind).cloned().collect()
+    };
+    let one = |docs: &[Value], kind: &str| -> Value {
+        let found = find(docs, kind);
+        assert_eq!(found.len(), 1, "expected one {kind}, got {found:?}");
+        found[0].clone()
+    };
+    // `kubectl apply -k` of `dir` (plus kustomize `components`) inside a kustomization that moves
+    // it into the test namespace and drops the kinds this cluster cannot validate.
+    let dry_run = |dir: &Path, components: &[PathBuf], drop: &[Value]| {
+        let wrapper = tempfile::tempdir().expect("temp dir");
+        // kustomize takes no absolute paths in `resources`.
+        let from = wrapper.path().canonicalize().expect("temp dir");
+        let relative = |to: &Path| -> String {
+            let to = to.canonicalize().expect("kustomization dir");
+            let path: PathBuf = from
+                .components()
+                .skip(1)
+                .map(|_| "..")
+                .collect::<PathBuf>()
+                .join(to.strip_prefix("/").expect("absolute"));
+            path.to_str().expect("utf-8 path").to_owned()
+        };
+        let mut kustomization = serde_json::json!({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "namespace": env.ns,
+            "resources": [relative(dir)],
+            "components": components.iter().map(|c| relative(c)).collect::<Vec<_>>(),
+            "patches": [],
+        });
+        for doc in drop {
+            let patch = serde_json::json!({
+                "$patch": "delete",
+                "apiVersion": doc["apiVersion"],
+                "kind": doc["kind"],
+                "metadata": {"name": doc["metadata"]["name"], "namespace": doc["metadata"]["namespace"]},
+            });
+            kustomization["patches"]
+                .as_array_mut()
+                .expect("patches")
+                .push(
+                    serde_json::json!({"patch": serde_yaml_ng::to_string(&patch).expect("YAML")}),
+                );
+        }
+        std::fs::write(
+            wrapper.path().join("kustomization.yaml"),
+            serde_yaml_ng::to_string(&kustomization).expect("YAML"),
+        )
+        .expect("writing the kustomization");
+        let out = env.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=sbx-e2e-deploy",
+            "--dry-run=server",
+            "-k",
+            wrapper.path().to_str().expect("utf-8 path"),
+        ]);
+        assert!(
+            out.status.success(),
+            "kubectl apply -k {} --dry-run=server was refused:\n{}",
+            dir.display(),
+            stderr(&out)
+        );
+        let applied = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rendered = render(wrapper.path());
+        assert_eq!(
+            applied
+                .lines()
+                .filter(|l| l.contains("(server dry run)"))
+                .count(),
+            rendered.len(),
+            "not every object of {} was applied:\n{applied}",
+            dir.display()
+        );
+        rendered
+    };
+    let arg_value = |args: &[Value], flag: &str| -> Option<String> {
+        let prefix = format!("{flag}=");
+        args.iter()
+            .filter_map(Value::as_str)
+            .find_map(|a| a.strip_prefix(&prefix).map(str::to_owned))
+    };
+    let env_value = |container: &Value, name: &str| -> Value {
+        container["env"]
+            .as_array()
+            .and_then(|vars| vars.iter().find(|v| v["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no env {name} in {container}"))
+    };
+
+    for (overlay, cert_manager) in [
+        ("overlays/cert-manager", true),
+        ("overlays/self-managed-ca", false),
+    ] {
+        let dir = root.join(overlay);
+        let docs = render(&dir);
+        let ns = "opensandbox-system";
+
+        // The controller: two leader-elected replicas that all serve the webhook.
+        let deployment = one(&docs, "Deployment");
+        assert_eq!(deployment["metadata"]["namespace"], ns);
+        assert_eq!(deployment["spec"]["replicas"], 2, "{overlay}");
+        let pod = &deployment["spec"]["template"];
+        let pod_labels = &pod["metadata"]["labels"];
+        let container = &pod["spec"]["containers"][0];
+        let args = container["args"].as_array().expect("args").clone();
+        assert_eq!(args[0], "run");
+        for flag in ["--leader-elect", "--webhook"] {
             assert!(
-                out.status.success(),
-                "{} ({kind}) was refused:\n{}",
-                file.display(),
-                stderr(&out)
+                args.iter().any(|a| a == flag),
+                "{overlay}: no {flag} in {args:?}"
             );
         }
-    }
-    for expected in [
-        "Deployment",
-        "Service",
-        "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "ValidatingWebhookConfiguration",
-        "Certificate",
-        "Issuer",
-    ] {
-        assert!(
-            kinds.iter().any(|k| k == expected),
-            "deploy/kubernetes has no {expected}: {kinds:?}"
+        assert_eq!(
+            arg_value(&args, "--leader-election-namespace").as_deref(),
+            Some("$(POD_NAMESPACE)")
         );
+        assert_eq!(
+            env_value(container, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.namespace"
+        );
+        assert_eq!(
+            arg_value(&args, "--health-addr").as_deref(),
+            Some("0.0.0.0:8081")
+        );
+        assert_eq!(
+            arg_value(&args, "--webhook-listen").as_deref(),
+            Some("0.0.0.0:9443")
+        );
+        let port = |name: &str| -> i64 {
+            container["ports"]
+                .as_array()
+                .and_then(|ports| ports.iter().find(|p| p["name"] == name))
+                .and_then(|p| p["containerPort"].as_i64())
+                .unwrap_or_else(|| panic!("no port {name}"))
+        };
+        assert_eq!(port("health"), 8081);
+        assert_eq!(port("webhook"), 9443);
+        let readiness = &container["readinessProbe"]["httpGet"];
+        assert_eq!(
+            (&readiness["path"], &readiness["port"], &readiness["scheme"]),
+            (
+                &Value::from("/readyz"),
+                &Value::from("webhook"),
+                &Value::from("HTTPS")
+            ),
+            "readiness must be the webhook's, which followers pass too"
+        );
+        let liveness = &container["livenessProbe"]["httpGet"];
+        assert_eq!(
+            (&liveness["path"], &liveness["port"]),
+            (&Value::from("/healthz"), &Value::from("health"))
+        );
+        for resource in ["cpu", "memory"] {
+            assert!(
+                container["resources"]["requests"][resource].is_string(),
+                "{overlay}"
+            );
+            assert!(
+                container["resources"]["limits"][resource].is_string(),
+                "{overlay}"
+            );
+        }
+        let security = &container["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            pod["spec"]["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        let cert_volume = pod["spec"]["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["name"] == "webhook-certs"))
+            .expect("webhook-certs volume");
+        let tls_secret = cert_volume["secret"]["secretName"].clone();
+
+        // The webhook Service and the PodDisruptionBudget select the controller's pods.
+        let service = one(&docs, "Service");
+        assert_eq!(&service["spec"]["selector"], pod_labels);
+        assert_eq!(service["spec"]["ports"][0]["targetPort"], "webhook");
+        let pdb = one(&docs, "PodDisruptionBudget");
+        assert_eq!(&pdb["spec"]["selector"]["matchLabels"], pod_labels);
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        let service_host = format!(
+            "{}.{}.svc",
+            service["metadata"]["name"].as_str().expect("name"),
+            service["metadata"]["namespace"]
+                .as_str()
+                .expect("namespace")
+        );
+
+        let registration = env_value(container, "WEBHOOK_REGISTRATION")["value"].clone();
+        let cert_manager_docs: Vec<Value> = docs
+            .iter()
+            .filter(|d| {
+                d["apiVersion"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with(CERT_MANAGER_GROUP))
+            })
+            .cloned()
+            .collect();
+        if cert_manager {
+            assert_eq!(registration, "none");
+            let config = one(&docs, "ValidatingWebhookConfiguration");
+            check_webhook_configuration(&config);
+            let client = &config["webhooks"][0]["clientConfig"]["service"];
+            assert_eq!(client["name"], service["metadata"]["name"]);
+            assert_eq!(client["namespace"], service["metadata"]["namespace"]);
+            let certificate = one(&docs, "Certificate");
+            let issuer = one(&docs, "Issuer");
+            assert_eq!(cert_manager_docs.len(), 2, "{cert_manager_docs:?}");
+            assert_eq!(
+                config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+                format!(
+                    "{}/{}",
+                    certificate["metadata"]["namespace"]
+                        .as_str()
+                        .expect("namespace"),
+                    certificate["metadata"]["name"].as_str().expect("name")
+                )
+            );
+            assert_eq!(certificate["metadata"]["namespace"], ns);
+            assert_eq!(certificate["spec"]["secretName"], tls_secret);
+            assert!(
+                certificate["spec"]["dnsNames"]
+                    .as_array()
+                    .is_some_and(|names| names.iter().any(|n| n == service_host.as_str())),
+                "the Certificate does not name {service_host}: {certificate}"
+            );
+            assert_eq!(certificate["spec"]["issuerRef"]["kind"], "Issuer");
+            assert_eq!(
+                certificate["spec"]["issuerRef"]["name"],
+                issuer["metadata"]["name"]
+            );
+            assert_eq!(issuer["metadata"]["namespace"], ns);
+        } else {
+            assert_eq!(registration, "service");
+            assert!(cert_manager_docs.is_empty(), "{cert_manager_docs:?}");
+            assert!(find(&docs, "ValidatingWebhookConfiguration").is_empty());
+            assert_eq!(
+                arg_value(&args, "--webhook-service").as_deref(),
+                Some("$(POD_NAMESPACE)/sandbox-controller-webhook:443")
+            );
+            let grants_registration = find(&docs, "ClusterRole").iter().any(|role| {
+                role["rules"].as_array().into_iter().flatten().any(|rule| {
+                    rule["resources"] == serde_json::json!(["validatingwebhookconfigurations"])
+                        && rule["resourceNames"]
+                            == serde_json::json!([registration::DEFAULT_CONFIGURATION_NAME])
+                        && rule["verbs"] == serde_json::json!(["create", "patch"])
+                })
+            });
+            assert!(
+                grants_registration,
+                "{overlay}: no RBAC for the registration"
+            );
+        }
+        for kind in [
+            "Namespace",
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ] {
+            assert!(!find(&docs, kind).is_empty(), "{overlay} has no {kind}");
+        }
+
+        let applied = dry_run(&dir, &[], &cert_manager_docs);
+        assert_eq!(applied.len() + cert_manager_docs.len(), docs.len());
     }
+
+    // The executor-token component, on either overlay, wires the token into the controller.
+    let with_token = dry_run(
+        &root.join("overlays/self-managed-ca"),
+        &[root.join("components/executor-token")],
+        &[],
+    );
+    let container = &one(&with_token, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_value(container, "EXECUTOR_TOKEN_SECRET")["value"],
+        "sandbox-executor-token"
+    );
+    let token_file = env_value(container, "EXECUTOR_TOKEN_FILE")["value"].clone();
+    assert!(
+        container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| token_file
+                .as_str()
+                .is_some_and(|f| f.starts_with(m["mountPath"].as_str().unwrap_or("-")))),
+        "{token_file} is not on a mounted volume: {container}"
+    );
+
+    // The sandbox namespaces' NetworkPolicy, applied as documented (`-n <namespace>`).
+    let sandbox_ns = root.join("sandbox-namespace");
+    let out = env.kubectl(&[
+        "apply",
+        "--server-side",
+        "--field-manager=sbx-e2e-deploy",
+        "--dry-run=server",
+        "-k",
+        sandbox_ns.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "kubectl apply -k {} -n {} --dry-run=server was refused:\n{}",
+        sandbox_ns.display(),
+        env.ns,
+        stderr(&out)
+    );
+    let policy = one(&render(&sandbox_ns), "NetworkPolicy");
+    let controller_labels = &one(
+        &render(&root.join("overlays/self-managed-ca")),
+        "Deployment",
+    )["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/managed-by"],
+        "sandbox-controller"
+    );
+    let executor_rule = policy["spec"]["ingress"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|r| r["ports"][0]["port"] == 5758))
+        .expect("a rule for the executor port");
+    assert_eq!(executor_rule["from"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        &executor_rule["from"][0]["podSelector"]["matchLabels"],
+        controller_labels
+    );
+    assert_eq!(
+        executor_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "opensandbox-system"
+    );
 }
 
 fn check_webhook_configuration(config: &Value) {

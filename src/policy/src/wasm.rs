@@ -88,11 +88,23 @@ struct Chosen {
     note: Option<(DegradedReason, String)>,
 }
 
+/// Custom policies by name, then by where they came from.
+type CustomPolicies = BTreeMap<String, BTreeMap<Source, Entry>>;
+
+/// The entry of `name` from `source`, made empty if there is none yet.
+fn entry_mut<'a>(custom: &'a mut CustomPolicies, name: &str, source: Source) -> &'a mut Entry {
+    custom
+        .entry(name.to_string())
+        .or_default()
+        .entry(source)
+        .or_default()
+}
+
 /// Runs decisions in WebAssembly. Shared by all reconcilers; every method takes `&self`.
 pub struct WasmPolicies {
     host: WasmHost,
     defaults: PerDecision<Arc<CompiledPolicy>>,
-    custom: RwLock<BTreeMap<String, BTreeMap<Source, Entry>>>,
+    custom: RwLock<CustomPolicies>,
     metrics: PolicyMetrics,
     /// Counts changes to the custom policies; see [`PolicyEngine::changes`].
     changes: tokio::sync::watch::Sender<u64>,
@@ -137,6 +149,12 @@ impl WasmPolicies {
         })
     }
 
+    fn write_custom(&self) -> std::sync::RwLockWriteGuard<'_, CustomPolicies> {
+        self.custom
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -170,15 +188,8 @@ impl WasmPolicies {
             return Ok(None);
         }
         let result = self.compile_revision(input, origin);
-        let mut custom = self
-            .custom
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let entry = custom
-            .entry(name.to_string())
-            .or_default()
-            .entry(source)
-            .or_default();
+        let mut custom = self.write_custom();
+        let entry = entry_mut(&mut custom, name, source);
         entry.input = Some(input_digest);
         self.metrics.loaded(result.is_ok());
         self.changed();
@@ -202,15 +213,8 @@ impl WasmPolicies {
     /// Records that `name` could not even be read (so there is no input to load).
     /// Repeats of the same error (a directory poll) are recorded once.
     pub fn record_load_error(&self, name: &str, source: Source, origin: &str, error: &LoadError) {
-        let mut custom = self
-            .custom
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let entry = custom
-            .entry(name.to_string())
-            .or_default()
-            .entry(source)
-            .or_default();
+        let mut custom = self.write_custom();
+        let entry = entry_mut(&mut custom, name, source);
         let message = format!("{origin}: {error}");
         if entry.input.is_none() && entry.error.as_deref() == Some(message.as_str()) {
             return;
