@@ -41,20 +41,21 @@ test:
 	deploy/local/dev.sh test $(TEST_ARGS)
 
 crds:
-	$(CARGO) run --quiet --bin sandbox-controller -- crdgen
+	$(CARGO) build --quiet --workspace --all-targets
+	"$${CARGO_TARGET_DIR:-target}/debug/sandbox-controller" crdgen
 
 # Builds (or finds in ~/.cache/sbx-cluster) the control-plane binary only.
 cluster-build:
 	deploy/local/build.sh
 
 policies:
-	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --bin sandbox-controller
+	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --workspace --all-targets
 	@ls -l policies/prebuilt
 
 # Claim benchmarks: release build, against a running cluster (make dev-up). BENCH_ARGS='--runs 5'
 BENCH_ARGS ?=
 bench:
-	$(CARGO) build --release --bin sandbox-controller --bin sandbox-bench
+	$(CARGO) build --release --workspace --bins
 	KUBECONFIG="$${KUBECONFIG:-$(DEV_DIR)/kubeconfig}" "$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)
 
 # Release images from static (musl) binaries, FROM scratch; see deploy/images/build.sh for

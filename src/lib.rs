@@ -2,10 +2,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cli;
 pub mod controller;
 pub mod domain;
-pub mod executor;
-pub mod health;
-pub mod leader;
-pub mod policy;
+pub mod runtime;
 pub mod webhook;

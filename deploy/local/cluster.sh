@@ -11,7 +11,7 @@
 # Components (one process each, all listening on 127.0.0.1 only): embedded
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok with
 # SBX_NODES fake nodes, each with a pod CIDR 127.1.<k>.0/24; then the executor
-# runner (`sandbox-controller local-executors`), which serves task executors on
+# runner (`sandbox-local-executors`), which serves task executors on
 # those pod IPs (<podIP>:5758).
 #
 # Several instances on one machine: give each its own SBX_DEV_DIR and port
@@ -32,7 +32,7 @@
 #   SBX_ADVERTISE_ADDRESS  address kube-apiserver advertises (default: detected, non-loopback)
 #   SBX_UP_TIMEOUT     seconds `up` waits for the cluster to come up (default 120); builds (the
 #                      control-plane binary, the executor runner) happen before or outside it
-#   SBX_RUNNER_BIN     prebuilt sandbox-controller for the executor runner (default: cargo build)
+#   SBX_RUNNER_BIN     prebuilt sandbox-local-executors for the executor runner (default: cargo build)
 #
 # Layout of $SBX_DEV_DIR: kubeconfig, bin/kubectl (matching v1.36 client),
 # pki/, etcd/, logs/<process>.log, run/<process>.pid, cluster.env.
@@ -61,22 +61,25 @@ HELPERS=(executor-runner)
 # kwok pods run no containers: the runner starts a real sandbox-task-executor
 # for every Running pod with a task-executor container, on the pod's 127.1.x.y
 # IP, port 5758, with the token in $SBX_DEV_DIR/executor-token (created if
-# missing). SBX_RUNNER_BIN: a prebuilt sandbox-controller (with
+# missing). SBX_RUNNER_BIN: a prebuilt sandbox-local-executors (with
 # sandbox-task-executor next to it) instead of building them here.
 helper_cmd_executor_runner() {
 	local ctl="${SBX_RUNNER_BIN:-}"
 	if [[ -z "$ctl" ]]; then
-		log "building sandbox-controller and sandbox-task-executor for the executor runner" \
+		log "building the workspace (sandbox-local-executors, sandbox-task-executor) for the executor runner" \
 			"(cargo build; a first build with an empty target dir takes several minutes, not counted in SBX_UP_TIMEOUT)"
-		ctl="$(cd "$repo" && cargo build --bin sandbox-controller --bin sandbox-task-executor \
+		# Every target of the workspace, as every other debug build here: any narrower selection
+		# (without the tests' dev-dependencies, or without some crates) unifies dependency
+		# features differently and compiles wasmtime and kube a second time.
+		ctl="$(cd "$repo" && cargo build --workspace --all-targets \
 			--message-format=json-render-diagnostics |
-			sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
+			sed -n 's/.*"executable":"\([^"]*sandbox-local-executors\)".*/\1/p' | tail -n1)"
 	fi
-	[[ -n "$ctl" && -x "$ctl" ]] || die "could not build sandbox-controller for the executor runner"
+	[[ -n "$ctl" && -x "$ctl" ]] || die "could not build sandbox-local-executors for the executor runner"
 	# Created here, not only by the runner, so it exists once `up` returns.
 	[[ -s "$dev/executor-token" ]] ||
 		(umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dev/executor-token")
-	CMD=(env KUBECONFIG="$kubeconfig" "$ctl" local-executors --state-dir "$dev")
+	CMD=(env KUBECONFIG="$kubeconfig" "$ctl" --state-dir "$dev")
 }
 
 log() { printf '[cluster] %s\n' "$*" >&2; }

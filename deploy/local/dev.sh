@@ -58,7 +58,7 @@ apply_crds() {
 build_controller() {
 	log "building sandbox-controller"
 	local bin
-	bin="$(cd "$repo" && cargo build --bin sandbox-controller --message-format=json-render-diagnostics |
+	bin="$(cd "$repo" && cargo build --workspace --all-targets --message-format=json-render-diagnostics |
 		sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
 	[[ -n "$bin" && -x "$bin" ]] || die "could not build sandbox-controller"
 	echo "$bin"
@@ -161,6 +161,10 @@ cmd_test() {
 	cluster_up
 	# The harness (tests/e2e/harness.rs) uses exactly this cluster.
 	export SBX_KUBECONFIG="$kubeconfig"
+	# Every binary of the workspace: the e2e tests run the executor and the runner next to the
+	# controller they test (tests/e2e/harness.rs finds them beside it).
+	log "building every target (cargo build --workspace --all-targets)"
+	(cd "$repo" && cargo build --workspace --all-targets)
 	log "running: cargo test $*"
 	(cd "$repo" && cargo test "$@")
 }

@@ -22,20 +22,6 @@ pub const FINALIZER_BATCH: &str = "batch-sandbox.sandbox.opensandbox.io/task-cle
 /// Finalizer on a Pool: its pods are drained (idle ones at once, allocated ones when released).
 pub const FINALIZER_POOL: &str = "sandbox.opensandbox.io/pool-cleanup";
 
-/// Annotation prefix that selects a custom WebAssembly policy for one decision of one object,
-/// e.g. `policy.sandbox.opensandbox.io/pool-sizing: demand-aware`.
-pub const ANNOTATION_POLICY_PREFIX: &str = "policy.sandbox.opensandbox.io/";
-/// Label (value `"true"`) on a ConfigMap in the controller's namespace that holds a custom policy:
-/// binaryData `policy.wasm`, optional data `settings.json`. The ConfigMap's name is the policy's.
-pub const LABEL_POLICY: &str = "policy.sandbox.opensandbox.io/policy";
-/// Annotation on a policy ConfigMap pinning the component's sha256 (hex); a mismatch keeps the
-/// revision from loading.
-pub const ANNOTATION_POLICY_SHA256: &str = "policy.sandbox.opensandbox.io/sha256";
-/// Key of the component in a policy ConfigMap's binaryData.
-pub const POLICY_CONFIGMAP_WASM_KEY: &str = "policy.wasm";
-/// Key of the settings JSON in a policy ConfigMap's data.
-pub const POLICY_CONFIGMAP_SETTINGS_KEY: &str = "settings.json";
-
 /// Label on every pod this controller creates, so one label-selected watch sees exactly those.
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].

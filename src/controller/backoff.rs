@@ -42,17 +42,22 @@ impl PerObjectBackoff {
     }
 }
 
-/// The `attempt`-th delay (1-based): 200 ms doubling up to 5 minutes, with jitter.
+/// Longest delay between retries of one object.
+pub const MAX_DELAY: Duration = Duration::from_secs(300);
+
+/// The `attempt`-th delay (1-based): 200 ms doubling, each with a random jitter of up to the
+/// delay itself (backon's), never more than [`MAX_DELAY`]: the doubling stops at half of it.
 fn delay_for(attempt: usize) -> Duration {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(300))
+        .with_max_delay(MAX_DELAY / 2)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
         .build()
         .nth(attempt.saturating_sub(1))
-        .unwrap_or(Duration::from_secs(300))
+        .unwrap_or(MAX_DELAY)
+        .min(MAX_DELAY)
 }
 
 #[cfg(test)]
@@ -60,9 +65,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delays_grow_and_are_capped() {
-        assert!(delay_for(1) < Duration::from_millis(500));
-        assert!(delay_for(6) >= Duration::from_millis(6400));
-        assert!(delay_for(60) <= Duration::from_secs(600));
+    fn delays_double_from_200_ms_with_jitter_below_twice_the_step() {
+        for attempt in 1..=10 {
+            let step = Duration::from_millis(200) * 2u32.pow(attempt as u32 - 1);
+            let delay = delay_for(attempt);
+            assert!(
+                delay >= step && delay < step * 2,
+                "attempt {attempt}: {delay:?} outside [{step:?}, {:?})",
+                step * 2
+            );
+        }
+    }
+
+    #[test]
+    fn delays_never_exceed_the_cap() {
+        for attempt in [11, 12, 20, 60, 1000] {
+            let delay = delay_for(attempt);
+            assert!(
+                delay >= MAX_DELAY / 2 && delay <= MAX_DELAY,
+                "attempt {attempt}: {delay:?}"
+            );
+        }
     }
 }

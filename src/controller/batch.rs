@@ -16,22 +16,29 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::info;
 
-use super::pool::policy_selector;
-use super::{Context, Error, object_name};
+use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, TaskResourcePolicy, names};
 use crate::domain::allocation::AllocStatus;
-use crate::domain::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision, TaskPhase};
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
 use crate::domain::{endpoints, pod_template, pods};
-use crate::policy::ShardTaskInput;
+use sandbox_decisions::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision};
+use sandbox_decisions::tasks::TaskPhase;
+use sandbox_policy::Decision;
+use sandbox_policy::ShardTaskInput;
 use std::time::Duration;
 
 const POD_WRITE_CONCURRENCY: usize = 32;
 
 pub async fn reconcile(batch: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(batch.as_ref()).erase();
+    let started = std::time::Instant::now();
     let result = reconcile_batch(&batch, &ctx).await;
+    ctx.metrics.reconciled(
+        "BatchSandbox",
+        started.elapsed(),
+        result.as_ref().map(|_| ()),
+    );
     if result.is_ok() {
         ctx.backoff.on_success(&key);
     }
@@ -55,7 +62,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         return cleanup(batch, ctx).await;
     }
 
-    let released = super::pool::released_of(batch);
+    let released = released_of(batch);
     let shards = match batch.pool_name() {
         Some(pool) => pooled_shards(batch, ctx, pool).await?,
         None => own_pods(batch, ctx, &released).await?,
@@ -93,7 +100,7 @@ async fn decide_expiry(
     batch: &BatchSandbox,
     ctx: &Context,
     task_phases: &[TaskPhase],
-) -> Result<crate::policy::Outcome<ExpiryDecision>, Error> {
+) -> Result<sandbox_policy::Outcome<ExpiryDecision>, Error> {
     let snapshot = BatchSnapshot {
         name: batch.name_any(),
         expire_time_unix_ms: batch
@@ -105,7 +112,7 @@ async fn decide_expiry(
         pooled: batch.pool_name().is_some(),
         task_phases: task_phases.to_vec(),
     };
-    let selector = policy_selector(batch, "expiry");
+    let selector = policy_selector(batch, Decision::Expiry);
     ctx.decide(move |p| p.expiry(selector.as_deref(), &snapshot))
         .await
 }
@@ -137,7 +144,7 @@ async fn expire(
     )
     .await;
     info!(batch = %object_name(batch), %expire_time, "expired");
-    ctx.writes.count(super::WriteTarget::BatchObject);
+    ctx.metrics.writes.count(super::WriteTarget::BatchObject);
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: batch.uid(),
@@ -330,19 +337,6 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     })
 }
 
-fn ledger_of(batch: &BatchSandbox) -> Result<AllocStatus, Error> {
-    AllocStatus::parse(
-        batch
-            .annotations()
-            .get(names::ANNOTATION_ALLOC_STATUS)
-            .map(String::as_str),
-    )
-    .map_err(|source| Error::CorruptAllocStatus {
-        object: object_name(batch),
-        source,
-    })
-}
-
 fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
     ctx.pods.get(&ObjectRef::new(name).within(ns))
 }
@@ -461,7 +455,7 @@ async fn task_phases(
         task_template: batch.spec.task_template.clone(),
         shard_patches: batch.spec.shard_task_patches.clone(),
     };
-    let selector = policy_selector(batch, "shard-tasks");
+    let selector = policy_selector(batch, Decision::ShardTasks);
     let outcome = ctx
         .decide(move |p| p.shard_tasks(selector.as_deref(), &input))
         .await?;

@@ -7,10 +7,15 @@
 mod backoff;
 mod batch;
 mod claims;
+mod metrics;
 mod pool;
 mod router;
+pub mod sidecar;
 mod tasks;
 mod writes;
+
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +34,9 @@ use tracing::{info, warn};
 
 use crate::api::{BatchSandbox, Pool, names};
 use crate::domain::endpoints::EndpointsFormat;
-use crate::policy::PolicyEngine;
+use sandbox_policy::PolicyEngine;
 
+pub use metrics::ControllerMetrics;
 pub use writes::{Target as WriteTarget, WriteCounter};
 
 /// How the controller behaves; set from the command line.
@@ -88,11 +94,7 @@ impl ExecutorSettings {
     /// Adds the executor sidecar to a pod (idempotent).
     pub fn inject(&self, pod: &mut Pod) {
         if let Some(spec) = pod.spec.as_mut() {
-            crate::executor::sidecar::inject_sidecar(
-                spec,
-                &self.image,
-                self.token_secret.as_deref(),
-            );
+            sidecar::inject_sidecar(spec, &self.image, self.token_secret.as_deref());
         }
     }
 
@@ -173,15 +175,53 @@ pub struct Context {
     /// Statuses written but maybe not yet visible in the cache.
     last_status: claims::LastStatus,
     backoff: backoff::PerObjectBackoff,
-    pub writes: Arc<WriteCounter>,
+    pub metrics: ControllerMetrics,
     /// Bounds background pod writes across all reconciles.
     pod_writes: tokio::sync::Semaphore,
     pod_names: std::sync::atomic::AtomicU64,
-    pub executor: crate::executor::client::ExecutorClient,
+    pub executor: sandbox_executor::client::ExecutorClient,
     task_polls: tasks::TaskPolls,
 }
 
+/// The caches a [`Context`] reads.
+pub struct Stores {
+    pub pods: Store<Pod>,
+    pub batches: Store<BatchSandbox>,
+    pub pools: Store<Pool>,
+}
+
 impl Context {
+    pub fn new(
+        client: Client,
+        stores: Stores,
+        policies: Arc<dyn PolicyEngine>,
+        config: ControllerConfig,
+        metrics: ControllerMetrics,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: names::MANAGED_BY.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            executor: sandbox_executor::client::ExecutorClient::new(config.executor.token.clone()),
+            client,
+            pods: stores.pods,
+            batches: stores.batches,
+            pools: stores.pools,
+            policies,
+            config,
+            claims: Default::default(),
+            expectations: Default::default(),
+            last_status: Default::default(),
+            backoff: Default::default(),
+            metrics,
+            pod_writes: tokio::sync::Semaphore::new(32),
+            pod_names: Default::default(),
+            task_polls: Default::default(),
+        }
+    }
+
     fn api<K>(&self, namespace: &str) -> Api<K>
     where
         K: NamespacedObject,
@@ -197,7 +237,7 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        self.writes.count(writes::Target::Event);
+        self.metrics.writes.count(writes::Target::Event);
         let event = Event {
             type_,
             reason: reason.into(),
@@ -221,7 +261,8 @@ impl Context {
     where
         K: NamespacedObject,
     {
-        self.writes
+        self.metrics
+            .writes
             .count(writes::Target::for_kind(&K::kind(&()), false));
         self.api::<K>(namespace)
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
@@ -237,7 +278,8 @@ impl Context {
     where
         K: NamespacedObject,
     {
-        self.writes
+        self.metrics
+            .writes
             .count(writes::Target::for_kind(&K::kind(&()), true));
         self.api::<K>(namespace)
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -287,7 +329,7 @@ impl Context {
 
     /// Creates a pod; one that already exists (a cache lagging our own create) counts as created.
     async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<Pod, kube::Error> {
-        self.writes.count(writes::Target::Pod);
+        self.metrics.writes.count(writes::Target::Pod);
         let api = self.api::<Pod>(namespace);
         match api.create(&PostParams::default(), &pod).await {
             Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
@@ -300,7 +342,7 @@ impl Context {
 
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
-        self.writes.count(writes::Target::Pod);
+        self.metrics.writes.count(writes::Target::Pod);
         match self
             .api::<Pod>(namespace)
             .delete(name, &DeleteParams::default())
@@ -347,7 +389,8 @@ pub async fn run(
     client: Client,
     policies: Arc<dyn PolicyEngine>,
     config: ControllerConfig,
-    health: Arc<crate::health::Health>,
+    health: crate::runtime::health::Health,
+    metrics: ControllerMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (pods_store, pods_writer) = reflector::store::<Pod>();
@@ -356,28 +399,17 @@ pub async fn run(
     let (pool_tx, pool_rx) = mpsc::unbounded_channel::<ObjectRef<Pool>>();
     let (batch_tx, batch_rx) = mpsc::unbounded_channel::<ObjectRef<BatchSandbox>>();
 
-    let reporter = Reporter {
-        controller: names::MANAGED_BY.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let context = Arc::new(Context {
-        client: client.clone(),
-        pods: pods_store.clone(),
-        batches: batches_store.clone(),
-        pools: pools_store.clone(),
+    let context = Arc::new(Context::new(
+        client.clone(),
+        Stores {
+            pods: pods_store.clone(),
+            batches: batches_store.clone(),
+            pools: pools_store.clone(),
+        },
         policies,
-        recorder: Recorder::new(client.clone(), reporter),
-        config: config.clone(),
-        claims: Default::default(),
-        expectations: Default::default(),
-        last_status: Default::default(),
-        backoff: Default::default(),
-        writes: health.writes.clone(),
-        pod_writes: tokio::sync::Semaphore::new(32),
-        pod_names: Default::default(),
-        executor: crate::executor::client::ExecutorClient::new(config.executor.token.clone()),
-        task_polls: Default::default(),
-    });
+        config.clone(),
+        metrics,
+    ));
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
     let ns = config.namespace.as_deref();
@@ -527,20 +559,48 @@ fn tokio_stream_from<T: Send + 'static>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-fn log_result<K: Resource, E: std::fmt::Display>(result: Result<(ObjectRef<K>, Action), E>)
-where
+fn log_result<K: Resource, Q: std::error::Error>(
+    result: Result<(ObjectRef<K>, Action), controller::Error<Error, Q>>,
+) where
     K::DynamicType: std::fmt::Debug,
 {
-    if let Err(error) = result {
-        // Missing objects (deleted since they were queued) are routine.
-        let text = error.to_string();
-        if !text.contains("not found in local store") {
-            warn!(%error, "reconcile failed");
-        }
+    match result {
+        // Objects deleted since they were queued are routine.
+        Ok(_) | Err(controller::Error::ObjectNotFound(_)) => {}
+        Err(error) => warn!(%error, "reconcile failed"),
     }
 }
 
 /// Name and namespace of any namespaced object, for messages.
 fn object_name<K: ResourceExt>(obj: &K) -> String {
     format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// A batch's allocation ledger; a corrupt one is an error, never read as empty.
+fn ledger_of(batch: &BatchSandbox) -> Result<crate::domain::allocation::AllocStatus, Error> {
+    crate::domain::allocation::AllocStatus::of(batch).map_err(|source| Error::CorruptAllocStatus {
+        object: object_name(batch),
+        source,
+    })
+}
+
+/// The custom policy an object selected for `decision`, from its annotations.
+fn policy_selector<K: ResourceExt>(obj: &K, decision: sandbox_policy::Decision) -> Option<String> {
+    obj.annotations()
+        .get(&format!(
+            "{}{}",
+            sandbox_policy::names::ANNOTATION_POLICY_PREFIX,
+            decision.name()
+        ))
+        .cloned()
+}
+
+/// The shards of a batch released after their task finished.
+fn released_of(batch: &BatchSandbox) -> crate::domain::released::Released {
+    crate::domain::released::Released::parse(
+        batch
+            .annotations()
+            .get(crate::domain::released::ANNOTATION_TASK_RESULTS)
+            .map(String::as_str),
+    )
 }

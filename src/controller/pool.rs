@@ -14,23 +14,26 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use super::{Context, Error, object_name};
+use super::{Context, Error, ledger_of, policy_selector, released_of};
 use crate::api::{BatchSandbox, Pool, PoolStatus, names};
 use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
 use crate::domain::conditions::{self, Desired};
 use crate::domain::pod_template;
 use crate::domain::pods;
 use crate::domain::pool_plan::{self, PoolPod};
-use crate::domain::released::{self, Released};
-use crate::domain::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use crate::domain::{endpoints, pods::is_running_and_ready};
+use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
+use sandbox_policy::Decision;
 
 /// Pod writes in flight at once, per reconcile.
 const POD_WRITE_CONCURRENCY: usize = 32;
 
 pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(pool.as_ref()).erase();
+    let started = std::time::Instant::now();
     let result = reconcile_pool(&pool, &ctx).await;
+    ctx.metrics
+        .reconciled("Pool", started.elapsed(), result.as_ref().map(|_| ()));
     if result.is_ok() {
         ctx.backoff.on_success(&key);
     }
@@ -76,16 +79,7 @@ impl Observed {
             {
                 continue;
             }
-            let ledger = AllocStatus::parse(
-                batch
-                    .annotations()
-                    .get(names::ANNOTATION_ALLOC_STATUS)
-                    .map(String::as_str),
-            )
-            .map_err(|source| Error::CorruptAllocStatus {
-                object: object_name(batch.as_ref()),
-                source,
-            })?;
+            let ledger = ledger_of(&batch)?;
             batches.push((batch, ledger));
         }
         batches.sort_by(|(a, _), (b, _)| {
@@ -222,6 +216,17 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
                 ctx.claims
                     .record(&observed.namespace, grant.granted.iter().cloned());
                 observed.held.extend(grant.granted.iter().cloned());
+                let batch = &wanting[grant.demand].0;
+                let complete =
+                    grant.pods.iter().filter(|p| !p.is_empty()).count() >= batch.desired_replicas();
+                if let (true, Some(created)) = (complete, &batch.metadata.creation_timestamp) {
+                    let waited = Timestamp::now().duration_since(created.0);
+                    ctx.metrics.claimed(
+                        &observed.namespace,
+                        &observed.name,
+                        waited.try_into().unwrap_or_default(),
+                    );
+                }
             }
             Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => conflicts += 1,
             Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {}
@@ -296,7 +301,7 @@ async fn resize(
         recent_allocations: recent_allocations(observed),
         now_unix_ms: Timestamp::now().as_millisecond(),
     };
-    let selector = policy_selector(pool, "pool-sizing");
+    let selector = policy_selector(pool, Decision::PoolSizing);
     let outcome = ctx
         .decide(move |p| p.pool_sizing(selector.as_deref(), &snapshot))
         .await?;
@@ -409,6 +414,7 @@ async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action
     if observed.pods.is_empty() && observed.unseen_creations == 0 {
         ctx.remove_finalizer::<Pool>(pool, names::FINALIZER_POOL)
             .await?;
+        ctx.metrics.forget_pool(&observed.namespace, &observed.name);
         info!(pool = %observed.owner_key(), "pool drained; finalizer removed");
         return Ok(Action::await_change());
     }
@@ -443,6 +449,13 @@ async fn write_status(
     draining: Option<String>,
 ) -> Result<(), Error> {
     let counts = pool_plan::counts(&plan_pods(observed), observed.unseen_creations);
+    ctx.metrics.pool_pods(
+        &observed.namespace,
+        &observed.name,
+        counts.available,
+        counts.allocated,
+        counts.pending,
+    );
     let previous = pool.status.clone().unwrap_or_default();
     let generation = pool.metadata.generation.unwrap_or_default();
     let buffer_min = non_negative(pool.spec.capacity_spec.buffer_min);
@@ -507,22 +520,6 @@ async fn write_status(
     Ok(())
 }
 
-pub(super) fn released_of(batch: &BatchSandbox) -> Released {
-    Released::parse(
-        batch
-            .annotations()
-            .get(released::ANNOTATION_TASK_RESULTS)
-            .map(String::as_str),
-    )
-}
-
 fn non_negative(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
-}
-
-/// The custom policy an object selected for `decision`, from its annotations.
-pub(super) fn policy_selector<K: ResourceExt>(obj: &K, decision: &str) -> Option<String> {
-    obj.annotations()
-        .get(&format!("{}{decision}", names::ANNOTATION_POLICY_PREFIX))
-        .cloned()
 }

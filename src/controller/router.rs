@@ -93,14 +93,10 @@ impl Router {
                 {
                     continue;
                 }
-                let held = AllocStatus::parse(
-                    batch
-                        .annotations()
-                        .get(names::ANNOTATION_ALLOC_STATUS)
-                        .map(String::as_str),
-                )
-                .map(|a| a.pods.contains(&pod_name))
-                .unwrap_or(true);
+                // A corrupt ledger may hold it: wake that batch too, so it reports the corruption.
+                let held = AllocStatus::of(&batch)
+                    .map(|a| a.pods.contains(&pod_name))
+                    .unwrap_or(true);
                 if held {
                     self.batch(&ns, &batch.name_any());
                 }

@@ -15,13 +15,13 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use tracing::{debug, warn};
 
+use super::sidecar::has_executor;
 use super::{Context, Error};
 use crate::api::{BatchSandbox, TaskSpec};
-use crate::domain::expiry::TaskPhase;
 use crate::domain::pods;
-use crate::executor::sidecar::has_executor;
-use crate::executor::wire::Task;
-use crate::policy::{Outcome, ShardTasks};
+use sandbox_decisions::tasks::TaskPhase;
+use sandbox_executor::wire::Task;
+use sandbox_policy::{Outcome, ShardTasks};
 
 /// What task sync saw.
 pub struct TaskReport {

@@ -1,10 +1,13 @@
 //! Counts of the API writes the controller makes, by target, so the cost of a claim can be
 //! measured (`/metrics`, and the `sandbox-bench` figures).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 /// What a write went to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
     BatchObject,
     BatchStatus,
@@ -15,15 +18,6 @@ pub enum Target {
 }
 
 impl Target {
-    const ALL: [Target; 6] = [
-        Target::BatchObject,
-        Target::BatchStatus,
-        Target::PoolObject,
-        Target::PoolStatus,
-        Target::Pod,
-        Target::Event,
-    ];
-
     /// The `target` label value in `/metrics`.
     pub fn label(self) -> &'static str {
         match self {
@@ -48,23 +42,34 @@ impl Target {
     }
 }
 
-#[derive(Default, Debug)]
+impl EncodeLabelValue for Target {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.label(), encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    target: Target,
+}
+
+/// API writes by target (`sandbox_controller_api_writes_total`). Clones share the counts.
+#[derive(Clone, Debug, Default)]
 pub struct WriteCounter {
-    counts: [AtomicU64; 6],
+    writes: Family<WriteLabels, Counter>,
 }
 
 impl WriteCounter {
-    pub fn count(&self, target: Target) {
-        self.counts[Target::ALL.iter().position(|t| *t == target).unwrap_or(0)]
-            .fetch_add(1, Ordering::Relaxed);
+    /// Adds the counter to `registry`, whose prefix should be `sandbox_controller`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "api_writes",
+            "API write requests made by the controller, by target",
+            self.writes.clone(),
+        );
     }
 
-    /// Every target with its count so far.
-    pub fn snapshot(&self) -> Vec<(Target, u64)> {
-        Target::ALL
-            .iter()
-            .zip(&self.counts)
-            .map(|(t, c)| (*t, c.load(Ordering::Relaxed)))
-            .collect()
+    pub fn count(&self, target: Target) {
+        self.writes.get_or_create(&WriteLabels { target }).inc();
     }
 }

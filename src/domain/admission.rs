@@ -19,7 +19,8 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
 use crate::api::{BatchSandbox, BatchSandboxSpec, EnvVar, Pool, TaskTemplateSpec, names};
-use crate::domain::{pod_template, tasks};
+use crate::domain::pod_template;
+use sandbox_decisions::tasks;
 
 /// Replicas allowed when no other maximum is configured.
 pub const DEFAULT_MAX_REPLICAS: i32 = 1000;
@@ -184,6 +185,64 @@ pub enum Rule {
     /// A problem with the review request itself rather than with a field of the object.
     #[error("{0}")]
     BadRequest(String),
+}
+
+impl Rule {
+    /// One instance of every rule, with sample values: the message table of docs/admission.md.
+    pub fn catalogue() -> Vec<Rule> {
+        vec![
+            Rule::Negative,
+            Rule::AboveMaxReplicas { max: 1000 },
+            Rule::AboveOther {
+                other: "bufferMax",
+                other_value: 20,
+            },
+            Rule::NotPositive,
+            Rule::BothTemplateAndPoolRef,
+            Rule::NeitherTemplateNorPoolRef,
+            Rule::NoContainers,
+            Rule::NotDnsLabel,
+            Rule::DuplicateContainerName { first: 0 },
+            Rule::MissingImage,
+            Rule::NotObjectName,
+            Rule::PoolRefChanged {
+                was: "\"fast-pool\"".into(),
+            },
+            Rule::PoolRefAdded,
+            Rule::ShardPatchesOnPooledBatch,
+            Rule::MoreEntriesThanReplicas {
+                entries: 3,
+                replicas: 2,
+            },
+            Rule::BadShardPatch {
+                reason: "expected an object".into(),
+            },
+            Rule::ShardPatchBreaksPod {
+                shard: 1,
+                problem: "spec.containers[0].image: must be set".into(),
+            },
+            Rule::EmptyCommand {
+                shards: "shards 0-2".into(),
+            },
+            Rule::BadEnvName,
+            Rule::DuplicateEnvName { first: 0 },
+            Rule::BadTime {
+                reason: "invalid date".into(),
+            },
+            Rule::ExpireTimeInPast {
+                now: "2026-12-01T00:00:00Z".into(),
+            },
+            Rule::UnknownPolicy,
+            Rule::NameTooLongForLabel {
+                label: names::LABEL_BATCH_NAME,
+            },
+            Rule::Unreadable {
+                kind: "BatchSandbox",
+                reason: "spec.replicas: invalid type".into(),
+            },
+            Rule::BadRequest("the request has no object".into()),
+        ]
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -530,7 +589,7 @@ fn env_rules(path: &str, env: &[EnvVar], verdict: &mut Verdict) {
 }
 
 /// Every shard that has a task must end up with a command. Shards with neither a template nor a
-/// patch have no task, which is fine. The merge is `domain::tasks`, the one the controller runs;
+/// patch have no task, which is fine. The merge is `sandbox_decisions::tasks`, the one the controller runs;
 /// shards past the last patch all get the bare template, so one representative stands for them
 /// all and the cost does not grow with `replicas`.
 fn shard_command_rule(spec: &BatchSandboxSpec, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
@@ -750,7 +809,8 @@ fn policy_annotations(
         return;
     };
     for (key, name) in annotations {
-        let Some(decision) = key.strip_prefix(names::ANNOTATION_POLICY_PREFIX) else {
+        let Some(decision) = key.strip_prefix(sandbox_policy::names::ANNOTATION_POLICY_PREFIX)
+        else {
             continue;
         };
         match POLICY_DECISIONS.iter().find(|(d, _)| *d == decision) {

@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::{BatchSandbox, names};
+
 /// The `sandbox.opensandbox.io/alloc-status` annotation, in OpenSandbox's format.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -33,6 +35,18 @@ impl AllocStatus {
 
     pub fn to_annotation(&self) -> String {
         serde_json::to_string(self).expect("plain strings always serialize")
+    }
+
+    /// The ledger a batch carries (empty when it has none).
+    pub fn of(batch: &BatchSandbox) -> Result<Self, serde_json::Error> {
+        Self::parse(
+            batch
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(names::ANNOTATION_ALLOC_STATUS))
+                .map(String::as_str),
+        )
     }
 }
 

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// How the endpoints annotation is written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EndpointsFormat {
     /// `[{"sandbox_id":"0","ip":"..."}, ...]`, as the spec shows.
     #[default]

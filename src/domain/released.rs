@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::expiry::TaskPhase;
+use sandbox_decisions::tasks::TaskPhase;
 
 /// Annotation holding the final task phase of every released shard.
 pub const ANNOTATION_TASK_RESULTS: &str = "sandbox.opensandbox.io/task-results";

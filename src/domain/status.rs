@@ -4,8 +4,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::conditions::{self, Desired};
-use super::expiry::TaskPhase;
 use crate::api::BatchSandboxStatus;
+use sandbox_decisions::tasks::TaskPhase;
 
 /// One shard as observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

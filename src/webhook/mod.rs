@@ -144,6 +144,88 @@ pub struct Webhook {
     tls: TlsSettings,
     shared: Arc<server::Shared>,
     registration: Option<(kube::Client, Registration)>,
+    reloads: watch::Sender<CertReloads>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct AdmissionLabels {
+    kind: &'static str,
+    operation: &'static str,
+    allowed: &'static str,
+}
+
+/// Admission requests answered, by kind, operation and verdict
+/// (`sandbox_webhook_admissions_total`). Clones share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct AdmissionMetrics {
+    answered: prometheus_client::metrics::family::Family<
+        AdmissionLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl AdmissionMetrics {
+    /// Adds the counter to `registry`, whose prefix should be `sandbox_webhook`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "admissions",
+            "Admission requests answered, by kind, operation and whether they were allowed",
+            self.answered.clone(),
+        );
+    }
+
+    /// Counts the answer to the review in `body`. Kinds and operations other than ours count as
+    /// `other`, so a caller cannot grow the label set.
+    pub(crate) fn count(&self, body: &[u8], allowed: bool) {
+        #[derive(serde::Deserialize)]
+        struct Review {
+            request: Option<Request>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Request {
+            kind: Option<Gvk>,
+            operation: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Gvk {
+            kind: String,
+        }
+        let request = serde_json::from_slice::<Review>(body)
+            .ok()
+            .and_then(|r| r.request);
+        let kind = match request
+            .as_ref()
+            .and_then(|r| r.kind.as_ref())
+            .map(|k| k.kind.as_str())
+        {
+            Some("BatchSandbox") => "BatchSandbox",
+            Some("Pool") => "Pool",
+            Some("Scale") => "Scale",
+            _ => "other",
+        };
+        let operation = match request.as_ref().and_then(|r| r.operation.as_deref()) {
+            Some("CREATE") => "CREATE",
+            Some("UPDATE") => "UPDATE",
+            Some("DELETE") => "DELETE",
+            _ => "other",
+        };
+        let allowed = if allowed { "true" } else { "false" };
+        self.answered
+            .get_or_create(&AdmissionLabels {
+                kind,
+                operation,
+                allowed,
+            })
+            .inc();
+    }
+}
+
+/// How often changed certificate files were taken into service or refused, so a rotation can
+/// be observed (tests, logs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CertReloads {
+    pub loaded: u64,
+    pub rejected: u64,
 }
 
 impl Webhook {
@@ -193,9 +275,24 @@ impl Webhook {
             cert_digest: pair.digest,
             failed_digest: None,
             tls,
-            shared: Arc::new(server::Shared { rules, limits }),
+            shared: Arc::new(server::Shared {
+                rules,
+                limits,
+                admissions: AdmissionMetrics::default(),
+            }),
             registration,
+            reloads: watch::Sender::new(CertReloads::default()),
         })
+    }
+
+    /// The admission counters, for the process's metrics registry.
+    pub fn admissions(&self) -> AdmissionMetrics {
+        self.shared.admissions.clone()
+    }
+
+    /// Counts of certificate reloads, updated while [`Webhook::run`] serves.
+    pub fn cert_reloads(&self) -> watch::Receiver<CertReloads> {
+        self.reloads.subscribe()
     }
 
     /// The bound address (with the real port when 0 was asked for).
@@ -347,10 +444,12 @@ impl Webhook {
                 self.resolver.replace(pair.key);
                 self.cert_digest = pair.digest;
                 self.failed_digest = None;
+                self.reloads.send_modify(|r| r.loaded += 1);
                 info!(dir = %self.tls.cert_dir.display(), "reloaded the serving certificate");
             }
             Err(error) => {
                 self.failed_digest = Some(digest);
+                self.reloads.send_modify(|r| r.rejected += 1);
                 warn!(%error, "the certificate files changed but do not load; keeping the current certificate");
             }
         }

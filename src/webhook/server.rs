@@ -27,6 +27,7 @@ use crate::domain::admission::AdmissionContext;
 pub(super) struct Shared {
     pub rules: RuleSettings,
     pub limits: Limits,
+    pub admissions: super::AdmissionMetrics,
 }
 
 /// Serves one TCP connection until the client closes it, a limit trips, or `stop` turns true
@@ -140,6 +141,7 @@ async fn validate(request: Request<Incoming>, shared: &Shared) -> Response<Full<
             }
         };
     if let Some(response) = &reply.response {
+        shared.admissions.count(&bytes, response.allowed);
         if response.allowed {
             debug!(uid = %response.uid, warnings = response.warnings.as_ref().map_or(0, Vec::len), "admitted");
         } else {

@@ -19,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 
 struct Running {
     addr: SocketAddr,
+    reloads: tokio::sync::watch::Receiver<CertReloads>,
     dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), Error>>,
@@ -55,6 +56,7 @@ async fn start(limits: Limits) -> Running {
     };
     let webhook = Webhook::bind(config).await.expect("bind");
     let addr = webhook.local_addr();
+    let reloads = webhook.cert_reloads();
     assert_ne!(addr.port(), 0);
     assert_eq!(
         webhook.url(),
@@ -66,6 +68,7 @@ async fn start(limits: Limits) -> Running {
     }));
     Running {
         addr,
+        reloads,
         dir,
         stop: Some(stop),
         task,
@@ -271,26 +274,34 @@ async fn changed_certificate_files_are_served_without_a_restart() {
     let old_ca = server.ca();
     assert!(tls(server.addr, &old_ca).await.is_ok());
 
+    let mut reloads = server.reloads.clone();
     let new_ca = write_certificates(server.dir.path(), &default_sans())
         .unwrap()
         .into_bytes();
     assert_ne!(old_ca, new_ca);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while tls(server.addr, &new_ca).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the new certificate was not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), reloads.wait_for(|r| r.loaded >= 1))
+        .await
+        .expect("the new certificate was picked up")
+        .unwrap();
+    assert!(
+        tls(server.addr, &new_ca).await.is_ok(),
+        "the new CA verifies the server"
+    );
     assert!(
         tls(server.addr, &old_ca).await.is_err(),
         "the old CA no longer verifies the server"
     );
 
     // Garbage in the files keeps the last good certificate in service.
+    let rejected_before = reloads.borrow().rejected;
     std::fs::write(server.dir.path().join(certs::CERT_FILE), "garbage").unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        reloads.wait_for(|r| r.rejected > rejected_before),
+    )
+    .await
+    .expect("the changed files were looked at")
+    .unwrap();
     let mut sender = client(server.addr, &new_ca).await;
     assert_eq!(
         call(&mut sender, "GET", "/healthz", vec![]).await.0,
@@ -307,19 +318,43 @@ async fn shutdown_finishes_in_flight_requests_then_stops_listening() {
     let (head, tail) = body.split_at(body.len() / 2);
 
     let mut stream = tls(addr, &server.ca()).await.unwrap();
+    // `Expect: 100-continue` makes the server say when it has parsed the headers and starts on
+    // the body: from then on the request is in flight.
     let headers = format!(
-        "POST /validate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "POST /validate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(headers.as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("the server answers 100 Continue")
+            .unwrap();
+        assert_eq!(read, 1, "connection closed before 100 Continue");
+        interim.push(byte[0]);
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&interim)
+    );
     stream.write_all(head).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let Running {
         stop, task, dir, ..
     } = server;
     stop.unwrap().send(()).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The listener closes first; the request in flight must still be answered after that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook kept listening after shutdown"
+        );
+        tokio::task::yield_now().await;
+    }
     stream.write_all(tail).await.unwrap();
     let (reply, _) = read_until_closed(&mut stream).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");

@@ -8,30 +8,10 @@ use futures::future::join_all;
 use sandbox_controller::api::names;
 
 use crate::controller::{endpoints, ledger};
+use crate::fixtures;
 use crate::harness::{env, spec_manifest, with_future_expire};
 
 const T: Duration = Duration::from_secs(60);
-
-fn pool_yaml(name: &str, buffer_min: i32, buffer_max: i32, pool_min: i32, pool_max: i32) -> String {
-    format!(
-        r#"apiVersion: sandbox.opensandbox.io/v1alpha1
-kind: Pool
-metadata:
-  name: {name}
-spec:
-  template:
-    spec:
-      containers:
-      - name: sandbox
-        image: opensandbox/code-interpreter:v1.0.1
-  capacitySpec:
-    bufferMin: {buffer_min}
-    bufferMax: {buffer_max}
-    poolMin: {pool_min}
-    poolMax: {pool_max}
-"#
-    )
-}
 
 fn pooled_batch_yaml(name: &str, pool: &str, replicas: i32) -> String {
     format!(
@@ -240,7 +220,7 @@ async fn pool_warms_and_pooled_batch_allocates_scales_and_releases() {
 async fn expiring_batch_is_deleted_at_expire_time_and_its_pods_return() {
     let env = env("expiring-batch").await;
     let _controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("fast-pool", 2, 10, 5, 20));
+    env.apply(&fixtures::pool("fast-pool", [2, 10, 5, 20]).yaml());
     wait_pool(&env, "fast-pool", 5, 0, 5).await;
 
     let expire_at =
@@ -277,7 +257,7 @@ async fn expiring_batch_is_deleted_at_expire_time_and_its_pods_return() {
 async fn deleting_a_pool_waits_for_allocated_pods_to_be_released() {
     let env = env("delete-pool").await;
     let _controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("fast-pool", 2, 5, 4, 10));
+    env.apply(&fixtures::pool("fast-pool", [2, 5, 4, 10]).yaml());
     wait_pool(&env, "fast-pool", 4, 0, 4).await;
     env.apply(&pooled_batch_yaml("holder", "fast-pool", 2));
     let batch = env.wait_batch_ready("holder", 2, T).await;
@@ -339,7 +319,7 @@ async fn missing_pool_and_exhausted_pool_show_conditions() {
     })
     .await;
 
-    env.apply(&pool_yaml("small", 0, 2, 0, 2));
+    env.apply(&fixtures::pool("small", [0, 2, 0, 2]).yaml());
     env.apply(&pooled_batch_yaml("big", "small", 3));
     env.wait_for("PoolExhausted=True", T, || async {
         let batch = env.batch("big").await?;
@@ -375,7 +355,7 @@ async fn missing_pool_and_exhausted_pool_show_conditions() {
 async fn fifty_concurrent_claims_get_distinct_pods() {
     let env = env("concurrent-claims").await;
     let _controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("shared", 10, 60, 50, 100));
+    env.apply(&fixtures::pool("shared", [10, 60, 50, 100]).yaml());
     env.wait_for("50 idle pods", T, || async {
         env.pool("shared")
             .await
@@ -412,7 +392,7 @@ async fn fifty_concurrent_claims_get_distinct_pods() {
 async fn killing_the_controller_mid_allocation_loses_and_doubles_nothing() {
     let env = env("controller-crash").await;
     let mut controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("crashy", 5, 40, 30, 80));
+    env.apply(&fixtures::pool("crashy", [5, 40, 30, 80]).yaml());
     env.wait_for("30 idle pods", T, || async {
         env.pool("crashy")
             .await
@@ -531,7 +511,7 @@ async fn killing_the_controller_mid_allocation_loses_and_doubles_nothing() {
 async fn a_pooled_pod_deleted_by_hand_is_replaced() {
     let env = env("lost-pod").await;
     let _controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("p", 2, 5, 3, 10));
+    env.apply(&fixtures::pool("p", [2, 5, 3, 10]).yaml());
     wait_pool(&env, "p", 3, 0, 3).await;
     env.apply(&pooled_batch_yaml("b", "p", 3));
     let before = ledger(&env.wait_batch_ready("b", 3, T).await);
@@ -554,7 +534,7 @@ async fn a_pooled_pod_deleted_by_hand_is_replaced() {
 async fn template_change_rolls_idle_pods_and_leaves_allocated_ones() {
     let env = env("pool-rollout").await;
     let _controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("roll", 4, 6, 6, 10));
+    env.apply(&fixtures::pool("roll", [4, 6, 6, 10]).yaml());
     wait_pool(&env, "roll", 6, 0, 6).await;
     env.apply(&pooled_batch_yaml("keep", "roll", 2));
     let held = ledger(&env.wait_batch_ready("keep", 2, T).await);
@@ -608,7 +588,7 @@ async fn a_new_leader_takes_over_without_double_allocation() {
     let ns_arg = ["--leader-election-namespace", env.ns.as_str()];
     let args: Vec<&str> = lease.iter().chain(ns_arg.iter()).copied().collect();
     let mut first = env.start_controller(&args);
-    env.apply(&pool_yaml("lp", 2, 20, 10, 40));
+    env.apply(&fixtures::pool("lp", [2, 20, 10, 40]).yaml());
     env.wait_for("10 idle pods", T, || async {
         env.pool("lp")
             .await
@@ -617,7 +597,7 @@ async fn a_new_leader_takes_over_without_double_allocation() {
     })
     .await;
     // A follower waits on the lease while the leader serves the first claims.
-    let _second = env.start_controller(&args);
+    let second = env.start_controller(&args);
     let first_claims: String = (0..5)
         .map(|i| pooled_batch_yaml(&format!("a-{i}"), "lp", 1) + "---\n")
         .collect();
@@ -625,6 +605,14 @@ async fn a_new_leader_takes_over_without_double_allocation() {
     for i in 0..5 {
         env.wait_batch_ready(&format!("a-{i}"), 1, T).await;
     }
+    // The follower stayed passive through all of that: not ready, not one write.
+    assert_eq!(
+        second.health_get("/readyz").await.0,
+        503,
+        "a follower is not ready"
+    );
+    assert_eq!(second.api_writes().await, 0, "a follower writes nothing");
+    assert!(first.api_writes().await > 0, "the leader did the writing");
     first.kill();
     let second_claims: String = (0..5)
         .map(|i| pooled_batch_yaml(&format!("b-{i}"), "lp", 1) + "---\n")
@@ -642,5 +630,14 @@ async fn a_new_leader_takes_over_without_double_allocation() {
         distinct.len(),
         10,
         "double allocation across the leader change: {all:?}"
+    );
+    assert_eq!(
+        second.health_get("/readyz").await.0,
+        200,
+        "the new leader is ready"
+    );
+    assert!(
+        second.api_writes().await > 0,
+        "the new leader served the later claims"
     );
 }

@@ -39,7 +39,16 @@ impl TestEnv {
                 token.display().to_string(),
             ]);
         }
-        spawn(&self.kubeconfig, &self.ns, args, 0)
+        // Each process its own log (tests read their health address from it).
+        let logs = dev_dir().join("logs");
+        let generation = (0..)
+            .find(|g| {
+                !logs
+                    .join(format!("controller-{}-{g}.log", self.ns))
+                    .exists()
+            })
+            .unwrap_or_default();
+        spawn(&self.kubeconfig, &self.ns, args, generation)
     }
 
     pub fn batches(&self) -> Api<BatchSandbox> {
@@ -99,16 +108,7 @@ impl TestEnv {
 
 /// The pods a pooled batch holds, from its ledger.
 pub fn ledger(batch: &BatchSandbox) -> Vec<String> {
-    AllocStatus::parse(
-        batch
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(names::ANNOTATION_ALLOC_STATUS))
-            .map(String::as_str),
-    )
-    .expect("valid alloc-status")
-    .pods
+    AllocStatus::of(batch).expect("valid alloc-status").pods
 }
 
 /// The parsed endpoints annotation: (sandbox_id, ip) in order.
@@ -170,9 +170,14 @@ impl ControllerProcess {
     /// Starts a fresh process with the same arguments (after [`kill`](Self::kill)).
     pub fn restart(&mut self) {
         self.kill();
-        let generation = std::fs::read_dir(self.log.parent().expect("log dir"))
-            .map(|d| d.count())
-            .unwrap_or(1) as u32;
+        let logs = self.log.parent().expect("log dir").to_path_buf();
+        let generation = (0..)
+            .find(|g| {
+                !logs
+                    .join(format!("controller-{}-{g}.log", self.ns))
+                    .exists()
+            })
+            .unwrap_or_default();
         *self = spawn(
             &self.kubeconfig.clone(),
             &self.ns.clone(),
@@ -198,6 +203,68 @@ impl ControllerProcess {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Where this process serves `/healthz`, `/readyz` and `/metrics`, from the line it logs
+    /// once the port is bound.
+    pub async fn health_addr(&self) -> std::net::SocketAddr {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let addr = log
+                .lines()
+                .filter(|l| l.contains("health and metrics listening"))
+                .find_map(|l| {
+                    l.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                });
+            if let Some(addr) = addr {
+                return addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never logged its health address",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `GET path` on the health server: the status code and the body.
+    pub async fn health_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.health_addr().await;
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connecting to the health server");
+        let request = format!("GET {path} HTTP/1.1\r\nhost: e2e\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("sending");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.expect("reading");
+        let status = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
+        let body = reply
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The sum of `sandbox_controller_api_writes_total` over all targets.
+    pub async fn api_writes(&self) -> u64 {
+        let (status, body) = self.health_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .filter(|l| l.starts_with("sandbox_controller_api_writes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 }
 

@@ -8,6 +8,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
+use crate::fixtures;
 use crate::harness::{
     self, TestEnv, in_namespace, spec_manifest, spec_manifest_names, with_future_expire,
 };
@@ -46,27 +47,6 @@ spec:
       - name: sandbox
         image: busybox:1.36
         command: ["sleep", "infinity"]
-"#
-    )
-}
-
-fn pool_yaml(name: &str, buffer_min: i64, buffer_max: i64) -> String {
-    format!(
-        r#"apiVersion: {GROUP}/{VERSION}
-kind: Pool
-metadata:
-  name: {name}
-spec:
-  template:
-    spec:
-      containers:
-      - name: sandbox
-        image: busybox:1.36
-  capacitySpec:
-    bufferMin: {buffer_min}
-    bufferMax: {buffer_max}
-    poolMin: 0
-    poolMax: 10
 "#
     )
 }
@@ -184,7 +164,12 @@ async fn schema_and_cel_reject_invalid_objects() {
         "valid BatchSandbox rejected: {}",
         stderr(&ok)
     );
-    let ok = dry_run(&env, &pool_yaml("valid", 1, 2));
+    let ok = dry_run(
+        &env,
+        &fixtures::pool("valid", [1, 2, 0, 10])
+            .image("busybox:1.36")
+            .yaml(),
+    );
     assert!(ok.status.success(), "valid Pool rejected: {}", stderr(&ok));
 
     let cases: Vec<(&str, String, &[&str])> = vec![
@@ -195,7 +180,9 @@ async fn schema_and_cel_reject_invalid_objects() {
         ),
         (
             "bufferMin > bufferMax",
-            pool_yaml("inverted", 5, 2),
+            fixtures::pool("inverted", [5, 2, 0, 10])
+                .image("busybox:1.36")
+                .yaml(),
             &["bufferMin", "bufferMax"],
         ),
         (
@@ -245,7 +232,11 @@ fn header(table: &str) -> Vec<String> {
 async fn printer_columns_match_the_spec() {
     let env = harness::env("crds_printer_columns").await;
     env.apply(&batch_yaml("columns", 3));
-    env.apply(&pool_yaml("columns", 1, 2));
+    env.apply(
+        &fixtures::pool("columns", [1, 2, 0, 10])
+            .image("busybox:1.36")
+            .yaml(),
+    );
 
     // `kubectl get batchsandbox task-batch -o wide` in the spec prints:
     // NAME DESIRED TOTAL ALLOCATED READY TASK_RUNNING TASK_SUCCEED TASK_FAILED AGE

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sandbox_controller::domain::expiry::TaskPhase;
-use sandbox_controller::executor::wire::{EnvVar, Process};
-use sandbox_controller::executor::{ExecutorClient, ExecutorError, Task};
+use sandbox_decisions::tasks::TaskPhase;
+use sandbox_executor::wire::{EnvVar, Process};
+use sandbox_executor::{ExecutorClient, ExecutorError, Task};
 
 const T: Duration = Duration::from_secs(30);
 const LOCAL: &str = "127.0.0.1";
@@ -48,7 +48,7 @@ impl Executor {
     pub fn spawn(&mut self) {
         let ready = self.dir.path().join("ready");
         let _ = std::fs::remove_file(&ready);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sandbox-task-executor"));
+        let mut command = Command::new(crate::harness::workspace_bin("sandbox-task-executor"));
         command
             .args(["--listen", "127.0.0.1:0", "--stop-tasks-on-exit"])
             .arg("--data-dir")
@@ -366,7 +366,17 @@ async fn an_executor_restart_recovers_its_state() {
 
     executor.crash();
     assert!(client.get_tasks(LOCAL).await.unwrap_err().is_unreachable());
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The supervisor records the exit of the task that ends while no executor runs.
+    let exit_record = executor
+        .data_dir()
+        .join("tasks")
+        .join("during-downtime")
+        .join("exit.json");
+    let start = Instant::now();
+    while !exit_record.exists() {
+        assert!(start.elapsed() < T, "no exit record after {T:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(alive(long_pid), "tasks outlive the executor");
     executor.spawn();
     let client = executor.client();
@@ -427,15 +437,22 @@ async fn unauthenticated_requests_are_rejected() {
         );
         client.health(LOCAL).await.expect("/health needs no token");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        executor
-            .client()
-            .get_tasks(LOCAL)
-            .await
-            .expect("getTasks")
-            .is_empty()
-    );
+    // A request with the token after the refused ones: once its task has run, anything the
+    // refused requests had started would be listed before it and would have run too.
+    let client = executor.client();
+    client
+        .set_tasks(LOCAL, &[task("allowed", &["true"])])
+        .await
+        .expect("setTasks with the token");
+    wait_task(&client, LOCAL, "allowed", "terminated", terminated).await;
+    let names: Vec<_> = client
+        .get_tasks(LOCAL)
+        .await
+        .expect("getTasks")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["allowed"]);
     assert!(!marker.exists(), "nothing ran");
 }
 

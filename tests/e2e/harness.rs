@@ -25,9 +25,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::OnceCell;
@@ -572,7 +573,7 @@ fn find_or_start_cluster() -> Cluster {
             .args(["up", "--watch-parent", &std::process::id().to_string()])
             // The executor runner uses the binaries cargo built for this test run, instead of
             // a nested `cargo build` whose different environment would rebuild dependencies.
-            .env("SBX_RUNNER_BIN", env!("CARGO_BIN_EXE_sandbox-controller"))
+            .env("SBX_RUNNER_BIN", workspace_bin("sandbox-local-executors"))
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
@@ -645,15 +646,24 @@ fn install_crds(cluster: &Cluster) {
         "harness: crds/ applied no CustomResourceDefinition:\n{names}"
     );
 
-    let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+    // A CRD created a moment ago may have no status yet, which `kubectl wait` reports as an
+    // error ("accessor error: <nil>") instead of waiting: ask again until the deadline.
+    let mut wait = vec!["wait", "--for=condition=Established", "--timeout=10s"];
     wait.extend(crds.iter().copied());
-    let out = Command::new(&cluster.kubectl)
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .args(&wait)
-        .stdin(Stdio::null())
-        .output()
-        .expect("harness: running kubectl wait");
-    check_ok("harness: waiting for CRDs to be Established", &out);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(&cluster.kubectl)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .args(&wait)
+            .stdin(Stdio::null())
+            .output()
+            .expect("harness: running kubectl wait");
+        let no_status_yet = String::from_utf8_lossy(&out.stderr).contains("accessor error: <nil>");
+        if out.status.success() || !no_status_yet || Instant::now() > deadline {
+            check_ok("harness: waiting for CRDs to be Established", &out);
+            return;
+        }
+    }
 }
 
 static NS_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -668,12 +678,7 @@ fn namespace_name(test_name: &str) -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(NS_COUNTER.fetch_add(1, Ordering::Relaxed));
     h.write_u32(std::process::id());
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
+    h.write_i128(Timestamp::now().as_nanosecond());
     let mut n = h.finish();
     let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let suffix: String = (0..6)
@@ -705,97 +710,34 @@ fn label_value(s: &str) -> String {
         .to_owned()
 }
 
-// ------------------------------------------------------- RFC 3339 (UTC only) --
+// ------------------------------------------------------------------ time --
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs() as i64
+    Timestamp::now().as_second()
 }
 
-// Howard Hinnant's days_from_civil / civil_from_days.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        if m <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        m,
-        d,
-    )
-}
-
-/// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into Unix seconds.
+/// Unix seconds of an RFC 3339 time (any offset), if it is one.
 fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && &rest[3..4] == ":" =>
-        {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 3600 + rest[4..6].parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset)
+    s.parse::<Timestamp>().ok().map(|t| t.as_second())
 }
 
+/// `t` (Unix seconds) as RFC 3339 in UTC, e.g. `2026-03-02T12:00:00Z`.
 fn format_rfc3339(t: i64) -> String {
-    let (y, m, d) = civil_from_days(t.div_euclid(86_400));
-    let s = t.rem_euclid(86_400);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s % 3600 / 60,
-        s % 60
-    )
+    Timestamp::from_second(t)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|e| panic!("harness: {t} is not a representable time: {e}"))
+}
+
+/// A binary of another workspace package (the executor, the local runner), built next to the
+/// controller binary this test run built. `make test` builds them all first (`cargo build --workspace --all-targets`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_sandbox-controller")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace --all-targets`, as `make test` does)",
+        path.display()
+    );
+    path
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use sandbox_controller::domain::expiry::TaskPhase;
-use sandbox_controller::executor::{ExecutorClient, Task};
+use sandbox_decisions::tasks::TaskPhase;
+use sandbox_executor::{ExecutorClient, Task};
 
 use crate::executor::{alive, task, wait_task};
 use crate::harness::{TestEnv, env};
@@ -65,10 +65,7 @@ async fn kwok_pods_get_a_real_executor_that_goes_with_the_pod() {
         .await;
     let error = ExecutorClient::new(None).get_tasks(&ip).await.unwrap_err();
     assert!(
-        matches!(
-            error,
-            sandbox_controller::executor::ExecutorError::Unauthorized { .. }
-        ),
+        matches!(error, sandbox_executor::ExecutorError::Unauthorized { .. }),
         "the runner's executors require the token: {error:?}"
     );
     let error = client.health(&other_ip).await.unwrap_err();

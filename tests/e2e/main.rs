@@ -4,6 +4,7 @@
 //! Run with `make test`, or `cargo test --test e2e` (the harness starts the
 //! control plane itself when none is running, and stops it on exit).
 
+mod fixtures;
 mod harness;
 
 mod batch;

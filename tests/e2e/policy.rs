@@ -8,43 +8,15 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use sandbox_controller::api::names;
-use sandbox_controller::policy::builtin;
+use sandbox_policy::embedded;
 
+use crate::fixtures;
 use crate::harness::{TestEnv, env};
 
 const T: Duration = Duration::from_secs(90);
 
-fn annotated_pool(name: &str, policy: &str, buffer: (i32, i32), pool: (i32, i32)) -> String {
-    format!(
-        r#"apiVersion: sandbox.opensandbox.io/v1alpha1
-kind: Pool
-metadata:
-  name: {name}
-  annotations:
-    {prefix}pool-sizing: {policy}
-spec:
-  template:
-    spec:
-      containers:
-      - name: sandbox
-        image: opensandbox/code-interpreter:v1.0.1
-  capacitySpec:
-    bufferMin: {}
-    bufferMax: {}
-    poolMin: {}
-    poolMax: {}
-"#,
-        buffer.0,
-        buffer.1,
-        pool.0,
-        pool.1,
-        prefix = names::ANNOTATION_POLICY_PREFIX,
-    )
-}
-
 fn component(crate_name: &str) -> Vec<u8> {
-    let path = builtin::built_component(crate_name);
+    let path = embedded::built_component(crate_name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -52,15 +24,15 @@ fn policy_config_map(name: &str, wasm: Vec<u8>, settings: &str) -> ConfigMap {
     let mut cm = ConfigMap::default();
     cm.metadata.name = Some(name.into());
     cm.metadata.labels = Some(BTreeMap::from([(
-        names::LABEL_POLICY.to_string(),
+        sandbox_policy::names::LABEL_POLICY.to_string(),
         "true".to_string(),
     )]));
     cm.binary_data = Some(BTreeMap::from([(
-        names::POLICY_CONFIGMAP_WASM_KEY.to_string(),
+        sandbox_policy::names::POLICY_CONFIGMAP_WASM_KEY.to_string(),
         ByteString(wasm),
     )]));
     cm.data = Some(BTreeMap::from([(
-        names::POLICY_CONFIGMAP_SETTINGS_KEY.to_string(),
+        sandbox_policy::names::POLICY_CONFIGMAP_SETTINGS_KEY.to_string(),
         settings.to_string(),
     )]));
     cm
@@ -116,7 +88,17 @@ async fn has_warning_event(env: &TestEnv, object: &str, reason: &str, message: &
 async fn a_config_map_policy_loaded_at_runtime_resizes_a_pool_without_a_restart() {
     let env = env("policy-configmap").await;
     let mut controller = env.start_controller(&["--policy-namespace", &env.ns]);
-    env.apply(&annotated_pool("demand-pool", "demand", (1, 2), (0, 10)));
+    env.apply(
+        &fixtures::pool("demand-pool", [1, 2, 0, 10])
+            .annotation(
+                &format!(
+                    "{}pool-sizing",
+                    sandbox_policy::names::ANNOTATION_POLICY_PREFIX
+                ),
+                "demand",
+            )
+            .yaml(),
+    );
 
     // Nothing named "demand" is loaded yet: the embedded default sizes the pool, and says so.
     wait_pool(&env, "demand-pool", 1, true, "not loaded").await;
@@ -145,7 +127,7 @@ async fn a_config_map_policy_loaded_at_runtime_resizes_a_pool_without_a_restart(
     );
 
     // A settings change is hot-reloaded.
-    let settings = serde_json::json!({ "data": { names::POLICY_CONFIGMAP_SETTINGS_KEY: r#"{"minExtra": 2}"# } });
+    let settings = serde_json::json!({ "data": { sandbox_policy::names::POLICY_CONFIGMAP_SETTINGS_KEY: r#"{"minExtra": 2}"# } });
     config_maps
         .patch("demand", &PatchParams::default(), &Patch::Merge(&settings))
         .await
@@ -183,7 +165,17 @@ async fn a_hostile_policy_degrades_a_pool_while_the_controller_stays_up() {
         env.start_controller(&["--policy-dir", &policy_dir, "--policy-poll-seconds", "1"]);
 
     // The policy never returns: the fail-safe keeps the current size within bounds (poolMin 2).
-    env.apply(&annotated_pool("guarded-pool", "runaway", (3, 4), (2, 6)));
+    env.apply(
+        &fixtures::pool("guarded-pool", [3, 4, 2, 6])
+            .annotation(
+                &format!(
+                    "{}pool-sizing",
+                    sandbox_policy::names::ANNOTATION_POLICY_PREFIX
+                ),
+                "runaway",
+            )
+            .yaml(),
+    );
     wait_pool(&env, "guarded-pool", 2, true, "ran out of fuel").await;
     env.wait_for("a PolicyDegraded Warning event", T, || {
         has_warning_event(&env, "guarded-pool", "PolicyDegraded", "ran out of fuel")

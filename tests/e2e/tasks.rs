@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use sandbox_controller::api::BatchSandboxStatus;
 
 use crate::controller::ledger;
+use crate::fixtures;
 use crate::harness::{TestEnv, env, spec_manifest};
 
 const T: Duration = Duration::from_secs(60);
@@ -16,12 +17,6 @@ fn scratch(env: &TestEnv) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sbx-e2e-{}", env.ns));
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
-}
-
-fn pool_yaml(name: &str) -> String {
-    format!(
-        "apiVersion: sandbox.opensandbox.io/v1alpha1\nkind: Pool\nmetadata:\n  name: {name}\nspec:\n  template:\n    spec:\n      containers:\n      - name: sandbox\n        image: opensandbox/code-interpreter:v1.0.1\n  capacitySpec:\n    bufferMin: 3\n    bufferMax: 6\n    poolMin: 3\n    poolMax: 10\n"
-    )
 }
 
 /// A pooled batch whose shards run `commands[i]` (each a list of argv words).
@@ -117,7 +112,7 @@ async fn spec_heterogeneous_tasks_really_run() {
 async fn exit_codes_and_timeouts_are_counted() {
     let env = env("task-outcomes").await;
     let _controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("p"));
+    env.apply(&fixtures::pool("p", [3, 6, 3, 10]).yaml());
     // Shard 0 exits 0, shard 1 exits 1, shard 2 outlives its 1 s limit.
     let yaml = r#"apiVersion: sandbox.opensandbox.io/v1alpha1
 kind: BatchSandbox
@@ -158,7 +153,7 @@ async fn deleting_a_batch_stops_its_tasks_before_its_pods_go() {
     let _controller = env.start_controller(&[]);
     let dir = scratch(&env);
     let marker = dir.join("stopped");
-    env.apply(&pool_yaml("p"));
+    env.apply(&fixtures::pool("p", [3, 6, 3, 10]).yaml());
     let script = format!(
         "trap 'date +%s%N > {}; exit 0' TERM; while true; do sleep 0.05; done",
         marker.display()
@@ -205,7 +200,7 @@ async fn deleting_a_batch_stops_its_tasks_before_its_pods_go() {
 async fn release_policy_frees_finished_shards_and_keeps_their_results() {
     let env = env("task-release").await;
     let _controller = env.start_controller(&[]);
-    env.apply(&pool_yaml("p"));
+    env.apply(&fixtures::pool("p", [3, 6, 3, 10]).yaml());
     let yaml = task_batch(
         "rel",
         "p",
@@ -231,8 +226,13 @@ async fn release_policy_frees_finished_shards_and_keeps_their_results() {
         .find(|c| c.type_ == "Ready")
         .expect("Ready");
     assert_eq!(ready.status, "True", "a released shard counts as complete");
-    // The released shard is never given a pod again.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The released shard is never given a pod again: another claim on the pool is served by
+    // an allocation round that sees shard 0's empty slot, and leaves it empty.
+    env.apply(&task_batch("after", "p", &[&["true"]], ""));
+    wait_counts(&env, "after", "a later claim on the pool allocated", |s| {
+        s.allocated == 1
+    })
+    .await;
     assert_eq!(ledger(&env.batch("rel").await.expect("batch"))[0], "");
 }
 
@@ -242,7 +242,7 @@ async fn task_arguments_are_passed_literally() {
     let _controller = env.start_controller(&[]);
     let dir = scratch(&env);
     let pwned = dir.join("pwned");
-    env.apply(&pool_yaml("p"));
+    env.apply(&fixtures::pool("p", [3, 6, 3, 10]).yaml());
     let hostile = format!("; touch {}", pwned.display());
     env.apply(&task_batch(
         "lit",

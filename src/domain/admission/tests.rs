@@ -987,7 +987,7 @@ proptest! {
         }
     }
 
-    /// The command rule agrees with expanding every shard through `domain::tasks`, the merge the
+    /// The command rule agrees with expanding every shard through `sandbox_decisions::tasks`, the merge the
     /// controller runs: a batch is denied for commands exactly when some shard that has a task has
     /// no runnable command.
     #[test]
@@ -1066,4 +1066,85 @@ fn arb_json() -> impl Strategy<Value = Value> {
             )),
         ]
     })
+}
+
+/// The position of `rule`'s variant. A new variant does not compile until it is listed here,
+/// and then the test below fails until it is in the catalogue (and so in the docs).
+fn variant_index(rule: &Rule) -> usize {
+    match rule {
+        Rule::Negative => 0,
+        Rule::AboveMaxReplicas { .. } => 1,
+        Rule::AboveOther { .. } => 2,
+        Rule::NotPositive => 3,
+        Rule::BothTemplateAndPoolRef => 4,
+        Rule::NeitherTemplateNorPoolRef => 5,
+        Rule::NoContainers => 6,
+        Rule::NotDnsLabel => 7,
+        Rule::DuplicateContainerName { .. } => 8,
+        Rule::MissingImage => 9,
+        Rule::NotObjectName => 10,
+        Rule::PoolRefChanged { .. } => 11,
+        Rule::PoolRefAdded => 12,
+        Rule::ShardPatchesOnPooledBatch => 13,
+        Rule::MoreEntriesThanReplicas { .. } => 14,
+        Rule::BadShardPatch { .. } => 15,
+        Rule::ShardPatchBreaksPod { .. } => 16,
+        Rule::EmptyCommand { .. } => 17,
+        Rule::BadEnvName => 18,
+        Rule::DuplicateEnvName { .. } => 19,
+        Rule::BadTime { .. } => 20,
+        Rule::ExpireTimeInPast { .. } => 21,
+        Rule::UnknownPolicy => 22,
+        Rule::NameTooLongForLabel { .. } => 23,
+        Rule::Unreadable { .. } => 24,
+        Rule::BadRequest(_) => 25,
+    }
+}
+
+#[test]
+fn the_catalogue_has_every_rule_once() {
+    let indices: Vec<usize> = Rule::catalogue().iter().map(variant_index).collect();
+    assert_eq!(indices, (0..=25).collect::<Vec<_>>());
+}
+
+/// The message table between the markers in docs/admission.md.
+fn message_table() -> String {
+    let mut table = String::from("| rule | message (after `<path>: <value>`) |\n| --- | --- |\n");
+    for rule in Rule::catalogue() {
+        let name = format!("{rule:?}");
+        let name = name
+            .split([' ', '(', '{'])
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        table.push_str(&format!(
+            "| `{name}` | {} |\n",
+            rule.to_string().replace('|', "\\|")
+        ));
+    }
+    table
+}
+
+#[test]
+fn docs_admission_md_shows_every_message() {
+    const BEGIN: &str = "<!-- rule messages: generated from Rule::catalogue() -->\n";
+    const END: &str = "<!-- end of rule messages -->";
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/admission.md");
+    let text = std::fs::read_to_string(&path).expect("reading docs/admission.md");
+    let (Some(start), Some(end)) = (text.find(BEGIN), text.find(END)) else {
+        panic!("docs/admission.md lacks the rule message markers");
+    };
+    let fresh = format!(
+        "{}{BEGIN}{}{}",
+        &text[..start],
+        message_table(),
+        &text[end..]
+    );
+    if std::env::var_os("SANDBOX_UPDATE_DOCS").is_some_and(|v| v == "1") {
+        std::fs::write(&path, &fresh).expect("writing docs/admission.md");
+    }
+    assert!(
+        text == fresh,
+        "docs/admission.md's message table is stale: run `SANDBOX_UPDATE_DOCS=1 cargo test -p sandbox-controller --lib admission`"
+    );
 }

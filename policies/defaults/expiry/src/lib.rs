@@ -1,33 +1,25 @@
-//! The default expiry policy: expire exactly at `expireTime` by deleting the batch; before it,
-//! recheck when it falls due. The controller's built-in behaviour, proven identical by a property
-//! test in the controller.
+//! The default expiry policy: [`sandbox_decisions::expiry::at_expire_time`] (expire exactly at
+//! `expireTime`, recheck when it falls due) behind the `expiry` interface.
 
 wit_bindgen::generate!({ world: "expiry-policy", path: "../../../wit" });
 
-use exports::opensandbox::policy::expiry::{
-    BatchSnapshot, ExpireAction, ExpiryDecision, Guest, PolicyError,
-};
+use exports::opensandbox::policy::expiry as wit;
+use sandbox_decisions::{Bridge, bridge_expiry, expiry, settings};
+
+bridge_expiry!(wit);
 
 struct AtExpireTime;
 
-impl Guest for AtExpireTime {
-    fn validate_settings(settings: String) -> Result<(), PolicyError> {
-        match settings.trim() {
-            "" | "{}" => Ok(()),
-            _ => Err(PolicyError::InvalidSettings(
-                "the default expiry policy takes no settings".into(),
-            )),
-        }
+impl wit::Guest for AtExpireTime {
+    fn validate_settings(text: String) -> Result<(), wit::PolicyError> {
+        settings::none("expiry", &text).map_err(Bridge::bridge)
     }
 
-    fn decide(_settings: String, batch: BatchSnapshot) -> Result<ExpiryDecision, PolicyError> {
-        Ok(match batch.expire_time_unix_ms {
-            None => ExpiryDecision::Keep(None),
-            Some(at) if at <= batch.now_unix_ms => ExpiryDecision::Expire(ExpireAction::Delete),
-            Some(at) => ExpiryDecision::Keep(Some(
-                u64::try_from(at - batch.now_unix_ms).unwrap_or(u64::MAX),
-            )),
-        })
+    fn decide(
+        _settings: String,
+        batch: wit::BatchSnapshot,
+    ) -> Result<wit::ExpiryDecision, wit::PolicyError> {
+        Ok(expiry::at_expire_time(&batch.bridge()).bridge())
     }
 }
 

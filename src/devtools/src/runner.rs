@@ -1,0 +1,487 @@
+//! The local executor runner (`sandbox-controller local-executors`).
+//!
+//! kwok pods run no containers, so locally nothing would answer on a sandbox pod's executor port.
+//! This runner watches all pods and, for every Running pod that has a `task-executor` container
+//! and a loopback pod IP (kwok hands out 127.1.x.y), runs the real `sandbox-task-executor`
+//! bound to `<podIP>:5758`, with its data in `<state dir>/executors/<namespace>/<pod>`. When the
+//! pod goes away, its executor stops its tasks and exits, and the data goes too, as a pod's
+//! `emptyDir` would. An executor that crashes is restarted (with backoff) and resumes its tasks.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use rustix::process::{Pid, Signal};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use sandbox_controller::controller::sidecar::has_executor;
+
+/// How the runner starts executors.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Executors keep their data under `<state_dir>/executors/<namespace>/<pod>`.
+    pub state_dir: PathBuf,
+    /// The `sandbox-task-executor` binary.
+    pub executor_bin: PathBuf,
+    /// Passed to every executor as `--token-file`.
+    pub token_file: PathBuf,
+    pub port: u16,
+    /// The executors' `--kill-grace-seconds`.
+    pub kill_grace: Duration,
+}
+
+/// Why the runner stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("watching pods: {0}")]
+    Watch(#[from] watcher::Error),
+    #[error("the pod watch ended")]
+    WatchEnded,
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where an executor should run: the parts of a pod that decide it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub uid: String,
+    pub ip: IpAddr,
+}
+
+/// The executor a pod needs, if any: Running, not being deleted, with a `task-executor`
+/// container, on a loopback pod IP and not on the host network (whose IP all such pods share).
+pub fn placement(pod: &Pod) -> Option<Placement> {
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if pod.metadata.deletion_timestamp.is_some()
+        || status.phase.as_deref() != Some("Running")
+        || spec.host_network == Some(true)
+        || !has_executor(spec)
+    {
+        return None;
+    }
+    let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+    if !ip.is_loopback() {
+        return None;
+    }
+    Some(Placement {
+        uid: pod.metadata.uid.clone()?,
+        ip,
+    })
+}
+
+/// Reads the token file, creating it with a fresh random token (mode 0600) if it is missing.
+pub fn ensure_token_file(path: &Path) -> Result<(), RunnerError> {
+    let io = |source| RunnerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        return Ok(());
+    }
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(|source| RunnerError::Io {
+            path: "/dev/urandom".into(),
+            source,
+        })?;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let temp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io)?;
+        file.write_all(hex::encode(random).as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&temp, path).map_err(io)?;
+    info!(path = %path.display(), "created a new executor token");
+    Ok(())
+}
+
+struct Running {
+    placement: Placement,
+    stop: watch::Sender<Stop>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    No,
+    /// The runner is exiting: stop the executor, keep its data.
+    Keep,
+    /// The pod is gone: stop the executor and remove its data.
+    Wipe,
+}
+
+/// Runs executors for pods until `shutdown` resolves; then stops them all and returns.
+pub async fn run(
+    client: Client,
+    config: RunnerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunnerError> {
+    let pods: Api<Pod> = Api::all(client);
+    let mut events = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut executors = Executors::default();
+    let mut listed: Option<HashSet<(String, String)>> = None;
+    tokio::pin!(shutdown);
+    let result = loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            event = events.try_next() => event,
+        };
+        let event = match event {
+            Ok(Some(event)) => event,
+            Ok(None) => break Err(RunnerError::WatchEnded),
+            Err(error) => {
+                // default_backoff() retries; this only reports the hiccup.
+                warn!(%error, "pod watch error; retrying");
+                continue;
+            }
+        };
+        match event {
+            watcher::Event::Init => listed = Some(HashSet::new()),
+            watcher::Event::InitApply(pod) => {
+                if let Some(listed) = listed.as_mut() {
+                    listed.insert(key(&pod));
+                }
+                executors.reconcile(&config, &pod);
+            }
+            watcher::Event::InitDone => {
+                // Pods deleted while the watch was down were never reported as deleted.
+                let listed = listed.take().unwrap_or_default();
+                let gone: Vec<_> = executors
+                    .running
+                    .keys()
+                    .filter(|k| !listed.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    executors.stop(&key, Stop::Wipe);
+                }
+            }
+            watcher::Event::Apply(pod) => executors.reconcile(&config, &pod),
+            watcher::Event::Delete(pod) => executors.stop(&key(&pod), Stop::Wipe),
+        }
+    };
+    info!(
+        executors = executors.running.len(),
+        "stopping all executors"
+    );
+    let mut tasks: Vec<_> = executors
+        .running
+        .into_values()
+        .map(|r| {
+            let _ = r.stop.send(Stop::Keep);
+            r.task
+        })
+        .collect();
+    tasks.extend(executors.draining.into_values());
+    futures::future::join_all(tasks).await;
+    result
+}
+
+type PodKey = (String, String);
+
+#[derive(Default)]
+struct Executors {
+    running: HashMap<PodKey, Running>,
+    /// Supervisors told to stop and not finished yet. The next executor of the same pod name
+    /// waits for its predecessor, so two never share (or wipe) one data directory.
+    draining: HashMap<PodKey, JoinHandle<()>>,
+}
+
+fn key(pod: &Pod) -> PodKey {
+    (pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+impl Executors {
+    fn reconcile(&mut self, config: &RunnerConfig, pod: &Pod) {
+        self.draining.retain(|_, task| !task.is_finished());
+        let key = key(pod);
+        let wanted = placement(pod);
+        if let Some(current) = self.running.get(&key) {
+            if Some(&current.placement) == wanted.as_ref() {
+                return;
+            }
+            let same_pod = wanted
+                .as_ref()
+                .is_some_and(|w| w.uid == current.placement.uid);
+            self.stop(&key, if same_pod { Stop::Keep } else { Stop::Wipe });
+        }
+        let Some(placement) = wanted else {
+            return;
+        };
+        let data_dir = config.state_dir.join("executors").join(&key.0).join(&key.1);
+        let (stop_tx, stop_rx) = watch::channel(Stop::No);
+        let predecessor = self.draining.remove(&key);
+        let name = format!("{}/{}", key.0, key.1);
+        let (config, for_task) = (config.clone(), placement.clone());
+        let task = tokio::spawn(async move {
+            if let Some(predecessor) = predecessor {
+                let _ = predecessor.await;
+            }
+            supervise(name, for_task, data_dir, config, stop_rx).await
+        });
+        self.running.insert(
+            key,
+            Running {
+                placement,
+                stop: stop_tx,
+                task,
+            },
+        );
+    }
+
+    fn stop(&mut self, key: &PodKey, mode: Stop) {
+        if let Some(entry) = self.running.remove(key) {
+            let _ = entry.stop.send(mode);
+            self.draining.insert(key.clone(), entry.task);
+        }
+    }
+}
+
+/// Keeps one executor running until told to stop.
+async fn supervise(
+    name: String,
+    placement: Placement,
+    data_dir: PathBuf,
+    config: RunnerConfig,
+    mut stop: watch::Receiver<Stop>,
+) {
+    if let Err(error) = prepare_data_dir(&data_dir, &placement.uid) {
+        error!(pod = %name, %error, "cannot prepare the executor's data directory");
+        return;
+    }
+    let listen = SocketAddr::new(placement.ip, config.port);
+    let mut backoff = Duration::from_millis(500);
+    let mode = loop {
+        let spawned = tokio::process::Command::new(&config.executor_bin)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--token-file")
+            .arg(&config.token_file)
+            .arg("--kill-grace-seconds")
+            .arg(config.kill_grace.as_secs().to_string())
+            .arg("--stop-tasks-on-exit")
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
+            // Tasks inherit the executor's environment: no cluster credentials in it.
+            .env_remove(sandbox_executor::TOKEN_ENV)
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                info!(pod = %name, %listen, pid = child.id().unwrap_or_default(), "started executor");
+                if let Some(stderr) = child.stderr.take() {
+                    tokio::spawn(prefix_lines(name.clone(), stderr));
+                }
+                tokio::select! {
+                    status = child.wait() => {
+                        warn!(pod = %name, ?status, retry_in = ?backoff, "executor exited; restarting it");
+                    }
+                    mode = wait_for_stop(&mut stop) => {
+                        terminate(&name, &mut child, config.kill_grace).await;
+                        break mode;
+                    }
+                }
+            }
+            Err(error) => {
+                error!(pod = %name, %error, bin = %config.executor_bin.display(), "cannot start the executor");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(Duration::from_secs(30)),
+            mode = wait_for_stop(&mut stop) => break mode,
+        }
+    };
+    if mode == Stop::Wipe
+        && let Err(error) = std::fs::remove_dir_all(&data_dir)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(pod = %name, %error, "cannot remove the executor's data directory");
+    }
+    info!(pod = %name, "executor stopped");
+}
+
+async fn wait_for_stop(stop: &mut watch::Receiver<Stop>) -> Stop {
+    loop {
+        let mode = *stop.borrow_and_update();
+        if mode != Stop::No {
+            return mode;
+        }
+        if stop.changed().await.is_err() {
+            // The runner dropped us without a word: treat as its exit.
+            return Stop::Keep;
+        }
+    }
+}
+
+/// SIGTERM, which makes the executor stop its tasks (SIGTERM, then SIGKILL after `grace`) and
+/// exit; SIGKILL if it is still there well after that.
+async fn terminate(name: &str, child: &mut tokio::process::Child, grace: Duration) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| *p > 1)
+        .and_then(Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, Signal::TERM);
+    }
+    let patience = grace + Duration::from_secs(15);
+    if tokio::time::timeout(patience, child.wait()).await.is_err() {
+        warn!(pod = %name, ?patience, "executor did not exit after SIGTERM; killing it");
+        let _ = child.kill().await;
+    }
+}
+
+/// A pod's data directory, emptied when it belonged to an earlier pod of the same name.
+fn prepare_data_dir(dir: &Path, uid: &str) -> std::io::Result<()> {
+    let marker = dir.join("pod-uid");
+    match std::fs::read_to_string(&marker) {
+        Ok(previous) if previous.trim() == uid => return Ok(()),
+        Ok(_) => std::fs::remove_dir_all(dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(marker, uid)
+}
+
+/// Copies an executor's log lines to ours, each prefixed with its pod.
+async fn prefix_lines(name: String, stderr: tokio::process::ChildStderr) {
+    let mut lines = BufReader::new(stderr).lines();
+    let mut out = tokio::io::stderr();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let _ = out.write_all(format!("[{name}] {line}\n").as_bytes()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+
+    fn pod(ip: &str, phase: &str, containers: &[&str]) -> Pod {
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("ns".into()),
+                uid: Some("u1".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: containers
+                    .iter()
+                    .map(|n| Container {
+                        name: n.to_string(),
+                        ..Container::default()
+                    })
+                    .collect(),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                pod_ip: Some(ip.into()),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn only_running_loopback_pods_with_an_executor_get_one() {
+        let ok = pod("127.1.0.5", "Running", &["app", "task-executor"]);
+        assert_eq!(
+            placement(&ok),
+            Some(Placement {
+                uid: "u1".into(),
+                ip: "127.1.0.5".parse().unwrap()
+            })
+        );
+        assert_eq!(
+            placement(&pod("127.1.0.5", "Pending", &["task-executor"])),
+            None
+        );
+        assert_eq!(
+            placement(&pod("10.0.0.5", "Running", &["task-executor"])),
+            None,
+            "never off loopback"
+        );
+        assert_eq!(placement(&pod("127.1.0.5", "Running", &["app"])), None);
+        assert_eq!(placement(&pod("", "Running", &["task-executor"])), None);
+        let mut deleting = ok.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert_eq!(placement(&deleting), None);
+        let mut host = ok.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(placement(&host), None);
+    }
+
+    #[test]
+    fn data_of_an_earlier_pod_with_the_same_name_is_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ns/p");
+        prepare_data_dir(&dir, "u1").unwrap();
+        std::fs::write(dir.join("tasks.json"), "{}").unwrap();
+        prepare_data_dir(&dir, "u1").unwrap();
+        assert!(dir.join("tasks.json").exists(), "same pod: state kept");
+        prepare_data_dir(&dir, "u2").unwrap();
+        assert!(!dir.join("tasks.json").exists(), "new pod: state dropped");
+        assert_eq!(std::fs::read_to_string(dir.join("pod-uid")).unwrap(), "u2");
+    }
+
+    #[test]
+    fn a_token_file_is_created_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("dev/executor-token");
+        ensure_token_file(&path).unwrap();
+        let token = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(token.len(), 64);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        ensure_token_file(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            token,
+            "an existing token is kept"
+        );
+    }
+}
