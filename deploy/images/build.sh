@@ -85,7 +85,7 @@ if [[ "$executor_base" == scratch ]]; then
 fi
 
 # ------------------------------------------------------------------ binaries --
-log "cargo build --release --target $target (a first build takes 15-25 minutes on 2 cores)"
+log "cargo build --release --target $target (a first build takes 20+ minutes on 2 cores; 75 were measured with other builds running)"
 t0=$(date +%s)
 mapfile -t built < <(cd "$repo" && cargo build --release --locked --target "$target" \
 	--bin sandbox-controller --bin sandbox-task-executor --message-format=json-render-diagnostics |
