@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
 use serde::Serialize;
@@ -143,19 +143,16 @@ pub async fn handle(
 }
 
 async fn run(api: &CommandApi, request: Request<Incoming>) -> Response<ApiBody> {
-    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    let body = match crate::http::read_body(request, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(e @ crate::http::BodyError::TooLarge(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "INVALID_REQUEST_BODY",
-                format!("the body exceeds {MAX_BODY_BYTES} bytes"),
+                e.to_string(),
             );
         }
-        Err(e) => return invalid(format!("reading the body: {e}")),
+        Err(e) => return invalid(e.to_string()),
     };
     let request: RunCommandRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,

@@ -81,3 +81,25 @@ where
         connections.abort_all();
     }
 }
+
+/// Why a request body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("reading the body: {0}")]
+    Read(String),
+}
+
+/// The whole body of `request`, refused once it passes `max` bytes.
+pub async fn read_body(
+    request: Request<Incoming>,
+    max: usize,
+) -> Result<hyper::body::Bytes, BodyError> {
+    use http_body_util::{BodyExt, Limited};
+    match Limited::new(request.into_body(), max).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(max)),
+        Err(e) => Err(BodyError::Read(e.to_string())),
+    }
+}

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
 use tokio::net::TcpListener;
@@ -84,18 +84,12 @@ async fn set_tasks(api: &Api, request: Request<Incoming>) -> Response<Full<Bytes
             &format!("the body exceeds {MAX_BODY_BYTES} bytes"),
         );
     }
-    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the body exceeds {MAX_BODY_BYTES} bytes"),
-            );
+    let body = match crate::http::read_body(request, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(e @ crate::http::BodyError::TooLarge(_)) => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
         }
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     // `null` is what a Go client sends for a nil slice: no tasks.
     let desired: Vec<Task> = match serde_json::from_slice::<Option<Vec<Task>>>(&body) {

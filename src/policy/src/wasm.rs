@@ -149,6 +149,12 @@ impl WasmPolicies {
         })
     }
 
+    fn read_custom(&self) -> std::sync::RwLockReadGuard<'_, CustomPolicies> {
+        self.custom
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn write_custom(&self) -> std::sync::RwLockWriteGuard<'_, CustomPolicies> {
         self.custom
             .write()
@@ -259,10 +265,7 @@ impl WasmPolicies {
 
     /// Forgets `name` from `source` (its ConfigMap or file is gone). Returns whether it was there.
     pub fn unload(&self, name: &str, source: Source) -> bool {
-        let mut custom = self
-            .custom
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut custom = self.write_custom();
         let Some(sources) = custom.get_mut(name) else {
             return false;
         };
@@ -279,10 +282,7 @@ impl WasmPolicies {
 
     /// Names loaded (or failing to load) from `source`.
     pub fn names(&self, source: Source) -> Vec<String> {
-        let custom = self
-            .custom
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let custom = self.read_custom();
         custom
             .iter()
             .filter(|(_, sources)| sources.contains_key(&source))
@@ -294,18 +294,12 @@ impl WasmPolicies {
     /// admission webhook rejects selectors of unknown names; a known but broken policy is accepted
     /// and reported through the object's `PolicyDegraded` condition instead.
     pub fn is_known(&self, name: &str) -> bool {
-        let custom = self
-            .custom
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let custom = self.read_custom();
         custom.contains_key(name)
     }
 
     pub fn status(&self) -> Vec<PolicyStatus> {
-        let custom = self
-            .custom
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let custom = self.read_custom();
         custom
             .iter()
             .flat_map(|(name, sources)| {
@@ -326,10 +320,7 @@ impl WasmPolicies {
     }
 
     fn entry(&self, name: &str, source: Source) -> Option<Entry> {
-        let custom = self
-            .custom
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let custom = self.read_custom();
         custom
             .get(name)
             .and_then(|sources| sources.get(&source))
@@ -346,10 +337,7 @@ impl WasmPolicies {
         let Some(name) = selector else {
             return default();
         };
-        let custom = self
-            .custom
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let custom = self.read_custom();
         // The first source that has the name decides, ConfigMaps before the directory.
         let Some(entry) = custom.get(name).and_then(|sources| sources.values().next()) else {
             return Chosen {
