@@ -29,3 +29,18 @@ pub const MANAGED_BY: &str = "sandbox-controller";
 /// Annotation a BatchSandbox carries once expired with action `ReturnToPool`: its pods go back to
 /// the pool as idle whatever the pool's recycle policy.
 pub const ANNOTATION_RELEASE_POLICY: &str = "sandbox.opensandbox.io/release-policy";
+/// Annotation on a BatchSandbox: the outcome of each released shard's task.
+pub const ANNOTATION_TASK_RESULTS: &str = "sandbox.opensandbox.io/task-results";
+/// Annotation on a BatchSandbox: pods whose release has completed (OpenSandbox's format).
+pub const ANNOTATION_ALLOC_RELEASED: &str = "sandbox.opensandbox.io/alloc-released";
+
+/// Annotations only the controller may set or change: they record what it handed out and what it
+/// must give back. The admission webhook refuses any other requester's change to them (users
+/// request a release through `sandbox.opensandbox.io/alloc-release`, which stays theirs).
+pub const CONTROLLER_OWNED_ANNOTATIONS: &[&str] = &[
+    ANNOTATION_ALLOC_STATUS,
+    ANNOTATION_ALLOC_RELEASED,
+    ANNOTATION_ENDPOINTS,
+    ANNOTATION_RELEASE_POLICY,
+    ANNOTATION_TASK_RESULTS,
+];

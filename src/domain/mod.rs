@@ -4,6 +4,7 @@ pub mod admission;
 pub mod allocation;
 pub mod conditions;
 pub mod endpoints;
+pub mod invariants;
 pub mod pod_template;
 pub mod pods;
 pub mod pool_plan;
