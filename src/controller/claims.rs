@@ -93,7 +93,11 @@ pub struct LastLedgers {
 }
 
 impl LastLedgers {
-    pub fn remember(&self, batch: &crate::api::BatchSandbox, ledger: &crate::domain::allocation::AllocStatus) {
+    pub fn remember(
+        &self,
+        batch: &crate::api::BatchSandbox,
+        ledger: &crate::domain::allocation::AllocStatus,
+    ) {
         let Some(uid) = batch.metadata.uid.clone() else {
             return;
         };
@@ -206,9 +210,17 @@ mod tests {
             })
             .map(str::to_string)
         };
-        assert_eq!(claims.current("ns", stale).len(), 3, "the cache shows none yet");
+        assert_eq!(
+            claims.current("ns", stale).len(),
+            3,
+            "the cache shows none yet"
+        );
         claims.refused("ns", "z", "5", &["other".to_string()]);
-        assert_eq!(claims.current("ns", stale).len(), 3, "only the refused pods go");
+        assert_eq!(
+            claims.current("ns", stale).len(),
+            3,
+            "only the refused pods go"
+        );
         claims.refused("ns", "z", "5", &["c".to_string()]);
         // x's write is in the cache; y's batch is still at the version the write was made against.
         let caught_up = |batch: &str| (batch != "x").then(|| "3".to_string()).or(Some("8".into()));

@@ -136,9 +136,9 @@ impl RecordedApi {
                 match objects.get_mut(path.trim_end_matches("/status")) {
                     // A resourceVersion in the patch is a precondition, as on a real API server.
                     Some(object)
-                        if body
-                            .pointer("/metadata/resourceVersion")
-                            .is_some_and(|v| Some(v) != object.pointer("/metadata/resourceVersion")) =>
+                        if body.pointer("/metadata/resourceVersion").is_some_and(|v| {
+                            Some(v) != object.pointer("/metadata/resourceVersion")
+                        }) =>
                     {
                         (409, conflict())
                     }
@@ -405,11 +405,7 @@ async fn a_lost_grant_race_records_no_claim_and_is_retried() {
     let result = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
     assert!(matches!(result, Err(Error::Conflict(1))), "{result:?}");
     // The pod is not counted as held: the next round may grant it again.
-    assert!(
-        ctx.claims
-            .current(NS, |_| Some("7".to_string()))
-            .is_empty()
-    );
+    assert!(ctx.claims.current(NS, |_| Some("7".to_string())).is_empty());
     let statuses = api
         .writes()
         .iter()
@@ -608,8 +604,7 @@ async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
         pool_pod(&pool, "p-a", "127.1.1.2"),
         pool_pod(&pool, "p-b", "127.1.1.3"),
     ];
-    let batches: Vec<BatchSandbox> =
-        api.stored(&[batch_path("older"), batch_path("newer")]);
+    let batches: Vec<BatchSandbox> = api.stored(&[batch_path("older"), batch_path("newer")]);
     let violations = crate::domain::invariants::check(
         &stored_pods,
         &batches,
@@ -712,9 +707,9 @@ async fn a_batch_with_an_unreadable_ledger_reports_it_and_can_still_be_deleted()
     );
 
     let mut deleting = corrupt;
-    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        k8s_openapi::jiff::Timestamp::now(),
-    ));
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
     deleting.metadata.finalizers = Some(vec![names::FINALIZER_BATCH.into()]);
     let api = RecordedApi::default();
     api.object(batch_path("corrupt"), &deleting);
@@ -758,7 +753,10 @@ async fn forged_ledger_entries_are_never_deleted() {
     let mut victim = pool_pod(&pool, "victim-0", "127.1.1.8");
     victim.metadata.labels = Some(BTreeMap::from([
         (names::LABEL_BATCH_NAME.to_string(), "victim".to_string()),
-        (names::LABEL_MANAGED_BY.to_string(), names::MANAGED_BY.to_string()),
+        (
+            names::LABEL_MANAGED_BY.to_string(),
+            names::MANAGED_BY.to_string(),
+        ),
     ]));
     victim.metadata.owner_references = Some(vec![OwnerReference {
         kind: "BatchSandbox".into(),
@@ -879,7 +877,10 @@ async fn a_cleanup_past_its_deadline_deletes_the_pods_of_tasks_that_do_not_stop(
     );
     let shape: Vec<(String, String)> = methods_and_paths(after);
     assert!(
-        shape.contains(&("DELETE".to_string(), format!("/api/v1/namespaces/{NS}/pods/p-a"))),
+        shape.contains(&(
+            "DELETE".to_string(),
+            format!("/api/v1/namespaces/{NS}/pods/p-a")
+        )),
         "{after:#?}"
     );
     assert!(
@@ -913,8 +914,10 @@ async fn a_pool_deleted_with_orphaned_pods_still_drains_them() {
         .expect("the drain succeeds");
     let writes = api.writes();
     assert!(
-        methods_and_paths(&writes)
-            .contains(&("DELETE".to_string(), format!("/api/v1/namespaces/{NS}/pods/p-a"))),
+        methods_and_paths(&writes).contains(&(
+            "DELETE".to_string(),
+            format!("/api/v1/namespaces/{NS}/pods/p-a")
+        )),
         "{writes:#?}"
     );
     assert!(
@@ -936,7 +939,8 @@ async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_re
         lease_duration: std::time::Duration::from_secs(3),
     };
     let deadline = leader_config.renew_deadline();
-    let lease_path = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/sandbox-controller");
+    let lease_path =
+        format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/sandbox-controller");
     let api = RecordedApi::default();
     let renew = {
         let (api, lease_path) = (api.clone(), lease_path.clone());
@@ -1002,7 +1006,12 @@ async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_re
     pool::reconcile(Arc::new(pool.clone()), setup(&writer, "before"))
         .await
         .expect("a proven leader allocates");
-    assert!(writer.writes().iter().any(|w| w.path == batch_path("before")));
+    assert!(
+        writer
+            .writes()
+            .iter()
+            .any(|w| w.path == batch_path("before"))
+    );
 
     // Renewals stop landing, and every read of the lease now hangs.
     blocked.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1019,7 +1028,10 @@ async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_re
     let result = pool::reconcile(Arc::new(pool.clone()), setup(&fenced, "after")).await;
     assert!(matches!(result, Err(Error::Fenced(_))), "{result:?}");
     assert!(
-        fenced.writes().iter().all(|w| w.path != batch_path("after")),
+        fenced
+            .writes()
+            .iter()
+            .all(|w| w.path != batch_path("after")),
         "a fenced controller sent a grant: {:#?}",
         fenced.writes()
     );

@@ -23,9 +23,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use crate::api::{BatchSandbox, Pool};
 #[cfg(test)]
 use crate::api::names;
+use crate::api::{BatchSandbox, Pool};
 use crate::domain::allocation::{self, AllocStatus};
 use crate::domain::pods;
 
@@ -47,7 +47,9 @@ pub enum Violation {
     PodTwiceInOneLedger { batch: String, pod: String },
     #[error("pod {pod} is held by several BatchSandboxes: {batches:?}")]
     PodInSeveralLedgers { pod: String, batches: Vec<String> },
-    #[error("BatchSandbox {batch}: its ledger names pod {pod}, which is not a pod of its pool {pool}")]
+    #[error(
+        "BatchSandbox {batch}: its ledger names pod {pod}, which is not a pod of its pool {pool}"
+    )]
     ForeignPodInLedger {
         batch: String,
         pod: String,
@@ -92,9 +94,9 @@ pub fn check(
                 continue;
             }
         };
-        let pool = pools.iter().find(|p| {
-            p.namespace() == batch.namespace() && p.name_any() == pool_name
-        });
+        let pool = pools
+            .iter()
+            .find(|p| p.namespace() == batch.namespace() && p.name_any() == pool_name);
         let mut seen = BTreeSet::new();
         for pod in ledger.pods.iter().filter(|p| !p.is_empty()) {
             if !seen.insert(pod.as_str()) {

@@ -48,7 +48,9 @@ pub struct Fence {
 
 /// The fence is closed: the lease can no longer be proven.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("this replica can no longer prove it holds the leader lease; allocation writes are stopped")]
+#[error(
+    "this replica can no longer prove it holds the leader lease; allocation writes are stopped"
+)]
 pub struct Fenced;
 
 impl Fence {
@@ -101,8 +103,8 @@ pub fn proven_until(
         return None;
     }
     let renewed = spec.renew_time.as_ref()?.0;
-    let renewed = SystemTime::UNIX_EPOCH
-        + Duration::from_nanos(u64::try_from(renewed.as_nanosecond()).ok()?);
+    let renewed =
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(renewed.as_nanosecond()).ok()?);
     let deadline = renewed + renew_deadline;
     let left = deadline.duration_since(now_wall).ok()?;
     Some(now + left)
@@ -223,8 +225,14 @@ mod tests {
             left <= Duration::from_millis(6_100) && left > Duration::from_secs(5),
             "{left:?}"
         );
-        assert_eq!(proven_until(&lease("me", 11), "me", deadline, wall, now), None);
-        assert_eq!(proven_until(&lease("you", 1), "me", deadline, wall, now), None);
+        assert_eq!(
+            proven_until(&lease("me", 11), "me", deadline, wall, now),
+            None
+        );
+        assert_eq!(
+            proven_until(&lease("you", 1), "me", deadline, wall, now),
+            None
+        );
     }
 
     #[test]

@@ -216,11 +216,7 @@ pub async fn run(
             leading = leader::acquire(client.clone(), leader_config) => leading?,
             _ = stopped() => return Ok(()),
         };
-        let prover = tokio::spawn(leader::prove(
-            client.clone(),
-            leader_config.clone(),
-            fence,
-        ));
+        let prover = tokio::spawn(leader::prove(client.clone(), leader_config.clone(), fence));
         let result = tokio::select! {
             result = reconcile => result,
             _ = leadership.lost() => Err(anyhow::anyhow!(
@@ -359,7 +355,10 @@ async fn bind_webhook(
 }
 
 /// The controller's username: `given`, else the identity `client` authenticates as.
-async fn controller_username(given: Option<String>, client: &kube::Client) -> anyhow::Result<String> {
+async fn controller_username(
+    given: Option<String>,
+    client: &kube::Client,
+) -> anyhow::Result<String> {
     use k8s_openapi::api::authentication::v1::SelfSubjectReview;
     if let Some(user) = given {
         return Ok(user);

@@ -6,8 +6,8 @@
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MatchCondition, RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
-    WebhookClientConfig,
+    MatchCondition, RuleWithOperations, ServiceReference, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
@@ -210,7 +210,9 @@ mod tests {
             only_namespace: Some("team-a".into()),
             exclude_namespace: Some("opensandbox-system".into()),
             timeout_seconds: 30,
-            exempt_username: Some("system:serviceaccount:opensandbox-system:sandbox-controller".into()),
+            exempt_username: Some(
+                "system:serviceaccount:opensandbox-system:sandbox-controller".into(),
+            ),
             delete_on_shutdown: true,
         }
     }

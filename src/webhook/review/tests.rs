@@ -456,7 +456,8 @@ fn only_the_controller_writes_the_ledger_annotations() {
         object["metadata"]["annotations"] = annotations;
         object
     };
-    let stored = with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}"}));
+    let stored =
+        with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}"}));
     let judge = |user: &str, object: Value, old: Value| {
         let mut body = request("UPDATE", kind.clone(), resource.clone(), object, old);
         body["request"]["userInfo"]["username"] = json!(user);
@@ -465,12 +466,20 @@ fn only_the_controller_writes_the_ledger_annotations() {
     };
 
     // A user lists another batch's pod in their own ledger: refused, naming the annotation.
-    let forged = with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\",\"victim-0\"]}"}));
+    let forged = with_annotations(
+        json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\",\"victim-0\"]}"}),
+    );
     let denied = judge("alice", forged.clone(), stored.clone());
     assert!(!denied.allowed);
     assert!(
-        denied.result.message.contains("metadata.annotations[sandbox.opensandbox.io/alloc-status]")
-            && denied.result.message.contains("written only by the sandbox controller"),
+        denied
+            .result
+            .message
+            .contains("metadata.annotations[sandbox.opensandbox.io/alloc-status]")
+            && denied
+                .result
+                .message
+                .contains("written only by the sandbox controller"),
         "{}",
         denied.result.message
     );
@@ -480,7 +489,9 @@ fn only_the_controller_writes_the_ledger_annotations() {
     for object in [
         with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{"})),
         with_annotations(json!({})),
-        with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}", "sandbox.opensandbox.io/release-policy": "Reuse"})),
+        with_annotations(
+            json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}", "sandbox.opensandbox.io/release-policy": "Reuse"}),
+        ),
     ] {
         assert!(!judge("alice", object, stored.clone()).allowed);
     }
@@ -503,7 +514,9 @@ fn only_the_controller_writes_the_ledger_annotations() {
     let reply = review(&serde_json::to_vec(&create).unwrap(), &ctx);
     assert!(!reply.response.expect("a response").allowed);
     // An object being deleted is no exception: its ledger decides which pods are deleted.
-    let mut deleting = with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"victim-0\"]}"}));
+    let mut deleting = with_annotations(
+        json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"victim-0\"]}"}),
+    );
     deleting["metadata"]["deletionTimestamp"] = json!("2026-06-01T00:00:00Z");
     let mut old_deleting = stored;
     old_deleting["metadata"]["deletionTimestamp"] = json!("2026-06-01T00:00:00Z");
