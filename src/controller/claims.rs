@@ -203,12 +203,14 @@ mod tests {
         claims.record("ns", "y", "3", ["b".to_string()]);
         claims.record("ns", "z", "5", ["c".to_string()]);
         let stale = |batch: &str| {
-            Some(match batch {
-                "x" => "7",
-                "y" => "3",
-                _ => "5",
-            })
-            .map(str::to_string)
+            Some(
+                match batch {
+                    "x" => "7",
+                    "y" => "3",
+                    _ => "5",
+                }
+                .to_string(),
+            )
         };
         assert_eq!(
             claims.current("ns", stale).len(),
