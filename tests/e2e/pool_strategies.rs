@@ -241,7 +241,11 @@ async fn evict_label_drains_idle_pods_at_once_and_allocated_ones_once_released()
         "an allocated pod is never evicted"
     );
     let batch = env.batch("holder").await.unwrap();
-    assert_eq!(ledger(&batch), [held.clone()], "the batch keeps its pod");
+    assert_eq!(
+        ledger(&batch),
+        std::slice::from_ref(&held),
+        "the batch keeps its pod"
+    );
     // The evicted idle pod is replaced: the buffer refills.
     env.wait_for("the buffer to refill", T, || async {
         let status = env.pool("ev").await?.status?;
