@@ -191,7 +191,7 @@ for pid in 1 $shim $executor; do
   tr '\0' '\n' < /proc/$pid/cmdline 2>/dev/null; echo
 done
 for f in {signing} {public} $(tr '\0' '\n' < /proc/$executor/cmdline 2>/dev/null | tr ':' '\n' | grep '^/'); do
-  if [ -f "$f" ]; then if cat "$f" 2>/dev/null; then echo; else echo "denied $f"; fi; fi
+  if [ -f "$f" ] && [ ! -x "$f" ]; then if cat "$f" 2>/dev/null; then echo; else echo "denied $f"; fi; fi
 done"#,
         signing = signing_key.display(),
         public = dir.join("executor-public-key").display()
@@ -202,13 +202,14 @@ done"#,
         .expect("A's task");
     let done = wait_task(&client, a, "loot", "terminated", |t| t.is_terminated()).await;
     assert_eq!(done.phase(), TaskPhase::Succeeded, "{done:?}");
-    let loot = std::fs::read_to_string(
+    let loot = std::fs::read(
         dir.join("executors")
             .join(&env.ns)
             .join("sandbox-a")
             .join("tasks/loot/stdout.log"),
     )
     .expect("the task's output");
+    let loot = String::from_utf8_lossy(&loot);
 
     // What the task could and could not read.
     let seed = std::fs::read_to_string(&signing_key).expect("signing key");
@@ -233,7 +234,7 @@ done"#,
     // Everything it read, tried on B.
     let mut pieces: Vec<&str> = loot
         .split(|c: char| c.is_whitespace() || "=:,\"'".contains(c))
-        .filter(|w| w.len() >= 8)
+        .filter(|w| w.len() >= 8 && w.bytes().all(|b| b.is_ascii_graphic()))
         .collect();
     pieces.sort_unstable();
     pieces.dedup();

@@ -55,6 +55,8 @@ pub struct RunnerConfig {
     pub command_token_file: Option<PathBuf>,
     /// The executors' `--kill-grace-seconds`.
     pub kill_grace: Duration,
+    /// Put first on the executors' `PATH` (see [`task_programs`]), if set.
+    pub task_bin: Option<PathBuf>,
 }
 
 /// OpenSandbox's `bootstrap.sh` for sandboxes whose command API the executor serves; every
@@ -144,6 +146,36 @@ pub fn ensure_key_files(
     write_new_file(public_key_file, public.to_string().as_bytes(), 0o444)
         .map_err(io(public_key_file))?;
     Ok(public)
+}
+
+/// The programs a sandbox image would have on its `PATH`, for tasks that run as another user.
+///
+/// kwok pods have no image: their tasks run on this machine, as an unprivileged user, and find
+/// programs through the executor's `PATH`. Where the machine's only `python` is in a directory
+/// that user cannot enter (a pyenv under `/root`, say), links in `dir` lead `python` and
+/// `python3` to a `python3` it can run. Returns `dir`, to be put first on the executors' `PATH`.
+pub fn task_programs(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let open_to_all = |file: &Path| {
+        file.ancestors()
+            .skip(1)
+            .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+            && std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    };
+    let python = std::env::split_paths(&path)
+        .map(|d| d.join("python3"))
+        .find(|p| p.is_absolute() && open_to_all(p));
+    for name in ["python", "python3"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        if let Some(target) = &python {
+            std::os::unix::fs::symlink(target, &link)?;
+        }
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// Writes `path` whole (temp file, fsync, rename) with `mode`.
@@ -344,6 +376,15 @@ async fn supervise(
         }
         if let Some(token) = &config.command_token_file {
             command.arg("--command-token-file").arg(token);
+        }
+        if let Some(bin) = &config.task_bin {
+            let mut path = vec![bin.clone()];
+            path.extend(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            ));
+            if let Ok(path) = std::env::join_paths(path) {
+                command.env("PATH", path);
+            }
         }
         let spawned = command
             .arg("--command-listen")

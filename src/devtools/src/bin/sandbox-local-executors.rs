@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let task_bin = state_dir.join("task-bin");
     let config = runner::RunnerConfig {
         state_dir,
         executor_bin,
@@ -77,6 +78,13 @@ async fn main() -> anyhow::Result<()> {
         command_port: args.command_port,
         command_token_file: args.command_token_file,
         kill_grace: Duration::from_secs(args.kill_grace_seconds),
+        task_bin: match runner::task_programs(&task_bin) {
+            Ok(dir) => Some(dir),
+            Err(error) => {
+                tracing::warn!(%error, "cannot link programs for tasks; they use this PATH as it is");
+                None
+            }
+        },
     };
     runner::run(client, config, runtime::shutdown_signal()).await?;
     Ok(())
