@@ -3,13 +3,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
-use std::time::SystemTime;
 use tokio::net::TcpListener;
-
 use tracing::{debug, warn};
 
 use super::auth::Auth;
