@@ -12,7 +12,7 @@ use sandbox_policy::cli::PolicyCommand;
 use crate::controller::{ControllerConfig, ExecutorSettings, PoolInjection};
 use crate::domain::endpoints::EndpointsFormat;
 use crate::runtime::leader::LeaderConfig;
-use crate::runtime::{LogFormat, PolicySettings, RunConfig, WebhookSettings};
+use crate::runtime::{ExecutorKeySource, LogFormat, PolicySettings, RunConfig, WebhookSettings};
 use crate::webhook::{self, registration::DEFAULT_CONFIGURATION_NAME};
 
 /// Kubernetes controller for OpenSandbox BatchSandbox and Pool resources.
@@ -98,14 +98,20 @@ pub struct RunArgs {
         default_value = "opensandbox/sandbox-task-executor:latest"
     )]
     pub executor_image: String,
-    /// Secret (key `token`) the injected executor reads its bearer token from. Without it the
-    /// sidecar runs unauthenticated.
-    #[arg(long, env = "EXECUTOR_TOKEN_SECRET")]
-    pub executor_token_secret: Option<String>,
-    /// File with the bearer token the controller presents to executors (the Secret's value
-    /// mounted in-cluster; `.dev/executor-token` locally).
-    #[arg(long, env = "EXECUTOR_TOKEN_FILE")]
-    pub executor_token_file: Option<PathBuf>,
+    /// Secret in the controller's namespace (--controller-namespace) holding the Ed25519 key
+    /// the controller signs executor requests with (key `signing-key`, 64 hex digits); created
+    /// with a fresh key if missing. Injected executors get only its public half. Without this or
+    /// --executor-signing-key-file, executors run unauthenticated.
+    #[arg(long, env = "EXECUTOR_SIGNING_KEY_SECRET")]
+    pub executor_signing_key_secret: Option<String>,
+    /// File with that signing key (64 hex digits, mode 0400) instead of a Secret
+    /// (`.dev/executor-signing-key` locally).
+    #[arg(
+        long,
+        env = "EXECUTOR_SIGNING_KEY_FILE",
+        conflicts_with = "executor_signing_key_secret"
+    )]
+    pub executor_signing_key_file: Option<PathBuf>,
     /// Which pool pods get the executor sidecar: `always`, or `annotated` (Pools annotated
     /// `sandbox.opensandbox.io/task-executor: "true"`).
     #[arg(long, value_enum, default_value_t = PoolInjection::Always)]
@@ -289,6 +295,7 @@ impl From<EndpointsFormatArg> for EndpointsFormat {
 
 impl From<RunArgs> for RunConfig {
     fn from(args: RunArgs) -> Self {
+        let controller_namespace = args.webhook_args.controller_namespace.clone();
         let mut webhook = WebhookSettings::from(args.webhook_args);
         // `run --namespace N` scopes the webhook to N too, unless it was scoped otherwise.
         webhook.only_namespace = webhook.only_namespace.or_else(|| args.namespace.clone());
@@ -296,8 +303,7 @@ impl From<RunArgs> for RunConfig {
             controller: ControllerConfig {
                 executor: ExecutorSettings {
                     image: args.executor_image,
-                    token_secret: args.executor_token_secret,
-                    token: None,
+                    signing_key: None,
                     pool_injection: args.pool_executor_injection,
                 },
                 namespace: args.namespace,
@@ -307,7 +313,17 @@ impl From<RunArgs> for RunConfig {
                 fence: Default::default(),
                 cleanup_deadline: Duration::from_secs(args.cleanup_deadline_seconds),
             },
-            executor_token_file: args.executor_token_file,
+            executor_key: match (
+                args.executor_signing_key_file,
+                args.executor_signing_key_secret,
+            ) {
+                (Some(path), _) => ExecutorKeySource::File(path),
+                (None, Some(name)) => ExecutorKeySource::Secret {
+                    namespace: controller_namespace,
+                    name,
+                },
+                (None, None) => ExecutorKeySource::None,
+            },
             health_addr: args.health_addr,
             leader: args.leader_elect.then(|| LeaderConfig {
                 namespace: args.leader_election_namespace,

@@ -60,8 +60,8 @@ HELPERS=(executor-runner)
 
 # kwok pods run no containers: the runner starts a real sandbox-task-executor
 # for every Running pod with a task-executor container, on the pod's 127.1.x.y
-# IP, port 5758, with the token in $SBX_DEV_DIR/executor-token (created if
-# missing). SBX_RUNNER_BIN: a prebuilt sandbox-local-executors (with
+# IP, port 5758, trusting the public half of $SBX_DEV_DIR/executor-signing-key
+# (created if missing; the controller signs with it). SBX_RUNNER_BIN: a prebuilt sandbox-local-executors (with
 # sandbox-task-executor next to it) instead of building them here.
 helper_cmd_executor_runner() {
 	local ctl="${SBX_RUNNER_BIN:-}"
@@ -76,9 +76,10 @@ helper_cmd_executor_runner() {
 			sed -n 's/.*"executable":"\([^"]*sandbox-local-executors\)".*/\1/p' | tail -n1)"
 	fi
 	[[ -n "$ctl" && -x "$ctl" ]] || die "could not build sandbox-local-executors for the executor runner"
-	# Created here, not only by the runner, so it exists once `up` returns.
-	[[ -s "$dev/executor-token" ]] ||
-		(umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dev/executor-token")
+	# Created here, not only by the runner, so it exists once `up` returns: a hex Ed25519 seed,
+	# readable by its owner only.
+	[[ -s "$dev/executor-signing-key" ]] ||
+		(umask 277 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$dev/executor-signing-key")
 	CMD=(env KUBECONFIG="$kubeconfig" "$ctl" --state-dir "$dev")
 }
 

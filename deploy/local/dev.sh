@@ -64,7 +64,7 @@ build_controller() {
 	echo "$bin"
 }
 
-# How the local controller runs: tasks authenticate with the executor runner's token, the
+# How the local controller runs: it signs executor requests with the runner's key, the
 # admission webhook is registered at https://127.0.0.1:<port base + 6>, health and metrics are on
 # http://127.0.0.1:<port base + 7> (the cluster's helper ports, so controllers of several local
 # clusters never collide), and custom policies load from .dev/policies (*.wasm) or from
@@ -75,7 +75,7 @@ set_controller_args() {
 	[[ "$port_base" =~ ^[0-9]+$ ]] || die "no port base in $dev/cluster.env; is the cluster up?"
 	mkdir -p "$dev/policies"
 	controller_args=(
-		--executor-token-file "$dev/executor-token"
+		--executor-signing-key-file "$dev/executor-signing-key"
 		--webhook --webhook-listen "127.0.0.1:$((port_base + 6))"
 		--webhook-cert-dir "$dev/webhook-certs" --controller-namespace kube-system
 		--health-addr "127.0.0.1:$((port_base + 7))"
@@ -84,14 +84,15 @@ set_controller_args() {
 	log "controller: webhook https://127.0.0.1:$((port_base + 6)), health http://127.0.0.1:$((port_base + 7))/readyz"
 }
 
-# The executor runner writes the token when it starts; wait for it (briefly) before the controller reads it.
+# cluster.sh writes the signing key when it starts the executor runner; wait for it (briefly)
+# before the controller reads it.
 wait_for_token() {
 	local i
 	for ((i = 0; i < 100; i++)); do
-		[[ -s "$dev/executor-token" ]] && return 0
+		[[ -s "$dev/executor-signing-key" ]] && return 0
 		sleep 0.1
 	done
-	die "$dev/executor-token did not appear; is the executor runner running? (.dev/logs/executor-runner.log)"
+	die "$dev/executor-signing-key did not appear; is the executor runner running? (.dev/logs/executor-runner.log)"
 }
 
 # True once the controller binary has a `run` subcommand.

@@ -212,9 +212,7 @@ async fn own_pods(
                     batch.spec.shard_patches.get(index),
                     owner.clone(),
                 )?;
-                if with_executor {
-                    ctx.config.executor.inject(&mut pod);
-                }
+                ctx.config.executor.prepare(&mut pod, with_executor);
                 to_create.push(pod)
             }
             // A finished pod can never serve again: replace it (it is recreated once gone).

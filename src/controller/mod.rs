@@ -63,10 +63,9 @@ pub struct ControllerConfig {
 pub struct ExecutorSettings {
     /// Image of the injected `task-executor` sidecar.
     pub image: String,
-    /// Secret (key `token`) the sidecar reads its bearer token from; `None` runs it without auth.
-    pub token_secret: Option<String>,
-    /// Bearer token the controller presents to executors.
-    pub token: Option<String>,
+    /// The key the controller signs each executor request with, for the one pod it goes to;
+    /// sidecars get its public half. `None` runs them unauthenticated.
+    pub signing_key: Option<Arc<sandbox_executor::credential::SigningKey>>,
     /// Which pool pods get the sidecar.
     pub pool_injection: PoolInjection,
 }
@@ -89,19 +88,18 @@ impl Default for ExecutorSettings {
     fn default() -> Self {
         Self {
             image: "opensandbox/sandbox-task-executor:latest".into(),
-            token_secret: None,
-            token: None,
+            signing_key: None,
             pool_injection: PoolInjection::Always,
         }
     }
 }
 
 impl ExecutorSettings {
-    /// Adds the executor sidecar to a pod (idempotent).
-    pub fn inject(&self, pod: &mut Pod) {
-        if let Some(spec) = pod.spec.as_mut() {
-            sidecar::inject_sidecar(spec, &self.image, self.token_secret.as_deref());
-        }
+    /// Prepares a pod about to be created: with `inject`, adds the executor sidecar and marks the
+    /// pod as one the controller talks to; without, makes sure it carries no such mark.
+    pub fn prepare(&self, pod: &mut Pod, inject: bool) {
+        let public_key = self.signing_key.as_ref().map(|k| k.public_key());
+        sidecar::prepare_pod(pod, inject, &self.image, public_key.as_ref());
     }
 
     /// Whether pods of `pool` get the sidecar.
@@ -216,7 +214,9 @@ impl Context {
         };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
-            executor: sandbox_executor::client::ExecutorClient::new(config.executor.token.clone()),
+            executor: sandbox_executor::client::ExecutorClient::new(
+                config.executor.signing_key.clone(),
+            ),
             client,
             pods: stores.pods,
             batches: stores.batches,

@@ -451,9 +451,9 @@ async fn resize(
         );
         let owner_key = observed.owner_key();
         let mut pod = pod;
-        if ctx.config.executor.for_pool(pool) {
-            ctx.config.executor.inject(&mut pod);
-        }
+        ctx.config
+            .executor
+            .prepare(&mut pod, ctx.config.executor.for_pool(pool));
         ctx.expectations.created(&owner_key, name.clone());
         let (ctx, namespace) = (ctx.clone(), observed.namespace.clone());
         tokio::spawn(async move {

@@ -15,11 +15,12 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use tracing::{debug, warn};
 
-use super::sidecar::has_executor;
+use super::sidecar::has_injected_executor;
 use super::{Context, Error};
 use crate::api::{BatchSandbox, TaskSpec};
 use crate::domain::pods;
 use sandbox_decisions::tasks::TaskPhase;
+use sandbox_executor::PodRef;
 use sandbox_executor::wire::Task;
 use sandbox_policy::{Outcome, ShardTasks};
 
@@ -96,9 +97,10 @@ async fn dispatch(
     let Some(ip) = pods::pod_ip(pod).filter(|_| pods::is_running_and_ready(pod)) else {
         return TaskPhase::Pending;
     };
-    if !pod.spec.as_ref().is_some_and(has_executor) {
-        // Without an executor the task can never run; say so instead of waiting silently.
-        ctx.event(batch, EventType::Warning, "NoTaskExecutor", format!("shard {index}: pod {} has no task-executor container; see --pool-executor-injection", pods::pod_name(pod))).await;
+    if !has_injected_executor(pod) {
+        // Without an executor the task can never run; say so instead of waiting silently. An
+        // executor the controller did not inject is never sent a request.
+        ctx.event(batch, EventType::Warning, "NoTaskExecutor", format!("shard {index}: pod {} has no task-executor injected by the controller; see --pool-executor-injection", pods::pod_name(pod))).await;
         return TaskPhase::Unknown;
     }
     let name = task_name(batch, index);
@@ -115,7 +117,11 @@ async fn dispatch(
             return TaskPhase::Failed;
         }
     };
-    match ctx.executor.set_tasks(ip, &[task]).await {
+    let target = PodRef {
+        ip,
+        uid: pod.metadata.uid.as_deref().unwrap_or_default(),
+    };
+    match ctx.executor.set_tasks(target, &[task]).await {
         Ok(list) => list
             .iter()
             .find(|t| t.name == name)
@@ -131,8 +137,9 @@ async fn dispatch(
 /// Pods without an executor, or whose executor cannot be reached, have nothing this controller
 /// can stop gracefully; deleting the pod stops them.
 pub async fn stop(ctx: &Context, pods: &[Arc<Pod>]) -> bool {
-    let stops = pods.iter().filter(|p| p.spec.as_ref().is_some_and(has_executor)).filter_map(|p| pods::pod_ip(p).map(|ip| (p, ip))).map(|(pod, ip)| async move {
-        match ctx.executor.set_tasks(ip, &[]).await {
+    let stops = pods.iter().filter(|p| has_injected_executor(p)).filter_map(|p| pods::pod_ip(p).map(|ip| (p, ip))).map(|(pod, ip)| async move {
+        let target = PodRef { ip, uid: pod.metadata.uid.as_deref().unwrap_or_default() };
+        match ctx.executor.set_tasks(target, &[]).await {
             Ok(remaining) => remaining.is_empty(),
             Err(error) => {
                 warn!(%error, pod = pods::pod_name(pod), "cannot reach the executor to stop tasks; the pod's deletion stops them");

@@ -920,6 +920,7 @@ fn pod_template_rules(path: &str, template: &PodTemplateSpec, verdict: &mut Verd
         verdict.error(format!("{path}.spec.containers"), value, Rule::NoContainers);
         return;
     }
+    reserved_executor_name(path, template, verdict);
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, container) in containers.iter().enumerate() {
         let base = format!("{path}.spec.containers[{i}]");
@@ -949,6 +950,26 @@ fn pod_template_rules(path: &str, template: &PodTemplateSpec, verdict: &mut Verd
                 Rule::MissingImage,
             );
         }
+    }
+}
+
+/// The executor's container name is the controller's: a template container of that name is
+/// replaced wherever the controller injects its executor, and never sent a request anywhere.
+fn reserved_executor_name(path: &str, template: &PodTemplateSpec, verdict: &mut Verdict) {
+    let Some(spec) = template.spec.as_ref() else {
+        return;
+    };
+    let name = sandbox_executor::EXECUTOR_CONTAINER_NAME;
+    let containers = spec.containers.iter().map(|c| ("containers", c));
+    let init = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| ("initContainers", c));
+    for (list, _) in containers.chain(init).filter(|(_, c)| c.name == name) {
+        verdict.warn(format!(
+            "{path}.spec.{list}: the name {name:?} is reserved: where the controller injects its task executor it replaces this container, and it never sends tasks to a {name} it did not inject"
+        ));
     }
 }
 

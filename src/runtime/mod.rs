@@ -1,6 +1,7 @@
 //! The process shell every binary shares: logging, shutdown signals, the health and metrics
 //! server, and leader election.
 
+mod executor_key;
 pub mod health;
 pub mod leader;
 
@@ -65,9 +66,8 @@ pub async fn shutdown_signal() {
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub controller: ControllerConfig,
-    /// File with the bearer token the controller presents to executors; without it,
-    /// `$SANDBOX_EXECUTOR_TOKEN` (or no token).
-    pub executor_token_file: Option<PathBuf>,
+    /// Where the key the controller signs executor requests with comes from.
+    pub executor_key: ExecutorKeySource,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub health_addr: SocketAddr,
     /// Reconcile only while holding this Lease (`None`: always).
@@ -75,6 +75,18 @@ pub struct RunConfig {
     /// Serve the admission webhook next to the controller (`None`: don't).
     pub webhook: Option<WebhookSettings>,
     pub policy: PolicySettings,
+}
+
+/// Where the controller's executor signing key comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ExecutorKeySource {
+    /// No key: injected executors run unauthenticated.
+    #[default]
+    None,
+    /// A file holding the hex seed (`--executor-signing-key-file`).
+    File(PathBuf),
+    /// A Secret the controller reads, and creates with a fresh key if it is missing.
+    Secret { namespace: String, name: String },
 }
 
 /// Which policy engine decides, and where custom policies come from.
@@ -159,15 +171,13 @@ pub async fn run(
         None => None,
     };
     let mut controller_config = config.controller.clone();
-    controller_config.executor.token = match &config.executor_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the executor token from {}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var(sandbox_executor::TOKEN_ENV).ok(),
-    };
+    controller_config.executor.signing_key =
+        executor_key::load(&config.executor_key, &client).await?;
+    if controller_config.executor.signing_key.is_none() {
+        tracing::warn!(
+            "no executor signing key (--executor-signing-key-secret or --executor-signing-key-file): injected task executors accept requests from anyone who can reach them"
+        );
+    }
     let health = Health::default();
     let metrics = ControllerMetrics::default();
     let own = registry.sub_registry_with_prefix("sandbox_controller");

@@ -31,12 +31,17 @@ impl TestEnv {
             // Parallel tests each run a controller: let the OS pick the health port.
             args.extend(["--health-addr".to_string(), "127.0.0.1:0".to_string()]);
         }
-        // The local executor runner's token sits beside the kubeconfig (cluster.sh's state dir).
-        let token = self.kubeconfig.with_file_name("executor-token");
-        if token.exists() && !extra.iter().any(|a| a.starts_with("--executor-token-file")) {
+        // The local executor runner's signing key sits beside the kubeconfig (cluster.sh's
+        // state dir): the controller signs each executor request with it.
+        let key = self.kubeconfig.with_file_name("executor-signing-key");
+        if key.exists()
+            && !extra
+                .iter()
+                .any(|a| a.starts_with("--executor-signing-key"))
+        {
             args.extend([
-                "--executor-token-file".to_string(),
-                token.display().to_string(),
+                "--executor-signing-key-file".to_string(),
+                key.display().to_string(),
             ]);
         }
         // Each process its own log (tests read their health address from it).

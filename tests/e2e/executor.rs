@@ -3,42 +3,61 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use sandbox_decisions::tasks::TaskPhase;
+use sandbox_executor::credential::{Seed, SigningKey};
 use sandbox_executor::wire::{EnvVar, Process};
-use sandbox_executor::{ExecutorClient, ExecutorError, Task};
+use sandbox_executor::{ExecutorClient, ExecutorError, PodRef, Task};
 
 const T: Duration = Duration::from_secs(30);
-const LOCAL: &str = "127.0.0.1";
+/// The pod these executors believe they serve: requests are signed for it.
+const LOCAL: PodRef<'static> = PodRef {
+    ip: "127.0.0.1",
+    uid: "0d8e2c55-e2e0-4c1a-9a57-executor0001",
+};
 
-/// One executor process with its own data directory and token; stopped (with its tasks) on drop.
+/// A fresh controller signing key.
+pub fn signing_key() -> Arc<SigningKey> {
+    Arc::new(SigningKey::from_seed(&Seed::generate().expect("random seed")).expect("key"))
+}
+
+/// One executor process with its own data directory, serving pod [`LOCAL`] and trusting a
+/// signing key of its own; stopped (with its tasks) on drop.
 pub struct Executor {
     child: Option<Child>,
     dir: tempfile::TempDir,
-    token: String,
+    key: Arc<SigningKey>,
     port: u16,
     grace_seconds: u64,
-    token_in_env: bool,
+    extra_args: Vec<String>,
 }
 
 impl Executor {
     pub fn start(grace_seconds: u64) -> Self {
-        Self::start_with(grace_seconds, false)
+        Self::start_with(grace_seconds, &[])
     }
 
-    /// `token_in_env`: pass the token through `SANDBOX_EXECUTOR_TOKEN` instead of a file.
-    pub fn start_with(grace_seconds: u64, token_in_env: bool) -> Self {
+    /// With more command-line arguments.
+    pub fn start_with(grace_seconds: u64, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let token = format!("token-{}", std::process::id());
-        std::fs::write(dir.path().join("token"), &token).expect("token file");
+        // Tasks run as another user: they may write into the test's scratch directory.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .expect("chmod the scratch directory");
+        let key = signing_key();
+        std::fs::write(dir.path().join("public-key"), key.public_key().to_string())
+            .expect("public key file");
         let mut executor = Executor {
             child: None,
             dir,
-            token,
+            key,
             port: 0,
             grace_seconds,
-            token_in_env,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         executor.spawn();
         executor
@@ -56,17 +75,14 @@ impl Executor {
             .arg("--ready-file")
             .arg(&ready)
             .args(["--kill-grace-seconds", &self.grace_seconds.to_string()])
-            .env_remove("SANDBOX_EXECUTOR_TOKEN")
+            .arg("--controller-public-key-file")
+            .arg(self.dir.path().join("public-key"))
+            .args(["--pod-uid", LOCAL.uid])
+            .args(&self.extra_args)
+            .env_remove("EXECD_ACCESS_TOKEN")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        if self.token_in_env {
-            command.env("SANDBOX_EXECUTOR_TOKEN", &self.token);
-        } else {
-            command
-                .arg("--token-file")
-                .arg(self.dir.path().join("token"));
-        }
         self.child = Some(command.spawn().expect("spawning sandbox-task-executor"));
         let start = Instant::now();
         let addr = loop {
@@ -99,7 +115,17 @@ impl Executor {
     }
 
     pub fn client(&self) -> ExecutorClient {
-        ExecutorClient::new(Some(self.token.clone())).with_port(self.port)
+        ExecutorClient::new(Some(self.key.clone())).with_port(self.port)
+    }
+
+    /// A credential for `POST /setTasks` with an empty body, signed for this executor's pod now.
+    fn authorization(&self) -> String {
+        self.key
+            .authorization(LOCAL.uid, "POST", "/setTasks", b"", SystemTime::now())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn port(&self) -> u16 {
@@ -162,10 +188,11 @@ fn with_timeout(mut task: Task, seconds: i64) -> Task {
     task
 }
 
-/// Polls `get_tasks` of the executor at `ip` until `task_name` satisfies `done`; returns that task.
+/// Polls `get_tasks` of the executor of `pod` until `task_name` satisfies `done`; returns that
+/// task.
 pub async fn wait_task(
     client: &ExecutorClient,
-    ip: &str,
+    pod: PodRef<'_>,
     task_name: &str,
     what: &str,
     done: impl Fn(&Task) -> bool,
@@ -173,7 +200,7 @@ pub async fn wait_task(
     let start = Instant::now();
     let mut last = None;
     while start.elapsed() < T {
-        match client.get_tasks(ip).await {
+        match client.get_tasks(pod).await {
             Ok(tasks) => {
                 if let Some(task) = tasks.iter().find(|t| t.name == task_name)
                     && done(task)
@@ -417,33 +444,73 @@ async fn an_executor_restart_recovers_its_state() {
 }
 
 #[tokio::test]
-async fn unauthenticated_requests_are_rejected() {
+async fn requests_without_a_credential_for_this_pod_are_rejected() {
     let executor = Executor::start(1);
     let marker = executor.scratch().join("ran");
     let attempt = vec![task("sneaky", &["touch", marker.to_str().unwrap()])];
 
     let anonymous = ExecutorClient::new(None).with_port(executor.port());
-    let wrong = ExecutorClient::new(Some("not-the-token".into())).with_port(executor.port());
-    for client in [&anonymous, &wrong] {
-        let error = client.set_tasks(LOCAL, &attempt).await.unwrap_err();
+    let other_key = ExecutorClient::new(Some(signing_key())).with_port(executor.port());
+    let right_key = executor.client();
+    let other_pod = PodRef {
+        ip: LOCAL.ip,
+        uid: "5f0c0d8e-another-pod",
+    };
+    for (client, pod) in [
+        (&anonymous, LOCAL),
+        (&other_key, LOCAL),
+        (&right_key, other_pod),
+    ] {
+        let error = client.set_tasks(pod, &attempt).await.unwrap_err();
         assert!(
             matches!(error, ExecutorError::Unauthorized { .. }),
             "{error:?}"
         );
-        let error = client.get_tasks(LOCAL).await.unwrap_err();
+        let error = client.get_tasks(pod).await.unwrap_err();
         assert!(
             matches!(error, ExecutorError::Unauthorized { .. }),
             "{error:?}"
         );
-        client.health(LOCAL).await.expect("/health needs no token");
+        client
+            .health(LOCAL.ip)
+            .await
+            .expect("/health needs no credential");
     }
-    // A request with the token after the refused ones: once its task has run, anything the
+    // Every other path is closed too, known or not, and a credential for one request does not
+    // open another.
+    let get = executor
+        .key
+        .authorization(LOCAL.uid, "GET", "/getTasks", b"", SystemTime::now());
+    for request in [
+        "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        format!(
+            "POST /setTasks HTTP/1.1\r\nHost: x\r\nAuthorization: {get}\r\nContent-Length: 2\r\n\r\n[]"
+        ),
+        format!(
+            "POST /setTasks HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: 2\r\n\r\n[]",
+            executor.authorization()
+        ),
+    ] {
+        let response = raw_request(executor.port(), &request).await;
+        assert!(
+            response.starts_with("HTTP/1.1 401"),
+            "{request:?}: {response}"
+        );
+    }
+    // /health says that something answers, and nothing else.
+    let health = raw_request(executor.port(), "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let body = health.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(body, r#"{"status":"healthy"}"#, "{health}");
+    assert!(!health.contains(LOCAL.uid));
+
+    // A request with the credential after the refused ones: once its task has run, anything the
     // refused requests had started would be listed before it and would have run too.
     let client = executor.client();
     client
         .set_tasks(LOCAL, &[task("allowed", &["true"])])
         .await
-        .expect("setTasks with the token");
+        .expect("setTasks with a credential for this pod");
     wait_task(&client, LOCAL, "allowed", "terminated", terminated).await;
     let names: Vec<_> = client
         .get_tasks(LOCAL)
@@ -454,6 +521,89 @@ async fn unauthenticated_requests_are_rejected() {
         .collect();
     assert_eq!(names, ["allowed"]);
     assert!(!marker.exists(), "nothing ran");
+}
+
+/// The executor runs as root here (the tests do): its tasks run as nobody, and cannot read its
+/// environment or a secret file of its.
+#[tokio::test]
+async fn tasks_run_as_another_user_and_cannot_read_the_executors_secrets() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let token = scratch.path().join("command-token");
+    std::fs::write(&token, "command-api-secret").expect("token file");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+        .expect("chmod 0400");
+    let executor = Executor::start_with(1, &["--command-token-file", token.to_str().unwrap()]);
+    let client = executor.client();
+    let script = format!(
+        r#"echo "$(id -u):$(id -g)"
+cat /proc/{pid}/environ >/dev/null 2>&1 && echo environ-readable || echo environ-denied
+cat /proc/{pid}/mem >/dev/null 2>&1 && echo mem-readable || echo mem-denied
+cat {token} 2>/dev/null || echo token-denied
+kill -0 {pid} 2>/dev/null && echo can-signal || echo cannot-signal"#,
+        pid = executor.pid(),
+        token = token.display()
+    );
+    client
+        .set_tasks(LOCAL, &[task("probe", &["sh", "-c", &script])])
+        .await
+        .expect("setTasks");
+    wait_task(&client, LOCAL, "probe", "terminated", terminated).await;
+    assert_eq!(
+        executor.stdout("probe"),
+        "65534:65534\nenviron-denied\nmem-denied\ntoken-denied\ncannot-signal\n"
+    );
+}
+
+#[tokio::test]
+async fn secrets_in_the_environment_or_in_readable_files_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("command-token");
+    std::fs::write(&token, "s3cret").expect("token file");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let run = |configure: &dyn Fn(&mut Command)| {
+        let mut command = Command::new(crate::harness::workspace_bin("sandbox-task-executor"));
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("EXECD_ACCESS_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().expect("spawning sandbox-task-executor");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut stderr = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).ok();
+                return (status, stderr);
+            }
+            if start.elapsed() > T {
+                let _ = child.kill();
+                panic!("the executor started although it should have refused to");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (status, stderr) = run(&|c| {
+        c.arg("--allow-unauthenticated")
+            .env("EXECD_ACCESS_TOKEN", "s3cret");
+    });
+    assert!(!status.success());
+    assert!(stderr.contains("--command-token-file"), "{stderr}");
+    let (status, stderr) = run(&|c| {
+        c.arg("--allow-unauthenticated")
+            .arg("--command-token-file")
+            .arg(&token);
+    });
+    assert!(!status.success());
+    assert!(stderr.contains("0400"), "{stderr}");
+    // Without a key and without --allow-unauthenticated, no task API.
+    let (status, stderr) = run(&|_| {});
+    assert!(!status.success());
+    assert!(stderr.contains("no controller public key"), "{stderr}");
 }
 
 #[tokio::test]
@@ -483,15 +633,15 @@ async fn shell_metacharacters_are_passed_literally() {
 }
 
 #[tokio::test]
-async fn task_env_is_set_and_the_token_is_not_inherited() {
-    let executor = Executor::start_with(1, true);
+async fn task_env_and_working_dir_are_set() {
+    let executor = Executor::start(1);
     let client = executor.client();
     let mut probe = task(
         "env",
         &[
             "sh",
             "-c",
-            r#"echo "$TASK_TYPE|${SANDBOX_EXECUTOR_TOKEN:-unset}|$(pwd)""#,
+            r#"echo "$TASK_TYPE|${EXECD_ACCESS_TOKEN:-unset}|$(pwd)""#,
         ],
     );
     let process = probe.process.as_mut().unwrap();
@@ -590,8 +740,8 @@ async fn bad_requests_are_refused_and_unreachable_executors_reported() {
     let response = raw_request(
         executor.port(),
         &format!(
-            "POST /setTasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
-            executor.token,
+            "POST /setTasks HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: {}\r\n\r\n",
+            executor.authorization(),
             2 * 1024 * 1024
         ),
     )
@@ -603,8 +753,8 @@ async fn bad_requests_are_refused_and_unreachable_executors_reported() {
     let response = raw_request(
         executor.port(),
         &format!(
-            "POST /setTasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-            executor.token,
+            "POST /setTasks HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            executor.authorization(),
             body.len()
         ),
     )
@@ -618,7 +768,12 @@ async fn bad_requests_are_refused_and_unreachable_executors_reported() {
         "nothing was applied"
     );
     assert!(matches!(
-        client.get_tasks("not-an-ip").await,
+        client
+            .get_tasks(PodRef {
+                ip: "not-an-ip",
+                uid: LOCAL.uid
+            })
+            .await,
         Err(ExecutorError::InvalidAddress(_))
     ));
 

@@ -507,14 +507,12 @@ async fn an_executors_mount_gives_its_tasks_a_private_opt_opensandbox() {
         volume.join("bootstrap.sh"),
     )
     .expect("bootstrap.sh");
-    std::fs::write(dir.path().join("token"), "mount-token").expect("token");
     let ready = dir.path().join("ready");
     let mut child = Command::new(crate::harness::workspace_bin("sandbox-task-executor"))
         .args(["--listen", "127.0.0.1:0", "--stop-tasks-on-exit"])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .arg("--token-file")
-        .arg(dir.path().join("token"))
+        .arg("--allow-unauthenticated")
         .arg("--ready-file")
         .arg(&ready)
         .arg("--mount")
@@ -537,7 +535,11 @@ async fn an_executors_mount_gives_its_tasks_a_private_opt_opensandbox() {
         assert!(start.elapsed() < T, "executor not ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let client = ExecutorClient::new(Some("mount-token".into())).with_port(port);
+    let client = ExecutorClient::new(None).with_port(port);
+    let pod = sandbox_executor::PodRef {
+        ip: "127.0.0.1",
+        uid: "mount-test",
+    };
     let tasks = vec![task(
         "boot",
         &[
@@ -546,14 +548,8 @@ async fn an_executors_mount_gives_its_tasks_a_private_opt_opensandbox() {
             "exec /opt/opensandbox/bootstrap.sh echo started through bootstrap.sh",
         ],
     )];
-    client
-        .set_tasks("127.0.0.1", &tasks)
-        .await
-        .expect("setTasks");
-    let done = wait_task(&client, "127.0.0.1", "boot", "terminated", |t| {
-        t.is_terminated()
-    })
-    .await;
+    client.set_tasks(pod, &tasks).await.expect("setTasks");
+    let done = wait_task(&client, pod, "boot", "terminated", |t| t.is_terminated()).await;
     let _ = child.kill();
     let _ = child.wait();
     let stdout =

@@ -12,10 +12,12 @@ use crate::harness::{TestEnv, env, spec_manifest};
 
 const T: Duration = Duration::from_secs(60);
 
-/// A scratch directory the test's tasks write into.
+/// A scratch directory the test's tasks (which run as another user) write into.
 fn scratch(env: &TestEnv) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sbx-e2e-{}", env.ns));
     std::fs::create_dir_all(&dir).expect("scratch dir");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod the scratch dir");
     dir
 }
 

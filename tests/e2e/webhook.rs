@@ -1091,28 +1091,44 @@ async fn deploy_manifests_are_accepted_by_the_apiserver() {
         assert_eq!(applied.len() + cert_manager_docs.len(), docs.len());
     }
 
-    // The executor-token component, on either overlay, wires the token into the controller.
-    let with_token = dry_run(
-        &root.join("overlays/self-managed-ca"),
-        &[root.join("components/executor-token")],
-        &[],
-    );
-    let container = &one(&with_token, "Deployment")["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(
-        env_value(container, "EXECUTOR_TOKEN_SECRET")["value"],
-        "sandbox-executor-token"
-    );
-    let token_file = env_value(container, "EXECUTOR_TOKEN_FILE")["value"].clone();
-    assert!(
-        container["volumeMounts"]
+    // Every overlay's controller signs executor requests with a key from a Secret of its own
+    // namespace, which it may read and create (and nothing else among Secrets).
+    for overlay in ["cert-manager", "self-managed-ca"] {
+        let docs = render(&root.join("overlays").join(overlay));
+        let container = &one(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+        let secret = env_value(container, "EXECUTOR_SIGNING_KEY_SECRET")["value"].clone();
+        assert_eq!(secret, "sandbox-executor-signing-key", "{overlay}");
+        let role = find(&docs, "Role")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == "sandbox-controller")
+            .expect("the controller's Role");
+        let secret_rules: Vec<&Value> = role["rules"]
             .as_array()
             .into_iter()
             .flatten()
-            .any(|m| token_file
-                .as_str()
-                .is_some_and(|f| f.starts_with(m["mountPath"].as_str().unwrap_or("-")))),
-        "{token_file} is not on a mounted volume: {container}"
-    );
+            .filter(|r| r["resources"] == serde_json::json!(["secrets"]))
+            .collect();
+        assert!(
+            secret_rules
+                .iter()
+                .any(|r| r["verbs"] == serde_json::json!(["get"])
+                    && r["resourceNames"] == serde_json::json!([secret.clone()])),
+            "{overlay}: {secret_rules:?}"
+        );
+        assert!(
+            secret_rules
+                .iter()
+                .all(|r| r["verbs"] == serde_json::json!(["get"])
+                    || r["verbs"] == serde_json::json!(["create"])),
+            "{overlay}: no other rights on Secrets: {secret_rules:?}"
+        );
+        assert!(
+            find(&docs, "ClusterRole")
+                .iter()
+                .all(|r| !r["rules"].to_string().contains("\"secrets\"")),
+            "{overlay}: no cluster-wide rights on Secrets"
+        );
+    }
 
     // The sandbox namespaces' NetworkPolicy, applied as documented (`-n <namespace>`).
     let sandbox_ns = root.join("sandbox-namespace");
@@ -1152,6 +1168,23 @@ async fn deploy_manifests_are_accepted_by_the_apiserver() {
     assert_eq!(
         executor_rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
         "opensandbox-system"
+    );
+    let command_rule = policy["spec"]["ingress"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|r| r["ports"][0]["port"] == 44772))
+        .expect("a rule for the command API's port");
+    assert_eq!(command_rule["from"].as_array().map(Vec::len), Some(1));
+    for selector in ["namespaceSelector", "podSelector"] {
+        assert_eq!(
+            command_rule["from"][0][selector]["matchLabels"]["sandbox.opensandbox.io/client"],
+            "true",
+            "{selector}"
+        );
+    }
+    assert_eq!(
+        policy["spec"]["ingress"].as_array().map(Vec::len),
+        Some(2),
+        "no other port is open"
     );
 }
 

@@ -19,7 +19,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -37,6 +36,7 @@ use tracing::{error, info, warn};
 
 use sandbox_controller::controller::sidecar::has_executor;
 use sandbox_executor::command::EXECD_INSTALLER;
+use sandbox_executor::credential::{PublicKey, Seed, SigningKey, read_key_file};
 
 /// How the runner starts executors.
 #[derive(Clone, Debug)]
@@ -45,8 +45,9 @@ pub struct RunnerConfig {
     pub state_dir: PathBuf,
     /// The `sandbox-task-executor` binary.
     pub executor_bin: PathBuf,
-    /// Passed to every executor as `--token-file`.
-    pub token_file: PathBuf,
+    /// The controller's public key, passed to every executor as `--controller-public-key-file`
+    /// (each also gets its pod's UID, so it accepts only requests signed for that pod).
+    pub public_key_file: PathBuf,
     pub port: u16,
     /// The command API's port on each pod IP.
     pub command_port: u16,
@@ -54,6 +55,8 @@ pub struct RunnerConfig {
     pub command_token_file: Option<PathBuf>,
     /// The executors' `--kill-grace-seconds`.
     pub kill_grace: Duration,
+    /// Put first on the executors' `PATH` (see [`task_programs`]), if set.
+    pub task_bin: Option<PathBuf>,
 }
 
 /// OpenSandbox's `bootstrap.sh` for sandboxes whose command API the executor serves; every
@@ -69,6 +72,8 @@ pub enum RunnerError {
     Watch(#[from] watcher::Error),
     #[error("the pod watch ended")]
     WatchEnded,
+    #[error("the executor signing key: {0}")]
+    Key(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -116,42 +121,82 @@ pub fn placement(pod: &Pod) -> Option<Placement> {
     })
 }
 
-/// Reads the token file, creating it with a fresh random token (mode 0600) if it is missing.
-pub fn ensure_token_file(path: &Path) -> Result<(), RunnerError> {
-    let io = |source| RunnerError::Io {
-        path: path.to_path_buf(),
-        source,
+/// The public half of the signing key in `signing_key_file` (hex seed), written to
+/// `public_key_file` for the executors. A missing signing key file is created with a fresh key,
+/// mode 0400: only the controller reads it.
+pub fn ensure_key_files(
+    signing_key_file: &Path,
+    public_key_file: &Path,
+) -> Result<PublicKey, RunnerError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RunnerError::Io { path, source }
     };
-    if path.exists() {
-        return Ok(());
+    if !signing_key_file.exists() {
+        let seed = Seed::generate().map_err(|e| RunnerError::Key(e.to_string()))?;
+        write_new_file(signing_key_file, seed.to_hex().as_bytes(), 0o400)
+            .map_err(io(signing_key_file))?;
+        info!(path = %signing_key_file.display(), "created a new executor signing key");
     }
-    let mut random = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut random))
-        .map_err(|source| RunnerError::Io {
-            path: "/dev/urandom".into(),
-            source,
-        })?;
+    let seed: Seed =
+        read_key_file(signing_key_file).map_err(|e| RunnerError::Key(e.to_string()))?;
+    let public = SigningKey::from_seed(&seed)
+        .map_err(|e| RunnerError::Key(e.to_string()))?
+        .public_key();
+    write_new_file(public_key_file, public.to_string().as_bytes(), 0o444)
+        .map_err(io(public_key_file))?;
+    Ok(public)
+}
+
+/// The programs a sandbox image would have on its `PATH`, for tasks that run as another user.
+///
+/// kwok pods have no image: their tasks run on this machine, as an unprivileged user, and find
+/// programs through the executor's `PATH`. Where the machine's only `python` is in a directory
+/// that user cannot enter (a pyenv under `/root`, say), links in `dir` lead `python` and
+/// `python3` to a `python3` it can run. Returns `dir`, to be put first on the executors' `PATH`.
+pub fn task_programs(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let open_to_all = |file: &Path| {
+        file.ancestors()
+            .skip(1)
+            .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+            && std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    };
+    let python = std::env::split_paths(&path)
+        .map(|d| d.join("python3"))
+        .find(|p| p.is_absolute() && open_to_all(p));
+    for name in ["python", "python3"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        if let Some(target) = &python {
+            std::os::unix::fs::symlink(target, &link)?;
+        }
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Writes `path` whole (temp file, fsync, rename) with `mode`.
+fn write_new_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io)?;
+        std::fs::create_dir_all(parent)?;
     }
     let temp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temp);
     {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(io)?;
-        file.write_all(hex::encode(random).as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)?;
+            .create_new(true)
+            .mode(mode)
+            .open(&temp)?;
+        file.write_all(content)?;
+        file.sync_all()?;
     }
-    std::fs::rename(&temp, path).map_err(io)?;
-    info!(path = %path.display(), "created a new executor token");
-    Ok(())
+    std::fs::rename(&temp, path)
 }
 
 struct Running {
@@ -322,13 +367,24 @@ async fn supervise(
             command
                 .arg("--listen")
                 .arg(listen.to_string())
-                .arg("--token-file")
-                .arg(&config.token_file);
+                .arg("--controller-public-key-file")
+                .arg(&config.public_key_file)
+                .arg("--pod-uid")
+                .arg(&placement.uid);
         } else {
             command.args(["--listen", "none"]);
         }
         if let Some(token) = &config.command_token_file {
             command.arg("--command-token-file").arg(token);
+        }
+        if let Some(bin) = &config.task_bin {
+            let mut path = vec![bin.clone()];
+            path.extend(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            ));
+            if let Ok(path) = std::env::join_paths(path) {
+                command.env("PATH", path);
+            }
         }
         let spawned = command
             .arg("--command-listen")
@@ -343,7 +399,6 @@ async fn supervise(
             .arg("--parent-pid")
             .arg(std::process::id().to_string())
             // Tasks inherit the executor's environment: no cluster credentials in it.
-            .env_remove(sandbox_executor::TOKEN_ENV)
             .env_remove(sandbox_executor::command::ACCESS_TOKEN_ENV)
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
@@ -556,22 +611,26 @@ mod tests {
     }
 
     #[test]
-    fn a_token_file_is_created_once_and_private() {
+    fn a_signing_key_is_created_once_private_and_only_its_public_half_shared() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("dev/executor-token");
-        ensure_token_file(&path).unwrap();
-        let token = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(token.len(), 64);
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
+        let (private, public) = (
+            tmp.path().join("dev/executor-signing-key"),
+            tmp.path().join("dev/executor-public-key"),
         );
-        ensure_token_file(&path).unwrap();
+        let key = ensure_key_files(&private, &public).unwrap();
+        let seed = std::fs::read_to_string(&private).unwrap();
+        assert_eq!(seed.len(), 64);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&private), 0o400);
+        assert_eq!(mode(&public), 0o444);
+        assert_eq!(std::fs::read_to_string(&public).unwrap(), key.to_string());
+        assert_ne!(key.to_string(), seed);
+        assert_eq!(ensure_key_files(&private, &public).unwrap(), key);
         assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            token,
-            "an existing token is kept"
+            std::fs::read_to_string(&private).unwrap(),
+            seed,
+            "an existing key is kept"
         );
     }
 }

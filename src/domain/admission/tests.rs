@@ -1277,3 +1277,54 @@ fn docs_admission_md_shows_every_message() {
         "docs/admission.md's message table is stale: run `SANDBOX_UPDATE_DOCS=1 cargo test -p sandbox-controller --lib admission`"
     );
 }
+
+#[test]
+fn a_template_task_executor_is_admitted_with_a_warning_that_it_is_replaced() {
+    let containers = json!([
+        {"name": "main", "image": "nginx:latest"},
+        {"name": "task-executor", "image": "someone-elses/executor:1"}
+    ]);
+    let verdict = validate_batch_sandbox(
+        &batch(templated(
+            json!({"replicas": 1, "template": {"spec": {"containers": containers}}}),
+        )),
+        None,
+        &ctx(),
+    );
+    assert_allowed(&verdict);
+    assert!(
+        verdict
+            .warnings
+            .iter()
+            .any(|w| w.contains("spec.template.spec.containers")
+                && w.contains("\"task-executor\" is reserved")),
+        "{:?}",
+        verdict.warnings
+    );
+    let mut pool_value =
+        pool_with(json!({"bufferMax": 2, "bufferMin": 1, "poolMax": 5, "poolMin": 1}));
+    pool_value["spec"]["template"]["spec"]["initContainers"] =
+        json!([{"name": "task-executor", "image": "x", "restartPolicy": "Always"}]);
+    let verdict = validate_pool(&pool(pool_value), None, &ctx());
+    assert_allowed(&verdict);
+    assert!(
+        verdict
+            .warnings
+            .iter()
+            .any(|w| w.contains("spec.template.spec.initContainers") && w.contains("reserved")),
+        "{:?}",
+        verdict.warnings
+    );
+    let plain = validate_pool(
+        &pool(pool_with(
+            json!({"bufferMax": 2, "bufferMin": 1, "poolMax": 5, "poolMin": 1}),
+        )),
+        None,
+        &ctx(),
+    );
+    assert!(
+        plain.warnings.iter().all(|w| !w.contains("reserved")),
+        "{:?}",
+        plain.warnings
+    );
+}

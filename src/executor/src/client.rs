@@ -5,7 +5,8 @@
 //! refused us" (a configuration problem worth an event) from "it answered nonsense".
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
@@ -15,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::EXECUTOR_PORT;
+use super::credential::SigningKey;
 use super::wire::{ErrorBody, Task};
 
 /// Default deadline of one call, connection included. Executors sit next to the controller in
@@ -39,7 +41,7 @@ pub enum ExecutorError {
         endpoint: SocketAddr,
         after: Duration,
     },
-    #[error("task executor at {endpoint} rejected our token (401): {message}")]
+    #[error("task executor at {endpoint} rejected our credential (401): {message}")]
     Unauthorized {
         endpoint: SocketAddr,
         message: String,
@@ -68,21 +70,27 @@ impl ExecutorError {
     }
 }
 
+/// The executor of one pod: its IP, and its UID, for which each request is signed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodRef<'a> {
+    pub ip: &'a str,
+    pub uid: &'a str,
+}
+
 /// A client for task executors, shared by all reconciles (connections are pooled per pod).
 #[derive(Clone)]
 pub struct ExecutorClient {
     http: Client<HttpConnector, Full<Bytes>>,
-    /// `Bearer <token>`, precomputed.
-    authorization: Option<String>,
+    /// Signs every request for its target pod; `None` sends no credential.
+    signing_key: Option<Arc<SigningKey>>,
     port: u16,
     timeout: Duration,
 }
 
 impl std::fmt::Debug for ExecutorClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the token.
         f.debug_struct("ExecutorClient")
-            .field("authenticated", &self.authorization.is_some())
+            .field("signing_key", &self.signing_key)
             .field("port", &self.port)
             .field("timeout", &self.timeout)
             .finish()
@@ -90,10 +98,10 @@ impl std::fmt::Debug for ExecutorClient {
 }
 
 impl ExecutorClient {
-    /// A client that sends `token` as a bearer token (`None`: no `Authorization` header, for
-    /// executors started with `--allow-unauthenticated`), on port [`EXECUTOR_PORT`], with
-    /// [`DEFAULT_TIMEOUT`].
-    pub fn new(token: Option<String>) -> Self {
+    /// A client that signs each request with `signing_key` for the pod it goes to (`None`: no
+    /// credential, for executors started with `--allow-unauthenticated`), on port
+    /// [`EXECUTOR_PORT`], with [`DEFAULT_TIMEOUT`].
+    pub fn new(signing_key: Option<Arc<SigningKey>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(DEFAULT_TIMEOUT));
         connector.set_nodelay(true);
@@ -103,7 +111,7 @@ impl ExecutorClient {
             .build(connector);
         ExecutorClient {
             http,
-            authorization: token.map(|t| format!("Bearer {}", t.trim())),
+            signing_key,
             port: EXECUTOR_PORT,
             timeout: DEFAULT_TIMEOUT,
         }
@@ -127,33 +135,39 @@ impl ExecutorClient {
     /// Semantics: a task whose name is new is started; a known name keeps running as it is (its
     /// spec is not updated); a task missing from `tasks` is stopped (SIGTERM, SIGKILL after the
     /// grace period) and stays in the returned list, with `deletionTimestamp` set, until its
-    /// process has terminated. `set_tasks(ip, &[])` therefore stops everything: the executor is
+    /// process has terminated. `set_tasks(pod, &[])` therefore stops everything: the executor is
     /// idle once a later call returns an empty list.
     pub async fn set_tasks(
         &self,
-        pod_ip: &str,
+        pod: PodRef<'_>,
         tasks: &[Task],
     ) -> Result<Vec<Task>, ExecutorError> {
-        let endpoint = self.endpoint(pod_ip)?;
+        let endpoint = self.endpoint(pod.ip)?;
         let body = serde_json::to_vec(tasks).map_err(|e| ExecutorError::BadResponse {
             endpoint,
             reason: format!("cannot encode the request: {e}"),
         })?;
-        self.call_json(endpoint, Method::POST, "/setTasks", Bytes::from(body))
-            .await
+        self.call_json(
+            endpoint,
+            pod.uid,
+            Method::POST,
+            "/setTasks",
+            Bytes::from(body),
+        )
+        .await
     }
 
     /// The executor's current task list with each task's status (`GET /getTasks`).
-    pub async fn get_tasks(&self, pod_ip: &str) -> Result<Vec<Task>, ExecutorError> {
-        let endpoint = self.endpoint(pod_ip)?;
-        self.call_json(endpoint, Method::GET, "/getTasks", Bytes::new())
+    pub async fn get_tasks(&self, pod: PodRef<'_>) -> Result<Vec<Task>, ExecutorError> {
+        let endpoint = self.endpoint(pod.ip)?;
+        self.call_json(endpoint, pod.uid, Method::GET, "/getTasks", Bytes::new())
             .await
     }
 
-    /// Succeeds when the executor answers `GET /health` (which needs no token).
+    /// Succeeds when the executor answers `GET /health` (which needs no credential).
     pub async fn health(&self, pod_ip: &str) -> Result<(), ExecutorError> {
         let endpoint = self.endpoint(pod_ip)?;
-        self.call(endpoint, Method::GET, "/health", Bytes::new())
+        self.call(endpoint, None, Method::GET, "/health", Bytes::new())
             .await
             .map(|_| ())
     }
@@ -169,30 +183,41 @@ impl ExecutorClient {
     async fn call_json(
         &self,
         endpoint: SocketAddr,
+        pod_uid: &str,
         method: Method,
         path: &str,
         body: Bytes,
     ) -> Result<Vec<Task>, ExecutorError> {
-        let bytes = self.call(endpoint, method, path, body).await?;
+        let bytes = self
+            .call(endpoint, Some(pod_uid), method, path, body)
+            .await?;
         serde_json::from_slice(&bytes).map_err(|e| ExecutorError::BadResponse {
             endpoint,
             reason: format!("not a JSON task list: {e}"),
         })
     }
 
+    /// One request; signed for `pod_uid` when it is given and this client has a key.
     async fn call(
         &self,
         endpoint: SocketAddr,
+        pod_uid: Option<&str>,
         method: Method,
         path: &str,
         body: Bytes,
     ) -> Result<Bytes, ExecutorError> {
+        let authorization = match (&self.signing_key, pod_uid) {
+            (Some(key), Some(uid)) => {
+                Some(key.authorization(uid, method.as_str(), path, &body, SystemTime::now()))
+            }
+            _ => None,
+        };
         let mut request = Request::builder()
             .method(method)
             .uri(format!("http://{endpoint}{path}"))
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json");
-        if let Some(authorization) = &self.authorization {
+        if let Some(authorization) = &authorization {
             request = request.header(header::AUTHORIZATION, authorization);
         }
         let request = request

@@ -50,7 +50,8 @@ pub const COMMAND_PORT: u16 = 44772;
 pub const ACCESS_TOKEN_HEADER: &str = "X-EXECD-ACCESS-TOKEN";
 /// The init container with which OpenSandbox's server installs its own execd into a sandbox pod.
 pub const EXECD_INSTALLER: &str = "execd-installer";
-/// The environment variable execd reads its access token from; the executor reads it too.
+/// The environment variable execd reads its access token from. The executor refuses it (a secret
+/// in its environment would be readable in `/proc/<pid>/environ`): use `--command-token-file`.
 pub const ACCESS_TOKEN_ENV: &str = "EXECD_ACCESS_TOKEN";
 
 /// The body of `POST /command`, as OpenSandbox's SDK sends it. Unknown fields are ignored.
@@ -427,6 +428,8 @@ pub struct CommandConfig {
     pub output_dir: PathBuf,
     /// Environment variables of the executor that commands must not see (its secrets).
     pub scrub_env: Vec<String>,
+    /// The user a command runs as when its request names none (`None`: the executor's own).
+    pub default_identity: Option<super::identity::TaskIdentity>,
     /// Longest text of one `stdout`/`stderr` event.
     pub max_line_bytes: usize,
     /// Time between `ping` events.
@@ -443,6 +446,7 @@ impl CommandConfig {
         CommandConfig {
             output_dir,
             scrub_env: Vec::new(),
+            default_identity: None,
             max_line_bytes: 64 * 1024,
             ping_interval: Duration::from_secs(3),
             buffer_frames: 64,
@@ -587,6 +591,8 @@ impl Commands {
             if let Some(gid) = spec.gid {
                 command.gid(gid);
             }
+        } else if spec.uid.is_none() {
+            super::identity::apply(&mut command, self.config.default_identity);
         }
         command
             .stdin(Stdio::null())

@@ -28,6 +28,8 @@ pub struct ExecutorConfig {
     pub command_token: Option<String>,
     pub data_dir: PathBuf,
     pub auth: Auth,
+    /// The user tasks and commands run as (`None`: the executor's own).
+    pub task_identity: Option<super::identity::TaskIdentity>,
     /// Time between SIGTERM and SIGKILL when a task times out or is stopped.
     pub grace: Duration,
     /// On shutdown, stop every task first (the local runner's "the pod is gone"). Otherwise tasks
@@ -70,6 +72,7 @@ pub async fn run(config: ExecutorConfig) -> Result<(), DaemonError> {
     let data = DataDir::open(&config.data_dir)?;
     let manager_config = ManagerConfig {
         grace: config.grace,
+        task_identity: config.task_identity,
         ..ManagerConfig::new(config.shim_exe.clone())
     };
     let manager = TaskManager::recover(data, manager_config).await?;
@@ -103,7 +106,10 @@ pub async fn run(config: ExecutorConfig) -> Result<(), DaemonError> {
         tasks = ?tasks_addr,
         commands = ?commands_addr,
         data_dir = %config.data_dir.display(),
-        authenticated = matches!(config.auth, Auth::Token(_)),
+        pod_uid = match &config.auth {
+            Auth::Signed(verifier) => verifier.pod_uid(),
+            Auth::Open => "<unauthenticated>",
+        },
         command_token = config.command_token.is_some(),
         "task executor listening"
     );
@@ -116,7 +122,8 @@ pub async fn run(config: ExecutorConfig) -> Result<(), DaemonError> {
         }
     };
     let commands = Commands::new(CommandConfig {
-        scrub_env: vec![super::TOKEN_ENV.to_string(), ACCESS_TOKEN_ENV.to_string()],
+        scrub_env: vec![ACCESS_TOKEN_ENV.to_string()],
+        default_identity: config.task_identity,
         ..CommandConfig::new(config.data_dir.join("commands"))
     });
     let mut servers = tokio::task::JoinSet::new();

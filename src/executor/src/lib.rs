@@ -5,8 +5,9 @@
 //! no certificate generation, so the sidecar builds and ships small.
 //!
 //! Controller-side API:
-//! - [`ExecutorClient::new`]`(token)`, then [`ExecutorClient::set_tasks`]`(pod_ip, &tasks)` and
-//!   [`ExecutorClient::get_tasks`]`(pod_ip)`, both returning the executor's task list with status;
+//! - [`ExecutorClient::new`]`(signing_key)`, then [`ExecutorClient::set_tasks`]`(pod, &tasks)` and
+//!   [`ExecutorClient::get_tasks`]`(pod)`, both returning the executor's task list with status,
+//!   each request signed for that one pod ([`credential`]);
 //! - [`Task::from_spec`] turns a merged shard [`sandbox_decisions::tasks::TaskSpec`] into a wire task, and
 //!   [`Task::phase`] maps a reported task to the [`sandbox_decisions::tasks::TaskPhase`] the status
 //!   counts.
@@ -21,8 +22,10 @@ pub mod command;
 pub mod command_api;
 #[cfg(test)]
 mod command_tests;
+pub mod credential;
 pub mod daemon;
 pub mod http;
+pub mod identity;
 pub mod manager;
 pub mod mounts;
 pub mod server;
@@ -30,17 +33,18 @@ pub mod shim;
 pub mod store;
 pub mod wire;
 
-pub use client::{ExecutorClient, ExecutorError};
+pub use client::{ExecutorClient, ExecutorError, PodRef};
 pub use wire::{InvalidTask, Task};
 
 /// The port the executor listens on in every pod (OpenSandbox's default).
 pub const EXECUTOR_PORT: u16 = 5758;
 /// Name of the executor's container in a pod.
 pub const EXECUTOR_CONTAINER_NAME: &str = "task-executor";
-/// Environment variable holding the bearer token, for the executor and the tools around it.
-pub const TOKEN_ENV: &str = "SANDBOX_EXECUTOR_TOKEN";
-/// Key of the token in the Secret that the controller's sidecar injection names.
-pub const TOKEN_SECRET_KEY: &str = "token";
+/// Environment variable holding the executor's own pod UID (the downward API's `metadata.uid`):
+/// it accepts only credentials signed for that pod.
+pub const POD_UID_ENV: &str = "POD_UID";
+/// Key of the controller's signing key (hex Ed25519 seed) in its Secret.
+pub const SIGNING_KEY_SECRET_KEY: &str = "signing-key";
 /// Where the sidecar keeps its state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sandbox-task-executor";
 /// The `emptyDir` volume mounted at [`DEFAULT_DATA_DIR`] in the sidecar.

@@ -10,12 +10,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use sandbox_executor::auth::{Auth, load_token};
+use sandbox_executor::auth::{Auth, read_secret_file};
 use sandbox_executor::command::ACCESS_TOKEN_ENV;
+use sandbox_executor::credential::{self, PublicKey, Verifier};
 use sandbox_executor::daemon::{self, ExecutorConfig};
+use sandbox_executor::identity::{self, DEFAULT_TASK_USER, TaskIdentity};
 use sandbox_executor::mounts::{self, BindMount};
 use sandbox_executor::shim::{self, ShimConfig};
-use sandbox_executor::{DEFAULT_DATA_DIR, EXECUTOR_PORT, TOKEN_ENV};
+use sandbox_executor::{DEFAULT_DATA_DIR, EXECUTOR_PORT, POD_UID_ENV};
 
 /// Runs a sandbox's process tasks and reports their state over HTTP.
 #[derive(Parser)]
@@ -42,8 +44,9 @@ struct ServeArgs {
     /// Address of the command API of OpenSandbox's execd (its port is 44772), or `none`.
     #[arg(long, default_value_t = Listen(None), value_parser = parse_listen, env = "TASK_EXECUTOR_COMMAND_LISTEN")]
     command_listen: Listen,
-    /// File holding the access token the command API requires in X-EXECD-ACCESS-TOKEN. Without
-    /// it the token is read from $EXECD_ACCESS_TOKEN; with neither, none is required.
+    /// File holding the access token the command API requires in X-EXECD-ACCESS-TOKEN; it must
+    /// not be readable by group or others (0400). Without it, none is required.
+    /// ($EXECD_ACCESS_TOKEN is refused: a secret in the environment is readable in /proc.)
     #[arg(long)]
     command_token_file: Option<PathBuf>,
     /// Mount HOST_DIR at PATH for the executor and everything it runs, in a private mount
@@ -53,13 +56,24 @@ struct ServeArgs {
     /// Directory for the task list, task results and task output; survives restarts.
     #[arg(long, default_value = DEFAULT_DATA_DIR, env = "TASK_EXECUTOR_DATA_DIR")]
     data_dir: PathBuf,
-    /// File holding the bearer token clients must send. Without it the token is read from
-    /// $SANDBOX_EXECUTOR_TOKEN.
-    #[arg(long, env = "SANDBOX_EXECUTOR_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// Accept task API requests without a token (for OpenSandbox clients that cannot send one).
-    #[arg(long, conflicts_with = "token_file")]
+    /// The controller's Ed25519 public key (64 hex digits): the task API accepts only requests
+    /// it signed for this pod.
+    #[arg(long, value_name = "HEX", env = "SANDBOX_EXECUTOR_PUBLIC_KEY")]
+    controller_public_key: Option<PublicKey>,
+    /// File holding the controller's public key, instead of --controller-public-key.
+    #[arg(long, conflicts_with = "controller_public_key")]
+    controller_public_key_file: Option<PathBuf>,
+    /// This executor's pod UID (the downward API's metadata.uid): credentials signed for any
+    /// other pod are refused.
+    #[arg(long, env = POD_UID_ENV)]
+    pod_uid: Option<String>,
+    /// Accept task API requests without a credential (for OpenSandbox clients that cannot sign).
+    #[arg(long, conflicts_with_all = ["controller_public_key", "controller_public_key_file"])]
     allow_unauthenticated: bool,
+    /// The user tasks and commands run as, `UID:GID`, when the executor runs as root (an
+    /// executor that is not root runs them as itself). A command request's own uid wins.
+    #[arg(long, default_value = DEFAULT_TASK_USER, env = "TASK_EXECUTOR_TASK_USER")]
+    task_user: TaskIdentity,
     /// Seconds between SIGTERM and SIGKILL when a task times out or is stopped.
     #[arg(long, default_value_t = 10)]
     kill_grace_seconds: u64,
@@ -88,6 +102,9 @@ struct ShimArgs {
     timeout_seconds: Option<u64>,
     #[arg(long)]
     working_dir: Option<PathBuf>,
+    /// The user the process runs as, UID:GID.
+    #[arg(long)]
+    run_as: Option<TaskIdentity>,
     /// The program and its arguments, passed on exactly as given.
     #[arg(last = true, required = true)]
     argv: Vec<OsString>,
@@ -127,6 +144,7 @@ fn main() -> ExitCode {
                 timeout: args.timeout_seconds.map(Duration::from_secs),
                 grace: Duration::from_millis(args.grace_ms),
                 argv: args.argv,
+                run_as: args.run_as,
             };
             match runtime.block_on(shim::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -141,35 +159,40 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs, runtime: tokio::runtime::Runtime) -> ExitCode {
-    let auth = if args.listen.0.is_none() {
-        Auth::Open
-    } else if args.allow_unauthenticated {
-        tracing::warn!(
-            "--allow-unauthenticated: anyone who can reach this port can run processes here"
+    // What runs here must not read our memory or environment, even as the same uid.
+    if let Err(error) = identity::make_undumpable() {
+        tracing::warn!(%error, "cannot make the executor non-dumpable");
+    }
+    if std::env::var_os(ACCESS_TOKEN_ENV).is_some() {
+        tracing::error!(
+            "${ACCESS_TOKEN_ENV} is set: a secret in the environment can be read in /proc; put it in a file only its owner can read and pass --command-token-file"
         );
-        Auth::Open
-    } else {
-        match load_token(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok()) {
-            Ok(token) => Auth::token(&token),
-            Err(error) => {
-                tracing::error!(%error, "cannot start without a token");
-                return ExitCode::FAILURE;
-            }
+        return ExitCode::FAILURE;
+    }
+    let auth = match task_api_auth(&args) {
+        Ok(auth) => auth,
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::FAILURE;
         }
     };
     let command_token = match &args.command_token_file {
-        Some(path) => match load_token(Some(path), None) {
+        Some(path) => match read_secret_file(path) {
             Ok(token) => Some(token),
             Err(error) => {
-                tracing::error!(%error, "cannot read the command API's token");
+                tracing::error!(%error, "cannot use the command API's token");
                 return ExitCode::FAILURE;
             }
         },
-        None => std::env::var(ACCESS_TOKEN_ENV)
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty()),
+        None => None,
     };
+    let task_identity = identity::effective(Some(args.task_user));
+    match task_identity {
+        Some(identity) => tracing::info!(%identity, "tasks and commands run as another user"),
+        None => tracing::warn!(
+            "not root: tasks and commands run as the executor's own user and can read its files"
+        ),
+    }
     let shim_exe = match std::env::current_exe() {
         Ok(path) => path,
         Err(error) => {
@@ -183,6 +206,7 @@ fn serve(args: ServeArgs, runtime: tokio::runtime::Runtime) -> ExitCode {
         command_token,
         data_dir: args.data_dir,
         auth,
+        task_identity,
         grace: Duration::from_secs(args.kill_grace_seconds),
         stop_tasks_on_exit: args.stop_tasks_on_exit,
         parent_pid: args.parent_pid,
@@ -199,6 +223,41 @@ fn serve(args: ServeArgs, runtime: tokio::runtime::Runtime) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// How the task API authenticates its callers.
+fn task_api_auth(args: &ServeArgs) -> Result<Auth, String> {
+    if args.listen.0.is_none() {
+        return Ok(Auth::Open);
+    }
+    if args.allow_unauthenticated {
+        tracing::warn!(
+            "--allow-unauthenticated: anyone who can reach this port can run processes here"
+        );
+        return Ok(Auth::Open);
+    }
+    let key = match (
+        &args.controller_public_key,
+        &args.controller_public_key_file,
+    ) {
+        (Some(key), _) => *key,
+        (None, Some(path)) => credential::read_key_file(path)
+            .map_err(|e| format!("cannot read the controller's public key: {e}"))?,
+        (None, None) => {
+            return Err("no controller public key: pass --controller-public-key(-file), or run with --allow-unauthenticated".into());
+        }
+    };
+    let pod_uid = args
+        .pod_uid
+        .as_deref()
+        .map(str::trim)
+        .filter(|uid| !uid.is_empty() && !uid.contains(char::is_whitespace))
+        .ok_or_else(|| {
+            format!(
+                "no pod UID: pass --pod-uid or set ${POD_UID_ENV} (the downward API's metadata.uid)"
+            )
+        })?;
+    Ok(Auth::Signed(Verifier::new(key, pod_uid)))
 }
 
 /// An address to listen on, or none (`none`).

@@ -19,8 +19,8 @@ use rustix::process::{Pid, Signal};
 use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
-use super::TOKEN_ENV;
 use super::command::ACCESS_TOKEN_ENV;
+use super::identity::TaskIdentity;
 use super::store::{DataDir, StartRecord, StoreError, StoredTask, Supervisor, TaskDir};
 use super::wire::{
     InvalidTask, ProcessStatus, REASON_LOST, REASON_START_ERROR, Running, Task, Terminated,
@@ -38,6 +38,8 @@ pub struct ManagerConfig {
     pub max_tasks: usize,
     /// How often each monitor looks at its supervisor.
     pub poll: Duration,
+    /// The user tasks run as (`None`: the executor's own).
+    pub task_identity: Option<TaskIdentity>,
 }
 
 impl ManagerConfig {
@@ -47,6 +49,7 @@ impl ManagerConfig {
             grace: Duration::from_secs(10),
             max_tasks: 64,
             poll: Duration::from_millis(100),
+            task_identity: None,
         }
     }
 }
@@ -322,9 +325,12 @@ impl TaskManager {
         if !process.working_dir.is_empty() {
             command.arg("--working-dir").arg(&process.working_dir);
         }
+        if let Some(identity) = self.config.task_identity {
+            command.arg("--run-as").arg(identity.to_string());
+        }
         command.arg("--").args(&process.command).args(&process.args);
-        // The tokens are the executor's secrets, not the task's.
-        command.env_remove(TOKEN_ENV).env_remove(ACCESS_TOKEN_ENV);
+        // The executor's secrets are not the task's.
+        command.env_remove(ACCESS_TOKEN_ENV);
         command.envs(process.env.iter().map(|v| (&v.name, &v.value)));
         command
             .stdin(Stdio::null())

@@ -3,14 +3,16 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode, header};
 use tokio::net::TcpListener;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::auth::Auth;
+use super::credential::{Refusal, SCHEME};
 use super::manager::{SetTasksError, TaskManager};
 use super::wire::{ErrorBody, Task};
 
@@ -41,6 +43,7 @@ async fn handle(
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     if path == "/health" {
+        // Says only that something answers: no identity, version or configuration.
         return Ok(match method {
             Method::GET | Method::HEAD => {
                 json(StatusCode::OK, &serde_json::json!({"status": "healthy"}))
@@ -48,21 +51,47 @@ async fn handle(
             _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         });
     }
-    let authorization = request
+    // The credential's form and time are checked before the body is read; its signature, which
+    // covers the body, after.
+    let presented = match &api.auth {
+        Auth::Open => None,
+        Auth::Signed(verifier) => {
+            let authorization = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            match verifier.presented(authorization, SystemTime::now()) {
+                Ok(presented) => Some(presented),
+                Err(refusal) => return Ok(unauthorized(refusal, &method, &path)),
+            }
+        }
+    };
+    let declared = request
         .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    if !api.auth.allows(authorization) {
-        let mut response = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return Ok(response);
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Ok(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body exceeds {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    let body = match crate::http::read_body(request, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(e @ crate::http::BodyError::TooLarge(_)) => {
+            return Ok(error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()));
+        }
+        Err(e) => return Ok(error(StatusCode::BAD_REQUEST, &e.to_string())),
+    };
+    if let (Auth::Signed(verifier), Some(presented)) = (&api.auth, &presented)
+        && let Err(refusal) = verifier.verify(presented, method.as_str(), &path, &body)
+    {
+        return Ok(unauthorized(refusal, &method, &path));
     }
     Ok(match (method, path.as_str()) {
         (Method::GET, "/getTasks") => json(StatusCode::OK, &api.manager.list().await),
-        (Method::POST, "/setTasks") => set_tasks(&api, request).await,
+        (Method::POST, "/setTasks") => set_tasks(&api, &body).await,
         (_, "/getTasks") => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (_, "/setTasks") => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         _ => error(
@@ -72,27 +101,19 @@ async fn handle(
     })
 }
 
-async fn set_tasks(api: &Api, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the body exceeds {MAX_BODY_BYTES} bytes"),
-        );
-    }
-    let body = match crate::http::read_body(request, MAX_BODY_BYTES).await {
-        Ok(body) => body,
-        Err(e @ crate::http::BodyError::TooLarge(_)) => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
-        }
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
-    };
+fn unauthorized(refusal: Refusal, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    debug!(%refusal, %method, path, "refused a request");
+    let mut response = error(StatusCode::UNAUTHORIZED, "missing or invalid credential");
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static(SCHEME),
+    );
+    response
+}
+
+async fn set_tasks(api: &Api, body: &[u8]) -> Response<Full<Bytes>> {
     // `null` is what a Go client sends for a nil slice: no tasks.
-    let desired: Vec<Task> = match serde_json::from_slice::<Option<Vec<Task>>>(&body) {
+    let desired: Vec<Task> = match serde_json::from_slice::<Option<Vec<Task>>>(body) {
         Ok(tasks) => tasks.unwrap_or_default(),
         Err(e) => {
             return error(

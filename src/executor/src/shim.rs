@@ -40,6 +40,9 @@ pub struct ShimConfig {
     pub grace: Duration,
     /// The executable and all its arguments.
     pub argv: Vec<OsString>,
+    /// The user the process runs as (`None`: the supervisor's own). The supervisor keeps its
+    /// identity, so it can always signal and wait for the process.
+    pub run_as: Option<super::identity::TaskIdentity>,
 }
 
 /// Why the supervisor could not do its job.
@@ -169,6 +172,7 @@ fn spawn(
     if let Some(working_dir) = &config.working_dir {
         command.current_dir(working_dir);
     }
+    super::identity::apply(&mut command, config.run_as);
     command.spawn()
 }
 

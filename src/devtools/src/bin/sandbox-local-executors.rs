@@ -20,10 +20,12 @@ struct Args {
     /// `<dir>/executors/<namespace>/<pod>`.
     #[arg(long, env = "SBX_DEV_DIR", default_value = ".dev")]
     state_dir: PathBuf,
-    /// The bearer token file the executors require and the controller must send; created with a
-    /// random token if missing. Default: `<state dir>/executor-token`.
+    /// The controller's executor signing key (hex Ed25519 seed; pass the same file to the
+    /// controller's --executor-signing-key-file); created with a fresh key, mode 0400, if
+    /// missing. The executors get only its public half, written to
+    /// `<state dir>/executor-public-key`. Default: `<state dir>/executor-signing-key`.
     #[arg(long)]
-    token_file: Option<PathBuf>,
+    signing_key_file: Option<PathBuf>,
     /// The `sandbox-task-executor` binary. Default: next to this binary.
     #[arg(long)]
     executor_bin: Option<PathBuf>,
@@ -50,10 +52,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     runtime::init_logging(args.log_format);
     let state_dir = std::path::absolute(&args.state_dir)?;
-    let token_file = args
-        .token_file
-        .unwrap_or_else(|| state_dir.join("executor-token"));
-    runner::ensure_token_file(&token_file)?;
+    let signing_key_file = args
+        .signing_key_file
+        .unwrap_or_else(|| state_dir.join("executor-signing-key"));
+    let public_key_file = state_dir.join("executor-public-key");
+    runner::ensure_key_files(&signing_key_file, &public_key_file)?;
     let executor_bin = match args.executor_bin {
         Some(path) => path,
         None => std::env::current_exe()?.with_file_name("sandbox-task-executor"),
@@ -66,14 +69,22 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    let task_bin = state_dir.join("task-bin");
     let config = runner::RunnerConfig {
         state_dir,
         executor_bin,
-        token_file,
+        public_key_file,
         port: args.port,
         command_port: args.command_port,
         command_token_file: args.command_token_file,
         kill_grace: Duration::from_secs(args.kill_grace_seconds),
+        task_bin: match runner::task_programs(&task_bin) {
+            Ok(dir) => Some(dir),
+            Err(error) => {
+                tracing::warn!(%error, "cannot link programs for tasks; they use this PATH as it is");
+                None
+            }
+        },
     };
     runner::run(client, config, runtime::shutdown_signal()).await?;
     Ok(())
