@@ -14,6 +14,7 @@ mod deploy;
 mod executor;
 mod local_executors;
 mod policy;
+mod pool_strategies;
 mod sdk;
 mod tasks;
 mod webhook;
