@@ -154,7 +154,7 @@ pub fn equivalent(a: &BatchSandboxStatus, b: &BatchSandboxStatus) -> bool {
     counts(a) == counts(b) && conditions::same(&a.conditions, &b.conditions)
 }
 
-/// Conditions that say a pooled batch cannot get its pods (`PoolUnavailable`, `PoolExhausted`)
+/// Conditions that say a pooled batch cannot get its pods (`PoolUnavailable`, `PoolAllocationPending`)
 /// and are True in `next` but were not in `previous`: each such transition is worth a Warning
 /// event, once, not one per reconcile.
 pub fn allocation_problems_begun<'a>(
@@ -172,7 +172,7 @@ pub fn allocation_problems_begun<'a>(
         .filter(|c| {
             matches!(
                 c.type_.as_str(),
-                CONDITION_POOL_UNAVAILABLE | CONDITION_POOL_EXHAUSTED
+                CONDITION_POOL_UNAVAILABLE | CONDITION_POOL_ALLOCATION_PENDING
             ) && c.status == "True"
                 && !is_true(previous, &c.type_)
         })
@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(begun.len(), 1);
         assert_eq!(
             (begun[0].type_.as_str(), begun[0].reason.as_str()),
-            ("PoolExhausted", "PoolMaxReached")
+            ("PoolAllocationPending", "PoolCapacityExhausted")
         );
         // Still exhausted: nothing new.
         let again = batch_status(&v, &exhausted, &now());
