@@ -12,6 +12,7 @@ fn ctx_at(now: &str) -> AdmissionContext<'static> {
         now: now.parse().expect("test time"),
         max_replicas: DEFAULT_MAX_REPLICAS,
         policy_exists: &known_policy,
+        controller_username: None,
     }
 }
 
@@ -1225,13 +1226,14 @@ fn variant_index(rule: &Rule) -> usize {
         Rule::BadPodList { .. } => 27,
         Rule::ReleasesForeignPods { .. } => 28,
         Rule::BadRequest(_) => 29,
+        Rule::ControllerOwned { .. } => 30,
     }
 }
 
 #[test]
 fn the_catalogue_has_every_rule_once() {
     let indices: Vec<usize> = Rule::catalogue().iter().map(variant_index).collect();
-    assert_eq!(indices, (0..=29).collect::<Vec<_>>());
+    assert_eq!(indices, (0..=30).collect::<Vec<_>>());
 }
 
 /// The message table between the markers in docs/admission.md.
