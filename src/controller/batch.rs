@@ -454,7 +454,12 @@ fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
 /// Gives pooled pods back: deleted under the `Delete` recycle policy (the pool warms fresh ones),
 /// left in place under `Reuse` if still Running and Ready (they turn idle once the ledger drops
 /// them), deleted otherwise.
+/// Records on the Pool what became of them (`Recycled`), so `kubectl describe pool` shows where
+/// pods went.
 async fn release(batch: &BatchSandbox, ctx: &Context, released: &[String]) -> Result<(), Error> {
+    if released.is_empty() {
+        return Ok(());
+    }
     let ns = batch.namespace().unwrap_or_default();
     let reuse = recycle_policy(batch, ctx) == PodRecyclePolicy::Reuse;
     let doomed: Vec<String> = released
@@ -466,7 +471,26 @@ async fn release(batch: &BatchSandbox, ctx: &Context, released: &[String]) -> Re
         })
         .cloned()
         .collect();
-    delete_all(ctx, &ns, &doomed).await
+    delete_all(ctx, &ns, &doomed).await?;
+    let pool = batch
+        .pool_name()
+        .and_then(|pool| ctx.pools.get(&ObjectRef::<Pool>::new(pool).within(&ns)));
+    if let Some(pool) = pool {
+        let kept = released.len() - doomed.len();
+        ctx.event(
+            pool.as_ref(),
+            EventType::Normal,
+            "Recycled",
+            format!(
+                "BatchSandbox {} gave back {} pod(s): {kept} idle again, {} deleted",
+                batch.name_any(),
+                released.len(),
+                doomed.len()
+            ),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 fn recycle_policy(batch: &BatchSandbox, ctx: &Context) -> PodRecyclePolicy {
@@ -797,6 +821,15 @@ async fn write_status(
             json!({ "status": &status }),
         )
         .await?;
+        for problem in status::allocation_problems_begun(&previous, &status) {
+            ctx.event(
+                batch,
+                EventType::Warning,
+                &problem.reason,
+                problem.message.clone(),
+            )
+            .await;
+        }
         ctx.last_status.record(uid, status);
     }
     Ok(())

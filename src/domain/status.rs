@@ -154,6 +154,31 @@ pub fn equivalent(a: &BatchSandboxStatus, b: &BatchSandboxStatus) -> bool {
     counts(a) == counts(b) && conditions::same(&a.conditions, &b.conditions)
 }
 
+/// Conditions that say a pooled batch cannot get its pods (`PoolUnavailable`, `PoolAllocationPending`)
+/// and are True in `next` but were not in `previous`: each such transition is worth a Warning
+/// event, once, not one per reconcile.
+pub fn allocation_problems_begun<'a>(
+    previous: &BatchSandboxStatus,
+    next: &'a BatchSandboxStatus,
+) -> Vec<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let is_true = |status: &BatchSandboxStatus, type_: &str| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == "True")
+    };
+    next.conditions
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.type_.as_str(),
+                CONDITION_POOL_UNAVAILABLE | CONDITION_POOL_ALLOCATION_PENDING
+            ) && c.status == "True"
+                && !is_true(previous, &c.type_)
+        })
+        .collect()
+}
+
 fn progressing(view: &BatchView, desired: i32, allocated: i32, ready: i32) -> Desired {
     let excess = view.live_pods as i32 - desired;
     if allocated < desired {
@@ -342,6 +367,42 @@ mod tests {
             pending.message
         );
         assert_eq!(condition(&s, "Progressing").reason, "Allocating");
+    }
+
+    #[test]
+    fn allocation_problems_are_reported_once_when_they_begin() {
+        let mut v = view(vec![shard(false, false, TaskPhase::None)]);
+        v.pooled = true;
+        let fine = batch_status(&v, &Default::default(), &now());
+        assert!(allocation_problems_begun(&Default::default(), &fine).is_empty());
+
+        v.pool = PoolSituation::Exhausted {
+            pool: "p".into(),
+            pool_max: 2,
+        };
+        let exhausted = batch_status(&v, &fine, &now());
+        let begun = allocation_problems_begun(&fine, &exhausted);
+        assert_eq!(begun.len(), 1);
+        assert_eq!(
+            (begun[0].type_.as_str(), begun[0].reason.as_str()),
+            ("PoolAllocationPending", "PoolCapacityExhausted")
+        );
+        // Still exhausted: nothing new.
+        let again = batch_status(&v, &exhausted, &now());
+        assert!(allocation_problems_begun(&exhausted, &again).is_empty());
+
+        // The pool goes: a different problem begins, the old one ends.
+        v.pool = PoolSituation::Missing { pool: "p".into() };
+        let missing = batch_status(&v, &again, &now());
+        let begun = allocation_problems_begun(&again, &missing);
+        assert_eq!(begun.len(), 1);
+        assert_eq!(begun[0].reason, "PoolNotFound");
+
+        // Other conditions turning True are not allocation problems.
+        let mut failing = view(vec![shard(true, true, TaskPhase::Failed)]);
+        failing.pooled = true;
+        let failed = batch_status(&failing, &fine, &now());
+        assert!(allocation_problems_begun(&fine, &failed).is_empty());
     }
 
     proptest! {

@@ -648,3 +648,94 @@ async fn a_new_leader_takes_over_without_double_allocation() {
         "the new leader served the later claims"
     );
 }
+
+/// The events `kubectl describe` shows: a Warning when a pooled batch cannot get pods (pool at
+/// `poolMax`, pool missing), `Recycled` on the Pool when a batch gives pods back, `Expired` on an
+/// expired batch; and nothing at all for a healthy claim (no event is written while it is
+/// served, so claims cost no event writes).
+#[tokio::test(flavor = "multi_thread")]
+async fn describe_shows_failures_recycling_and_expiry_but_no_event_for_a_healthy_claim() {
+    let env = env("describe-events").await;
+    let controller = env.start_controller(&[]);
+    let event_writes = || async {
+        let (status, body) = controller.health_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find(|l| l.starts_with("sandbox_controller_api_writes_total{target=\"event\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let describe = |kind: &str, name: &str| env.kubectl_ok(&["describe", kind, name]);
+    let events_section = |text: &str| -> String {
+        text.split_once("\nEvents:")
+            .map(|(_, events)| events.to_string())
+            .unwrap_or_else(|| panic!("no Events section in:\n{text}"))
+    };
+
+    env.apply(&fixtures::pool("p", [1, 1, 1, 2]).yaml());
+    wait_pool(&env, "p", 1, 0, 1).await;
+    let writes_before = event_writes().await;
+    env.apply(&pooled_batch_yaml("healthy", "p", 1));
+    env.wait_batch_ready("healthy", 1, T).await;
+    wait_pool(&env, "p", 2, 1, 1).await;
+    assert_eq!(
+        event_writes().await,
+        writes_before,
+        "a healthy claim (and the pool's refill) wrote events"
+    );
+    assert_eq!(
+        events_section(&describe("batchsandbox", "healthy")).trim(),
+        "<none>"
+    );
+
+    // Allocation failures: the pool is at poolMax with no idle pod; a pool that does not exist.
+    env.apply(&pooled_batch_yaml("too-many", "p", 2));
+    env.apply(&pooled_batch_yaml("orphan", "no-such-pool", 1));
+    env.wait_for("a PoolCapacityExhausted warning on too-many", T, || async {
+        let events = events_section(&describe("batchsandbox", "too-many"));
+        (events.contains("Warning") && events.contains("PoolCapacityExhausted"))
+            .then_some(())
+            .ok_or(events)
+    })
+    .await;
+    env.wait_for("a PoolNotFound warning on orphan", T, || async {
+        let events = events_section(&describe("batchsandbox", "orphan"));
+        (events.contains("Warning") && events.contains("PoolNotFound"))
+            .then_some(())
+            .ok_or(events)
+    })
+    .await;
+
+    // Recycling: the pool says which batch gave pods back and what became of them. (kube's event
+    // recorder folds repeated events of one reason on one object into a series that keeps the
+    // first message, so only one batch gives pods back here.)
+    env.kubectl_ok(&["delete", "batchsandbox", "healthy", "--wait=false"]);
+    env.wait_for("a Recycled event on the pool", T, || async {
+        let events = events_section(&describe("pool", "p"));
+        (events.contains("Recycled") && events.contains("BatchSandbox healthy gave back 1 pod(s)"))
+            .then_some(())
+            .ok_or(events)
+    })
+    .await;
+
+    // Expiry.
+    let expire_at =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(3);
+    env.apply(&format!(
+        "{}  expireTime: \"{}\"\n",
+        pooled_batch_yaml("short", "p", 1),
+        expire_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    ));
+    env.wait_for("an Expired event on short", T, || async {
+        let events = env.kubectl_ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=Expired,involvedObject.name=short",
+            "-o",
+            "name",
+        ]);
+        !events.trim().is_empty()
+    })
+    .await;
+}

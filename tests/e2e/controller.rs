@@ -19,6 +19,7 @@ pub struct ControllerProcess {
     child: Child,
     pub log: std::path::PathBuf,
     args: Vec<String>,
+    binary: std::path::PathBuf,
     kubeconfig: std::path::PathBuf,
     ns: String,
 }
@@ -26,6 +27,21 @@ pub struct ControllerProcess {
 impl TestEnv {
     /// Starts `sandbox-controller run --namespace <ns> <extra>` against the test cluster.
     pub fn start_controller(&self, extra: &[&str]) -> ControllerProcess {
+        self.start_controller_from(
+            std::path::Path::new(env!("CARGO_BIN_EXE_sandbox-controller")),
+            &self.kubeconfig,
+            extra,
+        )
+    }
+
+    /// Like [`TestEnv::start_controller`], with another binary and another identity (the
+    /// credentials in `kubeconfig`).
+    pub fn start_controller_from(
+        &self,
+        binary: &std::path::Path,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> ControllerProcess {
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         if !extra.iter().any(|a| a.starts_with("--health-addr")) {
             // Parallel tests each run a controller: let the OS pick the health port.
@@ -53,7 +69,7 @@ impl TestEnv {
                     .exists()
             })
             .unwrap_or_default();
-        spawn(&self.kubeconfig, &self.ns, args, generation)
+        spawn(binary, kubeconfig, &self.ns, args, generation)
     }
 
     pub fn batches(&self) -> Api<BatchSandbox> {
@@ -137,6 +153,7 @@ pub fn endpoints(batch: &BatchSandbox) -> Vec<(String, String)> {
 }
 
 fn spawn(
+    binary: &std::path::Path,
     kubeconfig: &std::path::Path,
     ns: &str,
     args: Vec<String>,
@@ -146,7 +163,7 @@ fn spawn(
     std::fs::create_dir_all(&logs).expect("creating log dir");
     let log = logs.join(format!("controller-{ns}-{generation}.log"));
     let file = File::create(&log).expect("creating controller log");
-    let child = Command::new(env!("CARGO_BIN_EXE_sandbox-controller"))
+    let child = Command::new(binary)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,sandbox_controller=debug")
         .args(["run", "--namespace", ns])
@@ -160,6 +177,7 @@ fn spawn(
         child,
         log,
         args,
+        binary: binary.to_path_buf(),
         kubeconfig: kubeconfig.to_path_buf(),
         ns: ns.to_string(),
     }
@@ -184,6 +202,7 @@ impl ControllerProcess {
             })
             .unwrap_or_default();
         *self = spawn(
+            &self.binary.clone(),
             &self.kubeconfig.clone(),
             &self.ns.clone(),
             self.args.clone(),
@@ -204,6 +223,16 @@ impl ControllerProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
         false
+    }
+
+    /// The process id (part of its identity in the leader Lease: `<host>-<pid>`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn is_running(&mut self) -> bool {

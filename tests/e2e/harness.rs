@@ -175,7 +175,8 @@ impl TestEnv {
         }
     }
 
-    fn kubectl_cmd(&self, args: &[&str]) -> Command {
+    /// The kubectl command [`TestEnv::kubectl`] runs, not started yet.
+    pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
         let cluster = cluster();
         let mut cmd = Command::new(&cluster.kubectl);
         cmd.env("KUBECONFIG", &self.kubeconfig)

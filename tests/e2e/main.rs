@@ -10,6 +10,7 @@ mod harness;
 mod batch;
 mod controller;
 mod crds;
+mod deploy;
 mod executor;
 mod local_executors;
 mod policy;
