@@ -833,7 +833,7 @@ async fn a_cleanup_past_its_deadline_deletes_the_pods_of_tasks_that_do_not_stop(
     let pool = pool([0, 0, 1, 1]);
     let config = test_config();
     let mut held = pool_pod(&pool, "p-a", "127.0.0.1");
-    config.executor.inject(&mut held);
+    config.executor.prepare(&mut held, true);
     let mut batch = batch_created("stuck", 1, "5", 0);
     batch.metadata.annotations = Some(BTreeMap::from([(
         names::ANNOTATION_ALLOC_STATUS.to_string(),
