@@ -26,6 +26,3 @@ pub const FINALIZER_POOL: &str = "sandbox.opensandbox.io/pool-cleanup";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].
 pub const MANAGED_BY: &str = "sandbox-controller";
-/// Annotation a BatchSandbox carries once expired with action `ReturnToPool`: its pods go back to
-/// the pool as idle whatever the pool's recycle policy.
-pub const ANNOTATION_RELEASE_POLICY: &str = "sandbox.opensandbox.io/release-policy";

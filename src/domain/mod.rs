@@ -7,5 +7,6 @@ pub mod endpoints;
 pub mod pod_template;
 pub mod pods;
 pub mod pool_plan;
+pub mod recycle;
 pub mod released;
 pub mod status;

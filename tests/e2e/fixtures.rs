@@ -8,6 +8,7 @@ pub struct PoolYaml {
     image: String,
     capacity: [i64; 4],
     annotations: Vec<(String, String)>,
+    recycle: Option<String>,
 }
 
 /// A Pool named `name` with `bufferMin, bufferMax, poolMin, poolMax` = `capacity`.
@@ -17,6 +18,7 @@ pub fn pool(name: &str, capacity: [i64; 4]) -> PoolYaml {
         image: "opensandbox/code-interpreter:v1.0.1".into(),
         capacity,
         annotations: Vec::new(),
+        recycle: None,
     }
 }
 
@@ -28,6 +30,12 @@ impl PoolYaml {
 
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
         self.annotations.push((key.into(), value.into()));
+        self
+    }
+
+    /// `spec.recycleStrategy.type`.
+    pub fn recycle(mut self, strategy: &str) -> Self {
+        self.recycle = Some(strategy.into());
         self
     }
 
@@ -43,8 +51,13 @@ impl PoolYaml {
                 .collect();
             format!("  annotations:\n{lines}")
         };
+        let recycle = self
+            .recycle
+            .as_ref()
+            .map(|t| format!("  recycleStrategy:\n    type: {t}\n"))
+            .unwrap_or_default();
         format!(
-            "apiVersion: {GROUP}/{VERSION}\nkind: Pool\nmetadata:\n  name: {name}\n{annotations}spec:\n  template:\n    spec:\n      containers:\n      - name: sandbox\n        image: {image}\n  capacitySpec:\n    bufferMin: {buffer_min}\n    bufferMax: {buffer_max}\n    poolMin: {pool_min}\n    poolMax: {pool_max}\n",
+            "apiVersion: {GROUP}/{VERSION}\nkind: Pool\nmetadata:\n  name: {name}\n{annotations}spec:\n{recycle}  template:\n    spec:\n      containers:\n      - name: sandbox\n        image: {image}\n  capacitySpec:\n    bufferMin: {buffer_min}\n    bufferMax: {buffer_max}\n    poolMin: {pool_min}\n    poolMax: {pool_max}\n",
             name = self.name,
             image = self.image,
         )

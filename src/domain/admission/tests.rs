@@ -903,6 +903,27 @@ fn suspicious_pools_get_warnings_not_denials() {
 }
 
 #[test]
+fn recycle_strategy_type_is_one_of_three() {
+    for allowed in ["Delete", "Restart", "Noop"] {
+        let mut value =
+            pool_with(json!({"bufferMin": 1, "bufferMax": 2, "poolMin": 0, "poolMax": 4}));
+        value["spec"]["recycleStrategy"] = json!({"type": allowed});
+        let (decoded, errors) = decode_pool(value);
+        assert!(errors.is_empty(), "{allowed}: {errors:?}");
+        assert_allowed(&validate_pool(&decoded.expect("decodes"), None, &ctx()));
+    }
+    let mut value = pool_with(json!({"bufferMin": 1, "bufferMax": 2, "poolMin": 0, "poolMax": 4}));
+    value["spec"]["recycleStrategy"] = json!({"type": "Reuse"});
+    let (decoded, errors) = decode_pool(value);
+    assert!(decoded.is_some(), "the rest of the object is still checked");
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        ["spec.recycleStrategy.type: \"Reuse\" must be one of Delete, Restart, Noop"]
+    );
+}
+
+#[test]
 fn unreadable_objects_become_field_errors() {
     let (decoded, errors) =
         decode_pool(json!({"metadata": {"name": "p"}, "spec": {"capacitySpec": "big"}}));
@@ -1095,16 +1116,17 @@ fn variant_index(rule: &Rule) -> usize {
         Rule::BadTime { .. } => 20,
         Rule::ExpireTimeInPast { .. } => 21,
         Rule::UnknownPolicy => 22,
-        Rule::NameTooLongForLabel { .. } => 23,
-        Rule::Unreadable { .. } => 24,
-        Rule::BadRequest(_) => 25,
+        Rule::NotOneOf { .. } => 23,
+        Rule::NameTooLongForLabel { .. } => 24,
+        Rule::Unreadable { .. } => 25,
+        Rule::BadRequest(_) => 26,
     }
 }
 
 #[test]
 fn the_catalogue_has_every_rule_once() {
     let indices: Vec<usize> = Rule::catalogue().iter().map(variant_index).collect();
-    assert_eq!(indices, (0..=25).collect::<Vec<_>>());
+    assert_eq!(indices, (0..=26).collect::<Vec<_>>());
 }
 
 /// The message table between the markers in docs/admission.md.

@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod http;
 pub mod manager;
 pub mod mounts;
+pub mod reaper;
 pub mod server;
 pub mod shim;
 pub mod store;
