@@ -20,7 +20,7 @@ use super::tasks::{StopOutcome, still_stopping};
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use crate::api::{BatchSandbox, Pool, RecycleType, TaskResourcePolicy, names};
 use crate::domain::allocation::AllocStatus;
-use crate::domain::recycle::{RecycleAction, recycle_action};
+use crate::domain::recycle::{RecycleAction, effective_recycle_type, recycle_action};
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
 use crate::domain::{endpoints, pod_template, pods};
@@ -430,15 +430,11 @@ fn pool_of(batch: &BatchSandbox, ctx: &Context) -> Option<Arc<Pool>> {
 /// pool's strategy, except that a batch an expiry policy returned to its pool (`ReturnToPool`)
 /// gets `Restart`: back to the pool, but only once its processes are confirmed ended.
 fn recycle_type(batch: &BatchSandbox, ctx: &Context) -> RecycleType {
-    if batch.pool_name().is_none() {
-        return RecycleType::Delete;
-    }
-    if ctx.returned_to_pool(batch) {
-        return RecycleType::Restart;
-    }
-    pool_of(batch, ctx)
-        .map(|pool| pool.spec.recycle_type())
-        .unwrap_or_default()
+    effective_recycle_type(
+        batch.pool_name().is_some(),
+        ctx.returned_to_pool(batch),
+        pool_of(batch, ctx).map(|pool| pool.spec.recycle_type()),
+    )
 }
 
 async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Error> {

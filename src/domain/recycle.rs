@@ -30,6 +30,22 @@ pub enum RecycleAction {
     ReturnIdle,
 }
 
+/// The strategy a batch's released pods get: non-pooled pods are always deleted; a batch an
+/// expiry policy returned to its pool (`ReturnToPool`) gets `Restart` whatever its pool says,
+/// since returning is the point and only `Restart` returns with confirmation; any other pooled
+/// batch gets its pool's strategy (`Delete` when the pool is gone).
+pub fn effective_recycle_type(
+    pooled: bool,
+    returned_to_pool: bool,
+    pool_type: Option<RecycleType>,
+) -> RecycleType {
+    match (pooled, returned_to_pool) {
+        (false, _) => RecycleType::Delete,
+        (true, true) => RecycleType::Restart,
+        (true, false) => pool_type.unwrap_or_default(),
+    }
+}
+
 /// The recycle decision for one pod. `healthy`: the pod is Running, Ready and not terminating,
 /// so it can serve again; an unhealthy pod is deleted whatever the strategy.
 pub fn recycle_action(strategy: RecycleType, stop: &StopOutcome, healthy: bool) -> RecycleAction {
@@ -96,6 +112,28 @@ mod tests {
         assert_eq!(
             recycle_action(RecycleType::Noop, &StopOutcome::Confirmed, false),
             RecycleAction::Delete
+        );
+    }
+
+    #[test]
+    fn return_to_pool_means_restart_and_non_pooled_pods_are_deleted() {
+        for pool_type in [None, Some(RecycleType::Delete), Some(RecycleType::Noop)] {
+            assert_eq!(
+                effective_recycle_type(true, true, pool_type),
+                RecycleType::Restart
+            );
+            assert_eq!(
+                effective_recycle_type(false, true, pool_type),
+                RecycleType::Delete
+            );
+        }
+        assert_eq!(
+            effective_recycle_type(true, false, Some(RecycleType::Noop)),
+            RecycleType::Noop
+        );
+        assert_eq!(
+            effective_recycle_type(true, false, None),
+            RecycleType::Delete
         );
     }
 
