@@ -8,7 +8,8 @@ pub struct PoolYaml {
     image: String,
     capacity: [i64; 4],
     annotations: Vec<(String, String)>,
-    recycle: Option<String>,
+    /// Further `spec` fields, as YAML at the spec's indentation (two spaces).
+    extra_spec: String,
 }
 
 /// A Pool named `name` with `bufferMin, bufferMax, poolMin, poolMax` = `capacity`.
@@ -18,7 +19,7 @@ pub fn pool(name: &str, capacity: [i64; 4]) -> PoolYaml {
         image: "opensandbox/code-interpreter:v1.0.1".into(),
         capacity,
         annotations: Vec::new(),
-        recycle: None,
+        extra_spec: String::new(),
     }
 }
 
@@ -34,8 +35,15 @@ impl PoolYaml {
     }
 
     /// `spec.recycleStrategy.type`.
-    pub fn recycle(mut self, strategy: &str) -> Self {
-        self.recycle = Some(strategy.into());
+    pub fn recycle(self, strategy: &str) -> Self {
+        self.spec_field(&format!("recycleStrategy:\n  type: {strategy}"))
+    }
+
+    /// Adds a field of `spec` (YAML, e.g. `"scaleStrategy:\n  maxUnavailable: 1"`).
+    pub fn spec_field(mut self, yaml: &str) -> Self {
+        for line in yaml.lines() {
+            self.extra_spec.push_str(&format!("  {line}\n"));
+        }
         self
     }
 
@@ -51,13 +59,9 @@ impl PoolYaml {
                 .collect();
             format!("  annotations:\n{lines}")
         };
-        let recycle = self
-            .recycle
-            .as_ref()
-            .map(|t| format!("  recycleStrategy:\n    type: {t}\n"))
-            .unwrap_or_default();
         format!(
-            "apiVersion: {GROUP}/{VERSION}\nkind: Pool\nmetadata:\n  name: {name}\n{annotations}spec:\n{recycle}  template:\n    spec:\n      containers:\n      - name: sandbox\n        image: {image}\n  capacitySpec:\n    bufferMin: {buffer_min}\n    bufferMax: {buffer_max}\n    poolMin: {pool_min}\n    poolMax: {pool_max}\n",
+            "apiVersion: {GROUP}/{VERSION}\nkind: Pool\nmetadata:\n  name: {name}\n{annotations}spec:\n  template:\n    spec:\n      containers:\n      - name: sandbox\n        image: {image}\n  capacitySpec:\n    bufferMin: {buffer_min}\n    bufferMax: {buffer_max}\n    poolMin: {pool_min}\n    poolMax: {pool_max}\n{extra}",
+            extra = self.extra_spec,
             name = self.name,
             image = self.image,
         )
