@@ -26,6 +26,9 @@ pub const FINALIZER_POOL: &str = "sandbox.opensandbox.io/pool-cleanup";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].
 pub const MANAGED_BY: &str = "sandbox-controller";
+/// Annotation on a BatchSandbox: the outcome of each released shard's task.
+pub const ANNOTATION_TASK_RESULTS: &str = "sandbox.opensandbox.io/task-results";
+
 /// Label an operator sets (any value) on a pool pod to take it out of service: an idle pod is
 /// deleted at once and replaced, and never allocated again; an allocated pod stays with its
 /// BatchSandbox and is deleted once released, whatever the pool's recycle strategy.
@@ -43,3 +46,13 @@ pub const ANNOTATION_ALLOC_RELEASED: &str = "sandbox.opensandbox.io/alloc-releas
 /// Annotations in the `sandbox.opensandbox.io/` namespace that users and tools write by design.
 /// Every other annotation this controller reads under that prefix is its own bookkeeping.
 pub const USER_WRITABLE_ANNOTATIONS: &[&str] = &[ANNOTATION_ALLOC_RELEASE];
+
+/// Annotations only the controller may set or change: they record what it handed out and what it
+/// must give back. The admission webhook refuses any other requester's change to them (users
+/// request a release through [`ANNOTATION_ALLOC_RELEASE`], which stays theirs).
+pub const CONTROLLER_OWNED_ANNOTATIONS: &[&str] = &[
+    ANNOTATION_ALLOC_STATUS,
+    ANNOTATION_ALLOC_RELEASED,
+    ANNOTATION_ENDPOINTS,
+    ANNOTATION_TASK_RESULTS,
+];

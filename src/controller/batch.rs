@@ -20,7 +20,8 @@ use super::tasks::{StopOutcome, still_stopping};
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use crate::api::{BatchSandbox, Pool, RecycleType, TaskResourcePolicy, names};
 use crate::domain::alloc_release::{self, PodList};
-use crate::domain::allocation::AllocStatus;
+use crate::domain::allocation::{self, AllocStatus};
+use crate::domain::conditions::{self, Desired};
 use crate::domain::recycle::{RecycleAction, effective_recycle_type, recycle_action};
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
@@ -57,6 +58,9 @@ struct Shards {
     stopping: bool,
 }
 
+/// Condition on a pooled batch whose `alloc-status` annotation cannot be read.
+pub const CONDITION_LEDGER_UNREADABLE: &str = "LedgerUnreadable";
+
 /// How often to look again while tasks are being stopped.
 const STOP_POLL: Duration = Duration::from_millis(250);
 
@@ -65,6 +69,11 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         return cleanup(batch, ctx).await;
     }
 
+    if batch.pool_name().is_some()
+        && let Err(error) = ledger_of(batch)
+    {
+        return report_unreadable_ledger(batch, ctx, &error).await;
+    }
     let released = released_of(batch);
     if batch.pool_name().is_some()
         && let Some(action) = release_requested(batch, ctx, &released).await?
@@ -292,7 +301,14 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     let ns = batch.namespace().unwrap_or_default();
     let ledger = ledger_of(batch)?;
     let replicas = batch.desired_replicas();
-    let released: Vec<String> = ledger.pods.iter().skip(replicas).cloned().collect();
+    // Only entries that are pods of the pool are given back; others are dropped untouched.
+    let released: Vec<String> = ledger
+        .pods
+        .iter()
+        .skip(replicas)
+        .filter(|p| held_pod(batch, ctx, p).is_some())
+        .cloned()
+        .collect();
     let stopping = !released.is_empty()
         && !stop_and_recycle(batch, ctx, &released, recycle_type(batch, ctx)).await?;
     if ledger.pods.len() > replicas && !stopping {
@@ -303,7 +319,7 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
         let ips: Vec<Option<String>> = kept
             .pods
             .iter()
-            .map(|p| pod_named(ctx, &ns, p).and_then(|p| pods::pod_ip(&p).map(str::to_string)))
+            .map(|p| held_pod(batch, ctx, p).and_then(|p| pods::pod_ip(&p).map(str::to_string)))
             .collect();
         let ips: Vec<Option<&str>> = ips.iter().map(Option::as_deref).collect();
         let patch = json!({"metadata": {
@@ -326,7 +342,7 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     let shown = ledger.pods.len().min(replicas);
     let mut shard_pods: Vec<Option<Arc<Pod>>> = ledger.pods[..shown]
         .iter()
-        .map(|p| pod_named(ctx, &ns, p).filter(|p| pods::is_live(p)))
+        .map(|p| held_pod(batch, ctx, p))
         .collect();
     let live = shard_pods.iter().flatten().count() as u32;
     shard_pods.resize(replicas, None);
@@ -335,6 +351,19 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
         live,
         stopping,
     })
+}
+
+/// The pod a pooled batch's ledger entry names, if it is a live pod of the batch's pool. The
+/// ledger is an annotation: an entry naming any other pod is never dispatched to nor deleted.
+fn held_pod(batch: &BatchSandbox, ctx: &Context, name: &str) -> Option<Arc<Pod>> {
+    let pool = batch.pool_name()?;
+    let ns = batch.namespace().unwrap_or_default();
+    let pool_uid = ctx
+        .pools
+        .get(&ObjectRef::<Pool>::new(pool).within(&ns))
+        .and_then(|p| p.uid());
+    pod_named(ctx, &ns, name)
+        .filter(|pod| allocation::belongs_to_pool(pod, pool, pool_uid.as_deref()))
 }
 
 /// Carries out a user's `alloc-release` request: the shards holding the listed pods are scaled in
@@ -366,7 +395,7 @@ async fn release_requested(
     let pod_names: Vec<String> = shards.iter().map(|&i| ledger.pods[i].clone()).collect();
     let pod_objects: Vec<Arc<Pod>> = pod_names
         .iter()
-        .filter_map(|p| pod_named(ctx, &ns, p))
+        .filter_map(|p| held_pod(batch, ctx, p))
         .collect();
     let outcomes = super::tasks::stop(ctx, &pod_objects).await;
     if still_stopping(&outcomes) {
@@ -440,17 +469,7 @@ async fn stop_and_recycle(
         .filter_map(|name| pod_named(ctx, &ns, name))
         .collect();
     let outcomes = super::tasks::stop(ctx, &pods).await;
-    if !recycle(batch, ctx, &pods, &outcomes, strategy).await? {
-        return Ok(false);
-    }
-    // Pods the cache does not show (yet) cannot be vouched for: they go.
-    let unseen: Vec<String> = released
-        .iter()
-        .filter(|name| !name.is_empty() && !pods.iter().any(|p| pods::pod_name(p) == name.as_str()))
-        .cloned()
-        .collect();
-    delete_all(ctx, &ns, &unseen).await?;
-    Ok(true)
+    recycle(batch, ctx, &pods, &outcomes, strategy).await
 }
 
 /// Applies `strategy` to `pods` given what stopping their tasks showed; see [`stop_and_recycle`].
@@ -537,6 +556,10 @@ async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Err
 }
 
 /// Deletion: stop tasks, release or delete pods, then let the object go.
+///
+/// Bounded: once `cleanup_deadline` has passed since the deletion, tasks that still have not
+/// stopped have their pods deleted (never recycled) and the finalizer comes off. A pooled batch
+/// whose ledger cannot be read releases nothing: it cannot prove which pods it holds.
 async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     if !batch
         .finalizers()
@@ -546,20 +569,127 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let pods: Vec<String> = match batch.pool_name() {
-        Some(_) => ledger_of(batch)?.pods,
+        Some(pool) => match ledger_of(batch) {
+            Ok(ledger) => ledger
+                .pods
+                .iter()
+                .filter(|p| held_pod(batch, ctx, p).is_some())
+                .cloned()
+                .collect(),
+            Err(error) => {
+                ctx.event(
+                    batch,
+                    EventType::Warning,
+                    "LedgerUnreadable",
+                    format!("{error}; finishing deletion without releasing any pod of pool {pool}"),
+                )
+                .await;
+                vec![]
+            }
+        },
         None => owned_pods_by_index(batch, ctx)
             .values()
             .map(|p| pods::pod_name(p).to_string())
             .collect(),
     };
     // Tasks stop first; pods are released or deleted only once they have.
-    if !stop_and_recycle(batch, ctx, &pods, recycle_type(batch, ctx)).await? {
-        return Ok(Action::requeue(STOP_POLL));
+    let ns = batch.namespace().unwrap_or_default();
+    let pod_objects: Vec<Arc<Pod>> = pods.iter().filter_map(|p| pod_named(ctx, &ns, p)).collect();
+    let outcomes = super::tasks::stop(ctx, &pod_objects).await;
+    if still_stopping(&outcomes) {
+        let Some(overdue) = cleanup_overdue(batch, ctx.config.cleanup_deadline) else {
+            return Ok(Action::requeue(STOP_POLL));
+        };
+        ctx.event(
+            batch,
+            EventType::Warning,
+            "CleanupForced",
+            format!(
+                "tasks did not stop within {}s of deletion; deleting their pods ({})",
+                ctx.config.cleanup_deadline.as_secs(),
+                pods.join(", ")
+            ),
+        )
+        .await;
+        info!(batch = %object_name(batch), overdue_s = overdue.as_secs(), "cleanup forced");
+        delete_all(ctx, &ns, &pods).await?;
+    } else {
+        recycle(
+            batch,
+            ctx,
+            &pod_objects,
+            &outcomes,
+            recycle_type(batch, ctx),
+        )
+        .await?;
+        if batch.pool_name().is_none() {
+            // Non-pooled pods the cache does not show yet go too.
+            delete_all(ctx, &ns, &pods).await?;
+        }
     }
     ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await?;
     ctx.forget_returned_to_pool(batch);
+    if let Some(uid) = batch.uid() {
+        ctx.ledgers.forget(&uid);
+    }
     info!(batch = %object_name(batch), pods = pods.len(), "cleaned up");
     Ok(Action::await_change())
+}
+
+/// How far past its cleanup deadline a batch being deleted is (`None`: not yet past it).
+fn cleanup_overdue(batch: &BatchSandbox, deadline: Duration) -> Option<Duration> {
+    let deleted = batch.metadata.deletion_timestamp.as_ref()?.0;
+    let since: Duration = Timestamp::now()
+        .duration_since(deleted)
+        .try_into()
+        .unwrap_or_default();
+    since.checked_sub(deadline)
+}
+
+/// A pooled batch whose ledger cannot be read: nothing is dispatched or released for it (its
+/// pods stay held as last seen), and its status says why. The rest of its pool carries on.
+async fn report_unreadable_ledger(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    error: &Error,
+) -> Result<Action, Error> {
+    let previous = batch.status.clone().unwrap_or_default();
+    let generation = batch.metadata.generation.unwrap_or_default();
+    let desired = [Desired::new(
+        CONDITION_LEDGER_UNREADABLE,
+        true,
+        "UnreadableAllocStatus",
+        error.to_string(),
+    )];
+    let now = Time(Timestamp::now());
+    let mut conditions: Vec<_> = previous
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != CONDITION_LEDGER_UNREADABLE)
+        .cloned()
+        .collect();
+    conditions.extend(conditions::merge(
+        &previous.conditions,
+        &desired,
+        &now,
+        generation,
+    ));
+    if !conditions::same(&conditions, &previous.conditions) {
+        ctx.event(
+            batch,
+            EventType::Warning,
+            "LedgerUnreadable",
+            error.to_string(),
+        )
+        .await;
+        ctx.patch_status::<BatchSandbox>(
+            &batch.namespace().unwrap_or_default(),
+            &batch.name_any(),
+            json!({"status": {"conditions": conditions}}),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(ctx.config.resync))
 }
 
 async fn write_endpoints(

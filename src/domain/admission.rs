@@ -49,6 +49,9 @@ pub struct AdmissionContext<'a> {
     pub max_replicas: i32,
     /// Whether a policy of this name can be loaded.
     pub policy_exists: &'a dyn Fn(&str) -> bool,
+    /// The controller's username. When set, only it may set or change the annotations in
+    /// [`names::CONTROLLER_OWNED_ANNOTATIONS`]; `None` turns that check off.
+    pub controller_username: Option<&'a str>,
 }
 
 /// The outcome of validating one object: allowed when `errors` is empty.
@@ -84,6 +87,13 @@ impl Verdict {
 
     fn warn(&mut self, warning: impl Into<String>) {
         self.warnings.push(warning.into());
+    }
+
+    /// This verdict and `other`'s, together.
+    pub fn with(mut self, other: Verdict) -> Self {
+        self.errors.extend(other.errors);
+        self.warnings.extend(other.warnings);
+        self
     }
 
     /// Ratcheting (see the module docs): errors the stored object had already become warnings.
@@ -201,6 +211,10 @@ pub enum Rule {
         "lists pod(s) {pods} that this BatchSandbox does not hold (its sandbox.opensandbox.io/alloc-status annotation lists the pods it may release)"
     )]
     ReleasesForeignPods { pods: String },
+    #[error(
+        "is written only by the sandbox controller ({controller}); it records the pods the batch holds and releases, so no other user may set, change or remove it"
+    )]
+    ControllerOwned { controller: String },
     /// A problem with the review request itself rather than with a field of the object.
     #[error("{0}")]
     BadRequest(String),
@@ -269,10 +283,13 @@ impl Rule {
             Rule::ReleasesForeignPods {
                 pods: "\"other-pool-x7k2p\"".into(),
             },
+            Rule::BadRequest("the request has no object".into()),
+            Rule::ControllerOwned {
+                controller: "system:serviceaccount:opensandbox-system:sandbox-controller".into(),
+            },
             Rule::NotOneOf {
                 allowed: RECYCLE_TYPES,
             },
-            Rule::BadRequest("the request has no object".into()),
         ]
     }
 }
@@ -386,6 +403,49 @@ fn unreadable(kind: Kind, error: &serde_json::Error) -> FieldError {
 }
 
 // ------------------------------------------------------------- BatchSandbox --
+
+/// The controller's ledger annotations ([`names::CONTROLLER_OWNED_ANNOTATIONS`]) may be set,
+/// changed or removed by the controller alone. `new` and `old` are the submitted and stored
+/// objects as JSON (`old` is `None` on CREATE); `requester` is `request.userInfo.username`.
+/// Applies to objects being deleted too: a forged ledger there would have other pods deleted.
+pub fn controller_owned_annotations(
+    new: &Value,
+    old: Option<&Value>,
+    requester: &str,
+    ctx: &AdmissionContext<'_>,
+) -> Verdict {
+    let mut verdict = Verdict::default();
+    let Some(controller) = ctx.controller_username else {
+        return verdict;
+    };
+    if requester == controller {
+        return verdict;
+    }
+    let annotation = |object: Option<&Value>, key: &str| {
+        object
+            .and_then(|o| o.pointer("/metadata/annotations"))
+            .and_then(|a| a.get(key))
+            .cloned()
+    };
+    for key in names::CONTROLLER_OWNED_ANNOTATIONS {
+        let submitted = annotation(Some(new), key);
+        if submitted != annotation(old, key) {
+            let value = match &submitted {
+                Some(Value::String(text)) => quote(text),
+                Some(other) => render_json(other),
+                None => "<unset>".into(),
+            };
+            verdict.error(
+                format!("metadata.annotations[{key}]"),
+                value,
+                Rule::ControllerOwned {
+                    controller: controller.to_string(),
+                },
+            );
+        }
+    }
+    verdict
+}
 
 /// Validates a BatchSandbox on CREATE (`old == None`) or UPDATE (`old` is the stored object).
 pub fn validate_batch_sandbox(

@@ -5,6 +5,7 @@ pub mod alloc_release;
 pub mod allocation;
 pub mod conditions;
 pub mod endpoints;
+pub mod invariants;
 pub mod pod_template;
 pub mod pods;
 pub mod pool_plan;

@@ -47,12 +47,14 @@ impl ScopedWebhook {
             exclude_namespace: Some(CONTROLLER_NAMESPACE.into()),
             timeout_seconds: 5,
             delete_on_shutdown: true,
+            exempt_username: None,
         };
         let rules = RuleSettings {
             max_replicas,
             policy_exists: sandbox_controller::webhook::known_policies(
                 policies.iter().map(|p| p.to_string()),
             ),
+            controller_username: None,
         };
         let tls = TlsSettings {
             cert_dir: certs.path().to_path_buf(),

@@ -12,6 +12,7 @@ fn ctx_at(now: &str) -> AdmissionContext<'static> {
         now: now.parse().expect("test time"),
         max_replicas: DEFAULT_MAX_REPLICAS,
         policy_exists: &known_policy,
+        controller_username: None,
     }
 }
 
@@ -1245,15 +1246,16 @@ fn variant_index(rule: &Rule) -> usize {
         Rule::PauseUnsupported => 26,
         Rule::BadPodList { .. } => 27,
         Rule::ReleasesForeignPods { .. } => 28,
-        Rule::NotOneOf { .. } => 29,
-        Rule::BadRequest(_) => 30,
+        Rule::BadRequest(_) => 29,
+        Rule::ControllerOwned { .. } => 30,
+        Rule::NotOneOf { .. } => 31,
     }
 }
 
 #[test]
 fn the_catalogue_has_every_rule_once() {
     let indices: Vec<usize> = Rule::catalogue().iter().map(variant_index).collect();
-    assert_eq!(indices, (0..=30).collect::<Vec<_>>());
+    assert_eq!(indices, (0..=31).collect::<Vec<_>>());
 }
 
 /// The message table between the markers in docs/admission.md.
