@@ -13,7 +13,8 @@ pub use batchsandbox::{
 };
 pub use crd::{all_crds, crd_file_name, render_crd_yaml};
 pub use pool::{
-    CapacitySpec, PodRecyclePolicy, Pool, PoolSpec, PoolStatus, ScaleStrategy, UpdateStrategy,
+    CapacitySpec, Pool, PoolSpec, PoolStatus, RecycleStrategy, RecycleType, ScaleStrategy,
+    UpdateStrategy,
 };
 pub use task::{EnvVar, ProcessTask, TaskSpec, TaskTemplateSpec};
 

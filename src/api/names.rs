@@ -26,20 +26,17 @@ pub const FINALIZER_POOL: &str = "sandbox.opensandbox.io/pool-cleanup";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`].
 pub const MANAGED_BY: &str = "sandbox-controller";
-/// Annotation a BatchSandbox carries once expired with action `ReturnToPool`: its pods go back to
-/// the pool as idle whatever the pool's recycle policy.
-pub const ANNOTATION_RELEASE_POLICY: &str = "sandbox.opensandbox.io/release-policy";
 /// Annotation on a BatchSandbox: the outcome of each released shard's task.
 pub const ANNOTATION_TASK_RESULTS: &str = "sandbox.opensandbox.io/task-results";
 
 /// Label an operator sets (any value) on a pool pod to take it out of service: an idle pod is
 /// deleted at once and replaced, and never allocated again; an allocated pod stays with its
-/// BatchSandbox and is deleted once released, whatever the pool's recycle policy.
+/// BatchSandbox and is deleted once released, whatever the pool's recycle strategy.
 pub const LABEL_EVICT: &str = "pool.opensandbox.io/evict";
 
 /// Annotation on a pooled BatchSandbox, **written by users and tools** (never by this
 /// controller): `{"pods": ["<pod>", ...]}` asks to release those pods of the batch now. Their
-/// shards are scaled in: tasks stopped, pods recycled per the pool's recycle policy, and the
+/// shards are scaled in: tasks stopped, pods recycled per the pool's recycle strategy, and the
 /// shards never get a pod again.
 pub const ANNOTATION_ALLOC_RELEASE: &str = "sandbox.opensandbox.io/alloc-release";
 /// Annotation on a pooled BatchSandbox, written by this controller: `{"pods": ["<pod>", ...]}`,
@@ -57,6 +54,5 @@ pub const CONTROLLER_OWNED_ANNOTATIONS: &[&str] = &[
     ANNOTATION_ALLOC_STATUS,
     ANNOTATION_ALLOC_RELEASED,
     ANNOTATION_ENDPOINTS,
-    ANNOTATION_RELEASE_POLICY,
     ANNOTATION_TASK_RESULTS,
 ];

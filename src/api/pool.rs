@@ -85,10 +85,11 @@ pub struct PoolSpec {
     /// Bounds on the number of pods in the pool.
     pub capacity_spec: CapacitySpec,
 
-    /// What happens to a pod when the BatchSandbox holding it releases it: `Delete` (default)
-    /// deletes it and the pool warms a fresh one; `Reuse` returns a healthy pod to the pool as idle.
+    /// What happens to a pod when the BatchSandbox holding it gives it back (deletion, expiry,
+    /// scale-down, a finished task under `taskResourcePolicyWhenCompleted: Release`). The holder's
+    /// tasks are stopped first in every case. Unset means `type: Delete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_recycle_policy: Option<PodRecyclePolicy>,
+    pub recycle_strategy: Option<RecycleStrategy>,
 
     /// How fast the pool grows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,14 +153,33 @@ pub struct CapacitySpec {
     pub pool_min: i32,
 }
 
-/// What to do with a pod a BatchSandbox has released.
+/// How pods given back by a BatchSandbox are recycled.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum PodRecyclePolicy {
+#[serde(rename_all = "camelCase")]
+pub struct RecycleStrategy {
+    /// `Delete` (default), `Restart` or `Noop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "type")]
+    pub type_: Option<RecycleType>,
+}
+
+/// `Delete` (default): delete the pod; the pool warms a fresh one. `Restart`: end every process
+/// of the previous holder's tasks, confirmed by the pod's task executor, then return the pod to
+/// the pool as idle; when that cannot be confirmed (no executor, unreachable, a task whose
+/// processes may live on) the pod is deleted instead and a `RecycleUnconfirmed` Event says why.
+/// Files the holder wrote stay. `Noop`: return the pod as is; processes that could not be
+/// ended, and anything started outside tasks, may live on into the next holder. Only a Running
+/// and Ready pod is ever returned; any other is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RecycleType {
     /// Delete the pod; the pool warms a fresh one.
     #[default]
     Delete,
-    /// Return the pod to the pool as idle if it is still Running and Ready; delete it otherwise.
-    Reuse,
+    /// End the previous holder's task processes (confirmed), then return the pod as idle;
+    /// delete it when that cannot be confirmed.
+    Restart,
+    /// Return the pod as is.
+    Noop,
 }
 
 /// The observed state of a Pool.
@@ -194,9 +214,11 @@ pub struct PoolStatus {
 }
 
 impl PoolSpec {
-    /// The pod recycle policy with its default applied.
-    pub fn recycle_policy(&self) -> PodRecyclePolicy {
-        self.pod_recycle_policy.unwrap_or_default()
+    /// The recycle strategy's type with its default applied.
+    pub fn recycle_type(&self) -> RecycleType {
+        self.recycle_strategy
+            .and_then(|s| s.type_)
+            .unwrap_or_default()
     }
 
     /// `scaleStrategy.maxUnavailable` as written, if set.

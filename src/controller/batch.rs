@@ -16,11 +16,13 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::tasks::{StopOutcome, still_stopping};
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
-use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, TaskResourcePolicy, names};
+use crate::api::{BatchSandbox, Pool, RecycleType, TaskResourcePolicy, names};
 use crate::domain::alloc_release::{self, PodList};
 use crate::domain::allocation::{self, AllocStatus};
 use crate::domain::conditions::{self, Desired};
+use crate::domain::recycle::{RecycleAction, effective_recycle_type, recycle_action};
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
 use crate::domain::{endpoints, pod_template, pods};
@@ -91,7 +93,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         ExpiryDecision::Keep { recheck_after_ms } => recheck_after_ms.map(Duration::from_millis),
     };
     if batch.spec.task_resource_policy_when_completed == Some(TaskResourcePolicy::Release)
-        && release_finished(batch, ctx, &shards, &report.phases, &released).await?
+        && release_finished(batch, ctx, &shards, &report, &released).await?
     {
         // The write above triggers a fresh reconcile with the new ledger.
         return Ok(Action::await_change());
@@ -140,10 +142,7 @@ async fn expire(
 ) -> Result<Action, Error> {
     let ns = batch.namespace().unwrap_or_default();
     if action == ExpireAction::ReturnToPool && batch.pool_name().is_some() {
-        let patch =
-            json!({"metadata": {"annotations": {names::ANNOTATION_RELEASE_POLICY: "Reuse"}}});
-        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
-            .await?;
+        ctx.mark_returned_to_pool(batch);
     }
     let expire_time = batch
         .spec
@@ -228,7 +227,8 @@ async fn own_pods(
         .map(|(_, p)| p.clone())
         .collect();
     // Tasks of removed shards stop before their pods go.
-    let stopping = !excess_pods.is_empty() && !super::tasks::stop(ctx, &excess_pods).await;
+    let stopping =
+        !excess_pods.is_empty() && still_stopping(&super::tasks::stop(ctx, &excess_pods).await);
     let excess: Vec<String> = if stopping {
         vec![]
     } else {
@@ -299,21 +299,17 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     let ns = batch.namespace().unwrap_or_default();
     let ledger = ledger_of(batch)?;
     let replicas = batch.desired_replicas();
-    let removed: Vec<Arc<Pod>> = ledger
+    // Only entries that are pods of the pool are given back; others are dropped untouched.
+    let released: Vec<String> = ledger
         .pods
         .iter()
         .skip(replicas)
-        .filter_map(|p| held_pod(batch, ctx, p))
+        .filter(|p| held_pod(batch, ctx, p).is_some())
+        .cloned()
         .collect();
-    let stopping = !removed.is_empty() && !super::tasks::stop(ctx, &removed).await;
+    let stopping = !released.is_empty()
+        && !stop_and_recycle(batch, ctx, &released, recycle_type(batch, ctx)).await?;
     if ledger.pods.len() > replicas && !stopping {
-        // Only entries that are pods of the pool are given back; others are dropped untouched.
-        let released: Vec<String> = ledger.pods[replicas..]
-            .iter()
-            .filter(|p| held_pod(batch, ctx, p).is_some())
-            .cloned()
-            .collect();
-        release(batch, ctx, &released).await?;
         let kept = AllocStatus {
             pods: ledger.pods[..replicas].to_vec(),
             pool_ref: Some(pool.to_string()),
@@ -369,7 +365,7 @@ fn held_pod(batch: &BatchSandbox, ctx: &Context, name: &str) -> Option<Arc<Pod>>
 }
 
 /// Carries out a user's `alloc-release` request: the shards holding the listed pods are scaled in
-/// (tasks stopped, pods released through the pool's recycle policy, shards never refilled).
+/// (tasks stopped, pods recycled by the pool's recycle strategy, shards never refilled).
 /// Returns the action to take when it did something or must wait for tasks to stop.
 async fn release_requested(
     batch: &BatchSandbox,
@@ -399,7 +395,8 @@ async fn release_requested(
         .iter()
         .filter_map(|p| held_pod(batch, ctx, p))
         .collect();
-    if !super::tasks::stop(ctx, &pod_objects).await {
+    let outcomes = super::tasks::stop(ctx, &pod_objects).await;
+    if still_stopping(&outcomes) {
         return Ok(Some(Action::requeue(STOP_POLL)));
     }
 
@@ -423,11 +420,14 @@ async fn release_requested(
     }});
     ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
         .await?;
-    let of_the_pool: Vec<String> = pod_objects
-        .iter()
-        .map(|p| pods::pod_name(p).to_string())
-        .collect();
-    release(batch, ctx, &of_the_pool).await?;
+    recycle(
+        batch,
+        ctx,
+        &pod_objects,
+        &outcomes,
+        recycle_type(batch, ctx),
+    )
+    .await?;
     ctx.event(
         batch,
         EventType::Normal,
@@ -451,32 +451,80 @@ fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
     ctx.pods.get(&ObjectRef::new(name).within(ns))
 }
 
-/// Gives pooled pods back: deleted under the `Delete` recycle policy (the pool warms fresh ones),
-/// left in place under `Reuse` if still Running and Ready (they turn idle once the ledger drops
-/// them), deleted otherwise.
-/// Records on the Pool what became of them (`Recycled`), so `kubectl describe pool` shows where
-/// pods went.
-async fn release(batch: &BatchSandbox, ctx: &Context, released: &[String]) -> Result<(), Error> {
-    if released.is_empty() {
-        return Ok(());
-    }
+/// Stops the tasks on the pods named `released` and, once none is still stopping, deletes or
+/// returns each pod as `strategy` says (pods that are returned turn idle once the batch no longer
+/// lists them). Returns false, changing nothing, while tasks are still stopping. Non-pooled
+/// pods always go with [`RecycleType::Delete`].
+async fn stop_and_recycle(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    released: &[String],
+    strategy: RecycleType,
+) -> Result<bool, Error> {
     let ns = batch.namespace().unwrap_or_default();
-    let reuse = recycle_policy(batch, ctx) == PodRecyclePolicy::Reuse;
-    let doomed: Vec<String> = released
+    let pods: Vec<Arc<Pod>> = released
         .iter()
-        .filter(|name| {
-            !reuse
-                || !pod_named(ctx, &ns, name)
-                    .is_some_and(|p| pods::is_live(&p) && pods::is_running_and_ready(&p))
-        })
-        .cloned()
+        .filter_map(|name| pod_named(ctx, &ns, name))
         .collect();
+    let outcomes = super::tasks::stop(ctx, &pods).await;
+    recycle(batch, ctx, &pods, &outcomes, strategy).await
+}
+
+/// Applies `strategy` to `pods` given what stopping their tasks showed; see [`stop_and_recycle`].
+async fn recycle(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    pods: &[Arc<Pod>],
+    outcomes: &[StopOutcome],
+    strategy: RecycleType,
+) -> Result<bool, Error> {
+    let ns = batch.namespace().unwrap_or_default();
+    let actions: Vec<(&Arc<Pod>, RecycleAction)> = pods
+        .iter()
+        .zip(outcomes)
+        .map(|(pod, stop)| {
+            let healthy = pods::is_live(pod) && pods::is_running_and_ready(pod);
+            (pod, recycle_action(strategy, stop, healthy))
+        })
+        .collect();
+    if actions.iter().any(|(_, a)| *a == RecycleAction::Wait) {
+        return Ok(false);
+    }
+    let mut doomed = Vec::new();
+    for (pod, action) in actions {
+        let name = pods::pod_name(pod).to_string();
+        match action {
+            RecycleAction::Delete => doomed.push(name),
+            RecycleAction::DeleteUnconfirmed(why) => {
+                let note = format!(
+                    "pod {name} deleted instead of returned to pool {}: {why}",
+                    batch.pool_name().unwrap_or_default()
+                );
+                ctx.event(
+                    batch,
+                    EventType::Warning,
+                    "RecycleUnconfirmed",
+                    note.clone(),
+                )
+                .await;
+                if let Some(pool) = pool_of(batch, ctx) {
+                    ctx.event(
+                        pool.as_ref(),
+                        EventType::Warning,
+                        "RecycleUnconfirmed",
+                        note,
+                    )
+                    .await;
+                }
+                doomed.push(name);
+            }
+            RecycleAction::ReturnIdle | RecycleAction::Wait => {}
+        }
+    }
     delete_all(ctx, &ns, &doomed).await?;
-    let pool = batch
-        .pool_name()
-        .and_then(|pool| ctx.pools.get(&ObjectRef::<Pool>::new(pool).within(&ns)));
-    if let Some(pool) = pool {
-        let kept = released.len() - doomed.len();
+    // Say on the Pool what became of the pods, so `kubectl describe pool` shows where they went.
+    if let (false, Some(pool)) = (pods.is_empty(), pool_of(batch, ctx)) {
+        let kept = pods.len() - doomed.len();
         ctx.event(
             pool.as_ref(),
             EventType::Normal,
@@ -484,30 +532,31 @@ async fn release(batch: &BatchSandbox, ctx: &Context, released: &[String]) -> Re
             format!(
                 "BatchSandbox {} gave back {} pod(s): {kept} idle again, {} deleted",
                 batch.name_any(),
-                released.len(),
+                pods.len(),
                 doomed.len()
             ),
         )
         .await;
     }
-    Ok(())
+    Ok(true)
 }
 
-fn recycle_policy(batch: &BatchSandbox, ctx: &Context) -> PodRecyclePolicy {
-    if batch
-        .annotations()
-        .get(names::ANNOTATION_RELEASE_POLICY)
-        .map(String::as_str)
-        == Some("Reuse")
-    {
-        return PodRecyclePolicy::Reuse;
-    }
+fn pool_of(batch: &BatchSandbox, ctx: &Context) -> Option<Arc<Pool>> {
     let ns = batch.namespace().unwrap_or_default();
     batch
         .pool_name()
         .and_then(|pool| ctx.pools.get(&ObjectRef::<Pool>::new(pool).within(&ns)))
-        .map(|pool| pool.spec.recycle_policy())
-        .unwrap_or_default()
+}
+
+/// How this batch's pods are recycled: non-pooled ones are deleted; pooled ones follow their
+/// pool's strategy, except that a batch an expiry policy returned to its pool (`ReturnToPool`)
+/// gets `Restart`: back to the pool, but only once its processes are confirmed ended.
+fn recycle_type(batch: &BatchSandbox, ctx: &Context) -> RecycleType {
+    effective_recycle_type(
+        batch.pool_name().is_some(),
+        ctx.returned_to_pool(batch),
+        pool_of(batch, ctx).map(|pool| pool.spec.recycle_type()),
+    )
 }
 
 async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Error> {
@@ -533,7 +582,6 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::await_change());
     }
-    let ns = batch.namespace().unwrap_or_default();
     let pods: Vec<String> = match batch.pool_name() {
         Some(pool) => match ledger_of(batch) {
             Ok(ledger) => ledger
@@ -559,8 +607,10 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
             .collect(),
     };
     // Tasks stop first; pods are released or deleted only once they have.
+    let ns = batch.namespace().unwrap_or_default();
     let pod_objects: Vec<Arc<Pod>> = pods.iter().filter_map(|p| pod_named(ctx, &ns, p)).collect();
-    if !super::tasks::stop(ctx, &pod_objects).await {
+    let outcomes = super::tasks::stop(ctx, &pod_objects).await;
+    if still_stopping(&outcomes) {
         let Some(overdue) = cleanup_overdue(batch, ctx.config.cleanup_deadline) else {
             return Ok(Action::requeue(STOP_POLL));
         };
@@ -578,12 +628,21 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         info!(batch = %object_name(batch), overdue_s = overdue.as_secs(), "cleanup forced");
         delete_all(ctx, &ns, &pods).await?;
     } else {
-        match batch.pool_name() {
-            Some(_) => release(batch, ctx, &pods).await?,
-            None => delete_all(ctx, &ns, &pods).await?,
+        recycle(
+            batch,
+            ctx,
+            &pod_objects,
+            &outcomes,
+            recycle_type(batch, ctx),
+        )
+        .await?;
+        if batch.pool_name().is_none() {
+            // Non-pooled pods the cache does not show yet go too.
+            delete_all(ctx, &ns, &pods).await?;
         }
     }
     ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await?;
+    ctx.forget_returned_to_pool(batch);
     if let Some(uid) = batch.uid() {
         ctx.ledgers.forget(&uid);
     }
@@ -704,10 +763,11 @@ async fn release_finished(
     batch: &BatchSandbox,
     ctx: &Context,
     shards: &Shards,
-    phases: &[TaskPhase],
+    report: &super::tasks::TaskReport,
     released: &Released,
 ) -> Result<bool, Error> {
-    let finished: Vec<(usize, TaskPhase, Arc<Pod>)> = phases
+    let finished: Vec<(usize, TaskPhase, Arc<Pod>)> = report
+        .phases
         .iter()
         .enumerate()
         .filter(|(i, p)| {
@@ -744,14 +804,29 @@ async fn release_finished(
     ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
         .await?;
 
-    let names_released: Vec<String> = finished
+    // The finished task was the pod's only one: the answer that reported it finished also said
+    // whether all its processes ended, so no stop call is needed.
+    let pods_released: Vec<Arc<Pod>> = finished.iter().map(|(_, _, p)| p.clone()).collect();
+    let outcomes: Vec<StopOutcome> = finished
         .iter()
-        .map(|(_, _, p)| pods::pod_name(p).to_string())
+        .map(|(i, _, _)| {
+            if report.all_ended.get(*i).copied().unwrap_or(false) {
+                StopOutcome::Confirmed
+            } else {
+                StopOutcome::Unconfirmed(format!(
+                    "the executor did not confirm that every process of shard {i}'s task ended"
+                ))
+            }
+        })
         .collect();
-    match batch.pool_name() {
-        Some(_) => release(batch, ctx, &names_released).await?,
-        None => delete_all(ctx, &ns, &names_released).await?,
-    }
+    recycle(
+        batch,
+        ctx,
+        &pods_released,
+        &outcomes,
+        recycle_type(batch, ctx),
+    )
+    .await?;
     let shards_released: Vec<String> = finished.iter().map(|(i, _, _)| i.to_string()).collect();
     ctx.event(
         batch,

@@ -191,6 +191,11 @@ pub struct Context {
     pod_names: std::sync::atomic::AtomicU64,
     pub executor: sandbox_executor::client::ExecutorClient,
     task_polls: tasks::TaskPolls,
+    /// Batches (by uid) an expiry policy returned to their pool: their pods are recycled with
+    /// `Restart` whatever the pool's strategy. Kept in memory only, never in the batch object,
+    /// which its owner could edit to weaken the pool's strategy; after a restart the pool's
+    /// strategy applies.
+    returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The caches a [`Context`] reads.
@@ -232,6 +237,35 @@ impl Context {
             pod_writes: tokio::sync::Semaphore::new(32),
             pod_names: Default::default(),
             task_polls: Default::default(),
+            returned_to_pool: Default::default(),
+        }
+    }
+
+    /// Records that an expiry policy returned `batch` to its pool (see `returned_to_pool`).
+    fn mark_returned_to_pool(&self, batch: &BatchSandbox) {
+        if let Some(uid) = batch.uid() {
+            self.returned_to_pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(uid);
+        }
+    }
+
+    fn returned_to_pool(&self, batch: &BatchSandbox) -> bool {
+        batch.uid().is_some_and(|uid| {
+            self.returned_to_pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&uid)
+        })
+    }
+
+    fn forget_returned_to_pool(&self, batch: &BatchSandbox) {
+        if let Some(uid) = batch.uid() {
+            self.returned_to_pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&uid);
         }
     }
 

@@ -191,6 +191,8 @@ pub enum Rule {
     ExpireTimeInPast { now: String },
     #[error("names no loadable policy")]
     UnknownPolicy,
+    #[error("must be one of {allowed}")]
+    NotOneOf { allowed: &'static str },
     #[error("must be at most 63 characters: it becomes the value of label {label} on every pod")]
     NameTooLongForLabel { label: &'static str },
     #[error("cannot be read as a {kind}: {reason}")]
@@ -285,6 +287,9 @@ impl Rule {
             Rule::ControllerOwned {
                 controller: "system:serviceaccount:opensandbox-system:sandbox-controller".into(),
             },
+            Rule::NotOneOf {
+                allowed: RECYCLE_TYPES,
+            },
         ]
     }
 }
@@ -338,13 +343,41 @@ pub fn decode_batch_sandbox(object: Value) -> (Option<BatchSandbox>, Vec<FieldEr
     }
 }
 
-/// Reads a Pool from its JSON form; see [`decode_batch_sandbox`].
+/// Reads a Pool from its JSON form; see [`decode_batch_sandbox`]. An unknown
+/// `spec.recycleStrategy.type` is reported by name (with the values allowed) and left out, so
+/// the rest of the object is still checked.
 pub fn decode_pool(object: Value) -> (Option<Pool>, Vec<FieldError>) {
+    let mut object = object;
+    let mut errors = Vec::new();
+    if let Some(strategy) = object
+        .pointer_mut("/spec/recycleStrategy")
+        .and_then(Value::as_object_mut)
+        && let Some(raw) = strategy.get("type")
+        && !raw.is_null()
+        && !raw
+            .as_str()
+            .is_some_and(|t| RECYCLE_TYPES.split(", ").any(|allowed| allowed == t))
+    {
+        errors.push(FieldError {
+            path: "spec.recycleStrategy.type".into(),
+            value: render_json(raw),
+            rule: Rule::NotOneOf {
+                allowed: RECYCLE_TYPES,
+            },
+        });
+        strategy.remove("type");
+    }
     match serde_json::from_value::<Pool>(object) {
-        Ok(pool) => (Some(pool), Vec::new()),
-        Err(e) => (None, vec![unreadable(Kind::Pool, &e)]),
+        Ok(pool) => (Some(pool), errors),
+        Err(e) => {
+            errors.push(unreadable(Kind::Pool, &e));
+            (None, errors)
+        }
     }
 }
+
+/// The values of `spec.recycleStrategy.type`, as the CRD's enum lists them.
+const RECYCLE_TYPES: &str = "Delete, Restart, Noop";
 
 fn bad_time(raw: &Value, reason: String) -> FieldError {
     FieldError {

@@ -2,7 +2,7 @@
 //! writes on a pooled BatchSandbox, and the `alloc-released` record this controller keeps.
 //!
 //! Both hold `{"pods": ["<pod>", ...]}`, OpenSandbox's format. Releasing a pod scales in its
-//! shard: the shard's task is stopped, its pod goes back through the pool's recycle policy, and
+//! shard: the shard's task is stopped, its pod goes back through the pool's recycle strategy, and
 //! the shard never gets a pod again.
 
 use std::collections::BTreeSet;

@@ -9,5 +9,6 @@ pub mod invariants;
 pub mod pod_template;
 pub mod pods;
 pub mod pool_plan;
+pub mod recycle;
 pub mod released;
 pub mod status;

@@ -202,7 +202,7 @@ async fn pool_warms_and_pooled_batch_allocates_scales_and_releases() {
         held[..5],
         "scale-down releases the highest shards"
     );
-    // Released pods are deleted (recycle policy Delete) and the pool settles at poolMin.
+    // Released pods are deleted (recycle strategy Delete) and the pool settles at poolMin.
     wait_pool(&env, "fast-pool", 10, 5, 5).await;
 
     // Deleting the batch returns its pods; the pool refills to poolMin with idle pods.

@@ -806,3 +806,91 @@ async fn raw_request(port: u16, request: &str) -> String {
         .unwrap_or(0);
     String::from_utf8_lossy(&response[..n]).into_owned()
 }
+
+#[tokio::test]
+async fn a_stopped_task_leaves_the_list_only_once_its_setsid_child_is_gone() {
+    let executor = Executor::start(1);
+    let client = executor.client();
+    let pid_file = executor.scratch().join("leftover");
+    let script = format!(
+        "setsid sleep 1000 & echo $! > {}; exec sleep 1000",
+        pid_file.display()
+    );
+    client
+        .set_tasks(LOCAL, &[task("a", &["sh", "-c", &script])])
+        .await
+        .unwrap();
+    let leftover = read_pid(&pid_file).await;
+    wait_task(&client, LOCAL, "a", "running", |t| {
+        t.phase() == TaskPhase::Running
+    })
+    .await;
+    // The controller's stop: an empty desired list, asked again until it comes back empty.
+    let start = Instant::now();
+    loop {
+        let listed = client.set_tasks(LOCAL, &[]).await.unwrap();
+        if listed.is_empty() {
+            assert!(
+                !alive(leftover),
+                "the list was empty while the task's setsid sleep {leftover} still ran"
+            );
+            break;
+        }
+        for task in &listed {
+            assert!(
+                !task.all_processes_ended() || !alive(leftover),
+                "confirmation given while {leftover} runs: {task:?}"
+            );
+        }
+        assert!(start.elapsed() < T, "still listed: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_task_whose_supervisor_was_killed_stays_listed_unconfirmed() {
+    let executor = Executor::start(1);
+    let client = executor.client();
+    let pid_file = executor.scratch().join("pids");
+    // The task kills its own supervisor: nothing can vouch for its processes any more.
+    let script = format!(
+        "setsid sleep 1000 & echo $! $$ > {}; kill -9 $PPID; exec sleep 1000",
+        pid_file.display()
+    );
+    client
+        .set_tasks(LOCAL, &[task("lost", &["sh", "-c", &script])])
+        .await
+        .unwrap();
+    let lost = wait_task(&client, LOCAL, "lost", "terminated", terminated).await;
+    let pids: Vec<u32> = std::fs::read_to_string(&pid_file)
+        .expect("pids")
+        .split_whitespace()
+        .map(|p| p.parse().expect("pid"))
+        .collect();
+    let _cleanup = scopeguard(pids.clone());
+    assert_eq!(exit_of(&lost).2, "Lost");
+    assert!(!lost.all_processes_ended(), "{lost:?}");
+    let listed = client.set_tasks(LOCAL, &[]).await.unwrap();
+    let still = listed
+        .iter()
+        .find(|t| t.name == "lost")
+        .expect("an unconfirmed task is never dropped from the list");
+    assert!(still.deletion_timestamp.is_some() && !still.all_processes_ended());
+}
+
+/// Kills `pids` when dropped.
+fn scopeguard(pids: Vec<u32>) -> impl Drop {
+    struct Kill(Vec<u32>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for pid in &self.0 {
+                if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32)
+                    .filter(|p| p.as_raw_nonzero().get() > 1)
+                {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
+    }
+    Kill(pids)
+}

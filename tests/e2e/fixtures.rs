@@ -34,6 +34,11 @@ impl PoolYaml {
         self
     }
 
+    /// `spec.recycleStrategy.type`.
+    pub fn recycle(self, strategy: &str) -> Self {
+        self.spec_field(&format!("recycleStrategy:\n  type: {strategy}"))
+    }
+
     /// Adds a field of `spec` (YAML, e.g. `"scaleStrategy:\n  maxUnavailable: 1"`).
     pub fn spec_field(mut self, yaml: &str) -> Self {
         for line in yaml.lines() {

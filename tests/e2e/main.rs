@@ -15,6 +15,7 @@ mod executor;
 mod local_executors;
 mod policy;
 mod pool_strategies;
+mod recycle;
 mod sdk;
 mod tasks;
 mod webhook;

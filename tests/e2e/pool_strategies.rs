@@ -208,12 +208,8 @@ async fn pod_is_live(env: &TestEnv, pod: &str) -> bool {
 async fn evict_label_drains_idle_pods_at_once_and_allocated_ones_once_released() {
     let env = env("evict-label").await;
     let _controller = env.start_controller(&[]);
-    // Reuse: a released healthy pod would go back to the pool as idle, unless evicted.
-    env.apply(
-        &fixtures::pool("ev", [2, 4, 3, 10])
-            .spec_field("podRecyclePolicy: Reuse")
-            .yaml(),
-    );
+    // Noop: a released healthy pod would go back to the pool as idle, unless evicted.
+    env.apply(&fixtures::pool("ev", [2, 4, 3, 10]).recycle("Noop").yaml());
     wait_pool_full(&env, "ev", 3).await;
     env.apply(&pooled_batch_yaml("holder", "ev", 1));
     let held = ledger(&env.wait_batch_ready("holder", 1, T).await)[0].clone();
@@ -253,7 +249,7 @@ async fn evict_label_drains_idle_pods_at_once_and_allocated_ones_once_released()
     })
     .await;
 
-    // Released, the evicted pod is not returned to the pool (Reuse) but deleted, and never
+    // Released, the evicted pod is not returned to the pool (Noop) but deleted, and never
     // handed to another batch.
     env.kubectl_ok(&["scale", "batchsandbox", "holder", "--replicas=0"]);
     env.wait_for("the released evicted pod to go", T, || async {

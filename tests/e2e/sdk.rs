@@ -348,14 +348,14 @@ async fn the_spec_batch_example_runs_unchanged_through_opensandbox_server() {
     .await;
 }
 
-/// The spec's pool.yaml, optionally with `podRecyclePolicy`.
+/// The spec's pool.yaml, optionally with a `recycleStrategy.type`.
 fn fast_pool(recycle: Option<&str>) -> String {
     let pool = spec_manifest("pool");
     match recycle {
         None => pool,
         Some(policy) => pool.replace(
             "  capacitySpec:\n",
-            &format!("  podRecyclePolicy: {policy}\n  capacitySpec:\n"),
+            &format!("  recycleStrategy:\n    type: {policy}\n  capacitySpec:\n"),
         ),
     }
 }
@@ -466,10 +466,10 @@ async fn the_pool_example_gets_a_warm_pod_whose_pod_is_deleted_after_kill() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_pool_example_returns_its_pod_to_a_reusing_pool_after_kill() {
-    let env = env("sdk-pool-reuse").await;
+async fn the_pool_example_returns_its_pod_to_a_noop_recycling_pool_after_kill() {
+    let env = env("sdk-pool-noop").await;
     let _controller = env.start_controller(&[]);
-    let (_, pod) = pool_example(&env, Some("Reuse")).await;
+    let (_, pod) = pool_example(&env, Some("Noop")).await;
     env.wait_for(
         &format!("pod {pod} to be idle in fast-pool again"),
         T,

@@ -21,11 +21,13 @@ pub struct BatchSnapshot {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum ExpireAction {
-    /// Delete the batch; its pods are released as on deletion (the pool's recycle policy, or
-    /// deleted when non-pooled).
+    /// Delete the batch; its pods are released as on deletion (the pool's
+    /// `recycleStrategy.type`, or deleted when non-pooled).
     Delete,
-    /// Delete the batch and return its healthy pods to the pool as idle, whatever the pool's
-    /// recycle policy says. Treated as `Delete` for non-pooled batches.
+    /// Delete the batch and return its pods to the pool whatever the pool's `recycleStrategy`
+    /// says, recycled as with `type: Restart`: a pod goes back idle only once every process of
+    /// its tasks is confirmed ended, and is deleted otherwise. Treated as `Delete` for non-pooled
+    /// batches.
     ReturnToPool,
 }
 

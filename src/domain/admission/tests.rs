@@ -1027,6 +1027,27 @@ fn the_user_writable_annotations_are_listed() {
 }
 
 #[test]
+fn recycle_strategy_type_is_one_of_three() {
+    for allowed in ["Delete", "Restart", "Noop"] {
+        let mut value =
+            pool_with(json!({"bufferMin": 1, "bufferMax": 2, "poolMin": 0, "poolMax": 4}));
+        value["spec"]["recycleStrategy"] = json!({"type": allowed});
+        let (decoded, errors) = decode_pool(value);
+        assert!(errors.is_empty(), "{allowed}: {errors:?}");
+        assert_allowed(&validate_pool(&decoded.expect("decodes"), None, &ctx()));
+    }
+    let mut value = pool_with(json!({"bufferMin": 1, "bufferMax": 2, "poolMin": 0, "poolMax": 4}));
+    value["spec"]["recycleStrategy"] = json!({"type": "Reuse"});
+    let (decoded, errors) = decode_pool(value);
+    assert!(decoded.is_some(), "the rest of the object is still checked");
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        messages,
+        ["spec.recycleStrategy.type: \"Reuse\" must be one of Delete, Restart, Noop"]
+    );
+}
+
+#[test]
 fn unreadable_objects_become_field_errors() {
     let (decoded, errors) =
         decode_pool(json!({"metadata": {"name": "p"}, "spec": {"capacitySpec": "big"}}));
@@ -1227,13 +1248,14 @@ fn variant_index(rule: &Rule) -> usize {
         Rule::ReleasesForeignPods { .. } => 28,
         Rule::BadRequest(_) => 29,
         Rule::ControllerOwned { .. } => 30,
+        Rule::NotOneOf { .. } => 31,
     }
 }
 
 #[test]
 fn the_catalogue_has_every_rule_once() {
     let indices: Vec<usize> = Rule::catalogue().iter().map(variant_index).collect();
-    assert_eq!(indices, (0..=30).collect::<Vec<_>>());
+    assert_eq!(indices, (0..=31).collect::<Vec<_>>());
 }
 
 /// The message table between the markers in docs/admission.md.

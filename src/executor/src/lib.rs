@@ -28,6 +28,7 @@ pub mod http;
 pub mod identity;
 pub mod manager;
 pub mod mounts;
+pub mod reaper;
 pub mod server;
 pub mod shim;
 pub mod store;

@@ -80,6 +80,15 @@ impl Entry {
         self.status.terminated.is_some()
     }
 
+    /// Terminated with every process of the task confirmed ended: only such a task may leave
+    /// the list. One whose processes may live on stays listed, so whoever asks sees it.
+    fn settled(&self) -> bool {
+        self.status
+            .terminated
+            .as_ref()
+            .is_some_and(|t| t.all_processes_ended)
+    }
+
     fn to_wire(&self) -> Task {
         Task {
             name: self.stored.name.clone(),
@@ -140,7 +149,9 @@ impl TaskManager {
                     },
                 };
                 match status {
-                    Some(_) if deleting => dir.remove()?,
+                    Some(terminated) if deleting && terminated.all_processes_ended => {
+                        dir.remove()?
+                    }
                     Some(terminated) => {
                         let status = ProcessStatus {
                             terminated: Some(terminated),
@@ -187,7 +198,8 @@ impl TaskManager {
     }
 
     /// Makes `desired` the task list: new names start, known names are left as they are, and
-    /// tasks missing from `desired` are stopped and dropped once terminated. Returns the list.
+    /// tasks missing from `desired` are stopped and dropped once terminated with all their
+    /// processes confirmed ended (never otherwise). Returns the list.
     pub async fn set_tasks(
         self: &Arc<Self>,
         desired: Vec<Task>,
@@ -203,7 +215,7 @@ impl TaskManager {
             .collect();
         let kept = entries
             .iter()
-            .filter(|e| wanted.contains(e.stored.name.as_str()) || !e.terminated())
+            .filter(|e| wanted.contains(e.stored.name.as_str()) || !e.settled())
             .count();
         if kept + new.len() > self.config.max_tasks {
             return Err(SetTasksError::TooMany {
@@ -216,7 +228,7 @@ impl TaskManager {
         let now = Time(Timestamp::now());
         let mut removed = Vec::new();
         entries.retain(|entry| {
-            let drop = !wanted.contains(entry.stored.name.as_str()) && entry.terminated();
+            let drop = !wanted.contains(entry.stored.name.as_str()) && entry.settled();
             if drop {
                 removed.push(entry.stored.name.clone());
             }
@@ -360,6 +372,8 @@ impl TaskManager {
             reason: REASON_START_ERROR.into(),
             message,
             finished_at: Some(Time(Timestamp::now())),
+            // The supervisor never ran, so the task started nothing.
+            all_processes_ended: true,
             ..Terminated::default()
         };
         tokio::spawn(async move {
@@ -470,7 +484,8 @@ impl TaskManager {
             .map(f)
     }
 
-    /// Records the final state; a task being deleted leaves the list with its files.
+    /// Records the final state; a task being deleted leaves the list with its files, once all
+    /// its processes are confirmed ended.
     async fn finish(&self, id: u64, terminated: Terminated) {
         let mut entries = self.entries.lock().await;
         let Some(index) = entries.iter().position(|e| e.id == id) else {
@@ -488,7 +503,7 @@ impl TaskManager {
             terminated: Some(terminated),
             ..ProcessStatus::default()
         };
-        if entry.stored.deletion_timestamp.is_some() {
+        if entry.stored.deletion_timestamp.is_some() && entry.settled() {
             let name = entry.stored.name.clone();
             entries.remove(index);
             if let Err(error) = self.persist(&entries) {
@@ -531,9 +546,9 @@ fn lost(started_at: Option<Time>) -> Terminated {
     Terminated {
         exit_code: 255,
         reason: REASON_LOST.into(),
-        message:
-            "the task's supervisor ended without recording a result (killed?); outcome unknown"
-                .into(),
+        message: "the task's supervisor ended without recording a result (killed?); outcome \
+                  unknown, and processes the task started may still run"
+            .into(),
         started_at,
         finished_at: Some(Time(Timestamp::now())),
         ..Terminated::default()

@@ -6,9 +6,12 @@
 //! whether or not the executor is there to see it. The executor stops a task by sending its
 //! supervisor SIGTERM.
 //!
-//! The process is started directly (no shell) as the leader of a new process group, and every
-//! signal goes to that whole group, so a `bash -c` loop and the `sleep` it is waiting on stop
-//! together.
+//! The process is started directly (no shell) as the leader of a new process group, and a stop
+//! or timeout signals that whole group, so a `bash -c` loop and the `sleep` it is waiting on stop
+//! together. Whatever the task leaves behind, in its group or not (`cmd &`, `setsid`, double
+//! forks), is ended when the task ends for any reason: the supervisor is the task's child
+//! subreaper ([`super::reaper`]), ends and reaps every descendant, and records the task's result
+//! only afterwards, with `allProcessesEnded` telling whether none is left.
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -24,6 +27,7 @@ use rustix::process::{Pid, Signal};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{Instant, sleep_until};
 
+use super::reaper;
 use super::store::{StartRecord, StoreError, TaskDir};
 use super::wire::{
     REASON_COMPLETED, REASON_DEADLINE_EXCEEDED, REASON_ERROR, REASON_START_ERROR, REASON_STOPPED,
@@ -58,6 +62,8 @@ pub enum ShimError {
     Wait(io::Error),
     #[error("no command given")]
     NoCommand,
+    #[error("becoming the task's child subreaper: {0}")]
+    Subreaper(io::Error),
 }
 
 /// Why the supervisor signalled the process group.
@@ -73,6 +79,8 @@ pub async fn run(config: ShimConfig) -> Result<(), ShimError> {
     let dir = TaskDir::at(&config.task_dir);
     // The lock is the executor's proof of life for this task; take it before anything else.
     let _lock = take_lock(&dir).await?;
+    // Before the task starts: orphans it leaves behind must come to us, not to init.
+    reaper::become_subreaper().map_err(ShimError::Subreaper)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(ShimError::Signal)?;
 
     let (program, args) = config.argv.split_first().ok_or(ShimError::NoCommand)?;
@@ -92,6 +100,8 @@ pub async fn run(config: ShimConfig) -> Result<(), ShimError> {
                 message,
                 started_at: None,
                 finished_at: Some(Time(Timestamp::now())),
+                // Nothing was started, so nothing can be left.
+                all_processes_ended: true,
                 ..Terminated::default()
             })?;
             return Ok(());
@@ -131,7 +141,26 @@ pub async fn run(config: ShimConfig) -> Result<(), ShimError> {
         // Whatever the leader left behind in its group goes with it.
         signal_group(pid, Signal::KILL);
     }
-    dir.write_exit(&outcome(status, cause, &config, started_at))?;
+    let mut terminated = outcome(status, cause, &config, started_at);
+    // The result is recorded only once the task's whole process tree is gone (or given up on).
+    match reaper::end_descendants(config.grace).await {
+        Ok(()) => terminated.all_processes_ended = true,
+        Err(leftovers) => {
+            let pids: Vec<String> = leftovers.pids.iter().map(i32::to_string).collect();
+            terminated.message = format!(
+                "{}{}processes of the task could not be ended: [{}]",
+                terminated.message,
+                if terminated.message.is_empty() {
+                    ""
+                } else {
+                    "; "
+                },
+                pids.join(", ")
+            );
+        }
+    }
+    terminated.finished_at = Some(Time(Timestamp::now()));
+    dir.write_exit(&terminated)?;
     Ok(())
 }
 
@@ -232,6 +261,7 @@ fn outcome(
         message,
         started_at: Some(Time(started_at)),
         finished_at: Some(Time(Timestamp::now())),
+        all_processes_ended: false,
     }
 }
 

@@ -154,6 +154,14 @@ pub struct Terminated {
     pub started_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+    /// The executor's confirmation that every process of the task ended: its own process and
+    /// everything it started, including children that left its process group or session. Set
+    /// only once the task's supervisor saw its process tree empty; absent (false) means not
+    /// confirmed (processes may remain, or the supervisor itself was lost). A task that left the
+    /// desired list is dropped from the list only with this confirmation, so an empty list from
+    /// `POST /setTasks []` means every process of every task has ended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_processes_ended: bool,
 }
 
 /// The process exited with code 0.
@@ -307,6 +315,15 @@ impl Task {
         self.process_status
             .as_ref()
             .is_some_and(|s| s.terminated.is_some())
+    }
+
+    /// True once the task has terminated and the executor confirmed that every process it
+    /// started has ended too.
+    pub fn all_processes_ended(&self) -> bool {
+        self.process_status
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .is_some_and(|t| t.all_processes_ended)
     }
 }
 

@@ -485,12 +485,12 @@ fn only_the_controller_writes_the_ledger_annotations() {
     );
     // The same change by the controller is its own business.
     assert!(judge(controller, forged, stored.clone()).allowed);
-    // Corrupting or removing the ledger, or setting the release policy, is refused too.
+    // Corrupting or removing the ledger, or forging task results, is refused too.
     for object in [
         with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{"})),
         with_annotations(json!({})),
         with_annotations(
-            json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}", "sandbox.opensandbox.io/release-policy": "Reuse"}),
+            json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}", "sandbox.opensandbox.io/task-results": "{}"}),
         ),
     ] {
         assert!(!judge("alice", object, stored.clone()).allowed);
