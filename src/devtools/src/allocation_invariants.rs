@@ -243,7 +243,10 @@ pub fn leaks(pods: &[Pod], batches: &[BatchSandbox], pools: &[Pool]) -> Vec<Leak
                     batch: batch.clone(),
                 });
             }
-        } else if pod.labels().get(names::LABEL_MANAGED_BY).map(String::as_str)
+        } else if pod
+            .labels()
+            .get(names::LABEL_MANAGED_BY)
+            .map(String::as_str)
             == Some(names::MANAGED_BY)
             && owners.is_empty()
         {
@@ -438,11 +441,10 @@ mod tests {
     fn leaks_are_pods_without_a_live_owner() {
         let live_pool = pool("a", "ua");
         let mut deleting_pool = pool("d", "ud");
-        deleting_pool.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        deleting_pool.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-            ),
-        );
+            ));
         let owned = pool_pod("p0", "a", "ua");
         let orphan = pool_pod("p1", "gone", "ugone");
         let draining = pool_pod("p2", "d", "ud");
@@ -470,11 +472,10 @@ mod tests {
         );
         // The batch gone, its pod leaks.
         assert!(
-            leaks(&[batch_pod], &[], &[live_pool])
-                .contains(&Leak::BatchPodWithoutBatch {
-                    pod: "n0".into(),
-                    batch: "nb".into()
-                })
+            leaks(&[batch_pod], &[], &[live_pool]).contains(&Leak::BatchPodWithoutBatch {
+                pod: "n0".into(),
+                batch: "nb".into()
+            })
         );
     }
 }

@@ -115,8 +115,13 @@ impl Counters {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("{what} {addr} is not a loopback address: the fault proxy only runs on 127.0.0.0/8 or [::1]")]
-    NotLoopback { what: &'static str, addr: SocketAddr },
+    #[error(
+        "{what} {addr} is not a loopback address: the fault proxy only runs on 127.0.0.0/8 or [::1]"
+    )]
+    NotLoopback {
+        what: &'static str,
+        addr: SocketAddr,
+    },
     #[error("binding the fault proxy to {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -135,7 +140,9 @@ struct Shared {
 
 impl Shared {
     fn chance(&self, p: f64) -> bool {
-        *self.enabled.borrow() && p > 0.0 && self.rng.lock().unwrap_or_else(|e| e.into_inner()).f64() < p
+        *self.enabled.borrow()
+            && p > 0.0
+            && self.rng.lock().unwrap_or_else(|e| e.into_inner()).f64() < p
     }
 
     fn between(&self, (low, high): (Duration, Duration)) -> Duration {
@@ -519,7 +526,10 @@ mod tests {
         let mut s = TcpStream::connect(p.local_addr()).await.unwrap();
         for i in 0..5 {
             let msg = format!("hello {i}");
-            assert_eq!(round_trip(&mut s, msg.as_bytes()).await.unwrap(), msg.as_bytes());
+            assert_eq!(
+                round_trip(&mut s, msg.as_bytes()).await.unwrap(),
+                msg.as_bytes()
+            );
         }
         let counts = p.counts();
         assert_eq!((counts.connections, counts.requests), (1, 5));
@@ -565,7 +575,11 @@ mod tests {
         let start = Instant::now();
         assert_eq!(round_trip(&mut s, b"ping").await.unwrap(), b"ping");
         // One delay each way: the exchange cannot be faster than both.
-        assert!(start.elapsed() >= Duration::from_millis(300), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(p.counts().delayed_connections, 1);
     }
 
