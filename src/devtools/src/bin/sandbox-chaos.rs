@@ -531,11 +531,14 @@ async fn http_ok(addr: SocketAddr, path: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Per pod: every batch whose ledger named it, with the second it was first seen there.
+type LedgerHistory = BTreeMap<String, Vec<(String, f64)>>;
+
 /// Records every violation the invariant checker finds, on every change the watches deliver.
 struct Monitor {
     found: Arc<Mutex<BTreeMap<String, (Violation, f64)>>>,
     /// Per pod: every batch whose ledger named it, with the second it was first seen there.
-    history: Arc<Mutex<BTreeMap<String, Vec<(String, f64)>>>>,
+    history: Arc<Mutex<LedgerHistory>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -569,7 +572,7 @@ fn start_monitor(client: &Client, ns: &str, started: Instant) -> Monitor {
         .reflect(pools_w)
         .map(|_| ())
         .boxed();
-    let history: Arc<Mutex<BTreeMap<String, Vec<(String, f64)>>>> = Arc::default();
+    let history: Arc<Mutex<LedgerHistory>> = Arc::default();
     let (p, b, q, f, h) = (pods, batches, pools, found.clone(), history.clone());
     let task = tokio::spawn(async move {
         let mut events = stream::select(stream::select(pod_events, batch_events), pool_events);
