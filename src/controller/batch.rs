@@ -14,10 +14,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, TaskResourcePolicy, names};
+use crate::domain::alloc_release::{self, PodList};
 use crate::domain::allocation::AllocStatus;
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
@@ -63,6 +64,11 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     }
 
     let released = released_of(batch);
+    if batch.pool_name().is_some()
+        && let Some(action) = release_requested(batch, ctx, &released).await?
+    {
+        return Ok(action);
+    }
     let shards = match batch.pool_name() {
         Some(pool) => pooled_shards(batch, ctx, pool).await?,
         None => own_pods(batch, ctx, &released).await?,
@@ -335,6 +341,81 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
         live,
         stopping,
     })
+}
+
+/// Carries out a user's `alloc-release` request: the shards holding the listed pods are scaled in
+/// (tasks stopped, pods released through the pool's recycle policy, shards never refilled).
+/// Returns the action to take when it did something or must wait for tasks to stop.
+async fn release_requested(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    released: &Released,
+) -> Result<Option<Action>, Error> {
+    let annotation = |key: &str| batch.annotations().get(key).map(String::as_str);
+    let request = match PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASE)) {
+        Ok(request) => request,
+        Err(error) => {
+            // Admission refuses such values; one written around it is ignored, loudly.
+            warn!(batch = %object_name(batch), %error, "unreadable alloc-release annotation; ignored");
+            return Ok(None);
+        }
+    };
+    if request.pods.is_empty() {
+        return Ok(None);
+    }
+    let mut ledger = ledger_of(batch)?;
+    let shards = alloc_release::shards_to_release(&ledger.pods, &request.pods);
+    if shards.is_empty() {
+        return Ok(None);
+    }
+    let ns = batch.namespace().unwrap_or_default();
+    let pod_names: Vec<String> = shards.iter().map(|&i| ledger.pods[i].clone()).collect();
+    let pod_objects: Vec<Arc<Pod>> = pod_names
+        .iter()
+        .filter_map(|p| pod_named(ctx, &ns, p))
+        .collect();
+    if !super::tasks::stop(ctx, &pod_objects).await {
+        return Ok(Some(Action::requeue(STOP_POLL)));
+    }
+
+    // Record first (conditional on the resourceVersion), then let the pods go: the shards leave
+    // the ledger and are marked released without a task result, like a scale-in.
+    let mut results = released.clone();
+    for &shard in &shards {
+        ledger.pods[shard].clear();
+        results.0.insert(shard, TaskPhase::None);
+    }
+    let done = PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASED))
+        .unwrap_or_default()
+        .with(pod_names.iter().cloned());
+    let patch = json!({"metadata": {
+        "resourceVersion": batch.resource_version(),
+        "annotations": {
+            names::ANNOTATION_ALLOC_STATUS: ledger.to_annotation(),
+            ANNOTATION_TASK_RESULTS: results.to_annotation(),
+            names::ANNOTATION_ALLOC_RELEASED: done.to_annotation(),
+        }
+    }});
+    ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+        .await?;
+    release(batch, ctx, &pod_names).await?;
+    ctx.event(
+        batch,
+        EventType::Normal,
+        "PodsReleased",
+        format!(
+            "released pod(s) {} of shard(s) {} on request",
+            pod_names.join(", "),
+            shards
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .await;
+    info!(batch = %object_name(batch), pods = ?pod_names, "released on request");
+    Ok(Some(Action::await_change()))
 }
 
 fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {

@@ -20,7 +20,7 @@ use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
 use crate::domain::conditions::{self, Desired};
 use crate::domain::pod_template;
 use crate::domain::pods;
-use crate::domain::pool_plan::{self, PoolPod};
+use crate::domain::pool_plan::{self, MaxUnavailable, PoolPod};
 use crate::domain::{endpoints, pods::is_running_and_ready};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_policy::Decision;
@@ -143,6 +143,7 @@ impl Observed {
             .filter(|p| {
                 pods::is_live(p)
                     && is_running_and_ready(p)
+                    && !is_evicted(p)
                     && !self.held.contains(pods::pod_name(p))
             })
             .map(|p| (!self.is_current(p), pods::pod_name(p).to_string()))
@@ -309,6 +310,7 @@ async fn resize(
         &plan_pods,
         observed.unseen_creations,
         outcome.decision.desired_total,
+        pacing(pool),
     );
     if changes.create > 0 || !changes.delete.is_empty() {
         info!(pool = %observed.owner_key(), create = changes.create, delete = changes.delete.len(), reason = %outcome.decision.reason, "resizing pool");
@@ -357,8 +359,22 @@ fn plan_pods(observed: &Observed) -> Vec<PoolPod> {
             ready: is_running_and_ready(p),
             dead: pods::is_finished(p),
             current_revision: observed.is_current(p),
+            evict: is_evicted(p),
         })
         .collect()
+}
+
+/// An operator asked for this pod to be taken out of service (see [`names::LABEL_EVICT`]).
+fn is_evicted(pod: &Pod) -> bool {
+    pod.labels().contains_key(names::LABEL_EVICT)
+}
+
+/// The pool's `scaleStrategy` and `updateStrategy` budgets.
+fn pacing(pool: &Pool) -> pool_plan::Pacing {
+    pool_plan::Pacing {
+        scale: MaxUnavailable::resolve(pool.spec.scale_max_unavailable()),
+        update: MaxUnavailable::resolve(pool.spec.update_max_unavailable()),
+    }
 }
 
 /// Allocation history for sizing policies, derived from the batches themselves (their creation
@@ -500,6 +516,7 @@ async fn write_status(
         allocated: counts.allocated as i32,
         available: counts.available as i32,
         pending: counts.pending as i32,
+        updated: counts.updated as i32,
         conditions: conditions::merge(&previous.conditions, &desired, &now, generation),
     };
     let unchanged = PoolStatus {

@@ -19,7 +19,10 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
 use crate::api::{BatchSandbox, BatchSandboxSpec, EnvVar, Pool, TaskTemplateSpec, names};
+use crate::domain::alloc_release::{self, PodList};
+use crate::domain::allocation::AllocStatus;
 use crate::domain::pod_template;
+use crate::domain::pool_plan::MaxUnavailable;
 use sandbox_decisions::tasks;
 
 /// Replicas allowed when no other maximum is configured.
@@ -182,6 +185,20 @@ pub enum Rule {
     NameTooLongForLabel { label: &'static str },
     #[error("cannot be read as a {kind}: {reason}")]
     Unreadable { kind: &'static str, reason: String },
+    #[error(
+        "must be a non-negative integer (5) or a percentage from \"0%\" to \"100%\" (\"25%\"): {problem}"
+    )]
+    BadMaxUnavailable { problem: String },
+    #[error(
+        "is not supported: this controller cannot pause or resume sandboxes (it takes no image snapshots); leave spec.pause unset or false"
+    )]
+    PauseUnsupported,
+    #[error("must be JSON of the form {{\"pods\": [\"<pod>\", ...]}} ({reason})")]
+    BadPodList { reason: String },
+    #[error(
+        "lists pod(s) {pods} that this BatchSandbox does not hold (its sandbox.opensandbox.io/alloc-status annotation lists the pods it may release)"
+    )]
+    ReleasesForeignPods { pods: String },
     /// A problem with the review request itself rather than with a field of the object.
     #[error("{0}")]
     BadRequest(String),
@@ -239,6 +256,16 @@ impl Rule {
             Rule::Unreadable {
                 kind: "BatchSandbox",
                 reason: "spec.replicas: invalid type".into(),
+            },
+            Rule::BadMaxUnavailable {
+                problem: "must be a percentage from 0% to 100%".into(),
+            },
+            Rule::PauseUnsupported,
+            Rule::BadPodList {
+                reason: "expected value at line 1 column 1".into(),
+            },
+            Rule::ReleasesForeignPods {
+                pods: "\"other-pool-x7k2p\"".into(),
             },
             Rule::BadRequest("the request has no object".into()),
         ]
@@ -456,6 +483,11 @@ fn batch_rules(
     }
     shard_command_rule(spec, ctx, verdict);
 
+    if spec.pause == Some(true) {
+        verdict.error("spec.pause", "true", Rule::PauseUnsupported);
+    }
+    alloc_release_rule(batch, old, verdict);
+
     if let Some(expire) = &spec.expire_time {
         let unchanged = old_spec.is_some_and(|o| o.expire_time.as_ref() == Some(expire));
         if expire.0 <= ctx.now && !unchanged {
@@ -474,6 +506,56 @@ fn batch_rules(
                 ));
             }
         }
+    }
+}
+
+/// `alloc-release` may name only pods the batch holds (or has already released). Checked when the
+/// annotation is written or changed, so that the controller's own later writes (which shrink the
+/// ledger) never trip over a request already carried out.
+fn alloc_release_rule(batch: &BatchSandbox, old: Option<&BatchSandbox>, verdict: &mut Verdict) {
+    let annotation = |b: &BatchSandbox, key: &str| {
+        b.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .cloned()
+    };
+    let Some(request) = annotation(batch, names::ANNOTATION_ALLOC_RELEASE) else {
+        return;
+    };
+    if old
+        .is_some_and(|o| annotation(o, names::ANNOTATION_ALLOC_RELEASE).as_ref() == Some(&request))
+    {
+        return;
+    }
+    let path = format!("metadata.annotations[{}]", names::ANNOTATION_ALLOC_RELEASE);
+    let requested = match PodList::parse(Some(&request)) {
+        Ok(list) => list,
+        Err(e) => {
+            verdict.error(
+                path,
+                quote(&request),
+                Rule::BadPodList {
+                    reason: e.to_string(),
+                },
+            );
+            return;
+        }
+    };
+    // An unreadable ledger is the controller's problem to report; nothing can be checked here.
+    let Ok(ledger) = AllocStatus::of(batch) else {
+        return;
+    };
+    let released = PodList::parse(annotation(batch, names::ANNOTATION_ALLOC_RELEASED).as_deref())
+        .unwrap_or_default();
+    let foreign = alloc_release::foreign_pods(&requested.pods, &ledger.pods, &released.pods);
+    if !foreign.is_empty() {
+        let pods = foreign
+            .iter()
+            .map(|p| quote(p))
+            .collect::<Vec<_>>()
+            .join(", ");
+        verdict.error(path, quote(&request), Rule::ReleasesForeignPods { pods });
     }
 }
 
@@ -674,6 +756,31 @@ fn pool_rules(pool: &Pool, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
     policy_annotations(&pool.metadata, Kind::Pool, ctx, verdict);
     name_fits_label(&pool.metadata, names::LABEL_POOL_NAME, verdict);
     pod_template_rules("spec.template", &pool.spec.template, verdict);
+
+    let strategies = [
+        (
+            "spec.scaleStrategy.maxUnavailable",
+            pool.spec.scale_max_unavailable(),
+        ),
+        (
+            "spec.updateStrategy.maxUnavailable",
+            pool.spec.update_max_unavailable(),
+        ),
+    ];
+    for (path, value) in strategies {
+        if let Some(value) = value
+            && let Err(problem) = MaxUnavailable::parse(value)
+        {
+            let rendered = serde_json::to_value(value).unwrap_or(Value::Null);
+            verdict.error(
+                path,
+                render_json(&rendered),
+                Rule::BadMaxUnavailable {
+                    problem: problem.to_string(),
+                },
+            );
+        }
+    }
 
     let c = &pool.spec.capacity_spec;
     let fields = [

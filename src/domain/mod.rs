@@ -1,6 +1,7 @@
 //! Pure decisions: no I/O, no kube client. Reconcilers and the webhook call into these.
 
 pub mod admission;
+pub mod alloc_release;
 pub mod allocation;
 pub mod conditions;
 pub mod endpoints;
