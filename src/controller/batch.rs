@@ -61,6 +61,9 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     if batch.metadata.deletion_timestamp.is_some() {
         return cleanup(batch, ctx).await;
     }
+    if batch.awaits_pool_selection() {
+        return super::selection::reconcile(batch, ctx).await;
+    }
 
     let released = released_of(batch);
     let shards = match batch.pool_name() {
@@ -96,7 +99,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(next))
 }
 
-async fn decide_expiry(
+pub(super) async fn decide_expiry(
     batch: &BatchSandbox,
     ctx: &Context,
     task_phases: &[TaskPhase],
@@ -118,7 +121,7 @@ async fn decide_expiry(
 }
 
 /// Deletes an expired batch; its finalizer then releases the pods.
-async fn expire(
+pub(super) async fn expire(
     batch: &BatchSandbox,
     ctx: &Context,
     action: ExpireAction,

@@ -13,6 +13,7 @@ mod crds;
 mod executor;
 mod local_executors;
 mod policy;
+mod selection;
 mod sdk;
 mod tasks;
 mod webhook;
