@@ -111,7 +111,9 @@ async fn report_no_fit(
         return Ok(());
     }
     let reported_before = previous.conditions.iter().any(|c| {
-        c.type_ == status::CONDITION_POOL_SELECTION_PENDING && c.status == "True" && c.message == why
+        c.type_ == status::CONDITION_POOL_SELECTION_PENDING
+            && c.status == "True"
+            && c.message == why
     });
     ctx.patch_status::<BatchSandbox>(
         &batch.namespace().unwrap_or_default(),
@@ -248,15 +250,38 @@ mod tests {
         let pools = [p("small", "250m", 0), p("busy", "1", 3), p("calm", "1", 1)];
         let input = selection_input(&b, &pools);
         assert_eq!(input.batch.replicas, 2);
-        assert_eq!(input.batch.template.node_selector, vec![Label::new("zone", "a")]);
         assert_eq!(
-            input.pools.iter().map(|p| p.pool_name.as_str()).collect::<Vec<_>>(),
+            input.batch.template.node_selector,
+            vec![Label::new("zone", "a")]
+        );
+        assert_eq!(
+            input
+                .pools
+                .iter()
+                .map(|p| p.pool_name.as_str())
+                .collect::<Vec<_>>(),
             ["busy", "calm", "small"]
         );
         assert_eq!(input.pools[1].bounds.pool_max, 10);
-        assert_eq!((input.pools[1].total, input.pools[1].allocated, input.pools[1].idle), (4, 1, 3));
+        assert_eq!(
+            (
+                input.pools[1].total,
+                input.pools[1].allocated,
+                input.pools[1].idle
+            ),
+            (4, 1, 3)
+        );
         let decision = least_allocated_fit(&input);
-        assert_eq!(decision.pool.as_deref(), Some("calm"), "{}", decision.reason);
-        assert!(decision.reason.contains("small: requests cpu 250m < 500m"), "{}", decision.reason);
+        assert_eq!(
+            decision.pool.as_deref(),
+            Some("calm"),
+            "{}",
+            decision.reason
+        );
+        assert!(
+            decision.reason.contains("small: requests cpu 250m < 500m"),
+            "{}",
+            decision.reason
+        );
     }
 }

@@ -270,17 +270,25 @@ mod tests {
     #[test]
     fn a_batch_waiting_for_a_pool_says_why_and_keeps_its_transition_time() {
         let why = "0/1 pools fit: small: requests cpu 250m < 500m";
-        let first = selection_pending_status(2, 3, why, None, &BatchSandboxStatus::default(), &now());
+        let first =
+            selection_pending_status(2, 3, why, None, &BatchSandboxStatus::default(), &now());
         let pending = first
             .conditions
             .iter()
             .find(|c| c.type_ == CONDITION_POOL_SELECTION_PENDING)
             .expect("the pending condition");
         assert_eq!(
-            (pending.status.as_str(), pending.reason.as_str(), pending.message.as_str()),
+            (
+                pending.status.as_str(),
+                pending.reason.as_str(),
+                pending.message.as_str()
+            ),
             ("True", REASON_NO_ELIGIBLE_POOL, why)
         );
-        assert_eq!((first.replicas, first.allocated, first.observed_generation), (0, 0, 2));
+        assert_eq!(
+            (first.replicas, first.allocated, first.observed_generation),
+            (0, 0, 2)
+        );
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap());
         let again = selection_pending_status(2, 3, why, None, &first, &later);
         assert!(equivalent(&first, &again));

@@ -13,7 +13,7 @@ mod crds;
 mod executor;
 mod local_executors;
 mod policy;
-mod selection;
 mod sdk;
+mod selection;
 mod tasks;
 mod webhook;

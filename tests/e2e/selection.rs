@@ -229,16 +229,23 @@ async fn the_crd_admits_pool_ref_star_only_with_a_template() {
         "apiVersion: {GROUP}/{VERSION}\nkind: BatchSandbox\nmetadata:\n  name: bare\nspec:\n  poolRef: \"*\"\n"
     );
     let out = dry_run(&no_template);
-    assert!(!out.status.success(), "poolRef \"*\" without a template was admitted");
+    assert!(
+        !out.status.success(),
+        "poolRef \"*\" without a template was admitted"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("spec.poolRef \\\"*\\\" needs spec.template")
-            || String::from_utf8_lossy(&out.stderr).contains("spec.poolRef \"*\" needs spec.template"),
+            || String::from_utf8_lossy(&out.stderr)
+                .contains("spec.poolRef \"*\" needs spec.template"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let named = choosing_batch_yaml("named").replace("poolRef: \"*\"", "poolRef: fits");
     let out = dry_run(&named);
-    assert!(!out.status.success(), "a named poolRef with a template was admitted");
+    assert!(
+        !out.status.success(),
+        "a named poolRef with a template was admitted"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("spec.template cannot be set together with a named spec.poolRef"),

@@ -91,7 +91,9 @@ pub fn check_selection(input: &SelectionInput, decision: &SelectionDecision) -> 
     if let Some(pool) = &decision.pool
         && !input.pools.iter().any(|p| &p.pool_name == pool)
     {
-        return Err(format!("chose {pool:?}, which is not one of the candidate pools"));
+        return Err(format!(
+            "chose {pool:?}, which is not one of the candidate pools"
+        ));
     }
     if decision.reason.len() > selection::MAX_REASON_BYTES {
         return Err(format!(

@@ -47,7 +47,9 @@ impl Quantity {
 
     /// `self + other`, or `None` on overflow.
     pub fn checked_add(self, other: Quantity) -> Option<Quantity> {
-        self.nanos.checked_add(other.nanos).map(Quantity::from_nanos)
+        self.nanos
+            .checked_add(other.nanos)
+            .map(Quantity::from_nanos)
     }
 
     /// Reads a quantity as Kubernetes writes it: an optional sign, a decimal number, then a binary
@@ -82,7 +84,8 @@ impl Quantity {
                 .and_then(|m| m.checked_add(i128::from(digit - b'0')))
                 .ok_or(QuantityError::OutOfRange)?;
         }
-        let fraction_digits = i32::try_from(fraction.len()).map_err(|_| QuantityError::OutOfRange)?;
+        let fraction_digits =
+            i32::try_from(fraction.len()).map_err(|_| QuantityError::OutOfRange)?;
         // value = mantissa * 10^(9 + decimal - fraction_digits) * 2^binary nano-units.
         let mut value = mantissa
             .checked_mul(1i128 << binary)

@@ -188,13 +188,13 @@ fn resource_shortfall(batch: &PodRequirements, pool: &PodRequirements) -> Option
     };
     let short: Vec<String> = wanted
         .iter()
-        .filter_map(|(name, want)| {
-            match offered.iter().find(|(n, _)| n == name).map(|(_, q)| *q) {
+        .filter_map(
+            |(name, want)| match offered.iter().find(|(n, _)| n == name).map(|(_, q)| *q) {
                 Some(has) if has >= *want => None,
                 Some(has) => Some(format!("{name} {has} < {want}")),
                 None => Some(format!("{name} none < {want}")),
-            }
-        })
+            },
+        )
         .collect();
     (!short.is_empty()).then(|| format!("requests {}", short.join(", ")))
 }
@@ -388,14 +388,41 @@ pub(crate) mod tests {
         let d = select(
             b,
             vec![
-                pool("other-image", "node:22", &[("cpu", "1"), ("memory", "2Gi")], 4, 0),
-                pool("too-small", "python:3.12", &[("cpu", "250m"), ("memory", "1Gi")], 4, 0),
-                pool("fits", "python:3.12", &[("cpu", "0.5"), ("memory", "1073741824")], 4, 3),
+                pool(
+                    "other-image",
+                    "node:22",
+                    &[("cpu", "1"), ("memory", "2Gi")],
+                    4,
+                    0,
+                ),
+                pool(
+                    "too-small",
+                    "python:3.12",
+                    &[("cpu", "250m"), ("memory", "1Gi")],
+                    4,
+                    0,
+                ),
+                pool(
+                    "fits",
+                    "python:3.12",
+                    &[("cpu", "0.5"), ("memory", "1073741824")],
+                    4,
+                    3,
+                ),
             ],
         );
         assert_eq!(d.pool.as_deref(), Some("fits"));
-        assert!(d.reason.contains("other-image: images [node:22] not [python:3.12]"), "{}", d.reason);
-        assert!(d.reason.contains("too-small: requests cpu 250m < 500m"), "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("other-image: images [node:22] not [python:3.12]"),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason.contains("too-small: requests cpu 250m < 500m"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]
@@ -412,7 +439,10 @@ pub(crate) mod tests {
             d.reason,
             "0/2 pools fit: a: images [node:22] not [python:3.12]; requests cpu none < 2; b: requests cpu 1 < 2"
         );
-        assert_eq!(select(batch("x", &[]), vec![]).reason, "no Pool in the namespace");
+        assert_eq!(
+            select(batch("x", &[]), vec![]).reason,
+            "no Pool in the namespace"
+        );
     }
 
     #[test]
@@ -434,7 +464,13 @@ pub(crate) mod tests {
         );
         assert_eq!(d.pool.as_deref(), Some("y"));
         // An empty pool counts as fully allocated, as OpenSandbox scores it.
-        let d = select(b, vec![pool("empty", "img", &[], 0, 0), pool("busy", "img", &[], 10, 9)]);
+        let d = select(
+            b,
+            vec![
+                pool("empty", "img", &[], 0, 0),
+                pool("busy", "img", &[], 10, 9),
+            ],
+        );
         assert_eq!(d.pool.as_deref(), Some("busy"));
     }
 
@@ -442,16 +478,23 @@ pub(crate) mod tests {
     fn a_resource_the_pool_does_not_request_is_no_fit() {
         let b = batch("img", &[("nvidia.com/gpu", "1")]);
         assert!(!fits(&b, &pool("p", "img", &[("cpu", "8")], 1, 0)));
-        assert!(fits(&b, &pool("p", "img", &[("nvidia.com/gpu", "1")], 1, 0)));
+        assert!(fits(
+            &b,
+            &pool("p", "img", &[("nvidia.com/gpu", "1")], 1, 0)
+        ));
     }
 
     #[test]
     fn requests_add_up_over_containers() {
         let mut b = batch("img", &[("cpu", "300m")]);
-        b.template.containers.push(container("sidecar", &[("cpu", "300m")]));
+        b.template
+            .containers
+            .push(container("sidecar", &[("cpu", "300m")]));
         assert!(!fits(&b, &pool("p", "img", &[("cpu", "500m")], 1, 0)));
         let mut p = pool("p", "img", &[("cpu", "300m")], 1, 0);
-        p.template.containers.push(container("other", &[("cpu", "0.3")]));
+        p.template
+            .containers
+            .push(container("other", &[("cpu", "0.3")]));
         assert!(fits(&b, &p));
     }
 
@@ -468,7 +511,12 @@ pub(crate) mod tests {
         let b = batch("img", &[("cpu", "1")]);
         let d = select(b, vec![pool("p", "img", &[("cpu", "lots")], 1, 0)]);
         assert_eq!(d.pool, None);
-        assert!(d.reason.contains("pool request cpu \"lots\" not a Kubernetes quantity"), "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("pool request cpu \"lots\" not a Kubernetes quantity"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]
@@ -482,7 +530,11 @@ pub(crate) mod tests {
         // The template's node selector overrides the pool's labels.
         p.template.node_selector = vec![Label::new("zone", "b")];
         let d = select(b, vec![p]);
-        assert!(d.reason.ends_with("p: nodeSelector zone=b not a"), "{}", d.reason);
+        assert!(
+            d.reason.ends_with("p: nodeSelector zone=b not a"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]
@@ -526,21 +578,25 @@ pub(crate) mod tests {
             0u32..25,
             prop::option::of(prop::sample::select(vec!["a", "b"])),
         )
-            .prop_map(|(name, image, cpu, mem, total, allocated, pool_max, zone)| {
-                let mut requests = vec![];
-                if let Some(cpu) = cpu {
-                    requests.push(("cpu", cpu));
-                }
-                if let Some(mem) = mem {
-                    requests.push(("memory", mem));
-                }
-                let mut p = pool(&name, image, &requests, total, 0);
-                p.allocated = allocated;
-                p.idle = total.saturating_sub(allocated);
-                p.bounds.pool_max = pool_max;
-                p.labels = zone.map(|z| vec![Label::new("zone", z)]).unwrap_or_default();
-                p
-            })
+            .prop_map(
+                |(name, image, cpu, mem, total, allocated, pool_max, zone)| {
+                    let mut requests = vec![];
+                    if let Some(cpu) = cpu {
+                        requests.push(("cpu", cpu));
+                    }
+                    if let Some(mem) = mem {
+                        requests.push(("memory", mem));
+                    }
+                    let mut p = pool(&name, image, &requests, total, 0);
+                    p.allocated = allocated;
+                    p.idle = total.saturating_sub(allocated);
+                    p.bounds.pool_max = pool_max;
+                    p.labels = zone
+                        .map(|z| vec![Label::new("zone", z)])
+                        .unwrap_or_default();
+                    p
+                },
+            )
     }
 
     pub(crate) fn arb_input() -> impl Strategy<Value = SelectionInput> {
@@ -565,8 +621,9 @@ pub(crate) mod tests {
                 }
                 let mut b = batch(image, &requests);
                 b.replicas = replicas;
-                b.template.node_selector =
-                    zone.map(|z| vec![Label::new("zone", z)]).unwrap_or_default();
+                b.template.node_selector = zone
+                    .map(|z| vec![Label::new("zone", z)])
+                    .unwrap_or_default();
                 SelectionInput { batch: b, pools }
             })
     }

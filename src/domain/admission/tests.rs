@@ -398,8 +398,14 @@ fn pool_ref_star_may_become_the_chosen_pool_and_nothing_else() {
     with_template["metadata"] = named["metadata"].clone();
     assert_eq!(paths(&update(named, with_template)), ["spec.poolRef"]);
     // Creating a batch that looks chosen is refused: the controller makes that state.
-    let message = single_error(&create(templated(json!({"poolRef": "fast-pool"}))), "spec.poolRef");
-    assert!(message.contains("spec.poolRef \"*\" with spec.template"), "{message}");
+    let message = single_error(
+        &create(templated(json!({"poolRef": "fast-pool"}))),
+        "spec.poolRef",
+    );
+    assert!(
+        message.contains("spec.poolRef \"*\" with spec.template"),
+        "{message}"
+    );
 }
 
 #[test]

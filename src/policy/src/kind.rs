@@ -11,7 +11,9 @@ use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
 use crate::Decision;
-use crate::bindings::{expiry as expiry_wit, selection as selection_wit, shard, sizing as sizing_wit};
+use crate::bindings::{
+    expiry as expiry_wit, selection as selection_wit, shard, sizing as sizing_wit,
+};
 use crate::host::{CallState, Exports};
 
 /// The result of calling into a guest: a wasmtime error (trap, limit) or the guest's own answer.

@@ -233,7 +233,10 @@ fn arb_requirements() -> impl Strategy<Value = PodRequirements> {
     let quantity = prop::sample::select(vec![
         "100m", "0.5", "1", "2", "1500m", "256Mi", "1Gi", "1G", "1e9", "lots", "",
     ]);
-    let request = (prop::sample::select(vec!["cpu", "memory", "nvidia.com/gpu"]), quantity)
+    let request = (
+        prop::sample::select(vec!["cpu", "memory", "nvidia.com/gpu"]),
+        quantity,
+    )
         .prop_map(|(name, quantity)| ResourceRequest {
             name: name.into(),
             quantity: quantity.into(),
@@ -622,8 +625,10 @@ fn garbage_bytes_and_core_modules_do_not_load() {
 
 #[test]
 fn a_policy_that_hangs_while_loading_fails_to_load_in_bounded_time() {
+    // The engine (compiling the embedded defaults) starts outside the measured time.
+    let policies = shared();
     let started = Instant::now();
-    let result = shared().load(
+    let result = policies.load(
         "hangs-on-load",
         Source::Directory,
         "test",
