@@ -83,9 +83,14 @@ pub struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "sandbox-controller")]
     pub lease_name: String,
-    /// Seconds a leader's lease lasts without renewal.
+    /// Seconds a leader's lease lasts without renewal. The leader stops writing allocations once
+    /// it cannot prove a renewal within two thirds of this (the renew deadline).
     #[arg(long, default_value_t = 15)]
     pub lease_duration_seconds: u64,
+    /// Seconds after a BatchSandbox's deletion that its cleanup waits for tasks to stop; then
+    /// their pods are deleted (not recycled) and the deletion completes, with a Warning event.
+    #[arg(long, default_value_t = 60)]
+    pub cleanup_deadline_seconds: u64,
     /// Image of the task-executor sidecar injected into pods that run tasks.
     #[arg(
         long,
@@ -226,6 +231,13 @@ pub struct WebhookArgs {
     /// for several).
     #[arg(long = "policy-name")]
     pub policy_names: Vec<String>,
+    /// Username the controller authenticates as (e.g.
+    /// `system:serviceaccount:opensandbox-system:sandbox-controller`). Only it may write the
+    /// controller's ledger annotations, and its requests skip the webhook (matchConditions), so a
+    /// webhook outage never blocks the controller's own writes. Default: the identity this process
+    /// authenticates as (a SelfSubjectReview at start).
+    #[arg(long = "controller-username", env = "CONTROLLER_USERNAME")]
+    pub controller_username: Option<String>,
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(
         long = "webhook-max-body-bytes",
@@ -292,6 +304,8 @@ impl From<RunArgs> for RunConfig {
                 concurrency: args.concurrency.max(1),
                 endpoints_format: args.endpoints_format.into(),
                 resync: Duration::from_secs(args.resync_seconds.max(1)),
+                fence: Default::default(),
+                cleanup_deadline: Duration::from_secs(args.cleanup_deadline_seconds),
             },
             executor_token_file: args.executor_token_file,
             health_addr: args.health_addr,
@@ -348,6 +362,7 @@ impl From<WebhookArgs> for WebhookSettings {
             max_replicas: args.max_replicas,
             policy_names: args.policy_names,
             max_body_bytes: args.max_body_bytes,
+            controller_username: args.controller_username,
         }
     }
 }

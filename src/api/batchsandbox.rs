@@ -129,6 +129,13 @@ pub struct BatchSandboxSpec {
     /// it until the batch is deleted; `Release` frees it at once (back to the pool, or deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_resource_policy_when_completed: Option<TaskResourcePolicy>,
+
+    /// OpenSandbox's pause/resume switch (`true` pauses the sandboxes into image snapshots,
+    /// `false` resumes them). Not supported by this controller, which takes no snapshots:
+    /// `true` is refused at admission; `false` and unset mean the same, running sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "!self", "message": "pause/resume is not supported by this controller (it takes no image snapshots); leave spec.pause unset or false"}]))]
+    pub pause: Option<bool>,
 }
 
 fn default_replicas() -> i32 {
@@ -176,11 +183,38 @@ pub struct BatchSandboxStatus {
     /// Number of shards whose task state cannot be read (for example, the executor is unreachable).
     #[serde(default)]
     pub task_unknown: i32,
-    /// Conditions: Ready, Progressing, PoolExhausted, PoolUnavailable, TaskFailed, PolicyDegraded,
-    /// and PoolSelectionPending while a `poolRef: "*"` batch waits for a Pool that fits.
+    /// Conditions: Ready, Progressing, PoolAllocationPending (the pool is at `poolMax` with no idle
+    /// pod), PoolUnavailable, TaskFailed, PolicyDegraded, and PoolSelectionPending while a
+    /// `poolRef: "*"` batch waits for a Pool that fits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::schema::conditions")]
     pub conditions: Vec<Condition>,
+    /// OpenSandbox's lifecycle phase (`Pending`, `Succeed`, `Pausing`, `Paused`, `Resuming`,
+    /// `Failed`), which its controller sets only on its pause/resume path. This controller does
+    /// not pause, so it leaves the field unset; read the conditions instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BatchSandboxPhase>,
+    /// The `metadata.generation` whose `spec.pause` was last acted on (OpenSandbox's pause/resume
+    /// bookkeeping). Unset here, since pause is not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_observed_generation: Option<i64>,
+}
+
+/// OpenSandbox's BatchSandbox lifecycle phases.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BatchSandboxPhase {
+    /// Sandboxes are being created or allocated.
+    Pending,
+    /// At least one sandbox is available.
+    Succeed,
+    /// A pause is in progress.
+    Pausing,
+    /// The sandboxes are paused into snapshots.
+    Paused,
+    /// A resume is in progress.
+    Resuming,
+    /// Pause or resume failed.
+    Failed,
 }
 
 impl BatchSandbox {

@@ -8,9 +8,13 @@ mod pool;
 mod schema;
 mod task;
 
-pub use batchsandbox::{BatchSandbox, BatchSandboxSpec, BatchSandboxStatus, TaskResourcePolicy};
+pub use batchsandbox::{
+    BatchSandbox, BatchSandboxPhase, BatchSandboxSpec, BatchSandboxStatus, TaskResourcePolicy,
+};
 pub use crd::{all_crds, crd_file_name, render_crd_yaml};
-pub use pool::{CapacitySpec, PodRecyclePolicy, Pool, PoolSpec, PoolStatus};
+pub use pool::{
+    CapacitySpec, PodRecyclePolicy, Pool, PoolSpec, PoolStatus, ScaleStrategy, UpdateStrategy,
+};
 pub use task::{EnvVar, ProcessTask, TaskSpec, TaskTemplateSpec};
 
 /// The API group of every kind here.

@@ -33,3 +33,34 @@ pub const MANAGED_BY: &str = "sandbox-controller";
 /// Annotation a BatchSandbox carries once expired with action `ReturnToPool`: its pods go back to
 /// the pool as idle whatever the pool's recycle policy.
 pub const ANNOTATION_RELEASE_POLICY: &str = "sandbox.opensandbox.io/release-policy";
+/// Annotation on a BatchSandbox: the outcome of each released shard's task.
+pub const ANNOTATION_TASK_RESULTS: &str = "sandbox.opensandbox.io/task-results";
+
+/// Label an operator sets (any value) on a pool pod to take it out of service: an idle pod is
+/// deleted at once and replaced, and never allocated again; an allocated pod stays with its
+/// BatchSandbox and is deleted once released, whatever the pool's recycle policy.
+pub const LABEL_EVICT: &str = "pool.opensandbox.io/evict";
+
+/// Annotation on a pooled BatchSandbox, **written by users and tools** (never by this
+/// controller): `{"pods": ["<pod>", ...]}` asks to release those pods of the batch now. Their
+/// shards are scaled in: tasks stopped, pods recycled per the pool's recycle policy, and the
+/// shards never get a pod again.
+pub const ANNOTATION_ALLOC_RELEASE: &str = "sandbox.opensandbox.io/alloc-release";
+/// Annotation on a pooled BatchSandbox, written by this controller: `{"pods": ["<pod>", ...]}`,
+/// the pods released on request through [`ANNOTATION_ALLOC_RELEASE`] whose release is done.
+pub const ANNOTATION_ALLOC_RELEASED: &str = "sandbox.opensandbox.io/alloc-released";
+
+/// Annotations in the `sandbox.opensandbox.io/` namespace that users and tools write by design.
+/// Every other annotation this controller reads under that prefix is its own bookkeeping.
+pub const USER_WRITABLE_ANNOTATIONS: &[&str] = &[ANNOTATION_ALLOC_RELEASE];
+
+/// Annotations only the controller may set or change: they record what it handed out and what it
+/// must give back. The admission webhook refuses any other requester's change to them (users
+/// request a release through [`ANNOTATION_ALLOC_RELEASE`], which stays theirs).
+pub const CONTROLLER_OWNED_ANNOTATIONS: &[&str] = &[
+    ANNOTATION_ALLOC_STATUS,
+    ANNOTATION_ALLOC_RELEASED,
+    ANNOTATION_ENDPOINTS,
+    ANNOTATION_RELEASE_POLICY,
+    ANNOTATION_TASK_RESULTS,
+];

@@ -4,6 +4,7 @@
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,12 @@ use serde::{Deserialize, Serialize};
         type_ = "integer",
         json_path = ".status.available",
         description = "The number of idle, ready pods."
+    ),
+    printcolumn(
+        name = "UPDATED",
+        type_ = "integer",
+        json_path = ".status.updated",
+        description = "The number of pods on the current template revision."
     ),
     printcolumn(
         name = "BUFFER_MIN",
@@ -82,6 +89,44 @@ pub struct PoolSpec {
     /// deletes it and the pool warms a fresh one; `Reuse` returns a healthy pod to the pool as idle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_recycle_policy: Option<PodRecyclePolicy>,
+
+    /// How fast the pool grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_strategy: Option<ScaleStrategy>,
+
+    /// How idle pods are replaced after a template change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_strategy: Option<UpdateStrategy>,
+}
+
+/// CEL rule of a `maxUnavailable` field: a non-negative integer or a percentage from 0% to 100%.
+const MAX_UNAVAILABLE_RULE: &str =
+    "type(self) == int ? self >= 0 : self.matches('^(100|[1-9]?[0-9])%$')";
+
+/// The pace of pool growth.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleStrategy {
+    /// Most new pods that may be starting (created but not yet Ready) while the pool grows:
+    /// creation waits until earlier pods are Ready. An absolute number (`5`) or a percentage of
+    /// the pool's desired size (`"20%"`, rounded up). Default `25%`; at least 1 whatever the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": MAX_UNAVAILABLE_RULE, "message": "maxUnavailable must be a non-negative integer or a percentage from 0% to 100%"}]))]
+    pub max_unavailable: Option<IntOrString>,
+}
+
+/// How pool pods are replaced when the pool's template changes. Only idle pods are replaced;
+/// pods allocated to BatchSandboxes keep their template until released.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateStrategy {
+    /// Most idle pods out of service at once during a template rollout: an old-template pod is
+    /// deleted only while fewer than this many idle pods are starting. An absolute number (`5`)
+    /// or a percentage of the pool's pods (`"20%"`, rounded up). Default `25%`; at least 1
+    /// whatever the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": MAX_UNAVAILABLE_RULE, "message": "maxUnavailable must be a non-negative integer or a percentage from 0% to 100%"}]))]
+    pub max_unavailable: Option<IntOrString>,
 }
 
 /// Sizing bounds of a Pool. The pool keeps between `bufferMin` and `bufferMax` idle pods, and
@@ -139,6 +184,9 @@ pub struct PoolStatus {
     /// Number of idle pods still starting.
     #[serde(default)]
     pub pending: i32,
+    /// Number of pods, allocated or not, created from the current template revision.
+    #[serde(default)]
+    pub updated: i32,
     /// Conditions: Ready, PolicyDegraded, Terminating (what deletion waits for).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::schema::conditions")]
@@ -149,5 +197,15 @@ impl PoolSpec {
     /// The pod recycle policy with its default applied.
     pub fn recycle_policy(&self) -> PodRecyclePolicy {
         self.pod_recycle_policy.unwrap_or_default()
+    }
+
+    /// `scaleStrategy.maxUnavailable` as written, if set.
+    pub fn scale_max_unavailable(&self) -> Option<&IntOrString> {
+        self.scale_strategy.as_ref()?.max_unavailable.as_ref()
+    }
+
+    /// `updateStrategy.maxUnavailable` as written, if set.
+    pub fn update_max_unavailable(&self) -> Option<&IntOrString> {
+        self.update_strategy.as_ref()?.max_unavailable.as_ref()
     }
 }

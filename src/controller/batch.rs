@@ -14,11 +14,13 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use crate::api::{BatchSandbox, PodRecyclePolicy, Pool, TaskResourcePolicy, names};
-use crate::domain::allocation::AllocStatus;
+use crate::domain::alloc_release::{self, PodList};
+use crate::domain::allocation::{self, AllocStatus};
+use crate::domain::conditions::{self, Desired};
 use crate::domain::released::{ANNOTATION_TASK_RESULTS, Released};
 use crate::domain::status::{self, BatchView, PoolSituation, ShardView};
 use crate::domain::{endpoints, pod_template, pods};
@@ -54,6 +56,9 @@ struct Shards {
     stopping: bool,
 }
 
+/// Condition on a pooled batch whose `alloc-status` annotation cannot be read.
+pub const CONDITION_LEDGER_UNREADABLE: &str = "LedgerUnreadable";
+
 /// How often to look again while tasks are being stopped.
 const STOP_POLL: Duration = Duration::from_millis(250);
 
@@ -65,7 +70,17 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         return super::selection::reconcile(batch, ctx).await;
     }
 
+    if batch.pool_name().is_some()
+        && let Err(error) = ledger_of(batch)
+    {
+        return report_unreadable_ledger(batch, ctx, &error).await;
+    }
     let released = released_of(batch);
+    if batch.pool_name().is_some()
+        && let Some(action) = release_requested(batch, ctx, &released).await?
+    {
+        return Ok(action);
+    }
     let shards = match batch.pool_name() {
         Some(pool) => pooled_shards(batch, ctx, pool).await?,
         None => own_pods(batch, ctx, &released).await?,
@@ -293,11 +308,16 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
         .pods
         .iter()
         .skip(replicas)
-        .filter_map(|p| pod_named(ctx, &ns, p))
+        .filter_map(|p| held_pod(batch, ctx, p))
         .collect();
     let stopping = !removed.is_empty() && !super::tasks::stop(ctx, &removed).await;
     if ledger.pods.len() > replicas && !stopping {
-        let released = ledger.pods[replicas..].to_vec();
+        // Only entries that are pods of the pool are given back; others are dropped untouched.
+        let released: Vec<String> = ledger.pods[replicas..]
+            .iter()
+            .filter(|p| held_pod(batch, ctx, p).is_some())
+            .cloned()
+            .collect();
         release(batch, ctx, &released).await?;
         let kept = AllocStatus {
             pods: ledger.pods[..replicas].to_vec(),
@@ -306,7 +326,7 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
         let ips: Vec<Option<String>> = kept
             .pods
             .iter()
-            .map(|p| pod_named(ctx, &ns, p).and_then(|p| pods::pod_ip(&p).map(str::to_string)))
+            .map(|p| held_pod(batch, ctx, p).and_then(|p| pods::pod_ip(&p).map(str::to_string)))
             .collect();
         let ips: Vec<Option<&str>> = ips.iter().map(Option::as_deref).collect();
         let patch = json!({"metadata": {
@@ -329,7 +349,7 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     let shown = ledger.pods.len().min(replicas);
     let mut shard_pods: Vec<Option<Arc<Pod>>> = ledger.pods[..shown]
         .iter()
-        .map(|p| pod_named(ctx, &ns, p).filter(|p| pods::is_live(p)))
+        .map(|p| held_pod(batch, ctx, p))
         .collect();
     let live = shard_pods.iter().flatten().count() as u32;
     shard_pods.resize(replicas, None);
@@ -338,6 +358,98 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
         live,
         stopping,
     })
+}
+
+/// The pod a pooled batch's ledger entry names, if it is a live pod of the batch's pool. The
+/// ledger is an annotation: an entry naming any other pod is never dispatched to nor deleted.
+fn held_pod(batch: &BatchSandbox, ctx: &Context, name: &str) -> Option<Arc<Pod>> {
+    let pool = batch.pool_name()?;
+    let ns = batch.namespace().unwrap_or_default();
+    let pool_uid = ctx
+        .pools
+        .get(&ObjectRef::<Pool>::new(pool).within(&ns))
+        .and_then(|p| p.uid());
+    pod_named(ctx, &ns, name)
+        .filter(|pod| allocation::belongs_to_pool(pod, pool, pool_uid.as_deref()))
+}
+
+/// Carries out a user's `alloc-release` request: the shards holding the listed pods are scaled in
+/// (tasks stopped, pods released through the pool's recycle policy, shards never refilled).
+/// Returns the action to take when it did something or must wait for tasks to stop.
+async fn release_requested(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    released: &Released,
+) -> Result<Option<Action>, Error> {
+    let annotation = |key: &str| batch.annotations().get(key).map(String::as_str);
+    let request = match PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASE)) {
+        Ok(request) => request,
+        Err(error) => {
+            // Admission refuses such values; one written around it is ignored, loudly.
+            warn!(batch = %object_name(batch), %error, "unreadable alloc-release annotation; ignored");
+            return Ok(None);
+        }
+    };
+    if request.pods.is_empty() {
+        return Ok(None);
+    }
+    let mut ledger = ledger_of(batch)?;
+    let shards = alloc_release::shards_to_release(&ledger.pods, &request.pods);
+    if shards.is_empty() {
+        return Ok(None);
+    }
+    let ns = batch.namespace().unwrap_or_default();
+    let pod_names: Vec<String> = shards.iter().map(|&i| ledger.pods[i].clone()).collect();
+    let pod_objects: Vec<Arc<Pod>> = pod_names
+        .iter()
+        .filter_map(|p| held_pod(batch, ctx, p))
+        .collect();
+    if !super::tasks::stop(ctx, &pod_objects).await {
+        return Ok(Some(Action::requeue(STOP_POLL)));
+    }
+
+    // Record first (conditional on the resourceVersion), then let the pods go: the shards leave
+    // the ledger and are marked released without a task result, like a scale-in.
+    let mut results = released.clone();
+    for &shard in &shards {
+        ledger.pods[shard].clear();
+        results.0.insert(shard, TaskPhase::None);
+    }
+    let done = PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASED))
+        .unwrap_or_default()
+        .with(pod_names.iter().cloned());
+    let patch = json!({"metadata": {
+        "resourceVersion": batch.resource_version(),
+        "annotations": {
+            names::ANNOTATION_ALLOC_STATUS: ledger.to_annotation(),
+            ANNOTATION_TASK_RESULTS: results.to_annotation(),
+            names::ANNOTATION_ALLOC_RELEASED: done.to_annotation(),
+        }
+    }});
+    ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+        .await?;
+    let of_the_pool: Vec<String> = pod_objects
+        .iter()
+        .map(|p| pods::pod_name(p).to_string())
+        .collect();
+    release(batch, ctx, &of_the_pool).await?;
+    ctx.event(
+        batch,
+        EventType::Normal,
+        "PodsReleased",
+        format!(
+            "released pod(s) {} of shard(s) {} on request",
+            pod_names.join(", "),
+            shards
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .await;
+    info!(batch = %object_name(batch), pods = ?pod_names, "released on request");
+    Ok(Some(Action::await_change()))
 }
 
 fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
@@ -390,6 +502,10 @@ async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Err
 }
 
 /// Deletion: stop tasks, release or delete pods, then let the object go.
+///
+/// Bounded: once `cleanup_deadline` has passed since the deletion, tasks that still have not
+/// stopped have their pods deleted (never recycled) and the finalizer comes off. A pooled batch
+/// whose ledger cannot be read releases nothing: it cannot prove which pods it holds.
 async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     if !batch
         .finalizers()
@@ -400,7 +516,24 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     }
     let ns = batch.namespace().unwrap_or_default();
     let pods: Vec<String> = match batch.pool_name() {
-        Some(_) => ledger_of(batch)?.pods,
+        Some(pool) => match ledger_of(batch) {
+            Ok(ledger) => ledger
+                .pods
+                .iter()
+                .filter(|p| held_pod(batch, ctx, p).is_some())
+                .cloned()
+                .collect(),
+            Err(error) => {
+                ctx.event(
+                    batch,
+                    EventType::Warning,
+                    "LedgerUnreadable",
+                    format!("{error}; finishing deletion without releasing any pod of pool {pool}"),
+                )
+                .await;
+                vec![]
+            }
+        },
         None => owned_pods_by_index(batch, ctx)
             .values()
             .map(|p| pods::pod_name(p).to_string())
@@ -409,15 +542,90 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     // Tasks stop first; pods are released or deleted only once they have.
     let pod_objects: Vec<Arc<Pod>> = pods.iter().filter_map(|p| pod_named(ctx, &ns, p)).collect();
     if !super::tasks::stop(ctx, &pod_objects).await {
-        return Ok(Action::requeue(STOP_POLL));
-    }
-    match batch.pool_name() {
-        Some(_) => release(batch, ctx, &pods).await?,
-        None => delete_all(ctx, &ns, &pods).await?,
+        let Some(overdue) = cleanup_overdue(batch, ctx.config.cleanup_deadline) else {
+            return Ok(Action::requeue(STOP_POLL));
+        };
+        ctx.event(
+            batch,
+            EventType::Warning,
+            "CleanupForced",
+            format!(
+                "tasks did not stop within {}s of deletion; deleting their pods ({})",
+                ctx.config.cleanup_deadline.as_secs(),
+                pods.join(", ")
+            ),
+        )
+        .await;
+        info!(batch = %object_name(batch), overdue_s = overdue.as_secs(), "cleanup forced");
+        delete_all(ctx, &ns, &pods).await?;
+    } else {
+        match batch.pool_name() {
+            Some(_) => release(batch, ctx, &pods).await?,
+            None => delete_all(ctx, &ns, &pods).await?,
+        }
     }
     ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await?;
+    if let Some(uid) = batch.uid() {
+        ctx.ledgers.forget(&uid);
+    }
     info!(batch = %object_name(batch), pods = pods.len(), "cleaned up");
     Ok(Action::await_change())
+}
+
+/// How far past its cleanup deadline a batch being deleted is (`None`: not yet past it).
+fn cleanup_overdue(batch: &BatchSandbox, deadline: Duration) -> Option<Duration> {
+    let deleted = batch.metadata.deletion_timestamp.as_ref()?.0;
+    let since: Duration = Timestamp::now()
+        .duration_since(deleted)
+        .try_into()
+        .unwrap_or_default();
+    since.checked_sub(deadline)
+}
+
+/// A pooled batch whose ledger cannot be read: nothing is dispatched or released for it (its
+/// pods stay held as last seen), and its status says why. The rest of its pool carries on.
+async fn report_unreadable_ledger(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    error: &Error,
+) -> Result<Action, Error> {
+    let previous = batch.status.clone().unwrap_or_default();
+    let generation = batch.metadata.generation.unwrap_or_default();
+    let desired = [Desired::new(
+        CONDITION_LEDGER_UNREADABLE,
+        true,
+        "UnreadableAllocStatus",
+        error.to_string(),
+    )];
+    let now = Time(Timestamp::now());
+    let mut conditions: Vec<_> = previous
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != CONDITION_LEDGER_UNREADABLE)
+        .cloned()
+        .collect();
+    conditions.extend(conditions::merge(
+        &previous.conditions,
+        &desired,
+        &now,
+        generation,
+    ));
+    if !conditions::same(&conditions, &previous.conditions) {
+        ctx.event(
+            batch,
+            EventType::Warning,
+            "LedgerUnreadable",
+            error.to_string(),
+        )
+        .await;
+        ctx.patch_status::<BatchSandbox>(
+            &batch.namespace().unwrap_or_default(),
+            &batch.name_any(),
+            json!({"status": {"conditions": conditions}}),
+        )
+        .await?;
+    }
+    Ok(Action::requeue(ctx.config.resync))
 }
 
 async fn write_endpoints(

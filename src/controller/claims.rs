@@ -1,41 +1,131 @@
 //! What this process wrote but may not have seen back through its watches yet.
 //!
-//! A reflector lags the API server by a few milliseconds. Without these records, a reconcile that
-//! runs before its own previous write is visible would count an allocated pod as idle (and hand it
-//! out twice) or create pods it already created. Entries expire once the cache shows the write, or
-//! after a bound, which is safe: expiry only ever makes a pod look allocated or pending for longer.
+//! A reflector lags the API server by a few milliseconds, and by much longer while its watch
+//! reconnects. Without these records, a reconcile that runs before its own previous write is
+//! visible would count an allocated pod as idle (and hand it out twice) or create pods it already
+//! created.
+//!
+//! A grant is claimed *before* its write is sent, against the batch resourceVersion the write is
+//! conditional on, and the claim ends only on evidence: the write was refused outright, a fresh
+//! read proved it can never commit, or the batch cache has moved past that resourceVersion (so the
+//! cache itself shows the write, or a later state, or the batch's deletion). Never on a clock: a
+//! stalled watch would otherwise make unseen grants look idle.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// How long pod expectations and recorded statuses last. They only make the controller wait or
+/// skip a redundant write, so a bound is safe for them, unlike for claims.
 const HORIZON: Duration = Duration::from_secs(60);
+
+/// One granted pod whose write is not yet known to be refused or visible in the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Claim {
+    pod: String,
+    batch: String,
+    /// The batch resourceVersion the grant was conditional on.
+    resource_version: String,
+}
 
 /// Pods granted to batches by this process, keyed by namespace.
 #[derive(Default)]
 pub struct Claims {
-    inner: Mutex<HashMap<String, Vec<(String, Instant)>>>,
+    inner: Mutex<HashMap<String, Vec<Claim>>>,
 }
 
 impl Claims {
-    pub fn record(&self, namespace: &str, pods: impl IntoIterator<Item = String>) {
-        let now = Instant::now();
+    /// Claims `pods` for a write to `batch` conditional on `resource_version`. Call before sending.
+    pub fn record(
+        &self,
+        namespace: &str,
+        batch: &str,
+        resource_version: &str,
+        pods: impl IntoIterator<Item = String>,
+    ) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner
             .entry(namespace.to_string())
             .or_default()
-            .extend(pods.into_iter().map(|p| (p, now)));
+            .extend(pods.into_iter().map(|pod| Claim {
+                pod,
+                batch: batch.to_string(),
+                resource_version: resource_version.to_string(),
+            }));
     }
 
-    /// The claimed pods of a namespace, after dropping those the cache now shows as held
-    /// (`seen_held`) and those past the horizon.
-    pub fn current(&self, namespace: &str, seen_held: &HashSet<&str>) -> HashSet<String> {
+    /// Drops the claims on `pods` of the write to `batch` at `resource_version`: it was refused,
+    /// or a fresh read showed it can no longer commit.
+    pub fn refused(&self, namespace: &str, batch: &str, resource_version: &str, pods: &[String]) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entries) = inner.get_mut(namespace) else {
+        if let Some(claims) = inner.get_mut(namespace) {
+            claims.retain(|c| {
+                !(c.batch == batch
+                    && c.resource_version == resource_version
+                    && pods.contains(&c.pod))
+            });
+        }
+    }
+
+    /// The claimed pods of a namespace, after dropping the claims the batch cache has caught up
+    /// with. `cached_version(batch)` is the resourceVersion the cache shows for a batch (`None`:
+    /// the cache shows no such batch, so it has seen it deleted).
+    pub fn current(
+        &self,
+        namespace: &str,
+        cached_version: impl Fn(&str) -> Option<String>,
+    ) -> HashSet<String> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(claims) = inner.get_mut(namespace) else {
             return HashSet::new();
         };
-        entries.retain(|(pod, at)| at.elapsed() < HORIZON && !seen_held.contains(pod.as_str()));
-        entries.iter().map(|(pod, _)| pod.clone()).collect()
+        claims.retain(|c| cached_version(&c.batch).as_deref() == Some(c.resource_version.as_str()));
+        claims.iter().map(|c| c.pod.clone()).collect()
+    }
+}
+
+/// The last readable ledger of each pooled batch (by uid). A ledger that turns unreadable names no
+/// pods anyone can trust, but the pods it held before must not look idle: they stay held as last
+/// seen (for as long as this process runs) until the batch is fixed or gone.
+#[derive(Default)]
+pub struct LastLedgers {
+    inner: Mutex<HashMap<String, Vec<String>>>,
+}
+
+impl LastLedgers {
+    pub fn remember(
+        &self,
+        batch: &crate::api::BatchSandbox,
+        ledger: &crate::domain::allocation::AllocStatus,
+    ) {
+        let Some(uid) = batch.metadata.uid.clone() else {
+            return;
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match inner.get(&uid) {
+            Some(known) if *known == ledger.pods => {}
+            _ => {
+                inner.insert(uid, ledger.pods.clone());
+            }
+        }
+    }
+
+    pub fn last_known(&self, batch: &crate::api::BatchSandbox) -> Vec<String> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        batch
+            .metadata
+            .uid
+            .as_ref()
+            .and_then(|uid| inner.get(uid))
+            .map(|pods| pods.iter().filter(|p| !p.is_empty()).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
     }
 }
 
@@ -107,15 +197,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn claims_clear_once_seen() {
+    fn claims_end_on_evidence_never_on_age() {
         let claims = Claims::default();
-        claims.record("ns", ["a".to_string(), "b".to_string()]);
-        assert_eq!(claims.current("ns", &HashSet::new()).len(), 2);
+        claims.record("ns", "x", "7", ["a".to_string()]);
+        claims.record("ns", "y", "3", ["b".to_string()]);
+        claims.record("ns", "z", "5", ["c".to_string()]);
+        let stale = |batch: &str| {
+            Some(
+                match batch {
+                    "x" => "7",
+                    "y" => "3",
+                    _ => "5",
+                }
+                .to_string(),
+            )
+        };
         assert_eq!(
-            claims.current("ns", &HashSet::from(["a"])),
+            claims.current("ns", stale).len(),
+            3,
+            "the cache shows none yet"
+        );
+        claims.refused("ns", "z", "5", &["other".to_string()]);
+        assert_eq!(
+            claims.current("ns", stale).len(),
+            3,
+            "only the refused pods go"
+        );
+        claims.refused("ns", "z", "5", &["c".to_string()]);
+        // x's write is in the cache; y's batch is still at the version the write was made against.
+        let caught_up = |batch: &str| (batch != "x").then(|| "3".to_string()).or(Some("8".into()));
+        assert_eq!(
+            claims.current("ns", caught_up),
             HashSet::from(["b".to_string()])
         );
-        assert!(claims.current("other", &HashSet::new()).is_empty());
+        // The cache has seen y deleted.
+        assert!(claims.current("ns", |_| None).is_empty());
+        assert!(claims.current("other", stale).is_empty());
     }
 
     #[test]

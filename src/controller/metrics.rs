@@ -163,6 +163,7 @@ impl Error {
             Error::ShardPatch(_) => "bad-shard-patch",
             Error::PolicyThread(_) => "policy-thread",
             Error::Conflict(_) => "conflict",
+            Error::Fenced(_) => "fenced",
         }
     }
 }

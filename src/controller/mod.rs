@@ -51,6 +51,12 @@ pub struct ControllerConfig {
     /// Periodic re-check of every object, a safety net for missed events.
     pub resync: Duration,
     pub executor: ExecutorSettings,
+    /// Allocation writes go out only while this is open (leader election: while the lease is
+    /// provably held).
+    pub fence: crate::runtime::leader::Fence,
+    /// How long after its deletion a batch's cleanup waits for tasks to stop before it deletes
+    /// their pods anyway.
+    pub cleanup_deadline: Duration,
 }
 
 /// Where pods get their task executor from, and how the controller talks to it.
@@ -118,6 +124,8 @@ impl Default for ControllerConfig {
             endpoints_format: EndpointsFormat::Auto,
             resync: Duration::from_secs(300),
             executor: ExecutorSettings::default(),
+            fence: Default::default(),
+            cleanup_deadline: Duration::from_secs(60),
         }
     }
 }
@@ -141,6 +149,8 @@ pub enum Error {
     PolicyThread(#[from] tokio::task::JoinError),
     #[error("{0} write(s) lost an optimistic-concurrency race; retrying with fresh state")]
     Conflict(usize),
+    #[error(transparent)]
+    Fenced(#[from] crate::runtime::leader::Fenced),
 }
 
 /// A namespaced API object the controller reads and writes through a typed `Api`.
@@ -171,6 +181,8 @@ pub struct Context {
     pub config: ControllerConfig,
     /// Allocations written but maybe not yet visible in the batch cache.
     claims: claims::Claims,
+    /// The last readable ledger of every pooled batch, for when one turns unreadable.
+    ledgers: claims::LastLedgers,
     /// Pods created or deleted but maybe not yet visible in the pod cache.
     expectations: claims::Expectations,
     /// Statuses written but maybe not yet visible in the cache.
@@ -213,6 +225,7 @@ impl Context {
             policies,
             config,
             claims: Default::default(),
+            ledgers: Default::default(),
             expectations: Default::default(),
             last_status: Default::default(),
             backoff: Default::default(),

@@ -20,7 +20,7 @@ use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
 use crate::domain::conditions::{self, Desired};
 use crate::domain::pod_template;
 use crate::domain::pods;
-use crate::domain::pool_plan::{self, PoolPod};
+use crate::domain::pool_plan::{self, MaxUnavailable, PoolPod};
 use crate::domain::{endpoints, pods::is_running_and_ready};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_policy::Decision;
@@ -62,6 +62,8 @@ impl Observed {
         let namespace = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
         let uid = pool.uid().unwrap_or_default();
+        // Owned pods, and pods labelled with the pool that nothing owns: a pool deleted with
+        // `--cascade=orphan` strips its pods' owner references, and they must still be drained.
         let pods: Vec<Arc<Pod>> = ctx
             .pods
             .state()
@@ -69,18 +71,30 @@ impl Observed {
             .filter(|p| {
                 p.namespace().as_deref() == Some(namespace.as_str())
                     && p.labels().get(names::LABEL_POOL_NAME) == Some(&name)
-                    && p.owner_references().iter().any(|o| o.uid == uid)
+                    && (p.owner_references().iter().any(|o| o.uid == uid)
+                        || p.owner_references().is_empty())
             })
             .collect();
         let mut batches = Vec::new();
+        let mut unreadable = Vec::new();
         for batch in ctx.batches.state() {
             if batch.namespace().as_deref() != Some(namespace.as_str())
                 || batch.pool_name() != Some(name.as_str())
             {
                 continue;
             }
-            let ledger = ledger_of(&batch)?;
-            batches.push((batch, ledger));
+            match ledger_of(&batch) {
+                Ok(ledger) => {
+                    ctx.ledgers.remember(&batch, &ledger);
+                    batches.push((batch, ledger));
+                }
+                // One unreadable ledger must not stall the pool: its batch is left out (it
+                // reports the problem itself), and the pods it last held stay held.
+                Err(error) => {
+                    debug!(%error, "leaving a batch with an unreadable ledger out of allocation");
+                    unreadable.push(batch);
+                }
+            }
         }
         batches.sort_by(|(a, _), (b, _)| {
             (
@@ -94,10 +108,14 @@ impl Observed {
         });
         let seen_held = allocation::held_pods(batches.iter().map(|(_, l)| l));
         let mut held: HashSet<String> = seen_held.iter().map(|p| p.to_string()).collect();
-        held.extend(
-            ctx.claims
-                .current(&namespace, &seen_held.iter().copied().collect()),
-        );
+        for batch in &unreadable {
+            held.extend(ctx.ledgers.last_known(batch));
+        }
+        held.extend(ctx.claims.current(&namespace, |batch| {
+            ctx.batches
+                .get(&ObjectRef::new(batch).within(&namespace))
+                .and_then(|b| b.resource_version())
+        }));
 
         let known: HashSet<&str> = pods.iter().map(|p| pods::pod_name(p)).collect();
         let live: HashSet<&str> = pods
@@ -143,6 +161,7 @@ impl Observed {
             .filter(|p| {
                 pods::is_live(p)
                     && is_running_and_ready(p)
+                    && !is_evicted(p)
                     && !self.held.contains(pods::pod_name(p))
             })
             .map(|p| (!self.is_current(p), pods::pod_name(p).to_string()))
@@ -204,19 +223,40 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
         return Ok((plan.unmet, 0));
     }
 
+    // Claimed before the writes go out: a write whose outcome is unknown must keep its pods
+    // held, or the next round could hand them to another batch.
+    for grant in &plan.grants {
+        let batch = &wanting[grant.demand].0;
+        ctx.claims.record(
+            &observed.namespace,
+            &batch.name_any(),
+            &batch.resource_version().unwrap_or_default(),
+            grant.granted.iter().cloned(),
+        );
+        observed.held.extend(grant.granted.iter().cloned());
+    }
     let writes = plan.grants.iter().map(|grant| {
         let batch = wanting[grant.demand].0.clone();
         write_grant(ctx, observed, batch, grant)
     });
     let results: Vec<Result<(), Error>> = futures::future::join_all(writes).await;
     let mut conflicts = 0;
+    let mut unresolved = None;
     for (grant, result) in plan.grants.iter().zip(results) {
-        match result {
-            Ok(()) => {
-                ctx.claims
-                    .record(&observed.namespace, grant.granted.iter().cloned());
-                observed.held.extend(grant.granted.iter().cloned());
-                let batch = &wanting[grant.demand].0;
+        let batch = &wanting[grant.demand].0;
+        let version = batch.resource_version().unwrap_or_default();
+        let outcome = match result {
+            Ok(()) => GrantOutcome::Committed,
+            Err(error) if is_definite_refusal(&error) => {
+                if matches!(&error, Error::Kube(kube::Error::Api(s)) if s.code == 409) {
+                    conflicts += 1;
+                }
+                GrantOutcome::Refused(error)
+            }
+            Err(error) => resolve(ctx, &observed.namespace, batch, grant, error).await,
+        };
+        match outcome {
+            GrantOutcome::Committed => {
                 let complete =
                     grant.pods.iter().filter(|p| !p.is_empty()).count() >= batch.desired_replicas();
                 if let (true, Some(created)) = (complete, &batch.metadata.creation_timestamp) {
@@ -228,14 +268,95 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
                     );
                 }
             }
-            Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => conflicts += 1,
-            Err(Error::Kube(kube::Error::Api(status))) if status.code == 404 => {}
-            Err(other) => return Err(other),
+            GrantOutcome::Refused(error) => {
+                debug!(%error, batch = %batch.name_any(), "grant refused; its pods are free again");
+                ctx.claims.refused(
+                    &observed.namespace,
+                    &batch.name_any(),
+                    &version,
+                    &grant.granted,
+                );
+                for pod in &grant.granted {
+                    observed.held.remove(pod);
+                }
+                if let Error::Fenced(_) = error {
+                    unresolved.get_or_insert(error);
+                }
+            }
+            GrantOutcome::Unknown(error) => {
+                warn!(%error, batch = %batch.name_any(), "grant outcome unknown; its pods stay held until the cache shows the batch");
+                unresolved.get_or_insert(error);
+            }
         }
+    }
+    if let Some(error) = unresolved {
+        return Err(error);
     }
     let granted: usize = plan.grants.iter().map(|g| g.granted.len()).sum();
     debug!(pool = %observed.owner_key(), granted, unmet = plan.unmet, conflicts, "allocation round");
     Ok((plan.unmet, conflicts))
+}
+
+/// What became of one grant write.
+enum GrantOutcome {
+    /// The batch holds the pods (the write succeeded, or a fresh read shows it committed).
+    Committed,
+    /// The write did not and never will take effect.
+    Refused(Error),
+    /// Not known yet; the claim stays until the cache moves past the version written against.
+    Unknown(Error),
+}
+
+/// Whether a failed write certainly changed nothing: the API server answered with a refusal.
+/// Timeouts, server errors and lost connections are not: the write may have committed.
+fn is_definite_refusal(error: &Error) -> bool {
+    match error {
+        Error::Kube(kube::Error::Api(status)) => {
+            (400..500).contains(&status.code) && status.code != 408
+        }
+        Error::Fenced(_) => true,
+        _ => false,
+    }
+}
+
+/// Settles an ambiguous grant write with a fresh read of the batch. The write was conditional on
+/// the batch's resourceVersion: if the batch has moved on without the granted pods, it can never
+/// commit; if it still shows that version, the write may yet land and the claim stays.
+async fn resolve(
+    ctx: &Context,
+    namespace: &str,
+    batch: &BatchSandbox,
+    grant: &Grant,
+    error: Error,
+) -> GrantOutcome {
+    let fresh = match ctx
+        .api::<BatchSandbox>(namespace)
+        .get_opt(&batch.name_any())
+        .await
+    {
+        Ok(fresh) => fresh,
+        Err(read_error) => {
+            debug!(%read_error, "could not read the batch to settle a grant");
+            return GrantOutcome::Unknown(error);
+        }
+    };
+    let Some(fresh) = fresh else {
+        return GrantOutcome::Refused(error);
+    };
+    if fresh.resource_version() == batch.resource_version() {
+        return GrantOutcome::Unknown(error);
+    }
+    let holds_all = ledger_of(&fresh).is_ok_and(|ledger| {
+        grant
+            .granted
+            .iter()
+            .all(|pod| ledger.pods.iter().any(|p| p == pod))
+    });
+    if holds_all {
+        GrantOutcome::Committed
+    } else {
+        GrantOutcome::Refused(error)
+    }
 }
 
 /// One write per batch: its new ledger, its endpoints and the cleanup finalizer, conditional on
@@ -266,6 +387,9 @@ async fn write_grant(
             }
         }
     });
+    // Fenced right before the write: a replica that can no longer prove its lease must not
+    // hand out pods a successor may be handing out too.
+    ctx.config.fence.check()?;
     ctx.merge_patch::<BatchSandbox>(&observed.namespace, &batch.name_any(), &patch)
         .await?;
     Ok(())
@@ -309,6 +433,7 @@ async fn resize(
         &plan_pods,
         observed.unseen_creations,
         outcome.decision.desired_total,
+        pacing(pool),
     );
     if changes.create > 0 || !changes.delete.is_empty() {
         info!(pool = %observed.owner_key(), create = changes.create, delete = changes.delete.len(), reason = %outcome.decision.reason, "resizing pool");
@@ -357,8 +482,22 @@ fn plan_pods(observed: &Observed) -> Vec<PoolPod> {
             ready: is_running_and_ready(p),
             dead: pods::is_finished(p),
             current_revision: observed.is_current(p),
+            evict: is_evicted(p),
         })
         .collect()
+}
+
+/// An operator asked for this pod to be taken out of service (see [`names::LABEL_EVICT`]).
+fn is_evicted(pod: &Pod) -> bool {
+    pod.labels().contains_key(names::LABEL_EVICT)
+}
+
+/// The pool's `scaleStrategy` and `updateStrategy` budgets.
+fn pacing(pool: &Pool) -> pool_plan::Pacing {
+    pool_plan::Pacing {
+        scale: MaxUnavailable::resolve(pool.spec.scale_max_unavailable()),
+        update: MaxUnavailable::resolve(pool.spec.update_max_unavailable()),
+    }
 }
 
 /// Allocation history for sizing policies, derived from the batches themselves (their creation
@@ -500,6 +639,7 @@ async fn write_status(
         allocated: counts.allocated as i32,
         available: counts.available as i32,
         pending: counts.pending as i32,
+        updated: counts.updated as i32,
         conditions: conditions::merge(&previous.conditions, &desired, &now, generation),
     };
     let unchanged = PoolStatus {

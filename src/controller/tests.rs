@@ -3,7 +3,6 @@
 //! which writes were made, with their preconditions.
 
 use std::collections::{BTreeMap, HashSet};
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use http_body_util::BodyExt;
@@ -16,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::api::{BatchSandboxSpec, CapacitySpec, PoolSpec};
+use crate::domain::allocation::AllocStatus;
 
 /// One request the reconciler sent.
 #[derive(Clone, Debug)]
@@ -33,6 +33,17 @@ struct RecordedApi {
     requests: Arc<Mutex<Vec<Request>>>,
     replies: Arc<Mutex<BTreeMap<String, (u16, Value)>>>,
     objects: Arc<Mutex<BTreeMap<String, Value>>>,
+    faults: Arc<Mutex<BTreeMap<String, Fault>>>,
+    versions: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A fault injected into every request of one `METHOD path`.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// The request takes effect, but its answer is lost (the connection resets).
+    CommitThenLose,
+    /// The request never gets an answer.
+    Hang,
 }
 
 impl RecordedApi {
@@ -40,9 +51,42 @@ impl RecordedApi {
         let api = self.clone();
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(api.answer(request).await) }
+            async move {
+                let key = format!("{} {}", request.method(), request.uri().path());
+                let fault = api.faults.lock().expect("faults").get(&key).copied();
+                match fault {
+                    Some(Fault::Hang) => std::future::pending().await,
+                    Some(Fault::CommitThenLose) => {
+                        api.answer(request).await;
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionReset,
+                            "connection reset by peer",
+                        ))
+                    }
+                    None => Ok(api.answer(request).await),
+                }
+            }
         });
         Client::new(service, "default")
+    }
+
+    fn fault(&self, method: &str, path: &str, fault: Option<Fault>) {
+        let mut faults = self.faults.lock().expect("faults");
+        let key = format!("{method} {path}");
+        match fault {
+            Some(fault) => faults.insert(key, fault),
+            None => faults.remove(&key),
+        };
+    }
+
+    /// The stored objects at `paths`, as `K`.
+    fn stored<K: serde::de::DeserializeOwned>(&self, paths: &[String]) -> Vec<K> {
+        let objects = self.objects.lock().expect("objects");
+        paths
+            .iter()
+            .filter_map(|p| objects.get(p))
+            .map(|v| serde_json::from_value(v.clone()).expect("a stored object reads back"))
+            .collect()
     }
 
     /// Stores `object` at `path`, for patches to merge into.
@@ -83,11 +127,28 @@ impl RecordedApi {
         let (status, reply) = match (canned, method.as_str()) {
             (Some(canned), _) => canned,
             (None, "POST") => (200, body),
+            (None, "GET") => match self.objects.lock().expect("objects").get(&path) {
+                Some(object) => (200, object.clone()),
+                None => (404, not_found()),
+            },
             (None, "PATCH") => {
                 let mut objects = self.objects.lock().expect("objects");
                 match objects.get_mut(path.trim_end_matches("/status")) {
+                    // A resourceVersion in the patch is a precondition, as on a real API server.
+                    Some(object)
+                        if body.pointer("/metadata/resourceVersion").is_some_and(|v| {
+                            Some(v) != object.pointer("/metadata/resourceVersion")
+                        }) =>
+                    {
+                        (409, conflict())
+                    }
                     Some(object) => {
                         json_patch::merge(object, &body);
+                        let version = 1000
+                            + self
+                                .versions
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        object["metadata"]["resourceVersion"] = json!(version.to_string());
                         (200, object.clone())
                     }
                     None => (404, not_found()),
@@ -344,8 +405,7 @@ async fn a_lost_grant_race_records_no_claim_and_is_retried() {
     let result = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
     assert!(matches!(result, Err(Error::Conflict(1))), "{result:?}");
     // The pod is not counted as held: the next round may grant it again.
-    let pods: HashSet<&str> = ["p-a", "p-b"].into();
-    assert!(ctx.claims.current(NS, &pods).is_empty());
+    assert!(ctx.claims.current(NS, |_| Some("7".to_string())).is_empty());
     let statuses = api
         .writes()
         .iter()
@@ -440,4 +500,540 @@ async fn a_new_template_batch_gets_its_finalizer_then_its_pods_then_its_status()
             "every pod is owned by its batch"
         );
     }
+}
+
+/// A store and the writer that fills it, for tests that change the cache between reconciles.
+fn writable_store<K>(objects: Vec<K>) -> (Store<K>, reflector::store::Writer<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store::<K>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (store, writer)
+}
+
+fn test_config() -> ControllerConfig {
+    ControllerConfig {
+        executor: ExecutorSettings {
+            pool_injection: PoolInjection::Annotated,
+            ..ExecutorSettings::default()
+        },
+        ..ControllerConfig::default()
+    }
+}
+
+fn context_from(api: &RecordedApi, stores: Stores, config: ControllerConfig) -> Context {
+    Context::new(
+        api.client(),
+        stores,
+        Arc::new(sandbox_policy::NativePolicies),
+        config,
+        ControllerMetrics::default(),
+    )
+}
+
+/// Batch names each stored ledger gives every pod, across all `batches`.
+fn holders(api: &RecordedApi, batches: &[&str]) -> BTreeMap<String, Vec<String>> {
+    let paths: Vec<String> = batches.iter().map(|b| batch_path(b)).collect();
+    let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for batch in api.stored::<BatchSandbox>(&paths) {
+        let ledger = AllocStatus::of(&batch).expect("a readable ledger");
+        for pod in ledger.pods {
+            holders.entry(pod).or_default().push(batch.name_any());
+        }
+    }
+    holders
+}
+
+fn batch_created(name: &str, replicas: i32, resource_version: &str, second: i64) -> BatchSandbox {
+    let mut batch = pooled_batch(name, replicas, resource_version);
+    batch.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + second).expect("a time"),
+    ));
+    batch
+}
+
+/// A grant write that committed but whose answer was lost keeps its pod held: a later round on
+/// a cache that has not seen the write (a watch reconnecting) never gives that pod to another
+/// batch, even when a new idle pod changes the plan.
+#[tokio::test]
+async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 3]);
+    let older = batch_created("older", 1, "7", 0);
+    let newer = batch_created("newer", 1, "8", 1);
+    api.object(batch_path("older"), &older);
+    api.object(batch_path("newer"), &newer);
+    api.object(pool_path(), &pool);
+    api.fault("PATCH", &batch_path("older"), Some(Fault::CommitThenLose));
+    let (pods, mut pod_writer) = writable_store(vec![pool_pod(&pool, "p-b", "127.1.1.3")]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods,
+            batches: store(vec![older, newer]),
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+
+    // Round 1: "older" gets p-b; the write lands but its answer is lost.
+    let first = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
+    assert_eq!(
+        holders(&api, &["older", "newer"]),
+        BTreeMap::from([("p-b".to_string(), vec!["older".to_string()])]),
+        "the lost write committed ({first:?})"
+    );
+    api.fault("PATCH", &batch_path("older"), None);
+
+    // Round 2: the batch cache is unchanged (its watch has not caught up); a new pod whose name
+    // sorts first turned Ready, so "older" is planned p-a (and loses the race) and "newer" is next.
+    pod_writer.apply_watcher_event(&watcher::Event::Apply(pool_pod(&pool, "p-a", "127.1.1.2")));
+    let _ = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
+
+    let holders = holders(&api, &["older", "newer"]);
+    assert!(
+        holders.values().all(|h| h.len() == 1),
+        "a pod was handed out twice: {holders:?}"
+    );
+    let stored_pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+    ];
+    let batches: Vec<BatchSandbox> = api.stored(&[batch_path("older"), batch_path("newer")]);
+    let violations = crate::domain::invariants::check(
+        &stored_pods,
+        &batches,
+        &[pool],
+        crate::domain::invariants::Counts::Skip,
+    );
+    assert_eq!(violations, [], "{violations:#?}");
+}
+
+/// A refused grant does not end the round: the other grants' outcomes are still recorded, so
+/// their pods stay held while the cache lags.
+#[tokio::test]
+async fn every_grant_outcome_is_handled_after_a_refusal() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 2, 2]);
+    let refused = batch_created("refused", 1, "7", 0);
+    let granted = batch_created("granted", 1, "8", 1);
+    api.object(batch_path("granted"), &granted);
+    api.object(pool_path(), &pool);
+    api.reply(
+        "PATCH",
+        &batch_path("refused"),
+        403,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "denied"}),
+    );
+    let ctx = context(
+        &api,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+        ],
+        vec![refused, granted],
+        vec![pool.clone()],
+    );
+    let _ = pool::reconcile(Arc::new(pool), ctx.clone()).await;
+    let versions = |batch: &str| Some(if batch == "refused" { "7" } else { "8" }.to_string());
+    assert_eq!(
+        ctx.claims.current(NS, versions),
+        HashSet::from(["p-b".to_string()]),
+        "the granted pod stays claimed, the refused one is free"
+    );
+}
+
+/// A batch whose ledger cannot be read is left out; the rest of its pool is served.
+#[tokio::test]
+async fn an_unreadable_ledger_does_not_stall_its_pool() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 1]);
+    let mut corrupt = batch_created("corrupt", 1, "5", 0);
+    corrupt.metadata.annotations = Some(BTreeMap::from([(
+        names::ANNOTATION_ALLOC_STATUS.to_string(),
+        "{".to_string(),
+    )]));
+    let healthy = batch_created("healthy", 1, "7", 1);
+    api.object(batch_path("healthy"), &healthy);
+    api.object(pool_path(), &pool);
+    let ctx = context(
+        &api,
+        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+        vec![corrupt, healthy],
+        vec![pool.clone()],
+    );
+    let result = pool::reconcile(Arc::new(pool), ctx).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(
+        holders(&api, &["healthy"]),
+        BTreeMap::from([("p-a".to_string(), vec!["healthy".to_string()])])
+    );
+}
+
+/// The batch with the unreadable ledger reports it in a condition, and its deletion completes
+/// without touching any pod.
+#[tokio::test]
+async fn a_batch_with_an_unreadable_ledger_reports_it_and_can_still_be_deleted() {
+    let pool = pool([0, 0, 1, 1]);
+    let mut corrupt = batch_created("corrupt", 1, "5", 0);
+    corrupt.metadata.annotations = Some(BTreeMap::from([(
+        names::ANNOTATION_ALLOC_STATUS.to_string(),
+        "{".to_string(),
+    )]));
+    let api = RecordedApi::default();
+    api.object(batch_path("corrupt"), &corrupt);
+    let ctx = context(
+        &api,
+        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+        vec![corrupt.clone()],
+        vec![pool.clone()],
+    );
+    batch::reconcile(Arc::new(corrupt.clone()), ctx)
+        .await
+        .expect("the reconcile reports instead of failing");
+    let status = api
+        .writes()
+        .into_iter()
+        .find(|w| w.path == format!("{}/status", batch_path("corrupt")))
+        .expect("a status write");
+    assert_eq!(
+        status.body["status"]["conditions"][0]["type"],
+        batch::CONDITION_LEDGER_UNREADABLE
+    );
+
+    let mut deleting = corrupt;
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    deleting.metadata.finalizers = Some(vec![names::FINALIZER_BATCH.into()]);
+    let api = RecordedApi::default();
+    api.object(batch_path("corrupt"), &deleting);
+    let ctx = context(
+        &api,
+        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+        vec![deleting.clone()],
+        vec![pool],
+    );
+    batch::reconcile(Arc::new(deleting), ctx)
+        .await
+        .expect("the cleanup completes");
+    let writes = api.writes();
+    assert!(
+        writes.iter().all(|w| !w.path.contains("/pods")),
+        "no pod is touched: {writes:#?}"
+    );
+    let finalizer = writes
+        .iter()
+        .find(|w| w.path == batch_path("corrupt"))
+        .expect("the finalizer write");
+    assert_eq!(finalizer.body["metadata"]["finalizers"], json!([]));
+}
+
+/// A ledger is only an annotation: entries naming pods that are not the pool's (another batch's
+/// pod, another pool's pod) are neither dispatched to nor deleted when the batch goes.
+#[tokio::test]
+async fn forged_ledger_entries_are_never_deleted() {
+    let pool = pool([0, 0, 1, 1]);
+    let mut other_pool = pool.clone();
+    other_pool.metadata = ObjectMeta {
+        uid: Some("other-pool-uid".into()),
+        ..meta("q", "other-pool-uid", "1")
+    };
+    let mut foreign = pool_pod(&other_pool, "q-a", "127.1.1.9");
+    foreign
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(names::LABEL_POOL_NAME.into(), "q".into());
+    let mut victim = pool_pod(&pool, "victim-0", "127.1.1.8");
+    victim.metadata.labels = Some(BTreeMap::from([
+        (names::LABEL_BATCH_NAME.to_string(), "victim".to_string()),
+        (
+            names::LABEL_MANAGED_BY.to_string(),
+            names::MANAGED_BY.to_string(),
+        ),
+    ]));
+    victim.metadata.owner_references = Some(vec![OwnerReference {
+        kind: "BatchSandbox".into(),
+        name: "victim".into(),
+        uid: "victim-uid".into(),
+        controller: Some(true),
+        ..OwnerReference::default()
+    }]);
+    let mut thief = batch_created("thief", 2, "5", 0);
+    thief.metadata.annotations = Some(BTreeMap::from([(
+        names::ANNOTATION_ALLOC_STATUS.to_string(),
+        r#"{"pods":["victim-0","q-a"],"poolRef":"p"}"#.to_string(),
+    )]));
+    thief.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    thief.metadata.finalizers = Some(vec![names::FINALIZER_BATCH.into()]);
+    let api = RecordedApi::default();
+    api.object(batch_path("thief"), &thief);
+    let ctx = context(
+        &api,
+        vec![victim, foreign],
+        vec![thief.clone()],
+        vec![pool, other_pool],
+    );
+    batch::reconcile(Arc::new(thief), ctx)
+        .await
+        .expect("the cleanup completes");
+    let writes = api.writes();
+    assert!(
+        writes.iter().all(|w| w.method != "DELETE"),
+        "a pod outside the pool was deleted: {writes:#?}"
+    );
+    assert!(
+        writes.iter().any(|w| w.path == batch_path("thief")),
+        "the finalizer still comes off: {writes:#?}"
+    );
+}
+
+/// A fake task executor whose tasks never stop: every call answers one task being deleted.
+async fn stubborn_executor() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding the fake executor");
+    let port = listener.local_addr().expect("an address").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    let body = r#"[{"name":"t","deletionTimestamp":"2026-01-01T00:00:00Z","process":{"command":["sleep","inf"]}}]"#;
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                            .expect("a response"),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// A task that ignores SIGTERM pins its batch only until the cleanup deadline: then its pod is
+/// deleted (not recycled), a Warning event says so, and the finalizer comes off.
+#[tokio::test]
+async fn a_cleanup_past_its_deadline_deletes_the_pods_of_tasks_that_do_not_stop() {
+    let pool = pool([0, 0, 1, 1]);
+    let config = test_config();
+    let mut held = pool_pod(&pool, "p-a", "127.0.0.1");
+    config.executor.inject(&mut held);
+    let mut batch = batch_created("stuck", 1, "5", 0);
+    batch.metadata.annotations = Some(BTreeMap::from([(
+        names::ANNOTATION_ALLOC_STATUS.to_string(),
+        r#"{"pods":["p-a"],"poolRef":"p"}"#.to_string(),
+    )]));
+    batch.metadata.finalizers = Some(vec![names::FINALIZER_BATCH.into()]);
+    let port = stubborn_executor().await;
+    let mut outcomes = Vec::new();
+    for deleted_ago in [1, 120] {
+        let mut deleting = batch.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(
+                    k8s_openapi::jiff::Timestamp::now().as_second() - deleted_ago,
+                )
+                .expect("a time"),
+            ));
+        let api = RecordedApi::default();
+        api.object(batch_path("stuck"), &deleting);
+        let mut ctx = context_from(
+            &api,
+            Stores {
+                pods: store(vec![held.clone()]),
+                batches: store(vec![deleting.clone()]),
+                pools: store(vec![pool.clone()]),
+            },
+            test_config(),
+        );
+        ctx.executor = sandbox_executor::client::ExecutorClient::new(None).with_port(port);
+        batch::reconcile(Arc::new(deleting), Arc::new(ctx))
+            .await
+            .expect("the cleanup reconcile succeeds");
+        outcomes.push(api.writes());
+    }
+    let [before, after] = &outcomes[..] else {
+        unreachable!()
+    };
+    assert!(
+        before.is_empty(),
+        "within the deadline the cleanup waits for the tasks: {before:#?}"
+    );
+    let shape: Vec<(String, String)> = methods_and_paths(after);
+    assert!(
+        shape.contains(&(
+            "DELETE".to_string(),
+            format!("/api/v1/namespaces/{NS}/pods/p-a")
+        )),
+        "{after:#?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|w| w.body["reason"] == "CleanupForced" && w.body["type"] == "Warning"),
+        "{after:#?}"
+    );
+    let finalizer = after
+        .iter()
+        .find(|w| w.path == batch_path("stuck"))
+        .expect("the finalizer comes off");
+    assert_eq!(finalizer.body["metadata"]["finalizers"], json!([]));
+}
+
+/// A pool deleted with `--cascade=orphan` leaves its pods without owners: the drain still finds
+/// them by label and deletes the idle ones before the Pool goes.
+#[tokio::test]
+async fn a_pool_deleted_with_orphaned_pods_still_drains_them() {
+    let mut pool = pool([0, 0, 1, 1]);
+    pool.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    let mut orphan = pool_pod(&pool, "p-a", "127.1.1.2");
+    orphan.metadata.owner_references = None;
+    let api = RecordedApi::default();
+    api.object(pool_path(), &pool);
+    let ctx = context(&api, vec![orphan], vec![], vec![pool.clone()]);
+    pool::reconcile(Arc::new(pool), ctx)
+        .await
+        .expect("the drain succeeds");
+    let writes = api.writes();
+    assert!(
+        methods_and_paths(&writes).contains(&(
+            "DELETE".to_string(),
+            format!("/api/v1/namespaces/{NS}/pods/p-a")
+        )),
+        "{writes:#?}"
+    );
+    assert!(
+        writes.iter().all(|w| w.path != pool_path()),
+        "the finalizer stays until the orphan is gone: {writes:#?}"
+    );
+}
+
+/// A controller whose lease renewal is blocked stops writing allocations within the renew
+/// deadline: the fence closes when the last proven renewal is that old, and a reconcile then
+/// sends no grant.
+#[tokio::test]
+async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_renew_deadline() {
+    use crate::runtime::leader::{self, Fence, LeaderConfig};
+    let leader_config = LeaderConfig {
+        namespace: NS.into(),
+        lease_name: "sandbox-controller".into(),
+        identity: "me".into(),
+        lease_duration: std::time::Duration::from_secs(3),
+    };
+    let deadline = leader_config.renew_deadline();
+    let lease_path =
+        format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/sandbox-controller");
+    let api = RecordedApi::default();
+    let renew = {
+        let (api, lease_path) = (api.clone(), lease_path.clone());
+        move || {
+            let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "sandbox-controller", "namespace": NS},
+                "spec": {"holderIdentity": "me", "leaseDurationSeconds": 3,
+                         "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}});
+            api.object(lease_path.clone(), &lease);
+            std::time::Instant::now()
+        }
+    };
+    renew();
+    // The lease manager's renewals, until they are blocked.
+    let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let last_renewal = Arc::new(Mutex::new(std::time::Instant::now()));
+    let renewer = tokio::spawn({
+        let (blocked, last_renewal) = (blocked.clone(), last_renewal.clone());
+        async move {
+            while !blocked.load(std::sync::atomic::Ordering::SeqCst) {
+                *last_renewal.lock().expect("renewal") = renew();
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }
+    });
+    let fence = Fence::leased();
+    let prover = tokio::spawn(leader::prove(api.client(), leader_config, fence.clone()));
+
+    let pool = pool([0, 0, 2, 2]);
+    let setup = |api: &RecordedApi, name: &str| {
+        api.object(batch_path(name), &batch_created(name, 1, "7", 0));
+        api.object(pool_path(), &pool);
+        let mut config = test_config();
+        config.fence = fence.clone();
+        Arc::new(context_from(
+            api,
+            Stores {
+                pods: store(vec![
+                    pool_pod(&pool, "p-a", "127.1.1.2"),
+                    pool_pod(&pool, "p-b", "127.1.1.3"),
+                ]),
+                batches: store(vec![batch_created(name, 1, "7", 0)]),
+                pools: store(vec![pool.clone()]),
+            },
+            config,
+        ))
+    };
+    let wait = |what: &'static str, open: bool| {
+        let fence = fence.clone();
+        async move {
+            let limit = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while fence.check().is_ok() != open {
+                assert!(std::time::Instant::now() < limit, "{what}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait("the fence opens once the lease is read", true).await;
+    // Renewals keep it open past the deadline.
+    tokio::time::sleep(deadline + std::time::Duration::from_millis(500)).await;
+    assert!(fence.check().is_ok(), "a renewing leader stays unfenced");
+    let writer = RecordedApi::default();
+    pool::reconcile(Arc::new(pool.clone()), setup(&writer, "before"))
+        .await
+        .expect("a proven leader allocates");
+    assert!(
+        writer
+            .writes()
+            .iter()
+            .any(|w| w.path == batch_path("before"))
+    );
+
+    // Renewals stop landing, and every read of the lease now hangs.
+    blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+    renewer.await.expect("the renewer stops");
+    api.fault("GET", &lease_path, Some(Fault::Hang));
+    let last = *last_renewal.lock().expect("renewal");
+    wait("the fence closes", false).await;
+    let closed_after = last.elapsed();
+    assert!(
+        closed_after <= deadline + std::time::Duration::from_millis(250),
+        "writes stopped {closed_after:?} after the last renewal; the renew deadline is {deadline:?}"
+    );
+    let fenced = RecordedApi::default();
+    let result = pool::reconcile(Arc::new(pool.clone()), setup(&fenced, "after")).await;
+    assert!(matches!(result, Err(Error::Fenced(_))), "{result:?}");
+    assert!(
+        fenced
+            .writes()
+            .iter()
+            .all(|w| w.path != batch_path("after")),
+        "a fenced controller sent a grant: {:#?}",
+        fenced.writes()
+    );
+    prover.abort();
 }

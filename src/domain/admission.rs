@@ -19,7 +19,10 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
 use crate::api::{BatchSandbox, BatchSandboxSpec, EnvVar, Pool, TaskTemplateSpec, names};
+use crate::domain::alloc_release::{self, PodList};
+use crate::domain::allocation::AllocStatus;
 use crate::domain::pod_template;
+use crate::domain::pool_plan::MaxUnavailable;
 use sandbox_decisions::tasks;
 
 /// Replicas allowed when no other maximum is configured.
@@ -47,6 +50,9 @@ pub struct AdmissionContext<'a> {
     pub max_replicas: i32,
     /// Whether a policy of this name can be loaded.
     pub policy_exists: &'a dyn Fn(&str) -> bool,
+    /// The controller's username. When set, only it may set or change the annotations in
+    /// [`names::CONTROLLER_OWNED_ANNOTATIONS`]; `None` turns that check off.
+    pub controller_username: Option<&'a str>,
 }
 
 /// The outcome of validating one object: allowed when `errors` is empty.
@@ -82,6 +88,13 @@ impl Verdict {
 
     fn warn(&mut self, warning: impl Into<String>) {
         self.warnings.push(warning.into());
+    }
+
+    /// This verdict and `other`'s, together.
+    pub fn with(mut self, other: Verdict) -> Self {
+        self.errors.extend(other.errors);
+        self.warnings.extend(other.warnings);
+        self
     }
 
     /// Ratcheting (see the module docs): errors the stored object had already become warnings.
@@ -189,6 +202,24 @@ pub enum Rule {
     NameTooLongForLabel { label: &'static str },
     #[error("cannot be read as a {kind}: {reason}")]
     Unreadable { kind: &'static str, reason: String },
+    #[error(
+        "must be a non-negative integer (5) or a percentage from \"0%\" to \"100%\" (\"25%\"): {problem}"
+    )]
+    BadMaxUnavailable { problem: String },
+    #[error(
+        "is not supported: this controller cannot pause or resume sandboxes (it takes no image snapshots); leave spec.pause unset or false"
+    )]
+    PauseUnsupported,
+    #[error("must be JSON of the form {{\"pods\": [\"<pod>\", ...]}} ({reason})")]
+    BadPodList { reason: String },
+    #[error(
+        "lists pod(s) {pods} that this BatchSandbox does not hold (its sandbox.opensandbox.io/alloc-status annotation lists the pods it may release)"
+    )]
+    ReleasesForeignPods { pods: String },
+    #[error(
+        "is written only by the sandbox controller ({controller}); it records the pods the batch holds and releases, so no other user may set, change or remove it"
+    )]
+    ControllerOwned { controller: String },
     /// A problem with the review request itself rather than with a field of the object.
     #[error("{0}")]
     BadRequest(String),
@@ -248,7 +279,20 @@ impl Rule {
                 kind: "BatchSandbox",
                 reason: "spec.replicas: invalid type".into(),
             },
+            Rule::BadMaxUnavailable {
+                problem: "must be a percentage from 0% to 100%".into(),
+            },
+            Rule::PauseUnsupported,
+            Rule::BadPodList {
+                reason: "expected value at line 1 column 1".into(),
+            },
+            Rule::ReleasesForeignPods {
+                pods: "\"other-pool-x7k2p\"".into(),
+            },
             Rule::BadRequest("the request has no object".into()),
+            Rule::ControllerOwned {
+                controller: "system:serviceaccount:opensandbox-system:sandbox-controller".into(),
+            },
         ]
     }
 }
@@ -334,6 +378,49 @@ fn unreadable(kind: Kind, error: &serde_json::Error) -> FieldError {
 }
 
 // ------------------------------------------------------------- BatchSandbox --
+
+/// The controller's ledger annotations ([`names::CONTROLLER_OWNED_ANNOTATIONS`]) may be set,
+/// changed or removed by the controller alone. `new` and `old` are the submitted and stored
+/// objects as JSON (`old` is `None` on CREATE); `requester` is `request.userInfo.username`.
+/// Applies to objects being deleted too: a forged ledger there would have other pods deleted.
+pub fn controller_owned_annotations(
+    new: &Value,
+    old: Option<&Value>,
+    requester: &str,
+    ctx: &AdmissionContext<'_>,
+) -> Verdict {
+    let mut verdict = Verdict::default();
+    let Some(controller) = ctx.controller_username else {
+        return verdict;
+    };
+    if requester == controller {
+        return verdict;
+    }
+    let annotation = |object: Option<&Value>, key: &str| {
+        object
+            .and_then(|o| o.pointer("/metadata/annotations"))
+            .and_then(|a| a.get(key))
+            .cloned()
+    };
+    for key in names::CONTROLLER_OWNED_ANNOTATIONS {
+        let submitted = annotation(Some(new), key);
+        if submitted != annotation(old, key) {
+            let value = match &submitted {
+                Some(Value::String(text)) => quote(text),
+                Some(other) => render_json(other),
+                None => "<unset>".into(),
+            };
+            verdict.error(
+                format!("metadata.annotations[{key}]"),
+                value,
+                Rule::ControllerOwned {
+                    controller: controller.to_string(),
+                },
+            );
+        }
+    }
+    verdict
+}
 
 /// Validates a BatchSandbox on CREATE (`old == None`) or UPDATE (`old` is the stored object).
 pub fn validate_batch_sandbox(
@@ -473,6 +560,11 @@ fn batch_rules(
     }
     shard_command_rule(spec, ctx, verdict);
 
+    if spec.pause == Some(true) {
+        verdict.error("spec.pause", "true", Rule::PauseUnsupported);
+    }
+    alloc_release_rule(batch, old, verdict);
+
     if let Some(expire) = &spec.expire_time {
         let unchanged = old_spec.is_some_and(|o| o.expire_time.as_ref() == Some(expire));
         if expire.0 <= ctx.now && !unchanged {
@@ -502,6 +594,56 @@ fn pool_chosen_for_selection(old: Option<&BatchSandbox>, pool: &str) -> bool {
         old.spec.template.is_some()
             && matches!(old.spec.pool_ref.as_deref(), Some(was) if was == names::ANY_POOL || was == pool)
     })
+}
+
+/// `alloc-release` may name only pods the batch holds (or has already released). Checked when the
+/// annotation is written or changed, so that the controller's own later writes (which shrink the
+/// ledger) never trip over a request already carried out.
+fn alloc_release_rule(batch: &BatchSandbox, old: Option<&BatchSandbox>, verdict: &mut Verdict) {
+    let annotation = |b: &BatchSandbox, key: &str| {
+        b.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .cloned()
+    };
+    let Some(request) = annotation(batch, names::ANNOTATION_ALLOC_RELEASE) else {
+        return;
+    };
+    if old
+        .is_some_and(|o| annotation(o, names::ANNOTATION_ALLOC_RELEASE).as_ref() == Some(&request))
+    {
+        return;
+    }
+    let path = format!("metadata.annotations[{}]", names::ANNOTATION_ALLOC_RELEASE);
+    let requested = match PodList::parse(Some(&request)) {
+        Ok(list) => list,
+        Err(e) => {
+            verdict.error(
+                path,
+                quote(&request),
+                Rule::BadPodList {
+                    reason: e.to_string(),
+                },
+            );
+            return;
+        }
+    };
+    // An unreadable ledger is the controller's problem to report; nothing can be checked here.
+    let Ok(ledger) = AllocStatus::of(batch) else {
+        return;
+    };
+    let released = PodList::parse(annotation(batch, names::ANNOTATION_ALLOC_RELEASED).as_deref())
+        .unwrap_or_default();
+    let foreign = alloc_release::foreign_pods(&requested.pods, &ledger.pods, &released.pods);
+    if !foreign.is_empty() {
+        let pods = foreign
+            .iter()
+            .map(|p| quote(p))
+            .collect::<Vec<_>>()
+            .join(", ");
+        verdict.error(path, quote(&request), Rule::ReleasesForeignPods { pods });
+    }
 }
 
 /// `shardPatches`/`shardTaskPatches` must not outnumber the shards. Scaling down below the number
@@ -701,6 +843,31 @@ fn pool_rules(pool: &Pool, ctx: &AdmissionContext<'_>, verdict: &mut Verdict) {
     policy_annotations(&pool.metadata, Kind::Pool, ctx, verdict);
     name_fits_label(&pool.metadata, names::LABEL_POOL_NAME, verdict);
     pod_template_rules("spec.template", &pool.spec.template, verdict);
+
+    let strategies = [
+        (
+            "spec.scaleStrategy.maxUnavailable",
+            pool.spec.scale_max_unavailable(),
+        ),
+        (
+            "spec.updateStrategy.maxUnavailable",
+            pool.spec.update_max_unavailable(),
+        ),
+    ];
+    for (path, value) in strategies {
+        if let Some(value) = value
+            && let Err(problem) = MaxUnavailable::parse(value)
+        {
+            let rendered = serde_json::to_value(value).unwrap_or(Value::Null);
+            verdict.error(
+                path,
+                render_json(&rendered),
+                Rule::BadMaxUnavailable {
+                    problem: problem.to_string(),
+                },
+            );
+        }
+    }
 
     let c = &pool.spec.capacity_spec;
     let fields = [

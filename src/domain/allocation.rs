@@ -9,7 +9,11 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
 use crate::api::{BatchSandbox, names};
+use crate::domain::pods;
 
 /// The `sandbox.opensandbox.io/alloc-status` annotation, in OpenSandbox's format.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +132,27 @@ pub fn plan(demands: &[Demand], is_live: impl Fn(&str) -> bool, idle: &[String])
         }
     }
     plan
+}
+
+/// Whether `pod` is a pod of the Pool named `pool_name` (uid `pool_uid`, when the Pool object is
+/// known), so that a ledger entry naming it may be dispatched to or deleted: it is live, labelled
+/// with the pool, made by this controller, and either owned by that Pool or by nothing at all (a
+/// pool deleted with `--cascade=orphan` leaves its pods without owners). A ledger is only an
+/// annotation; this is what keeps an entry naming someone else's pod from being acted on.
+pub fn belongs_to_pool(pod: &Pod, pool_name: &str, pool_uid: Option<&str>) -> bool {
+    let labels = pod.labels();
+    let labelled = labels.get(names::LABEL_POOL_NAME).map(String::as_str) == Some(pool_name)
+        && labels.get(names::LABEL_MANAGED_BY).map(String::as_str) == Some(names::MANAGED_BY);
+    let owners = pod.owner_references();
+    let owned = match owners.iter().find(|o| o.controller == Some(true)) {
+        None => owners.is_empty(),
+        Some(owner) => {
+            owner.kind == "Pool"
+                && owner.name == pool_name
+                && pool_uid.is_none_or(|uid| owner.uid == uid)
+        }
+    };
+    labelled && owned && pods::is_live(pod)
 }
 
 /// Every pod any of the given ledgers holds.

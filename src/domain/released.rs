@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sandbox_decisions::tasks::TaskPhase;
 
 /// Annotation holding the final task phase of every released shard.
-pub const ANNOTATION_TASK_RESULTS: &str = "sandbox.opensandbox.io/task-results";
+pub use crate::api::names::ANNOTATION_TASK_RESULTS;
 
 /// Final phase of each released shard, by shard index.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -54,7 +54,9 @@ pub struct BatchView {
 pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_PROGRESSING: &str = "Progressing";
 pub const CONDITION_POOL_UNAVAILABLE: &str = "PoolUnavailable";
-pub const CONDITION_POOL_EXHAUSTED: &str = "PoolExhausted";
+/// True while a pooled batch waits for pods its pool cannot give: the pool is at `poolMax` with
+/// no idle pod. OpenSandbox's name; its server answers 429 (capacity exhausted) on it.
+pub const CONDITION_POOL_ALLOCATION_PENDING: &str = "PoolAllocationPending";
 pub const CONDITION_TASK_FAILED: &str = "TaskFailed";
 pub const CONDITION_POLICY_DEGRADED: &str = "PolicyDegraded";
 /// True while a `poolRef: "*"` batch has no Pool chosen because none fits; the message says why
@@ -176,6 +178,9 @@ pub fn batch_status(
             now,
             view.generation,
         ),
+        // OpenSandbox sets these only when pausing or resuming, which this controller refuses.
+        phase: None,
+        pause_observed_generation: None,
     }
 }
 
@@ -223,7 +228,12 @@ fn progressing(view: &BatchView, desired: i32, allocated: i32, ready: i32) -> De
 
 fn pool_conditions(pool: &PoolSituation) -> (Desired, Desired) {
     let available = Desired::new(CONDITION_POOL_UNAVAILABLE, false, "PoolAvailable", "");
-    let not_exhausted = Desired::new(CONDITION_POOL_EXHAUSTED, false, "PoolHasCapacity", "");
+    let not_exhausted = Desired::new(
+        CONDITION_POOL_ALLOCATION_PENDING,
+        false,
+        "PoolHasCapacity",
+        "",
+    );
     match pool {
         PoolSituation::Fine => (available, not_exhausted),
         PoolSituation::Missing { pool } => (
@@ -247,9 +257,9 @@ fn pool_conditions(pool: &PoolSituation) -> (Desired, Desired) {
         PoolSituation::Exhausted { pool, pool_max } => (
             available,
             Desired::new(
-                CONDITION_POOL_EXHAUSTED,
+                CONDITION_POOL_ALLOCATION_PENDING,
                 true,
-                "PoolMaxReached",
+                "PoolCapacityExhausted",
                 format!(
                     "Pool {pool:?} is at poolMax ({pool_max}) with no idle pod; waiting for capacity to free up"
                 ),
@@ -390,7 +400,16 @@ mod tests {
             condition(&s, "TaskFailed").message,
             "task failed on shard(s) 0"
         );
-        assert_eq!(condition(&s, "PoolExhausted").status, "True");
+        let pending = condition(&s, "PoolAllocationPending");
+        assert_eq!(
+            (pending.status.as_str(), pending.reason.as_str()),
+            ("True", "PoolCapacityExhausted")
+        );
+        assert!(
+            pending.message.contains("poolMax (2)"),
+            "{}",
+            pending.message
+        );
         assert_eq!(condition(&s, "Progressing").reason, "Allocating");
     }
 

@@ -109,6 +109,8 @@ pub struct WebhookSettings {
     /// Policy names the policy annotations may use, beyond those the engine has loaded.
     pub policy_names: Vec<String>,
     pub max_body_bytes: usize,
+    /// The controller's username (`None`: the identity this process authenticates as).
+    pub controller_username: Option<String>,
 }
 
 /// How the ValidatingWebhookConfiguration is made.
@@ -144,7 +146,9 @@ pub async fn run(
     let mut registry = Registry::default();
     let policies = start_policies(&config.policy, &client, &mut registry).await?;
     let webhook = match config.webhook.clone() {
-        Some(settings) => {
+        Some(mut settings) => {
+            settings.controller_username =
+                Some(controller_username(settings.controller_username.take(), &client).await?);
             let webhook =
                 bind_webhook(settings, Some(client.clone()), Some(policies.clone())).await?;
             webhook
@@ -192,6 +196,10 @@ pub async fn run(
     });
 
     let webhook = webhook.map(|webhook| tokio::spawn(webhook.run(stopped())));
+    if config.leader.is_some() {
+        controller_config.fence = leader::Fence::leased();
+    }
+    let fence = controller_config.fence.clone();
     let controller = async {
         let reconcile = controller::run(
             client.clone(),
@@ -204,17 +212,24 @@ pub async fn run(
         let Some(leader_config) = &config.leader else {
             return reconcile.await;
         };
-        let leading = tokio::select! {
+        let mut leadership = tokio::select! {
             leading = leader::acquire(client.clone(), leader_config) => leading?,
             _ = stopped() => return Ok(()),
         };
-        tokio::select! {
+        let prover = tokio::spawn(leader::prove(client.clone(), leader_config.clone(), fence));
+        let result = tokio::select! {
             result = reconcile => result,
-            _ = leader::lost(leading) => anyhow::bail!(
+            _ = leadership.lost() => Err(anyhow::anyhow!(
                 "lost the leader lease {}; exiting so a fresh process takes over as follower",
                 leader_config.lease_name
-            ),
+            )),
+        };
+        prover.abort();
+        if result.is_ok() {
+            // A graceful stop (a rolling update) hands the lease over at once.
+            leadership.release().await;
         }
+        result
     };
     match webhook {
         None => controller.await,
@@ -224,10 +239,21 @@ pub async fn run(
 
 /// Runs only the admission webhook until `shutdown` resolves.
 pub async fn run_webhook(
-    settings: WebhookSettings,
+    mut settings: WebhookSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let webhook = bind_webhook(settings, None, None).await?;
+    let client = match settings.controller_username {
+        Some(_) => None,
+        None => Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API to learn the controller's username (or pass --controller-username)")?,
+        ),
+    };
+    if let Some(client) = &client {
+        settings.controller_username = Some(controller_username(None, client).await?);
+    }
+    let webhook = bind_webhook(settings, client, None).await?;
     webhook.run(shutdown).await.context("admission webhook")
 }
 
@@ -292,6 +318,12 @@ async fn bind_webhook(
                 only_namespace: settings.only_namespace.clone(),
                 exclude_namespace: Some(settings.controller_namespace.clone()),
                 timeout_seconds: settings.timeout_seconds,
+                // Only a service account is exempted: a controller run under a person's own
+                // credentials (local development) would otherwise exempt that person too.
+                exempt_username: settings
+                    .controller_username
+                    .clone()
+                    .filter(|user| user.starts_with("system:serviceaccount:")),
                 delete_on_shutdown: !settings.keep_registration
                     && settings.registration == RegistrationSettings::Url,
             };
@@ -309,6 +341,7 @@ async fn bind_webhook(
         rules: webhook::RuleSettings {
             max_replicas: settings.max_replicas,
             policy_exists,
+            controller_username: settings.controller_username.clone(),
         },
         limits: webhook::Limits {
             max_body_bytes: settings.max_body_bytes,
@@ -319,6 +352,30 @@ async fn bind_webhook(
     let webhook = Webhook::bind(config).await?;
     println!("webhook listening on {}", webhook.url());
     Ok(webhook)
+}
+
+/// The controller's username: `given`, else the identity `client` authenticates as.
+async fn controller_username(
+    given: Option<String>,
+    client: &kube::Client,
+) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    if let Some(user) = given {
+        return Ok(user);
+    }
+    let api: kube::Api<SelfSubjectReview> = kube::Api::all(client.clone());
+    let review = api
+        .create(&kube::api::PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("asking the API server who this process is (SelfSubjectReview); pass --controller-username instead")?;
+    let user = review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .filter(|u| !u.is_empty())
+        .context("the SelfSubjectReview named no user; pass --controller-username")?;
+    tracing::info!(%user, "the controller's identity: only it may write ledger annotations");
+    Ok(user)
 }
 
 /// `namespace/name:port` of the webhook Service.

@@ -68,6 +68,9 @@ pub struct TlsSettings {
 pub struct RuleSettings {
     pub max_replicas: i32,
     pub policy_exists: PolicyCheck,
+    /// The controller's username: only it may write the controller-owned annotations (`None`:
+    /// that check is off).
+    pub controller_username: Option<String>,
 }
 
 impl Default for RuleSettings {
@@ -75,6 +78,7 @@ impl Default for RuleSettings {
         Self {
             max_replicas: DEFAULT_MAX_REPLICAS,
             policy_exists: known_policies([]),
+            controller_username: None,
         }
     }
 }

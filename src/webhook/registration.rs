@@ -6,8 +6,8 @@
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
-    WebhookClientConfig,
+    MatchCondition, RuleWithOperations, ServiceReference, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
@@ -56,6 +56,10 @@ pub struct Registration {
     pub exclude_namespace: Option<String>,
     /// Per-call timeout for the apiserver, clamped to 1..=5 seconds.
     pub timeout_seconds: i32,
+    /// Requests by this user skip the webhook (a `matchConditions` entry on
+    /// `request.userInfo.username`): the controller's own finalizer and ledger writes must not
+    /// wait on the webhook it may be serving itself, nor fail while it is down.
+    pub exempt_username: Option<String>,
     /// Delete the configuration when the server stops. Right for a single local process; wrong for
     /// replicas behind a Service, where one replica stopping must not unregister the others.
     pub delete_on_shutdown: bool,
@@ -128,6 +132,12 @@ pub fn configuration(
                 match_expressions: Some(expressions),
                 match_labels: None,
             }),
+            match_conditions: registration.exempt_username.as_ref().map(|user| {
+                vec![MatchCondition {
+                    name: "not-the-controller".to_owned(),
+                    expression: exempt_expression(user),
+                }]
+            }),
             rules: Some(vec![RuleWithOperations {
                 api_groups: Some(vec![GROUP.to_owned()]),
                 api_versions: Some(vec![VERSION.to_owned()]),
@@ -143,6 +153,12 @@ pub fn configuration(
             ..Default::default()
         }]),
     }
+}
+
+/// The CEL expression that sends every request but `user`'s to the webhook.
+pub fn exempt_expression(user: &str) -> String {
+    let quoted = serde_json::to_string(user).unwrap_or_else(|_| "\"\"".into());
+    format!("request.userInfo.username != {quoted}")
 }
 
 fn requirement(operator: &str, namespace: &str) -> LabelSelectorRequirement {
@@ -194,6 +210,9 @@ mod tests {
             only_namespace: Some("team-a".into()),
             exclude_namespace: Some("opensandbox-system".into()),
             timeout_seconds: 30,
+            exempt_username: Some(
+                "system:serviceaccount:opensandbox-system:sandbox-controller".into(),
+            ),
             delete_on_shutdown: true,
         }
     }
@@ -236,6 +255,14 @@ mod tests {
             serde_json::json!({"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a"]})
         );
         assert_eq!(selector[1]["operator"], "NotIn");
+        assert_eq!(
+            json["webhooks"][0]["matchConditions"],
+            serde_json::json!([{
+                "name": "not-the-controller",
+                "expression": "request.userInfo.username != \"system:serviceaccount:opensandbox-system:sandbox-controller\""
+            }]),
+            "the controller's own writes never wait on the webhook"
+        );
         assert_eq!(selector[1]["values"][0], "opensandbox-system");
     }
 

@@ -87,6 +87,9 @@ fn judge(request: &AdmissionRequest<DynamicObject>, ctx: &AdmissionContext<'_>) 
 
     match kind.kind.as_str() {
         "BatchSandbox" => {
+            let requester = request.user_info.username.as_deref().unwrap_or_default();
+            let owned =
+                admission::controller_owned_annotations(&object, old.as_ref(), requester, ctx);
             let (new, errors) = decode_batch_sandbox(object);
             let old = old.and_then(|o| decode_batch_sandbox(o).0);
             with_decode_errors(
@@ -101,6 +104,7 @@ fn judge(request: &AdmissionRequest<DynamicObject>, ctx: &AdmissionContext<'_>) 
                     validate_batch_sandbox(&new, baseline, ctx)
                 }),
             )
+            .with(owned)
         }
         _ => {
             let (new, errors) = decode_pool(object);

@@ -127,6 +127,7 @@ async fn validate(request: Request<Incoming>, shared: &Shared) -> Response<Full<
         now: Timestamp::now(),
         max_replicas: rules.max_replicas,
         policy_exists: &*rules.policy_exists,
+        controller_username: rules.controller_username.as_deref(),
     };
     // The rules are pure and tested never to panic; should one anyway, the request is denied by
     // the apiserver (failurePolicy Fail) and the server keeps serving.

@@ -387,6 +387,7 @@ async fn registration_without_a_ca_file_is_refused_up_front() {
         exclude_namespace: None,
         timeout_seconds: 5,
         delete_on_shutdown: true,
+        exempt_username: None,
     };
     let config = WebhookConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

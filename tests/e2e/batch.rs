@@ -307,7 +307,7 @@ async fn deleting_a_pool_waits_for_allocated_pods_to_be_released() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn missing_pool_and_exhausted_pool_show_conditions() {
+async fn missing_pool_and_pool_at_pool_max_show_conditions() {
     let env = env("pool-conditions").await;
     let _controller = env.start_controller(&[]);
     env.apply(&pooled_batch_yaml("orphan", "no-such-pool", 1));
@@ -321,16 +321,23 @@ async fn missing_pool_and_exhausted_pool_show_conditions() {
 
     env.apply(&fixtures::pool("small", [0, 2, 0, 2]).yaml());
     env.apply(&pooled_batch_yaml("big", "small", 3));
-    env.wait_for("PoolExhausted=True", T, || async {
-        let batch = env.batch("big").await?;
-        let status = batch.status?;
-        (status.allocated == 2).then_some(())?;
-        status
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "PoolExhausted" && c.status == "True")
-    })
-    .await;
+    let pending = env
+        .wait_for("PoolAllocationPending=True", T, || async {
+            let batch = env.batch("big").await?;
+            let status = batch.status?;
+            (status.allocated == 2).then_some(())?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "PoolAllocationPending" && c.status == "True")
+        })
+        .await;
+    assert_eq!(pending.reason, "PoolCapacityExhausted");
+    assert!(
+        pending.message.contains("poolMax (2)"),
+        "the message names poolMax: {}",
+        pending.message
+    );
     // Capacity frees up: the condition clears and the batch completes.
     env.kubectl_ok(&[
         "patch",
@@ -341,14 +348,14 @@ async fn missing_pool_and_exhausted_pool_show_conditions() {
         "--type=merge",
     ]);
     let batch = env.wait_batch_ready("big", 3, T).await;
-    let exhausted = batch
+    let pending = batch
         .status
         .unwrap()
         .conditions
         .into_iter()
-        .find(|c| c.type_ == "PoolExhausted")
+        .find(|c| c.type_ == "PoolAllocationPending")
         .unwrap();
-    assert_eq!(exhausted.status, "False");
+    assert_eq!(pending.status, "False");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -171,6 +171,41 @@ async fn schema_and_cel_reject_invalid_objects() {
             .yaml(),
     );
     assert!(ok.status.success(), "valid Pool rejected: {}", stderr(&ok));
+    // OpenSandbox's fields are known, not pruned: int and percent pacing, pause: false.
+    for (scale, update) in [("3", "\"25%\""), ("\"0%\"", "0"), ("\"100%\"", "\"100%\"")] {
+        let yaml = fixtures::pool("paced", [1, 2, 0, 10])
+            .image("busybox:1.36")
+            .spec_field(&format!(
+                "scaleStrategy:\n  maxUnavailable: {scale}\nupdateStrategy:\n  maxUnavailable: {update}"
+            ))
+            .yaml();
+        let out = env.kubectl_stdin(
+            &["apply", "--dry-run=server", "-o", "json", "-f", "-"],
+            &in_namespace(&yaml, &env.ns),
+        );
+        assert!(
+            out.status.success(),
+            "paced Pool rejected: {}",
+            stderr(&out)
+        );
+        let stored: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("kubectl -o json");
+        assert_eq!(
+            (
+                stored["spec"]["scaleStrategy"]["maxUnavailable"].to_string(),
+                stored["spec"]["updateStrategy"]["maxUnavailable"].to_string()
+            ),
+            (scale.to_string(), update.to_string()),
+            "kept as written"
+        );
+    }
+    let paused = format!("{}  pause: false\n", batch_yaml("unpaused", 1));
+    let out = dry_run(&env, &paused);
+    assert!(
+        out.status.success(),
+        "pause: false rejected: {}",
+        stderr(&out)
+    );
 
     let cases: Vec<(&str, String, &[&str])> = vec![
         (
@@ -196,6 +231,30 @@ async fn schema_and_cel_reject_invalid_objects() {
                 "apiVersion: {GROUP}/{VERSION}\nkind: BatchSandbox\nmetadata:\n  name: neither\nspec:\n  replicas: 1\n"
             ),
             &["template", "poolRef"],
+        ),
+        (
+            "pause: true",
+            format!("{}  pause: true\n", batch_yaml("paused", 1)),
+            &["spec.pause", "pause/resume is not supported"],
+        ),
+        (
+            "maxUnavailable: 101%",
+            fixtures::pool("over", [1, 2, 0, 10])
+                .image("busybox:1.36")
+                .spec_field("updateStrategy:\n  maxUnavailable: 101%")
+                .yaml(),
+            &[
+                "spec.updateStrategy.maxUnavailable",
+                "percentage from 0% to 100%",
+            ],
+        ),
+        (
+            "maxUnavailable: -2",
+            fixtures::pool("negative-pacing", [1, 2, 0, 10])
+                .image("busybox:1.36")
+                .spec_field("scaleStrategy:\n  maxUnavailable: -2")
+                .yaml(),
+            &["spec.scaleStrategy.maxUnavailable"],
         ),
     ];
     for (what, yaml, mentions) in cases {
@@ -293,8 +352,25 @@ async fn printer_columns_match_the_spec() {
     let pool = header(&env.kubectl_ok(&["get", "pool"]));
     assert_eq!(
         pool,
-        ["NAME", "TOTAL", "ALLOCATED", "AVAILABLE", "AGE"],
-        "pool header: {pool:?}"
+        ["NAME", "TOTAL", "ALLOCATED", "AVAILABLE", "UPDATED", "AGE"],
+        "pool header (OpenSandbox's columns): {pool:?}"
+    );
+    let wide_pool = header(&env.kubectl_ok(&["get", "pool", "-o", "wide"]));
+    assert_eq!(
+        wide_pool,
+        [
+            "NAME",
+            "TOTAL",
+            "ALLOCATED",
+            "AVAILABLE",
+            "UPDATED",
+            "BUFFER_MIN",
+            "BUFFER_MAX",
+            "POOL_MIN",
+            "POOL_MAX",
+            "AGE"
+        ],
+        "wide pool header: {wide_pool:?}"
     );
 }
 

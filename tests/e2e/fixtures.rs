@@ -8,6 +8,8 @@ pub struct PoolYaml {
     image: String,
     capacity: [i64; 4],
     annotations: Vec<(String, String)>,
+    /// Further `spec` fields, as YAML at the spec's indentation (two spaces).
+    extra_spec: String,
 }
 
 /// A Pool named `name` with `bufferMin, bufferMax, poolMin, poolMax` = `capacity`.
@@ -17,6 +19,7 @@ pub fn pool(name: &str, capacity: [i64; 4]) -> PoolYaml {
         image: "opensandbox/code-interpreter:v1.0.1".into(),
         capacity,
         annotations: Vec::new(),
+        extra_spec: String::new(),
     }
 }
 
@@ -28,6 +31,14 @@ impl PoolYaml {
 
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
         self.annotations.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a field of `spec` (YAML, e.g. `"scaleStrategy:\n  maxUnavailable: 1"`).
+    pub fn spec_field(mut self, yaml: &str) -> Self {
+        for line in yaml.lines() {
+            self.extra_spec.push_str(&format!("  {line}\n"));
+        }
         self
     }
 
@@ -44,7 +55,8 @@ impl PoolYaml {
             format!("  annotations:\n{lines}")
         };
         format!(
-            "apiVersion: {GROUP}/{VERSION}\nkind: Pool\nmetadata:\n  name: {name}\n{annotations}spec:\n  template:\n    spec:\n      containers:\n      - name: sandbox\n        image: {image}\n  capacitySpec:\n    bufferMin: {buffer_min}\n    bufferMax: {buffer_max}\n    poolMin: {pool_min}\n    poolMax: {pool_max}\n",
+            "apiVersion: {GROUP}/{VERSION}\nkind: Pool\nmetadata:\n  name: {name}\n{annotations}spec:\n  template:\n    spec:\n      containers:\n      - name: sandbox\n        image: {image}\n  capacitySpec:\n    bufferMin: {buffer_min}\n    bufferMax: {buffer_max}\n    poolMin: {pool_min}\n    poolMax: {pool_max}\n{extra}",
+            extra = self.extra_spec,
             name = self.name,
             image = self.image,
         )

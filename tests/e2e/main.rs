@@ -13,6 +13,7 @@ mod crds;
 mod executor;
 mod local_executors;
 mod policy;
+mod pool_strategies;
 mod sdk;
 mod selection;
 mod tasks;

@@ -47,12 +47,14 @@ impl ScopedWebhook {
             exclude_namespace: Some(CONTROLLER_NAMESPACE.into()),
             timeout_seconds: 5,
             delete_on_shutdown: true,
+            exempt_username: None,
         };
         let rules = RuleSettings {
             max_replicas,
             policy_exists: sandbox_controller::webhook::known_policies(
                 policies.iter().map(|p| p.to_string()),
             ),
+            controller_username: None,
         };
         let tls = TlsSettings {
             cert_dir: certs.path().to_path_buf(),
@@ -355,6 +357,17 @@ async fn invalid_variants_are_refused_naming_the_field_and_never_stored() {
             vec!["spec.template.spec.containers[0].image: <unset> must be set"],
         ),
         (
+            "alloc-release naming pods the batch does not hold",
+            pooled_batch("foreign-release", "replicas: 1").replace(
+                "metadata:\n",
+                "metadata:\n  annotations:\n    sandbox.opensandbox.io/alloc-release: '{\"pods\":[\"someone-elses-pod\"]}'\n",
+            ),
+            vec![
+                "metadata.annotations[sandbox.opensandbox.io/alloc-release]:",
+                "lists pod(s) \"someone-elses-pod\" that this BatchSandbox does not hold",
+            ],
+        ),
+        (
             "pool name too long for a label",
             pool(&"p".repeat(64), "bufferMax: 2\nbufferMin: 1\npoolMax: 5\npoolMin: 0", "- name: sandbox\n  image: busybox"),
             vec!["metadata.name:", "must be at most 63 characters"],
@@ -418,6 +431,28 @@ async fn invalid_variants_are_refused_naming_the_field_and_never_stored() {
                 "- name: sandbox\n  image: busybox",
             ),
             vec!["spec.capacitySpec", "bufferMin must be <= bufferMax"],
+        ),
+        (
+            "pause: true",
+            pooled_batch("paused", "pause: true"),
+            vec!["spec.pause", "pause/resume is not supported by this controller (it takes no image snapshots)"],
+        ),
+        (
+            "maxUnavailable out of range, on both strategies at once",
+            pool(
+                "bad-pacing",
+                "bufferMax: 2\nbufferMin: 1\npoolMax: 5\npoolMin: 0",
+                "- name: sandbox\n  image: busybox",
+            )
+            .replace(
+                "  capacitySpec:\n",
+                "  scaleStrategy:\n    maxUnavailable: 150%\n  updateStrategy:\n    maxUnavailable: -1\n  capacitySpec:\n",
+            ),
+            vec![
+                "spec.scaleStrategy.maxUnavailable",
+                "spec.updateStrategy.maxUnavailable",
+                "maxUnavailable must be a non-negative integer or a percentage from 0% to 100%",
+            ],
         ),
     ];
     for (what, yaml, expected) in &schema_cases {
@@ -500,6 +535,22 @@ async fn updates_keep_pool_ref_and_scale_within_bounds() {
     assert!(
         stderr(&out)
             .contains("Warning: spec.shardTaskPatches has 3 entries but spec.replicas is 1"),
+        "{}",
+        stderr(&out)
+    );
+
+    // alloc-release may name only the batch's own pods (it holds none yet).
+    let out = env.kubectl(&[
+        "annotate",
+        "batchsandbox",
+        "claim",
+        r#"sandbox.opensandbox.io/alloc-release={"pods":["not-mine"]}"#,
+    ]);
+    assert!(!out.status.success(), "a foreign alloc-release was allowed");
+    assert!(
+        stderr(&out).contains(DENIED)
+            && stderr(&out)
+                .contains("lists pod(s) \"not-mine\" that this BatchSandbox does not hold"),
         "{}",
         stderr(&out)
     );

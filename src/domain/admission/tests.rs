@@ -12,6 +12,7 @@ fn ctx_at(now: &str) -> AdmissionContext<'static> {
         now: now.parse().expect("test time"),
         max_replicas: DEFAULT_MAX_REPLICAS,
         policy_exists: &known_policy,
+        controller_username: None,
     }
 }
 
@@ -972,6 +973,129 @@ fn suspicious_pools_get_warnings_not_denials() {
     }
 }
 
+fn pool_with_strategies(scale: Value, update: Value) -> Pool {
+    let mut value = pool_with(json!({"bufferMin": 1, "bufferMax": 2, "poolMin": 0, "poolMax": 5}));
+    let spec = value["spec"].as_object_mut().unwrap();
+    if !scale.is_null() {
+        spec.insert("scaleStrategy".into(), json!({"maxUnavailable": scale}));
+    }
+    if !update.is_null() {
+        spec.insert("updateStrategy".into(), json!({"maxUnavailable": update}));
+    }
+    pool(value)
+}
+
+#[test]
+fn max_unavailable_is_a_non_negative_count_or_a_percentage_up_to_100() {
+    for good in [
+        json!(0),
+        json!(3),
+        json!("0%"),
+        json!("25%"),
+        json!("100%"),
+        Value::Null,
+    ] {
+        assert_allowed(&validate_pool(
+            &pool_with_strategies(good.clone(), good),
+            None,
+            &ctx(),
+        ));
+    }
+    for bad in [
+        json!(-1),
+        json!("101%"),
+        json!("25"),
+        json!("x%"),
+        json!("-5%"),
+        json!(""),
+    ] {
+        let verdict = validate_pool(
+            &pool_with_strategies(bad.clone(), bad.clone()),
+            None,
+            &ctx(),
+        );
+        assert_eq!(
+            paths(&verdict),
+            [
+                "spec.scaleStrategy.maxUnavailable",
+                "spec.updateStrategy.maxUnavailable"
+            ],
+            "both fields named at once for {bad}"
+        );
+        let message = verdict.errors[0].to_string();
+        assert!(message.contains(&bad.to_string()), "{message}");
+        assert!(
+            message.contains("percentage from \"0%\" to \"100%\""),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn pause_true_is_refused_naming_the_field_and_false_is_fine() {
+    let message = single_error(&create(pooled(json!({"pause": true}))), "spec.pause");
+    assert!(message.contains("cannot pause or resume"), "{message}");
+    assert!(message.contains("no image snapshots"), "{message}");
+    assert_allowed(&create(pooled(json!({"pause": false}))));
+    // Refused together with the other failing fields.
+    let verdict = create(pooled(json!({"pause": true, "replicas": -1})));
+    assert_eq!(paths(&verdict), ["spec.replicas", "spec.pause"]);
+}
+
+fn with_annotations(mut value: Value, annotations: Value) -> Value {
+    value["metadata"]["annotations"] = annotations;
+    value
+}
+
+#[test]
+fn alloc_release_may_name_only_the_batch_own_pods() {
+    let ledger = r#"{"pods":["p-a","p-b"],"poolRef":"fast-pool"}"#;
+    let held = with_annotations(
+        pooled(json!({"replicas": 2})),
+        json!({names::ANNOTATION_ALLOC_STATUS: ledger}),
+    );
+    let asks = |request: &str| {
+        with_annotations(
+            pooled(json!({"replicas": 2})),
+            json!({names::ANNOTATION_ALLOC_STATUS: ledger, names::ANNOTATION_ALLOC_RELEASE: request}),
+        )
+    };
+    let path = format!("metadata.annotations[{}]", names::ANNOTATION_ALLOC_RELEASE);
+    assert_allowed(&update(held.clone(), asks(r#"{"pods":["p-b"]}"#)));
+    let message = single_error(
+        &update(
+            held.clone(),
+            asks(r#"{"pods":["p-b","other-x","other-y"]}"#),
+        ),
+        &path,
+    );
+    assert!(message.contains(r#""other-x", "other-y""#), "{message}");
+    assert!(!message.contains(r#"pod(s) "p-b""#), "{message}");
+    let message = single_error(&update(held.clone(), asks("p-b")), &path);
+    assert!(message.contains("must be JSON"), "{message}");
+
+    // Once carried out, the request stays valid: the pod moved from the ledger to alloc-released,
+    // and an unchanged request is not checked again.
+    let done = with_annotations(
+        pooled(json!({"replicas": 2})),
+        json!({
+            names::ANNOTATION_ALLOC_STATUS: r#"{"pods":["p-a",""],"poolRef":"fast-pool"}"#,
+            names::ANNOTATION_ALLOC_RELEASE: r#"{"pods":["p-b"]}"#,
+            names::ANNOTATION_ALLOC_RELEASED: r#"{"pods":["p-b"]}"#,
+        }),
+    );
+    assert_allowed(&update(asks(r#"{"pods":["p-b"]}"#), done.clone()));
+    assert_allowed(&create(done));
+}
+
+#[test]
+fn the_user_writable_annotations_are_listed() {
+    assert_eq!(
+        names::USER_WRITABLE_ANNOTATIONS,
+        [names::ANNOTATION_ALLOC_RELEASE]
+    );
+}
+
 #[test]
 fn unreadable_objects_become_field_errors() {
     let (decoded, errors) =
@@ -1168,14 +1292,19 @@ fn variant_index(rule: &Rule) -> usize {
         Rule::UnknownPolicy => 23,
         Rule::NameTooLongForLabel { .. } => 24,
         Rule::Unreadable { .. } => 25,
-        Rule::BadRequest(_) => 26,
+        Rule::BadMaxUnavailable { .. } => 26,
+        Rule::PauseUnsupported => 27,
+        Rule::BadPodList { .. } => 28,
+        Rule::ReleasesForeignPods { .. } => 29,
+        Rule::BadRequest(_) => 30,
+        Rule::ControllerOwned { .. } => 31,
     }
 }
 
 #[test]
 fn the_catalogue_has_every_rule_once() {
     let indices: Vec<usize> = Rule::catalogue().iter().map(variant_index).collect();
-    assert_eq!(indices, (0..=26).collect::<Vec<_>>());
+    assert_eq!(indices, (0..=31).collect::<Vec<_>>());
 }
 
 /// The message table between the markers in docs/admission.md.

@@ -11,6 +11,7 @@ fn ctx() -> AdmissionContext<'static> {
         now: "2026-06-01T00:00:00Z".parse().unwrap(),
         max_replicas: 1000,
         policy_exists: &no_policies,
+        controller_username: None,
     }
 }
 
@@ -439,4 +440,85 @@ proptest! {
         let uid = body.pointer("/request/uid").and_then(Value::as_str).map(str::to_owned);
         assert_well_formed(&serde_json::to_vec(&body).unwrap(), uid.as_deref())?;
     }
+}
+
+/// Only the controller may write its ledger annotations; the requester is `request.userInfo`.
+#[test]
+fn only_the_controller_writes_the_ledger_annotations() {
+    let controller = "system:serviceaccount:opensandbox-system:sandbox-controller";
+    let ctx = AdmissionContext {
+        controller_username: Some(controller),
+        ..ctx()
+    };
+    let (kind, resource) = batch_kind();
+    let with_annotations = |annotations: Value| {
+        let mut object = batch_object(json!({"replicas": 1, "poolRef": "fast-pool"}));
+        object["metadata"]["annotations"] = annotations;
+        object
+    };
+    let stored =
+        with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}"}));
+    let judge = |user: &str, object: Value, old: Value| {
+        let mut body = request("UPDATE", kind.clone(), resource.clone(), object, old);
+        body["request"]["userInfo"]["username"] = json!(user);
+        let reply = review(&serde_json::to_vec(&body).unwrap(), &ctx);
+        reply.response.expect("a response")
+    };
+
+    // A user lists another batch's pod in their own ledger: refused, naming the annotation.
+    let forged = with_annotations(
+        json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\",\"victim-0\"]}"}),
+    );
+    let denied = judge("alice", forged.clone(), stored.clone());
+    assert!(!denied.allowed);
+    assert!(
+        denied
+            .result
+            .message
+            .contains("metadata.annotations[sandbox.opensandbox.io/alloc-status]")
+            && denied
+                .result
+                .message
+                .contains("written only by the sandbox controller"),
+        "{}",
+        denied.result.message
+    );
+    // The same change by the controller is its own business.
+    assert!(judge(controller, forged, stored.clone()).allowed);
+    // Corrupting or removing the ledger, or setting the release policy, is refused too.
+    for object in [
+        with_annotations(json!({"sandbox.opensandbox.io/alloc-status": "{"})),
+        with_annotations(json!({})),
+        with_annotations(
+            json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}", "sandbox.opensandbox.io/release-policy": "Reuse"}),
+        ),
+    ] {
+        assert!(!judge("alice", object, stored.clone()).allowed);
+    }
+    // Other annotations, and a release request, stay the user's.
+    let release = with_annotations(json!({
+        "sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"p-1\"]}",
+        "sandbox.opensandbox.io/alloc-release": "{\"pods\":[\"p-1\"]}",
+        "team": "a",
+    }));
+    assert!(judge("alice", release, stored.clone()).allowed);
+    // On CREATE no ledger annotation may be brought along.
+    let mut create = request(
+        "CREATE",
+        kind.clone(),
+        resource.clone(),
+        with_annotations(json!({"sandbox.opensandbox.io/endpoints": "[]"})),
+        Value::Null,
+    );
+    create["request"]["userInfo"]["username"] = json!("alice");
+    let reply = review(&serde_json::to_vec(&create).unwrap(), &ctx);
+    assert!(!reply.response.expect("a response").allowed);
+    // An object being deleted is no exception: its ledger decides which pods are deleted.
+    let mut deleting = with_annotations(
+        json!({"sandbox.opensandbox.io/alloc-status": "{\"pods\":[\"victim-0\"]}"}),
+    );
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-06-01T00:00:00Z");
+    let mut old_deleting = stored;
+    old_deleting["metadata"]["deletionTimestamp"] = json!("2026-06-01T00:00:00Z");
+    assert!(!judge("alice", deleting, old_deleting).allowed);
 }
