@@ -129,7 +129,7 @@ pub struct RunArgs {
 
 #[derive(Args)]
 pub struct PolicyArgs {
-    /// Which engine makes the pool-sizing, shard-task and expiry decisions: `wasm` (the embedded
+    /// Which engine makes the pool-sizing, shard-task, expiry and pool-selection decisions: `wasm` (the embedded
     /// WebAssembly defaults plus custom policies) or `native` (the same decisions in native Rust, no custom policies).
     #[arg(long, value_enum, default_value_t = PolicyEngineKind::Wasm)]
     pub policy_engine: PolicyEngineKind,

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::task::TaskTemplateSpec;
 
-/// The desired state of a BatchSandbox. Set exactly one of `template` and `poolRef`.
+/// The desired state of a BatchSandbox. Set `template` (non-pooled), `poolRef` (pooled), or
+/// `poolRef: "*"` with `template` (pooled from a Pool the controller chooses to fit the template).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "sandbox.opensandbox.io",
@@ -77,7 +78,9 @@ use super::task::TaskTemplateSpec;
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.template) != has(self.poolRef)", "message": "exactly one of spec.template and spec.poolRef must be set"},
+    {"rule": "has(self.template) || has(self.poolRef)", "message": "one of spec.template and spec.poolRef must be set"},
+    {"rule": "!has(self.poolRef) || self.poolRef != '*' || has(self.template)", "message": "spec.poolRef \"*\" needs spec.template: the controller chooses a Pool whose pods fit it"},
+    {"rule": "!has(self.template) || !has(self.poolRef) || self.poolRef == '*' || (oldSelf.hasValue() && has(oldSelf.value().template) && has(oldSelf.value().poolRef) && (oldSelf.value().poolRef == '*' || oldSelf.value().poolRef == self.poolRef))", "optionalOldSelf": true, "message": "spec.template cannot be set together with a named spec.poolRef (only a Pool the controller chose for spec.poolRef \"*\" keeps the template): set exactly one of them"},
     {"rule": "!has(self.poolRef) || !has(self.shardPatches) || size(self.shardPatches) == 0", "message": "spec.shardPatches applies to non-pooled batches only; a pooled batch cannot set it"},
 ]))]
 pub struct BatchSandboxSpec {
@@ -86,14 +89,17 @@ pub struct BatchSandboxSpec {
     #[schemars(range(min = 0))]
     pub replicas: i32,
 
-    /// Name of a Pool in the same namespace to allocate pre-warmed pods from. Mutually exclusive
-    /// with `template`, and immutable once set.
+    /// Name of a Pool in the same namespace to allocate pre-warmed pods from, and immutable once
+    /// set. `"*"` (which needs `template`) lets the controller choose: the least allocated Pool
+    /// whose pods run the template's images, request at least its resources and match its node
+    /// selector; the controller then writes the chosen name here, the one change allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "spec.poolRef is immutable"}]))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf || oldSelf == '*'", "message": "spec.poolRef is immutable (except that \"*\" is replaced by the Pool chosen for it)"}]))]
     pub pool_ref: Option<String>,
 
     /// Pod template for non-pooled sandboxes: one pod `<name>-<index>` is created per shard.
-    /// Mutually exclusive with `poolRef`.
+    /// With `poolRef: "*"`, what the chosen Pool's pods must fit instead (no pods are created from
+    /// it). Mutually exclusive with a named `poolRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PodTemplateSpec>,
 
@@ -178,7 +184,8 @@ pub struct BatchSandboxStatus {
     #[serde(default)]
     pub task_unknown: i32,
     /// Conditions: Ready, Progressing, PoolAllocationPending (the pool is at `poolMax` with no idle
-    /// pod), PoolUnavailable, TaskFailed, PolicyDegraded.
+    /// pod), PoolUnavailable, TaskFailed, PolicyDegraded, and PoolSelectionPending while a
+    /// `poolRef: "*"` batch waits for a Pool that fits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::schema::conditions")]
     pub conditions: Vec<Condition>,
@@ -211,9 +218,17 @@ pub enum BatchSandboxPhase {
 }
 
 impl BatchSandbox {
-    /// The Pool this batch allocates from, if it is pooled.
+    /// The Pool this batch allocates from, if it is pooled and its Pool is known (not `"*"`).
     pub fn pool_name(&self) -> Option<&str> {
-        self.spec.pool_ref.as_deref()
+        self.spec
+            .pool_ref
+            .as_deref()
+            .filter(|pool| *pool != super::names::ANY_POOL)
+    }
+
+    /// Whether the batch waits for the controller to choose its Pool (`poolRef: "*"`).
+    pub fn awaits_pool_selection(&self) -> bool {
+        self.spec.pool_ref.as_deref() == Some(super::names::ANY_POOL)
     }
 
     /// Desired shard count; a negative value (rejected at admission) counts as zero.

@@ -8,6 +8,10 @@ pub const ANNOTATION_ENDPOINTS: &str = "sandbox.opensandbox.io/endpoints";
 /// a resourceVersion precondition, so two writers can never both succeed on a stale view.
 pub const ANNOTATION_ALLOC_STATUS: &str = "sandbox.opensandbox.io/alloc-status";
 
+/// `spec.poolRef` of a BatchSandbox that asks the controller to choose a Pool whose pods fit its
+/// `template`; the controller replaces it with the chosen Pool's name.
+pub const ANY_POOL: &str = "*";
+
 /// Label on every pod of a BatchSandbox (non-pooled pods) naming the batch.
 pub const LABEL_BATCH_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
 /// Label on every non-pooled pod: its shard index.

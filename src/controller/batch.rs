@@ -68,6 +68,9 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     if batch.metadata.deletion_timestamp.is_some() {
         return cleanup(batch, ctx).await;
     }
+    if batch.awaits_pool_selection() {
+        return super::selection::reconcile(batch, ctx).await;
+    }
 
     if batch.pool_name().is_some()
         && let Err(error) = ledger_of(batch)
@@ -113,7 +116,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(next))
 }
 
-async fn decide_expiry(
+pub(super) async fn decide_expiry(
     batch: &BatchSandbox,
     ctx: &Context,
     task_phases: &[TaskPhase],
@@ -135,7 +138,7 @@ async fn decide_expiry(
 }
 
 /// Deletes an expired batch; its finalizer then releases the pods.
-async fn expire(
+pub(super) async fn expire(
     batch: &BatchSandbox,
     ctx: &Context,
     action: ExpireAction,

@@ -10,6 +10,7 @@ mod claims;
 mod metrics;
 mod pool;
 mod router;
+mod selection;
 pub mod sidecar;
 mod tasks;
 mod writes;

@@ -64,9 +64,11 @@ impl Router {
                 let ns = pool.namespace().unwrap_or_default();
                 let name = pool.name_any();
                 self.pool(&ns, &name);
+                // Its batches, and the batches waiting for a Pool to be chosen: this one may fit now.
                 for batch in self.ctx.batches.state() {
                     if batch.namespace().as_deref() == Some(ns.as_str())
-                        && batch.pool_name() == Some(name.as_str())
+                        && (batch.pool_name() == Some(name.as_str())
+                            || batch.awaits_pool_selection())
                     {
                         self.batch(&ns, &batch.name_any());
                     }

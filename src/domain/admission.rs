@@ -39,6 +39,7 @@ const POLICY_DECISIONS: &[(&str, Kind)] = &[
     ("pool-sizing", Kind::Pool),
     ("shard-tasks", Kind::BatchSandbox),
     ("expiry", Kind::BatchSandbox),
+    ("pool-selection", Kind::BatchSandbox),
 ];
 
 /// What the rules need besides the objects themselves.
@@ -138,13 +139,17 @@ pub enum Rule {
     #[error("must be > 0")]
     NotPositive,
     #[error(
-        "must not be set together with spec.template: set exactly one of spec.template and spec.poolRef"
+        "must not name a Pool together with spec.template: set exactly one of them, or spec.poolRef \"*\" with spec.template to let the controller choose a Pool"
     )]
     BothTemplateAndPoolRef,
     #[error(
         "must be set when spec.poolRef is not: set exactly one of spec.template and spec.poolRef"
     )]
     NeitherTemplateNorPoolRef,
+    #[error(
+        "must be set when spec.poolRef is \"*\": the controller chooses a Pool whose pods fit it"
+    )]
+    PoolSelectionWithoutTemplate,
     #[error("must list at least one container")]
     NoContainers,
     #[error(
@@ -159,7 +164,9 @@ pub enum Rule {
         "must be a valid object name (DNS-1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters)"
     )]
     NotObjectName,
-    #[error("cannot change once set (was {was}); create a new BatchSandbox to use another pool")]
+    #[error(
+        "cannot change once set (was {was}), except from \"*\" to the Pool chosen for it; create a new BatchSandbox to use another pool"
+    )]
     PoolRefChanged { was: String },
     #[error(
         "cannot be set on update: the batch was created from spec.template; create a new BatchSandbox to use a pool"
@@ -233,6 +240,7 @@ impl Rule {
             Rule::NotPositive,
             Rule::BothTemplateAndPoolRef,
             Rule::NeitherTemplateNorPoolRef,
+            Rule::PoolSelectionWithoutTemplate,
             Rule::NoContainers,
             Rule::NotDnsLabel,
             Rule::DuplicateContainerName { first: 0 },
@@ -460,7 +468,8 @@ pub fn validate_batch_sandbox(
     let mut verdict = Verdict::default();
     batch_rules(new, old, ctx, &mut verdict);
     if let Some(old) = old {
-        if old.spec.pool_ref != new.spec.pool_ref {
+        let chosen_for_selection = old.awaits_pool_selection() && new.pool_name().is_some();
+        if old.spec.pool_ref != new.spec.pool_ref && !chosen_for_selection {
             let value = render_opt_str(new.spec.pool_ref.as_deref());
             let rule = match &old.spec.pool_ref {
                 Some(was) => Rule::PoolRefChanged { was: quote(was) },
@@ -523,14 +532,22 @@ fn batch_rules(
         );
     }
 
-    match (&spec.template, &spec.pool_ref) {
-        (Some(_), Some(pool)) => {
+    match (&spec.template, spec.pool_ref.as_deref()) {
+        (None, Some(names::ANY_POOL)) => verdict.error(
+            "spec.template",
+            "<unset>",
+            Rule::PoolSelectionWithoutTemplate,
+        ),
+        (Some(_), Some(pool))
+            if pool != names::ANY_POOL && !pool_chosen_for_selection(old, pool) =>
+        {
             verdict.error("spec.poolRef", quote(pool), Rule::BothTemplateAndPoolRef)
         }
         (None, None) => verdict.error("spec.template", "<unset>", Rule::NeitherTemplateNorPoolRef),
         _ => {}
     }
     if let Some(pool) = &spec.pool_ref
+        && pool != names::ANY_POOL
         && !is_dns_subdomain(pool)
     {
         verdict.error("spec.poolRef", quote(pool), Rule::NotObjectName);
@@ -600,6 +617,16 @@ fn batch_rules(
             }
         }
     }
+}
+
+/// Whether a named `poolRef` beside a template is the Pool the controller chose for `poolRef: "*"`:
+/// the stored object had the template and `"*"` (the choice being written) or this same name (a
+/// later update of a batch whose Pool was chosen).
+fn pool_chosen_for_selection(old: Option<&BatchSandbox>, pool: &str) -> bool {
+    old.is_some_and(|old| {
+        old.spec.template.is_some()
+            && matches!(old.spec.pool_ref.as_deref(), Some(was) if was == names::ANY_POOL || was == pool)
+    })
 }
 
 /// `alloc-release` may name only pods the batch holds (or has already released). Checked when the

@@ -59,6 +59,45 @@ pub const CONDITION_POOL_UNAVAILABLE: &str = "PoolUnavailable";
 pub const CONDITION_POOL_ALLOCATION_PENDING: &str = "PoolAllocationPending";
 pub const CONDITION_TASK_FAILED: &str = "TaskFailed";
 pub const CONDITION_POLICY_DEGRADED: &str = "PolicyDegraded";
+/// True while a `poolRef: "*"` batch has no Pool chosen because none fits; the message says why
+/// each Pool was rejected. Dropped once a Pool is chosen.
+pub const CONDITION_POOL_SELECTION_PENDING: &str = "PoolSelectionPending";
+/// Reason of [`CONDITION_POOL_SELECTION_PENDING`].
+pub const REASON_NO_ELIGIBLE_POOL: &str = "NoEligiblePool";
+
+/// The status of a `poolRef: "*"` batch for which no Pool fits: nothing delivered, and why.
+pub fn selection_pending_status(
+    generation: i64,
+    desired: usize,
+    why: &str,
+    policy_degraded: Option<&str>,
+    previous: &BatchSandboxStatus,
+    now: &Time,
+) -> BatchSandboxStatus {
+    let desired_conditions = [
+        Desired::new(
+            CONDITION_READY,
+            false,
+            "SandboxesNotReady",
+            format!("0/{desired} sandboxes ready: no Pool chosen yet"),
+        ),
+        Desired::new(
+            CONDITION_POOL_SELECTION_PENDING,
+            true,
+            REASON_NO_ELIGIBLE_POOL,
+            why,
+        ),
+        match policy_degraded {
+            Some(reason) => Desired::new(CONDITION_POLICY_DEGRADED, true, "PolicyFallback", reason),
+            None => Desired::new(CONDITION_POLICY_DEGRADED, false, "PoliciesHealthy", ""),
+        },
+    ];
+    BatchSandboxStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(&previous.conditions, &desired_conditions, now, generation),
+        ..BatchSandboxStatus::default()
+    }
+}
 
 /// The status for `view`, keeping transition times from `previous`.
 pub fn batch_status(
@@ -261,6 +300,36 @@ mod tests {
 
     fn now() -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap())
+    }
+
+    #[test]
+    fn a_batch_waiting_for_a_pool_says_why_and_keeps_its_transition_time() {
+        let why = "0/1 pools fit: small: requests cpu 250m < 500m";
+        let first =
+            selection_pending_status(2, 3, why, None, &BatchSandboxStatus::default(), &now());
+        let pending = first
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_POOL_SELECTION_PENDING)
+            .expect("the pending condition");
+        assert_eq!(
+            (
+                pending.status.as_str(),
+                pending.reason.as_str(),
+                pending.message.as_str()
+            ),
+            ("True", REASON_NO_ELIGIBLE_POOL, why)
+        );
+        assert_eq!(
+            (first.replicas, first.allocated, first.observed_generation),
+            (0, 0, 2)
+        );
+        let later = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap());
+        let again = selection_pending_status(2, 3, why, None, &first, &later);
+        assert!(equivalent(&first, &again));
+        assert_eq!(again.conditions[1].last_transition_time, now());
+        let degraded = selection_pending_status(2, 3, why, Some("policy failed"), &first, &later);
+        assert!(!equivalent(&first, &degraded));
     }
 
     fn shard(has_pod: bool, ready: bool, task: TaskPhase) -> ShardView {

@@ -19,6 +19,7 @@ const COMPONENTS: &[&str] = &[
     "default-pool-sizing",
     "default-shard-tasks",
     "default-expiry",
+    "default-pool-selection",
     "demand-aware-sizing",
     "expiry-grace",
     "hostile",

@@ -17,5 +17,6 @@ mod policy;
 mod pool_strategies;
 mod recycle;
 mod sdk;
+mod selection;
 mod tasks;
 mod webhook;

@@ -413,7 +413,7 @@ async fn invalid_variants_are_refused_naming_the_field_and_never_stored() {
         (
             "both template and poolRef",
             templated_batch("both-modes", "poolRef: fast-pool", nginx),
-            vec!["exactly one of spec.template and spec.poolRef must be set"],
+            vec!["spec.template cannot be set together with a named spec.poolRef"],
         ),
         (
             "pooled batch with shardPatches",

@@ -5,6 +5,7 @@ use alloc::format;
 use alloc::string::String;
 
 use crate::expiry::{BatchSnapshot, ExpiryDecision};
+use crate::selection::{self, SelectionDecision, SelectionInput};
 use crate::sizing::{self, PoolSnapshot, SizingDecision};
 use crate::tasks::{ShardTaskInput, ShardTasks};
 
@@ -82,6 +83,31 @@ pub fn check_expiry(batch: &BatchSnapshot, decision: &ExpiryDecision) -> Result<
         }
     }
     Ok(())
+}
+
+/// A selection is valid when the pool it names is one of the candidates and its reason is short
+/// enough for a condition.
+pub fn check_selection(input: &SelectionInput, decision: &SelectionDecision) -> Result<(), String> {
+    if let Some(pool) = &decision.pool
+        && !input.pools.iter().any(|p| &p.pool_name == pool)
+    {
+        return Err(format!(
+            "chose {pool:?}, which is not one of the candidate pools"
+        ));
+    }
+    if decision.reason.len() > selection::MAX_REASON_BYTES {
+        return Err(format!(
+            "reason is {} bytes long, more than {}",
+            decision.reason.len(),
+            selection::MAX_REASON_BYTES
+        ));
+    }
+    Ok(())
+}
+
+/// Selection fallback: the built-in default, which always gives a valid answer.
+pub fn fallback_selection(input: &SelectionInput) -> SelectionDecision {
+    selection::least_allocated_fit(input)
 }
 
 /// Sizing fallback: keep the current size, brought within the bounds.
@@ -214,7 +240,33 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_selection_must_name_a_candidate_and_keep_its_reason_short() {
+        let input = SelectionInput {
+            pools: vec![selection::CandidatePool {
+                pool_name: "p".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let choose = |pool: Option<&str>, reason: String| SelectionDecision {
+            pool: pool.map(Into::into),
+            reason,
+        };
+        assert!(check_selection(&input, &choose(Some("p"), String::new())).is_ok());
+        assert!(check_selection(&input, &choose(None, String::new())).is_ok());
+        assert!(check_selection(&input, &choose(Some("q"), String::new())).is_err());
+        let long = "x".repeat(selection::MAX_REASON_BYTES + 1);
+        assert!(check_selection(&input, &choose(None, long)).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn native_selections_always_pass_validation(input in crate::selection::tests::arb_input()) {
+            prop_assert!(check_selection(&input, &selection::least_allocated_fit(&input)).is_ok());
+            prop_assert!(check_selection(&input, &fallback_selection(&input)).is_ok());
+        }
+
         #[test]
         fn the_sizing_fallback_is_always_valid(total in 0u32..200, pool_min in 0u32..100, pool_max in 0u32..100) {
             let p = pool(total, pool_min, pool_max);

@@ -1,7 +1,7 @@
 //! The decisions sandbox-controller delegates to policies, written once.
 //!
 //! Each decision is a pure function of its input: [`sizing::buffer_sizing`],
-//! [`tasks::shard_tasks`], [`expiry::at_expire_time`]. The controller calls them natively
+//! [`tasks::shard_tasks`], [`expiry::at_expire_time`], [`selection::least_allocated_fit`]. The controller calls them natively
 //! (the fail-safe engine), and the default WebAssembly policies under `policies/defaults/` are
 //! thin WIT adapters around the same functions, so the two can never drift apart.
 //!
@@ -17,6 +17,8 @@ extern crate std;
 
 pub mod checks;
 pub mod expiry;
+pub mod quantity;
+pub mod selection;
 pub mod settings;
 pub mod sizing;
 pub mod tasks;
@@ -222,5 +224,38 @@ macro_rules! bridge_expiry {
                 }
             }
         }
+    };
+}
+
+/// Conversions for the types of the `pool-selection` interface; see [`bridge_pool_sizing!`].
+#[macro_export]
+macro_rules! bridge_pool_selection {
+    ($($wit:ident)::+) => {
+        $crate::bridge_policy_error!($($wit)::+::PolicyError);
+        $crate::bridge_struct!($crate::sizing::Bounds, $($wit)::+::Bounds {
+            buffer_min, buffer_max, pool_min, pool_max,
+        });
+        $crate::bridge_struct!($crate::selection::Label, $($wit)::+::Label { key, value });
+        $crate::bridge_struct!($crate::selection::ResourceRequest, $($wit)::+::ResourceRequest {
+            name, quantity,
+        });
+        $crate::bridge_struct!($crate::selection::ContainerRequirements, $($wit)::+::ContainerRequirements {
+            image, requests,
+        });
+        $crate::bridge_struct!($crate::selection::PodRequirements, $($wit)::+::PodRequirements {
+            containers, node_selector,
+        });
+        $crate::bridge_struct!($crate::selection::BatchRequirements, $($wit)::+::BatchRequirements {
+            batch_name, replicas, template,
+        });
+        $crate::bridge_struct!($crate::selection::CandidatePool, $($wit)::+::CandidatePool {
+            pool_name, labels, template, bounds, total, allocated, idle,
+        });
+        $crate::bridge_struct!($crate::selection::SelectionInput, $($wit)::+::SelectionInput {
+            batch, pools,
+        });
+        $crate::bridge_struct!($crate::selection::SelectionDecision, $($wit)::+::SelectionDecision {
+            pool, reason,
+        });
     };
 }

@@ -240,7 +240,7 @@ fn exactly_one_of_template_and_pool_ref() {
     let both = templated(json!({"poolRef": "fast-pool"}));
     let message = single_error(&create(both), "spec.poolRef");
     assert!(
-        message.contains("exactly one of spec.template and spec.poolRef"),
+        message.contains("must not name a Pool together with spec.template"),
         "{message}"
     );
 
@@ -322,7 +322,7 @@ fn pool_ref_cannot_change_or_appear_on_update() {
     );
     assert_eq!(
         message,
-        "spec.poolRef: \"other-pool\" cannot change once set (was \"fast-pool\"); create a new BatchSandbox to use another pool"
+        "spec.poolRef: \"other-pool\" cannot change once set (was \"fast-pool\"), except from \"*\" to the Pool chosen for it; create a new BatchSandbox to use another pool"
     );
 
     // Switching to a template removes poolRef: that is a change too.
@@ -337,6 +337,76 @@ fn pool_ref_cannot_change_or_appear_on_update() {
     switched["metadata"] = from_template["metadata"].clone();
     let message = single_error(&update(from_template, switched), "spec.poolRef");
     assert!(message.contains("cannot be set on update"), "{message}");
+}
+
+/// `poolRef: "*"` with the template the chosen Pool's pods must fit.
+fn selecting(spec: Value) -> Value {
+    let mut value = templated(spec);
+    value["spec"]["poolRef"] = json!("*");
+    value
+}
+
+#[test]
+fn pool_ref_star_needs_a_template() {
+    assert_allowed(&create(selecting(json!({"replicas": 2}))));
+    let message = single_error(&create(pooled(json!({"poolRef": "*"}))), "spec.template");
+    assert_eq!(
+        message,
+        "spec.template: <unset> must be set when spec.poolRef is \"*\": the controller chooses a Pool whose pods fit it"
+    );
+    // The template is checked like any other.
+    let empty = selecting(json!({"template": {"spec": {"containers": []}}}));
+    assert_eq!(paths(&create(empty)), ["spec.template.spec.containers"]);
+    // A "*" batch is pooled: no pod is created from the template, so it cannot be patched.
+    let patched = selecting(json!({"shardPatches": [{"metadata": {"labels": {"x": "y"}}}]}));
+    assert_eq!(paths(&create(patched)), ["spec.shardPatches"]);
+}
+
+#[test]
+fn pool_ref_star_may_become_the_chosen_pool_and_nothing_else() {
+    let waiting = selecting(json!({"replicas": 2}));
+    let mut chosen = waiting.clone();
+    chosen["spec"]["poolRef"] = json!("fast-pool");
+    assert_allowed(&update(waiting.clone(), chosen.clone()));
+    // Once chosen, the batch (template and all) is updated like any pooled batch.
+    let mut scaled = chosen.clone();
+    scaled["spec"]["replicas"] = json!(5);
+    assert_allowed(&update(chosen.clone(), scaled));
+    // The choice is final.
+    let mut moved = chosen.clone();
+    moved["spec"]["poolRef"] = json!("other-pool");
+    let errors = update(chosen.clone(), moved).errors;
+    assert!(
+        errors.iter().any(|e| e.rule
+            == Rule::PoolRefChanged {
+                was: "\"fast-pool\"".into()
+            }),
+        "{errors:?}"
+    );
+    let mut back = chosen.clone();
+    back["spec"]["poolRef"] = json!("*");
+    assert_eq!(paths(&update(chosen.clone(), back)), ["spec.poolRef"]);
+    // "*" cannot be dropped to make the batch non-pooled, nor can a template be added to a
+    // batch created with a named pool.
+    let mut dropped = waiting.clone();
+    dropped["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("poolRef");
+    assert_eq!(paths(&update(waiting, dropped)), ["spec.poolRef"]);
+    let named = pooled(json!({"replicas": 2}));
+    let mut with_template = chosen;
+    with_template["metadata"] = named["metadata"].clone();
+    assert_eq!(paths(&update(named, with_template)), ["spec.poolRef"]);
+    // Creating a batch that looks chosen is refused: the controller makes that state.
+    let message = single_error(
+        &create(templated(json!({"poolRef": "fast-pool"}))),
+        "spec.poolRef",
+    );
+    assert!(
+        message.contains("spec.poolRef \"*\" with spec.template"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -1223,39 +1293,40 @@ fn variant_index(rule: &Rule) -> usize {
         Rule::NotPositive => 3,
         Rule::BothTemplateAndPoolRef => 4,
         Rule::NeitherTemplateNorPoolRef => 5,
-        Rule::NoContainers => 6,
-        Rule::NotDnsLabel => 7,
-        Rule::DuplicateContainerName { .. } => 8,
-        Rule::MissingImage => 9,
-        Rule::NotObjectName => 10,
-        Rule::PoolRefChanged { .. } => 11,
-        Rule::PoolRefAdded => 12,
-        Rule::ShardPatchesOnPooledBatch => 13,
-        Rule::MoreEntriesThanReplicas { .. } => 14,
-        Rule::BadShardPatch { .. } => 15,
-        Rule::ShardPatchBreaksPod { .. } => 16,
-        Rule::EmptyCommand { .. } => 17,
-        Rule::BadEnvName => 18,
-        Rule::DuplicateEnvName { .. } => 19,
-        Rule::BadTime { .. } => 20,
-        Rule::ExpireTimeInPast { .. } => 21,
-        Rule::UnknownPolicy => 22,
-        Rule::NameTooLongForLabel { .. } => 23,
-        Rule::Unreadable { .. } => 24,
-        Rule::BadMaxUnavailable { .. } => 25,
-        Rule::PauseUnsupported => 26,
-        Rule::BadPodList { .. } => 27,
-        Rule::ReleasesForeignPods { .. } => 28,
-        Rule::BadRequest(_) => 29,
-        Rule::ControllerOwned { .. } => 30,
-        Rule::NotOneOf { .. } => 31,
+        Rule::PoolSelectionWithoutTemplate => 6,
+        Rule::NoContainers => 7,
+        Rule::NotDnsLabel => 8,
+        Rule::DuplicateContainerName { .. } => 9,
+        Rule::MissingImage => 10,
+        Rule::NotObjectName => 11,
+        Rule::PoolRefChanged { .. } => 12,
+        Rule::PoolRefAdded => 13,
+        Rule::ShardPatchesOnPooledBatch => 14,
+        Rule::MoreEntriesThanReplicas { .. } => 15,
+        Rule::BadShardPatch { .. } => 16,
+        Rule::ShardPatchBreaksPod { .. } => 17,
+        Rule::EmptyCommand { .. } => 18,
+        Rule::BadEnvName => 19,
+        Rule::DuplicateEnvName { .. } => 20,
+        Rule::BadTime { .. } => 21,
+        Rule::ExpireTimeInPast { .. } => 22,
+        Rule::UnknownPolicy => 23,
+        Rule::NameTooLongForLabel { .. } => 24,
+        Rule::Unreadable { .. } => 25,
+        Rule::BadMaxUnavailable { .. } => 26,
+        Rule::PauseUnsupported => 27,
+        Rule::BadPodList { .. } => 28,
+        Rule::ReleasesForeignPods { .. } => 29,
+        Rule::BadRequest(_) => 30,
+        Rule::ControllerOwned { .. } => 31,
+        Rule::NotOneOf { .. } => 32,
     }
 }
 
 #[test]
 fn the_catalogue_has_every_rule_once() {
     let indices: Vec<usize> = Rule::catalogue().iter().map(variant_index).collect();
-    assert_eq!(indices, (0..=31).collect::<Vec<_>>());
+    assert_eq!(indices, (0..=32).collect::<Vec<_>>());
 }
 
 /// The message table between the markers in docs/admission.md.

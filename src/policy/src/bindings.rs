@@ -13,6 +13,12 @@ pub mod shard {
     sandbox_decisions::bridge_shard_tasks!(wit);
 }
 
+pub mod selection {
+    wasmtime::component::bindgen!({ world: "pool-selection-policy", path: "../../wit" });
+    pub use exports::opensandbox::policy::pool_selection as wit;
+    sandbox_decisions::bridge_pool_selection!(wit);
+}
+
 pub mod expiry {
     wasmtime::component::bindgen!({ world: "expiry-policy", path: "../../wit" });
     pub use exports::opensandbox::policy::expiry as wit;

@@ -10,6 +10,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use sandbox_decisions::expiry::BatchSnapshot;
+use sandbox_decisions::selection::{
+    BatchRequirements, CandidatePool, ContainerRequirements, Label, PodRequirements,
+    ResourceRequest, SelectionInput,
+};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_decisions::tasks::{EnvVar, ProcessTask, TaskPhase, TaskSpec, TaskTemplateSpec};
 
@@ -45,8 +49,8 @@ pub struct TestArgs {
     /// defaults to the current time. Shapes: see `policies/examples/inputs/`.
     #[arg(long)]
     pub input: PathBuf,
-    /// Which decision to run: pool-sizing, shard-tasks or expiry (default: the only one the
-    /// component implements).
+    /// Which decision to run: pool-sizing, shard-tasks, expiry or pool-selection (default: the
+    /// only one the component implements).
     #[arg(long)]
     pub decision: Option<String>,
     /// Settings JSON file (default: `<file>.json` beside the component if present, else `{}`).
@@ -142,6 +146,13 @@ struct TestOutput<T> {
 }
 
 fn test(args: &TestArgs) -> anyhow::Result<i32> {
+    let (output, code) = run_test(args)?;
+    println!("{output}");
+    Ok(code)
+}
+
+/// The JSON `policy test` prints, and its exit status.
+fn run_test(args: &TestArgs) -> anyhow::Result<(String, i32)> {
     let input = read_input(&args.file, args.settings.as_deref())?;
     let policies = WasmPolicies::new(Limits::default())?;
     if let Err(error) = policies.load(
@@ -159,7 +170,9 @@ fn test(args: &TestArgs) -> anyhow::Result<i32> {
         .collect::<Vec<_>>();
     let decision = match args.decision.as_deref() {
         Some(name) => Decision::from_name(name).with_context(|| {
-            format!("unknown decision {name:?}; use pool-sizing, shard-tasks or expiry")
+            format!(
+                "unknown decision {name:?}; use pool-sizing, shard-tasks, expiry or pool-selection"
+            )
         })?,
         None => match implemented.as_slice() {
             [only] => *only,
@@ -175,7 +188,7 @@ fn test(args: &TestArgs) -> anyhow::Result<i32> {
     let given: Value = serde_json::from_str(&text).context("the input is not JSON")?;
     let now = now_unix_ms();
     let selector = Some(CLI_POLICY);
-    let degraded = match decision {
+    let (output, degraded) = match decision {
         Decision::PoolSizing => {
             let pool: PoolSnapshot = with_defaults(
                 PoolSnapshot {
@@ -184,11 +197,11 @@ fn test(args: &TestArgs) -> anyhow::Result<i32> {
                 },
                 given,
             )?;
-            print_outcome(policies.pool_sizing(selector, &pool))?
+            render(policies.pool_sizing(selector, &pool))?
         }
         Decision::ShardTasks => {
             let batch: ShardTaskInput = with_defaults(ShardTaskInput::default(), given)?;
-            print_outcome(policies.shard_tasks(selector, &batch))?
+            render(policies.shard_tasks(selector, &batch))?
         }
         Decision::Expiry => {
             let batch: BatchSnapshot = with_defaults(
@@ -198,20 +211,24 @@ fn test(args: &TestArgs) -> anyhow::Result<i32> {
                 },
                 given,
             )?;
-            print_outcome(policies.expiry(selector, &batch))?
+            render(policies.expiry(selector, &batch))?
+        }
+        Decision::PoolSelection => {
+            let input: SelectionInput = with_defaults(SelectionInput::default(), given)?;
+            render(policies.pool_selection(selector, &input))?
         }
     };
-    Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
+    Ok((output, if degraded { EXIT_DEGRADED } else { EXIT_OK }))
 }
 
-fn print_outcome<T: Serialize>(outcome: Outcome<T>) -> anyhow::Result<bool> {
+/// The outcome as `policy test` prints it, and whether it is degraded.
+fn render<T: Serialize>(outcome: Outcome<T>) -> anyhow::Result<(String, bool)> {
     let degraded = outcome.degraded.is_some();
     let output = TestOutput {
         decision: outcome.decision,
         degraded: outcome.degraded,
     };
-    println!("{}", serde_json::to_string_pretty(&output)?);
-    Ok(degraded)
+    Ok((serde_json::to_string_pretty(&output)?, degraded))
 }
 
 /// `given` laid over `default`, so an input may leave out any field.
@@ -244,8 +261,9 @@ fn now_unix_ms() -> i64 {
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Representative inputs: a busy pool, a heterogeneous batch of 10, an expiring batch of 10.
-pub fn bench_inputs() -> (PoolSnapshot, ShardTaskInput, BatchSnapshot) {
+/// Representative inputs: a busy pool, a heterogeneous batch of 10, an expiring batch of 10, and
+/// a batch choosing among 20 pools of which some fit.
+pub fn bench_inputs() -> (PoolSnapshot, ShardTaskInput, BatchSnapshot, SelectionInput) {
     let now = 1_800_000_000_000;
     let pool = PoolSnapshot {
         pool_name: "bench".into(),
@@ -302,7 +320,56 @@ pub fn bench_inputs() -> (PoolSnapshot, ShardTaskInput, BatchSnapshot) {
         pooled: true,
         task_phases: vec![TaskPhase::Running; 10],
     };
-    (pool, batch, expiring)
+    (pool, batch, expiring, bench_selection())
+}
+
+fn bench_selection() -> SelectionInput {
+    let template = |image: &str, cpu: &str, memory: &str, zone: &str| PodRequirements {
+        containers: vec![ContainerRequirements {
+            image: image.into(),
+            requests: vec![
+                ResourceRequest {
+                    name: "cpu".into(),
+                    quantity: cpu.into(),
+                },
+                ResourceRequest {
+                    name: "memory".into(),
+                    quantity: memory.into(),
+                },
+            ],
+        }],
+        node_selector: vec![Label::new("topology.kubernetes.io/zone", zone)],
+    };
+    let images = ["python:3.12", "node:22", "golang:1.24", "python:3.12"];
+    let pools = (0..20u32)
+        .map(|i| CandidatePool {
+            pool_name: format!("pool-{i:02}"),
+            labels: vec![Label::new("team", "sandbox")],
+            template: template(
+                images[i as usize % images.len()],
+                ["250m", "500m", "1", "2"][i as usize % 4],
+                ["512Mi", "1Gi", "2Gi", "4G"][i as usize % 4],
+                ["a", "b"][i as usize % 2],
+            ),
+            bounds: Bounds {
+                buffer_min: 2,
+                buffer_max: 10,
+                pool_min: 5,
+                pool_max: 100,
+            },
+            total: 40,
+            allocated: (i * 7) % 40,
+            idle: 40 - (i * 7) % 40,
+        })
+        .collect();
+    SelectionInput {
+        batch: BatchRequirements {
+            batch_name: "bench".into(),
+            replicas: 10,
+            template: template("python:3.12", "500m", "1Gi", "b"),
+        },
+        pools,
+    }
 }
 
 fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
@@ -310,10 +377,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     let policies = WasmPolicies::new(Limits::default())?;
     println!(
-        "engine start + compiling the 3 embedded defaults: {:.1} ms",
+        "engine start + compiling the {} embedded defaults: {:.1} ms",
+        Decision::ALL.len(),
         started.elapsed().as_secs_f64() * 1e3
     );
-    let (pool, batch, expiring) = bench_inputs();
+    let (pool, batch, expiring, selection) = bench_inputs();
     println!(
         "{runs} decisions each (fresh instance + call + output validation), after 100 warm-up calls:"
     );
@@ -356,6 +424,15 @@ fn bench(args: &BenchArgs) -> anyhow::Result<i32> {
         "expiry",
         &mut || policies.expiry(None, &expiring).degraded.is_some(),
         &mut || drop(std::hint::black_box(NativePolicies.expiry(None, &expiring))),
+    );
+    report(
+        "pool-select",
+        &mut || policies.pool_selection(None, &selection).degraded.is_some(),
+        &mut || {
+            drop(std::hint::black_box(
+                NativePolicies.pool_selection(None, &selection),
+            ))
+        },
     );
     if degraded > 0 {
         println!("{degraded} decision(s) degraded: the figures include fallbacks");
@@ -414,6 +491,56 @@ mod tests {
                 pool.now_unix_ms
             ),
             (9, 0, 3, 7)
+        );
+    }
+
+    fn example_input(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../policies/examples/inputs")
+            .join(name)
+    }
+
+    #[test]
+    fn policy_test_runs_the_default_pool_selection_on_the_example_input() {
+        let args = TestArgs {
+            file: crate::embedded::built_component("default-pool-selection"),
+            input: example_input("pool-selection.json"),
+            decision: None,
+            settings: None,
+        };
+        let (output, code) = run_test(&args).expect("policy test runs");
+        assert_eq!(code, EXIT_OK, "{output}");
+        let output: Value = serde_json::from_str(&output).expect("JSON output");
+        assert_eq!(output["decision"]["pool"], "python-quiet", "{output}");
+        let reason = output["decision"]["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("node-pool: images [node:22] not [python:3.12]"),
+            "{reason}"
+        );
+        assert_eq!(output["degraded"], Value::Null);
+    }
+
+    #[test]
+    fn policy_test_reports_an_invalid_pool_selection_as_degraded() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let settings = dir.path().join("garbage.json");
+        std::fs::write(&settings, r#"{"mode": "garbage"}"#).expect("settings");
+        let args = TestArgs {
+            file: crate::embedded::built_component("hostile"),
+            input: example_input("pool-selection.json"),
+            decision: Some("pool-selection".into()),
+            settings: Some(settings),
+        };
+        let (output, code) = run_test(&args).expect("policy test runs");
+        assert_eq!(code, EXIT_DEGRADED, "{output}");
+        let output: Value = serde_json::from_str(&output).expect("JSON output");
+        // The fail-safe is the built-in default's choice.
+        assert_eq!(output["decision"]["pool"], "python-quiet", "{output}");
+        assert!(
+            output["degraded"]
+                .as_str()
+                .is_some_and(|d| d.contains("not one of the candidate pools")),
+            "{output}"
         );
     }
 

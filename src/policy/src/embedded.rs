@@ -18,12 +18,18 @@ pub const DEFAULT_EXPIRY: &[u8] = include_bytes!(concat!(
     "/default_expiry.wasm"
 ));
 
+pub const DEFAULT_POOL_SELECTION: &[u8] = include_bytes!(concat!(
+    env!("SANDBOX_POLICY_WASM_DIR"),
+    "/default_pool_selection.wasm"
+));
+
 /// The embedded default component for `decision`.
 pub fn default_component(decision: Decision) -> &'static [u8] {
     match decision {
         Decision::PoolSizing => DEFAULT_POOL_SIZING,
         Decision::ShardTasks => DEFAULT_SHARD_TASKS,
         Decision::Expiry => DEFAULT_EXPIRY,
+        Decision::PoolSelection => DEFAULT_POOL_SELECTION,
     }
 }
 

@@ -19,7 +19,7 @@ use wasmtime::{
 };
 
 use crate::Decision;
-use crate::kind::{DecisionKind, Expiry, GuestResult, PoolSizing, ShardTasksKind};
+use crate::kind::{DecisionKind, Expiry, GuestResult, PoolSelection, PoolSizing, ShardTasksKind};
 use crate::metrics::DegradedReason;
 
 /// What one call may use. Exceeding any limit ends the call with a [`CallError`].
@@ -134,6 +134,7 @@ pub struct Exports {
     pub(crate) pool_sizing: Option<<PoolSizing as DecisionKind>::Pre>,
     pub(crate) shard_tasks: Option<<ShardTasksKind as DecisionKind>::Pre>,
     pub(crate) expiry: Option<<Expiry as DecisionKind>::Pre>,
+    pub(crate) pool_selection: Option<<PoolSelection as DecisionKind>::Pre>,
 }
 
 impl CompiledPolicy {
@@ -406,6 +407,7 @@ impl WasmHost {
             pool_sizing: implemented::<PoolSizing>(&pre, &mut missing),
             shard_tasks: implemented::<ShardTasksKind>(&pre, &mut missing),
             expiry: implemented::<Expiry>(&pre, &mut missing),
+            pool_selection: implemented::<PoolSelection>(&pre, &mut missing),
         };
         let policy = CompiledPolicy {
             digest: digest.clone(),

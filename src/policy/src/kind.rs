@@ -3,6 +3,7 @@
 //! The host and the engine are generic over [`DecisionKind`]; nothing else matches on decisions.
 
 use sandbox_decisions::expiry::{self, BatchSnapshot, ExpiryDecision};
+use sandbox_decisions::selection::{self, SelectionDecision, SelectionInput};
 use sandbox_decisions::sizing::{self, PoolSnapshot, SizingDecision};
 use sandbox_decisions::tasks::{self, ShardTaskInput, ShardTasks};
 use sandbox_decisions::{Bridge, PolicyError, checks};
@@ -10,14 +11,16 @@ use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
 use crate::Decision;
-use crate::bindings::{expiry as expiry_wit, shard, sizing as sizing_wit};
+use crate::bindings::{
+    expiry as expiry_wit, selection as selection_wit, shard, sizing as sizing_wit,
+};
 use crate::host::{CallState, Exports};
 
 /// The result of calling into a guest: a wasmtime error (trap, limit) or the guest's own answer.
 pub type GuestResult<T> = wasmtime::Result<Result<T, PolicyError>>;
 
-/// One decision kind. Implemented by the marker types [`PoolSizing`], [`ShardTasksKind`] and
-/// [`Expiry`].
+/// One decision kind. Implemented by the marker types [`PoolSizing`], [`ShardTasksKind`],
+/// [`Expiry`] and [`PoolSelection`].
 pub trait DecisionKind: 'static {
     /// Which decision this is.
     const DECISION: Decision;
@@ -94,6 +97,9 @@ pub enum ShardTasksKind {}
 
 /// Whether a BatchSandbox has reached its end.
 pub enum Expiry {}
+
+/// Which Pool a BatchSandbox with `poolRef: "*"` takes its pods from.
+pub enum PoolSelection {}
 
 impl DecisionKind for PoolSizing {
     const DECISION: Decision = Decision::PoolSizing;
@@ -200,6 +206,43 @@ impl DecisionKind for Expiry {
     }
 }
 
+impl DecisionKind for PoolSelection {
+    const DECISION: Decision = Decision::PoolSelection;
+    type Input = SelectionInput;
+    type Output = SelectionDecision;
+    type Pre = selection_wit::PoolSelectionPolicyPre<CallState>;
+
+    fn pre(instance: InstancePre<CallState>) -> wasmtime::Result<Self::Pre> {
+        Self::Pre::new(instance)
+    }
+
+    fn pre_of(exports: &Exports) -> Option<&Self::Pre> {
+        exports.pool_selection.as_ref()
+    }
+
+    guest_calls!(
+        opensandbox_policy_pool_selection,
+        selection_wit::wit::SelectionInput
+    );
+
+    fn check(input: &SelectionInput, decision: &SelectionDecision) -> Result<(), String> {
+        checks::check_selection(input, decision)
+    }
+
+    fn fallback(input: &SelectionInput) -> (SelectionDecision, String) {
+        let decision = checks::fallback_selection(input);
+        let what = match &decision.pool {
+            Some(pool) => format!("the built-in default chose {pool:?}"),
+            None => "the built-in default found no pool".into(),
+        };
+        (decision, what)
+    }
+
+    fn native(input: &SelectionInput) -> SelectionDecision {
+        selection::least_allocated_fit(input)
+    }
+}
+
 /// Runs `$body` with `$kind` bound to the [`DecisionKind`] of the runtime value `$decision`: the
 /// one place a [`Decision`] is turned back into its type.
 #[macro_export]
@@ -217,6 +260,10 @@ macro_rules! with_kind {
             }
             $crate::Decision::Expiry => {
                 type $kind = $crate::kind::Expiry;
+                $body
+            }
+            $crate::Decision::PoolSelection => {
+                type $kind = $crate::kind::PoolSelection;
                 $body
             }
         }

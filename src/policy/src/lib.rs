@@ -1,5 +1,5 @@
-//! The decisions the controller delegates to policies: pool sizing, shard-task generation and
-//! expiry, and the sandboxed WebAssembly host that runs them.
+//! The decisions the controller delegates to policies: pool sizing, shard-task generation,
+//! expiry and pool selection, and the sandboxed WebAssembly host that runs them.
 //!
 //! Reconcilers ask a [`PolicyEngine`] and apply the answer; they never compute a decision inline.
 //! [`NativePolicies`] computes the decisions of `sandbox-decisions` natively (the fail-safe);
@@ -30,18 +30,25 @@ pub use wasm::{PolicyInput, Source, WasmPolicies};
 pub use sandbox_decisions::tasks::{ShardTaskInput, ShardTasks};
 
 use sandbox_decisions::expiry::{BatchSnapshot, ExpiryDecision};
+use sandbox_decisions::selection::{SelectionDecision, SelectionInput};
 use sandbox_decisions::sizing::{PoolSnapshot, SizingDecision};
 
-/// The three decisions, each a WIT interface with a world of its own.
+/// The four decisions, each a WIT interface with a world of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Decision {
     PoolSizing,
     ShardTasks,
     Expiry,
+    PoolSelection,
 }
 
 impl Decision {
-    pub const ALL: [Decision; 3] = [Decision::PoolSizing, Decision::ShardTasks, Decision::Expiry];
+    pub const ALL: [Decision; 4] = [
+        Decision::PoolSizing,
+        Decision::ShardTasks,
+        Decision::Expiry,
+        Decision::PoolSelection,
+    ];
 
     /// The interface name, also the suffix of the selecting annotation.
     pub fn name(self) -> &'static str {
@@ -49,6 +56,7 @@ impl Decision {
             Decision::PoolSizing => "pool-sizing",
             Decision::ShardTasks => "shard-tasks",
             Decision::Expiry => "expiry",
+            Decision::PoolSelection => "pool-selection",
         }
     }
 
@@ -58,6 +66,7 @@ impl Decision {
             Decision::PoolSizing => "pool-sizing-policy",
             Decision::ShardTasks => "shard-tasks-policy",
             Decision::Expiry => "expiry-policy",
+            Decision::PoolSelection => "pool-selection-policy",
         }
     }
 
@@ -149,6 +158,12 @@ pub trait PolicyEngine: Send + Sync + 'static {
         selector: PolicySelector<'_>,
         batch: &BatchSnapshot,
     ) -> Outcome<ExpiryDecision>;
+    /// Which pool a BatchSandbox with `poolRef: "*"` takes; `decision.pool == None`: none fits now.
+    fn pool_selection(
+        &self,
+        selector: PolicySelector<'_>,
+        input: &SelectionInput,
+    ) -> Outcome<SelectionDecision>;
 
     /// Whether a custom policy of this name is loaded or being loaded (for admission checks of
     /// the `policy.sandbox.opensandbox.io/*` annotations). Engines without custom policies know none.
@@ -182,5 +197,13 @@ impl PolicyEngine for NativePolicies {
 
     fn expiry(&self, _: PolicySelector<'_>, batch: &BatchSnapshot) -> Outcome<ExpiryDecision> {
         Outcome::ok(kind::Expiry::native(batch))
+    }
+
+    fn pool_selection(
+        &self,
+        _: PolicySelector<'_>,
+        input: &SelectionInput,
+    ) -> Outcome<SelectionDecision> {
+        Outcome::ok(kind::PoolSelection::native(input))
     }
 }

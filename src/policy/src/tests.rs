@@ -8,6 +8,10 @@ use proptest::prelude::*;
 
 use sandbox_decisions::checks;
 use sandbox_decisions::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision};
+use sandbox_decisions::selection::{
+    self, BatchRequirements, CandidatePool, ContainerRequirements, Label, PodRequirements,
+    ResourceRequest, SelectionInput,
+};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_decisions::tasks::{
     EnvVar, ProcessTask, TaskPhase, TaskSpec, TaskTemplateSpec, template_merge,
@@ -225,8 +229,98 @@ fn arb_expiring() -> impl Strategy<Value = BatchSnapshot> {
         )
 }
 
+fn arb_requirements() -> impl Strategy<Value = PodRequirements> {
+    let quantity = prop::sample::select(vec![
+        "100m", "0.5", "1", "2", "1500m", "256Mi", "1Gi", "1G", "1e9", "lots", "",
+    ]);
+    let request = (
+        prop::sample::select(vec!["cpu", "memory", "nvidia.com/gpu"]),
+        quantity,
+    )
+        .prop_map(|(name, quantity)| ResourceRequest {
+            name: name.into(),
+            quantity: quantity.into(),
+        });
+    let container = (
+        prop::sample::select(vec!["python:3.12", "node:22", ""]),
+        prop::collection::vec(request, 0..3),
+    )
+        .prop_map(|(image, requests)| ContainerRequirements {
+            image: image.into(),
+            requests,
+        });
+    let label = (
+        prop::sample::select(vec!["zone", "arch"]),
+        prop::sample::select(vec!["a", "b"]),
+    )
+        .prop_map(|(k, v)| Label::new(k, v));
+    (
+        prop::collection::vec(container, 0..3),
+        prop::collection::vec(label, 0..2),
+    )
+        .prop_map(|(containers, node_selector)| PodRequirements {
+            containers,
+            node_selector,
+        })
+}
+
+fn arb_selection() -> impl Strategy<Value = SelectionInput> {
+    let label = (
+        prop::sample::select(vec!["zone", "arch"]),
+        prop::sample::select(vec!["a", "b"]),
+    )
+        .prop_map(|(k, v)| Label::new(k, v));
+    let pool = (
+        "[a-d]{1,2}",
+        prop::collection::vec(label, 0..2),
+        arb_requirements(),
+        (arb_bound(), arb_bound(), arb_bound(), arb_bound()),
+        (arb_bound(), arb_bound(), arb_bound()),
+    )
+        .prop_map(
+            |(pool_name, labels, template, bounds, (total, allocated, idle))| CandidatePool {
+                pool_name,
+                labels,
+                template,
+                bounds: Bounds {
+                    buffer_min: bounds.0,
+                    buffer_max: bounds.1,
+                    pool_min: bounds.2,
+                    pool_max: bounds.3,
+                },
+                total,
+                allocated,
+                idle,
+            },
+        );
+    (
+        "[a-z]{0,8}",
+        arb_bound(),
+        arb_requirements(),
+        prop::collection::vec(pool, 0..8),
+    )
+        .prop_map(|(batch_name, replicas, template, mut pools)| {
+            pools.sort_by(|a, b| a.pool_name.cmp(&b.pool_name));
+            pools.dedup_by(|a, b| a.pool_name == b.pool_name);
+            SelectionInput {
+                batch: BatchRequirements {
+                    batch_name,
+                    replicas,
+                    template,
+                },
+                pools,
+            }
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn default_pool_selection_matches_native(input in arb_selection()) {
+        let wasm = shared().pool_selection(None, &input);
+        prop_assert_eq!(wasm, NativePolicies.pool_selection(None, &input));
+    }
 
     #[test]
     fn default_pool_sizing_matches_native(pool in arb_pool()) {
@@ -279,7 +373,7 @@ fn the_committed_prebuilt_components_match_the_sources() {
         );
         compared += 1;
     }
-    assert_eq!(compared, 6, "every component is compared");
+    assert_eq!(compared, 7, "every component is compared");
 }
 
 #[test]
@@ -340,6 +434,16 @@ fn assert_all_fall_back(policies: &WasmPolicies, expected: &str, kind: DegradedR
     );
     assert!(exp.degraded.is_some_and(|r| r.contains(expected)));
 
+    let choice = selection_input();
+    let selected = policies.pool_selection(Some("bad"), &choice);
+    assert_eq!(
+        selected.decision,
+        selection::least_allocated_fit(&choice),
+        "the built-in default chooses"
+    );
+    assert_eq!(selected.decision.pool.as_deref(), Some("fits"));
+    assert!(selected.degraded.is_some_and(|r| r.contains(expected)));
+
     for decision in Decision::ALL {
         assert_eq!(
             policies.metrics().degraded_count(decision, kind),
@@ -358,6 +462,34 @@ fn assert_all_fall_back(policies: &WasmPolicies, expected: &str, kind: DegradedR
             action: ExpireAction::Delete
         }
     );
+}
+
+/// Two pools, of which only `fits` runs the batch's image.
+fn selection_input() -> SelectionInput {
+    let template = |image: &str| PodRequirements {
+        containers: vec![ContainerRequirements {
+            image: image.into(),
+            requests: vec![],
+        }],
+        node_selector: vec![],
+    };
+    let pool = |name: &str, image: &str| CandidatePool {
+        pool_name: name.into(),
+        template: template(image),
+        bounds: Bounds {
+            pool_max: 10,
+            ..Bounds::default()
+        },
+        ..CandidatePool::default()
+    };
+    SelectionInput {
+        batch: BatchRequirements {
+            batch_name: "b".into(),
+            replicas: 1,
+            template: template("python:3.12"),
+        },
+        pools: vec![pool("fits", "python:3.12"), pool("other", "node:22")],
+    }
 }
 
 #[test]
@@ -386,7 +518,7 @@ fn an_infinite_loop_hits_the_wall_clock_limit_when_fuel_is_plentiful() {
         "exceeded its time limit",
         DegradedReason::Timeout,
     );
-    // Three looping calls of 50 ms each, plus slack for a busy machine.
+    // Four looping calls of 50 ms each, plus slack for a busy machine.
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -493,8 +625,10 @@ fn garbage_bytes_and_core_modules_do_not_load() {
 
 #[test]
 fn a_policy_that_hangs_while_loading_fails_to_load_in_bounded_time() {
+    // The engine (compiling the embedded defaults) starts outside the measured time.
+    let policies = shared();
     let started = Instant::now();
-    let result = shared().load(
+    let result = policies.load(
         "hangs-on-load",
         Source::Directory,
         "test",

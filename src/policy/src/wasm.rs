@@ -11,11 +11,12 @@ use std::sync::{Arc, RwLock};
 use tracing::{info, warn};
 
 use sandbox_decisions::expiry::{BatchSnapshot, ExpiryDecision};
+use sandbox_decisions::selection::{SelectionDecision, SelectionInput};
 use sandbox_decisions::sizing::{PoolSnapshot, SizingDecision};
 
 use crate::embedded;
 use crate::host::{CallError, CompiledPolicy, HostError, Limits, LoadError, WasmHost};
-use crate::kind::{DecisionKind, Expiry, PoolSizing, ShardTasksKind};
+use crate::kind::{DecisionKind, Expiry, PoolSelection, PoolSizing, ShardTasksKind};
 use crate::metrics::{DegradedReason, PolicyMetrics};
 use crate::{
     Decision, Outcome, PerDecision, PolicyEngine, PolicySelector, ShardTaskInput, ShardTasks,
@@ -431,6 +432,14 @@ impl PolicyEngine for WasmPolicies {
         batch: &BatchSnapshot,
     ) -> Outcome<ExpiryDecision> {
         self.decide::<Expiry>(selector, batch)
+    }
+
+    fn pool_selection(
+        &self,
+        selector: PolicySelector<'_>,
+        input: &SelectionInput,
+    ) -> Outcome<SelectionDecision> {
+        self.decide::<PoolSelection>(selector, input)
     }
 
     fn is_known(&self, name: &str) -> bool {

@@ -1,4 +1,4 @@
-//! A deliberately hostile policy for the controller's fail-safe tests. It implements all three
+//! A deliberately hostile policy for the controller's fail-safe tests. It implements all four
 //! decisions and misbehaves as its settings say: `{"mode": "<mode>"}`.
 //!
 //! Modes: `ok` (a plausible answer), `loop` (never returns), `memory-bomb` (allocates until
@@ -8,7 +8,7 @@
 
 wit_bindgen::generate!({ world: "all-policies", path: "../../../wit" });
 
-use exports::opensandbox::policy::{expiry, pool_sizing, shard_tasks};
+use exports::opensandbox::policy::{expiry, pool_selection, pool_sizing, shard_tasks};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -128,6 +128,29 @@ impl expiry::Guest for Hostile {
         } else {
             1000
         })))
+    }
+}
+
+impl pool_selection::Guest for Hostile {
+    fn validate_settings(settings: String) -> Result<(), pool_selection::PolicyError> {
+        validate(&settings).map_err(pool_selection::PolicyError::InvalidSettings)
+    }
+
+    fn decide(
+        settings: String,
+        input: pool_selection::SelectionInput,
+    ) -> Result<pool_selection::SelectionDecision, pool_selection::PolicyError> {
+        let mode = mode(&settings);
+        misbehave(&mode);
+        let pool = if mode == "garbage" {
+            Some("no-such-pool".to_string())
+        } else {
+            input.pools.last().map(|p| p.pool_name.clone())
+        };
+        Ok(pool_selection::SelectionDecision {
+            pool,
+            reason: format!("hostile policy in mode {mode}"),
+        })
     }
 }
 

@@ -1,0 +1,665 @@
+//! Pool selection: which Pool a BatchSandbox with `poolRef: "*"` takes its pods from. The default
+//! pool-selection policy is [`least_allocated_fit`] behind a WIT adapter.
+//!
+//! The default keeps the pools that could serve the batch, as OpenSandbox's default scheduling
+//! profile does:
+//! - capacity: `poolMax - allocated >= replicas`;
+//! - image: when the batch names images, the pool's containers run at least one of them;
+//! - resources: for every resource the batch's containers request (summed over containers), the
+//!   pool's containers request at least as much; a resource the pool does not request is no fit;
+//! - node selector: every key/value of the batch's node selector is among the pool's labels
+//!   merged with its template's node selector.
+//!
+//! Of those it takes the least allocated (`allocated / total`, an empty pool counting as fully
+//! allocated), ties going to the first name in byte order.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cmp::Ordering;
+use core::fmt::Write;
+
+use crate::quantity::Quantity;
+use crate::sizing::Bounds;
+
+/// Longest `reason` a selection may give; it ends up in a condition and events.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// A `key: value` pair (a label or a node-selector entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Label {
+    pub key: String,
+    pub value: String,
+}
+
+/// One entry of a container's `resources.requests`: the resource name and the quantity as written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ResourceRequest {
+    pub name: String,
+    pub quantity: String,
+}
+
+/// What one container of a pod template asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct ContainerRequirements {
+    pub image: String,
+    pub requests: Vec<ResourceRequest>,
+}
+
+/// What a pod template asks of a pod: its containers and its node selector.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+pub struct PodRequirements {
+    pub containers: Vec<ContainerRequirements>,
+    pub node_selector: Vec<Label>,
+}
+
+/// The batch a pool is sought for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+pub struct BatchRequirements {
+    pub batch_name: String,
+    pub replicas: u32,
+    pub template: PodRequirements,
+}
+
+/// One Pool of the batch's namespace, as a candidate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+pub struct CandidatePool {
+    pub pool_name: String,
+    /// The Pool object's labels.
+    pub labels: Vec<Label>,
+    pub template: PodRequirements,
+    pub bounds: Bounds,
+    /// Pods that exist and are not terminating, allocated or idle.
+    pub total: u32,
+    /// Pods allocated to BatchSandboxes.
+    pub allocated: u32,
+    /// Idle pods that are Running and Ready.
+    pub idle: u32,
+}
+
+/// What a selection decision sees.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+pub struct SelectionInput {
+    pub batch: BatchRequirements,
+    /// The Pools of the batch's namespace that are not being deleted, by name.
+    pub pools: Vec<CandidatePool>,
+}
+
+/// The pool chosen, or none; `reason` says why either way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct SelectionDecision {
+    /// The chosen pool's name, one of the candidates; `None`: no pool fits now.
+    pub pool: Option<String>,
+    /// Shown in the batch's condition and events. At most [`MAX_REASON_BYTES`].
+    pub reason: String,
+}
+
+/// Why a pool cannot serve the batch, one entry per failed requirement.
+fn rejections(batch: &BatchRequirements, pool: &CandidatePool) -> Vec<String> {
+    let mut why = Vec::new();
+    let room = i64::from(pool.bounds.pool_max) - i64::from(pool.allocated);
+    if room < i64::from(batch.replicas) {
+        why.push(format!(
+            "at capacity (poolMax {}, allocated {}, wants {})",
+            pool.bounds.pool_max, pool.allocated, batch.replicas
+        ));
+    }
+    if let Some(images) = image_mismatch(&batch.template, &pool.template) {
+        why.push(images);
+    }
+    if let Some(resources) = resource_shortfall(&batch.template, &pool.template) {
+        why.push(resources);
+    }
+    if let Some(selector) = node_selector_mismatch(&batch.template, pool) {
+        why.push(selector);
+    }
+    why
+}
+
+fn images(template: &PodRequirements) -> Vec<&str> {
+    let mut images: Vec<&str> = template
+        .containers
+        .iter()
+        .map(|c| c.image.as_str())
+        .filter(|i| !i.is_empty())
+        .collect();
+    images.sort_unstable();
+    images.dedup();
+    images
+}
+
+/// The pool must run at least one image the batch names (none named: any pool).
+fn image_mismatch(batch: &PodRequirements, pool: &PodRequirements) -> Option<String> {
+    let wanted = images(batch);
+    let offered = images(pool);
+    if wanted.is_empty() || offered.iter().any(|i| wanted.binary_search(i).is_ok()) {
+        return None;
+    }
+    Some(format!(
+        "images [{}] not [{}]",
+        offered.join(", "),
+        wanted.join(", ")
+    ))
+}
+
+/// Requests summed over containers, by resource name; `Err` names an unreadable quantity.
+fn total_requests(template: &PodRequirements) -> Result<Vec<(&str, Quantity)>, String> {
+    let mut totals: Vec<(&str, Quantity)> = Vec::new();
+    for request in template.containers.iter().flat_map(|c| &c.requests) {
+        let quantity = Quantity::parse(&request.quantity)
+            .map_err(|e| format!("{} {:?} {e}", request.name, request.quantity))?;
+        match totals.iter_mut().find(|(name, _)| *name == request.name) {
+            Some((_, sum)) => {
+                *sum = sum
+                    .checked_add(quantity)
+                    .ok_or_else(|| format!("{} requests overflow", request.name))?;
+            }
+            None => totals.push((&request.name, quantity)),
+        }
+    }
+    totals.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    Ok(totals)
+}
+
+/// The pool's pods must request at least what the batch's pods request, resource by resource.
+fn resource_shortfall(batch: &PodRequirements, pool: &PodRequirements) -> Option<String> {
+    let wanted = match total_requests(batch) {
+        Ok(wanted) => wanted,
+        Err(bad) => return Some(format!("batch request {bad}")),
+    };
+    if wanted.is_empty() {
+        return None;
+    }
+    let offered = match total_requests(pool) {
+        Ok(offered) => offered,
+        Err(bad) => return Some(format!("pool request {bad}")),
+    };
+    let short: Vec<String> = wanted
+        .iter()
+        .filter_map(
+            |(name, want)| match offered.iter().find(|(n, _)| n == name).map(|(_, q)| *q) {
+                Some(has) if has >= *want => None,
+                Some(has) => Some(format!("{name} {has} < {want}")),
+                None => Some(format!("{name} none < {want}")),
+            },
+        )
+        .collect();
+    (!short.is_empty()).then(|| format!("requests {}", short.join(", ")))
+}
+
+/// Every node-selector entry of the batch must be among the pool's labels merged with its
+/// template's node selector (the template's entries win).
+fn node_selector_mismatch(batch: &PodRequirements, pool: &CandidatePool) -> Option<String> {
+    let pool_value = |key: &str| {
+        pool.template
+            .node_selector
+            .iter()
+            .rev()
+            .chain(pool.labels.iter().rev())
+            .find(|l| l.key == key)
+            .map(|l| l.value.as_str())
+    };
+    let mut wrong: Vec<String> = batch
+        .node_selector
+        .iter()
+        .filter_map(|want| match pool_value(&want.key) {
+            Some(v) if v == want.value => None,
+            Some(v) => Some(format!("{}={} not {}", want.key, v, want.value)),
+            None => Some(format!("{} unset", want.key)),
+        })
+        .collect();
+    wrong.sort_unstable();
+    wrong.dedup();
+    (!wrong.is_empty()).then(|| format!("nodeSelector {}", wrong.join(", ")))
+}
+
+/// Compares how free two pools are: `Greater` when `a` is less allocated than `b`.
+/// Freedom is `1 - allocated/total` (0 for an empty pool), compared exactly.
+fn freedom(a: &CandidatePool, b: &CandidatePool) -> Ordering {
+    let fraction = |p: &CandidatePool| -> (i128, i128) {
+        if p.total == 0 {
+            (0, 1)
+        } else {
+            (
+                i128::from(p.total) - i128::from(p.allocated),
+                i128::from(p.total),
+            )
+        }
+    };
+    let (an, ad) = fraction(a);
+    let (bn, bd) = fraction(b);
+    (an * bd).cmp(&(bn * ad))
+}
+
+/// The default decision: the least allocated pool that fits, ties to the first name.
+pub fn least_allocated_fit(input: &SelectionInput) -> SelectionDecision {
+    let batch = &input.batch;
+    let mut fitting: Vec<&CandidatePool> = Vec::new();
+    let mut rejected: Vec<(&str, Vec<String>)> = Vec::new();
+    for pool in &input.pools {
+        let why = rejections(batch, pool);
+        if why.is_empty() {
+            fitting.push(pool);
+        } else {
+            rejected.push((&pool.pool_name, why));
+        }
+    }
+    rejected.sort_by(|a, b| a.0.cmp(b.0));
+    let best = fitting.iter().copied().reduce(|best, pool| {
+        match freedom(pool, best).then_with(|| best.pool_name.cmp(&pool.pool_name)) {
+            Ordering::Greater => pool,
+            _ => best,
+        }
+    });
+    let mut reason = String::new();
+    match best {
+        Some(pool) => {
+            let _ = write!(
+                reason,
+                "least allocated of {} fitting pool(s) ({}/{} allocated)",
+                fitting.len(),
+                pool.allocated,
+                pool.total
+            );
+        }
+        None if input.pools.is_empty() => reason.push_str("no Pool in the namespace"),
+        None => {
+            let _ = write!(reason, "0/{} pools fit", input.pools.len());
+        }
+    }
+    if !rejected.is_empty() {
+        reason.push_str(if best.is_some() { "; rejected " } else { ": " });
+        let parts: Vec<String> = rejected
+            .iter()
+            .map(|(name, why)| format!("{name}: {}", why.join("; ")))
+            .collect();
+        reason.push_str(&parts.join("; "));
+    }
+    SelectionDecision {
+        pool: best.map(|p| p.pool_name.clone()),
+        reason: truncate(reason, MAX_REASON_BYTES),
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with an ellipsis.
+pub fn truncate(mut text: String, max: usize) -> String {
+    const MORE: &str = "…";
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max - MORE.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(MORE);
+    text
+}
+
+/// Whether the default would let `pool` serve `batch` (for tests and tools).
+pub fn fits(batch: &BatchRequirements, pool: &CandidatePool) -> bool {
+    rejections(batch, pool).is_empty()
+}
+
+impl Label {
+    pub fn new(key: impl ToString, value: impl ToString) -> Self {
+        Self {
+            key: key.to_string(),
+            value: value.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use alloc::vec;
+    use proptest::prelude::*;
+
+    fn container(image: &str, requests: &[(&str, &str)]) -> ContainerRequirements {
+        ContainerRequirements {
+            image: image.into(),
+            requests: requests
+                .iter()
+                .map(|(n, q)| ResourceRequest {
+                    name: (*n).into(),
+                    quantity: (*q).into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn batch(image: &str, requests: &[(&str, &str)]) -> BatchRequirements {
+        BatchRequirements {
+            batch_name: "b".into(),
+            replicas: 1,
+            template: PodRequirements {
+                containers: vec![container(image, requests)],
+                node_selector: vec![],
+            },
+        }
+    }
+
+    fn pool(
+        name: &str,
+        image: &str,
+        requests: &[(&str, &str)],
+        total: u32,
+        allocated: u32,
+    ) -> CandidatePool {
+        CandidatePool {
+            pool_name: name.into(),
+            template: PodRequirements {
+                containers: vec![container(image, requests)],
+                node_selector: vec![],
+            },
+            bounds: Bounds {
+                buffer_min: 0,
+                buffer_max: 10,
+                pool_min: 0,
+                pool_max: 100,
+            },
+            total,
+            allocated,
+            idle: total - allocated,
+            ..Default::default()
+        }
+    }
+
+    fn select(batch: BatchRequirements, pools: Vec<CandidatePool>) -> SelectionDecision {
+        least_allocated_fit(&SelectionInput { batch, pools })
+    }
+
+    #[test]
+    fn picks_the_only_pool_that_fits_and_says_why_the_others_do_not() {
+        let b = batch("python:3.12", &[("cpu", "500m"), ("memory", "1Gi")]);
+        let d = select(
+            b,
+            vec![
+                pool(
+                    "other-image",
+                    "node:22",
+                    &[("cpu", "1"), ("memory", "2Gi")],
+                    4,
+                    0,
+                ),
+                pool(
+                    "too-small",
+                    "python:3.12",
+                    &[("cpu", "250m"), ("memory", "1Gi")],
+                    4,
+                    0,
+                ),
+                pool(
+                    "fits",
+                    "python:3.12",
+                    &[("cpu", "0.5"), ("memory", "1073741824")],
+                    4,
+                    3,
+                ),
+            ],
+        );
+        assert_eq!(d.pool.as_deref(), Some("fits"));
+        assert!(
+            d.reason
+                .contains("other-image: images [node:22] not [python:3.12]"),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason.contains("too-small: requests cpu 250m < 500m"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn no_fit_names_every_pool_and_its_reasons() {
+        let d = select(
+            batch("python:3.12", &[("cpu", "2")]),
+            vec![
+                pool("b", "python:3.12", &[("cpu", "1")], 1, 0),
+                pool("a", "node:22", &[], 1, 0),
+            ],
+        );
+        assert_eq!(d.pool, None);
+        assert_eq!(
+            d.reason,
+            "0/2 pools fit: a: images [node:22] not [python:3.12]; requests cpu none < 2; b: requests cpu 1 < 2"
+        );
+        assert_eq!(
+            select(batch("x", &[]), vec![]).reason,
+            "no Pool in the namespace"
+        );
+    }
+
+    #[test]
+    fn least_allocated_wins_and_ties_go_to_the_first_name() {
+        let b = batch("img", &[]);
+        let d = select(
+            b.clone(),
+            vec![
+                pool("c", "img", &[], 10, 5),
+                pool("b", "img", &[], 10, 2),
+                pool("a", "img", &[], 10, 8),
+            ],
+        );
+        assert_eq!(d.pool.as_deref(), Some("b"));
+        // 2/10 and 1/5 are the same ratio: the name decides.
+        let d = select(
+            b.clone(),
+            vec![pool("z", "img", &[], 10, 2), pool("y", "img", &[], 5, 1)],
+        );
+        assert_eq!(d.pool.as_deref(), Some("y"));
+        // An empty pool counts as fully allocated, as OpenSandbox scores it.
+        let d = select(
+            b,
+            vec![
+                pool("empty", "img", &[], 0, 0),
+                pool("busy", "img", &[], 10, 9),
+            ],
+        );
+        assert_eq!(d.pool.as_deref(), Some("busy"));
+    }
+
+    #[test]
+    fn a_resource_the_pool_does_not_request_is_no_fit() {
+        let b = batch("img", &[("nvidia.com/gpu", "1")]);
+        assert!(!fits(&b, &pool("p", "img", &[("cpu", "8")], 1, 0)));
+        assert!(fits(
+            &b,
+            &pool("p", "img", &[("nvidia.com/gpu", "1")], 1, 0)
+        ));
+    }
+
+    #[test]
+    fn requests_add_up_over_containers() {
+        let mut b = batch("img", &[("cpu", "300m")]);
+        b.template
+            .containers
+            .push(container("sidecar", &[("cpu", "300m")]));
+        assert!(!fits(&b, &pool("p", "img", &[("cpu", "500m")], 1, 0)));
+        let mut p = pool("p", "img", &[("cpu", "300m")], 1, 0);
+        p.template
+            .containers
+            .push(container("other", &[("cpu", "0.3")]));
+        assert!(fits(&b, &p));
+    }
+
+    #[test]
+    fn decimal_and_binary_units_compare_exactly() {
+        let b = batch("img", &[("memory", "1G")]);
+        assert!(fits(&b, &pool("p", "img", &[("memory", "1Gi")], 1, 0)));
+        assert!(fits(&b, &pool("p", "img", &[("memory", "1000M")], 1, 0)));
+        assert!(!fits(&b, &pool("p", "img", &[("memory", "953Mi")], 1, 0)));
+    }
+
+    #[test]
+    fn an_unreadable_quantity_is_no_fit_with_a_reason() {
+        let b = batch("img", &[("cpu", "1")]);
+        let d = select(b, vec![pool("p", "img", &[("cpu", "lots")], 1, 0)]);
+        assert_eq!(d.pool, None);
+        assert!(
+            d.reason
+                .contains("pool request cpu \"lots\" not a Kubernetes quantity"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn node_selector_must_match_pool_labels_or_template_selector() {
+        let mut b = batch("img", &[]);
+        b.template.node_selector = vec![Label::new("zone", "a")];
+        let mut p = pool("p", "img", &[], 1, 0);
+        assert!(!fits(&b, &p));
+        p.labels = vec![Label::new("zone", "a")];
+        assert!(fits(&b, &p));
+        // The template's node selector overrides the pool's labels.
+        p.template.node_selector = vec![Label::new("zone", "b")];
+        let d = select(b, vec![p]);
+        assert!(
+            d.reason.ends_with("p: nodeSelector zone=b not a"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn capacity_counts_replicas_against_pool_max() {
+        let mut b = batch("img", &[]);
+        b.replicas = 3;
+        let mut p = pool("p", "img", &[], 10, 8);
+        p.bounds.pool_max = 10;
+        assert!(!fits(&b, &p));
+        p.allocated = 7;
+        assert!(fits(&b, &p));
+    }
+
+    #[test]
+    fn a_batch_without_images_or_requests_fits_any_pool_with_room() {
+        let b = BatchRequirements {
+            replicas: 1,
+            ..Default::default()
+        };
+        assert!(fits(&b, &pool("p", "img", &[("cpu", "1")], 1, 0)));
+    }
+
+    #[test]
+    fn long_reasons_are_cut_on_a_character_boundary() {
+        let pools = (0..200)
+            .map(|i| pool(&format!("pool-é-{i:03}"), "other", &[], 1, 0))
+            .collect();
+        let d = select(batch("img", &[]), pools);
+        assert!(d.reason.len() <= MAX_REASON_BYTES);
+        assert!(d.reason.ends_with('…'));
+    }
+
+    fn arb_pool() -> impl Strategy<Value = CandidatePool> {
+        (
+            "[a-e]{1,3}",
+            prop::sample::select(vec!["img-a", "img-b", ""]),
+            prop::option::of(prop::sample::select(vec!["100m", "500m", "1", "2"])),
+            prop::option::of(prop::sample::select(vec!["512Mi", "1Gi", "1G", "2Gi"])),
+            0u32..20,
+            0u32..20,
+            0u32..25,
+            prop::option::of(prop::sample::select(vec!["a", "b"])),
+        )
+            .prop_map(
+                |(name, image, cpu, mem, total, allocated, pool_max, zone)| {
+                    let mut requests = vec![];
+                    if let Some(cpu) = cpu {
+                        requests.push(("cpu", cpu));
+                    }
+                    if let Some(mem) = mem {
+                        requests.push(("memory", mem));
+                    }
+                    let mut p = pool(&name, image, &requests, total, 0);
+                    p.allocated = allocated;
+                    p.idle = total.saturating_sub(allocated);
+                    p.bounds.pool_max = pool_max;
+                    p.labels = zone
+                        .map(|z| vec![Label::new("zone", z)])
+                        .unwrap_or_default();
+                    p
+                },
+            )
+    }
+
+    pub(crate) fn arb_input() -> impl Strategy<Value = SelectionInput> {
+        (
+            prop::sample::select(vec!["img-a", "img-b", ""]),
+            prop::option::of(prop::sample::select(vec!["250m", "1", "1500m"])),
+            prop::option::of(prop::sample::select(vec!["256Mi", "1Gi", "1000M"])),
+            0u32..6,
+            prop::option::of(prop::sample::select(vec!["a", "b"])),
+            prop::collection::vec(arb_pool(), 0..6),
+        )
+            .prop_map(|(image, cpu, mem, replicas, zone, mut pools)| {
+                // Pool names are unique within a namespace.
+                pools.sort_by(|a, b| a.pool_name.cmp(&b.pool_name));
+                pools.dedup_by(|a, b| a.pool_name == b.pool_name);
+                let mut requests = vec![];
+                if let Some(cpu) = cpu {
+                    requests.push(("cpu", cpu));
+                }
+                if let Some(mem) = mem {
+                    requests.push(("memory", mem));
+                }
+                let mut b = batch(image, &requests);
+                b.replicas = replicas;
+                b.template.node_selector = zone
+                    .map(|z| vec![Label::new("zone", z)])
+                    .unwrap_or_default();
+                SelectionInput { batch: b, pools }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn the_choice_fits_and_no_fitting_pool_is_less_allocated(input in arb_input()) {
+            let d = least_allocated_fit(&input);
+            prop_assert!(d.reason.len() <= MAX_REASON_BYTES);
+            let fitting: Vec<&CandidatePool> = input.pools.iter().filter(|p| fits(&input.batch, p)).collect();
+            match &d.pool {
+                None => prop_assert!(fitting.is_empty(), "{:?} fit but none was chosen", fitting),
+                Some(name) => {
+                    let chosen = fitting.iter().find(|p| &p.pool_name == name);
+                    prop_assert!(chosen.is_some(), "{} does not fit", name);
+                    let chosen = chosen.unwrap();
+                    for other in &fitting {
+                        let order = freedom(other, chosen);
+                        prop_assert!(order != Ordering::Greater, "{} is less allocated than {}", other.pool_name, name);
+                        if order == Ordering::Equal {
+                            prop_assert!(chosen.pool_name <= other.pool_name);
+                        }
+                    }
+                }
+            }
+            // Every rejected pool is named in the reason.
+            for p in input.pools.iter().filter(|p| !fits(&input.batch, p)) {
+                prop_assert!(d.reason.contains(&format!("{}: ", p.pool_name)), "{} missing from {}", p.pool_name, d.reason);
+            }
+        }
+
+        #[test]
+        fn the_order_of_the_pools_does_not_matter(input in arb_input()) {
+            let mut reversed = input.clone();
+            reversed.pools.reverse();
+            prop_assert_eq!(least_allocated_fit(&input), least_allocated_fit(&reversed));
+        }
+    }
+}
