@@ -379,12 +379,6 @@ fn starts(file: &Path) -> usize {
         .count()
 }
 
-fn scratch(env: &TestEnv) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sbx-e2e-{}", env.ns));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
 /// Waits until `name` has `n` ready sandboxes and `n` running tasks.
 async fn wait_running(env: &TestEnv, name: &str, n: i32) {
     env.wait_for(
@@ -481,7 +475,7 @@ async fn the_controller_needs_no_right_beyond_the_deployed_rbac() {
         Path::new(env!("CARGO_BIN_EXE_sandbox-controller")),
         certs.path(),
     );
-    let files = scratch(&env);
+    let files = env.scratch();
 
     // An unscoped controller lists and watches across namespaces: granted at cluster scope.
     for resource in [
@@ -628,7 +622,7 @@ async fn a_new_binary_takes_over_mid_run_and_loses_nothing() {
         &name,
         "--ignore-not-found",
     ]));
-    let files = scratch(&env);
+    let files = env.scratch();
     let (pooled_starts, plain_starts) = (files.join("pooled"), files.join("plain"));
 
     env.apply(&fixtures::pool("p", [2, 4, 2, 10]).yaml());
@@ -801,7 +795,7 @@ async fn uninstalling_in_the_documented_order_leaves_nothing_behind() {
         &name,
         "--ignore-not-found",
     ]));
-    let files = scratch(&env);
+    let files = env.scratch();
     env.apply(&fixtures::pool("p", [2, 4, 2, 8]).yaml());
     wait_pool_idle(&env, "p", 2).await;
     env.apply(&pooled_batch(

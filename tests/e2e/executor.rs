@@ -852,22 +852,35 @@ async fn a_task_whose_supervisor_was_killed_stays_listed_unconfirmed() {
     let executor = Executor::start(1);
     let client = executor.client();
     let pid_file = executor.scratch().join("pids");
-    // The task kills its own supervisor: nothing can vouch for its processes any more.
+    // The task's supervisor is killed (from outside: the task runs as another user and cannot
+    // signal it): nothing can vouch for the task's processes any more.
     let script = format!(
-        "setsid sleep 1000 & echo $! $$ > {}; kill -9 $PPID; exec sleep 1000",
+        "setsid sleep 1000 & echo $! $$ $PPID > {0}.tmp && mv {0}.tmp {0}; exec sleep 1000",
         pid_file.display()
     );
     client
         .set_tasks(LOCAL, &[task("lost", &["sh", "-c", &script])])
         .await
         .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pids: Vec<u32> = loop {
+        if let Ok(text) = std::fs::read_to_string(&pid_file) {
+            break text
+                .split_whitespace()
+                .map(|p| p.parse().expect("pid"))
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never wrote its pids"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _cleanup = scopeguard(pids[..2].to_vec());
+    let supervisor = rustix::process::Pid::from_raw(pids[2] as i32).expect("supervisor pid");
+    rustix::process::kill_process(supervisor, rustix::process::Signal::KILL)
+        .expect("kill the supervisor");
     let lost = wait_task(&client, LOCAL, "lost", "terminated", terminated).await;
-    let pids: Vec<u32> = std::fs::read_to_string(&pid_file)
-        .expect("pids")
-        .split_whitespace()
-        .map(|p| p.parse().expect("pid"))
-        .collect();
-    let _cleanup = scopeguard(pids.clone());
     assert_eq!(exit_of(&lost).2, "Lost");
     assert!(!lost.all_processes_ended(), "{lost:?}");
     let listed = client.set_tasks(LOCAL, &[]).await.unwrap();

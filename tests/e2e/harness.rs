@@ -96,6 +96,16 @@ pub async fn env(test_name: &str) -> TestEnv {
 }
 
 impl TestEnv {
+    /// A scratch directory for this test's tasks to write into. Tasks run as an unprivileged
+    /// user, so it is open to everyone.
+    pub fn scratch(&self) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sbx-e2e-{}", self.ns));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod the scratch dir");
+        dir
+    }
+
     /// Runs kubectl against the test cluster in the test's namespace
     /// (`kubectl -n <ns> <args>`); returns the output whatever the exit status.
     pub fn kubectl(&self, args: &[&str]) -> Output {

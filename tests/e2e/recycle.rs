@@ -2,7 +2,7 @@
 //! back: each task leaves a `setsid sleep` behind (out of its process group, the kind that used
 //! to outlive its task) and records its pid, so the test can look it up in the process table.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
@@ -16,18 +16,11 @@ use crate::harness::{TestEnv, env};
 
 const T: Duration = Duration::from_secs(60);
 
-/// A scratch directory the test's tasks write into.
-fn scratch(env: &TestEnv) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sbx-e2e-{}", env.ns));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
 /// A one-shard pooled batch whose task starts a `setsid sleep`, writes its pid and its own to
 /// `pid_file`, runs `then`, and keeps running as a `sleep`.
 fn leaving_batch(name: &str, pool: &str, pid_file: &Path, then: &str) -> String {
     let script = format!(
-        "setsid sleep 1000 & echo $! $$ > {}.tmp && mv {0}.tmp {0}; {then} exec sleep 1000",
+        "setsid sleep 1000 & echo $! $$ $PPID > {}.tmp && mv {0}.tmp {0}; {then} exec sleep 1000",
         pid_file.display()
     );
     format!(
@@ -37,8 +30,8 @@ fn leaving_batch(name: &str, pool: &str, pid_file: &Path, then: &str) -> String 
 }
 
 /// The left-behind `sleep` (`.0`) and the task's own process (`.1`); both are killed at the end
-/// of a test, whatever happened.
-struct Leftover(u32, u32);
+/// of a test, whatever happened. `.2` is the task's supervisor.
+struct Leftover(u32, u32, u32);
 
 impl Drop for Leftover {
     fn drop(&mut self) {
@@ -53,13 +46,13 @@ impl Drop for Leftover {
 fn read_pids(path: &Path) -> Option<Leftover> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut pids = text.split_whitespace().map(|p| p.parse().ok());
-    Some(Leftover(pids.next()??, pids.next()??))
+    Some(Leftover(pids.next()??, pids.next()??, pids.next()??))
 }
 
 /// Starts the batch, waits for its task to run and leave its `sleep` behind; returns the pod
 /// and the leftover's pid.
 async fn running_task(env: &TestEnv, name: &str, then: &str) -> (String, Leftover) {
-    let pid_file = scratch(env).join(format!("{name}.pid"));
+    let pid_file = env.scratch().join(format!("{name}.pid"));
     env.apply(&leaving_batch(name, "p", &pid_file, then));
     let leftover = env
         .wait_for("the task to start its background sleep", T, || async {
@@ -165,8 +158,12 @@ async fn restart_recycling_deletes_the_pod_when_the_stop_cannot_be_confirmed() {
     let env = env("recycle-restart-unconfirmed").await;
     let _controller = env.start_controller(&[]);
     env.apply(&pool_with("Restart"));
-    // The task kills its own supervisor: the executor then cannot vouch for what it left behind.
-    let (pod, leftover) = running_task(&env, "b", "kill -9 $PPID;").await;
+    // The task's supervisor is killed (from outside: the task runs as another user and cannot
+    // signal it); the executor then cannot vouch for what the task left behind.
+    let (pod, leftover) = running_task(&env, "b", "").await;
+    let supervisor = rustix::process::Pid::from_raw(leftover.2 as i32).expect("supervisor pid");
+    rustix::process::kill_process(supervisor, rustix::process::Signal::KILL)
+        .expect("kill the supervisor");
     env.kubectl_ok(&["delete", "batchsandbox", "b", "--wait=false"]);
     wait_deleted(&env, &pod).await;
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.ns);

@@ -1,7 +1,6 @@
 //! Tasks as real processes: dispatched by the controller to the task executor that the local
 //! runner serves on each pod's 127.1.x.y address.
 
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use sandbox_controller::api::BatchSandboxStatus;
@@ -11,15 +10,6 @@ use crate::fixtures;
 use crate::harness::{TestEnv, env, spec_manifest};
 
 const T: Duration = Duration::from_secs(60);
-
-/// A scratch directory the test's tasks (which run as another user) write into.
-fn scratch(env: &TestEnv) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sbx-e2e-{}", env.ns));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-        .expect("chmod the scratch dir");
-    dir
-}
 
 /// A pooled batch whose shards run `commands[i]` (each a list of argv words).
 fn task_batch(name: &str, pool: &str, commands: &[&[&str]], extra_spec: &str) -> String {
@@ -153,7 +143,7 @@ spec:
 async fn deleting_a_batch_stops_its_tasks_before_its_pods_go() {
     let env = env("task-stop-order").await;
     let _controller = env.start_controller(&[]);
-    let dir = scratch(&env);
+    let dir = env.scratch();
     let marker = dir.join("stopped");
     env.apply(&fixtures::pool("p", [3, 6, 3, 10]).yaml());
     let script = format!(
@@ -242,7 +232,7 @@ async fn release_policy_frees_finished_shards_and_keeps_their_results() {
 async fn task_arguments_are_passed_literally() {
     let env = env("task-literal").await;
     let _controller = env.start_controller(&[]);
-    let dir = scratch(&env);
+    let dir = env.scratch();
     let pwned = dir.join("pwned");
     env.apply(&fixtures::pool("p", [3, 6, 3, 10]).yaml());
     let hostile = format!("; touch {}", pwned.display());
