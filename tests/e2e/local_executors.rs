@@ -191,7 +191,8 @@ for pid in 1 $shim $executor; do
   tr '\0' '\n' < /proc/$pid/cmdline 2>/dev/null; echo
 done
 for f in {signing} {public} $(tr '\0' '\n' < /proc/$executor/cmdline 2>/dev/null | tr ':' '\n' | grep '^/'); do
-  if [ -f "$f" ] && [ ! -x "$f" ]; then if cat "$f" 2>/dev/null; then echo; else echo "denied $f"; fi; fi
+  if [ -d "$f" ] || [ -x "$f" ]; then continue; fi
+  if cat "$f" 2>/dev/null; then echo; else echo "denied $f"; fi
 done"#,
         signing = signing_key.display(),
         public = dir.join("executor-public-key").display()

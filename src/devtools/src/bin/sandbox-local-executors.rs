@@ -69,7 +69,15 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
-    let task_bin = state_dir.join("task-bin");
+    // Tasks run as an unprivileged user, who may not reach the state directory (a checkout under
+    // a private home directory); their programs are linked where every user can reach them.
+    let task_bin = std::env::temp_dir().join(format!(
+        "sbx-task-bin-{:016x}",
+        std::hash::BuildHasher::hash_one(
+            &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+            &state_dir
+        )
+    ));
     let config = runner::RunnerConfig {
         state_dir,
         executor_bin,
