@@ -379,6 +379,26 @@ fn starts(file: &Path) -> usize {
         .count()
 }
 
+/// Pool `p`, a pooled batch `pooled` of 2 and a template batch `plain` of `plain` replicas, all
+/// running counting tasks that write to `files`; returns once every task runs.
+async fn running_scene(env: &TestEnv, files: &Path, plain: i32) {
+    env.apply(&fixtures::pool("p", [2, 4, 2, 8]).yaml());
+    wait_pool_idle(env, "p", 2).await;
+    env.apply(&pooled_batch(
+        "pooled",
+        "p",
+        2,
+        &counting_task(&files.join("pooled")),
+    ));
+    env.apply(&template_batch(
+        "plain",
+        plain,
+        &counting_task(&files.join("plain")),
+    ));
+    wait_running(env, "pooled", 2).await;
+    wait_running(env, "plain", plain).await;
+}
+
 /// Waits until `name` has `n` ready sandboxes and `n` running tasks.
 async fn wait_running(env: &TestEnv, name: &str, n: i32) {
     env.wait_for(
@@ -528,21 +548,7 @@ async fn the_controller_needs_no_right_beyond_the_deployed_rbac() {
     );
 
     // A pool, a pooled batch and a template batch, both running tasks.
-    env.apply(&fixtures::pool("p", [2, 4, 2, 8]).yaml());
-    wait_pool_idle(&env, "p", 2).await;
-    env.apply(&pooled_batch(
-        "pooled",
-        "p",
-        2,
-        &counting_task(&files.join("pooled")),
-    ));
-    env.apply(&template_batch(
-        "plain",
-        2,
-        &counting_task(&files.join("plain")),
-    ));
-    wait_running(&env, "pooled", 2).await;
-    wait_running(&env, "plain", 2).await;
+    running_scene(&env, &files, 2).await;
 
     // Scale through the scale subresource, both ways.
     env.kubectl_ok(&["scale", "batchsandbox", "pooled", "--replicas=3"]);
@@ -796,21 +802,7 @@ async fn uninstalling_in_the_documented_order_leaves_nothing_behind() {
         "--ignore-not-found",
     ]));
     let files = env.scratch();
-    env.apply(&fixtures::pool("p", [2, 4, 2, 8]).yaml());
-    wait_pool_idle(&env, "p", 2).await;
-    env.apply(&pooled_batch(
-        "pooled",
-        "p",
-        2,
-        &counting_task(&files.join("pooled")),
-    ));
-    env.apply(&template_batch(
-        "plain",
-        1,
-        &counting_task(&files.join("plain")),
-    ));
-    wait_running(&env, "pooled", 2).await;
-    wait_running(&env, "plain", 1).await;
+    running_scene(&env, &files, 1).await;
 
     // 1. BatchSandboxes, waiting until they are gone. (`-A` in the docs; one namespace here.)
     env.kubectl_ok(&[
