@@ -270,3 +270,51 @@ impl LastStatus {
         inner.insert(uid, (status, Instant::now()));
     }
 }
+
+/// Grant writes sent and not yet answered, by batch (`namespace/name`), with the pool that sent
+/// each. A batch with one in flight is left out of the next rounds' plans: its cached ledger is
+/// about to be superseded, and a second grant could only lose the race to the first.
+#[derive(Default)]
+pub struct InFlight {
+    inner: Mutex<HashMap<super::index::Key, super::index::Key>>,
+    settled: tokio::sync::Notify,
+}
+
+impl InFlight {
+    pub fn start(&self, batch: super::index::Key, pool: super::index::Key) {
+        self.lock().insert(batch, pool);
+    }
+
+    pub fn finish(&self, batch: &super::index::Key) {
+        let mut inner = self.lock();
+        inner.remove(batch);
+        if inner.is_empty() {
+            self.settled.notify_waiters();
+        }
+    }
+
+    pub fn contains(&self, batch: &super::index::Key) -> bool {
+        self.lock().contains_key(batch)
+    }
+
+    /// Whether `pool` has grant writes in flight.
+    pub fn busy(&self, pool: &super::index::Key) -> bool {
+        self.lock().values().any(|p| p == pool)
+    }
+
+    /// Resolves once no grant write is in flight.
+    #[cfg(test)]
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<super::index::Key, super::index::Key>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,5 +1,8 @@
 //! Maps every watch event to the reconciles it should trigger. Deletions are routed too (a pod
 //! deleted by hand must wake its pool and its batch), which kube-runtime's shared streams skip.
+//!
+//! The router also keeps the cache indexes (see `index`): each event updates them before it wakes
+//! anything, so a reconcile it wakes finds the object there; a relist rebuilds them.
 
 use std::sync::Arc;
 
@@ -12,7 +15,6 @@ use tracing::warn;
 
 use super::Context;
 use crate::api::{BatchSandbox, Pool, names};
-use crate::domain::allocation::AllocStatus;
 
 #[derive(Clone)]
 pub struct Router {
@@ -36,8 +38,21 @@ impl Router {
 
     pub fn pod_event(&self, event: Result<Event<Pod>, watcher::Error>) {
         match event {
-            Ok(Event::Apply(pod) | Event::Delete(pod)) => self.pod_changed(&pod),
-            Ok(Event::InitDone) => self.everything(),
+            Ok(Event::Apply(pod)) => {
+                self.ctx.index.with(|i| i.pod_applied(&pod));
+                self.pod_changed(&pod);
+            }
+            Ok(Event::Delete(pod)) => {
+                self.ctx.index.with(|i| i.pod_deleted(&pod));
+                self.pod_changed(&pod);
+            }
+            Ok(Event::InitDone) => {
+                let pods = self.ctx.pods.state();
+                self.ctx
+                    .index
+                    .with(|i| i.pods_relisted(pods.iter().map(AsRef::as_ref)));
+                self.everything();
+            }
             Ok(_) => {}
             Err(error) => warn!(%error, "pod watch error; retrying"),
         }
@@ -45,16 +60,31 @@ impl Router {
 
     pub fn batch_event(&self, event: Result<Event<BatchSandbox>, watcher::Error>) {
         match event {
-            Ok(Event::Apply(batch) | Event::Delete(batch)) => {
-                let ns = batch.namespace().unwrap_or_default();
-                self.batch(&ns, &batch.name_any());
-                if let Some(pool) = batch.pool_name() {
-                    self.pool(&ns, pool);
-                }
+            Ok(Event::Apply(batch)) => {
+                self.ctx.index.with(|i| i.batch_applied(&batch));
+                self.batch_changed(&batch);
             }
-            Ok(Event::InitDone) => self.everything(),
+            Ok(Event::Delete(batch)) => {
+                self.ctx.index.with(|i| i.batch_deleted(&batch));
+                self.batch_changed(&batch);
+            }
+            Ok(Event::InitDone) => {
+                let batches = self.ctx.batches.state();
+                self.ctx
+                    .index
+                    .with(|i| i.batches_relisted(batches.iter().map(AsRef::as_ref)));
+                self.everything();
+            }
             Ok(_) => {}
             Err(error) => warn!(%error, "BatchSandbox watch error; retrying"),
+        }
+    }
+
+    fn batch_changed(&self, batch: &BatchSandbox) {
+        let ns = batch.namespace().unwrap_or_default();
+        self.batch(&ns, &batch.name_any());
+        if let Some(pool) = batch.pool_name() {
+            self.pool(&ns, pool);
         }
     }
 
@@ -65,11 +95,8 @@ impl Router {
                 let name = pool.name_any();
                 self.pool(&ns, &name);
                 // Its batches, and the batches waiting for a Pool to be chosen: this one may fit now.
-                for batch in self.ctx.batches.state() {
-                    if batch.namespace().as_deref() == Some(ns.as_str())
-                        && (batch.pool_name() == Some(name.as_str())
-                            || batch.awaits_pool_selection())
-                    {
+                for pool in [name.as_str(), names::ANY_POOL] {
+                    for batch in self.ctx.batches_of_pool(&ns, pool) {
                         self.batch(&ns, &batch.name_any());
                     }
                 }
@@ -88,20 +115,14 @@ impl Router {
         }
         if let Some(pool) = labels.get(names::LABEL_POOL_NAME) {
             self.pool(&ns, pool);
-            let pod_name = pod.name_any();
-            for batch in self.ctx.batches.state() {
-                if batch.namespace().as_deref() != Some(ns.as_str())
-                    || batch.pool_name() != Some(pool.as_str())
-                {
-                    continue;
-                }
-                // A corrupt ledger may hold it: wake that batch too, so it reports the corruption.
-                let held = AllocStatus::of(&batch)
-                    .map(|a| a.pods.contains(&pod_name))
-                    .unwrap_or(true);
-                if held {
-                    self.batch(&ns, &batch.name_any());
-                }
+            // The batches whose ledgers name it; a corrupt ledger may hold it too: wake that
+            // batch as well, so it reports the corruption.
+            let holders = self
+                .ctx
+                .index
+                .with(|i| i.holders.of(&ns, &pod.name_any(), pool));
+            for batch in holders {
+                self.batch(&ns, &batch);
             }
         }
     }
