@@ -159,6 +159,24 @@ pub struct Indexes {
     /// under [`names::ANY_POOL`].
     pub batches_by_pool: Grouping,
     pub holders: Holders,
+    /// What each batch's pool allocation last read of it (see [`Indexes::batch_applied`]).
+    allocation_fingerprints: HashMap<Key, u64>,
+}
+
+/// A hash of the fields of a batch its pool's allocation reads.
+fn allocation_fingerprint(batch: &BatchSandbox) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let annotation = |key: &str| batch.annotations().get(key).cloned();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (
+        &batch.spec.pool_ref,
+        batch.spec.replicas,
+        batch.metadata.deletion_timestamp.is_some(),
+        annotation(names::ANNOTATION_ALLOC_STATUS),
+        annotation(names::ANNOTATION_TASK_RESULTS),
+    )
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Indexes {
@@ -191,8 +209,16 @@ impl Indexes {
         }
     }
 
-    pub fn batch_applied(&mut self, batch: &BatchSandbox) {
+    /// Records a batch as the cache now shows it. Returns whether anything its pool's allocation
+    /// reads changed (its pool, replicas, ledger, released shards, deletion), so that a change
+    /// the pool does not care about (a status write, above all) does not wake it.
+    pub fn batch_applied(&mut self, batch: &BatchSandbox) -> bool {
         let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
+        let fingerprint = allocation_fingerprint(batch);
+        let changed = self
+            .allocation_fingerprints
+            .insert(Key::new(&ns, &name), fingerprint)
+            != Some(fingerprint);
         let group = batch.pool_name().or_else(|| {
             batch
                 .awaits_pool_selection()
@@ -207,17 +233,20 @@ impl Indexes {
             ),
             None => self.holders.remove(&ns, &name),
         }
+        changed
     }
 
     pub fn batch_deleted(&mut self, batch: &BatchSandbox) {
         let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
         self.batches_by_pool.remove(&ns, &name);
         self.holders.remove(&ns, &name);
+        self.allocation_fingerprints.remove(&Key::new(&ns, &name));
     }
 
     pub fn batches_relisted<'a>(&mut self, batches: impl IntoIterator<Item = &'a BatchSandbox>) {
         self.batches_by_pool.clear();
         self.holders.clear();
+        self.allocation_fingerprints.clear();
         for batch in batches {
             self.batch_applied(batch);
         }
@@ -294,6 +323,30 @@ mod tests {
 
         index.pod_deleted(&pod("b", &[]));
         assert!(index.pods_by_batch.members("ns", "web").is_empty());
+    }
+
+    #[test]
+    fn only_changes_the_allocation_reads_count_as_changes_for_the_pool() {
+        let mut index = Indexes::default();
+        let mut claim = batch("x", "p", None);
+        assert!(index.batch_applied(&claim), "a new batch");
+        claim.status = Some(Default::default());
+        claim.metadata.resource_version = Some("2".into());
+        assert!(!index.batch_applied(&claim), "a status write");
+        claim.spec.replicas = 2;
+        assert!(index.batch_applied(&claim), "a scale-up");
+        claim
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(names::ANNOTATION_TASK_RESULTS.into(), r#"{"0":"Succeeded"}"#.into());
+        assert!(index.batch_applied(&claim), "a released shard");
+        claim.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+        );
+        assert!(index.batch_applied(&claim), "a deletion");
+        index.batch_deleted(&claim);
+        assert!(index.batch_applied(&claim), "known again after its Delete");
     }
 
     /// A relist drops objects that vanished while the watch was down, without Delete events.

@@ -61,12 +61,12 @@ impl Router {
     pub fn batch_event(&self, event: Result<Event<BatchSandbox>, watcher::Error>) {
         match event {
             Ok(Event::Apply(batch)) => {
-                self.ctx.index.with(|i| i.batch_applied(&batch));
-                self.batch_changed(&batch);
+                let allocation_changed = self.ctx.index.with(|i| i.batch_applied(&batch));
+                self.batch_changed(&batch, allocation_changed);
             }
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
-                self.batch_changed(&batch);
+                self.batch_changed(&batch, true);
             }
             Ok(Event::InitDone) => {
                 let batches = self.ctx.batches.state();
@@ -80,10 +80,12 @@ impl Router {
         }
     }
 
-    fn batch_changed(&self, batch: &BatchSandbox) {
+    /// Wakes the batch, and its pool if what the pool allocates from changed: a status write,
+    /// the most frequent change, concerns only the batch.
+    fn batch_changed(&self, batch: &BatchSandbox, allocation_changed: bool) {
         let ns = batch.namespace().unwrap_or_default();
         self.batch(&ns, &batch.name_any());
-        if let Some(pool) = batch.pool_name() {
+        if let (true, Some(pool)) = (allocation_changed, batch.pool_name()) {
             self.pool(&ns, pool);
         }
     }
