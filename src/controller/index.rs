@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use crate::api::{BatchSandbox, names};
+use crate::api::{BatchSandbox, Pool, names};
 use crate::domain::allocation::AllocStatus;
 
 /// `namespace/name` of a namespaced object, or of a group (a pool, a batch).
@@ -159,24 +159,65 @@ pub struct Indexes {
     /// under [`names::ANY_POOL`].
     pub batches_by_pool: Grouping,
     pub holders: Holders,
-    /// What each batch's pool allocation last read of it (see [`Indexes::batch_applied`]).
-    allocation_fingerprints: HashMap<Key, u64>,
+    /// Per batch, what its pool's allocation reads of it and what it is beside its status.
+    batch_fingerprints: HashMap<Key, (u64, u64)>,
+    /// Per pool, what its batches read of it.
+    pool_fingerprints: HashMap<Key, u64>,
+}
+
+/// What changed in a batch, as [`Indexes::batch_applied`] saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchChange {
+    /// Its pool, replicas, ledger, released shards or deletion: what its pool allocates from.
+    pub allocation: bool,
+    /// Anything but its status (and resourceVersion).
+    pub beyond_status: bool,
+}
+
+fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A hash of a batch's spec (by its generation) and metadata, without its status.
+fn object_fingerprint(batch: &BatchSandbox) -> u64 {
+    let meta = &batch.metadata;
+    hash_of((
+        &meta.uid,
+        meta.generation,
+        &meta.labels,
+        &meta.annotations,
+        &meta.finalizers,
+        meta.deletion_timestamp.as_ref().map(|t| t.0.as_nanosecond()),
+    ))
+}
+
+/// A hash of what a pool's batches read of it: whether it exists as this object, its spec (by
+/// its generation), its deletion, whether it has run out of idle pods (a batch it could not
+/// serve then reports itself pending), and whether it is exhausted (at `poolMax` as well).
+fn pool_fingerprint(pool: &Pool) -> u64 {
+    let status = pool.status.clone().unwrap_or_default();
+    hash_of((
+        &pool.metadata.uid,
+        pool.metadata.generation,
+        pool.metadata.deletion_timestamp.is_some(),
+        status.available == 0,
+        status.total >= pool.spec.capacity_spec.pool_max,
+    ))
 }
 
 /// A hash of the fields of a batch its pool's allocation reads.
 fn allocation_fingerprint(batch: &BatchSandbox) -> u64 {
-    use std::hash::{Hash, Hasher};
     let annotation = |key: &str| batch.annotations().get(key).cloned();
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (
+    hash_of((
         &batch.spec.pool_ref,
         batch.spec.replicas,
         batch.metadata.deletion_timestamp.is_some(),
         annotation(names::ANNOTATION_ALLOC_STATUS),
         annotation(names::ANNOTATION_TASK_RESULTS),
-    )
-        .hash(&mut hasher);
-    hasher.finish()
+    ))
 }
 
 impl Indexes {
@@ -209,16 +250,18 @@ impl Indexes {
         }
     }
 
-    /// Records a batch as the cache now shows it. Returns whether anything its pool's allocation
-    /// reads changed (its pool, replicas, ledger, released shards, deletion), so that a change
-    /// the pool does not care about (a status write, above all) does not wake it.
-    pub fn batch_applied(&mut self, batch: &BatchSandbox) -> bool {
+    /// Records a batch as the cache now shows it, and says what changed: a status write, the most
+    /// frequent change, concerns neither the batch's reconcile (which wrote it) nor its pool.
+    pub fn batch_applied(&mut self, batch: &BatchSandbox) -> BatchChange {
         let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
-        let fingerprint = allocation_fingerprint(batch);
-        let changed = self
-            .allocation_fingerprints
-            .insert(Key::new(&ns, &name), fingerprint)
-            != Some(fingerprint);
+        let fingerprints = (allocation_fingerprint(batch), object_fingerprint(batch));
+        let previous = self
+            .batch_fingerprints
+            .insert(Key::new(&ns, &name), fingerprints);
+        let changed = BatchChange {
+            allocation: previous.map(|p| p.0) != Some(fingerprints.0),
+            beyond_status: previous.map(|p| p.1) != Some(fingerprints.1),
+        };
         let group = batch.pool_name().or_else(|| {
             batch
                 .awaits_pool_selection()
@@ -240,13 +283,26 @@ impl Indexes {
         let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
         self.batches_by_pool.remove(&ns, &name);
         self.holders.remove(&ns, &name);
-        self.allocation_fingerprints.remove(&Key::new(&ns, &name));
+        self.batch_fingerprints.remove(&Key::new(&ns, &name));
+    }
+
+    /// Records a pool as the cache now shows it. Returns whether what its batches read of it
+    /// changed: its own status writes, which only count pods, mostly do not.
+    pub fn pool_applied(&mut self, pool: &Pool) -> bool {
+        let key = Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any());
+        let fingerprint = pool_fingerprint(pool);
+        self.pool_fingerprints.insert(key, fingerprint) != Some(fingerprint)
+    }
+
+    pub fn pool_deleted(&mut self, pool: &Pool) {
+        self.pool_fingerprints
+            .remove(&Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any()));
     }
 
     pub fn batches_relisted<'a>(&mut self, batches: impl IntoIterator<Item = &'a BatchSandbox>) {
         self.batches_by_pool.clear();
         self.holders.clear();
-        self.allocation_fingerprints.clear();
+        self.batch_fingerprints.clear();
         for batch in batches {
             self.batch_applied(batch);
         }
@@ -326,27 +382,82 @@ mod tests {
     }
 
     #[test]
-    fn only_changes_the_allocation_reads_count_as_changes_for_the_pool() {
+    fn a_status_write_is_no_change_for_the_batch_nor_its_pool() {
         let mut index = Indexes::default();
+        let both = BatchChange {
+            allocation: true,
+            beyond_status: true,
+        };
         let mut claim = batch("x", "p", None);
-        assert!(index.batch_applied(&claim), "a new batch");
+        assert_eq!(index.batch_applied(&claim), both, "a new batch");
         claim.status = Some(Default::default());
         claim.metadata.resource_version = Some("2".into());
-        assert!(!index.batch_applied(&claim), "a status write");
+        assert_eq!(
+            index.batch_applied(&claim),
+            BatchChange {
+                allocation: false,
+                beyond_status: false
+            },
+            "a status write"
+        );
+        claim
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("team".into(), "a".into());
+        assert_eq!(
+            index.batch_applied(&claim),
+            BatchChange {
+                allocation: false,
+                beyond_status: true
+            },
+            "a label"
+        );
         claim.spec.replicas = 2;
-        assert!(index.batch_applied(&claim), "a scale-up");
+        claim.metadata.generation = Some(2);
+        assert_eq!(index.batch_applied(&claim), both, "a scale-up");
         claim
             .metadata
             .annotations
             .get_or_insert_default()
             .insert(names::ANNOTATION_TASK_RESULTS.into(), r#"{"0":"Succeeded"}"#.into());
-        assert!(index.batch_applied(&claim), "a released shard");
+        assert_eq!(index.batch_applied(&claim), both, "a released shard");
         claim.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
         );
-        assert!(index.batch_applied(&claim), "a deletion");
+        assert_eq!(index.batch_applied(&claim), both, "a deletion");
         index.batch_deleted(&claim);
-        assert!(index.batch_applied(&claim), "known again after its Delete");
+        assert_eq!(index.batch_applied(&claim), both, "known again after its Delete");
+    }
+
+    #[test]
+    fn a_pool_status_write_wakes_its_batches_only_when_the_pool_runs_out_or_turns_exhausted() {
+        let mut index = Indexes::default();
+        let mut pool = Pool::new("p", crate::api::PoolSpec::default());
+        pool.metadata.namespace = Some("ns".into());
+        pool.spec.capacity_spec.pool_max = 2;
+        assert!(index.pool_applied(&pool), "a new pool");
+        let counts = |total, available| crate::api::PoolStatus {
+            total,
+            available,
+            ..Default::default()
+        };
+        pool.status = Some(counts(1, 1));
+        assert!(index.pool_applied(&pool), "an idle pod");
+        pool.status = Some(counts(1, 2));
+        assert!(!index.pool_applied(&pool), "only counts changed");
+        pool.status = Some(counts(1, 0));
+        assert!(index.pool_applied(&pool), "no idle pod left");
+        pool.status = Some(counts(2, 0));
+        assert!(index.pool_applied(&pool), "exhausted");
+        pool.status = Some(counts(2, 1));
+        assert!(index.pool_applied(&pool), "no longer exhausted");
+        pool.status = Some(counts(2, 2));
+        assert!(!index.pool_applied(&pool), "only counts changed");
+        pool.metadata.generation = Some(2);
+        assert!(index.pool_applied(&pool), "a spec change");
+        index.pool_deleted(&pool);
+        assert!(index.pool_applied(&pool), "known again after its Delete");
     }
 
     /// A relist drops objects that vanished while the watch was down, without Delete events.

@@ -14,6 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 use super::Context;
+use super::index::BatchChange;
 use crate::api::{BatchSandbox, Pool, names};
 
 #[derive(Clone)]
@@ -61,12 +62,18 @@ impl Router {
     pub fn batch_event(&self, event: Result<Event<BatchSandbox>, watcher::Error>) {
         match event {
             Ok(Event::Apply(batch)) => {
-                let allocation_changed = self.ctx.index.with(|i| i.batch_applied(&batch));
-                self.batch_changed(&batch, allocation_changed);
+                let change = self.ctx.index.with(|i| i.batch_applied(&batch));
+                self.batch_changed(&batch, change);
             }
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
-                self.batch_changed(&batch, true);
+                self.batch_changed(
+                    &batch,
+                    BatchChange {
+                        allocation: true,
+                        beyond_status: true,
+                    },
+                );
             }
             Ok(Event::InitDone) => {
                 let batches = self.ctx.batches.state();
@@ -80,32 +87,50 @@ impl Router {
         }
     }
 
-    /// Wakes the batch, and its pool if what the pool allocates from changed: a status write,
-    /// the most frequent change, concerns only the batch.
-    fn batch_changed(&self, batch: &BatchSandbox, allocation_changed: bool) {
+    /// Wakes the batch unless only its status changed (its own reconcile wrote it), and its
+    /// pool if what the pool allocates from changed.
+    fn batch_changed(&self, batch: &BatchSandbox, change: BatchChange) {
         let ns = batch.namespace().unwrap_or_default();
-        self.batch(&ns, &batch.name_any());
-        if let (true, Some(pool)) = (allocation_changed, batch.pool_name()) {
+        if change.beyond_status {
+            self.batch(&ns, &batch.name_any());
+        }
+        if let (true, Some(pool)) = (change.allocation, batch.pool_name()) {
             self.pool(&ns, pool);
         }
     }
 
     pub fn pool_event(&self, event: Result<Event<Pool>, watcher::Error>) {
         match event {
-            Ok(Event::Apply(pool) | Event::Delete(pool)) => {
-                let ns = pool.namespace().unwrap_or_default();
-                let name = pool.name_any();
-                self.pool(&ns, &name);
-                // Its batches, and the batches waiting for a Pool to be chosen: this one may fit now.
-                for pool in [name.as_str(), names::ANY_POOL] {
-                    for batch in self.ctx.batches_of_pool(&ns, pool) {
-                        self.batch(&ns, &batch.name_any());
-                    }
-                }
+            Ok(Event::Apply(pool)) => {
+                let batches_read_changed = self.ctx.index.with(|i| i.pool_applied(&pool));
+                self.pool_changed(&pool, batches_read_changed);
+            }
+            Ok(Event::Delete(pool)) => {
+                self.ctx.index.with(|i| i.pool_deleted(&pool));
+                self.pool_changed(&pool, true);
             }
             Ok(Event::InitDone) => self.everything(),
             Ok(_) => {}
             Err(error) => warn!(%error, "Pool watch error; retrying"),
+        }
+    }
+
+    /// Wakes the pool; its batches when what they read of it changed (its own status writes
+    /// mostly only count pods); and the batches waiting for a Pool to be chosen, which compare
+    /// every pool's counts: this one may fit now.
+    fn pool_changed(&self, pool: &Pool, batches_read_changed: bool) {
+        let ns = pool.namespace().unwrap_or_default();
+        let name = pool.name_any();
+        self.pool(&ns, &name);
+        let groups: &[&str] = if batches_read_changed {
+            &[name.as_str(), names::ANY_POOL]
+        } else {
+            &[names::ANY_POOL]
+        };
+        for group in groups {
+            for batch in self.ctx.batches_of_pool(&ns, group) {
+                self.batch(&ns, &batch.name_any());
+            }
         }
     }
 
