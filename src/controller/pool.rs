@@ -223,6 +223,11 @@ struct Round {
 /// settled on its own (see [`settle_grant`]): a round never waits for the API server, so the next
 /// one can serve the claims that arrived meanwhile.
 fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error> {
+    ctx.grants_in_flight.refresh(&observed.key(), |batch| {
+        ctx.batches
+            .get(&ObjectRef::new(batch).within(&observed.namespace))
+            .and_then(|b| b.resource_version())
+    });
     let wanting: Vec<&(Arc<BatchSandbox>, AllocStatus)> = observed
         .batches
         .iter()
@@ -274,8 +279,22 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
         ctx.grants_in_flight.start(batch_key.clone(), observed.key());
         let (ctx, pool, grant) = (ctx.clone(), observed.key(), grant.clone());
         tokio::spawn(async move {
-            settle_grant(&ctx, &pool, &batch, &grant, patch).await;
-            ctx.grants_in_flight.finish(&batch_key);
+            let settled = settle_grant(&ctx, &pool, &batch, &grant, patch).await;
+            let version = batch.resource_version().unwrap_or_default();
+            ctx.grants_in_flight.answered(
+                &batch_key,
+                (settled == Settled::Committed).then_some(version),
+            );
+            match settled {
+                Settled::Committed | Settled::Refused => {}
+                // The batch changed: its pool plans it again from the new state (its event may
+                // have come while this write was in flight, when it was left out).
+                Settled::LostRace => ctx.wake_pool(&pool.namespace, &pool.name),
+                Settled::Unknown => {
+                    tokio::time::sleep(UNKNOWN_GRANT_RETRY).await;
+                    ctx.wake_pool(&pool.namespace, &pool.name);
+                }
+            }
         });
     }
     debug!(pool = %observed.owner_key(), granted, unmet = plan.unmet, "allocation round");
@@ -288,15 +307,27 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
 /// How long a grant whose outcome is unknown waits before its pool plans the batch again.
 const UNKNOWN_GRANT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How a grant write ended, for what comes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settled {
+    Committed,
+    /// Refused because the batch changed since the cache showed it.
+    LostRace,
+    /// Refused for good (forbidden, invalid, fenced...).
+    Refused,
+    /// Not known: the claim stays until the cache moves past the version written against.
+    Unknown,
+}
+
 /// Sends one grant and acts on its outcome: the claim stays on success or an unknown outcome and
-/// goes on a definite refusal; the pool is woken to plan again where the batch may still want pods.
+/// goes on a definite refusal.
 async fn settle_grant(
     ctx: &Context,
     pool: &Key,
     batch: &BatchSandbox,
     grant: &Grant,
     patch: serde_json::Value,
-) {
+) -> Settled {
     let namespace = &pool.namespace;
     let version = batch.resource_version().unwrap_or_default();
     let outcome = match write_grant(ctx, namespace, batch, &patch).await {
@@ -316,21 +347,21 @@ async fn settle_grant(
                     waited.try_into().unwrap_or_default(),
                 );
             }
+            Settled::Committed
         }
         GrantOutcome::Refused(error) => {
             debug!(%error, batch = %batch.name_any(), "grant refused; its pods are free again");
             ctx.claims
                 .refused(namespace, &batch.name_any(), &version, &grant.granted);
-            // A lost race: the batch changed, and its pool plans it again from the new state
-            // (its event may have come while this write was in flight, when it was left out).
             if matches!(&error, Error::Kube(kube::Error::Api(s)) if s.code == 409) {
-                ctx.wake_pool(namespace, &pool.name);
+                Settled::LostRace
+            } else {
+                Settled::Refused
             }
         }
         GrantOutcome::Unknown(error) => {
             warn!(%error, batch = %batch.name_any(), "grant outcome unknown; its pods stay held until the cache shows the batch");
-            tokio::time::sleep(UNKNOWN_GRANT_RETRY).await;
-            ctx.wake_pool(namespace, &pool.name);
+            Settled::Unknown
         }
     }
 }

@@ -1106,3 +1106,98 @@ async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_re
     );
     prover.abort();
 }
+
+/// Waits, for at most ten seconds, until `done` holds of the writes `api` recorded.
+async fn wait_for_writes(api: &RecordedApi, what: &str, done: impl Fn(&[Request]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done(&api.writes()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {:#?}",
+            api.writes()
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// A round never waits for the API server: while one grant write hangs, the next round serves a
+/// newer claim at once, leaves the batch whose write is in flight out of its plan, and never
+/// hands out the pod that write claimed.
+#[tokio::test]
+async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 3, 3]);
+    let slow = batch_created("slow", 1, "7", 0);
+    let fast = batch_created("fast", 1, "8", 1);
+    api.object(batch_path("slow"), &slow);
+    api.object(batch_path("fast"), &fast);
+    api.object(pool_path(), &pool);
+    api.fault("PATCH", &batch_path("slow"), Some(Fault::Hang));
+    let (batches, mut batch_writer) = writable_store(vec![slow]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(vec![
+                pool_pod(&pool, "p-a", "127.1.1.2"),
+                pool_pod(&pool, "p-b", "127.1.1.3"),
+                pool_pod(&pool, "p-c", "127.1.1.4"),
+            ]),
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    let bounded = |ctx: Arc<Context>| {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            pool::reconcile(Arc::new(pool.clone()), ctx),
+        )
+    };
+    bounded(ctx.clone())
+        .await
+        .expect("the round returns while its write hangs")
+        .expect("the round succeeds");
+    assert!(
+        ctx.grants_in_flight
+            .contains(&index::Key::new(NS, "slow"))
+    );
+
+    // A newer claim arrives; the round after it runs while slow's write still hangs.
+    batch_writer.apply_watcher_event(&watcher::Event::Apply(fast.clone()));
+    ctx.index.with(|i| i.batch_applied(&fast));
+    bounded(ctx.clone())
+        .await
+        .expect("the second round returns while the first write hangs")
+        .expect("the second round succeeds");
+    wait_for_writes(&api, "fast's grant", |writes| {
+        writes.iter().any(|w| w.path == batch_path("fast"))
+    })
+    .await;
+
+    // The hanging request is never answered (nor recorded): only fast's write went through.
+    let writes = api.writes();
+    assert_eq!(
+        methods_and_paths(&writes),
+        [("PATCH".to_string(), batch_path("fast"))],
+        "{writes:#?}"
+    );
+    let ledger: Value = serde_json::from_str(
+        writes[0].body["metadata"]["annotations"][names::ANNOTATION_ALLOC_STATUS]
+            .as_str()
+            .expect("a ledger"),
+    )
+    .expect("the ledger is JSON");
+    assert!(
+        ctx.grants_in_flight
+            .contains(&index::Key::new(NS, "slow")),
+        "slow's write is still in flight, and slow was not planned again"
+    );
+    let versions = |batch: &str| Some(if batch == "slow" { "7" } else { "8" }.to_string());
+    assert!(ctx.claims.current(NS, versions).contains("p-a"));
+    assert_eq!(
+        ledger["pods"],
+        json!(["p-b"]),
+        "the pod claimed by the hanging write is not handed out again"
+    );
+}
