@@ -318,7 +318,11 @@ impl InFlight {
 
     /// Forgets the committed grants of `pool` the batch cache has caught up with:
     /// `cached_version(batch)` is the resourceVersion the cache shows (`None`: no such batch).
-    pub fn refresh(&self, pool: &super::index::Key, cached_version: impl Fn(&str) -> Option<String>) {
+    pub fn refresh(
+        &self,
+        pool: &super::index::Key,
+        cached_version: impl Fn(&str) -> Option<String>,
+    ) {
         self.lock().retain(|batch, grant| {
             grant.pool != *pool
                 || match &grant.committed_against {
@@ -363,15 +367,25 @@ mod in_flight_tests {
     fn a_committed_grant_stays_in_flight_until_the_cache_shows_a_newer_batch() {
         let flights = InFlight::default();
         let pool = Key::new("ns", "p");
-        let (a, b, c) = (Key::new("ns", "a"), Key::new("ns", "b"), Key::new("ns", "c"));
+        let (a, b, c) = (
+            Key::new("ns", "a"),
+            Key::new("ns", "b"),
+            Key::new("ns", "c"),
+        );
         flights.start(a.clone(), pool.clone());
         flights.start(b.clone(), pool.clone());
         flights.start(c.clone(), Key::new("ns", "other"));
         flights.answered(&a, Some("7".into()));
         flights.answered(&b, None);
-        assert!(!flights.contains(&b), "a refused or unknown grant is no longer in flight");
+        assert!(
+            !flights.contains(&b),
+            "a refused or unknown grant is no longer in flight"
+        );
         flights.refresh(&pool, |_| Some("7".into()));
-        assert!(flights.contains(&a), "the cache still shows the version written against");
+        assert!(
+            flights.contains(&a),
+            "the cache still shows the version written against"
+        );
         assert!(flights.busy(&pool));
         flights.refresh(&pool, |_| Some("8".into()));
         assert!(!flights.contains(&a), "the cache shows the write");

@@ -190,7 +190,9 @@ fn object_fingerprint(batch: &BatchSandbox) -> u64 {
         &meta.labels,
         &meta.annotations,
         &meta.finalizers,
-        meta.deletion_timestamp.as_ref().map(|t| t.0.as_nanosecond()),
+        meta.deletion_timestamp
+            .as_ref()
+            .map(|t| t.0.as_nanosecond()),
     ))
 }
 
@@ -262,11 +264,9 @@ impl Indexes {
             allocation: previous.map(|p| p.0) != Some(fingerprints.0),
             beyond_status: previous.map(|p| p.1) != Some(fingerprints.1),
         };
-        let group = batch.pool_name().or_else(|| {
-            batch
-                .awaits_pool_selection()
-                .then_some(names::ANY_POOL)
-        });
+        let group = batch
+            .pool_name()
+            .or_else(|| batch.awaits_pool_selection().then_some(names::ANY_POOL));
         self.batches_by_pool.set(&ns, &name, group);
         match batch.pool_name() {
             Some(pool) => self.holders.set(
@@ -295,8 +295,10 @@ impl Indexes {
     }
 
     pub fn pool_deleted(&mut self, pool: &Pool) {
-        self.pool_fingerprints
-            .remove(&Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any()));
+        self.pool_fingerprints.remove(&Key::new(
+            &pool.namespace().unwrap_or_default(),
+            &pool.name_any(),
+        ));
     }
 
     pub fn batches_relisted<'a>(&mut self, batches: impl IntoIterator<Item = &'a BatchSandbox>) {
@@ -355,9 +357,8 @@ mod tests {
             },
         );
         batch.metadata.namespace = Some("ns".into());
-        batch.metadata.annotations = ledger.map(|l| {
-            BTreeMap::from([(names::ANNOTATION_ALLOC_STATUS.to_string(), l.to_string())])
-        });
+        batch.metadata.annotations = ledger
+            .map(|l| BTreeMap::from([(names::ANNOTATION_ALLOC_STATUS.to_string(), l.to_string())]));
         batch
     }
 
@@ -416,18 +417,22 @@ mod tests {
         claim.spec.replicas = 2;
         claim.metadata.generation = Some(2);
         assert_eq!(index.batch_applied(&claim), both, "a scale-up");
-        claim
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(names::ANNOTATION_TASK_RESULTS.into(), r#"{"0":"Succeeded"}"#.into());
-        assert_eq!(index.batch_applied(&claim), both, "a released shard");
-        claim.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+        claim.metadata.annotations.get_or_insert_default().insert(
+            names::ANNOTATION_TASK_RESULTS.into(),
+            r#"{"0":"Succeeded"}"#.into(),
         );
+        assert_eq!(index.batch_applied(&claim), both, "a released shard");
+        claim.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
         assert_eq!(index.batch_applied(&claim), both, "a deletion");
         index.batch_deleted(&claim);
-        assert_eq!(index.batch_applied(&claim), both, "known again after its Delete");
+        assert_eq!(
+            index.batch_applied(&claim),
+            both,
+            "known again after its Delete"
+        );
     }
 
     #[test]

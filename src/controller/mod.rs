@@ -274,9 +274,7 @@ impl Context {
 
     /// Pods of `pool` in `namespace` in the cache (by their pool label).
     fn pool_pods(&self, namespace: &str, pool: &str) -> Vec<Arc<Pod>> {
-        let members = self
-            .index
-            .with(|i| i.pods_by_pool.members(namespace, pool));
+        let members = self.index.with(|i| i.pods_by_pool.members(namespace, pool));
         members
             .iter()
             .filter_map(|name| self.pods.get(&ObjectRef::new(name).within(namespace)))
@@ -306,7 +304,8 @@ impl Context {
             .iter()
             .filter_map(|name| self.batches.get(&ObjectRef::new(name).within(namespace)))
             .filter(|b| {
-                b.pool_name() == Some(pool) || (pool == names::ANY_POOL && b.awaits_pool_selection())
+                b.pool_name() == Some(pool)
+                    || (pool == names::ANY_POOL && b.awaits_pool_selection())
             })
             .collect()
     }

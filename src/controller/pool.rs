@@ -71,7 +71,9 @@ impl Observed {
         let pods: Vec<Arc<Pod>> = ctx
             .pool_pods(&namespace, &name)
             .into_iter()
-            .filter(|p| p.owner_references().iter().any(|o| o.uid == uid) || p.owner_references().is_empty())
+            .filter(|p| {
+                p.owner_references().iter().any(|o| o.uid == uid) || p.owner_references().is_empty()
+            })
             .collect();
         let mut batches = Vec::new();
         let mut unreadable = Vec::new();
@@ -201,14 +203,17 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     // Claims first, and nothing else while they are being served: grants go out without waiting
     // for each other, and sizing (refills) and the status wait behind them (see `pacing`).
     let round = allocate(ctx, &mut observed)?;
-    let serving = (round.granted > 0 || ctx.grants_in_flight.busy(&observed.key())) && round.unmet == 0;
+    let serving =
+        (round.granted > 0 || ctx.grants_in_flight.busy(&observed.key())) && round.unmet == 0;
     let now = std::time::Instant::now();
     if let Sizing::Defer(recheck) = ctx.pacing.with(&observed.key(), |p| p.sizing(now, serving)) {
         return Ok(Action::requeue(recheck));
     }
     let degraded = resize(pool, ctx, &observed, round.unmet).await?;
     let status_due = write_status(pool, ctx, &observed, degraded, None).await?;
-    Ok(Action::requeue(status_due.map_or(ctx.config.resync, |due| due.min(ctx.config.resync))))
+    Ok(Action::requeue(
+        status_due.map_or(ctx.config.resync, |due| due.min(ctx.config.resync)),
+    ))
 }
 
 /// What one allocation round did.
@@ -233,8 +238,7 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
         .iter()
         .filter(|(b, _)| b.metadata.deletion_timestamp.is_none())
         .filter(|(b, _)| {
-            !ctx
-                .grants_in_flight
+            !ctx.grants_in_flight
                 .contains(&Key::new(&observed.namespace, &b.name_any()))
         })
         .collect();
@@ -276,7 +280,8 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
         observed.held.extend(grant.granted.iter().cloned());
         let patch = grant_patch(ctx, observed, &batch, grant);
         let batch_key = Key::new(&observed.namespace, &batch.name_any());
-        ctx.grants_in_flight.start(batch_key.clone(), observed.key());
+        ctx.grants_in_flight
+            .start(batch_key.clone(), observed.key());
         let (ctx, pool, grant) = (ctx.clone(), observed.key(), grant.clone());
         tokio::spawn(async move {
             let settled = settle_grant(&ctx, &pool, &batch, &grant, patch).await;
@@ -341,11 +346,8 @@ async fn settle_grant(
                 grant.pods.iter().filter(|p| !p.is_empty()).count() >= batch.desired_replicas();
             if let (true, Some(created)) = (complete, &batch.metadata.creation_timestamp) {
                 let waited = Timestamp::now().duration_since(created.0);
-                ctx.metrics.claimed(
-                    namespace,
-                    &pool.name,
-                    waited.try_into().unwrap_or_default(),
-                );
+                ctx.metrics
+                    .claimed(namespace, &pool.name, waited.try_into().unwrap_or_default());
             }
             Settled::Committed
         }
@@ -742,8 +744,9 @@ async fn write_status(
         json!({ "status": status }),
     )
     .await?;
-    ctx.pacing
-        .with(&observed.key(), |p| p.status_written(std::time::Instant::now()));
+    ctx.pacing.with(&observed.key(), |p| {
+        p.status_written(std::time::Instant::now())
+    });
     Ok(None)
 }
 

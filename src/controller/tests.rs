@@ -402,7 +402,10 @@ async fn a_healthy_pooled_claim_writes_its_ledger_and_its_status_and_nothing_els
     let writes = api.writes();
     assert_eq!(
         methods_and_paths(&writes[1..]),
-        [("PATCH".to_string(), format!("{}/status", batch_path("claim")))],
+        [(
+            "PATCH".to_string(),
+            format!("{}/status", batch_path("claim"))
+        )],
         "{writes:#?}"
     );
     assert_eq!(writes[1].body["status"]["ready"], json!(2), "{writes:#?}");
@@ -470,8 +473,7 @@ async fn a_lost_grant_race_records_no_claim_and_is_retried() {
     // The pod is not counted as held: the next round may grant it again.
     assert!(ctx.claims.current(NS, |_| Some("7".to_string())).is_empty());
     assert!(
-        !ctx.grants_in_flight
-            .contains(&index::Key::new(NS, "claim")),
+        !ctx.grants_in_flight.contains(&index::Key::new(NS, "claim")),
         "the batch is planned again"
     );
     assert_eq!(
@@ -1158,10 +1160,7 @@ async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice()
         .await
         .expect("the round returns while its write hangs")
         .expect("the round succeeds");
-    assert!(
-        ctx.grants_in_flight
-            .contains(&index::Key::new(NS, "slow"))
-    );
+    assert!(ctx.grants_in_flight.contains(&index::Key::new(NS, "slow")));
 
     // A newer claim arrives; the round after it runs while slow's write still hangs.
     batch_writer.apply_watcher_event(&watcher::Event::Apply(fast.clone()));
@@ -1189,8 +1188,7 @@ async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice()
     )
     .expect("the ledger is JSON");
     assert!(
-        ctx.grants_in_flight
-            .contains(&index::Key::new(NS, "slow")),
+        ctx.grants_in_flight.contains(&index::Key::new(NS, "slow")),
         "slow's write is still in flight, and slow was not planned again"
     );
     let versions = |batch: &str| Some(if batch == "slow" { "7" } else { "8" }.to_string());
