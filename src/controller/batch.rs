@@ -285,14 +285,9 @@ fn owned_pods_by_index(batch: &BatchSandbox, ctx: &Context) -> BTreeMap<usize, A
     let ns = batch.namespace();
     let name = batch.name_any();
     let uid = batch.uid().unwrap_or_default();
-    ctx.pods
-        .state()
+    ctx.batch_pods(&ns.unwrap_or_default(), &name)
         .into_iter()
-        .filter(|p| {
-            p.namespace() == ns
-                && p.labels().get(names::LABEL_BATCH_NAME) == Some(&name)
-                && p.owner_references().iter().any(|o| o.uid == uid)
-        })
+        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
         .filter_map(|p| Some((p.labels().get(names::LABEL_POD_INDEX)?.parse().ok()?, p)))
         .collect()
 }
@@ -913,12 +908,18 @@ async fn write_status(
     Ok(())
 }
 
-/// Whether the batch's pool has idle pods for all its shards right now.
+/// Whether the batch's pool has idle pods for all its shards right now: as its last allocation
+/// round left them, or else as its status says.
 fn pool_can_serve(batch: &BatchSandbox, ctx: &Context) -> bool {
     let ns = batch.namespace().unwrap_or_default();
-    batch
-        .pool_name()
-        .and_then(|pool| ctx.pools.get(&ObjectRef::<Pool>::new(pool).within(&ns)))
+    let Some(pool) = batch.pool_name() else {
+        return false;
+    };
+    if let Some(idle) = ctx.idle_left(&ns, pool) {
+        return idle >= batch.desired_replicas();
+    }
+    ctx.pools
+        .get(&ObjectRef::<Pool>::new(pool).within(&ns))
         .and_then(|pool| pool.status.clone())
         .is_some_and(|status| status.available >= batch.spec.replicas)
 }

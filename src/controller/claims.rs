@@ -270,3 +270,131 @@ impl LastStatus {
         inner.insert(uid, (status, Instant::now()));
     }
 }
+
+/// Grant writes in flight, by batch (`namespace/name`), with the pool that sent each: sent and
+/// not yet answered, or committed and not yet visible in the batch cache. Such a batch is left
+/// out of its pool's next plans: its cached ledger is about to be superseded, and planning it from
+/// that ledger would ask for pods it already has (and size the pool for them).
+#[derive(Default)]
+pub struct InFlight {
+    inner: Mutex<HashMap<super::index::Key, Grant>>,
+    answered: tokio::sync::Notify,
+}
+
+struct Grant {
+    pool: super::index::Key,
+    /// `None` while the write is unanswered; then the resourceVersion it was conditional on.
+    committed_against: Option<String>,
+}
+
+impl InFlight {
+    pub fn start(&self, batch: super::index::Key, pool: super::index::Key) {
+        self.lock().insert(
+            batch,
+            Grant {
+                pool,
+                committed_against: None,
+            },
+        );
+    }
+
+    /// The write to `batch` was answered: it committed against `committed_against`, or (`None`)
+    /// it did not or may not have (the claims decide what its pods are).
+    pub fn answered(&self, batch: &super::index::Key, committed_against: Option<String>) {
+        let mut inner = self.lock();
+        match committed_against {
+            Some(version) => {
+                if let Some(grant) = inner.get_mut(batch) {
+                    grant.committed_against = Some(version);
+                }
+            }
+            None => {
+                inner.remove(batch);
+            }
+        }
+        drop(inner);
+        self.answered.notify_waiters();
+    }
+
+    /// Forgets the committed grants of `pool` the batch cache has caught up with:
+    /// `cached_version(batch)` is the resourceVersion the cache shows (`None`: no such batch).
+    pub fn refresh(
+        &self,
+        pool: &super::index::Key,
+        cached_version: impl Fn(&str) -> Option<String>,
+    ) {
+        self.lock().retain(|batch, grant| {
+            grant.pool != *pool
+                || match &grant.committed_against {
+                    None => true,
+                    Some(version) => cached_version(&batch.name).as_ref() == Some(version),
+                }
+        });
+    }
+
+    pub fn contains(&self, batch: &super::index::Key) -> bool {
+        self.lock().contains_key(batch)
+    }
+
+    /// Whether `pool` has grant writes in flight.
+    pub fn busy(&self, pool: &super::index::Key) -> bool {
+        self.lock().values().any(|g| g.pool == *pool)
+    }
+
+    /// Resolves once every grant write sent has been answered.
+    #[cfg(test)]
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.answered.notified();
+            if self.lock().values().all(|g| g.committed_against.is_some()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<super::index::Key, Grant>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::super::index::Key;
+    use super::*;
+
+    #[test]
+    fn a_committed_grant_stays_in_flight_until_the_cache_shows_a_newer_batch() {
+        let flights = InFlight::default();
+        let pool = Key::new("ns", "p");
+        let (a, b, c) = (
+            Key::new("ns", "a"),
+            Key::new("ns", "b"),
+            Key::new("ns", "c"),
+        );
+        flights.start(a.clone(), pool.clone());
+        flights.start(b.clone(), pool.clone());
+        flights.start(c.clone(), Key::new("ns", "other"));
+        flights.answered(&a, Some("7".into()));
+        flights.answered(&b, None);
+        assert!(
+            !flights.contains(&b),
+            "a refused or unknown grant is no longer in flight"
+        );
+        flights.refresh(&pool, |_| Some("7".into()));
+        assert!(
+            flights.contains(&a),
+            "the cache still shows the version written against"
+        );
+        assert!(flights.busy(&pool));
+        flights.refresh(&pool, |_| Some("8".into()));
+        assert!(!flights.contains(&a), "the cache shows the write");
+        assert!(!flights.busy(&pool));
+        assert!(flights.contains(&c), "another pool's grants are its own");
+        flights.refresh(&Key::new("ns", "other"), |_| None);
+        assert!(flights.contains(&c), "an unanswered write stays in flight");
+        flights.answered(&c, Some("3".into()));
+        flights.refresh(&Key::new("ns", "other"), |_| None);
+        assert!(!flights.contains(&c), "the cache shows the batch deleted");
+    }
+}

@@ -7,7 +7,9 @@
 mod backoff;
 mod batch;
 mod claims;
+mod index;
 mod metrics;
+mod pacing;
 mod pool;
 mod router;
 mod selection;
@@ -179,6 +181,17 @@ pub struct Context {
     pub config: ControllerConfig,
     /// Allocations written but maybe not yet visible in the batch cache.
     claims: claims::Claims,
+    /// Grant writes sent and not yet answered.
+    grants_in_flight: claims::InFlight,
+    /// The caches indexed by pool and by batch, kept by the router.
+    index: index::CacheIndex,
+    /// When each pool's sizing and status writes run (behind its claims).
+    pacing: pacing::Pacing,
+    /// Idle pods each pool had left after its last allocation round (before the Pool status,
+    /// written at most once per interval, shows them).
+    idle_left: std::sync::Mutex<std::collections::HashMap<index::Key, usize>>,
+    /// Wakes a Pool reconcile from outside one (a grant write answered in the background).
+    pool_wakeups: std::sync::OnceLock<mpsc::UnboundedSender<ObjectRef<Pool>>>,
     /// The last readable ledger of every pooled batch, for when one turns unreadable.
     ledgers: claims::LastLedgers,
     /// Pods created or deleted but maybe not yet visible in the pod cache.
@@ -218,6 +231,11 @@ impl Context {
             controller: names::MANAGED_BY.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let index = index::CacheIndex::default();
+        index.with(|index| {
+            index.pods_relisted(stores.pods.state().iter().map(AsRef::as_ref));
+            index.batches_relisted(stores.batches.state().iter().map(AsRef::as_ref));
+        });
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             executor: sandbox_executor::client::ExecutorClient::new(
@@ -230,6 +248,11 @@ impl Context {
             policies,
             config,
             claims: Default::default(),
+            grants_in_flight: Default::default(),
+            index,
+            pacing: Default::default(),
+            idle_left: Default::default(),
+            pool_wakeups: Default::default(),
             ledgers: Default::default(),
             expectations: Default::default(),
             last_status: Default::default(),
@@ -240,6 +263,60 @@ impl Context {
             task_polls: Default::default(),
             returned_to_pool: Default::default(),
         }
+    }
+
+    /// Queues a reconcile of `pool` (a no-op before the reconcilers run).
+    fn wake_pool(&self, namespace: &str, pool: &str) {
+        if let Some(wakeups) = self.pool_wakeups.get() {
+            let _ = wakeups.send(ObjectRef::new(pool).within(namespace));
+        }
+    }
+
+    /// Pods of `pool` in `namespace` in the cache (by their pool label).
+    fn pool_pods(&self, namespace: &str, pool: &str) -> Vec<Arc<Pod>> {
+        let members = self.index.with(|i| i.pods_by_pool.members(namespace, pool));
+        members
+            .iter()
+            .filter_map(|name| self.pods.get(&ObjectRef::new(name).within(namespace)))
+            .filter(|p| p.labels().get(names::LABEL_POOL_NAME).map(String::as_str) == Some(pool))
+            .collect()
+    }
+
+    /// Pods labelled with batch `batch` in `namespace` in the cache.
+    fn batch_pods(&self, namespace: &str, batch: &str) -> Vec<Arc<Pod>> {
+        let members = self
+            .index
+            .with(|i| i.pods_by_batch.members(namespace, batch));
+        members
+            .iter()
+            .filter_map(|name| self.pods.get(&ObjectRef::new(name).within(namespace)))
+            .filter(|p| p.labels().get(names::LABEL_BATCH_NAME).map(String::as_str) == Some(batch))
+            .collect()
+    }
+
+    /// Batches in `namespace` in the cache that reference `pool` ([`names::ANY_POOL`]: those
+    /// waiting for a Pool to be chosen).
+    fn batches_of_pool(&self, namespace: &str, pool: &str) -> Vec<Arc<BatchSandbox>> {
+        let members = self
+            .index
+            .with(|i| i.batches_by_pool.members(namespace, pool));
+        members
+            .iter()
+            .filter_map(|name| self.batches.get(&ObjectRef::new(name).within(namespace)))
+            .filter(|b| {
+                b.pool_name() == Some(pool)
+                    || (pool == names::ANY_POOL && b.awaits_pool_selection())
+            })
+            .collect()
+    }
+
+    /// Idle pods `pool` had left after its last allocation round, if it had one.
+    fn idle_left(&self, namespace: &str, pool: &str) -> Option<usize> {
+        self.idle_left
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&index::Key::new(namespace, pool))
+            .copied()
     }
 
     /// Records that an expiry policy returned `batch` to its pool (see `returned_to_pool`).
@@ -458,6 +535,7 @@ pub async fn run(
         config.clone(),
         metrics,
     ));
+    let _ = context.pool_wakeups.set(pool_tx.clone());
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
     let ns = config.namespace.as_deref();
@@ -574,7 +652,11 @@ where
         + Sync
         + 'static,
 {
-    reflector::reflector(writer, watcher(api, config).default_backoff()).for_each(move |event| {
+    // Nothing reads managedFields, the bulk of a cached object: they are dropped before caching.
+    let events = watcher(api, config)
+        .default_backoff()
+        .modify(|obj| obj.managed_fields_mut().clear());
+    reflector::reflector(writer, events).for_each(move |event| {
         route(&router, event);
         future::ready(())
     })

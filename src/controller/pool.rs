@@ -1,7 +1,7 @@
 //! Pool reconciler: the only writer that hands pool pods to batches. It keeps the pool's size
 //! where the sizing policy says, rolls idle pods to a new template, and drains on deletion.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::{StreamExt, stream};
@@ -14,6 +14,8 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::index::Key;
+use super::pacing::{Sizing, StatusWrite};
 use super::{Context, Error, ledger_of, policy_selector, released_of};
 use crate::api::{BatchSandbox, Pool, PoolStatus, names};
 use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
@@ -47,6 +49,8 @@ struct Observed {
     revision: String,
     /// The pool's pods (owned by this pool object), terminating ones included.
     pods: Vec<Arc<Pod>>,
+    /// Index into `pods` by name.
+    by_name: HashMap<String, usize>,
     /// Batches that reference this pool, oldest first, with their ledgers.
     batches: Vec<(Arc<BatchSandbox>, AllocStatus)>,
     /// Pods held by any batch's ledger or claimed by a write not yet seen.
@@ -65,24 +69,15 @@ impl Observed {
         // Owned pods, and pods labelled with the pool that nothing owns: a pool deleted with
         // `--cascade=orphan` strips its pods' owner references, and they must still be drained.
         let pods: Vec<Arc<Pod>> = ctx
-            .pods
-            .state()
+            .pool_pods(&namespace, &name)
             .into_iter()
             .filter(|p| {
-                p.namespace().as_deref() == Some(namespace.as_str())
-                    && p.labels().get(names::LABEL_POOL_NAME) == Some(&name)
-                    && (p.owner_references().iter().any(|o| o.uid == uid)
-                        || p.owner_references().is_empty())
+                p.owner_references().iter().any(|o| o.uid == uid) || p.owner_references().is_empty()
             })
             .collect();
         let mut batches = Vec::new();
         let mut unreadable = Vec::new();
-        for batch in ctx.batches.state() {
-            if batch.namespace().as_deref() != Some(namespace.as_str())
-                || batch.pool_name() != Some(name.as_str())
-            {
-                continue;
-            }
+        for batch in ctx.batches_of_pool(&namespace, &name) {
             match ledger_of(&batch) {
                 Ok(ledger) => {
                     ctx.ledgers.remember(&batch, &ledger);
@@ -126,7 +121,13 @@ impl Observed {
         let (unseen_creations, deleting) =
             ctx.expectations
                 .pending(&format!("{namespace}/{name}"), &known, &live);
+        let by_name = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (pods::pod_name(p).to_string(), i))
+            .collect();
         Ok(Self {
+            by_name,
             revision: pod_template::template_revision(&pool.spec.template),
             namespace,
             name,
@@ -149,9 +150,14 @@ impl Observed {
             .filter(|p| !pods::is_terminating(p) && !self.deleting.contains(pods::pod_name(p)))
     }
 
+    fn pod(&self, name: &str) -> Option<&Arc<Pod>> {
+        self.by_name.get(name).map(|&i| &self.pods[i])
+    }
+
     fn usable(&self, name: &str) -> bool {
-        self.live_pods()
-            .any(|p| pods::pod_name(p) == name && pods::is_live(p))
+        self.pod(name).is_some_and(|p| {
+            !pods::is_terminating(p) && !self.deleting.contains(name) && pods::is_live(p)
+        })
     }
 
     /// Idle Running+Ready pods, current template first.
@@ -175,16 +181,18 @@ impl Observed {
     }
 
     fn pod_ip(&self, name: &str) -> Option<&str> {
-        self.pods
-            .iter()
-            .find(|p| pods::pod_name(p) == name)
-            .and_then(|p| pods::pod_ip(p))
+        self.pod(name).and_then(|p| pods::pod_ip(p))
+    }
+
+    fn key(&self) -> Key {
+        Key::new(&self.namespace, &self.name)
     }
 }
 
 async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error> {
     let mut observed = Observed::gather(pool, ctx)?;
     if pool.metadata.deletion_timestamp.is_some() {
+        ctx.pacing.forget(&observed.key());
         return drain(pool, ctx, &observed).await;
     }
     if !pool.finalizers().iter().any(|f| f == names::FINALIZER_POOL) {
@@ -192,22 +200,47 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
             .await?;
     }
 
-    let (unmet, conflicts) = allocate(ctx, &mut observed).await?;
-    let degraded = resize(pool, ctx, &observed, unmet).await?;
-    write_status(pool, ctx, &observed, degraded, None).await?;
-
-    if conflicts > 0 {
-        return Err(Error::Conflict(conflicts));
+    // Claims first, and nothing else while they are being served: grants go out without waiting
+    // for each other, and sizing (refills) and the status wait behind them (see `pacing`).
+    let round = allocate(ctx, &mut observed)?;
+    let serving =
+        (round.granted > 0 || ctx.grants_in_flight.busy(&observed.key())) && round.unmet == 0;
+    let now = std::time::Instant::now();
+    if let Sizing::Defer(recheck) = ctx.pacing.with(&observed.key(), |p| p.sizing(now, serving)) {
+        return Ok(Action::requeue(recheck));
     }
-    Ok(Action::requeue(ctx.config.resync))
+    let degraded = resize(pool, ctx, &observed, round.unmet).await?;
+    let status_due = write_status(pool, ctx, &observed, degraded, None).await?;
+    Ok(Action::requeue(
+        status_due.map_or(ctx.config.resync, |due| due.min(ctx.config.resync)),
+    ))
 }
 
-/// Hands idle pods to batches that want them. Returns (unmet shards, lost write races).
-async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize), Error> {
+/// What one allocation round did.
+struct Round {
+    /// Pods granted (their writes are in flight).
+    granted: usize,
+    /// Shards still without a pod.
+    unmet: u32,
+}
+
+/// Hands idle pods to batches that want them. The grant writes are sent in the background, each
+/// settled on its own (see [`settle_grant`]): a round never waits for the API server, so the next
+/// one can serve the claims that arrived meanwhile.
+fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error> {
+    ctx.grants_in_flight.refresh(&observed.key(), |batch| {
+        ctx.batches
+            .get(&ObjectRef::new(batch).within(&observed.namespace))
+            .and_then(|b| b.resource_version())
+    });
     let wanting: Vec<&(Arc<BatchSandbox>, AllocStatus)> = observed
         .batches
         .iter()
         .filter(|(b, _)| b.metadata.deletion_timestamp.is_none())
+        .filter(|(b, _)| {
+            !ctx.grants_in_flight
+                .contains(&Key::new(&observed.namespace, &b.name_any()))
+        })
         .collect();
     let demands: Vec<Demand> = wanting
         .iter()
@@ -219,14 +252,25 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
         .collect();
     let idle = observed.idle_ready();
     let plan = allocation::plan(&demands, |pod| observed.usable(pod), &idle);
+    let granted: usize = plan.grants.iter().map(|g| g.granted.len()).sum();
+    ctx.idle_left
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(observed.key(), idle.len().saturating_sub(granted));
     if plan.grants.is_empty() {
-        return Ok((plan.unmet, 0));
+        return Ok(Round {
+            granted: 0,
+            unmet: plan.unmet,
+        });
     }
+    // A replica that cannot prove its lease plans nothing; each write checks again right before
+    // it is sent.
+    ctx.config.fence.check()?;
 
     // Claimed before the writes go out: a write whose outcome is unknown must keep its pods
     // held, or the next round could hand them to another batch.
     for grant in &plan.grants {
-        let batch = &wanting[grant.demand].0;
+        let batch = wanting[grant.demand].0.clone();
         ctx.claims.record(
             &observed.namespace,
             &batch.name_any(),
@@ -234,67 +278,94 @@ async fn allocate(ctx: &Context, observed: &mut Observed) -> Result<(u32, usize)
             grant.granted.iter().cloned(),
         );
         observed.held.extend(grant.granted.iter().cloned());
+        let patch = grant_patch(ctx, observed, &batch, grant);
+        let batch_key = Key::new(&observed.namespace, &batch.name_any());
+        ctx.grants_in_flight
+            .start(batch_key.clone(), observed.key());
+        let (ctx, pool, grant) = (ctx.clone(), observed.key(), grant.clone());
+        tokio::spawn(async move {
+            let settled = settle_grant(&ctx, &pool, &batch, &grant, patch).await;
+            let version = batch.resource_version().unwrap_or_default();
+            ctx.grants_in_flight.answered(
+                &batch_key,
+                (settled == Settled::Committed).then_some(version),
+            );
+            match settled {
+                Settled::Committed | Settled::Refused => {}
+                // The batch changed: its pool plans it again from the new state (its event may
+                // have come while this write was in flight, when it was left out).
+                Settled::LostRace => ctx.wake_pool(&pool.namespace, &pool.name),
+                Settled::Unknown => {
+                    tokio::time::sleep(UNKNOWN_GRANT_RETRY).await;
+                    ctx.wake_pool(&pool.namespace, &pool.name);
+                }
+            }
+        });
     }
-    let writes = plan.grants.iter().map(|grant| {
-        let batch = wanting[grant.demand].0.clone();
-        write_grant(ctx, observed, batch, grant)
-    });
-    let results: Vec<Result<(), Error>> = futures::future::join_all(writes).await;
-    let mut conflicts = 0;
-    let mut unresolved = None;
-    for (grant, result) in plan.grants.iter().zip(results) {
-        let batch = &wanting[grant.demand].0;
-        let version = batch.resource_version().unwrap_or_default();
-        let outcome = match result {
-            Ok(()) => GrantOutcome::Committed,
-            Err(error) if is_definite_refusal(&error) => {
-                if matches!(&error, Error::Kube(kube::Error::Api(s)) if s.code == 409) {
-                    conflicts += 1;
-                }
-                GrantOutcome::Refused(error)
+    debug!(pool = %observed.owner_key(), granted, unmet = plan.unmet, "allocation round");
+    Ok(Round {
+        granted,
+        unmet: plan.unmet,
+    })
+}
+
+/// How long a grant whose outcome is unknown waits before its pool plans the batch again.
+const UNKNOWN_GRANT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How a grant write ended, for what comes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settled {
+    Committed,
+    /// Refused because the batch changed since the cache showed it.
+    LostRace,
+    /// Refused for good (forbidden, invalid, fenced...).
+    Refused,
+    /// Not known: the claim stays until the cache moves past the version written against.
+    Unknown,
+}
+
+/// Sends one grant and acts on its outcome: the claim stays on success or an unknown outcome and
+/// goes on a definite refusal.
+async fn settle_grant(
+    ctx: &Context,
+    pool: &Key,
+    batch: &BatchSandbox,
+    grant: &Grant,
+    patch: serde_json::Value,
+) -> Settled {
+    let namespace = &pool.namespace;
+    let version = batch.resource_version().unwrap_or_default();
+    let outcome = match write_grant(ctx, namespace, batch, &patch).await {
+        Ok(()) => GrantOutcome::Committed,
+        Err(error) if is_definite_refusal(&error) => GrantOutcome::Refused(error),
+        Err(error) => resolve(ctx, namespace, batch, grant, error).await,
+    };
+    match outcome {
+        GrantOutcome::Committed => {
+            let complete =
+                grant.pods.iter().filter(|p| !p.is_empty()).count() >= batch.desired_replicas();
+            if let (true, Some(created)) = (complete, &batch.metadata.creation_timestamp) {
+                let waited = Timestamp::now().duration_since(created.0);
+                ctx.metrics
+                    .claimed(namespace, &pool.name, waited.try_into().unwrap_or_default());
             }
-            Err(error) => resolve(ctx, &observed.namespace, batch, grant, error).await,
-        };
-        match outcome {
-            GrantOutcome::Committed => {
-                let complete =
-                    grant.pods.iter().filter(|p| !p.is_empty()).count() >= batch.desired_replicas();
-                if let (true, Some(created)) = (complete, &batch.metadata.creation_timestamp) {
-                    let waited = Timestamp::now().duration_since(created.0);
-                    ctx.metrics.claimed(
-                        &observed.namespace,
-                        &observed.name,
-                        waited.try_into().unwrap_or_default(),
-                    );
-                }
-            }
-            GrantOutcome::Refused(error) => {
-                debug!(%error, batch = %batch.name_any(), "grant refused; its pods are free again");
-                ctx.claims.refused(
-                    &observed.namespace,
-                    &batch.name_any(),
-                    &version,
-                    &grant.granted,
-                );
-                for pod in &grant.granted {
-                    observed.held.remove(pod);
-                }
-                if let Error::Fenced(_) = error {
-                    unresolved.get_or_insert(error);
-                }
-            }
-            GrantOutcome::Unknown(error) => {
-                warn!(%error, batch = %batch.name_any(), "grant outcome unknown; its pods stay held until the cache shows the batch");
-                unresolved.get_or_insert(error);
+            Settled::Committed
+        }
+        GrantOutcome::Refused(error) => {
+            debug!(%error, batch = %batch.name_any(), "grant refused; its pods are free again");
+            ctx.claims
+                .refused(namespace, &batch.name_any(), &version, &grant.granted);
+            if matches!(&error, Error::Kube(kube::Error::Api(s)) if s.code == 409) {
+                Settled::LostRace
+            } else {
+                Settled::Refused
             }
         }
+        GrantOutcome::Unknown(error) => {
+            warn!(%error, batch = %batch.name_any(), "grant outcome unknown; its pods stay held until the cache shows the batch");
+            Settled::Unknown
+        }
     }
-    if let Some(error) = unresolved {
-        return Err(error);
-    }
-    let granted: usize = plan.grants.iter().map(|g| g.granted.len()).sum();
-    debug!(pool = %observed.owner_key(), granted, unmet = plan.unmet, conflicts, "allocation round");
-    Ok((plan.unmet, conflicts))
 }
 
 /// What became of one grant write.
@@ -362,12 +433,12 @@ async fn resolve(
 /// One write per batch: its new ledger, its endpoints and the cleanup finalizer, conditional on
 /// the batch's resourceVersion, so a concurrent writer (a scale-down, another leader) makes it
 /// fail rather than be overwritten.
-async fn write_grant(
+fn grant_patch(
     ctx: &Context,
     observed: &Observed,
-    batch: Arc<BatchSandbox>,
+    batch: &BatchSandbox,
     grant: &Grant,
-) -> Result<(), Error> {
+) -> serde_json::Value {
     let ledger = AllocStatus {
         pods: grant.pods.clone(),
         pool_ref: Some(observed.name.clone()),
@@ -377,7 +448,7 @@ async fn write_grant(
     if !finalizers.iter().any(|f| f == names::FINALIZER_BATCH) {
         finalizers.push(names::FINALIZER_BATCH.to_string());
     }
-    let patch = json!({
+    json!({
         "metadata": {
             "resourceVersion": batch.resource_version(),
             "finalizers": finalizers,
@@ -386,11 +457,19 @@ async fn write_grant(
                 names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format.for_labels(batch.labels())),
             }
         }
-    });
+    })
+}
+
+async fn write_grant(
+    ctx: &Context,
+    namespace: &str,
+    batch: &BatchSandbox,
+    patch: &serde_json::Value,
+) -> Result<(), Error> {
     // Fenced right before the write: a replica that can no longer prove its lease must not
     // hand out pods a successor may be handing out too.
     ctx.config.fence.check()?;
-    ctx.merge_patch::<BatchSandbox>(&observed.namespace, &batch.name_any(), &patch)
+    ctx.merge_patch::<BatchSandbox>(namespace, &batch.name_any(), patch)
         .await?;
     Ok(())
 }
@@ -580,13 +659,16 @@ async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action
     Ok(Action::requeue(ctx.config.resync))
 }
 
+/// Writes the pool's status if it changed, at most once per [`super::pacing::STATUS_INTERVAL`]
+/// (a draining pool's at once). Returns when a change held back is due.
 async fn write_status(
     pool: &Pool,
     ctx: &Context,
     observed: &Observed,
     degraded: Option<String>,
     draining: Option<String>,
-) -> Result<(), Error> {
+) -> Result<Option<std::time::Duration>, Error> {
+    let paced = draining.is_none();
     let counts = pool_plan::counts(&plan_pods(observed), observed.unseen_creations);
     ctx.metrics.pool_pods(
         &observed.namespace,
@@ -649,15 +731,23 @@ async fn write_status(
         conditions: vec![],
         ..previous.clone()
     } && conditions::same(&status.conditions, &previous.conditions);
-    if !unchanged {
-        ctx.patch_status::<Pool>(
-            &observed.namespace,
-            &observed.name,
-            json!({ "status": status }),
-        )
-        .await?;
+    if unchanged {
+        return Ok(None);
     }
-    Ok(())
+    let now = std::time::Instant::now();
+    if paced && let StatusWrite::After(due) = ctx.pacing.with(&observed.key(), |p| p.status(now)) {
+        return Ok(Some(due));
+    }
+    ctx.patch_status::<Pool>(
+        &observed.namespace,
+        &observed.name,
+        json!({ "status": status }),
+    )
+    .await?;
+    ctx.pacing.with(&observed.key(), |p| {
+        p.status_written(std::time::Instant::now())
+    });
+    Ok(None)
 }
 
 fn non_negative(value: i32) -> u32 {

@@ -1,5 +1,8 @@
 //! Maps every watch event to the reconciles it should trigger. Deletions are routed too (a pod
 //! deleted by hand must wake its pool and its batch), which kube-runtime's shared streams skip.
+//!
+//! The router also keeps the cache indexes (see `index`): each event updates them before it wakes
+//! anything, so a reconcile it wakes finds the object there; a relist rebuilds them.
 
 use std::sync::Arc;
 
@@ -11,8 +14,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 use super::Context;
+use super::index::BatchChange;
 use crate::api::{BatchSandbox, Pool, names};
-use crate::domain::allocation::AllocStatus;
 
 #[derive(Clone)]
 pub struct Router {
@@ -36,8 +39,21 @@ impl Router {
 
     pub fn pod_event(&self, event: Result<Event<Pod>, watcher::Error>) {
         match event {
-            Ok(Event::Apply(pod) | Event::Delete(pod)) => self.pod_changed(&pod),
-            Ok(Event::InitDone) => self.everything(),
+            Ok(Event::Apply(pod)) => {
+                self.ctx.index.with(|i| i.pod_applied(&pod));
+                self.pod_changed(&pod);
+            }
+            Ok(Event::Delete(pod)) => {
+                self.ctx.index.with(|i| i.pod_deleted(&pod));
+                self.pod_changed(&pod);
+            }
+            Ok(Event::InitDone) => {
+                let pods = self.ctx.pods.state();
+                self.ctx
+                    .index
+                    .with(|i| i.pods_relisted(pods.iter().map(AsRef::as_ref)));
+                self.everything();
+            }
             Ok(_) => {}
             Err(error) => warn!(%error, "pod watch error; retrying"),
         }
@@ -45,38 +61,76 @@ impl Router {
 
     pub fn batch_event(&self, event: Result<Event<BatchSandbox>, watcher::Error>) {
         match event {
-            Ok(Event::Apply(batch) | Event::Delete(batch)) => {
-                let ns = batch.namespace().unwrap_or_default();
-                self.batch(&ns, &batch.name_any());
-                if let Some(pool) = batch.pool_name() {
-                    self.pool(&ns, pool);
-                }
+            Ok(Event::Apply(batch)) => {
+                let change = self.ctx.index.with(|i| i.batch_applied(&batch));
+                self.batch_changed(&batch, change);
             }
-            Ok(Event::InitDone) => self.everything(),
+            Ok(Event::Delete(batch)) => {
+                self.ctx.index.with(|i| i.batch_deleted(&batch));
+                self.batch_changed(
+                    &batch,
+                    BatchChange {
+                        allocation: true,
+                        beyond_status: true,
+                    },
+                );
+            }
+            Ok(Event::InitDone) => {
+                let batches = self.ctx.batches.state();
+                self.ctx
+                    .index
+                    .with(|i| i.batches_relisted(batches.iter().map(AsRef::as_ref)));
+                self.everything();
+            }
             Ok(_) => {}
             Err(error) => warn!(%error, "BatchSandbox watch error; retrying"),
         }
     }
 
+    /// Wakes the batch unless only its status changed (its own reconcile wrote it), and its
+    /// pool if what the pool allocates from changed.
+    fn batch_changed(&self, batch: &BatchSandbox, change: BatchChange) {
+        let ns = batch.namespace().unwrap_or_default();
+        if change.beyond_status {
+            self.batch(&ns, &batch.name_any());
+        }
+        if let (true, Some(pool)) = (change.allocation, batch.pool_name()) {
+            self.pool(&ns, pool);
+        }
+    }
+
     pub fn pool_event(&self, event: Result<Event<Pool>, watcher::Error>) {
         match event {
-            Ok(Event::Apply(pool) | Event::Delete(pool)) => {
-                let ns = pool.namespace().unwrap_or_default();
-                let name = pool.name_any();
-                self.pool(&ns, &name);
-                // Its batches, and the batches waiting for a Pool to be chosen: this one may fit now.
-                for batch in self.ctx.batches.state() {
-                    if batch.namespace().as_deref() == Some(ns.as_str())
-                        && (batch.pool_name() == Some(name.as_str())
-                            || batch.awaits_pool_selection())
-                    {
-                        self.batch(&ns, &batch.name_any());
-                    }
-                }
+            Ok(Event::Apply(pool)) => {
+                let batches_read_changed = self.ctx.index.with(|i| i.pool_applied(&pool));
+                self.pool_changed(&pool, batches_read_changed);
+            }
+            Ok(Event::Delete(pool)) => {
+                self.ctx.index.with(|i| i.pool_deleted(&pool));
+                self.pool_changed(&pool, true);
             }
             Ok(Event::InitDone) => self.everything(),
             Ok(_) => {}
             Err(error) => warn!(%error, "Pool watch error; retrying"),
+        }
+    }
+
+    /// Wakes the pool; its batches when what they read of it changed (its own status writes
+    /// mostly only count pods); and the batches waiting for a Pool to be chosen, which compare
+    /// every pool's counts: this one may fit now.
+    fn pool_changed(&self, pool: &Pool, batches_read_changed: bool) {
+        let ns = pool.namespace().unwrap_or_default();
+        let name = pool.name_any();
+        self.pool(&ns, &name);
+        let groups: &[&str] = if batches_read_changed {
+            &[name.as_str(), names::ANY_POOL]
+        } else {
+            &[names::ANY_POOL]
+        };
+        for group in groups {
+            for batch in self.ctx.batches_of_pool(&ns, group) {
+                self.batch(&ns, &batch.name_any());
+            }
         }
     }
 
@@ -88,20 +142,14 @@ impl Router {
         }
         if let Some(pool) = labels.get(names::LABEL_POOL_NAME) {
             self.pool(&ns, pool);
-            let pod_name = pod.name_any();
-            for batch in self.ctx.batches.state() {
-                if batch.namespace().as_deref() != Some(ns.as_str())
-                    || batch.pool_name() != Some(pool.as_str())
-                {
-                    continue;
-                }
-                // A corrupt ledger may hold it: wake that batch too, so it reports the corruption.
-                let held = AllocStatus::of(&batch)
-                    .map(|a| a.pods.contains(&pod_name))
-                    .unwrap_or(true);
-                if held {
-                    self.batch(&ns, &batch.name_any());
-                }
+            // The batches whose ledgers name it; a corrupt ledger may hold it too: wake that
+            // batch as well, so it reports the corruption.
+            let holders = self
+                .ctx
+                .index
+                .with(|i| i.holders.of(&ns, &pod.name_any(), pool));
+            for batch in holders {
+                self.batch(&ns, &batch);
             }
         }
     }

@@ -322,6 +322,20 @@ fn pool_status_path() -> String {
     format!("{}/status", pool_path())
 }
 
+/// A Pool reconcile, and the grant writes it sent in the background until they are settled.
+async fn reconcile_pool(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let result = pool::reconcile(pool, ctx.clone()).await;
+    ctx.grants_in_flight.settled().await;
+    result
+}
+
+/// Lets `ctx` wake Pool reconciles into the returned receiver, as the router's queue does.
+fn pool_wakeups(ctx: &Context) -> mpsc::UnboundedReceiver<ObjectRef<Pool>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    ctx.pool_wakeups.set(tx).expect("wakeups are set once");
+    rx
+}
+
 fn methods_and_paths(writes: &[Request]) -> Vec<(String, String)> {
     writes
         .iter()
@@ -329,8 +343,11 @@ fn methods_and_paths(writes: &[Request]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The whole API cost of a healthy pooled claim: one conditional ledger write (carrying the
+/// finalizer and the endpoints) from the Pool reconcile, then one status write from the batch's
+/// own reconcile. No event, no Pool status write: those wait behind the claims.
 #[tokio::test]
-async fn a_pooled_claim_is_one_conditional_batch_patch_and_one_pool_status_write() {
+async fn a_healthy_pooled_claim_writes_its_ledger_and_its_status_and_nothing_else() {
     let api = RecordedApi::default();
     let pool = pool([0, 0, 3, 3]);
     let pods = vec![
@@ -341,19 +358,21 @@ async fn a_pooled_claim_is_one_conditional_batch_patch_and_one_pool_status_write
     let batch = pooled_batch("claim", 2, "7");
     api.object(batch_path("claim"), &batch);
     api.object(pool_path(), &pool);
-    let ctx = context(&api, pods, vec![batch], vec![pool.clone()]);
+    let ctx = context(&api, pods.clone(), vec![batch], vec![pool.clone()]);
 
-    pool::reconcile(Arc::new(pool), ctx.clone())
+    let action = reconcile_pool(Arc::new(pool.clone()), ctx.clone())
         .await
         .expect("the reconcile succeeds");
+    assert_eq!(
+        action,
+        Action::requeue(pacing::SIZING_RECHECK),
+        "sizing and status wait behind the claim"
+    );
 
     let writes = api.writes();
     assert_eq!(
         methods_and_paths(&writes),
-        [
-            ("PATCH".to_string(), batch_path("claim")),
-            ("PATCH".to_string(), pool_status_path()),
-        ],
+        [("PATCH".to_string(), batch_path("claim"))],
         "{writes:#?}"
     );
     let grant = &writes[0].body["metadata"];
@@ -373,7 +392,52 @@ async fn a_pooled_claim_is_one_conditional_batch_patch_and_one_pool_status_write
         grant["annotations"][names::ANNOTATION_ENDPOINTS],
         r#"[{"sandbox_id":"0","ip":"127.1.1.2"},{"sandbox_id":"1","ip":"127.1.1.3"}]"#
     );
-    let status = &writes[1].body["status"];
+
+    // The batch's reconcile, once the cache shows the grant.
+    let granted: BatchSandbox = api.stored(&[batch_path("claim")]).remove(0);
+    let ctx = context(&api, pods, vec![granted.clone()], vec![pool]);
+    batch::reconcile(Arc::new(granted), ctx)
+        .await
+        .expect("the batch reconcile succeeds");
+    let writes = api.writes();
+    assert_eq!(
+        methods_and_paths(&writes[1..]),
+        [(
+            "PATCH".to_string(),
+            format!("{}/status", batch_path("claim"))
+        )],
+        "{writes:#?}"
+    );
+    assert_eq!(writes[1].body["status"]["ready"], json!(2), "{writes:#?}");
+}
+
+/// Once its claims are served, a pool sizes itself and reports its status, in one write.
+#[tokio::test]
+async fn a_pool_reports_its_status_once_its_claims_are_served() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 3, 3]);
+    let pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+        pool_pod(&pool, "p-c", "127.1.1.4"),
+    ];
+    let mut batch = pooled_batch("claim", 2, "7");
+    batch.metadata.annotations = Some(BTreeMap::from([(
+        names::ANNOTATION_ALLOC_STATUS.to_string(),
+        r#"{"pods":["p-a","p-b"],"poolRef":"p"}"#.to_string(),
+    )]));
+    api.object(pool_path(), &pool);
+    let ctx = context(&api, pods, vec![batch], vec![pool.clone()]);
+    reconcile_pool(Arc::new(pool), ctx)
+        .await
+        .expect("the reconcile succeeds");
+    let writes = api.writes();
+    assert_eq!(
+        methods_and_paths(&writes),
+        [("PATCH".to_string(), pool_status_path())],
+        "{writes:#?}"
+    );
+    let status = &writes[0].body["status"];
     assert_eq!(
         (
             status["total"].clone(),
@@ -402,16 +466,21 @@ async fn a_lost_grant_race_records_no_claim_and_is_retried() {
         vec![pool.clone()],
     );
 
-    let result = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
-    assert!(matches!(result, Err(Error::Conflict(1))), "{result:?}");
+    let mut wakeups = pool_wakeups(&ctx);
+
+    let result = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
+    assert!(result.is_ok(), "{result:?}");
     // The pod is not counted as held: the next round may grant it again.
     assert!(ctx.claims.current(NS, |_| Some("7".to_string())).is_empty());
-    let statuses = api
-        .writes()
-        .iter()
-        .filter(|w| w.path == pool_status_path())
-        .count();
-    assert_eq!(statuses, 1, "the pool's status is still written");
+    assert!(
+        !ctx.grants_in_flight.contains(&index::Key::new(NS, "claim")),
+        "the batch is planned again"
+    );
+    assert_eq!(
+        wakeups.try_recv().ok(),
+        Some(ObjectRef::new("p").within(NS)),
+        "the pool is woken to plan again"
+    );
 }
 
 #[tokio::test]
@@ -421,7 +490,7 @@ async fn a_pool_at_its_size_that_reported_its_status_writes_nothing() {
     let first = RecordedApi::default();
     first.object(pool_path(), &pool);
     let ctx = context(&first, vec![idle.clone()], vec![], vec![pool.clone()]);
-    pool::reconcile(Arc::new(pool.clone()), ctx)
+    reconcile_pool(Arc::new(pool.clone()), ctx)
         .await
         .expect("the first reconcile succeeds");
     let writes = first.writes();
@@ -438,7 +507,7 @@ async fn a_pool_at_its_size_that_reported_its_status_writes_nothing() {
     let second = RecordedApi::default();
     second.object(pool_path(), &reported);
     let ctx = context(&second, vec![idle], vec![], vec![reported.clone()]);
-    pool::reconcile(Arc::new(reported), ctx)
+    reconcile_pool(Arc::new(reported), ctx)
         .await
         .expect("the second reconcile succeeds");
     assert_eq!(methods_and_paths(&second.writes()), []);
@@ -582,7 +651,7 @@ async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
     ));
 
     // Round 1: "older" gets p-b; the write lands but its answer is lost.
-    let first = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
+    let first = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
     assert_eq!(
         holders(&api, &["older", "newer"]),
         BTreeMap::from([("p-b".to_string(), vec!["older".to_string()])]),
@@ -592,8 +661,10 @@ async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
 
     // Round 2: the batch cache is unchanged (its watch has not caught up); a new pod whose name
     // sorts first turned Ready, so "older" is planned p-a (and loses the race) and "newer" is next.
-    pod_writer.apply_watcher_event(&watcher::Event::Apply(pool_pod(&pool, "p-a", "127.1.1.2")));
-    let _ = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
+    let new_pod = pool_pod(&pool, "p-a", "127.1.1.2");
+    pod_writer.apply_watcher_event(&watcher::Event::Apply(new_pod.clone()));
+    ctx.index.with(|i| i.pod_applied(&new_pod));
+    let _ = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
 
     let holders = holders(&api, &["older", "newer"]);
     assert!(
@@ -639,7 +710,7 @@ async fn every_grant_outcome_is_handled_after_a_refusal() {
         vec![refused, granted],
         vec![pool.clone()],
     );
-    let _ = pool::reconcile(Arc::new(pool), ctx.clone()).await;
+    let _ = reconcile_pool(Arc::new(pool), ctx.clone()).await;
     let versions = |batch: &str| Some(if batch == "refused" { "7" } else { "8" }.to_string());
     assert_eq!(
         ctx.claims.current(NS, versions),
@@ -667,7 +738,7 @@ async fn an_unreadable_ledger_does_not_stall_its_pool() {
         vec![corrupt, healthy],
         vec![pool.clone()],
     );
-    let result = pool::reconcile(Arc::new(pool), ctx).await;
+    let result = reconcile_pool(Arc::new(pool), ctx).await;
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(
         holders(&api, &["healthy"]),
@@ -909,7 +980,7 @@ async fn a_pool_deleted_with_orphaned_pods_still_drains_them() {
     let api = RecordedApi::default();
     api.object(pool_path(), &pool);
     let ctx = context(&api, vec![orphan], vec![], vec![pool.clone()]);
-    pool::reconcile(Arc::new(pool), ctx)
+    reconcile_pool(Arc::new(pool), ctx)
         .await
         .expect("the drain succeeds");
     let writes = api.writes();
@@ -1003,7 +1074,7 @@ async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_re
     tokio::time::sleep(deadline + std::time::Duration::from_millis(500)).await;
     assert!(fence.check().is_ok(), "a renewing leader stays unfenced");
     let writer = RecordedApi::default();
-    pool::reconcile(Arc::new(pool.clone()), setup(&writer, "before"))
+    reconcile_pool(Arc::new(pool.clone()), setup(&writer, "before"))
         .await
         .expect("a proven leader allocates");
     assert!(
@@ -1025,7 +1096,7 @@ async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_re
         "writes stopped {closed_after:?} after the last renewal; the renew deadline is {deadline:?}"
     );
     let fenced = RecordedApi::default();
-    let result = pool::reconcile(Arc::new(pool.clone()), setup(&fenced, "after")).await;
+    let result = reconcile_pool(Arc::new(pool.clone()), setup(&fenced, "after")).await;
     assert!(matches!(result, Err(Error::Fenced(_))), "{result:?}");
     assert!(
         fenced
@@ -1036,4 +1107,95 @@ async fn a_controller_whose_lease_renewal_is_blocked_stops_writing_within_the_re
         fenced.writes()
     );
     prover.abort();
+}
+
+/// Waits, for at most ten seconds, until `done` holds of the writes `api` recorded.
+async fn wait_for_writes(api: &RecordedApi, what: &str, done: impl Fn(&[Request]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done(&api.writes()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {:#?}",
+            api.writes()
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// A round never waits for the API server: while one grant write hangs, the next round serves a
+/// newer claim at once, leaves the batch whose write is in flight out of its plan, and never
+/// hands out the pod that write claimed.
+#[tokio::test]
+async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 3, 3]);
+    let slow = batch_created("slow", 1, "7", 0);
+    let fast = batch_created("fast", 1, "8", 1);
+    api.object(batch_path("slow"), &slow);
+    api.object(batch_path("fast"), &fast);
+    api.object(pool_path(), &pool);
+    api.fault("PATCH", &batch_path("slow"), Some(Fault::Hang));
+    let (batches, mut batch_writer) = writable_store(vec![slow]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(vec![
+                pool_pod(&pool, "p-a", "127.1.1.2"),
+                pool_pod(&pool, "p-b", "127.1.1.3"),
+                pool_pod(&pool, "p-c", "127.1.1.4"),
+            ]),
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    let bounded = |ctx: Arc<Context>| {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            pool::reconcile(Arc::new(pool.clone()), ctx),
+        )
+    };
+    bounded(ctx.clone())
+        .await
+        .expect("the round returns while its write hangs")
+        .expect("the round succeeds");
+    assert!(ctx.grants_in_flight.contains(&index::Key::new(NS, "slow")));
+
+    // A newer claim arrives; the round after it runs while slow's write still hangs.
+    batch_writer.apply_watcher_event(&watcher::Event::Apply(fast.clone()));
+    ctx.index.with(|i| i.batch_applied(&fast));
+    bounded(ctx.clone())
+        .await
+        .expect("the second round returns while the first write hangs")
+        .expect("the second round succeeds");
+    wait_for_writes(&api, "fast's grant", |writes| {
+        writes.iter().any(|w| w.path == batch_path("fast"))
+    })
+    .await;
+
+    // The hanging request is never answered (nor recorded): only fast's write went through.
+    let writes = api.writes();
+    assert_eq!(
+        methods_and_paths(&writes),
+        [("PATCH".to_string(), batch_path("fast"))],
+        "{writes:#?}"
+    );
+    let ledger: Value = serde_json::from_str(
+        writes[0].body["metadata"]["annotations"][names::ANNOTATION_ALLOC_STATUS]
+            .as_str()
+            .expect("a ledger"),
+    )
+    .expect("the ledger is JSON");
+    assert!(
+        ctx.grants_in_flight.contains(&index::Key::new(NS, "slow")),
+        "slow's write is still in flight, and slow was not planned again"
+    );
+    let versions = |batch: &str| Some(if batch == "slow" { "7" } else { "8" }.to_string());
+    assert!(ctx.claims.current(NS, versions).contains("p-a"));
+    assert_eq!(
+        ledger["pods"],
+        json!(["p-b"]),
+        "the pod claimed by the hanging write is not handed out again"
+    );
 }

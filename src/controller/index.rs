@@ -1,0 +1,525 @@
+//! Indexes over the reflector caches, so a reconcile's cost grows with its own pool or batch and
+//! never with the cluster: pods by pool and by batch, batches by pool, and the batches whose
+//! ledgers name each pod.
+//!
+//! The indexes hold names only; objects are read from the stores by name. They are kept from the
+//! watch events (the router sees every one before it wakes a reconcile) and rebuilt from the store
+//! on every `InitDone`, because a relist replaces the store without Delete events for objects
+//! that vanished meanwhile. A stale name (an object the store no longer has) is harmless: it reads
+//! as absent. A missing name is not, which is why every store change passes through here.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use crate::api::{BatchSandbox, Pool, names};
+use crate::domain::allocation::AllocStatus;
+
+/// `namespace/name` of a namespaced object, or of a group (a pool, a batch).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// Members (object names) per group, where each object belongs to at most one group.
+#[derive(Debug, Default)]
+pub struct Grouping {
+    members: HashMap<Key, BTreeSet<String>>,
+    group_of: HashMap<Key, Key>,
+}
+
+impl Grouping {
+    /// Puts the object `namespace/name` in `group` (none: in no group), out of any other.
+    pub fn set(&mut self, namespace: &str, name: &str, group: Option<&str>) {
+        let object = Key::new(namespace, name);
+        let wanted = group.map(|g| Key::new(namespace, g));
+        if self.group_of.get(&object) == wanted.as_ref() {
+            return;
+        }
+        self.remove(namespace, name);
+        if let Some(group) = wanted {
+            self.members
+                .entry(group.clone())
+                .or_default()
+                .insert(name.to_string());
+            self.group_of.insert(object, group);
+        }
+    }
+
+    pub fn remove(&mut self, namespace: &str, name: &str) {
+        if let Some(group) = self.group_of.remove(&Key::new(namespace, name))
+            && let Some(members) = self.members.get_mut(&group)
+        {
+            members.remove(name);
+            if members.is_empty() {
+                self.members.remove(&group);
+            }
+        }
+    }
+
+    /// The names in `namespace/group`.
+    pub fn members(&self, namespace: &str, group: &str) -> Vec<String> {
+        self.members
+            .get(&Key::new(namespace, group))
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn clear(&mut self) {
+        self.members.clear();
+        self.group_of.clear();
+    }
+}
+
+/// Which batches' ledgers name each pod, per namespace; a batch whose ledger cannot be read may
+/// hold any pod of its pool, so it is listed per pool instead.
+#[derive(Debug, Default)]
+pub struct Holders {
+    by_pod: HashMap<Key, BTreeSet<String>>,
+    ledger_of: HashMap<Key, Vec<String>>,
+    unreadable: Grouping,
+}
+
+impl Holders {
+    /// Records what `namespace/batch`'s ledger says now: `Ok(pods)`, or unreadable in `pool`.
+    pub fn set(&mut self, namespace: &str, batch: &str, ledger: Result<Vec<String>, &str>) {
+        self.remove(namespace, batch);
+        match ledger {
+            Ok(pods) => {
+                for pod in &pods {
+                    if !pod.is_empty() {
+                        self.by_pod
+                            .entry(Key::new(namespace, pod))
+                            .or_default()
+                            .insert(batch.to_string());
+                    }
+                }
+                self.ledger_of.insert(Key::new(namespace, batch), pods);
+            }
+            Err(pool) => self.unreadable.set(namespace, batch, Some(pool)),
+        }
+    }
+
+    pub fn remove(&mut self, namespace: &str, batch: &str) {
+        self.unreadable.remove(namespace, batch);
+        for pod in self
+            .ledger_of
+            .remove(&Key::new(namespace, batch))
+            .unwrap_or_default()
+        {
+            let key = Key::new(namespace, &pod);
+            if let Some(holders) = self.by_pod.get_mut(&key) {
+                holders.remove(batch);
+                if holders.is_empty() {
+                    self.by_pod.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Batches that may hold `namespace/pod` of `pool`: those whose ledger names it, and those
+    /// of the pool whose ledger cannot be read.
+    pub fn of(&self, namespace: &str, pod: &str, pool: &str) -> BTreeSet<String> {
+        let mut batches = self
+            .by_pod
+            .get(&Key::new(namespace, pod))
+            .cloned()
+            .unwrap_or_default();
+        batches.extend(self.unreadable.members(namespace, pool));
+        batches
+    }
+
+    fn clear(&mut self) {
+        self.by_pod.clear();
+        self.ledger_of.clear();
+        self.unreadable.clear();
+    }
+}
+
+/// The indexes, kept together under one lock.
+#[derive(Debug, Default)]
+pub struct Indexes {
+    /// Pods by their pool label.
+    pub pods_by_pool: Grouping,
+    /// Pods by their batch label (a non-pooled batch's own pods).
+    pub pods_by_batch: Grouping,
+    /// Batches by the Pool they reference; those waiting for a Pool to be chosen are grouped
+    /// under [`names::ANY_POOL`].
+    pub batches_by_pool: Grouping,
+    pub holders: Holders,
+    /// Per batch, what its pool's allocation reads of it and what it is beside its status.
+    batch_fingerprints: HashMap<Key, (u64, u64)>,
+    /// Per pool, what its batches read of it.
+    pool_fingerprints: HashMap<Key, u64>,
+}
+
+/// What changed in a batch, as [`Indexes::batch_applied`] saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchChange {
+    /// Its pool, replicas, ledger, released shards or deletion: what its pool allocates from.
+    pub allocation: bool,
+    /// Anything but its status (and resourceVersion).
+    pub beyond_status: bool,
+}
+
+fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A hash of a batch's spec (by its generation) and metadata, without its status.
+fn object_fingerprint(batch: &BatchSandbox) -> u64 {
+    let meta = &batch.metadata;
+    hash_of((
+        &meta.uid,
+        meta.generation,
+        &meta.labels,
+        &meta.annotations,
+        &meta.finalizers,
+        meta.deletion_timestamp
+            .as_ref()
+            .map(|t| t.0.as_nanosecond()),
+    ))
+}
+
+/// A hash of what a pool's batches read of it: whether it exists as this object, its spec (by
+/// its generation), its deletion, whether it has run out of idle pods (a batch it could not
+/// serve then reports itself pending), and whether it is exhausted (at `poolMax` as well).
+fn pool_fingerprint(pool: &Pool) -> u64 {
+    let status = pool.status.clone().unwrap_or_default();
+    hash_of((
+        &pool.metadata.uid,
+        pool.metadata.generation,
+        pool.metadata.deletion_timestamp.is_some(),
+        status.available == 0,
+        status.total >= pool.spec.capacity_spec.pool_max,
+    ))
+}
+
+/// A hash of the fields of a batch its pool's allocation reads.
+fn allocation_fingerprint(batch: &BatchSandbox) -> u64 {
+    let annotation = |key: &str| batch.annotations().get(key).cloned();
+    hash_of((
+        &batch.spec.pool_ref,
+        batch.spec.replicas,
+        batch.metadata.deletion_timestamp.is_some(),
+        annotation(names::ANNOTATION_ALLOC_STATUS),
+        annotation(names::ANNOTATION_TASK_RESULTS),
+    ))
+}
+
+impl Indexes {
+    pub fn pod_applied(&mut self, pod: &Pod) {
+        let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let labels = pod.labels();
+        self.pods_by_pool.set(
+            &ns,
+            &name,
+            labels.get(names::LABEL_POOL_NAME).map(String::as_str),
+        );
+        self.pods_by_batch.set(
+            &ns,
+            &name,
+            labels.get(names::LABEL_BATCH_NAME).map(String::as_str),
+        );
+    }
+
+    pub fn pod_deleted(&mut self, pod: &Pod) {
+        let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        self.pods_by_pool.remove(&ns, &name);
+        self.pods_by_batch.remove(&ns, &name);
+    }
+
+    pub fn pods_relisted<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) {
+        self.pods_by_pool.clear();
+        self.pods_by_batch.clear();
+        for pod in pods {
+            self.pod_applied(pod);
+        }
+    }
+
+    /// Records a batch as the cache now shows it, and says what changed: a status write, the most
+    /// frequent change, concerns neither the batch's reconcile (which wrote it) nor its pool.
+    pub fn batch_applied(&mut self, batch: &BatchSandbox) -> BatchChange {
+        let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
+        let fingerprints = (allocation_fingerprint(batch), object_fingerprint(batch));
+        let previous = self
+            .batch_fingerprints
+            .insert(Key::new(&ns, &name), fingerprints);
+        let changed = BatchChange {
+            allocation: previous.map(|p| p.0) != Some(fingerprints.0),
+            beyond_status: previous.map(|p| p.1) != Some(fingerprints.1),
+        };
+        let group = batch
+            .pool_name()
+            .or_else(|| batch.awaits_pool_selection().then_some(names::ANY_POOL));
+        self.batches_by_pool.set(&ns, &name, group);
+        match batch.pool_name() {
+            Some(pool) => self.holders.set(
+                &ns,
+                &name,
+                AllocStatus::of(batch).map(|l| l.pods).map_err(|_| pool),
+            ),
+            None => self.holders.remove(&ns, &name),
+        }
+        changed
+    }
+
+    pub fn batch_deleted(&mut self, batch: &BatchSandbox) {
+        let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
+        self.batches_by_pool.remove(&ns, &name);
+        self.holders.remove(&ns, &name);
+        self.batch_fingerprints.remove(&Key::new(&ns, &name));
+    }
+
+    /// Records a pool as the cache now shows it. Returns whether what its batches read of it
+    /// changed: its own status writes, which only count pods, mostly do not.
+    pub fn pool_applied(&mut self, pool: &Pool) -> bool {
+        let key = Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any());
+        let fingerprint = pool_fingerprint(pool);
+        self.pool_fingerprints.insert(key, fingerprint) != Some(fingerprint)
+    }
+
+    pub fn pool_deleted(&mut self, pool: &Pool) {
+        self.pool_fingerprints.remove(&Key::new(
+            &pool.namespace().unwrap_or_default(),
+            &pool.name_any(),
+        ));
+    }
+
+    pub fn batches_relisted<'a>(&mut self, batches: impl IntoIterator<Item = &'a BatchSandbox>) {
+        self.batches_by_pool.clear();
+        self.holders.clear();
+        self.batch_fingerprints.clear();
+        for batch in batches {
+            self.batch_applied(batch);
+        }
+    }
+}
+
+/// [`Indexes`] shared between the router (which keeps them) and the reconcilers (which read them).
+#[derive(Debug, Default)]
+pub struct CacheIndex {
+    inner: Mutex<Indexes>,
+}
+
+impl CacheIndex {
+    /// Runs `f` on the indexes under their lock.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Indexes) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    fn pod(name: &str, labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        }
+    }
+
+    fn batch(name: &str, pool_ref: &str, ledger: Option<&str>) -> BatchSandbox {
+        let mut batch = BatchSandbox::new(
+            name,
+            crate::api::BatchSandboxSpec {
+                replicas: 1,
+                pool_ref: Some(pool_ref.into()),
+                ..Default::default()
+            },
+        );
+        batch.metadata.namespace = Some("ns".into());
+        batch.metadata.annotations = ledger
+            .map(|l| BTreeMap::from([(names::ANNOTATION_ALLOC_STATUS.to_string(), l.to_string())]));
+        batch
+    }
+
+    #[test]
+    fn a_pod_moves_between_groups_as_its_labels_change_and_leaves_on_delete() {
+        let mut index = Indexes::default();
+        index.pod_applied(&pod("a", &[(names::LABEL_POOL_NAME, "p")]));
+        index.pod_applied(&pod("b", &[(names::LABEL_POOL_NAME, "p")]));
+        assert_eq!(index.pods_by_pool.members("ns", "p"), ["a", "b"]);
+        assert!(index.pods_by_pool.members("other", "p").is_empty());
+
+        index.pod_applied(&pod("a", &[(names::LABEL_POOL_NAME, "q")]));
+        assert_eq!(index.pods_by_pool.members("ns", "p"), ["b"]);
+        assert_eq!(index.pods_by_pool.members("ns", "q"), ["a"]);
+
+        index.pod_applied(&pod("b", &[(names::LABEL_BATCH_NAME, "web")]));
+        assert!(index.pods_by_pool.members("ns", "p").is_empty());
+        assert_eq!(index.pods_by_batch.members("ns", "web"), ["b"]);
+
+        index.pod_deleted(&pod("b", &[]));
+        assert!(index.pods_by_batch.members("ns", "web").is_empty());
+    }
+
+    #[test]
+    fn a_status_write_is_no_change_for_the_batch_nor_its_pool() {
+        let mut index = Indexes::default();
+        let both = BatchChange {
+            allocation: true,
+            beyond_status: true,
+        };
+        let mut claim = batch("x", "p", None);
+        assert_eq!(index.batch_applied(&claim), both, "a new batch");
+        claim.status = Some(Default::default());
+        claim.metadata.resource_version = Some("2".into());
+        assert_eq!(
+            index.batch_applied(&claim),
+            BatchChange {
+                allocation: false,
+                beyond_status: false
+            },
+            "a status write"
+        );
+        claim
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("team".into(), "a".into());
+        assert_eq!(
+            index.batch_applied(&claim),
+            BatchChange {
+                allocation: false,
+                beyond_status: true
+            },
+            "a label"
+        );
+        claim.spec.replicas = 2;
+        claim.metadata.generation = Some(2);
+        assert_eq!(index.batch_applied(&claim), both, "a scale-up");
+        claim.metadata.annotations.get_or_insert_default().insert(
+            names::ANNOTATION_TASK_RESULTS.into(),
+            r#"{"0":"Succeeded"}"#.into(),
+        );
+        assert_eq!(index.batch_applied(&claim), both, "a released shard");
+        claim.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert_eq!(index.batch_applied(&claim), both, "a deletion");
+        index.batch_deleted(&claim);
+        assert_eq!(
+            index.batch_applied(&claim),
+            both,
+            "known again after its Delete"
+        );
+    }
+
+    #[test]
+    fn a_pool_status_write_wakes_its_batches_only_when_the_pool_runs_out_or_turns_exhausted() {
+        let mut index = Indexes::default();
+        let mut pool = Pool::new("p", crate::api::PoolSpec::default());
+        pool.metadata.namespace = Some("ns".into());
+        pool.spec.capacity_spec.pool_max = 2;
+        assert!(index.pool_applied(&pool), "a new pool");
+        let counts = |total, available| crate::api::PoolStatus {
+            total,
+            available,
+            ..Default::default()
+        };
+        pool.status = Some(counts(1, 1));
+        assert!(index.pool_applied(&pool), "an idle pod");
+        pool.status = Some(counts(1, 2));
+        assert!(!index.pool_applied(&pool), "only counts changed");
+        pool.status = Some(counts(1, 0));
+        assert!(index.pool_applied(&pool), "no idle pod left");
+        pool.status = Some(counts(2, 0));
+        assert!(index.pool_applied(&pool), "exhausted");
+        pool.status = Some(counts(2, 1));
+        assert!(index.pool_applied(&pool), "no longer exhausted");
+        pool.status = Some(counts(2, 2));
+        assert!(!index.pool_applied(&pool), "only counts changed");
+        pool.metadata.generation = Some(2);
+        assert!(index.pool_applied(&pool), "a spec change");
+        index.pool_deleted(&pool);
+        assert!(index.pool_applied(&pool), "known again after its Delete");
+    }
+
+    /// A relist drops objects that vanished while the watch was down, without Delete events.
+    #[test]
+    fn a_relist_forgets_what_it_no_longer_lists() {
+        let mut index = Indexes::default();
+        index.pod_applied(&pod("gone", &[(names::LABEL_POOL_NAME, "p")]));
+        index.batch_applied(&batch("gone", "p", Some(r#"{"pods":["gone"]}"#)));
+        let kept = pod("kept", &[(names::LABEL_POOL_NAME, "p")]);
+        index.pods_relisted([&kept]);
+        let kept_batch = batch("kept", "p", Some(r#"{"pods":["kept"]}"#));
+        index.batches_relisted([&kept_batch]);
+        assert_eq!(index.pods_by_pool.members("ns", "p"), ["kept"]);
+        assert_eq!(index.batches_by_pool.members("ns", "p"), ["kept"]);
+        assert!(index.holders.of("ns", "gone", "p").is_empty());
+        assert_eq!(
+            index.holders.of("ns", "kept", "p"),
+            BTreeSet::from(["kept".to_string()])
+        );
+    }
+
+    #[test]
+    fn holders_follow_each_ledger_and_unreadable_ones_may_hold_any_pod_of_their_pool() {
+        let mut index = Indexes::default();
+        index.batch_applied(&batch("x", "p", Some(r#"{"pods":["a","b"]}"#)));
+        index.batch_applied(&batch("y", "p", None));
+        index.batch_applied(&batch("choosing", names::ANY_POOL, None));
+        assert_eq!(index.batches_by_pool.members("ns", "p"), ["x", "y"]);
+        assert_eq!(
+            index.batches_by_pool.members("ns", names::ANY_POOL),
+            ["choosing"]
+        );
+        assert_eq!(
+            index.holders.of("ns", "a", "p"),
+            BTreeSet::from(["x".to_string()])
+        );
+
+        // x gives back a; y's ledger turns unreadable.
+        index.batch_applied(&batch("x", "p", Some(r#"{"pods":["","b"]}"#)));
+        index.batch_applied(&batch("y", "p", Some("{")));
+        assert_eq!(
+            index.holders.of("ns", "a", "p"),
+            BTreeSet::from(["y".to_string()])
+        );
+        assert_eq!(
+            index.holders.of("ns", "b", "p"),
+            BTreeSet::from(["x".to_string(), "y".to_string()])
+        );
+        assert_eq!(
+            index.holders.of("ns", "b", "q"),
+            BTreeSet::from(["x".to_string()]),
+            "an unreadable ledger may hold pods of its own pool only"
+        );
+
+        index.batch_deleted(&batch("x", "p", None));
+        index.batch_applied(&batch("y", "p", Some(r#"{"pods":[]}"#)));
+        assert!(index.holders.of("ns", "b", "p").is_empty());
+        assert_eq!(index.batches_by_pool.members("ns", "p"), ["y"]);
+    }
+}
