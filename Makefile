@@ -8,6 +8,7 @@
 #   make crds       regenerate crds/*.yaml from the Rust types
 #   make policies   rebuild the policy components and refresh policies/prebuilt/ (commit them)
 #   make bench      claim benchmarks (release build) against the cluster in $$KUBECONFIG or .dev
+#   make bench-plots  SVG plots of the benchmark's latency distributions (docs/bench/)
 #   make chaos      fault suite: controller behind a fault proxy, kills, apiserver restart, rolling
 #                   update; prints figures (docs/chaos.md). CHAOS_ARGS='--seed N' replays a run
 #   make image      container images sandbox-controller and sandbox-task-executor (buildah, podman or docker)
@@ -24,7 +25,7 @@ CARGO ?= cargo
 # Extra arguments for cargo test, e.g. make test TEST_ARGS='--test e2e crds'
 TEST_ARGS ?=
 
-.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench chaos policies image fresh-machine sdk sdk-down
+.PHONY: help dev dev-up dev-down dev-status test crds cluster-build bench bench-plots chaos policies image fresh-machine sdk sdk-down
 
 help:
 	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
@@ -64,11 +65,20 @@ policies:
 	SANDBOX_POLICY_UPDATE_PREBUILT=1 $(CARGO) build --quiet --workspace --all-targets
 	@ls -l policies/prebuilt
 
-# Claim benchmarks: release build, against a running cluster (make dev-up). BENCH_ARGS='--runs 5'
+# Claim benchmarks: release build, against a running cluster without a controller of its own
+# (deploy/local/cluster.sh up; the bench refuses to run beside make dev-up's controller).
+# BENCH_ARGS='--runs 5', '--scale --json docs/bench/after.json' (docs/benchmarks.md)
 BENCH_ARGS ?=
 bench:
 	$(CARGO) build --release --workspace --bins
 	KUBECONFIG="$${KUBECONFIG:-$(DEV_DIR)/kubeconfig}" "$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" $(BENCH_ARGS)
+
+# SVG plots (CDFs) of docs/bench/before.json and, when present, docs/bench/after.json into
+# docs/bench/. BENCH_PLOT_FILES='a.json b.json' plots other files.
+BENCH_PLOT_FILES ?= docs/bench/before.json $(wildcard docs/bench/after.json)
+bench-plots:
+	$(CARGO) build --release --workspace --bins
+	"$${CARGO_TARGET_DIR:-target}/release/sandbox-bench" plot --out docs/bench $(BENCH_PLOT_FILES)
 
 # Fault suite against a cluster of its own (.dev-chaos), stopped afterwards: 1,000 batches over four
 # scenarios, 20 kills, 90 s stalls; about 10-15 minutes on 2 cores. Fails only on broken

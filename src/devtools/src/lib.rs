@@ -4,5 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod allocation_invariants;
+pub mod bench;
 pub mod fault_proxy;
 pub mod runner;
