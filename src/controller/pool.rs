@@ -192,6 +192,14 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
             .await?;
     }
 
+    let adopted = super::adopt::orphans(
+        pool,
+        ctx,
+        &observed.pods,
+        &observed.held,
+        &observed.revision,
+    );
+    observed.deleting.extend(adopted.await?);
     let (unmet, conflicts) = allocate(ctx, &mut observed).await?;
     let degraded = resize(pool, ctx, &observed, unmet).await?;
     write_status(pool, ctx, &observed, degraded, None).await?;
@@ -642,14 +650,16 @@ async fn write_status(
         updated: counts.updated as i32,
         conditions: conditions::merge(&previous.conditions, &desired, &now, generation),
     };
-    let unchanged = PoolStatus {
-        conditions: vec![],
-        ..status.clone()
-    } == PoolStatus {
-        conditions: vec![],
-        ..previous.clone()
-    } && conditions::same(&status.conditions, &previous.conditions);
+    // The cached status may trail this process's own last write (a lagging watch): skipping on
+    // it alone could leave a stale count in place, so the last write counts too.
+    let uid = pool.uid().unwrap_or_default();
+    let unchanged = same_status(&status, &previous)
+        && ctx
+            .pool_statuses
+            .last(&uid)
+            .is_none_or(|last| same_status(&status, &last));
     if !unchanged {
+        ctx.pool_statuses.record(uid, status.clone());
         ctx.patch_status::<Pool>(
             &observed.namespace,
             &observed.name,
@@ -658,6 +668,17 @@ async fn write_status(
         .await?;
     }
     Ok(())
+}
+
+/// Whether two statuses say the same (condition timestamps aside).
+fn same_status(a: &PoolStatus, b: &PoolStatus) -> bool {
+    PoolStatus {
+        conditions: vec![],
+        ..a.clone()
+    } == PoolStatus {
+        conditions: vec![],
+        ..b.clone()
+    } && conditions::same(&a.conditions, &b.conditions)
 }
 
 fn non_negative(value: i32) -> u32 {
