@@ -394,6 +394,12 @@ async fn ledger_pods<'a>(
 /// Carries out a user's `alloc-release` request: the shards holding the listed pods are scaled in
 /// (tasks stopped, pods recycled by the pool's recycle strategy, shards never refilled).
 /// Returns the action to take when it did something or must wait for tasks to stop.
+///
+/// A pod leaves the ledger only once its recycle is done: first the shards are marked released
+/// (so the pool never refills them, while the ledger still holds their pods), then their tasks
+/// are stopped and each pod deleted or judged fit to return, and only then does the ledger let go
+/// of it. A recycle that fails leaves the pod held, never idle with its previous holder's
+/// processes.
 async fn release_requested(
     batch: &BatchSandbox,
     ctx: &Context,
@@ -417,19 +423,46 @@ async fn release_requested(
         return Ok(None);
     }
     let ns = batch.namespace().unwrap_or_default();
+
+    // 1. Mark the shards released, conditional on the resourceVersion: they are never refilled
+    //    nor dispatched to again, and their pods stay held by the ledger meanwhile.
+    if shards.iter().any(|&shard| !released.contains(shard)) {
+        let mut results = released.clone();
+        for &shard in &shards {
+            results.0.entry(shard).or_insert(TaskPhase::None);
+        }
+        let patch = json!({"metadata": {
+            "resourceVersion": batch.resource_version(),
+            "annotations": {ANNOTATION_TASK_RESULTS: results.to_annotation()}
+        }});
+        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+            .await?;
+        // The write triggers the next step with the new state.
+        return Ok(Some(Action::await_change()));
+    }
+
+    // 2. Stop their tasks and recycle their pods.
     let pod_names: Vec<String> = shards.iter().map(|&i| ledger.pods[i].clone()).collect();
     let pod_objects = ledger_pods(batch, ctx, &pod_names).await?;
     let outcomes = super::tasks::stop(ctx, &pod_objects).await;
     if still_stopping(&outcomes) {
         return Ok(Some(Action::requeue(STOP_POLL)));
     }
+    if !recycle(
+        batch,
+        ctx,
+        &pod_objects,
+        &outcomes,
+        recycle_type(batch, ctx),
+    )
+    .await?
+    {
+        return Ok(Some(Action::requeue(STOP_POLL)));
+    }
 
-    // Record first (conditional on the resourceVersion), then let the pods go: the shards leave
-    // the ledger and are marked released without a task result, like a scale-in.
-    let mut results = released.clone();
+    // 3. Only now let the ledger go of them (conditional on the resourceVersion).
     for &shard in &shards {
         ledger.pods[shard].clear();
-        results.0.insert(shard, TaskPhase::None);
     }
     let done = PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASED))
         .unwrap_or_default()
@@ -438,20 +471,11 @@ async fn release_requested(
         "resourceVersion": batch.resource_version(),
         "annotations": {
             names::ANNOTATION_ALLOC_STATUS: ledger.to_annotation(),
-            ANNOTATION_TASK_RESULTS: results.to_annotation(),
             names::ANNOTATION_ALLOC_RELEASED: done.to_annotation(),
         }
     }});
     ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
         .await?;
-    recycle(
-        batch,
-        ctx,
-        &pod_objects,
-        &outcomes,
-        recycle_type(batch, ctx),
-    )
-    .await?;
     ctx.event(
         batch,
         EventType::Normal,

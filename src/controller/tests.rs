@@ -1225,3 +1225,83 @@ async fn orphaned_pool_pods_are_adopted_or_deleted() {
     assert_eq!(deleted.body["preconditions"]["resourceVersion"], "stale-rv");
     assert!(to("PATCH", "stale").is_none());
 }
+
+/// An `alloc-release` request lets the ledger go of a pod only once its recycle is done: the
+/// shard is first marked released (its pod still held), then the pod is deleted (`Delete`), and
+/// only then is the ledger entry cleared. A deletion that fails leaves the pod in the ledger,
+/// so it never turns idle with the previous holder's processes.
+#[tokio::test]
+async fn alloc_release_frees_a_pod_from_the_ledger_only_after_its_recycle() {
+    let pool = pool([0, 0, 2, 2]);
+    let mut batch = with_ledger(batch_created("rel", 2, "5", 0), &["p-a", "p-b"]);
+    batch.metadata.annotations.get_or_insert_default().insert(
+        names::ANNOTATION_ALLOC_RELEASE.into(),
+        r#"{"pods":["p-b"]}"#.into(),
+    );
+    let pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+    ];
+    let api = RecordedApi::default();
+    api.object(batch_path("rel"), &batch);
+    let round = |batch: BatchSandbox| {
+        let ctx = context(&api, pods.clone(), vec![batch.clone()], vec![pool.clone()]);
+        async move {
+            let _ = batch::reconcile(Arc::new(batch), ctx).await;
+        }
+    };
+    let ledger_of_stored = || {
+        let stored: Vec<BatchSandbox> = api.stored(&[batch_path("rel")]);
+        (
+            AllocStatus::of(&stored[0]).expect("a ledger").pods,
+            stored[0].clone(),
+        )
+    };
+
+    // 1. The shard is marked released; the ledger still holds p-b and nothing is deleted.
+    round(batch).await;
+    let (ledger, marked) = ledger_of_stored();
+    assert_eq!(ledger, ["p-a", "p-b"]);
+    assert_eq!(
+        marked.annotations().get(names::ANNOTATION_TASK_RESULTS),
+        Some(&r#"{"1":"None"}"#.to_string())
+    );
+    assert!(api.writes().iter().all(|w| w.method != "DELETE"));
+
+    // 2. The deletion fails: p-b stays in the ledger.
+    api.reply(
+        "DELETE",
+        &pod_path("p-b"),
+        500,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "boom"}),
+    );
+    round(marked.clone()).await;
+    assert_eq!(
+        ledger_of_stored().0,
+        ["p-a", "p-b"],
+        "a failed recycle keeps the pod held"
+    );
+
+    // 3. The deletion goes through, then the ledger lets go.
+    api.replies
+        .lock()
+        .expect("replies")
+        .remove(&format!("DELETE {}", pod_path("p-b")));
+    let before = api.writes().len();
+    round(marked).await;
+    let writes = api.writes()[before..].to_vec();
+    let deleted = writes
+        .iter()
+        .position(|w| w.method == "DELETE" && w.path == pod_path("p-b"));
+    let cleared = writes.iter().position(|w| w.path == batch_path("rel"));
+    assert!(
+        matches!((deleted, cleared), (Some(d), Some(c)) if d < c),
+        "the pod goes before the ledger lets go: {writes:#?}"
+    );
+    let (ledger, stored) = ledger_of_stored();
+    assert_eq!(ledger, ["p-a", ""]);
+    assert_eq!(
+        stored.annotations().get(names::ANNOTATION_ALLOC_RELEASED),
+        Some(&r#"{"pods":["p-b"]}"#.to_string())
+    );
+}
