@@ -24,6 +24,11 @@ die() {
 
 command -v cargo >/dev/null || die "cargo not found on PATH"
 
+# SBX_CARGO_TIMINGS=1 adds --timings to the builds: cargo writes an HTML report of where the
+# build time went to $CARGO_TARGET_DIR/cargo-timings (make fresh-machine summarises it).
+cargo_build_flags=()
+[[ "${SBX_CARGO_TIMINGS:-0}" == 1 ]] && cargo_build_flags+=(--timings)
+
 # Started cluster only when it was not running before, so that a developer's
 # `make dev` cluster survives `make test`.
 started_cluster=0
@@ -58,7 +63,7 @@ apply_crds() {
 build_controller() {
 	log "building sandbox-controller"
 	local bin
-	bin="$(cd "$repo" && cargo build --workspace --all-targets --message-format=json-render-diagnostics |
+	bin="$(cd "$repo" && cargo build "${cargo_build_flags[@]}" --workspace --all-targets --message-format=json-render-diagnostics |
 		sed -n 's/.*"executable":"\([^"]*sandbox-controller\)".*/\1/p' | tail -n1)"
 	[[ -n "$bin" && -x "$bin" ]] || die "could not build sandbox-controller"
 	echo "$bin"
@@ -165,7 +170,7 @@ cmd_test() {
 	# Every binary of the workspace: the e2e tests run the executor and the runner next to the
 	# controller they test (tests/e2e/harness.rs finds them beside it).
 	log "building every target (cargo build --workspace --all-targets)"
-	(cd "$repo" && cargo build --workspace --all-targets)
+	(cd "$repo" && cargo build "${cargo_build_flags[@]}" --workspace --all-targets)
 	log "running: cargo test $*"
 	(cd "$repo" && cargo test "$@")
 }

@@ -10,7 +10,9 @@
 # CARGO_HOME (crates are downloaded again), CARGO_TARGET_DIR, GOCACHE, GOMODCACHE (Go modules
 # come from the module proxy), SBX_CLUSTER_CACHE and the clone's .dev. Kept: the toolchains
 # (RUSTUP_HOME, go on PATH) and Go's settings file (GOENV). Everything it starts is stopped on
-# exit, and the temporary directory is deleted (--keep keeps it).
+# exit, and the temporary directory is deleted (--keep keeps it). The logs of make dev and
+# make test and cargo's --timings reports are kept in FRESH_REPORT_DIR, and the build's time is
+# summarised by crate (deploy/local/cargo-timings.py).
 #
 # Takes 30+ minutes on 2 cores: run it on demand, not from CI.
 #
@@ -22,8 +24,9 @@
 #   --keep                 keep the temporary directory (its path is printed)
 #
 # Environment: FRESH_DIR (parent of the temporary directory, default $TMPDIR or /tmp; needs
-# ~15 GB), SBX_PORT_BASE (passed on), FRESH_READY_TIMEOUT (seconds for make dev to get its
-# controller ready, default 3600).
+# ~15 GB), FRESH_REPORT_DIR (where logs and build reports are kept, default
+# <repo>/.dev/fresh-machine/<time>), SBX_PORT_BASE (passed on), FRESH_READY_TIMEOUT (seconds for
+# make dev to get its controller ready, default 3600).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -59,6 +62,7 @@ mkdir -p "$parent"
 avail_kb="$(df -Pk "$parent" | awk 'NR == 2 {print $4}')"
 ((avail_kb > 15 * 1024 * 1024)) || die "$parent has $((avail_kb / 1024 / 1024)) GB free; the check needs ~15 GB (set FRESH_DIR)"
 work="$(mktemp -d "$parent/sbx-fresh.XXXXXX")"
+report_dir="${FRESH_REPORT_DIR:-$repo/.dev/fresh-machine/$(date -u +%Y%m%dT%H%M%SZ)}"
 src="$work/src"
 dev_pid=""
 results=()
@@ -77,6 +81,7 @@ cleanup() {
 		SBX_DEV_DIR="$src/.dev" "$src/deploy/local/cluster.sh" down >/dev/null 2>&1
 	fi
 	report
+	keep_reports
 	if ((keep)); then
 		log "kept $work"
 	else
@@ -102,6 +107,22 @@ report() {
 	printf '\n' >&2
 }
 
+# The logs and cargo's build reports outlive the temporary directory, with a summary of where
+# the build time went.
+keep_reports() {
+	mkdir -p "$report_dir"
+	cp -f "$work"/make-*.log "$report_dir"/ 2>/dev/null
+	cp -f "$work"/cargo-target/cargo-timings/cargo-timing-*.html "$report_dir"/ 2>/dev/null
+	local html
+	for html in "$report_dir"/cargo-timing-*.html; do
+		[[ -f "$html" ]] || continue
+		if command -v python3 >/dev/null 2>&1; then
+			python3 "$repo/deploy/local/cargo-timings.py" "$html" >&2
+		fi
+	done
+	log "logs and build reports kept in $report_dir"
+}
+
 # phase NAME COMMAND...: runs COMMAND, records its time and outcome; fails the script if it fails.
 phase() {
 	local name="$1" t0 rc=0
@@ -125,6 +146,8 @@ export CARGO_TARGET_DIR="$work/cargo-target"
 export GOCACHE="$work/go-build" GOMODCACHE="$work/go-mod" GOPATH="$work/go"
 export SBX_CLUSTER_CACHE="$work/sbx-cluster"
 export SBX_DEV_DIR="$src/.dev"
+# cargo reports where the cold build's time goes (kept in the report directory).
+export SBX_CARGO_TIMINGS=1
 unset KUBECONFIG SBX_KUBECONFIG SANDBOX_POLICY_TARGET_DIR
 mkdir -p "$HOME" "$CARGO_HOME" "$CARGO_TARGET_DIR" "$GOCACHE" "$GOMODCACHE" "$SBX_CLUSTER_CACHE"
 log "temporary directory $work (HOME, CARGO_HOME, CARGO_TARGET_DIR, GOCACHE, GOMODCACHE, SBX_CLUSTER_CACHE)"
