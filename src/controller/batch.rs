@@ -298,13 +298,7 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
     let ledger = ledger_of(batch)?;
     let replicas = batch.desired_replicas();
     // Only entries that are pods of the pool are given back; others are dropped untouched.
-    let released: Vec<String> = ledger
-        .pods
-        .iter()
-        .skip(replicas)
-        .filter(|p| held_pod(batch, ctx, p).is_some())
-        .cloned()
-        .collect();
+    let released = ledger_pods(batch, ctx, ledger.pods.iter().skip(replicas)).await?;
     let stopping = !released.is_empty()
         && !stop_and_recycle(batch, ctx, &released, recycle_type(batch, ctx)).await?;
     if ledger.pods.len() > replicas && !stopping {
@@ -352,19 +346,55 @@ async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Resul
 /// The pod a pooled batch's ledger entry names, if it is a live pod of the batch's pool. The
 /// ledger is an annotation: an entry naming any other pod is never dispatched to nor deleted.
 fn held_pod(batch: &BatchSandbox, ctx: &Context, name: &str) -> Option<Arc<Pod>> {
-    let pool = batch.pool_name()?;
+    pod_named(ctx, &batch.namespace().unwrap_or_default(), name)
+        .filter(|pod| is_pool_pod_of(batch, ctx, pod))
+}
+
+fn is_pool_pod_of(batch: &BatchSandbox, ctx: &Context, pod: &Pod) -> bool {
+    let Some(pool) = batch.pool_name() else {
+        return false;
+    };
     let ns = batch.namespace().unwrap_or_default();
     let pool_uid = ctx
         .pools
         .get(&ObjectRef::<Pool>::new(pool).within(&ns))
         .and_then(|p| p.uid());
-    pod_named(ctx, &ns, name)
-        .filter(|pod| allocation::belongs_to_pool(pod, pool, pool_uid.as_deref()))
+    allocation::belongs_to_pool(pod, pool, pool_uid.as_deref())
+}
+
+/// The pods of the pool that the ledger entries `names` hold, for giving them back. The pod
+/// cache lags the batch cache at times (a watch reconnecting, a stalled connection), and a pod
+/// the batch holds must never be let go unrecycled because the cache does not show it yet: an
+/// entry the cache does not know is read afresh, and only a pod the API server says is gone is
+/// passed over.
+async fn ledger_pods<'a>(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<Arc<Pod>>, Error> {
+    let ns = batch.namespace().unwrap_or_default();
+    let mut held = Vec::new();
+    for name in names.into_iter().filter(|n| !n.is_empty()) {
+        let pod = match pod_named(ctx, &ns, name) {
+            Some(cached) => Some(cached),
+            None => ctx.api::<Pod>(&ns).get_opt(name).await?.map(Arc::new),
+        };
+        if let Some(pod) = pod.filter(|pod| is_pool_pod_of(batch, ctx, pod)) {
+            held.push(pod);
+        }
+    }
+    Ok(held)
 }
 
 /// Carries out a user's `alloc-release` request: the shards holding the listed pods are scaled in
 /// (tasks stopped, pods recycled by the pool's recycle strategy, shards never refilled).
 /// Returns the action to take when it did something or must wait for tasks to stop.
+///
+/// A pod leaves the ledger only once its recycle is done: first the shards are marked released
+/// (so the pool never refills them, while the ledger still holds their pods), then their tasks
+/// are stopped and each pod deleted or judged fit to return, and only then does the ledger let go
+/// of it. A recycle that fails leaves the pod held, never idle with its previous holder's
+/// processes.
 async fn release_requested(
     batch: &BatchSandbox,
     ctx: &Context,
@@ -388,22 +418,46 @@ async fn release_requested(
         return Ok(None);
     }
     let ns = batch.namespace().unwrap_or_default();
+
+    // 1. Mark the shards released, conditional on the resourceVersion: they are never refilled
+    //    nor dispatched to again, and their pods stay held by the ledger meanwhile.
+    if shards.iter().any(|&shard| !released.contains(shard)) {
+        let mut results = released.clone();
+        for &shard in &shards {
+            results.0.entry(shard).or_insert(TaskPhase::None);
+        }
+        let patch = json!({"metadata": {
+            "resourceVersion": batch.resource_version(),
+            "annotations": {ANNOTATION_TASK_RESULTS: results.to_annotation()}
+        }});
+        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+            .await?;
+        // The write triggers the next step with the new state.
+        return Ok(Some(Action::await_change()));
+    }
+
+    // 2. Stop their tasks and recycle their pods.
     let pod_names: Vec<String> = shards.iter().map(|&i| ledger.pods[i].clone()).collect();
-    let pod_objects: Vec<Arc<Pod>> = pod_names
-        .iter()
-        .filter_map(|p| held_pod(batch, ctx, p))
-        .collect();
+    let pod_objects = ledger_pods(batch, ctx, &pod_names).await?;
     let outcomes = super::tasks::stop(ctx, &pod_objects).await;
     if still_stopping(&outcomes) {
         return Ok(Some(Action::requeue(STOP_POLL)));
     }
+    if !recycle(
+        batch,
+        ctx,
+        &pod_objects,
+        &outcomes,
+        recycle_type(batch, ctx),
+    )
+    .await?
+    {
+        return Ok(Some(Action::requeue(STOP_POLL)));
+    }
 
-    // Record first (conditional on the resourceVersion), then let the pods go: the shards leave
-    // the ledger and are marked released without a task result, like a scale-in.
-    let mut results = released.clone();
+    // 3. Only now let the ledger go of them (conditional on the resourceVersion).
     for &shard in &shards {
         ledger.pods[shard].clear();
-        results.0.insert(shard, TaskPhase::None);
     }
     let done = PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASED))
         .unwrap_or_default()
@@ -412,20 +466,11 @@ async fn release_requested(
         "resourceVersion": batch.resource_version(),
         "annotations": {
             names::ANNOTATION_ALLOC_STATUS: ledger.to_annotation(),
-            ANNOTATION_TASK_RESULTS: results.to_annotation(),
             names::ANNOTATION_ALLOC_RELEASED: done.to_annotation(),
         }
     }});
     ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
         .await?;
-    recycle(
-        batch,
-        ctx,
-        &pod_objects,
-        &outcomes,
-        recycle_type(batch, ctx),
-    )
-    .await?;
     ctx.event(
         batch,
         EventType::Normal,
@@ -449,23 +494,18 @@ fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
     ctx.pods.get(&ObjectRef::new(name).within(ns))
 }
 
-/// Stops the tasks on the pods named `released` and, once none is still stopping, deletes or
-/// returns each pod as `strategy` says (pods that are returned turn idle once the batch no longer
-/// lists them). Returns false, changing nothing, while tasks are still stopping. Non-pooled
-/// pods always go with [`RecycleType::Delete`].
+/// Stops the tasks on the `released` pods and, once none is still stopping, deletes or returns
+/// each pod as `strategy` says (pods that are returned turn idle once the batch no longer lists
+/// them). Returns false, changing nothing, while tasks are still stopping. Non-pooled pods
+/// always go with [`RecycleType::Delete`].
 async fn stop_and_recycle(
     batch: &BatchSandbox,
     ctx: &Context,
-    released: &[String],
+    released: &[Arc<Pod>],
     strategy: RecycleType,
 ) -> Result<bool, Error> {
-    let ns = batch.namespace().unwrap_or_default();
-    let pods: Vec<Arc<Pod>> = released
-        .iter()
-        .filter_map(|name| pod_named(ctx, &ns, name))
-        .collect();
-    let outcomes = super::tasks::stop(ctx, &pods).await;
-    recycle(batch, ctx, &pods, &outcomes, strategy).await
+    let outcomes = super::tasks::stop(ctx, released).await;
+    recycle(batch, ctx, released, &outcomes, strategy).await
 }
 
 /// Applies `strategy` to `pods` given what stopping their tasks showed; see [`stop_and_recycle`].
@@ -580,14 +620,10 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::await_change());
     }
-    let pods: Vec<String> = match batch.pool_name() {
+    let ns = batch.namespace().unwrap_or_default();
+    let pod_objects: Vec<Arc<Pod>> = match batch.pool_name() {
         Some(pool) => match ledger_of(batch) {
-            Ok(ledger) => ledger
-                .pods
-                .iter()
-                .filter(|p| held_pod(batch, ctx, p).is_some())
-                .cloned()
-                .collect(),
+            Ok(ledger) => ledger_pods(batch, ctx, &ledger.pods).await?,
             Err(error) => {
                 ctx.event(
                     batch,
@@ -599,14 +635,13 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
                 vec![]
             }
         },
-        None => owned_pods_by_index(batch, ctx)
-            .values()
-            .map(|p| pods::pod_name(p).to_string())
-            .collect(),
+        None => owned_pods_by_index(batch, ctx).into_values().collect(),
     };
+    let pods: Vec<String> = pod_objects
+        .iter()
+        .map(|p| pods::pod_name(p).to_string())
+        .collect();
     // Tasks stop first; pods are released or deleted only once they have.
-    let ns = batch.namespace().unwrap_or_default();
-    let pod_objects: Vec<Arc<Pod>> = pods.iter().filter_map(|p| pod_named(ctx, &ns, p)).collect();
     let outcomes = super::tasks::stop(ctx, &pod_objects).await;
     if still_stopping(&outcomes) {
         let Some(overdue) = cleanup_overdue(batch, ctx.config.cleanup_deadline) else {

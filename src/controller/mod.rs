@@ -4,6 +4,7 @@
 //! at start-up rebuilds everything. Events of every kind, deletions included, are routed to the
 //! objects they affect and fed to kube-runtime's `applier`, which serialises reconciles per object.
 
+mod adopt;
 mod backoff;
 mod batch;
 mod claims;
@@ -11,6 +12,7 @@ mod index;
 mod metrics;
 mod pacing;
 mod pool;
+mod pool_status;
 mod router;
 mod selection;
 pub mod sidecar;
@@ -198,6 +200,7 @@ pub struct Context {
     expectations: claims::Expectations,
     /// Statuses written but maybe not yet visible in the cache.
     last_status: claims::LastStatus,
+    pool_statuses: pool_status::LastPoolStatus,
     backoff: backoff::PerObjectBackoff,
     pub metrics: ControllerMetrics,
     /// Bounds background pod writes across all reconciles.
@@ -256,6 +259,7 @@ impl Context {
             ledgers: Default::default(),
             expectations: Default::default(),
             last_status: Default::default(),
+            pool_statuses: Default::default(),
             backoff: Default::default(),
             metrics,
             pod_writes: tokio::sync::Semaphore::new(32),
@@ -577,7 +581,7 @@ pub async fn run(
     let reconcilers = async {
         caches.await?;
         info!("caches synced; reconciling");
-        health.set_ready(true);
+        health.set_synced(true);
         let ctrl_config = controller::Config::default().concurrency(config.concurrency);
         let pools = controller::applier(
             |pool, ctx| Box::pin(pool::reconcile(pool, ctx)),

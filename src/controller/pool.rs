@@ -200,6 +200,15 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
             .await?;
     }
 
+    // Pods a Pool deleted with `--cascade=orphan` left behind: adopted, or replaced.
+    let adopted = super::adopt::orphans(
+        pool,
+        ctx,
+        &observed.pods,
+        &observed.held,
+        &observed.revision,
+    );
+    observed.deleting.extend(adopted.await?);
     // Claims first, and nothing else while they are being served: grants go out without waiting
     // for each other, and sizing (refills) and the status wait behind them (see `pacing`).
     let round = allocate(ctx, &mut observed)?;
@@ -724,13 +733,14 @@ async fn write_status(
         updated: counts.updated as i32,
         conditions: conditions::merge(&previous.conditions, &desired, &now, generation),
     };
-    let unchanged = PoolStatus {
-        conditions: vec![],
-        ..status.clone()
-    } == PoolStatus {
-        conditions: vec![],
-        ..previous.clone()
-    } && conditions::same(&status.conditions, &previous.conditions);
+    // The cached status may trail this process's own last write (a lagging watch): skipping on
+    // it alone could leave a stale count in place, so the last write counts too.
+    let uid = pool.uid().unwrap_or_default();
+    let unchanged = same_status(&status, &previous)
+        && ctx
+            .pool_statuses
+            .last(&uid)
+            .is_none_or(|last| same_status(&status, &last));
     if unchanged {
         return Ok(None);
     }
@@ -738,6 +748,7 @@ async fn write_status(
     if paced && let StatusWrite::After(due) = ctx.pacing.with(&observed.key(), |p| p.status(now)) {
         return Ok(Some(due));
     }
+    ctx.pool_statuses.record(uid, status.clone());
     ctx.patch_status::<Pool>(
         &observed.namespace,
         &observed.name,
@@ -748,6 +759,17 @@ async fn write_status(
         p.status_written(std::time::Instant::now())
     });
     Ok(None)
+}
+
+/// Whether two statuses say the same (condition timestamps aside).
+fn same_status(a: &PoolStatus, b: &PoolStatus) -> bool {
+    PoolStatus {
+        conditions: vec![],
+        ..a.clone()
+    } == PoolStatus {
+        conditions: vec![],
+        ..b.clone()
+    } && conditions::same(&a.conditions, &b.conditions)
 }
 
 fn non_negative(value: i32) -> u32 {

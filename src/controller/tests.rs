@@ -1199,3 +1199,277 @@ async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice()
         "the pod claimed by the hanging write is not handed out again"
     );
 }
+
+fn pod_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/pods/{name}")
+}
+
+fn with_ledger(mut batch: BatchSandbox, pods: &[&str]) -> BatchSandbox {
+    batch.metadata.annotations = Some(BTreeMap::from([(
+        names::ANNOTATION_ALLOC_STATUS.to_string(),
+        AllocStatus {
+            pods: pods.iter().map(|p| p.to_string()).collect(),
+            pool_ref: Some("p".into()),
+        }
+        .to_annotation(),
+    )]));
+    batch.metadata.finalizers = Some(vec![names::FINALIZER_BATCH.into()]);
+    batch
+}
+
+/// A batch deleted while the pod cache does not show its pod yet (a pod watch reconnecting or
+/// stalled while the batch watch runs on) still has that pod recycled: under `Delete` it is
+/// deleted before the finalizer comes off, never left behind to turn idle with the previous
+/// holder's processes.
+#[tokio::test]
+async fn a_deleted_batch_recycles_a_held_pod_its_pod_cache_does_not_show_yet() {
+    let pool = pool([0, 0, 1, 1]);
+    let mut deleting = with_ledger(batch_created("gone", 1, "5", 0), &["p-a"]);
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let api = RecordedApi::default();
+    api.object(batch_path("gone"), &deleting);
+    api.object(pod_path("p-a"), &pool_pod(&pool, "p-a", "127.1.1.2"));
+    let ctx = context(&api, vec![], vec![deleting.clone()], vec![pool]);
+    batch::reconcile(Arc::new(deleting), ctx)
+        .await
+        .expect("the cleanup completes");
+    let writes = methods_and_paths(&api.writes());
+    let deleted = writes
+        .iter()
+        .position(|w| *w == ("DELETE".to_string(), pod_path("p-a")));
+    let finalizer = writes
+        .iter()
+        .position(|w| *w == ("PATCH".to_string(), batch_path("gone")));
+    assert!(
+        matches!((deleted, finalizer), (Some(d), Some(f)) if d < f),
+        "the held pod is deleted before the finalizer comes off: {writes:#?}"
+    );
+}
+
+/// The same for a scale-down: a released shard's pod the cache does not show is recycled before
+/// the ledger lets go of it.
+#[tokio::test]
+async fn a_scale_down_recycles_a_released_pod_its_pod_cache_does_not_show_yet() {
+    let pool = pool([0, 0, 2, 2]);
+    let batch = with_ledger(batch_created("shrink", 1, "5", 0), &["p-a", "p-b"]);
+    let api = RecordedApi::default();
+    api.object(batch_path("shrink"), &batch);
+    api.object(pod_path("p-b"), &pool_pod(&pool, "p-b", "127.1.1.3"));
+    let ctx = context(
+        &api,
+        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+        vec![batch.clone()],
+        vec![pool],
+    );
+    let _ = batch::reconcile(Arc::new(batch), ctx).await;
+    let writes = api.writes();
+    let deleted = writes
+        .iter()
+        .position(|w| w.method == "DELETE" && w.path == pod_path("p-b"));
+    let shrunk = writes.iter().position(|w| {
+        w.path == batch_path("shrink")
+            && w.body["metadata"]["annotations"][names::ANNOTATION_ALLOC_STATUS]
+                .as_str()
+                .is_some_and(|l| !l.contains("p-b"))
+    });
+    assert!(
+        matches!((deleted, shrunk), (Some(d), Some(s)) if d < s),
+        "p-b is deleted before the ledger drops it: {writes:#?}"
+    );
+}
+
+/// A reconcile whose cached Pool still shows an older status than this process last wrote (the
+/// pool watch lagging) writes the new counts: otherwise a pod released meanwhile would stay
+/// counted as allocated until the next change of the pool.
+#[tokio::test]
+async fn a_pool_status_trailing_in_the_cache_does_not_hide_new_counts() {
+    let pool = pool([0, 0, 1, 1]);
+    let idle = pool_pod(&pool, "p-a", "127.1.1.2");
+    // The status of the pool with its one pod idle, as an earlier reconcile reported it.
+    let first = RecordedApi::default();
+    first.object(pool_path(), &pool);
+    pool::reconcile(
+        Arc::new(pool.clone()),
+        context(&first, vec![idle.clone()], vec![], vec![pool.clone()]),
+    )
+    .await
+    .expect("the first reconcile succeeds");
+    let mut idle_reported = pool.clone();
+    idle_reported.status = Some(
+        serde_json::from_value(first.writes()[0].body["status"].clone()).expect("a pool status"),
+    );
+
+    // A batch holds the pod: the count goes to 1 (the cache goes on showing the idle status).
+    let holder = with_ledger(batch_created("holder", 1, "5", 0), &["p-a"]);
+    let api = RecordedApi::default();
+    api.object(pool_path(), &idle_reported);
+    let (batches, mut batch_writer) = writable_store(vec![holder.clone()]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(vec![idle]),
+            batches,
+            pools: store(vec![idle_reported.clone()]),
+        },
+        test_config(),
+    ));
+    pool::reconcile(Arc::new(idle_reported.clone()), ctx.clone())
+        .await
+        .expect("the reconcile succeeds");
+    // The batch is gone; the pool cache still shows the old idle status.
+    batch_writer.apply_watcher_event(&watcher::Event::Delete(holder.clone()));
+    ctx.index.with(|i| i.batch_deleted(&holder));
+    // Status writes are paced; this test is about what is compared, not when.
+    ctx.pacing.forget(&index::Key::new(
+        NS,
+        &kube::ResourceExt::name_any(&idle_reported),
+    ));
+    pool::reconcile(Arc::new(idle_reported), ctx)
+        .await
+        .expect("the reconcile succeeds");
+    let allocated: Vec<Value> = api
+        .writes()
+        .iter()
+        .filter(|w| w.path == pool_status_path())
+        .map(|w| w.body["status"]["allocated"].clone())
+        .collect();
+    assert_eq!(allocated, [json!(1), json!(0)], "the release is reported");
+}
+
+/// Pods a Pool of the same name left behind (deleted with `--cascade=orphan`) are taken back by
+/// the live Pool: current-revision and held ones adopted (conditional owner reference), idle ones
+/// of another revision deleted (conditional on uid and resourceVersion).
+#[tokio::test]
+async fn orphaned_pool_pods_are_adopted_or_deleted() {
+    let pool = pool([0, 0, 3, 3]);
+    let orphan = |name: &str, revision: &str| {
+        let mut pod = pool_pod(&pool, name, "127.1.1.2");
+        pod.metadata.owner_references = None;
+        pod.metadata.resource_version = Some(format!("{name}-rv"));
+        pod.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(names::LABEL_POOL_REVISION.into(), revision.into());
+        pod
+    };
+    let revision = crate::domain::pod_template::template_revision(&pool.spec.template);
+    let pods = vec![
+        orphan("current", &revision),
+        orphan("stale", "old"),
+        orphan("held-stale", "old"),
+    ];
+    let holder = with_ledger(batch_created("holder", 1, "5", 0), &["held-stale"]);
+    let api = RecordedApi::default();
+    api.object(pool_path(), &pool);
+    for pod in &pods {
+        api.object(pod_path(crate::domain::pods::pod_name(pod)), pod);
+    }
+    let ctx = context(&api, pods, vec![holder], vec![pool.clone()]);
+    let _ = pool::reconcile(Arc::new(pool), ctx).await;
+    let writes = api.writes();
+    let to = |method: &str, pod: &str| {
+        writes
+            .iter()
+            .find(|w| w.method == method && w.path == pod_path(pod))
+            .cloned()
+    };
+    for adopted in ["current", "held-stale"] {
+        let patch =
+            to("PATCH", adopted).unwrap_or_else(|| panic!("{adopted} adopted: {writes:#?}"));
+        assert_eq!(
+            patch.body["metadata"]["resourceVersion"],
+            format!("{adopted}-rv")
+        );
+        assert_eq!(
+            patch.body["metadata"]["ownerReferences"][0]["uid"],
+            "pool-uid"
+        );
+        assert!(to("DELETE", adopted).is_none(), "{adopted} is kept");
+    }
+    let deleted = to("DELETE", "stale").expect("the idle stale orphan is deleted");
+    assert_eq!(deleted.body["preconditions"]["uid"], "stale-uid");
+    assert_eq!(deleted.body["preconditions"]["resourceVersion"], "stale-rv");
+    assert!(to("PATCH", "stale").is_none());
+}
+
+/// An `alloc-release` request lets the ledger go of a pod only once its recycle is done: the
+/// shard is first marked released (its pod still held), then the pod is deleted (`Delete`), and
+/// only then is the ledger entry cleared. A deletion that fails leaves the pod in the ledger,
+/// so it never turns idle with the previous holder's processes.
+#[tokio::test]
+async fn alloc_release_frees_a_pod_from_the_ledger_only_after_its_recycle() {
+    let pool = pool([0, 0, 2, 2]);
+    let mut batch = with_ledger(batch_created("rel", 2, "5", 0), &["p-a", "p-b"]);
+    batch.metadata.annotations.get_or_insert_default().insert(
+        names::ANNOTATION_ALLOC_RELEASE.into(),
+        r#"{"pods":["p-b"]}"#.into(),
+    );
+    let pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+    ];
+    let api = RecordedApi::default();
+    api.object(batch_path("rel"), &batch);
+    let round = |batch: BatchSandbox| {
+        let ctx = context(&api, pods.clone(), vec![batch.clone()], vec![pool.clone()]);
+        async move {
+            let _ = batch::reconcile(Arc::new(batch), ctx).await;
+        }
+    };
+    let ledger_of_stored = || {
+        let stored: Vec<BatchSandbox> = api.stored(&[batch_path("rel")]);
+        (
+            AllocStatus::of(&stored[0]).expect("a ledger").pods,
+            stored[0].clone(),
+        )
+    };
+
+    // 1. The shard is marked released; the ledger still holds p-b and nothing is deleted.
+    round(batch).await;
+    let (ledger, marked) = ledger_of_stored();
+    assert_eq!(ledger, ["p-a", "p-b"]);
+    assert_eq!(
+        marked.annotations().get(names::ANNOTATION_TASK_RESULTS),
+        Some(&r#"{"1":"None"}"#.to_string())
+    );
+    assert!(api.writes().iter().all(|w| w.method != "DELETE"));
+
+    // 2. The deletion fails: p-b stays in the ledger.
+    api.reply(
+        "DELETE",
+        &pod_path("p-b"),
+        500,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "boom"}),
+    );
+    round(marked.clone()).await;
+    assert_eq!(
+        ledger_of_stored().0,
+        ["p-a", "p-b"],
+        "a failed recycle keeps the pod held"
+    );
+
+    // 3. The deletion goes through, then the ledger lets go.
+    api.replies
+        .lock()
+        .expect("replies")
+        .remove(&format!("DELETE {}", pod_path("p-b")));
+    let before = api.writes().len();
+    round(marked).await;
+    let writes = api.writes()[before..].to_vec();
+    let deleted = writes
+        .iter()
+        .position(|w| w.method == "DELETE" && w.path == pod_path("p-b"));
+    let cleared = writes.iter().position(|w| w.path == batch_path("rel"));
+    assert!(
+        matches!((deleted, cleared), (Some(d), Some(c)) if d < c),
+        "the pod goes before the ledger lets go: {writes:#?}"
+    );
+    let (ledger, stored) = ledger_of_stored();
+    assert_eq!(ledger, ["p-a", ""]);
+    assert_eq!(
+        stored.annotations().get(names::ANNOTATION_ALLOC_RELEASED),
+        Some(&r#"{"pods":["p-b"]}"#.to_string())
+    );
+}

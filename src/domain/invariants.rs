@@ -9,14 +9,18 @@
 //! - a ledger (`sandbox.opensandbox.io/alloc-status`) is readable JSON;
 //! - a ledger names no pod twice;
 //! - every pod a ledger names (non-empty entry) that exists is a pod of the batch's pool: labelled
-//!   with that pool's name and owned by that Pool object;
+//!   with that pool's name and owned by no other Pool object (a pod on its way out, terminating
+//!   or finished, is still its pool's);
 //! - no pod is named by the ledgers of two batches;
 //! - a pool's reported `status.allocated` and `status.total` match its pods (only checked when
 //!   `counts` is [`Counts::Check`]: the status trails the pods by one reconcile, so callers compare
-//!   counts only once the system has settled).
+//!   counts only once the system has settled);
+//! - once settled, a pooled batch's `status.replicas` and `status.allocated` match its spec and
+//!   its ledger ([`batch_status_mismatches`]).
 //!
 //! A batch being deleted still counts as a holder: its pods stay its own until its finalizer has
-//! released them.
+//! released them. No finding depends on which pods exist right now, only on which pool a named
+//! pod belongs to (which never changes), so pods and pools may lag the batches.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -62,6 +66,29 @@ pub enum Violation {
         reported: i64,
         actual: i64,
     },
+    #[error(
+        "BatchSandbox {batch}: status.{field} is {reported} but its spec and ledger say {expected}"
+    )]
+    StatusMismatch {
+        batch: String,
+        field: &'static str,
+        reported: i64,
+        expected: i64,
+    },
+}
+
+impl Violation {
+    /// A short name of the kind, for counting.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnreadableLedger { .. } => "unreadable-ledger",
+            Self::PodTwiceInOneLedger { .. } => "pod-twice-in-one-ledger",
+            Self::PodInSeveralLedgers { .. } => "pod-in-several-ledgers",
+            Self::ForeignPodInLedger { .. } => "foreign-pod-in-ledger",
+            Self::CountMismatch { .. } => "pool-count-mismatch",
+            Self::StatusMismatch { .. } => "batch-status-mismatch",
+        }
+    }
 }
 
 /// Every violation of the allocation invariants in the snapshot (see the module docs), in a
@@ -108,7 +135,7 @@ pub fn check(
             }
             let pod_key = key(batch.namespace(), pod);
             if let Some(object) = pod_by_key.get(&pod_key)
-                && !is_pool_pod(object, pool_name, pool)
+                && !is_of_pool(object, pool_name, pool)
             {
                 violations.push(Violation::ForeignPodInLedger {
                     batch: batch_key.clone(),
@@ -155,6 +182,64 @@ pub fn check(
         }
     }
     violations
+}
+
+/// Every settled pooled batch whose status does not count what it asked for and what its ledger
+/// holds: `status.replicas` is `spec.replicas`, `status.allocated` the shards below `replicas`
+/// that hold a pod. Only meaningful once nothing is in flight (the status trails the ledger by one
+/// reconcile). Unreadable ledgers are [`check`]'s finding, not this one's.
+pub fn batch_status_mismatches(batches: &[BatchSandbox]) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    for batch in batches.iter().filter(|b| b.pool_name().is_some()) {
+        let Ok(ledger) = AllocStatus::of(batch) else {
+            continue;
+        };
+        let held = ledger
+            .pods
+            .iter()
+            .take(batch.desired_replicas())
+            .filter(|p| !p.is_empty())
+            .count();
+        let status = batch.status.clone().unwrap_or_default();
+        for (field, reported, expected) in [
+            ("replicas", status.replicas, i64::from(batch.spec.replicas)),
+            ("allocated", status.allocated, held as i64),
+        ] {
+            if i64::from(reported) != expected {
+                violations.push(Violation::StatusMismatch {
+                    batch: key(batch.namespace(), &batch.name_any()),
+                    field,
+                    reported: reported.into(),
+                    expected,
+                });
+            }
+        }
+    }
+    violations
+}
+
+/// Whether `pod` belongs to the pool named `pool_name`, live or on its way out: labelled with it
+/// and owned by no other controller (the Pool object itself, when known).
+fn is_of_pool(pod: &Pod, pool_name: &str, pool: Option<&Pool>) -> bool {
+    let labelled = pod
+        .labels()
+        .get(crate::api::names::LABEL_POOL_NAME)
+        .map(String::as_str)
+        == Some(pool_name);
+    let uid = pool.and_then(|p| p.metadata.uid.as_deref());
+    let owned = match pod
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+    {
+        None => true,
+        Some(owner) => {
+            owner.kind == "Pool"
+                && owner.name == pool_name
+                && uid.is_none_or(|uid| owner.uid == uid)
+        }
+    };
+    labelled && owned && pool.is_none_or(|p| p.namespace() == pod.namespace())
 }
 
 /// Whether `pod` is a live pod of the pool named `pool_name` (see
@@ -269,6 +354,49 @@ mod tests {
             actual: 2
         }));
         assert_eq!(violations.len(), 5, "{violations:#?}");
+    }
+
+    #[test]
+    fn a_terminating_pod_of_the_pool_is_still_its_own() {
+        let mut leaving = pod("a", "p");
+        leaving.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let batches = [batch("x", "p", r#"{"pods":["a"]}"#)];
+        assert_eq!(check(&[leaving], &batches, &[pool("p")], Counts::Skip), []);
+    }
+
+    #[test]
+    fn settled_batch_status_must_count_spec_and_ledger() {
+        let with_status = |mut b: BatchSandbox, replicas: i32, allocated: i32| {
+            b.status = Some(crate::api::BatchSandboxStatus {
+                replicas,
+                allocated,
+                ..Default::default()
+            });
+            b
+        };
+        let mut two = batch("x", "p", r#"{"pods":["a","","b"]}"#);
+        two.spec.replicas = 2;
+        assert_eq!(
+            batch_status_mismatches(&[with_status(two.clone(), 2, 1)]),
+            []
+        );
+        assert_eq!(
+            batch_status_mismatches(&[with_status(two, 2, 2)]),
+            [Violation::StatusMismatch {
+                batch: "ns/x".into(),
+                field: "allocated",
+                reported: 2,
+                expected: 1
+            }]
+        );
+        assert_eq!(
+            batch_status_mismatches(&[batch("y", "p", "{")]),
+            [],
+            "an unreadable ledger is check's finding"
+        );
     }
 
     #[test]

@@ -149,21 +149,75 @@ pub struct Leadership {
 }
 
 /// Blocks until this instance holds the lease.
+///
+/// The lease manager, while another replica holds the lease, sleeps until that holder's lease
+/// would run out. A holder that stops gracefully gives the lease up at once ([`Leadership::release`]),
+/// so the Lease is also watched: when it turns free, a fresh manager (which reads the Lease anew)
+/// takes it without waiting out the old holder's duration.
 pub async fn acquire(client: Client, config: &LeaderConfig) -> anyhow::Result<Leadership> {
     let seconds = config.lease_duration.as_secs().max(3);
-    let manager = LeaseManagerBuilder::new(client, &config.lease_name)
-        .with_namespace(&config.namespace)
-        // Renewed at half its life, well before the fence's renew deadline (two thirds).
-        .with_parameters(LeaseParams::new(&config.identity, seconds, seconds / 2))
-        .build()
-        .await?;
-    let (mut leading, task) = manager.watch().await;
     info!(lease = %config.lease_name, identity = %config.identity, "waiting for leadership");
-    while !*leading.borrow_and_update() {
-        leading.changed().await?;
+    let api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
+    loop {
+        let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+            .with_namespace(&config.namespace)
+            // Renewed at half its life, well before the fence's renew deadline (two thirds).
+            .with_parameters(LeaseParams::new(&config.identity, seconds, seconds / 2))
+            .build()
+            .await?;
+        let acquired = tokio::select! {
+            changed = manager.changed() => changed?,
+            () = released_by_another(&api, &config.lease_name, &config.identity) => {
+                debug!(lease = %config.lease_name, "the lease was given up; trying to take it now");
+                false
+            }
+        };
+        if acquired {
+            let (leading, task) = manager.watch().await;
+            info!(lease = %config.lease_name, identity = %config.identity, "leading");
+            return Ok(Leadership { leading, task });
+        }
     }
-    info!(lease = %config.lease_name, identity = %config.identity, "leading");
-    Ok(Leadership { leading, task })
+}
+
+/// Whether a Lease is free: no holder (a graceful release clears it).
+pub fn is_released(lease: &Lease) -> bool {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.holder_identity.as_deref())
+        .is_none_or(str::is_empty)
+}
+
+/// Resolves once the Lease, after being seen held by another replica, is seen free (or gone).
+/// Never resolves while it stays held; errors of the watch are retried by its backoff.
+async fn released_by_another(api: &Api<Lease>, name: &str, identity: &str) {
+    use futures::StreamExt;
+    let changes = kube::runtime::watcher::watch_object(api.clone(), name);
+    let mut changes = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(changes));
+    let mut held_by_another = false;
+    while let Some(change) = changes.next().await {
+        let lease = match change {
+            Ok(lease) => lease,
+            Err(error) => {
+                debug!(%error, "watching the leader lease failed; retrying");
+                continue;
+            }
+        };
+        let free = lease.as_ref().is_none_or(is_released);
+        if held_by_another && free {
+            return;
+        }
+        held_by_another = lease.as_ref().is_some_and(|lease| {
+            !is_released(lease)
+                && lease
+                    .spec
+                    .as_ref()
+                    .and_then(|spec| spec.holder_identity.as_deref())
+                    != Some(identity)
+        });
+    }
+    std::future::pending().await
 }
 
 impl Leadership {

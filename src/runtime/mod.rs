@@ -210,6 +210,7 @@ pub async fn run(
         controller_config.fence = leader::Fence::leased();
     }
     let fence = controller_config.fence.clone();
+    health.follow_fence(fence.clone());
     let controller = async {
         let reconcile = controller::run(
             client.clone(),

@@ -649,6 +649,98 @@ async fn a_new_leader_takes_over_without_double_allocation() {
     );
 }
 
+/// A leader stopped gracefully (SIGTERM, as in a rolling update) gives its Lease up once its
+/// reconcilers have stopped, and the waiting replica takes it at once: the successor's
+/// `acquireTime` comes before the old holder's lease would have run out (`renewTime` +
+/// `leaseDurationSeconds`), with a lease long enough that waiting it out would be plain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_stopped_gracefully_hands_its_lease_over_at_once() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let env = env("leader-handover").await;
+    let args = [
+        "--leader-elect",
+        "--lease-name",
+        "sbx-handover",
+        "--lease-duration-seconds",
+        "60",
+        "--leader-election-namespace",
+        env.ns.as_str(),
+    ];
+    let leases: kube::Api<Lease> = kube::Api::namespaced(env.client.clone(), &env.ns);
+    let holder_of = |lease: &Lease| {
+        lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default()
+    };
+    let mut first = env.start_controller(&args);
+    let first_pid = first.pid();
+    let held = env
+        .wait_for("the first replica to lead", T, || async {
+            leases
+                .get_opt("sbx-handover")
+                .await
+                .ok()
+                .flatten()
+                .filter(|l| holder_of(l).ends_with(&format!("-{first_pid}")))
+        })
+        .await;
+    let second = env.start_controller(&args);
+    env.wait_for("the second replica to wait for the lease", T, || async {
+        second.log_text().contains("waiting for leadership")
+    })
+    .await;
+    // The old holder's lease as last renewed before it stops (it renews at half its duration,
+    // so this is at least 30 s ahead of the stop).
+    let before = leases.get("sbx-handover").await.expect("the lease");
+    let spec = before.spec.clone().expect("a lease spec");
+    assert_eq!(
+        holder_of(&before),
+        holder_of(&held),
+        "the first replica still leads"
+    );
+    let renewed = spec.renew_time.expect("a renew time").0;
+    let lapses_at = renewed
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
+            spec.lease_duration_seconds.expect("a duration").into(),
+        ))
+        .expect("a time");
+
+    assert!(
+        first.terminate(Duration::from_secs(30)),
+        "the leader exits cleanly on SIGTERM"
+    );
+    let second_pid = second.pid();
+    let taken = env
+        .wait_for("the second replica to take the lease", T, || async {
+            leases
+                .get_opt("sbx-handover")
+                .await
+                .ok()
+                .flatten()
+                .filter(|l| holder_of(l).ends_with(&format!("-{second_pid}")))
+        })
+        .await;
+    let acquired = taken
+        .spec
+        .as_ref()
+        .and_then(|s| s.acquire_time.clone())
+        .expect("an acquire time")
+        .0;
+    assert!(
+        acquired < lapses_at,
+        "the successor acquired at {acquired}, not before the old lease lapsed at {lapses_at}: the lease was not handed over"
+    );
+    assert!(
+        first.log_text().contains("leader lease released"),
+        "the old leader released its lease: {}",
+        first.log_text()
+    );
+    let waited = acquired.duration_since(renewed);
+    eprintln!("handover: successor acquired {waited:?} after the old leader's last renewal");
+}
+
 /// The events `kubectl describe` shows: a Warning when a pooled batch cannot get pods (pool at
 /// `poolMax`, pool missing), `Recycled` on the Pool when a batch gives pods back, `Expired` on an
 /// expired batch; and nothing at all for a healthy claim (no event is written while it is

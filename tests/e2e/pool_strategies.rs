@@ -331,3 +331,120 @@ async fn alloc_release_scales_in_the_named_shards_and_records_them_as_released()
     ]);
     assert!(events.contains(&held[1]), "{events}");
 }
+
+/// Pods a Pool leaves behind when it is deleted with `--cascade=orphan` (and its finalizer taken
+/// off while no controller runs) are taken back by a Pool re-created under the same name: those
+/// of its template revision are adopted (owner reference to the new Pool, same pods), those of
+/// another revision are deleted and replaced.
+#[tokio::test(flavor = "multi_thread")]
+async fn orphaned_pool_pods_are_adopted_by_a_recreated_pool_or_replaced() {
+    let env = env("orphan-adoption").await;
+    let mut controller = env.start_controller(&[]);
+    let same = fixtures::pool("same", [0, 4, 2, 2]);
+    let changed = fixtures::pool("changed", [0, 4, 2, 2]);
+    env.apply(&same.yaml());
+    env.apply(&changed.yaml());
+    let pods_of = |pool: &'static str| {
+        let env = &env;
+        async move {
+            env.live_pods(&format!("{}={pool}", names::LABEL_POOL_NAME))
+                .await
+        }
+    };
+    let uids = |pods: &[Pod]| -> Vec<String> {
+        let mut uids: Vec<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+        uids.sort();
+        uids
+    };
+    for pool in ["same", "changed"] {
+        env.wait_for(&format!("{pool} to have 2 pods"), T, || async {
+            (pods_of(pool).await.len() == 2).then_some(())
+        })
+        .await;
+    }
+    let same_before = uids(&pods_of("same").await);
+    let changed_before = uids(&pods_of("changed").await);
+
+    // The pools go with --cascade=orphan while no controller runs: the garbage collector strips
+    // the pods' owner references, then the finalizer is taken off by hand.
+    controller.kill();
+    env.kubectl_ok(&[
+        "delete",
+        "pool",
+        "same",
+        "changed",
+        "--cascade=orphan",
+        "--wait=false",
+    ]);
+    env.wait_for("the pods to be orphaned", T, || async {
+        let all = [pods_of("same").await, pods_of("changed").await].concat();
+        (all.len() == 4
+            && all.iter().all(|p| {
+                p.metadata
+                    .owner_references
+                    .as_deref()
+                    .unwrap_or_default()
+                    .is_empty()
+            }))
+        .then_some(())
+    })
+    .await;
+    for pool in ["same", "changed"] {
+        env.kubectl_ok(&[
+            "patch",
+            "pool",
+            pool,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ]);
+    }
+    env.wait_for("both pools to be gone", T, || async {
+        (env.pool("same").await.is_none() && env.pool("changed").await.is_none()).then_some(())
+    })
+    .await;
+
+    // Re-created: one with the same template, one with another image.
+    controller.restart();
+    env.apply(&same.yaml());
+    env.apply(&changed.image("opensandbox/code-interpreter:v1.0.2").yaml());
+    let same_uid = env
+        .pool("same")
+        .await
+        .and_then(|p| p.metadata.uid)
+        .expect("a uid");
+    let changed_uid = env
+        .pool("changed")
+        .await
+        .and_then(|p| p.metadata.uid)
+        .expect("a uid");
+    let owned_by = |pods: &[Pod], uid: &str| {
+        pods.iter().all(|p| {
+            p.metadata
+                .owner_references
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.uid == uid && o.controller == Some(true))
+        })
+    };
+    env.wait_for("the same-template orphans to be adopted", T, || async {
+        let pods = pods_of("same").await;
+        (owned_by(&pods, &same_uid) && pods.len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        uids(&pods_of("same").await),
+        same_before,
+        "the very same pods were adopted"
+    );
+    env.wait_for("the other-template orphans to be replaced", T, || async {
+        let pods = pods_of("changed").await;
+        let now = uids(&pods);
+        (pods.len() == 2
+            && owned_by(&pods, &changed_uid)
+            && now.iter().all(|uid| !changed_before.contains(uid)))
+        .then_some(())
+    })
+    .await;
+}

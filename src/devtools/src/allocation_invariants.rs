@@ -1,93 +1,19 @@
-//! The allocation record's invariants, checked from outside the controller on what the API server
-//! shows: pure functions of Pods, BatchSandboxes and Pools, returning typed findings.
-//!
-//! - No pod is named by the ledgers (`alloc-status`) of two batches, and no ledger names a pod
-//!   twice: a pod serves at most one shard.
-//! - A ledger only names pods of the batch's own pool.
-//! - Once settled, a batch's status counts match its ledger.
-//! - Nothing leaks: every pool pod is owned by its live Pool, every non-pooled pod by its live
-//!   BatchSandbox.
+//! The allocation record's invariants as the fault suite checks them from outside the controller,
+//! on what the API server shows. The invariants themselves are the controller's own
+//! ([`sandbox_controller::domain::invariants`]: one pod in at most one ledger, once per ledger,
+//! only pods of the batch's pool, readable ledgers, settled status counts); this module adds what
+//! only an outside observer needs: [`leaks`] (pods nothing live owns) and [`converged`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use sandbox_controller::api::{BatchSandbox, Pool, names};
 use sandbox_controller::domain::allocation::AllocStatus;
+use sandbox_controller::domain::invariants::{self, Counts};
 
-/// A broken invariant of the allocation record.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Violation {
-    /// One pod in the ledgers of two or more batches at once.
-    PodHeldByTwoBatches { pod: String, batches: Vec<String> },
-    /// One ledger naming the same pod for two shards.
-    PodNamedTwiceInLedger { batch: String, pod: String },
-    /// A ledger naming a pod that belongs to another pool (or to none).
-    LedgerNamesForeignPod {
-        batch: String,
-        pod: String,
-        batch_pool: String,
-        pod_pool: Option<String>,
-    },
-    /// A ledger that cannot be read: its pods are unaccounted for.
-    UnreadableLedger { batch: String, error: String },
-    /// A settled batch whose status disagrees with its ledger.
-    StatusMismatch {
-        batch: String,
-        field: &'static str,
-        status: i32,
-        expected: i32,
-    },
-}
-
-impl Violation {
-    /// A short name of the kind, for counting.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::PodHeldByTwoBatches { .. } => "pod-held-by-two-batches",
-            Self::PodNamedTwiceInLedger { .. } => "pod-named-twice-in-ledger",
-            Self::LedgerNamesForeignPod { .. } => "ledger-names-foreign-pod",
-            Self::UnreadableLedger { .. } => "unreadable-ledger",
-            Self::StatusMismatch { .. } => "status-mismatch",
-        }
-    }
-}
-
-impl fmt::Display for Violation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::PodHeldByTwoBatches { pod, batches } => {
-                write!(f, "pod {pod} is held by batches {}", batches.join(", "))
-            }
-            Self::PodNamedTwiceInLedger { batch, pod } => {
-                write!(f, "batch {batch} names pod {pod} for two shards")
-            }
-            Self::LedgerNamesForeignPod {
-                batch,
-                pod,
-                batch_pool,
-                pod_pool,
-            } => write!(
-                f,
-                "batch {batch} of pool {batch_pool} holds pod {pod} of pool {}",
-                pod_pool.as_deref().unwrap_or("<none>")
-            ),
-            Self::UnreadableLedger { batch, error } => {
-                write!(f, "batch {batch} has an unreadable ledger: {error}")
-            }
-            Self::StatusMismatch {
-                batch,
-                field,
-                status,
-                expected,
-            } => write!(
-                f,
-                "batch {batch}: status.{field} is {status}, the ledger says {expected}"
-            ),
-        }
-    }
-}
+pub use sandbox_controller::domain::invariants::Violation;
 
 /// A pod nothing live accounts for.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -114,101 +40,18 @@ impl fmt::Display for Leak {
     }
 }
 
-/// The invariants that hold at every moment, whatever is in flight. `pods` and `pools` may lag
-/// `batches`: no finding here depends on which pods exist right now, only on which pool a named
-/// pod belongs to, and that never changes.
-pub fn check(pods: &[Pod], batches: &[BatchSandbox], _pools: &[Pool]) -> Vec<Violation> {
-    let pool_of: HashMap<String, Option<String>> = pods
-        .iter()
-        .map(|p| {
-            (
-                p.name_any(),
-                p.labels().get(names::LABEL_POOL_NAME).cloned(),
-            )
-        })
-        .collect();
-    let mut violations = Vec::new();
-    let mut holders: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let ledgers: Vec<(&BatchSandbox, AllocStatus)> = batches
-        .iter()
-        .filter_map(|b| match AllocStatus::of(b) {
-            Ok(ledger) => Some((b, ledger)),
-            Err(error) => {
-                violations.push(Violation::UnreadableLedger {
-                    batch: b.name_any(),
-                    error: error.to_string(),
-                });
-                None
-            }
-        })
-        .collect();
-    for (batch, ledger) in &ledgers {
-        let name = batch.name_any();
-        let mut seen = BTreeSet::new();
-        for pod in ledger.pods.iter().filter(|p| !p.is_empty()) {
-            if !seen.insert(pod.as_str()) {
-                violations.push(Violation::PodNamedTwiceInLedger {
-                    batch: name.clone(),
-                    pod: pod.clone(),
-                });
-                continue;
-            }
-            holders.entry(pod).or_default().push(name.clone());
-            if let (Some(batch_pool), Some(pod_pool)) = (batch.pool_name(), pool_of.get(pod))
-                && pod_pool.as_deref() != Some(batch_pool)
-            {
-                violations.push(Violation::LedgerNamesForeignPod {
-                    batch: name.clone(),
-                    pod: pod.clone(),
-                    batch_pool: batch_pool.to_string(),
-                    pod_pool: pod_pool.clone(),
-                });
-            }
-        }
-    }
-    for (pod, mut batches) in holders {
-        if batches.len() > 1 {
-            batches.sort();
-            violations.push(Violation::PodHeldByTwoBatches {
-                pod: pod.to_string(),
-                batches,
-            });
-        }
-    }
-    violations.sort();
-    violations
+/// The invariants that hold at every moment, whatever is in flight (`pods` and `pools` may lag
+/// `batches`).
+pub fn check(pods: &[Pod], batches: &[BatchSandbox], pools: &[Pool]) -> Vec<Violation> {
+    invariants::check(pods, batches, pools, Counts::Skip)
 }
 
-/// [`check`], plus what holds once nothing is in flight: every pooled batch's status counts the
-/// pods its ledger holds.
+/// [`check`], plus what holds once nothing is in flight: every pooled batch's status counts what
+/// it asked for and the pods its ledger holds. The pools' counts are judged separately (after
+/// release), since they trail the batches by a reconcile.
 pub fn check_settled(pods: &[Pod], batches: &[BatchSandbox], pools: &[Pool]) -> Vec<Violation> {
     let mut violations = check(pods, batches, pools);
-    for batch in batches.iter().filter(|b| b.pool_name().is_some()) {
-        let Ok(ledger) = AllocStatus::of(batch) else {
-            continue;
-        };
-        let held = ledger
-            .pods
-            .iter()
-            .take(batch.desired_replicas())
-            .filter(|p| !p.is_empty())
-            .count() as i32;
-        let status = batch.status.clone().unwrap_or_default();
-        for (field, value, expected) in [
-            ("replicas", status.replicas, batch.spec.replicas),
-            ("allocated", status.allocated, held),
-        ] {
-            if value != expected {
-                violations.push(Violation::StatusMismatch {
-                    batch: batch.name_any(),
-                    field,
-                    status: value,
-                    expected,
-                });
-            }
-        }
-    }
-    violations.sort();
+    violations.extend(invariants::batch_status_mismatches(batches));
     violations
 }
 
@@ -331,70 +174,17 @@ mod tests {
     }
 
     #[test]
-    fn disjoint_ledgers_are_clean() {
-        let pods = [pool_pod("p0", "a", "u"), pool_pod("p1", "a", "u")];
-        let batches = [
-            batch("b0", Some("a"), 1, &["p0"]),
-            batch("b1", Some("a"), 1, &["p1"]),
-        ];
-        assert_eq!(check(&pods, &batches, &[pool("a", "u")]), []);
-    }
-
-    #[test]
-    fn a_pod_in_two_ledgers_is_a_violation() {
-        let pods = [pool_pod("p0", "a", "u")];
+    fn the_controllers_invariants_are_checked_as_the_api_server_shows_them() {
+        let pods = [pool_pod("p0", "a", "u"), pool_pod("p1", "other", "v")];
         let batches = [
             batch("b1", Some("a"), 1, &["p0"]),
-            batch("b0", Some("a"), 2, &["x", "p0"]),
+            batch("b0", Some("a"), 2, &["p1", "p0"]),
         ];
-        assert_eq!(
-            check(&pods, &batches, &[]),
-            [Violation::PodHeldByTwoBatches {
-                pod: "p0".into(),
-                batches: vec!["b0".into(), "b1".into()]
-            }]
-        );
-    }
-
-    #[test]
-    fn a_pod_named_twice_in_one_ledger_is_a_violation_and_released_shards_are_not() {
-        let batches = [
-            batch("b0", Some("a"), 3, &["p0", "p1", "p0"]),
-            batch("b1", Some("a"), 3, &["", "p2", ""]),
-        ];
-        assert_eq!(
-            check(&[], &batches, &[]),
-            [Violation::PodNamedTwiceInLedger {
-                batch: "b0".into(),
-                pod: "p0".into()
-            }]
-        );
-    }
-
-    #[test]
-    fn a_pod_of_another_pool_is_a_violation() {
-        let pods = [pool_pod("p0", "other", "u")];
-        let batches = [batch("b0", Some("a"), 1, &["p0"])];
-        assert_eq!(
-            check(&pods, &batches, &[]),
-            [Violation::LedgerNamesForeignPod {
-                batch: "b0".into(),
-                pod: "p0".into(),
-                batch_pool: "a".into(),
-                pod_pool: Some("other".into())
-            }]
-        );
-    }
-
-    #[test]
-    fn an_unreadable_ledger_is_a_violation() {
-        let mut b = batch("b0", Some("a"), 1, &[]);
-        b.metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .insert(names::ANNOTATION_ALLOC_STATUS.into(), "{not json".into());
-        assert_eq!(check(&[], &[b], &[])[0].kind(), "unreadable-ledger");
+        let kinds: Vec<&str> = check(&pods, &batches, &[pool("a", "u")])
+            .iter()
+            .map(Violation::kind)
+            .collect();
+        assert_eq!(kinds, ["foreign-pod-in-ledger", "pod-in-several-ledgers"]);
     }
 
     #[test]
@@ -405,9 +195,9 @@ mod tests {
         assert_eq!(
             check_settled(&[], &[good, stale], &[]),
             [Violation::StatusMismatch {
-                batch: "b1".into(),
+                batch: "/b1".into(),
                 field: "allocated",
-                status: 1,
+                reported: 1,
                 expected: 2
             }]
         );

@@ -140,7 +140,7 @@ impl Figures {
         self.violations
             .values()
             .filter_map(|(v, _)| match v {
-                Violation::PodHeldByTwoBatches { pod, .. } => Some(pod.clone()),
+                Violation::PodInSeveralLedgers { pod, .. } => Some(pod.clone()),
                 _ => None,
             })
             .collect()
