@@ -148,6 +148,9 @@ pub struct Leadership {
     task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
 }
 
+/// How long a manager gets to take a Lease seen free before a fresh one is built.
+const RELEASE_GRACE: Duration = Duration::from_secs(1);
+
 /// Blocks until this instance holds the lease.
 ///
 /// The lease manager, while another replica holds the lease, sleeps until that holder's lease
@@ -167,9 +170,17 @@ pub async fn acquire(client: Client, config: &LeaderConfig) -> anyhow::Result<Le
             .await?;
         let acquired = tokio::select! {
             changed = manager.changed() => changed?,
-            () = released_by_another(&api, &config.lease_name, &config.identity) => {
-                debug!(lease = %config.lease_name, "the lease was given up; trying to take it now");
-                false
+            () = released(&api, &config.lease_name) => {
+                // A manager that read the Lease free takes it on its own; one that read it held
+                // waits out the old holder's duration, so after a short grace a fresh one reads it
+                // anew (the grace bounds how often a free Lease rebuilds the manager).
+                match tokio::time::timeout(RELEASE_GRACE, manager.changed()).await {
+                    Ok(changed) => changed?,
+                    Err(_) => {
+                        debug!(lease = %config.lease_name, "the lease is free; trying to take it now");
+                        false
+                    }
+                }
             }
         };
         if acquired {
@@ -189,13 +200,14 @@ pub fn is_released(lease: &Lease) -> bool {
         .is_none_or(str::is_empty)
 }
 
-/// Resolves once the Lease, after being seen held by another replica, is seen free (or gone).
-/// Never resolves while it stays held; errors of the watch are retried by its backoff.
-async fn released_by_another(api: &Api<Lease>, name: &str, identity: &str) {
+/// Resolves once the Lease is seen free (or gone), including on the watch's first look: the
+/// manager read the Lease before this watch started, and a holder that released in between must
+/// not leave the manager waiting out a lease that is already free. Never resolves while the
+/// Lease stays held; errors of the watch are retried by its backoff.
+async fn released(api: &Api<Lease>, name: &str) {
     use futures::StreamExt;
     let changes = kube::runtime::watcher::watch_object(api.clone(), name);
     let mut changes = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(changes));
-    let mut held_by_another = false;
     while let Some(change) = changes.next().await {
         let lease = match change {
             Ok(lease) => lease,
@@ -204,18 +216,9 @@ async fn released_by_another(api: &Api<Lease>, name: &str, identity: &str) {
                 continue;
             }
         };
-        let free = lease.as_ref().is_none_or(is_released);
-        if held_by_another && free {
+        if lease.as_ref().is_none_or(is_released) {
             return;
         }
-        held_by_another = lease.as_ref().is_some_and(|lease| {
-            !is_released(lease)
-                && lease
-                    .spec
-                    .as_ref()
-                    .and_then(|spec| spec.holder_identity.as_deref())
-                    != Some(identity)
-        });
     }
     std::future::pending().await
 }

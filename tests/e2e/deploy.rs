@@ -744,17 +744,17 @@ async fn a_new_binary_takes_over_mid_run_and_loses_nothing() {
     let held: Vec<&String> = pooled_now.iter().chain(&expiring_now).collect();
     let distinct: BTreeSet<&String> = held.iter().copied().collect();
     assert_eq!(distinct.len(), held.len(), "a pod held twice: {held:?}");
-    let pool = env
-        .pool("p")
-        .await
-        .and_then(|p| p.status)
-        .expect("pool status");
-    assert_eq!(pool.allocated as usize, held.len(), "{pool:?}");
-    let pool_pods = env
-        .live_pods("sandbox.opensandbox.io/pool-name=p")
-        .await
-        .len();
-    assert_eq!(pool.total as usize, pool_pods, "{pool:?}");
+    // The Pool's status is written at most once a second, behind claims and refills: it must
+    // come to count exactly the held pods and every live pod of the pool.
+    env.wait_for("the pool status to account for every pod", T, || async {
+        let status = env.pool("p").await.and_then(|p| p.status);
+        let pool_pods = env
+            .live_pods("sandbox.opensandbox.io/pool-name=p")
+            .await
+            .len();
+        status.filter(|s| s.allocated as usize == held.len() && s.total as usize == pool_pods)
+    })
+    .await;
 
     // Expiry still fires, at its time, under the new leader.
     wait_gone_batch(&env, "expiring").await;
