@@ -71,7 +71,10 @@ helper_cmd_executor_runner() {
 		# Every target of the workspace, as every other debug build here: any narrower selection
 		# (without the tests' dev-dependencies, or without some crates) unifies dependency
 		# features differently and compiles wasmtime and kube a second time.
-		ctl="$(cd "$repo" && cargo build --workspace --all-targets \
+		# SBX_CARGO_TIMINGS=1: cargo's --timings report of this (on a first run, the cold) build.
+		local timings=()
+		[[ "${SBX_CARGO_TIMINGS:-0}" == 1 ]] && timings=(--timings)
+		ctl="$(cd "$repo" && cargo build "${timings[@]}" --workspace --all-targets \
 			--message-format=json-render-diagnostics |
 			sed -n 's/.*"executable":"\([^"]*sandbox-local-executors\)".*/\1/p' | tail -n1)"
 	fi
