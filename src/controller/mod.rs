@@ -192,6 +192,9 @@ pub struct Context {
     /// Idle pods each pool had left after its last allocation round (before the Pool status,
     /// written at most once per interval, shows them).
     idle_left: std::sync::Mutex<std::collections::HashMap<index::Key, usize>>,
+    /// Per pool, held pods missing from the pod cache that a fresh read found gone.
+    held_pods_gone:
+        std::sync::Mutex<std::collections::HashMap<index::Key, std::collections::HashSet<String>>>,
     /// Wakes a Pool reconcile from outside one (a grant write answered in the background).
     pool_wakeups: std::sync::OnceLock<mpsc::UnboundedSender<ObjectRef<Pool>>>,
     /// The last readable ledger of every pooled batch, for when one turns unreadable.
@@ -255,6 +258,7 @@ impl Context {
             index,
             pacing: Default::default(),
             idle_left: Default::default(),
+            held_pods_gone: Default::default(),
             pool_wakeups: Default::default(),
             ledgers: Default::default(),
             expectations: Default::default(),

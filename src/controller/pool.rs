@@ -193,6 +193,10 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     let mut observed = Observed::gather(pool, ctx)?;
     if pool.metadata.deletion_timestamp.is_some() {
         ctx.pacing.forget(&observed.key());
+        ctx.held_pods_gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&observed.key());
         return drain(pool, ctx, &observed).await;
     }
     if !pool.finalizers().iter().any(|f| f == names::FINALIZER_POOL) {
@@ -209,6 +213,7 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
         &observed.revision,
     );
     observed.deleting.extend(adopted.await?);
+    confirm_held_pods_missing_from_cache(ctx, &mut observed, pool).await?;
     // Claims first, and nothing else while they are being served: grants go out without waiting
     // for each other, and sizing (refills) and the status wait behind them (see `pacing`).
     let round = allocate(ctx, &mut observed)?;
@@ -223,6 +228,56 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     Ok(Action::requeue(
         status_due.map_or(ctx.config.resync, |due| due.min(ctx.config.resync)),
     ))
+}
+
+/// Held pods the pod cache does not show are read afresh before the round plans. The pod cache
+/// lags the batch cache at times (a watch reconnecting, a stalled connection), and a round that
+/// took such a pod for lost would refill its shard and drop it from the ledger unrecycled: once
+/// the cache caught up it would be idle, with its previous holder's processes still in it. A
+/// pod that exists is added to what the round sees; only one the API server says is gone (or is
+/// not this pool's) is replaced. Names confirmed gone are remembered per pool while a ledger still
+/// names them, so a shard waiting for a replacement costs one read, not one per round.
+async fn confirm_held_pods_missing_from_cache(
+    ctx: &Context,
+    observed: &mut Observed,
+    pool: &Pool,
+) -> Result<(), Error> {
+    let missing: HashSet<String> = observed
+        .batches
+        .iter()
+        .filter(|(b, _)| b.metadata.deletion_timestamp.is_none())
+        .flat_map(|(_, ledger)| ledger.pods.iter())
+        .filter(|name| !name.is_empty() && observed.pod(name).is_none())
+        .cloned()
+        .collect();
+    let known_gone = {
+        let mut gone = ctx.held_pods_gone.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = gone.entry(observed.key()).or_default();
+        // Forget names no ledger waits on any more, or that the cache shows again.
+        entry.retain(|name| missing.contains(name));
+        entry.clone()
+    };
+    let uid = pool.uid();
+    let mut newly_gone = Vec::new();
+    for name in missing.difference(&known_gone) {
+        match ctx.api::<Pod>(&observed.namespace).get_opt(name).await? {
+            Some(pod) if allocation::belongs_to_pool(&pod, &observed.name, uid.as_deref()) => {
+                debug!(pool = %observed.owner_key(), pod = %name, "a held pod the cache does not show yet stays held");
+                observed.by_name.insert(name.clone(), observed.pods.len());
+                observed.pods.push(Arc::new(pod));
+            }
+            _ => newly_gone.push(name.clone()),
+        }
+    }
+    if !newly_gone.is_empty() {
+        ctx.held_pods_gone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(observed.key())
+            .or_default()
+            .extend(newly_gone);
+    }
+    Ok(())
 }
 
 /// What one allocation round did.

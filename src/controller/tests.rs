@@ -1473,3 +1473,82 @@ async fn alloc_release_frees_a_pod_from_the_ledger_only_after_its_recycle() {
         Some(&r#"{"pods":["p-b"]}"#.to_string())
     );
 }
+
+/// A held pod the pod cache does not show yet is read afresh and stays held: the round does not
+/// refill its shard with an idle pod, which would drop it from the ledger unrecycled and leave it
+/// idle, with its holder's processes, once the cache caught up.
+#[tokio::test]
+async fn a_held_pod_the_pod_cache_does_not_show_yet_is_not_replaced() {
+    let pool = pool([0, 0, 2, 2]);
+    let holder = with_ledger(batch_created("holder", 1, "5", 0), &["p-a"]);
+    let api = RecordedApi::default();
+    api.object(batch_path("holder"), &holder);
+    api.object(pool_path(), &pool);
+    api.object(pod_path("p-a"), &pool_pod(&pool, "p-a", "127.1.1.2"));
+    let ctx = context(
+        &api,
+        vec![pool_pod(&pool, "p-b", "127.1.1.3")],
+        vec![holder],
+        vec![pool.clone()],
+    );
+    reconcile_pool(Arc::new(pool), ctx)
+        .await
+        .expect("the reconcile succeeds");
+    assert_eq!(
+        holders(&api, &["holder"]),
+        BTreeMap::from([("p-a".to_string(), vec!["holder".to_string()])]),
+        "the ledger still holds p-a: {:#?}",
+        api.writes()
+    );
+    let ledger_writes: Vec<_> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.path == batch_path("holder"))
+        .collect();
+    assert_eq!(ledger_writes.len(), 0, "{ledger_writes:#?}");
+}
+
+/// A held pod the API server confirms gone is replaced in place, and read only once while its
+/// shard waits for a replacement.
+#[tokio::test]
+async fn a_held_pod_confirmed_gone_is_replaced_and_read_once() {
+    let pool = pool([0, 0, 1, 1]);
+    let holder = with_ledger(batch_created("holder", 1, "5", 0), &["p-gone"]);
+    let api = RecordedApi::default();
+    api.object(batch_path("holder"), &holder);
+    api.object(pool_path(), &pool);
+    // No idle pod at first: the shard waits, and the pool makes a replacement.
+    let (pods, mut pod_writer) = writable_store(vec![]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods,
+            batches: store(vec![holder]),
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    let _ = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
+    let _ = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
+    let reads = |api: &RecordedApi| {
+        api.requests
+            .lock()
+            .expect("requests")
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == pod_path("p-gone"))
+            .count()
+    };
+    assert_eq!(reads(&api), 1, "the gone pod is read once over two rounds");
+
+    // The replacement turns Ready: it takes the lost pod's place.
+    let ready = pool_pod(&pool, "p-new", "127.1.1.4");
+    pod_writer.apply_watcher_event(&watcher::Event::Apply(ready.clone()));
+    ctx.index.with(|i| i.pod_applied(&ready));
+    reconcile_pool(Arc::new(pool), ctx)
+        .await
+        .expect("the reconcile succeeds");
+    assert_eq!(
+        holders(&api, &["holder"]),
+        BTreeMap::from([("p-new".to_string(), vec!["holder".to_string()])]),
+    );
+}
