@@ -611,7 +611,8 @@ async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Err
 ///
 /// Bounded: once `cleanup_deadline` has passed since the deletion, tasks that still have not
 /// stopped have their pods deleted (never recycled) and the finalizer comes off. A pooled batch
-/// whose ledger cannot be read releases nothing: it cannot prove which pods it holds.
+/// whose ledger cannot be read cannot prove which pods it holds: every pod it may hold is
+/// deleted (see [`Context::pods_an_unreadable_ledger_may_hold`]).
 async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     if !batch
         .finalizers()
@@ -624,14 +625,27 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     let pod_objects: Vec<Arc<Pod>> = match batch.pool_name() {
         Some(pool) => match ledger_of(batch) {
             Ok(ledger) => ledger_pods(batch, ctx, &ledger.pods).await?,
+            // Which pods it holds cannot be proven: those it may hold are deleted, never
+            // returned to the pool, where they would turn idle with its sandboxes still in them.
             Err(error) => {
+                let suspects = ctx.pods_an_unreadable_ledger_may_hold(batch, pool);
+                let suspects: Vec<String> = ledger_pods(batch, ctx, &suspects)
+                    .await?
+                    .iter()
+                    .map(|p| pods::pod_name(p).to_string())
+                    .collect();
                 ctx.event(
                     batch,
                     EventType::Warning,
                     "LedgerUnreadable",
-                    format!("{error}; finishing deletion without releasing any pod of pool {pool}"),
+                    format!(
+                        "{error}; deleting the {} pod(s) of pool {pool} it may hold: {}",
+                        suspects.len(),
+                        suspects.join(", ")
+                    ),
                 )
                 .await;
+                delete_all(ctx, &ns, &suspects).await?;
                 vec![]
             }
         },

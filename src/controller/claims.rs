@@ -110,7 +110,9 @@ impl LastLedgers {
         }
     }
 
-    pub fn last_known(&self, batch: &crate::api::BatchSandbox) -> Vec<String> {
+    /// The pods the last readable ledger of `batch` this process saw named (`None`: it never saw
+    /// one).
+    pub fn last_known(&self, batch: &crate::api::BatchSandbox) -> Option<Vec<String>> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         batch
             .metadata
@@ -118,7 +120,6 @@ impl LastLedgers {
             .as_ref()
             .and_then(|uid| inner.get(uid))
             .map(|pods| pods.iter().filter(|p| !p.is_empty()).cloned().collect())
-            .unwrap_or_default()
     }
 
     pub fn forget(&self, uid: &str) {

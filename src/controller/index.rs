@@ -141,6 +141,11 @@ impl Holders {
         batches
     }
 
+    /// Whether a readable ledger in `namespace` names `pod`.
+    pub fn named_by_readable(&self, namespace: &str, pod: &str) -> bool {
+        self.by_pod.contains_key(&Key::new(namespace, pod))
+    }
+
     fn clear(&mut self) {
         self.by_pod.clear();
         self.ledger_of.clear();

@@ -28,6 +28,7 @@ use std::time::Duration;
 use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -39,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::api::{BatchSandbox, Pool, names};
 use crate::domain::endpoints::EndpointsFormat;
+use crate::domain::pods;
 use sandbox_policy::PolicyEngine;
 
 pub use metrics::ControllerMetrics;
@@ -87,6 +89,10 @@ pub enum PoolInjection {
 
 /// Annotation on a Pool that opts its pods into the task executor sidecar under
 /// `--pool-executor-injection=annotated`.
+/// How far the API server's clock may run ahead of this process's, for telling pods created
+/// before this process began watching from those created after.
+const CLOCK_SKEW_MARGIN: SignedDuration = SignedDuration::from_secs(60);
+
 pub const ANNOTATION_POOL_EXECUTOR: &str = "sandbox.opensandbox.io/task-executor";
 
 impl Default for ExecutorSettings {
@@ -192,6 +198,8 @@ pub struct Context {
     /// Idle pods each pool had left after its last allocation round (before the Pool status,
     /// written at most once per interval, shows them).
     idle_left: std::sync::Mutex<std::collections::HashMap<index::Key, usize>>,
+    /// When this process began watching: pods granted since were granted by it.
+    watching_since: Timestamp,
     /// Per pool, held pods missing from the pod cache that a fresh read found gone.
     held_pods_gone:
         std::sync::Mutex<std::collections::HashMap<index::Key, std::collections::HashSet<String>>>,
@@ -259,6 +267,7 @@ impl Context {
             pacing: Default::default(),
             idle_left: Default::default(),
             held_pods_gone: Default::default(),
+            watching_since: Timestamp::now(),
             pool_wakeups: Default::default(),
             ledgers: Default::default(),
             expectations: Default::default(),
@@ -315,6 +324,38 @@ impl Context {
                 b.pool_name() == Some(pool)
                     || (pool == names::ANY_POOL && b.awaits_pool_selection())
             })
+            .collect()
+    }
+
+    /// The pods of `pool` that `batch`, whose ledger cannot be read, may hold. If this process
+    /// saw a readable version of the ledger, the pods it named. If not (the ledger turned
+    /// unreadable before this process started), every pod of the pool that no readable ledger
+    /// names and that was created before this process began watching, give or take clock skew:
+    /// since then only this process has granted pods, never to a batch whose ledger it could not
+    /// read. A pod without a creation time counts as older.
+    fn pods_an_unreadable_ledger_may_hold(&self, batch: &BatchSandbox, pool: &str) -> Vec<String> {
+        let namespace = batch.namespace().unwrap_or_default();
+        let named_elsewhere = |pod: &str| {
+            self.index
+                .with(|i| i.holders.named_by_readable(&namespace, pod))
+        };
+        if let Some(known) = self.ledgers.last_known(batch) {
+            return known.into_iter().filter(|p| !named_elsewhere(p)).collect();
+        }
+        let cutoff = self
+            .watching_since
+            .checked_add(CLOCK_SKEW_MARGIN)
+            .unwrap_or(self.watching_since);
+        self.pool_pods(&namespace, pool)
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .is_none_or(|created| created.0 < cutoff)
+            })
+            .map(|p| pods::pod_name(p).to_string())
+            .filter(|p| !named_elsewhere(p))
             .collect()
     }
 

@@ -104,7 +104,7 @@ impl Observed {
         let seen_held = allocation::held_pods(batches.iter().map(|(_, l)| l));
         let mut held: HashSet<String> = seen_held.iter().map(|p| p.to_string()).collect();
         for batch in &unreadable {
-            held.extend(ctx.ledgers.last_known(batch));
+            held.extend(ctx.pods_an_unreadable_ledger_may_hold(batch, &name));
         }
         held.extend(ctx.claims.current(&namespace, |batch| {
             ctx.batches

@@ -723,7 +723,7 @@ async fn every_grant_outcome_is_handled_after_a_refusal() {
 #[tokio::test]
 async fn an_unreadable_ledger_does_not_stall_its_pool() {
     let api = RecordedApi::default();
-    let pool = pool([0, 0, 1, 1]);
+    let pool = pool([0, 0, 2, 2]);
     let mut corrupt = batch_created("corrupt", 1, "5", 0);
     corrupt.metadata.annotations = Some(BTreeMap::from([(
         names::ANNOTATION_ALLOC_STATUS.to_string(),
@@ -734,7 +734,10 @@ async fn an_unreadable_ledger_does_not_stall_its_pool() {
     api.object(pool_path(), &pool);
     let ctx = context(
         &api,
-        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            created_in(pool_pod(&pool, "p-b", "127.1.1.3"), 120),
+        ],
         vec![corrupt, healthy],
         vec![pool.clone()],
     );
@@ -742,15 +745,75 @@ async fn an_unreadable_ledger_does_not_stall_its_pool() {
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(
         holders(&api, &["healthy"]),
-        BTreeMap::from([("p-a".to_string(), vec!["healthy".to_string()])])
+        BTreeMap::from([("p-b".to_string(), vec!["healthy".to_string()])]),
+        "the pod created since this process began watching is granted; the older one, which \
+         the unreadable ledger may hold, is not"
     );
 }
 
-/// The batch with the unreadable ledger reports it in a condition, and its deletion completes
-/// without touching any pod.
+/// `pod` with a creation time `seconds` from now.
+fn created_in(mut pod: Pod, seconds: i64) -> Pod {
+    let at = k8s_openapi::jiff::Timestamp::now()
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(seconds))
+        .expect("a time");
+    pod.metadata.creation_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+    pod
+}
+
+/// A ledger this process saw readable and then unreadable holds what it last named, and only
+/// that: the pool's other pods are granted as usual.
+#[tokio::test]
+async fn a_ledger_turned_unreadable_holds_the_pods_it_last_named() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 2, 2]);
+    let readable = with_ledger(batch_created("turned", 1, "5", 0), &["p-a"]);
+    let healthy = batch_created("healthy", 1, "7", 1);
+    api.object(batch_path("healthy"), &healthy);
+    api.object(pool_path(), &pool);
+    let pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+    ];
+    let (batches, mut batch_writer) = writable_store(vec![readable.clone()]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(pods),
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    // The first round sees the ledger readable.
+    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+        .await
+        .expect("the first round succeeds");
+    let mut corrupt = readable;
+    corrupt
+        .annotations_mut()
+        .insert(names::ANNOTATION_ALLOC_STATUS.to_string(), "{".to_string());
+    corrupt.metadata.resource_version = Some("6".into());
+    for batch in [corrupt, healthy] {
+        batch_writer.apply_watcher_event(&watcher::Event::Apply(batch.clone()));
+        ctx.index.with(|i| i.batch_applied(&batch));
+    }
+    reconcile_pool(Arc::new(pool), ctx)
+        .await
+        .expect("the second round succeeds");
+    assert_eq!(
+        holders(&api, &["healthy"]),
+        BTreeMap::from([("p-b".to_string(), vec!["healthy".to_string()])]),
+    );
+}
+
+/// The batch with the unreadable ledger reports it in a condition, and its deletion completes:
+/// the pods it may hold are deleted first, never returned to the pool (this process never saw
+/// the ledger readable, so those are the pool's pods created before it began watching that no
+/// readable ledger names).
 #[tokio::test]
 async fn a_batch_with_an_unreadable_ledger_reports_it_and_can_still_be_deleted() {
-    let pool = pool([0, 0, 1, 1]);
+    let pool = pool([0, 0, 3, 3]);
     let mut corrupt = batch_created("corrupt", 1, "5", 0);
     corrupt.metadata.annotations = Some(BTreeMap::from([(
         names::ANNOTATION_ALLOC_STATUS.to_string(),
@@ -782,27 +845,39 @@ async fn a_batch_with_an_unreadable_ledger_reports_it_and_can_still_be_deleted()
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
     deleting.metadata.finalizers = Some(vec![names::FINALIZER_BATCH.into()]);
+    let other = with_ledger(batch_created("other", 1, "9", 1), &["p-held"]);
     let api = RecordedApi::default();
     api.object(batch_path("corrupt"), &deleting);
     let ctx = context(
         &api,
-        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
-        vec![deleting.clone()],
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-held", "127.1.1.3"),
+            created_in(pool_pod(&pool, "p-new", "127.1.1.4"), 120),
+        ],
+        vec![deleting.clone(), other],
         vec![pool],
     );
     batch::reconcile(Arc::new(deleting), ctx)
         .await
         .expect("the cleanup completes");
-    let writes = api.writes();
-    assert!(
-        writes.iter().all(|w| !w.path.contains("/pods")),
-        "no pod is touched: {writes:#?}"
+    let writes = methods_and_paths(&api.writes());
+    let pod_writes: Vec<_> = writes.iter().filter(|w| w.1.contains("/pods")).collect();
+    assert_eq!(
+        pod_writes,
+        [&("DELETE".to_string(), pod_path("p-a"))],
+        "only the older pod no readable ledger names is deleted: {writes:#?}"
     );
     let finalizer = writes
         .iter()
-        .find(|w| w.path == batch_path("corrupt"))
-        .expect("the finalizer write");
-    assert_eq!(finalizer.body["metadata"]["finalizers"], json!([]));
+        .position(|w| *w == ("PATCH".to_string(), batch_path("corrupt")));
+    let deleted = writes
+        .iter()
+        .position(|w| *w == ("DELETE".to_string(), pod_path("p-a")));
+    assert!(
+        matches!((deleted, finalizer), (Some(d), Some(f)) if d < f),
+        "the pod is deleted before the finalizer comes off: {writes:#?}"
+    );
 }
 
 /// A ledger is only an annotation: entries naming pods that are not the pool's (another batch's
