@@ -7,6 +7,10 @@ pub const ANNOTATION_ENDPOINTS: &str = "sandbox.opensandbox.io/endpoints";
 /// Annotation on a pooled BatchSandbox: which pool pods it holds, in shard order. Written only with
 /// a resourceVersion precondition, so two writers can never both succeed on a stale view.
 pub const ANNOTATION_ALLOC_STATUS: &str = "sandbox.opensandbox.io/alloc-status";
+/// Annotation on a pool pod: which controller process made it (a token drawn at each start).
+/// A pod a process made can only have been granted by that process, which is how it tells them
+/// from older ones when a ledger it never read may hold those.
+pub const ANNOTATION_POD_MAKER: &str = "sandbox.opensandbox.io/made-by";
 
 /// `spec.poolRef` of a BatchSandbox that asks the controller to choose a Pool whose pods fit its
 /// `template`; the controller replaces it with the chosen Pool's name.

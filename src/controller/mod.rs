@@ -28,7 +28,6 @@ use std::time::Duration;
 use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -89,10 +88,6 @@ pub enum PoolInjection {
 
 /// Annotation on a Pool that opts its pods into the task executor sidecar under
 /// `--pool-executor-injection=annotated`.
-/// How far the API server's clock may run ahead of this process's, for telling pods created
-/// before this process began watching from those created after.
-const CLOCK_SKEW_MARGIN: SignedDuration = SignedDuration::from_secs(60);
-
 pub const ANNOTATION_POOL_EXECUTOR: &str = "sandbox.opensandbox.io/task-executor";
 
 impl Default for ExecutorSettings {
@@ -198,8 +193,8 @@ pub struct Context {
     /// Idle pods each pool had left after its last allocation round (before the Pool status,
     /// written at most once per interval, shows them).
     idle_left: std::sync::Mutex<std::collections::HashMap<index::Key, usize>>,
-    /// When this process began watching: pods granted since were granted by it.
-    watching_since: Timestamp,
+    /// This process's token in the pods it makes ([`names::ANNOTATION_POD_MAKER`]).
+    incarnation: String,
     /// Per pool, held pods missing from the pod cache that a fresh read found gone.
     held_pods_gone:
         std::sync::Mutex<std::collections::HashMap<index::Key, std::collections::HashSet<String>>>,
@@ -224,6 +219,15 @@ pub struct Context {
     /// which its owner could edit to weaken the pool's strategy; after a restart the pool's
     /// strategy applies.
     returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A token for this process's start: its pid and the time, to the nanosecond.
+fn incarnation() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}-{nanos}", std::process::id())
 }
 
 /// The caches a [`Context`] reads.
@@ -267,7 +271,7 @@ impl Context {
             pacing: Default::default(),
             idle_left: Default::default(),
             held_pods_gone: Default::default(),
-            watching_since: Timestamp::now(),
+            incarnation: incarnation(),
             pool_wakeups: Default::default(),
             ledgers: Default::default(),
             expectations: Default::default(),
@@ -330,9 +334,8 @@ impl Context {
     /// The pods of `pool` that `batch`, whose ledger cannot be read, may hold. If this process
     /// saw a readable version of the ledger, the pods it named. If not (the ledger turned
     /// unreadable before this process started), every pod of the pool that no readable ledger
-    /// names and that was created before this process began watching, give or take clock skew:
-    /// since then only this process has granted pods, never to a batch whose ledger it could not
-    /// read. A pod without a creation time counts as older.
+    /// names and that this process did not make: a pod it made can only have been granted by
+    /// it, and it never grants to a batch whose ledger it has not read.
     fn pods_an_unreadable_ledger_may_hold(&self, batch: &BatchSandbox, pool: &str) -> Vec<String> {
         let namespace = batch.namespace().unwrap_or_default();
         let named_elsewhere = |pod: &str| {
@@ -342,21 +345,17 @@ impl Context {
         if let Some(known) = self.ledgers.last_known(batch) {
             return known.into_iter().filter(|p| !named_elsewhere(p)).collect();
         }
-        let cutoff = self
-            .watching_since
-            .checked_add(CLOCK_SKEW_MARGIN)
-            .unwrap_or(self.watching_since);
         self.pool_pods(&namespace, pool)
             .iter()
-            .filter(|p| {
-                p.metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .is_none_or(|created| created.0 < cutoff)
-            })
+            .filter(|p| !self.made_here(p))
             .map(|p| pods::pod_name(p).to_string())
             .filter(|p| !named_elsewhere(p))
             .collect()
+    }
+
+    /// Whether this process made `pod` (see [`names::ANNOTATION_POD_MAKER`]).
+    fn made_here(&self, pod: &Pod) -> bool {
+        pod.annotations().get(names::ANNOTATION_POD_MAKER) == Some(&self.incarnation)
     }
 
     /// Idle pods `pool` had left after its last allocation round, if it had one.

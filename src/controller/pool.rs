@@ -594,6 +594,8 @@ async fn resize(
         );
         let owner_key = observed.owner_key();
         let mut pod = pod;
+        pod.annotations_mut()
+            .insert(names::ANNOTATION_POD_MAKER.into(), ctx.incarnation.clone());
         ctx.config
             .executor
             .prepare(&mut pod, ctx.config.executor.for_pool(pool));

@@ -732,33 +732,35 @@ async fn an_unreadable_ledger_does_not_stall_its_pool() {
     let healthy = batch_created("healthy", 1, "7", 1);
     api.object(batch_path("healthy"), &healthy);
     api.object(pool_path(), &pool);
-    let ctx = context(
+    let (pods, mut pod_writer) = writable_store(vec![pool_pod(&pool, "p-a", "127.1.1.2")]);
+    let ctx = Arc::new(context_from(
         &api,
-        vec![
-            pool_pod(&pool, "p-a", "127.1.1.2"),
-            created_in(pool_pod(&pool, "p-b", "127.1.1.3"), 120),
-        ],
-        vec![corrupt, healthy],
-        vec![pool.clone()],
-    );
+        Stores {
+            pods,
+            batches: store(vec![corrupt, healthy]),
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    made_here(&ctx, &mut pod_writer, pool_pod(&pool, "p-b", "127.1.1.3"));
     let result = reconcile_pool(Arc::new(pool), ctx).await;
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(
         holders(&api, &["healthy"]),
         BTreeMap::from([("p-b".to_string(), vec!["healthy".to_string()])]),
-        "the pod created since this process began watching is granted; the older one, which \
-         the unreadable ledger may hold, is not"
+        "the pod this process made is granted; the older one, which the unreadable ledger may \
+         hold, is not"
     );
 }
 
-/// `pod` with a creation time `seconds` from now.
-fn created_in(mut pod: Pod, seconds: i64) -> Pod {
-    let at = k8s_openapi::jiff::Timestamp::now()
-        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(seconds))
-        .expect("a time");
-    pod.metadata.creation_timestamp =
-        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
-    pod
+/// Adds `pod` to the pod cache as one `ctx`'s process made.
+fn made_here(ctx: &Context, pods: &mut reflector::store::Writer<Pod>, mut pod: Pod) {
+    pod.annotations_mut().insert(
+        names::ANNOTATION_POD_MAKER.to_string(),
+        ctx.incarnation.clone(),
+    );
+    pods.apply_watcher_event(&watcher::Event::Apply(pod.clone()));
+    ctx.index.with(|i| i.pod_applied(&pod));
 }
 
 /// A ledger this process saw readable and then unreadable holds what it last named, and only
@@ -848,16 +850,21 @@ async fn a_batch_with_an_unreadable_ledger_reports_it_and_can_still_be_deleted()
     let other = with_ledger(batch_created("other", 1, "9", 1), &["p-held"]);
     let api = RecordedApi::default();
     api.object(batch_path("corrupt"), &deleting);
-    let ctx = context(
+    let (pods, mut pod_writer) = writable_store(vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-held", "127.1.1.3"),
+    ]);
+    let ctx = Arc::new(context_from(
         &api,
-        vec![
-            pool_pod(&pool, "p-a", "127.1.1.2"),
-            pool_pod(&pool, "p-held", "127.1.1.3"),
-            created_in(pool_pod(&pool, "p-new", "127.1.1.4"), 120),
-        ],
-        vec![deleting.clone(), other],
-        vec![pool],
-    );
+        Stores {
+            pods,
+            batches: store(vec![deleting.clone(), other]),
+            pools: store(vec![pool]),
+        },
+        test_config(),
+    ));
+    let pool = ctx.pools.state()[0].as_ref().clone();
+    made_here(&ctx, &mut pod_writer, pool_pod(&pool, "p-new", "127.1.1.4"));
     batch::reconcile(Arc::new(deleting), ctx)
         .await
         .expect("the cleanup completes");

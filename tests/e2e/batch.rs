@@ -831,3 +831,73 @@ async fn describe_shows_failures_recycling_and_expiry_but_no_event_for_a_healthy
     })
     .await;
 }
+
+/// A ledger made unreadable while no controller ran (written around admission) still keeps its
+/// pods from other batches after the restart: the new process never read it, so it holds every
+/// pod of the pool it did not make itself and serves new claims from pods it makes. Deleting the
+/// batch deletes those pods instead of returning them to the pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ledger_corrupted_while_no_controller_ran_keeps_its_pods_after_a_restart() {
+    let env = env("unreadable-restart").await;
+    let mut controller = env.start_controller(&[]);
+    env.apply(&fixtures::pool("p", [1, 2, 1, 6]).yaml());
+    env.apply(&pooled_batch_yaml("victim", "p", 1));
+    let victim_pods = ledger(&env.wait_batch_ready("victim", 1, T).await);
+    // The victim's pod and at least one idle pod made by the first process.
+    env.wait_for("an idle pod beside the victim's", T, || async {
+        env.pool("p")
+            .await
+            .and_then(|p| p.status)
+            .is_some_and(|s| s.allocated == 1 && s.available >= 1)
+    })
+    .await;
+    let selector = format!("{}=p", names::LABEL_POOL_NAME);
+    let older: HashSet<String> = env
+        .live_pods(&selector)
+        .await
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert!(
+        older.len() >= 2 && older.contains(&victim_pods[0]),
+        "{older:?}"
+    );
+
+    controller.kill();
+    env.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "batchsandbox",
+        "victim",
+        &format!("{}={{", names::ANNOTATION_ALLOC_STATUS),
+    ]);
+    controller.restart();
+
+    env.apply(&pooled_batch_yaml("newcomer", "p", 1));
+    let granted = ledger(&env.wait_batch_ready("newcomer", 1, T).await);
+    assert!(
+        granted.iter().all(|pod| !older.contains(pod)),
+        "the newcomer got {granted:?}, a pod the unreadable ledger may hold (older: {older:?})"
+    );
+
+    env.kubectl_ok(&["delete", "batchsandbox", "victim", "--wait=false"]);
+    env.wait_for("the victim to be deleted", T, || async {
+        env.batch("victim").await.is_none()
+    })
+    .await;
+    let live: HashSet<String> = env
+        .live_pods(&selector)
+        .await
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .collect();
+    let kept: Vec<&String> = older.intersection(&live).collect();
+    assert!(
+        kept.is_empty(),
+        "pods the unreadable ledger may have held were returned to the pool: {kept:?}"
+    );
+    assert!(
+        granted.iter().all(|pod| live.contains(pod)),
+        "the newcomer's pod stays: {granted:?}, live {live:?}"
+    );
+}
