@@ -168,6 +168,8 @@ pub struct Indexes {
     batch_fingerprints: HashMap<Key, (u64, u64)>,
     /// Per pool, what its batches read of it.
     pool_fingerprints: HashMap<Key, u64>,
+    /// Per pod, what the reconcilers read of it.
+    pod_fingerprints: HashMap<Key, u64>,
 }
 
 /// What changed in a batch, as [`Indexes::batch_applied`] saw it.
@@ -227,9 +229,36 @@ fn allocation_fingerprint(batch: &BatchSandbox) -> u64 {
     ))
 }
 
+/// A hash of what the reconcilers read of a pod: its identity, labels, annotations and owners,
+/// its deletion, phase, readiness and IP. A scheduler's binding, container status details and
+/// the other conditions are none of their business, so such an update wakes nothing.
+fn pod_fingerprint(pod: &Pod) -> u64 {
+    let status = pod.status.as_ref();
+    hash_of((
+        &pod.metadata.uid,
+        &pod.metadata.labels,
+        &pod.metadata.annotations,
+        pod.owner_references()
+            .iter()
+            .map(|o| (&o.uid, o.controller))
+            .collect::<Vec<_>>(),
+        pod.metadata.deletion_timestamp.is_some(),
+        status.and_then(|s| s.phase.as_deref()),
+        crate::domain::pods::is_running_and_ready(pod),
+        crate::domain::pods::pod_ip(pod),
+    ))
+}
+
 impl Indexes {
-    pub fn pod_applied(&mut self, pod: &Pod) {
+    /// Records a pod as the cache now shows it. Returns whether what the reconcilers read of it
+    /// changed.
+    pub fn pod_applied(&mut self, pod: &Pod) -> bool {
         let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let fingerprint = pod_fingerprint(pod);
+        let changed = self
+            .pod_fingerprints
+            .insert(Key::new(&ns, &name), fingerprint)
+            != Some(fingerprint);
         let labels = pod.labels();
         self.pods_by_pool.set(
             &ns,
@@ -241,17 +270,20 @@ impl Indexes {
             &name,
             labels.get(names::LABEL_BATCH_NAME).map(String::as_str),
         );
+        changed
     }
 
     pub fn pod_deleted(&mut self, pod: &Pod) {
         let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
         self.pods_by_pool.remove(&ns, &name);
         self.pods_by_batch.remove(&ns, &name);
+        self.pod_fingerprints.remove(&Key::new(&ns, &name));
     }
 
     pub fn pods_relisted<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) {
         self.pods_by_pool.clear();
         self.pods_by_batch.clear();
+        self.pod_fingerprints.clear();
         for pod in pods {
             self.pod_applied(pod);
         }
@@ -365,6 +397,68 @@ mod tests {
         batch.metadata.annotations = ledger
             .map(|l| BTreeMap::from([(names::ANNOTATION_ALLOC_STATUS.to_string(), l.to_string())]));
         batch
+    }
+
+    #[test]
+    fn a_pod_change_counts_only_if_a_reconciler_reads_it() {
+        use k8s_openapi::api::core::v1::{PodCondition, PodSpec, PodStatus};
+        let mut index = Indexes::default();
+        let mut pending = pod("a", &[(names::LABEL_POOL_NAME, "p")]);
+        pending.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            ..PodStatus::default()
+        });
+        assert!(index.pod_applied(&pending), "a new pod is a change");
+        assert!(!index.pod_applied(&pending), "the same pod again is none");
+
+        // The scheduler binds it: nothing a reconciler reads.
+        pending.spec = Some(PodSpec {
+            node_name: Some("node-1".into()),
+            ..PodSpec::default()
+        });
+        pending.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "PodScheduled".into(),
+                status: "True".into(),
+                ..PodCondition::default()
+            }]),
+            ..PodStatus::default()
+        });
+        assert!(!index.pod_applied(&pending), "a binding is no change");
+
+        let mut ready = pending.clone();
+        let status = ready.status.as_mut().expect("a status");
+        status.phase = Some("Running".into());
+        status.pod_ip = Some("127.1.1.2".into());
+        status.conditions = Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..PodCondition::default()
+        }]);
+        assert!(
+            index.pod_applied(&ready),
+            "running, ready and an IP are a change"
+        );
+
+        let mut terminating = ready.clone();
+        terminating.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(index.pod_applied(&terminating), "a deletion is a change");
+
+        let mut relabelled = ready.clone();
+        relabelled
+            .labels_mut()
+            .insert(names::LABEL_EVICT.into(), "true".into());
+        assert!(index.pod_applied(&relabelled), "a label is a change");
+
+        index.pod_deleted(&relabelled);
+        assert!(
+            index.pod_applied(&relabelled),
+            "a pod seen again after a delete is new"
+        );
     }
 
     #[test]

@@ -40,8 +40,9 @@ impl Router {
     pub fn pod_event(&self, event: Result<Event<Pod>, watcher::Error>) {
         match event {
             Ok(Event::Apply(pod)) => {
-                self.ctx.index.with(|i| i.pod_applied(&pod));
-                self.pod_changed(&pod);
+                if self.ctx.index.with(|i| i.pod_applied(&pod)) {
+                    self.pod_changed(&pod);
+                }
             }
             Ok(Event::Delete(pod)) => {
                 self.ctx.index.with(|i| i.pod_deleted(&pod));
