@@ -598,11 +598,11 @@ fn recycle_type(batch: &BatchSandbox, ctx: &Context) -> RecycleType {
 }
 
 async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Error> {
-    let results: Vec<Result<(), kube::Error>> =
-        stream::iter(names.iter().map(|name| ctx.delete_pod(ns, name)))
-            .buffer_unordered(POD_WRITE_CONCURRENCY)
-            .collect()
-            .await;
+    let results: Vec<Result<(), kube::Error>> = stream::iter(names.iter().cloned())
+        .map(|name| async move { ctx.delete_pod(ns, &name).await })
+        .buffer_unordered(POD_WRITE_CONCURRENCY)
+        .collect()
+        .await;
     results.into_iter().collect::<Result<(), _>>()?;
     Ok(())
 }

@@ -615,14 +615,21 @@ pub async fn run(
     );
 
     // Decisions need all three caches: a pool must never allocate from a partial view.
-    let caches = async {
-        pods_store.wait_until_ready().await?;
-        batches_store.wait_until_ready().await?;
-        pools_store.wait_until_ready().await?;
-        anyhow::Ok(())
+    let caches = {
+        let stores = (
+            pods_store.clone(),
+            batches_store.clone(),
+            pools_store.clone(),
+        );
+        async move {
+            stores.0.wait_until_ready().await?;
+            stores.1.wait_until_ready().await?;
+            stores.2.wait_until_ready().await?;
+            anyhow::Ok(())
+        }
     };
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let reconcilers = async {
+    let reconcilers = async move {
         caches.await?;
         info!("caches synced; reconciling");
         health.set_synced(true);
@@ -658,7 +665,7 @@ pub async fn run(
             future::ready(())
         });
         // A policy loaded, changed or removed may change any decision: decide again for all.
-        let policy_changes = async {
+        let policy_changes = async move {
             if let Some(mut changes) = context.policies.changes() {
                 while changes.changed().await.is_ok() {
                     info!("policies changed; re-reconciling every object");

@@ -212,14 +212,23 @@ pub async fn run(
     let fence = controller_config.fence.clone();
     health.follow_fence(fence.clone());
     let controller = async {
-        let reconcile = controller::run(
-            client.clone(),
-            policies,
-            controller_config,
-            health,
-            metrics,
-            stopped(),
-        );
+        // On the runtime's workers, not on the thread that polls this future (`block_on`'s):
+        // every watch event, reconcile and API reply would otherwise pass between that thread
+        // and a worker, each hand-over a thread wake-up. Spawned only once polled, so a follower
+        // starts it when it leads; aborted when dropped (leadership lost).
+        let reconcile = async {
+            let mut task = AbortOnDrop(tokio::spawn(controller::run(
+                client.clone(),
+                policies,
+                controller_config,
+                health,
+                metrics,
+                stopped(),
+            )));
+            (&mut task.0)
+                .await
+                .context("the controller task panicked")?
+        };
         let Some(leader_config) = &config.leader else {
             return reconcile.await;
         };
@@ -245,6 +254,15 @@ pub async fn run(
     match webhook {
         None => controller.await,
         Some(webhook) => alongside_webhook(controller, webhook).await,
+    }
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
