@@ -109,6 +109,14 @@ fn plot_reports(args: &PlotArgs) -> anyhow::Result<()> {
 
 async fn bench(args: RunArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // The bench reads its controller's counters from this port: a process already on it (a
+    // controller left over from an earlier run) would answer in its place.
+    if let Err(error) = std::net::TcpListener::bind(("127.0.0.1", args.metrics_port)) {
+        bail!(
+            "127.0.0.1:{} (--metrics-port) is taken ({error}): another process, perhaps a controller left from an earlier run, would answer for this run's controller; stop it or pick another port",
+            args.metrics_port
+        );
+    }
     let config = Config::infer()
         .await
         .context("reading the cluster in $KUBECONFIG")?;
