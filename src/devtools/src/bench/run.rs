@@ -547,6 +547,9 @@ impl Bench {
             Duration::from_secs(120) + Duration::from_millis(100) * s.live_batches as u32;
         self.wait_complete(&live, live_timeout).await?;
         let live_ms = live_start.elapsed().as_secs_f64() * 1000.0;
+        // The phases measure a settled scene: the live batches' status writes, which trail their
+        // allocations, would otherwise land in the first phases' windows and queues.
+        self.wait_ready(&live, 1, live_timeout).await?;
         self.load("scale live");
         println!(
             "scale: {} live batches allocated in {:.1} s",
