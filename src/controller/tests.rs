@@ -875,15 +875,18 @@ async fn a_batch_with_an_unreadable_ledger_reports_it_and_can_still_be_deleted()
         [&("DELETE".to_string(), pod_path("p-a"))],
         "only the older pod no readable ledger names is deleted: {writes:#?}"
     );
-    let finalizer = writes
-        .iter()
-        .position(|w| *w == ("PATCH".to_string(), batch_path("corrupt")));
-    let deleted = writes
-        .iter()
-        .position(|w| *w == ("DELETE".to_string(), pod_path("p-a")));
+    assert_pod_deleted_before_finalizer(&writes, "p-a", "corrupt");
+}
+
+/// Asserts that `writes` delete `pod` before they patch `batch` (its finalizer coming off).
+fn assert_pod_deleted_before_finalizer(writes: &[(String, String)], pod: &str, batch: &str) {
+    let position =
+        |method: &str, path: String| writes.iter().position(|(m, p)| m == method && *p == path);
+    let deleted = position("DELETE", pod_path(pod));
+    let finalizer = position("PATCH", batch_path(batch));
     assert!(
         matches!((deleted, finalizer), (Some(d), Some(f)) if d < f),
-        "the pod is deleted before the finalizer comes off: {writes:#?}"
+        "{pod} is deleted before {batch}'s finalizer comes off: {writes:#?}"
     );
 }
 
@@ -1318,16 +1321,7 @@ async fn a_deleted_batch_recycles_a_held_pod_its_pod_cache_does_not_show_yet() {
         .await
         .expect("the cleanup completes");
     let writes = methods_and_paths(&api.writes());
-    let deleted = writes
-        .iter()
-        .position(|w| *w == ("DELETE".to_string(), pod_path("p-a")));
-    let finalizer = writes
-        .iter()
-        .position(|w| *w == ("PATCH".to_string(), batch_path("gone")));
-    assert!(
-        matches!((deleted, finalizer), (Some(d), Some(f)) if d < f),
-        "the held pod is deleted before the finalizer comes off: {writes:#?}"
-    );
+    assert_pod_deleted_before_finalizer(&writes, "p-a", "gone");
 }
 
 /// The same for a scale-down: a released shard's pod the cache does not show is recycled before
