@@ -10,10 +10,10 @@ use sandbox_policy::Limits;
 use sandbox_policy::cli::PolicyCommand;
 
 use crate::controller::{ControllerConfig, ExecutorSettings, PoolInjection};
-use crate::domain::endpoints::EndpointsFormat;
 use crate::runtime::leader::LeaderConfig;
 use crate::runtime::{ExecutorKeySource, LogFormat, PolicySettings, RunConfig, WebhookSettings};
 use crate::webhook::{self, registration::DEFAULT_CONFIGURATION_NAME};
+use sandbox_domain::endpoints::EndpointsFormat;
 
 /// Kubernetes controller for OpenSandbox BatchSandbox and Pool resources.
 #[derive(Parser)]

@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::Parser;
 use sandbox_controller::cli::{Cli, Command};
 use sandbox_controller::runtime::{self, RunConfig, WebhookSettings};
-use sandbox_controller::{api, webhook};
+use sandbox_controller::webhook;
+use sandbox_domain::api;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -19,6 +19,7 @@ from collections import defaultdict
 WORKSPACE = {
     "sandbox-controller",
     "sandbox-decisions",
+    "sandbox-domain",
     "sandbox-executor",
     "sandbox-policy",
     "sandbox-devtools",

@@ -14,8 +14,8 @@ use serde_json::json;
 use tracing::{debug, info};
 
 use super::{Context, Error};
-use crate::api::{Pool, names};
-use crate::domain::pods;
+use sandbox_domain::api::{Pool, names};
+use sandbox_domain::pods;
 
 /// What to do with one orphan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -95,8 +95,8 @@ pub struct LastLedgers {
 impl LastLedgers {
     pub fn remember(
         &self,
-        batch: &crate::api::BatchSandbox,
-        ledger: &crate::domain::allocation::AllocStatus,
+        batch: &sandbox_domain::api::BatchSandbox,
+        ledger: &sandbox_domain::allocation::AllocStatus,
     ) {
         let Some(uid) = batch.metadata.uid.clone() else {
             return;
@@ -112,7 +112,7 @@ impl LastLedgers {
 
     /// The pods the last readable ledger of `batch` this process saw named (`None`: it never saw
     /// one).
-    pub fn last_known(&self, batch: &crate::api::BatchSandbox) -> Option<Vec<String>> {
+    pub fn last_known(&self, batch: &sandbox_domain::api::BatchSandbox) -> Option<Vec<String>> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         batch
             .metadata
@@ -254,18 +254,18 @@ mod tests {
 /// own status write is back in the cache would otherwise write the same status again.
 #[derive(Default)]
 pub struct LastStatus {
-    inner: Mutex<HashMap<String, (crate::api::BatchSandboxStatus, Instant)>>,
+    inner: Mutex<HashMap<String, (sandbox_domain::api::BatchSandboxStatus, Instant)>>,
 }
 
 impl LastStatus {
-    pub fn wrote_same(&self, uid: &str, status: &crate::api::BatchSandboxStatus) -> bool {
+    pub fn wrote_same(&self, uid: &str, status: &sandbox_domain::api::BatchSandboxStatus) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.get(uid).is_some_and(|(last, at)| {
-            at.elapsed() < HORIZON && crate::domain::status::equivalent(last, status)
+            at.elapsed() < HORIZON && sandbox_domain::status::equivalent(last, status)
         })
     }
 
-    pub fn record(&self, uid: String, status: crate::api::BatchSandboxStatus) {
+    pub fn record(&self, uid: String, status: sandbox_domain::api::BatchSandboxStatus) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.retain(|_, (_, at)| at.elapsed() < HORIZON);
         inner.insert(uid, (status, Instant::now()));

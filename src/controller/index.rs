@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use crate::api::{BatchSandbox, Pool, names};
-use crate::domain::allocation::AllocStatus;
+use sandbox_domain::allocation::AllocStatus;
+use sandbox_domain::api::{BatchSandbox, Pool, names};
 
 /// `namespace/name` of a namespaced object, or of a group (a pool, a batch).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -244,8 +244,8 @@ fn pod_fingerprint(pod: &Pod) -> u64 {
             .collect::<Vec<_>>(),
         pod.metadata.deletion_timestamp.is_some(),
         status.and_then(|s| s.phase.as_deref()),
-        crate::domain::pods::is_running_and_ready(pod),
-        crate::domain::pods::pod_ip(pod),
+        sandbox_domain::pods::is_running_and_ready(pod),
+        sandbox_domain::pods::pod_ip(pod),
     ))
 }
 
@@ -387,7 +387,7 @@ mod tests {
     fn batch(name: &str, pool_ref: &str, ledger: Option<&str>) -> BatchSandbox {
         let mut batch = BatchSandbox::new(
             name,
-            crate::api::BatchSandboxSpec {
+            sandbox_domain::api::BatchSandboxSpec {
                 replicas: 1,
                 pool_ref: Some(pool_ref.into()),
                 ..Default::default()
@@ -537,11 +537,11 @@ mod tests {
     #[test]
     fn a_pool_status_write_wakes_its_batches_only_when_the_pool_runs_out_or_turns_exhausted() {
         let mut index = Indexes::default();
-        let mut pool = Pool::new("p", crate::api::PoolSpec::default());
+        let mut pool = Pool::new("p", sandbox_domain::api::PoolSpec::default());
         pool.metadata.namespace = Some("ns".into());
         pool.spec.capacity_spec.pool_max = 2;
         assert!(index.pool_applied(&pool), "a new pool");
-        let counts = |total, available| crate::api::PoolStatus {
+        let counts = |total, available| sandbox_domain::api::PoolStatus {
             total,
             available,
             ..Default::default()

@@ -37,9 +37,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{BatchSandbox, Pool, names};
-use crate::domain::endpoints::EndpointsFormat;
-use crate::domain::pods;
+use sandbox_domain::api::{BatchSandbox, Pool, names};
+use sandbox_domain::endpoints::EndpointsFormat;
+use sandbox_domain::pods;
 use sandbox_policy::PolicyEngine;
 
 pub use metrics::ControllerMetrics;
@@ -147,7 +147,7 @@ pub enum Error {
         source: serde_json::Error,
     },
     #[error(transparent)]
-    ShardPatch(#[from] crate::domain::pod_template::ShardPatchError),
+    ShardPatch(#[from] sandbox_domain::pod_template::ShardPatchError),
     #[error("a policy evaluation thread failed: {0}")]
     PolicyThread(#[from] tokio::task::JoinError),
     #[error("{0} write(s) lost an optimistic-concurrency race; retrying with fresh state")]
@@ -535,7 +535,7 @@ impl Context {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
-        crate::domain::pod_template::pool_pod_name(
+        sandbox_domain::pod_template::pool_pod_name(
             pool,
             format!("{pool}/{}/{n}/{nanos}", std::process::id()).as_bytes(),
         )
@@ -762,8 +762,8 @@ fn object_name<K: ResourceExt>(obj: &K) -> String {
 }
 
 /// A batch's allocation ledger; a corrupt one is an error, never read as empty.
-fn ledger_of(batch: &BatchSandbox) -> Result<crate::domain::allocation::AllocStatus, Error> {
-    crate::domain::allocation::AllocStatus::of(batch).map_err(|source| Error::CorruptAllocStatus {
+fn ledger_of(batch: &BatchSandbox) -> Result<sandbox_domain::allocation::AllocStatus, Error> {
+    sandbox_domain::allocation::AllocStatus::of(batch).map_err(|source| Error::CorruptAllocStatus {
         object: object_name(batch),
         source,
     })
@@ -774,18 +774,18 @@ fn policy_selector<K: ResourceExt>(obj: &K, decision: sandbox_policy::Decision) 
     obj.annotations()
         .get(&format!(
             "{}{}",
-            sandbox_policy::names::ANNOTATION_POLICY_PREFIX,
+            sandbox_domain::api::names::ANNOTATION_POLICY_PREFIX,
             decision.name()
         ))
         .cloned()
 }
 
 /// The shards of a batch released after their task finished.
-fn released_of(batch: &BatchSandbox) -> crate::domain::released::Released {
-    crate::domain::released::Released::parse(
+fn released_of(batch: &BatchSandbox) -> sandbox_domain::released::Released {
+    sandbox_domain::released::Released::parse(
         batch
             .annotations()
-            .get(crate::domain::released::ANNOTATION_TASK_RESULTS)
+            .get(sandbox_domain::released::ANNOTATION_TASK_RESULTS)
             .map(String::as_str),
     )
 }

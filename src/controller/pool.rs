@@ -17,14 +17,14 @@ use tracing::{debug, info, warn};
 use super::index::Key;
 use super::pacing::{Sizing, StatusWrite};
 use super::{Context, Error, ledger_of, policy_selector, released_of};
-use crate::api::{BatchSandbox, Pool, PoolStatus, names};
-use crate::domain::allocation::{self, AllocStatus, Demand, Grant};
-use crate::domain::conditions::{self, Desired};
-use crate::domain::pod_template;
-use crate::domain::pods;
-use crate::domain::pool_plan::{self, MaxUnavailable, PoolPod};
-use crate::domain::{endpoints, pods::is_running_and_ready};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
+use sandbox_domain::allocation::{self, AllocStatus, Demand, Grant};
+use sandbox_domain::api::{BatchSandbox, Pool, PoolStatus, names};
+use sandbox_domain::conditions::{self, Desired};
+use sandbox_domain::pod_template;
+use sandbox_domain::pods;
+use sandbox_domain::pool_plan::{self, MaxUnavailable, PoolPod};
+use sandbox_domain::{endpoints, pods::is_running_and_ready};
 use sandbox_policy::Decision;
 
 /// Pod writes in flight at once, per reconcile.

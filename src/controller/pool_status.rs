@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::api::PoolStatus;
+use sandbox_domain::api::PoolStatus;
 
 /// The status this process last sent per Pool (by uid), recorded before the write goes out. A
 /// reconcile whose cached Pool still shows an older status must not take it for the current one.

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::Context;
 use super::index::BatchChange;
-use crate::api::{BatchSandbox, Pool, names};
+use sandbox_domain::api::{BatchSandbox, Pool, names};
 
 #[derive(Clone)]
 pub struct Router {

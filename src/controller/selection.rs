@@ -18,14 +18,14 @@ use serde_json::json;
 use tracing::info;
 
 use super::{Context, Error, object_name, policy_selector};
-use crate::api::{BatchSandbox, Pool};
-use crate::domain::status;
 use sandbox_decisions::expiry::ExpiryDecision;
 use sandbox_decisions::selection::{
     BatchRequirements, CandidatePool, ContainerRequirements, Label, PodRequirements,
     ResourceRequest, SelectionInput,
 };
 use sandbox_decisions::sizing::Bounds;
+use sandbox_domain::api::{BatchSandbox, Pool};
+use sandbox_domain::status;
 use sandbox_policy::Decision;
 
 /// Event reasons.

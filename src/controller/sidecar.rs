@@ -8,11 +8,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use sandbox_domain::api::names::EXECUTOR_CONTAINER_NAME;
 use sandbox_executor::command::{COMMAND_PORT, EXECD_INSTALLER};
 use sandbox_executor::credential::PublicKey;
-use sandbox_executor::{
-    DATA_VOLUME_NAME, DEFAULT_DATA_DIR, EXECUTOR_CONTAINER_NAME, EXECUTOR_PORT, POD_UID_ENV,
-};
+use sandbox_executor::{DATA_VOLUME_NAME, DEFAULT_DATA_DIR, EXECUTOR_PORT, POD_UID_ENV};
 
 /// Set by the controller on every pod into which it injected the executor, and removed from every
 /// other pod it creates (whatever the template says): the controller sends task requests only to

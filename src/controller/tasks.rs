@@ -17,10 +17,10 @@ use tracing::{debug, warn};
 
 use super::sidecar::has_injected_executor;
 use super::{Context, Error};
-use crate::api::{BatchSandbox, TaskSpec};
-use crate::domain::pods;
-pub use crate::domain::recycle::StopOutcome;
 use sandbox_decisions::tasks::TaskPhase;
+use sandbox_domain::api::{BatchSandbox, TaskSpec};
+use sandbox_domain::pods;
+pub use sandbox_domain::recycle::StopOutcome;
 use sandbox_executor::ExecutorError;
 use sandbox_executor::PodRef;
 use sandbox_executor::wire::Task;
@@ -52,7 +52,7 @@ pub async fn sync(
     batch: &BatchSandbox,
     ctx: &Context,
     pods: &[Option<Arc<Pod>>],
-    released: &crate::domain::released::Released,
+    released: &sandbox_domain::released::Released,
     tasks: Outcome<Option<ShardTasks>>,
 ) -> Result<TaskReport, Error> {
     let Outcome { decision, degraded } = tasks;

@@ -14,8 +14,8 @@ use kube::{Client, Resource};
 use serde_json::{Value, json};
 
 use super::*;
-use crate::api::{BatchSandboxSpec, CapacitySpec, PoolSpec};
-use crate::domain::allocation::AllocStatus;
+use sandbox_domain::allocation::AllocStatus;
+use sandbox_domain::api::{BatchSandboxSpec, CapacitySpec, PoolSpec};
 
 /// One request the reconciler sent.
 #[derive(Clone, Debug)]
@@ -273,8 +273,8 @@ fn pool(capacity: [i32; 4]) -> Pool {
 
 /// An idle, Running and Ready pod of `pool` at `ip`.
 fn pool_pod(pool: &Pool, name: &str, ip: &str) -> Pod {
-    let revision = crate::domain::pod_template::template_revision(&pool.spec.template);
-    let mut pod = crate::domain::pod_template::pool_pod(
+    let revision = sandbox_domain::pod_template::template_revision(&pool.spec.template);
+    let mut pod = sandbox_domain::pod_template::pool_pod(
         "p",
         name.into(),
         &pool.spec.template,
@@ -676,11 +676,11 @@ async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
         pool_pod(&pool, "p-b", "127.1.1.3"),
     ];
     let batches: Vec<BatchSandbox> = api.stored(&[batch_path("older"), batch_path("newer")]);
-    let violations = crate::domain::invariants::check(
+    let violations = sandbox_domain::invariants::check(
         &stored_pods,
         &batches,
         &[pool],
-        crate::domain::invariants::Counts::Skip,
+        sandbox_domain::invariants::Counts::Skip,
     );
     assert_eq!(violations, [], "{violations:#?}");
 }
@@ -1430,7 +1430,7 @@ async fn orphaned_pool_pods_are_adopted_or_deleted() {
             .insert(names::LABEL_POOL_REVISION.into(), revision.into());
         pod
     };
-    let revision = crate::domain::pod_template::template_revision(&pool.spec.template);
+    let revision = sandbox_domain::pod_template::template_revision(&pool.spec.template);
     let pods = vec![
         orphan("current", &revision),
         orphan("stale", "old"),
@@ -1440,7 +1440,7 @@ async fn orphaned_pool_pods_are_adopted_or_deleted() {
     let api = RecordedApi::default();
     api.object(pool_path(), &pool);
     for pod in &pods {
-        api.object(pod_path(crate::domain::pods::pod_name(pod)), pod);
+        api.object(pod_path(sandbox_domain::pods::pod_name(pod)), pod);
     }
     let ctx = context(&api, pods, vec![holder], vec![pool.clone()]);
     let _ = pool::reconcile(Arc::new(pool), ctx).await;

@@ -13,7 +13,7 @@ use sandbox_executor::SIGNING_KEY_SECRET_KEY;
 use sandbox_executor::credential::{Seed, SigningKey, read_key_file};
 
 use super::ExecutorKeySource;
-use crate::api::names;
+use sandbox_domain::api::names;
 
 /// The signing key `source` names (`None` for [`ExecutorKeySource::None`]).
 pub async fn load(

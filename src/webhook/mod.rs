@@ -1,5 +1,5 @@
 //! The validating admission webhook: an HTTPS server (hyper 1 + rustls) that answers
-//! AdmissionReview v1 for BatchSandbox and Pool with the rules of [`crate::domain::admission`].
+//! AdmissionReview v1 for BatchSandbox and Pool with the rules of [`sandbox_domain::admission`].
 //!
 //! [`serve`] runs it until a shutdown future resolves, so `sandbox-controller run` can embed it
 //! and `sandbox-controller webhook` can run it alone. Locally it generates its own CA and serving
@@ -26,8 +26,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::domain::admission::DEFAULT_MAX_REPLICAS;
 pub use registration::{Registration, Target};
+use sandbox_domain::admission::DEFAULT_MAX_REPLICAS;
 
 /// Decides whether a policy name can be loaded. The policy registry provides the real check; until
 /// then [`known_policies`] accepts exactly the names it is given.

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
-use crate::api::{GROUP, VERSION, names};
+use sandbox_domain::api::{GROUP, VERSION, names};
 
 /// The webhook's name inside the configuration; kubectl prints it in every denial.
 pub const WEBHOOK_NAME: &str = "validate.sandbox.opensandbox.io";

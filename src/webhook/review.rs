@@ -7,11 +7,11 @@ use kube::core::response::{StatusCause, StatusDetails};
 use kube::core::{DynamicObject, GroupVersionKind};
 use serde_json::Value;
 
-use crate::api::{GROUP, Pool, VERSION};
-use crate::domain::admission::{
+use sandbox_domain::admission::{
     self, AdmissionContext, FieldError, Verdict, decode_batch_sandbox, decode_pool,
     validate_batch_sandbox, validate_pool,
 };
+use sandbox_domain::api::{GROUP, Pool, VERSION};
 
 /// Answers one AdmissionReview request body.
 pub fn review(body: &[u8], ctx: &AdmissionContext<'_>) -> AdmissionReview<DynamicObject> {

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::registration::VALIDATE_PATH;
 use super::review::review;
 use super::{Limits, RuleSettings};
-use crate::domain::admission::AdmissionContext;
+use sandbox_domain::admission::AdmissionContext;
 
 /// What every connection shares.
 pub(super) struct Shared {

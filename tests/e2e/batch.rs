@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::future::join_all;
-use sandbox_controller::api::names;
+use sandbox_domain::api::names;
 
 use crate::controller::{endpoints, ledger};
 use crate::fixtures;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use sandbox_controller::api::{BatchSandbox, Pool, names};
-use sandbox_controller::domain::allocation::AllocStatus;
+use sandbox_domain::allocation::AllocStatus;
+use sandbox_domain::api::{BatchSandbox, Pool, names};
 
 use crate::harness::{TestEnv, dev_dir};
 

@@ -1,6 +1,6 @@
 //! Manifests the tests share, built in one place.
 
-use sandbox_controller::api::{GROUP, VERSION};
+use sandbox_domain::api::{GROUP, VERSION};
 
 /// A Pool manifest: one `sandbox` container and the given capacity.
 pub struct PoolYaml {

@@ -93,7 +93,7 @@ async fn a_config_map_policy_loaded_at_runtime_resizes_a_pool_without_a_restart(
             .annotation(
                 &format!(
                     "{}pool-sizing",
-                    sandbox_policy::names::ANNOTATION_POLICY_PREFIX
+                    sandbox_domain::api::names::ANNOTATION_POLICY_PREFIX
                 ),
                 "demand",
             )
@@ -170,7 +170,7 @@ async fn a_hostile_policy_degrades_a_pool_while_the_controller_stays_up() {
             .annotation(
                 &format!(
                     "{}pool-sizing",
-                    sandbox_policy::names::ANNOTATION_POLICY_PREFIX
+                    sandbox_domain::api::names::ANNOTATION_POLICY_PREFIX
                 ),
                 "runaway",
             )

@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
-use sandbox_controller::api::names;
-use sandbox_controller::domain::alloc_release::PodList;
+use sandbox_domain::alloc_release::PodList;
+use sandbox_domain::api::names;
 
 use crate::controller::ledger;
 use crate::fixtures;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
-use sandbox_controller::api::names;
+use sandbox_domain::api::names;
 
 use crate::controller::ledger;
 use crate::executor::alive;

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher;
-use sandbox_controller::api::{BatchSandbox, names};
+use sandbox_domain::api::{BatchSandbox, names};
 
 use crate::controller::ledger;
 use crate::harness::{TestEnv, dev_dir, env, repo_root, spec_manifest};

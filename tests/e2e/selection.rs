@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use sandbox_controller::api::{BatchSandbox, GROUP, VERSION};
+use sandbox_domain::api::{BatchSandbox, GROUP, VERSION};
 
 use crate::harness::{TestEnv, env, in_namespace};
 

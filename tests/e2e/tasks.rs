@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use sandbox_controller::api::BatchSandboxStatus;
+use sandbox_domain::api::BatchSandboxStatus;
 
 use crate::controller::ledger;
 use crate::fixtures;

@@ -1,6 +1,6 @@
 //! The allocation record's invariants as the fault suite checks them from outside the controller,
 //! on what the API server shows. The invariants themselves are the controller's own
-//! ([`sandbox_controller::domain::invariants`]: one pod in at most one ledger, once per ledger,
+//! ([`sandbox_domain::invariants`]: one pod in at most one ledger, once per ledger,
 //! only pods of the batch's pool, readable ledgers, settled status counts); this module adds what
 //! only an outside observer needs: [`leaks`] (pods nothing live owns) and [`converged`].
 
@@ -9,11 +9,11 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use sandbox_controller::api::{BatchSandbox, Pool, names};
-use sandbox_controller::domain::allocation::AllocStatus;
-use sandbox_controller::domain::invariants::{self, Counts};
+use sandbox_domain::allocation::AllocStatus;
+use sandbox_domain::api::{BatchSandbox, Pool, names};
+use sandbox_domain::invariants::{self, Counts};
 
-pub use sandbox_controller::domain::invariants::Violation;
+pub use sandbox_domain::invariants::Violation;
 
 /// A pod nothing live accounts for.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -123,7 +123,7 @@ pub fn converged(batch: &BatchSandbox) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sandbox_controller::api::BatchSandboxStatus;
+    use sandbox_domain::api::BatchSandboxStatus;
     use serde_json::json;
 
     fn pool_pod(name: &str, pool: &str, owner_uid: &str) -> Pod {

@@ -39,8 +39,6 @@ pub use wire::{InvalidTask, Task};
 
 /// The port the executor listens on in every pod (OpenSandbox's default).
 pub const EXECUTOR_PORT: u16 = 5758;
-/// Name of the executor's container in a pod.
-pub const EXECUTOR_CONTAINER_NAME: &str = "task-executor";
 /// Environment variable holding the executor's own pod UID (the downward API's `metadata.uid`):
 /// it accepts only credentials signed for that pod.
 pub const POD_UID_ENV: &str = "POD_UID";

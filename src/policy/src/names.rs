@@ -1,8 +1,5 @@
 //! The annotation and label names through which objects select policies and ConfigMaps carry them.
 
-/// Annotation prefix that selects a custom WebAssembly policy for one decision of one object,
-/// e.g. `policy.sandbox.opensandbox.io/pool-sizing: demand-aware`.
-pub const ANNOTATION_POLICY_PREFIX: &str = "policy.sandbox.opensandbox.io/";
 /// Label (value `"true"`) on a ConfigMap in the controller's namespace that holds a custom policy:
 /// binaryData `policy.wasm`, optional data `settings.json`. The ConfigMap's name is the policy's.
 pub const LABEL_POLICY: &str = "policy.sandbox.opensandbox.io/policy";

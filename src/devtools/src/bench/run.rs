@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use sandbox_controller::api::{BatchSandbox, Pool};
+use sandbox_domain::api::{BatchSandbox, Pool};
 use tokio::sync::watch;
 
 use super::metrics::{self, Counts};

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use sandbox_controller::api::{BatchSandbox, Pool, names};
+use sandbox_domain::api::{BatchSandbox, Pool, names};
 use serde_json::json;
 use tokio::sync::watch;
 

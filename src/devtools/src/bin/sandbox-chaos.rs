@@ -22,9 +22,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Config, ResourceExt};
-use sandbox_controller::api::{BatchSandbox, Pool};
 use sandbox_devtools::allocation_invariants::{self as invariants, Leak, Violation};
 use sandbox_devtools::fault_proxy::{FaultConfig, FaultCounts, FaultProxy, Framing};
+use sandbox_domain::api::{BatchSandbox, Pool};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 enum Scenario {
@@ -938,7 +938,7 @@ async fn held_detail(pools: &Api<Pool>, pods: &Api<Pod>) -> Vec<String> {
                     pod.metadata.deletion_timestamp.is_none()
                         && pod
                             .labels()
-                            .get(sandbox_controller::api::names::LABEL_POOL_NAME)
+                            .get(sandbox_domain::api::names::LABEL_POOL_NAME)
                             == Some(&p.name_any())
                 })
                 .map(|pod| {
@@ -972,7 +972,7 @@ async fn held_detail(pools: &Api<Pool>, pods: &Api<Pod>) -> Vec<String> {
 }
 
 fn invariants_ledger(b: &BatchSandbox) -> Vec<String> {
-    sandbox_controller::domain::allocation::AllocStatus::of(b)
+    sandbox_domain::allocation::AllocStatus::of(b)
         .map(|l| l.pods)
         .unwrap_or_default()
 }

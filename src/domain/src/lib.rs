@@ -1,4 +1,8 @@
-//! Pure decisions: no I/O, no kube client. Reconcilers and the webhook call into these.
+//! The BatchSandbox and Pool resources ([`api`]) and the rules on them: pure decisions with no
+//! I/O and no kube client. Reconcilers and the webhook call into these.
+#![forbid(unsafe_code)]
+
+pub mod api;
 
 pub mod admission;
 pub mod alloc_release;

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use crate::api::{BatchSandbox, names};
-use crate::domain::pods;
+use crate::pods;
 
 /// The `sandbox.opensandbox.io/alloc-status` annotation, in OpenSandbox's format.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -98,7 +98,7 @@ fn task(command: Option<&[&str]>) -> Value {
 // ----------------------------------------------------------- spec manifests --
 
 fn spec_manifests() -> Vec<(String, Value)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/spec");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/spec");
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("examples/spec") {
         let path = entry.expect("dir entry").path();
@@ -1351,7 +1351,7 @@ fn message_table() -> String {
 fn docs_admission_md_shows_every_message() {
     const BEGIN: &str = "<!-- rule messages: generated from Rule::catalogue() -->\n";
     const END: &str = "<!-- end of rule messages -->";
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/admission.md");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/admission.md");
     let text = std::fs::read_to_string(&path).expect("reading docs/admission.md");
     let (Some(start), Some(end)) = (text.find(BEGIN), text.find(END)) else {
         panic!("docs/admission.md lacks the rule message markers");

@@ -18,11 +18,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
+use crate::alloc_release::{self, PodList};
+use crate::allocation::AllocStatus;
 use crate::api::{BatchSandbox, BatchSandboxSpec, EnvVar, Pool, TaskTemplateSpec, names};
-use crate::domain::alloc_release::{self, PodList};
-use crate::domain::allocation::AllocStatus;
-use crate::domain::pod_template;
-use crate::domain::pool_plan::MaxUnavailable;
+use crate::pod_template;
+use crate::pool_plan::MaxUnavailable;
 use sandbox_decisions::tasks;
 
 /// Replicas allowed when no other maximum is configured.
@@ -1019,7 +1019,7 @@ fn reserved_executor_name(path: &str, template: &PodTemplateSpec, verdict: &mut 
     let Some(spec) = template.spec.as_ref() else {
         return;
     };
-    let name = sandbox_executor::EXECUTOR_CONTAINER_NAME;
+    let name = names::EXECUTOR_CONTAINER_NAME;
     let containers = spec.containers.iter().map(|c| ("containers", c));
     let init = spec
         .init_containers
@@ -1057,8 +1057,7 @@ fn policy_annotations(
         return;
     };
     for (key, name) in annotations {
-        let Some(decision) = key.strip_prefix(sandbox_policy::names::ANNOTATION_POLICY_PREFIX)
-        else {
+        let Some(decision) = key.strip_prefix(crate::api::names::ANNOTATION_POLICY_PREFIX) else {
             continue;
         };
         match POLICY_DECISIONS.iter().find(|(d, _)| *d == decision) {

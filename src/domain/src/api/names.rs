@@ -12,6 +12,15 @@ pub const ANNOTATION_ALLOC_STATUS: &str = "sandbox.opensandbox.io/alloc-status";
 /// from older ones when a ledger it never read may hold those.
 pub const ANNOTATION_POD_MAKER: &str = "sandbox.opensandbox.io/made-by";
 
+/// Annotation prefix that selects a custom WebAssembly policy for one decision of one object,
+/// e.g. `policy.sandbox.opensandbox.io/pool-sizing: demand-aware`.
+pub const ANNOTATION_POLICY_PREFIX: &str = "policy.sandbox.opensandbox.io/";
+
+/// Name of the task executor's container (or native sidecar) in a pod. Reserved: where the
+/// controller injects its executor it replaces a container of this name, and it sends tasks to
+/// no such container it did not inject.
+pub const EXECUTOR_CONTAINER_NAME: &str = "task-executor";
+
 /// `spec.poolRef` of a BatchSandbox that asks the controller to choose a Pool whose pods fit its
 /// `template`; the controller replaces it with the chosen Pool's name.
 pub const ANY_POOL: &str = "*";

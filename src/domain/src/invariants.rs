@@ -27,11 +27,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
+use crate::allocation::{self, AllocStatus};
 #[cfg(test)]
 use crate::api::names;
 use crate::api::{BatchSandbox, Pool};
-use crate::domain::allocation::{self, AllocStatus};
-use crate::domain::pods;
+use crate::pods;
 
 /// Whether [`check`] compares the pools' reported counts with their pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
