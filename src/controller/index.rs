@@ -11,7 +11,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
 use kube::ResourceExt;
 
 use sandbox_domain::allocation::AllocStatus;
@@ -249,6 +249,39 @@ fn pod_fingerprint(pod: &Pod) -> u64 {
     ))
 }
 
+/// Cuts a watched pod down to what the reconcilers read before it is cached: metadata (without
+/// managedFields), the names of its containers and init containers (with the init containers'
+/// restart policy, which tells a native sidecar), and its phase, conditions and IPs. The rest
+/// (volumes, environment, resources, container statuses) is most of a pod's size, and at 10,000
+/// pods it was most of the controller's memory. The controller writes pods only with merge
+/// patches, never from the cache, so a cut pod is never sent back.
+pub fn keep_what_reconcilers_read(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    if let Some(spec) = pod.spec.take() {
+        let named = |c: Container| Container {
+            name: c.name,
+            restart_policy: c.restart_policy,
+            ..Container::default()
+        };
+        pod.spec = Some(PodSpec {
+            containers: spec.containers.into_iter().map(named).collect(),
+            init_containers: spec
+                .init_containers
+                .map(|list| list.into_iter().map(named).collect()),
+            ..PodSpec::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            conditions: status.conditions,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..PodStatus::default()
+        });
+    }
+}
+
 impl Indexes {
     /// Records a pod as the cache now shows it. Returns whether what the reconcilers read of it
     /// changed.
@@ -397,6 +430,82 @@ mod tests {
         batch.metadata.annotations = ledger
             .map(|l| BTreeMap::from([(names::ANNOTATION_ALLOC_STATUS.to_string(), l.to_string())]));
         batch
+    }
+
+    /// A pool pod as the API server returns it once kwok runs it, with the executor injected.
+    fn served_pod() -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "warm-x7k2p", "namespace": "ns", "uid": "u-1", "resourceVersion": "42",
+                "labels": {(names::LABEL_POOL_NAME): "warm", (names::LABEL_POOL_REVISION): "abc"},
+                "annotations": {(super::super::sidecar::ANNOTATION_EXECUTOR_INJECTED): "true"},
+                "ownerReferences": [{"apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "Pool",
+                    "name": "warm", "uid": "pool-uid", "controller": true}],
+                "managedFields": [{"manager": "kwok", "operation": "Update", "fieldsV1": {"f:status": {}}}]
+            },
+            "spec": {
+                "containers": [{
+                    "name": "app", "image": "python:3.12", "command": ["sleep", "infinity"],
+                    "env": [{"name": "A", "value": "1"}],
+                    "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+                    "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets"}]
+                }],
+                "initContainers": [{"name": "task-executor", "image": "executor:1", "restartPolicy": "Always",
+                    "ports": [{"containerPort": 5758}]}],
+                "volumes": [{"name": "kube-api-access", "projected": {"sources": [
+                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                    "effect": "NoExecute", "tolerationSeconds": 300}],
+                "nodeName": "kwok-node-0", "schedulerName": "default-scheduler"
+            },
+            "status": {
+                "phase": "Running", "podIP": "127.1.0.9", "podIPs": [{"ip": "127.1.0.9"}],
+                "hostIP": "127.0.0.1", "qosClass": "Burstable", "startTime": "2026-12-05T00:00:00Z",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "True"}
+                ],
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
+                    "image": "python:3.12", "imageID": "sha256:0", "state": {"running": {}}}]
+            }
+        }))
+        .expect("a pod")
+    }
+
+    #[test]
+    fn a_cached_pod_keeps_everything_the_reconcilers_read_and_little_else() {
+        let served = served_pod();
+        let mut cached = served.clone();
+        keep_what_reconcilers_read(&mut cached);
+
+        assert_eq!(pod_fingerprint(&cached), pod_fingerprint(&served));
+        assert!(sandbox_domain::pods::is_running_and_ready(&cached));
+        assert_eq!(sandbox_domain::pods::pod_ip(&cached), Some("127.1.0.9"));
+        assert!(super::super::sidecar::has_injected_executor(&cached));
+        assert_eq!(
+            cached.metadata,
+            ObjectMeta {
+                managed_fields: None,
+                ..served.metadata.clone()
+            }
+        );
+        let spec = cached.spec.as_ref().expect("a spec");
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!(spec.containers[0].name, "app");
+        assert_eq!(spec.containers[0].image, None);
+        assert_eq!(spec.volumes, None);
+        assert_eq!(spec.node_name, None);
+        let status = cached.status.as_ref().expect("a status");
+        assert_eq!(status.container_statuses, None);
+        assert_eq!(status.host_ip, None);
+
+        let size = |pod: &Pod| serde_json::to_vec(pod).map(|b| b.len()).unwrap_or_default();
+        assert!(
+            size(&cached) * 2 < size(&served),
+            "cached {} bytes of the served {}",
+            size(&cached),
+            size(&served)
+        );
     }
 
     #[test]

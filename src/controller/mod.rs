@@ -596,6 +596,7 @@ pub async fn run(
         pods_writer,
         scoped(&client, ns),
         pods_cfg,
+        index::keep_what_reconcilers_read,
         router.clone(),
         router::Router::pod_event,
     );
@@ -603,6 +604,7 @@ pub async fn run(
         batches_writer,
         scoped(&client, ns),
         watcher::Config::default(),
+        drop_managed_fields,
         router.clone(),
         router::Router::batch_event,
     );
@@ -610,6 +612,7 @@ pub async fn run(
         pools_writer,
         scoped(&client, ns),
         watcher::Config::default(),
+        drop_managed_fields,
         router.clone(),
         router::Router::pool_event,
     );
@@ -690,11 +693,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Keeps `writer`'s store in sync with a watch of `api`, handing every event to `route`.
+/// Keeps `writer`'s store in sync with a watch of `api`, each object cut down by `trim` before
+/// it is cached, handing every event to `route`.
 fn reflect<K>(
     writer: reflector::store::Writer<K>,
     api: Api<K>,
     config: watcher::Config,
+    trim: fn(&mut K),
     router: router::Router,
     route: fn(&router::Router, Result<watcher::Event<K>, watcher::Error>),
 ) -> impl std::future::Future<Output = ()>
@@ -707,14 +712,16 @@ where
         + Sync
         + 'static,
 {
-    // Nothing reads managedFields, the bulk of a cached object: they are dropped before caching.
-    let events = watcher(api, config)
-        .default_backoff()
-        .modify(|obj| obj.managed_fields_mut().clear());
+    let events = watcher(api, config).default_backoff().modify(trim);
     reflector::reflector(writer, events).for_each(move |event| {
         route(&router, event);
         future::ready(())
     })
+}
+
+/// Nothing reads managedFields, the bulk of a cached object: they are dropped before caching.
+fn drop_managed_fields<K: Resource>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
