@@ -19,14 +19,11 @@ pub struct PodList {
 impl PodList {
     /// Parses an annotation; a missing one lists nothing.
     pub fn parse(annotation: Option<&str>) -> Result<Self, serde_json::Error> {
-        match annotation {
-            None => Ok(Self::default()),
-            Some(text) => serde_json::from_str(text),
-        }
+        crate::annotation::parse_json(annotation)
     }
 
     pub fn to_annotation(&self) -> String {
-        serde_json::to_string(self).expect("plain strings always serialize")
+        crate::annotation::to_json(self)
     }
 
     /// This list with `more` added, each pod once, in first-seen order.

@@ -31,14 +31,11 @@ impl AllocStatus {
     /// Parses the annotation; a missing annotation is an empty ledger. A corrupt one is an error,
     /// because treating it as empty could hand its pods to someone else.
     pub fn parse(annotation: Option<&str>) -> Result<Self, serde_json::Error> {
-        match annotation {
-            None => Ok(Self::default()),
-            Some(text) => serde_json::from_str(text),
-        }
+        crate::annotation::parse_json(annotation)
     }
 
     pub fn to_annotation(&self) -> String {
-        serde_json::to_string(self).expect("plain strings always serialize")
+        crate::annotation::to_json(self)
     }
 
     /// The ledger a batch carries (empty when it has none).

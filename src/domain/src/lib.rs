@@ -7,6 +7,7 @@ pub mod api;
 pub mod admission;
 pub mod alloc_release;
 pub mod allocation;
+mod annotation;
 pub mod conditions;
 pub mod endpoints;
 pub mod invariants;
