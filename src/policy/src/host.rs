@@ -14,8 +14,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
-    Trap,
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
+    Store, Trap,
 };
 
 use crate::Decision;
@@ -296,6 +296,9 @@ pub struct WasmHost {
 /// a slot rather than failing.
 pub const CONCURRENT_CALLS: u32 = 64;
 
+/// How much of a slot's memory and tables is reset in place instead of handed back to the kernel.
+const KEEP_RESIDENT_BYTES: usize = 1 << 20;
+
 /// The instance pool: room for [`CONCURRENT_CALLS`] component instances. Rust guests use 3 or 4
 /// core instances, memories and tables each; componentize-py guests (CPython) about 40 core
 /// instances. Core instance slots are only counted, while memory and table slots are reserved
@@ -310,7 +313,10 @@ fn pooling(limits: &Limits) -> PoolingAllocationConfig {
         .max_tables_per_component(128)
         .total_tables(CONCURRENT_CALLS * 64)
         .table_elements(MAX_TABLE_ELEMENTS)
-        .max_memory_size(limits.memory_bytes);
+        .max_memory_size(limits.memory_bytes)
+        .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+        .table_keep_resident(KEEP_RESIDENT_BYTES)
+        .pagemap_scan(Enabled::Auto);
     pool
 }
 

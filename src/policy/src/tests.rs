@@ -541,6 +541,20 @@ fn a_memory_bomb_hits_the_memory_limit() {
 }
 
 #[test]
+fn a_call_finds_nothing_an_earlier_call_left_in_its_memory() {
+    // Instance slots are reused and reset in place; a reset that missed a page would show here.
+    let policies = engine_with("remembers", &hostile("remember"), Limits::default());
+    for _ in 0..50 {
+        let outcome = policies.pool_sizing(Some("remembers"), &pool(7, 5, 0));
+        assert_eq!(outcome.degraded, None);
+        assert_eq!(
+            outcome.decision.reason,
+            "earlier calls 0, grown page held 0x0"
+        );
+    }
+}
+
+#[test]
 fn a_panicking_policy_traps() {
     let policies = engine_with("bad", &hostile("trap"), Limits::default());
     assert_all_fall_back(&policies, "trapped", DegradedReason::Trap);

@@ -4,7 +4,8 @@
 //! Modes: `ok` (a plausible answer), `loop` (never returns), `memory-bomb` (allocates until
 //! refused), `trap` (panics), `garbage` (an answer the host must reject), `stack-overflow`,
 //! `wasi` (calls a WASI clock the host does not grant), `bad-settings` (refuses to load),
-//! `loop-on-load` (never returns from validate-settings).
+//! `loop-on-load` (never returns from validate-settings), `remember` (pool-sizing reports what
+//! earlier calls left in its memory).
 
 wit_bindgen::generate!({ world: "all-policies", path: "../../../wit" });
 
@@ -49,6 +50,27 @@ fn misbehave(mode: &str) {
     }
 }
 
+/// What this call finds left by earlier calls: a counter in its data segment, and a marker in
+/// the page it grows its memory by. An instance as fresh as the host promises shows neither.
+fn leftovers() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    const MARKER: u64 = 0x5eed_5eed_5eed_5eed;
+    let earlier = CALLS.fetch_add(1, Ordering::Relaxed);
+    let pages = core::arch::wasm32::memory_grow(0, 1);
+    if pages == usize::MAX {
+        return format!("earlier calls {earlier}, memory did not grow");
+    }
+    let page = (pages * 65536) as *mut u64;
+    // SAFETY: the page was just added to linear memory and nothing else knows of it.
+    let held = unsafe {
+        let held = page.read_volatile();
+        page.write_volatile(MARKER);
+        held
+    };
+    format!("earlier calls {earlier}, grown page held {held:#x}")
+}
+
 #[allow(unconditional_recursion, reason = "overflowing the stack is the point")]
 fn recurse(depth: u64) -> u64 {
     let frame = std::hint::black_box([depth; 64]);
@@ -62,7 +84,8 @@ fn validate(text: &str) -> Result<(), String> {
             misbehave("loop");
             Ok(())
         }
-        "ok" | "loop" | "memory-bomb" | "trap" | "garbage" | "stack-overflow" | "wasi" => Ok(()),
+        "ok" | "loop" | "memory-bomb" | "trap" | "garbage" | "stack-overflow" | "wasi"
+        | "remember" => Ok(()),
         other => Err(format!("unknown mode {other:?}")),
     }
 }
@@ -85,9 +108,14 @@ impl pool_sizing::Guest for Hostile {
         } else {
             pool.bounds.pool_max
         };
+        let reason = if mode == "remember" {
+            leftovers()
+        } else {
+            format!("hostile policy in mode {mode}")
+        };
         Ok(pool_sizing::SizingDecision {
             desired_total,
-            reason: format!("hostile policy in mode {mode}"),
+            reason,
         })
     }
 }
