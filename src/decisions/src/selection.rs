@@ -17,7 +17,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::cmp::Ordering;
-use core::fmt::Write;
+use core::fmt::{self, Write};
 
 use crate::quantity::Quantity;
 use crate::sizing::Bounds;
@@ -106,23 +106,114 @@ pub struct SelectionDecision {
     pub reason: String,
 }
 
+/// What the batch asks of a pool, worked out once for all the candidates.
+struct Wanted<'a> {
+    replicas: u32,
+    /// The images the batch names, sorted and deduplicated.
+    images: Vec<&'a str>,
+    /// Requests summed over containers, by name; `Err` names an unreadable quantity.
+    requests: Result<Vec<(&'a str, Quantity)>, String>,
+    node_selector: &'a [Label],
+}
+
+impl<'a> Wanted<'a> {
+    fn of(batch: &'a BatchRequirements) -> Self {
+        Self {
+            replicas: batch.replicas,
+            images: images(&batch.template),
+            requests: total_requests(&batch.template),
+            node_selector: &batch.template.node_selector,
+        }
+    }
+}
+
+/// One requirement a pool fails. Kept as data so that only the pools the reason has room for
+/// are put into words.
+enum Misfit<'a> {
+    Capacity {
+        pool_max: u32,
+        allocated: u32,
+        wants: u32,
+    },
+    Images {
+        offered: &'a PodRequirements,
+        wanted: &'a [&'a str],
+    },
+    BatchRequest(&'a str),
+    PoolRequest(String),
+    /// Resources the pool requests less of (`None`: not at all), with what the batch wants.
+    Requests(Vec<(&'a str, Option<Quantity>, Quantity)>),
+    /// Node-selector keys the pool does not match: the key, the pool's value, the wanted value.
+    NodeSelector(Vec<(&'a str, Option<&'a str>, &'a str)>),
+}
+
+impl fmt::Display for Misfit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Misfit::Capacity {
+                pool_max,
+                allocated,
+                wants,
+            } => write!(
+                f,
+                "at capacity (poolMax {pool_max}, allocated {allocated}, wants {wants})"
+            ),
+            Misfit::Images { offered, wanted } => write!(
+                f,
+                "images [{}] not [{}]",
+                images(offered).join(", "),
+                wanted.join(", ")
+            ),
+            Misfit::BatchRequest(bad) => write!(f, "batch request {bad}"),
+            Misfit::PoolRequest(bad) => write!(f, "pool request {bad}"),
+            Misfit::Requests(short) => {
+                f.write_str("requests ")?;
+                for (i, (name, has, want)) in short.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    match has {
+                        Some(has) => write!(f, "{sep}{name} {has} < {want}")?,
+                        None => write!(f, "{sep}{name} none < {want}")?,
+                    }
+                }
+                Ok(())
+            }
+            Misfit::NodeSelector(wrong) => {
+                let mut wrong: Vec<String> = wrong
+                    .iter()
+                    .map(|(key, has, want)| match has {
+                        Some(has) => format!("{key}={has} not {want}"),
+                        None => format!("{key} unset"),
+                    })
+                    .collect();
+                wrong.sort_unstable();
+                wrong.dedup();
+                write!(f, "nodeSelector {}", wrong.join(", "))
+            }
+        }
+    }
+}
+
 /// Why a pool cannot serve the batch, one entry per failed requirement.
-fn rejections(batch: &BatchRequirements, pool: &CandidatePool) -> Vec<String> {
+fn misfits<'a>(wanted: &'a Wanted<'a>, pool: &'a CandidatePool) -> Vec<Misfit<'a>> {
     let mut why = Vec::new();
     let room = i64::from(pool.bounds.pool_max) - i64::from(pool.allocated);
-    if room < i64::from(batch.replicas) {
-        why.push(format!(
-            "at capacity (poolMax {}, allocated {}, wants {})",
-            pool.bounds.pool_max, pool.allocated, batch.replicas
-        ));
+    if room < i64::from(wanted.replicas) {
+        why.push(Misfit::Capacity {
+            pool_max: pool.bounds.pool_max,
+            allocated: pool.allocated,
+            wants: wanted.replicas,
+        });
     }
-    if let Some(images) = image_mismatch(&batch.template, &pool.template) {
-        why.push(images);
+    if image_mismatch(&wanted.images, &pool.template) {
+        why.push(Misfit::Images {
+            offered: &pool.template,
+            wanted: &wanted.images,
+        });
     }
-    if let Some(resources) = resource_shortfall(&batch.template, &pool.template) {
+    if let Some(resources) = resource_shortfall(&wanted.requests, &pool.template) {
         why.push(resources);
     }
-    if let Some(selector) = node_selector_mismatch(&batch.template, pool) {
+    if let Some(selector) = node_selector_mismatch(wanted.node_selector, pool) {
         why.push(selector);
     }
     why
@@ -141,17 +232,12 @@ fn images(template: &PodRequirements) -> Vec<&str> {
 }
 
 /// The pool must run at least one image the batch names (none named: any pool).
-fn image_mismatch(batch: &PodRequirements, pool: &PodRequirements) -> Option<String> {
-    let wanted = images(batch);
-    let offered = images(pool);
-    if wanted.is_empty() || offered.iter().any(|i| wanted.binary_search(i).is_ok()) {
-        return None;
-    }
-    Some(format!(
-        "images [{}] not [{}]",
-        offered.join(", "),
-        wanted.join(", ")
-    ))
+fn image_mismatch(wanted: &[&str], pool: &PodRequirements) -> bool {
+    !wanted.is_empty()
+        && !pool
+            .containers
+            .iter()
+            .any(|c| !c.image.is_empty() && wanted.binary_search(&c.image.as_str()).is_ok())
 }
 
 /// Requests summed over containers, by resource name; `Err` names an unreadable quantity.
@@ -174,34 +260,36 @@ fn total_requests(template: &PodRequirements) -> Result<Vec<(&str, Quantity)>, S
 }
 
 /// The pool's pods must request at least what the batch's pods request, resource by resource.
-fn resource_shortfall(batch: &PodRequirements, pool: &PodRequirements) -> Option<String> {
-    let wanted = match total_requests(batch) {
+fn resource_shortfall<'a>(
+    wanted: &'a Result<Vec<(&'a str, Quantity)>, String>,
+    pool: &'a PodRequirements,
+) -> Option<Misfit<'a>> {
+    let wanted = match wanted {
         Ok(wanted) => wanted,
-        Err(bad) => return Some(format!("batch request {bad}")),
+        Err(bad) => return Some(Misfit::BatchRequest(bad)),
     };
     if wanted.is_empty() {
         return None;
     }
     let offered = match total_requests(pool) {
         Ok(offered) => offered,
-        Err(bad) => return Some(format!("pool request {bad}")),
+        Err(bad) => return Some(Misfit::PoolRequest(bad)),
     };
-    let short: Vec<String> = wanted
+    let short: Vec<(&str, Option<Quantity>, Quantity)> = wanted
         .iter()
         .filter_map(
             |(name, want)| match offered.iter().find(|(n, _)| n == name).map(|(_, q)| *q) {
                 Some(has) if has >= *want => None,
-                Some(has) => Some(format!("{name} {has} < {want}")),
-                None => Some(format!("{name} none < {want}")),
+                has => Some((*name, has, *want)),
             },
         )
         .collect();
-    (!short.is_empty()).then(|| format!("requests {}", short.join(", ")))
+    (!short.is_empty()).then_some(Misfit::Requests(short))
 }
 
 /// Every node-selector entry of the batch must be among the pool's labels merged with its
 /// template's node selector (the template's entries win).
-fn node_selector_mismatch(batch: &PodRequirements, pool: &CandidatePool) -> Option<String> {
+fn node_selector_mismatch<'a>(wanted: &'a [Label], pool: &'a CandidatePool) -> Option<Misfit<'a>> {
     let pool_value = |key: &str| {
         pool.template
             .node_selector
@@ -211,18 +299,14 @@ fn node_selector_mismatch(batch: &PodRequirements, pool: &CandidatePool) -> Opti
             .find(|l| l.key == key)
             .map(|l| l.value.as_str())
     };
-    let mut wrong: Vec<String> = batch
-        .node_selector
+    let wrong: Vec<(&str, Option<&str>, &str)> = wanted
         .iter()
         .filter_map(|want| match pool_value(&want.key) {
             Some(v) if v == want.value => None,
-            Some(v) => Some(format!("{}={} not {}", want.key, v, want.value)),
-            None => Some(format!("{} unset", want.key)),
+            has => Some((want.key.as_str(), has, want.value.as_str())),
         })
         .collect();
-    wrong.sort_unstable();
-    wrong.dedup();
-    (!wrong.is_empty()).then(|| format!("nodeSelector {}", wrong.join(", ")))
+    (!wrong.is_empty()).then_some(Misfit::NodeSelector(wrong))
 }
 
 /// Compares how free two pools are: `Greater` when `a` is less allocated than `b`.
@@ -245,11 +329,11 @@ fn freedom(a: &CandidatePool, b: &CandidatePool) -> Ordering {
 
 /// The default decision: the least allocated pool that fits, ties to the first name.
 pub fn least_allocated_fit(input: &SelectionInput) -> SelectionDecision {
-    let batch = &input.batch;
+    let wanted = Wanted::of(&input.batch);
     let mut fitting: Vec<&CandidatePool> = Vec::new();
-    let mut rejected: Vec<(&str, Vec<String>)> = Vec::new();
+    let mut rejected: Vec<(&str, Vec<Misfit<'_>>)> = Vec::new();
     for pool in &input.pools {
-        let why = rejections(batch, pool);
+        let why = misfits(&wanted, pool);
         if why.is_empty() {
             fitting.push(pool);
         } else {
@@ -281,11 +365,16 @@ pub fn least_allocated_fit(input: &SelectionInput) -> SelectionDecision {
     }
     if !rejected.is_empty() {
         reason.push_str(if best.is_some() { "; rejected " } else { ": " });
-        let parts: Vec<String> = rejected
-            .iter()
-            .map(|(name, why)| format!("{name}: {}", why.join("; ")))
-            .collect();
-        reason.push_str(&parts.join("; "));
+        // Pools past what the reason has room for would only be cut off again.
+        for (i, (name, why)) in rejected.iter().enumerate() {
+            if reason.len() > MAX_REASON_BYTES {
+                break;
+            }
+            let _ = write!(reason, "{}{name}: ", if i == 0 { "" } else { "; " });
+            for (j, misfit) in why.iter().enumerate() {
+                let _ = write!(reason, "{}{misfit}", if j == 0 { "" } else { "; " });
+            }
+        }
     }
     SelectionDecision {
         pool: best.map(|p| p.pool_name.clone()),
@@ -310,7 +399,7 @@ pub fn truncate(mut text: String, max: usize) -> String {
 
 /// Whether the default would let `pool` serve `batch` (for tests and tools).
 pub fn fits(batch: &BatchRequirements, pool: &CandidatePool) -> bool {
-    rejections(batch, pool).is_empty()
+    misfits(&Wanted::of(batch), pool).is_empty()
 }
 
 impl Label {
