@@ -296,14 +296,16 @@ pub struct WasmHost {
 /// a slot rather than failing.
 pub const CONCURRENT_CALLS: u32 = 64;
 
-/// How much of a slot's memory and tables is reset in place instead of handed back to the kernel.
+/// How much of a slot's memory and tables is reset in place instead of handed back to the
+/// kernel, where the kernel can tell which pages a call wrote (Linux 6.7+, `PAGEMAP_SCAN`).
+/// Without that, keeping memory resident would mean a memset of all of it after every call.
 const KEEP_RESIDENT_BYTES: usize = 1 << 20;
 
 /// The instance pool: room for [`CONCURRENT_CALLS`] component instances. Rust guests use 3 or 4
 /// core instances, memories and tables each; componentize-py guests (CPython) about 40 core
 /// instances. Core instance slots are only counted, while memory and table slots are reserved
 /// address space (no resident memory until used).
-fn pooling(limits: &Limits) -> PoolingAllocationConfig {
+fn pooling(limits: &Limits, reset_in_place: bool) -> PoolingAllocationConfig {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(CONCURRENT_CALLS)
         .max_core_instances_per_component(128)
@@ -313,10 +315,12 @@ fn pooling(limits: &Limits) -> PoolingAllocationConfig {
         .max_tables_per_component(128)
         .total_tables(CONCURRENT_CALLS * 64)
         .table_elements(MAX_TABLE_ELEMENTS)
-        .max_memory_size(limits.memory_bytes)
-        .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
-        .table_keep_resident(KEEP_RESIDENT_BYTES)
-        .pagemap_scan(Enabled::Auto);
+        .max_memory_size(limits.memory_bytes);
+    if reset_in_place {
+        pool.linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+            .table_keep_resident(KEEP_RESIDENT_BYTES)
+            .pagemap_scan(Enabled::Yes);
+    }
     pool
 }
 
@@ -366,6 +370,21 @@ impl Drop for CallSlot<'_> {
 
 impl WasmHost {
     pub fn new(limits: Limits) -> Result<Self, HostError> {
+        // `PAGEMAP_SCAN` is asked for outright, so a kernel without it fails the first try.
+        let engine = Engine::new(&Self::config(&limits, true))
+            .or_else(|_| Engine::new(&Self::config(&limits, false)))
+            .map_err(|e| HostError(e.to_string()))?;
+        let ticker = EpochTicker::start(&engine)?;
+        Ok(Self {
+            engine,
+            limits,
+            compiled: Mutex::new(HashMap::new()),
+            slots: CallSlots::new(CONCURRENT_CALLS),
+            _ticker: ticker,
+        })
+    }
+
+    fn config(limits: &Limits, reset_in_place: bool) -> Config {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -376,16 +395,11 @@ impl WasmHost {
             .concurrency_support(false)
             // A slot per memory of at most the memory limit, not the default 4 GiB reservation.
             .memory_reservation(limits.memory_bytes as u64)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&limits)));
-        let engine = Engine::new(&config).map_err(|e| HostError(e.to_string()))?;
-        let ticker = EpochTicker::start(&engine)?;
-        Ok(Self {
-            engine,
-            limits,
-            compiled: Mutex::new(HashMap::new()),
-            slots: CallSlots::new(CONCURRENT_CALLS),
-            _ticker: ticker,
-        })
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(
+                limits,
+                reset_in_place,
+            )));
+        config
     }
 
     pub fn limits(&self) -> Limits {
