@@ -133,7 +133,7 @@ pub(super) async fn decide_expiry(
         task_phases: task_phases.to_vec(),
     };
     let selector = policy_selector(batch, Decision::Expiry);
-    ctx.decide(move |p| p.expiry(selector.as_deref(), &snapshot))
+    ctx.decide(selector, move |p, s| p.expiry(s, &snapshot))
         .await
 }
 
@@ -793,7 +793,7 @@ async fn task_phases(
     };
     let selector = policy_selector(batch, Decision::ShardTasks);
     let outcome = ctx
-        .decide(move |p| p.shard_tasks(selector.as_deref(), &input))
+        .decide(selector, move |p, s| p.shard_tasks(s, &input))
         .await?;
     super::tasks::sync(batch, ctx, &shards.pods, released, outcome).await
 }

@@ -546,13 +546,21 @@ impl Context {
         obj.controller_owner_ref(&()).unwrap_or_default()
     }
 
-    /// Runs a policy decision on a blocking thread: policies may take up to their time limit.
+    /// Runs a policy decision. An embedded default takes microseconds and runs right here; a
+    /// custom policy (`selector` names one) may take up to its time limit, so it runs on a
+    /// blocking thread and never holds up other reconciles.
     async fn decide<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn PolicyEngine) -> T + Send + 'static,
+        selector: Option<String>,
+        f: impl FnOnce(&dyn PolicyEngine, sandbox_policy::PolicySelector<'_>) -> T + Send + 'static,
     ) -> Result<T, Error> {
         let policies = self.policies.clone();
-        Ok(tokio::task::spawn_blocking(move || f(policies.as_ref())).await?)
+        match selector {
+            None => Ok(f(policies.as_ref(), None)),
+            Some(name) => {
+                Ok(tokio::task::spawn_blocking(move || f(policies.as_ref(), Some(&name))).await?)
+            }
+        }
     }
 }
 

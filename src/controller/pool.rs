@@ -570,7 +570,7 @@ async fn resize(
     };
     let selector = policy_selector(pool, Decision::PoolSizing);
     let outcome = ctx
-        .decide(move |p| p.pool_sizing(selector.as_deref(), &snapshot))
+        .decide(selector, move |p, s| p.pool_sizing(s, &snapshot))
         .await?;
     let changes = pool_plan::changes(
         &plan_pods,

@@ -51,7 +51,7 @@ pub(super) async fn reconcile(batch: &BatchSandbox, ctx: &Context) -> Result<Act
     let input = selection_input(batch, pools.iter().map(AsRef::as_ref));
     let selector = policy_selector(batch, Decision::PoolSelection);
     let outcome = ctx
-        .decide(move |p| p.pool_selection(selector.as_deref(), &input))
+        .decide(selector, move |p, s| p.pool_selection(s, &input))
         .await?;
     let degraded = outcome.degraded.or(expiry.degraded);
     let decision = outcome.decision;
