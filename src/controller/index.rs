@@ -2,14 +2,15 @@
 //! never with the cluster: pods by pool and by batch, batches by pool, and the batches whose
 //! ledgers name each pod.
 //!
-//! The indexes hold names only; objects are read from the stores by name. They are kept from the
-//! watch events (the router sees every one before it wakes a reconcile) and rebuilt from the store
-//! on every `InitDone`, because a relist replaces the store without Delete events for objects
-//! that vanished meanwhile. A stale name (an object the store no longer has) is harmless: it reads
-//! as absent. A missing name is not, which is why every store change passes through here.
+//! The groupings of pods and batches hold the store's own `Arc`s, so a reconcile reads its pool's
+//! objects without a lookup per name. They are kept from the watch events (the router sees every
+//! one right after the store applied it, before it wakes a reconcile) and rebuilt from the store on
+//! every `InitDone`, because a relist replaces the store without Delete events for objects that
+//! vanished meanwhile. So the indexes show what the store shows; every store change passes
+//! through here.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
 use kube::ResourceExt;
@@ -33,28 +34,43 @@ impl Key {
     }
 }
 
-/// Members (object names) per group, where each object belongs to at most one group.
-#[derive(Debug, Default)]
-pub struct Grouping {
-    members: HashMap<Key, BTreeSet<String>>,
+/// Members per group, where each object belongs to at most one group. `V` is what is kept of a
+/// member beside its name: the cached object itself for pods and batches, nothing otherwise.
+#[derive(Debug)]
+pub struct Grouping<V = ()> {
+    members: HashMap<Key, BTreeMap<String, V>>,
     group_of: HashMap<Key, Key>,
 }
 
-impl Grouping {
-    /// Puts the object `namespace/name` in `group` (none: in no group), out of any other.
-    pub fn set(&mut self, namespace: &str, name: &str, group: Option<&str>) {
+impl<V> Default for Grouping<V> {
+    fn default() -> Self {
+        Self {
+            members: HashMap::new(),
+            group_of: HashMap::new(),
+        }
+    }
+}
+
+impl<V: Clone> Grouping<V> {
+    /// Puts the object `namespace/name` in `group` (none: in no group), out of any other, and
+    /// keeps `value` for it.
+    pub fn set(&mut self, namespace: &str, name: &str, group: Option<&str>, value: V) {
         let object = Key::new(namespace, name);
         let wanted = group.map(|g| Key::new(namespace, g));
-        if self.group_of.get(&object) == wanted.as_ref() {
-            return;
+        if self.group_of.get(&object) != wanted.as_ref() {
+            self.remove(namespace, name);
+            if let Some(group) = &wanted {
+                self.group_of.insert(object, group.clone());
+            }
         }
-        self.remove(namespace, name);
         if let Some(group) = wanted {
-            self.members
-                .entry(group.clone())
-                .or_default()
-                .insert(name.to_string());
-            self.group_of.insert(object, group);
+            let members = self.members.entry(group).or_default();
+            match members.get_mut(name) {
+                Some(kept) => *kept = value,
+                None => {
+                    members.insert(name.to_string(), value);
+                }
+            }
         }
     }
 
@@ -69,11 +85,19 @@ impl Grouping {
         }
     }
 
-    /// The names in `namespace/group`.
-    pub fn members(&self, namespace: &str, group: &str) -> Vec<String> {
+    /// What is kept of the members of `namespace/group`, in name order.
+    pub fn members(&self, namespace: &str, group: &str) -> Vec<V> {
         self.members
             .get(&Key::new(namespace, group))
-            .map(|m| m.iter().cloned().collect())
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The names in `namespace/group`.
+    pub fn names(&self, namespace: &str, group: &str) -> Vec<String> {
+        self.members
+            .get(&Key::new(namespace, group))
+            .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -108,7 +132,7 @@ impl Holders {
                 }
                 self.ledger_of.insert(Key::new(namespace, batch), pods);
             }
-            Err(pool) => self.unreadable.set(namespace, batch, Some(pool)),
+            Err(pool) => self.unreadable.set(namespace, batch, Some(pool), ()),
         }
     }
 
@@ -137,7 +161,7 @@ impl Holders {
             .get(&Key::new(namespace, pod))
             .cloned()
             .unwrap_or_default();
-        batches.extend(self.unreadable.members(namespace, pool));
+        batches.extend(self.unreadable.names(namespace, pool));
         batches
     }
 
@@ -157,12 +181,12 @@ impl Holders {
 #[derive(Debug, Default)]
 pub struct Indexes {
     /// Pods by their pool label.
-    pub pods_by_pool: Grouping,
+    pub pods_by_pool: Grouping<Arc<Pod>>,
     /// Pods by their batch label (a non-pooled batch's own pods).
-    pub pods_by_batch: Grouping,
+    pub pods_by_batch: Grouping<Arc<Pod>>,
     /// Batches by the Pool they reference; those waiting for a Pool to be chosen are grouped
     /// under [`names::ANY_POOL`].
-    pub batches_by_pool: Grouping,
+    pub batches_by_pool: Grouping<Arc<BatchSandbox>>,
     pub holders: Holders,
     /// Per batch, what its pool's allocation reads of it and what it is beside its status.
     batch_fingerprints: HashMap<Key, (u64, u64)>,
@@ -285,7 +309,7 @@ pub fn keep_what_reconcilers_read(pod: &mut Pod) {
 impl Indexes {
     /// Records a pod as the cache now shows it. Returns whether what the reconcilers read of it
     /// changed.
-    pub fn pod_applied(&mut self, pod: &Pod) -> bool {
+    pub fn pod_applied(&mut self, pod: &Arc<Pod>) -> bool {
         let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
         let fingerprint = pod_fingerprint(pod);
         let changed = self
@@ -297,11 +321,13 @@ impl Indexes {
             &ns,
             &name,
             labels.get(names::LABEL_POOL_NAME).map(String::as_str),
+            pod.clone(),
         );
         self.pods_by_batch.set(
             &ns,
             &name,
             labels.get(names::LABEL_BATCH_NAME).map(String::as_str),
+            pod.clone(),
         );
         changed
     }
@@ -313,7 +339,7 @@ impl Indexes {
         self.pod_fingerprints.remove(&Key::new(&ns, &name));
     }
 
-    pub fn pods_relisted<'a>(&mut self, pods: impl IntoIterator<Item = &'a Pod>) {
+    pub fn pods_relisted<'a>(&mut self, pods: impl IntoIterator<Item = &'a Arc<Pod>>) {
         self.pods_by_pool.clear();
         self.pods_by_batch.clear();
         self.pod_fingerprints.clear();
@@ -324,7 +350,7 @@ impl Indexes {
 
     /// Records a batch as the cache now shows it, and says what changed: a status write, the most
     /// frequent change, concerns neither the batch's reconcile (which wrote it) nor its pool.
-    pub fn batch_applied(&mut self, batch: &BatchSandbox) -> BatchChange {
+    pub fn batch_applied(&mut self, batch: &Arc<BatchSandbox>) -> BatchChange {
         let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
         let fingerprints = (allocation_fingerprint(batch), object_fingerprint(batch));
         let previous = self
@@ -337,7 +363,7 @@ impl Indexes {
         let group = batch
             .pool_name()
             .or_else(|| batch.awaits_pool_selection().then_some(names::ANY_POOL));
-        self.batches_by_pool.set(&ns, &name, group);
+        self.batches_by_pool.set(&ns, &name, group, batch.clone());
         match batch.pool_name() {
             Some(pool) => self.holders.set(
                 &ns,
@@ -371,7 +397,10 @@ impl Indexes {
         ));
     }
 
-    pub fn batches_relisted<'a>(&mut self, batches: impl IntoIterator<Item = &'a BatchSandbox>) {
+    pub fn batches_relisted<'a>(
+        &mut self,
+        batches: impl IntoIterator<Item = &'a Arc<BatchSandbox>>,
+    ) {
         self.batches_by_pool.clear();
         self.holders.clear();
         self.batch_fingerprints.clear();
@@ -517,8 +546,14 @@ mod tests {
             phase: Some("Pending".into()),
             ..PodStatus::default()
         });
-        assert!(index.pod_applied(&pending), "a new pod is a change");
-        assert!(!index.pod_applied(&pending), "the same pod again is none");
+        assert!(
+            index.pod_applied(&Arc::new(pending.clone())),
+            "a new pod is a change"
+        );
+        assert!(
+            !index.pod_applied(&Arc::new(pending.clone())),
+            "the same pod again is none"
+        );
 
         // The scheduler binds it: nothing a reconciler reads.
         pending.spec = Some(PodSpec {
@@ -534,7 +569,10 @@ mod tests {
             }]),
             ..PodStatus::default()
         });
-        assert!(!index.pod_applied(&pending), "a binding is no change");
+        assert!(
+            !index.pod_applied(&Arc::new(pending.clone())),
+            "a binding is no change"
+        );
 
         let mut ready = pending.clone();
         let status = ready.status.as_mut().expect("a status");
@@ -546,7 +584,7 @@ mod tests {
             ..PodCondition::default()
         }]);
         assert!(
-            index.pod_applied(&ready),
+            index.pod_applied(&Arc::new(ready.clone())),
             "running, ready and an IP are a change"
         );
 
@@ -555,17 +593,23 @@ mod tests {
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             ));
-        assert!(index.pod_applied(&terminating), "a deletion is a change");
+        assert!(
+            index.pod_applied(&Arc::new(terminating.clone())),
+            "a deletion is a change"
+        );
 
         let mut relabelled = ready.clone();
         relabelled
             .labels_mut()
             .insert(names::LABEL_EVICT.into(), "true".into());
-        assert!(index.pod_applied(&relabelled), "a label is a change");
+        assert!(
+            index.pod_applied(&Arc::new(relabelled.clone())),
+            "a label is a change"
+        );
 
         index.pod_deleted(&relabelled);
         assert!(
-            index.pod_applied(&relabelled),
+            index.pod_applied(&Arc::new(relabelled.clone())),
             "a pod seen again after a delete is new"
         );
     }
@@ -573,21 +617,21 @@ mod tests {
     #[test]
     fn a_pod_moves_between_groups_as_its_labels_change_and_leaves_on_delete() {
         let mut index = Indexes::default();
-        index.pod_applied(&pod("a", &[(names::LABEL_POOL_NAME, "p")]));
-        index.pod_applied(&pod("b", &[(names::LABEL_POOL_NAME, "p")]));
-        assert_eq!(index.pods_by_pool.members("ns", "p"), ["a", "b"]);
-        assert!(index.pods_by_pool.members("other", "p").is_empty());
+        index.pod_applied(&Arc::new(pod("a", &[(names::LABEL_POOL_NAME, "p")])));
+        index.pod_applied(&Arc::new(pod("b", &[(names::LABEL_POOL_NAME, "p")])));
+        assert_eq!(index.pods_by_pool.names("ns", "p"), ["a", "b"]);
+        assert!(index.pods_by_pool.names("other", "p").is_empty());
 
-        index.pod_applied(&pod("a", &[(names::LABEL_POOL_NAME, "q")]));
-        assert_eq!(index.pods_by_pool.members("ns", "p"), ["b"]);
-        assert_eq!(index.pods_by_pool.members("ns", "q"), ["a"]);
+        index.pod_applied(&Arc::new(pod("a", &[(names::LABEL_POOL_NAME, "q")])));
+        assert_eq!(index.pods_by_pool.names("ns", "p"), ["b"]);
+        assert_eq!(index.pods_by_pool.names("ns", "q"), ["a"]);
 
-        index.pod_applied(&pod("b", &[(names::LABEL_BATCH_NAME, "web")]));
-        assert!(index.pods_by_pool.members("ns", "p").is_empty());
-        assert_eq!(index.pods_by_batch.members("ns", "web"), ["b"]);
+        index.pod_applied(&Arc::new(pod("b", &[(names::LABEL_BATCH_NAME, "web")])));
+        assert!(index.pods_by_pool.names("ns", "p").is_empty());
+        assert_eq!(index.pods_by_batch.names("ns", "web"), ["b"]);
 
         index.pod_deleted(&pod("b", &[]));
-        assert!(index.pods_by_batch.members("ns", "web").is_empty());
+        assert!(index.pods_by_batch.names("ns", "web").is_empty());
     }
 
     #[test]
@@ -598,11 +642,15 @@ mod tests {
             beyond_status: true,
         };
         let mut claim = batch("x", "p", None);
-        assert_eq!(index.batch_applied(&claim), both, "a new batch");
+        assert_eq!(
+            index.batch_applied(&Arc::new(claim.clone())),
+            both,
+            "a new batch"
+        );
         claim.status = Some(Default::default());
         claim.metadata.resource_version = Some("2".into());
         assert_eq!(
-            index.batch_applied(&claim),
+            index.batch_applied(&Arc::new(claim.clone())),
             BatchChange {
                 allocation: false,
                 beyond_status: false
@@ -615,7 +663,7 @@ mod tests {
             .get_or_insert_default()
             .insert("team".into(), "a".into());
         assert_eq!(
-            index.batch_applied(&claim),
+            index.batch_applied(&Arc::new(claim.clone())),
             BatchChange {
                 allocation: false,
                 beyond_status: true
@@ -624,20 +672,32 @@ mod tests {
         );
         claim.spec.replicas = 2;
         claim.metadata.generation = Some(2);
-        assert_eq!(index.batch_applied(&claim), both, "a scale-up");
+        assert_eq!(
+            index.batch_applied(&Arc::new(claim.clone())),
+            both,
+            "a scale-up"
+        );
         claim.metadata.annotations.get_or_insert_default().insert(
             names::ANNOTATION_TASK_RESULTS.into(),
             r#"{"0":"Succeeded"}"#.into(),
         );
-        assert_eq!(index.batch_applied(&claim), both, "a released shard");
+        assert_eq!(
+            index.batch_applied(&Arc::new(claim.clone())),
+            both,
+            "a released shard"
+        );
         claim.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::now(),
             ));
-        assert_eq!(index.batch_applied(&claim), both, "a deletion");
+        assert_eq!(
+            index.batch_applied(&Arc::new(claim.clone())),
+            both,
+            "a deletion"
+        );
         index.batch_deleted(&claim);
         assert_eq!(
-            index.batch_applied(&claim),
+            index.batch_applied(&Arc::new(claim.clone())),
             both,
             "known again after its Delete"
         );
@@ -677,14 +737,14 @@ mod tests {
     #[test]
     fn a_relist_forgets_what_it_no_longer_lists() {
         let mut index = Indexes::default();
-        index.pod_applied(&pod("gone", &[(names::LABEL_POOL_NAME, "p")]));
-        index.batch_applied(&batch("gone", "p", Some(r#"{"pods":["gone"]}"#)));
+        index.pod_applied(&Arc::new(pod("gone", &[(names::LABEL_POOL_NAME, "p")])));
+        index.batch_applied(&Arc::new(batch("gone", "p", Some(r#"{"pods":["gone"]}"#))));
         let kept = pod("kept", &[(names::LABEL_POOL_NAME, "p")]);
-        index.pods_relisted([&kept]);
+        index.pods_relisted([&Arc::new(kept.clone())]);
         let kept_batch = batch("kept", "p", Some(r#"{"pods":["kept"]}"#));
-        index.batches_relisted([&kept_batch]);
-        assert_eq!(index.pods_by_pool.members("ns", "p"), ["kept"]);
-        assert_eq!(index.batches_by_pool.members("ns", "p"), ["kept"]);
+        index.batches_relisted([&Arc::new(kept_batch.clone())]);
+        assert_eq!(index.pods_by_pool.names("ns", "p"), ["kept"]);
+        assert_eq!(index.batches_by_pool.names("ns", "p"), ["kept"]);
         assert!(index.holders.of("ns", "gone", "p").is_empty());
         assert_eq!(
             index.holders.of("ns", "kept", "p"),
@@ -695,12 +755,12 @@ mod tests {
     #[test]
     fn holders_follow_each_ledger_and_unreadable_ones_may_hold_any_pod_of_their_pool() {
         let mut index = Indexes::default();
-        index.batch_applied(&batch("x", "p", Some(r#"{"pods":["a","b"]}"#)));
-        index.batch_applied(&batch("y", "p", None));
-        index.batch_applied(&batch("choosing", names::ANY_POOL, None));
-        assert_eq!(index.batches_by_pool.members("ns", "p"), ["x", "y"]);
+        index.batch_applied(&Arc::new(batch("x", "p", Some(r#"{"pods":["a","b"]}"#))));
+        index.batch_applied(&Arc::new(batch("y", "p", None)));
+        index.batch_applied(&Arc::new(batch("choosing", names::ANY_POOL, None)));
+        assert_eq!(index.batches_by_pool.names("ns", "p"), ["x", "y"]);
         assert_eq!(
-            index.batches_by_pool.members("ns", names::ANY_POOL),
+            index.batches_by_pool.names("ns", names::ANY_POOL),
             ["choosing"]
         );
         assert_eq!(
@@ -709,8 +769,8 @@ mod tests {
         );
 
         // x gives back a; y's ledger turns unreadable.
-        index.batch_applied(&batch("x", "p", Some(r#"{"pods":["","b"]}"#)));
-        index.batch_applied(&batch("y", "p", Some("{")));
+        index.batch_applied(&Arc::new(batch("x", "p", Some(r#"{"pods":["","b"]}"#))));
+        index.batch_applied(&Arc::new(batch("y", "p", Some("{"))));
         assert_eq!(
             index.holders.of("ns", "a", "p"),
             BTreeSet::from(["y".to_string()])
@@ -726,8 +786,8 @@ mod tests {
         );
 
         index.batch_deleted(&batch("x", "p", None));
-        index.batch_applied(&batch("y", "p", Some(r#"{"pods":[]}"#)));
+        index.batch_applied(&Arc::new(batch("y", "p", Some(r#"{"pods":[]}"#))));
         assert!(index.holders.of("ns", "b", "p").is_empty());
-        assert_eq!(index.batches_by_pool.members("ns", "p"), ["y"]);
+        assert_eq!(index.batches_by_pool.names("ns", "p"), ["y"]);
     }
 }

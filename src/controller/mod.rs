@@ -251,8 +251,8 @@ impl Context {
         };
         let index = index::CacheIndex::default();
         index.with(|index| {
-            index.pods_relisted(stores.pods.state().iter().map(AsRef::as_ref));
-            index.batches_relisted(stores.batches.state().iter().map(AsRef::as_ref));
+            index.pods_relisted(stores.pods.state().iter());
+            index.batches_relisted(stores.batches.state().iter());
         });
         Context {
             recorder: Recorder::new(client.clone(), reporter),
@@ -295,40 +295,20 @@ impl Context {
 
     /// Pods of `pool` in `namespace` in the cache (by their pool label).
     fn pool_pods(&self, namespace: &str, pool: &str) -> Vec<Arc<Pod>> {
-        let members = self.index.with(|i| i.pods_by_pool.members(namespace, pool));
-        members
-            .iter()
-            .filter_map(|name| self.pods.get(&ObjectRef::new(name).within(namespace)))
-            .filter(|p| p.labels().get(names::LABEL_POOL_NAME).map(String::as_str) == Some(pool))
-            .collect()
+        self.index.with(|i| i.pods_by_pool.members(namespace, pool))
     }
 
     /// Pods labelled with batch `batch` in `namespace` in the cache.
     fn batch_pods(&self, namespace: &str, batch: &str) -> Vec<Arc<Pod>> {
-        let members = self
-            .index
-            .with(|i| i.pods_by_batch.members(namespace, batch));
-        members
-            .iter()
-            .filter_map(|name| self.pods.get(&ObjectRef::new(name).within(namespace)))
-            .filter(|p| p.labels().get(names::LABEL_BATCH_NAME).map(String::as_str) == Some(batch))
-            .collect()
+        self.index
+            .with(|i| i.pods_by_batch.members(namespace, batch))
     }
 
     /// Batches in `namespace` in the cache that reference `pool` ([`names::ANY_POOL`]: those
     /// waiting for a Pool to be chosen).
     fn batches_of_pool(&self, namespace: &str, pool: &str) -> Vec<Arc<BatchSandbox>> {
-        let members = self
-            .index
-            .with(|i| i.batches_by_pool.members(namespace, pool));
-        members
-            .iter()
-            .filter_map(|name| self.batches.get(&ObjectRef::new(name).within(namespace)))
-            .filter(|b| {
-                b.pool_name() == Some(pool)
-                    || (pool == names::ANY_POOL && b.awaits_pool_selection())
-            })
-            .collect()
+        self.index
+            .with(|i| i.batches_by_pool.members(namespace, pool))
     }
 
     /// The pods of `pool` that `batch`, whose ledger cannot be read, may hold. If this process

@@ -7,15 +7,26 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
+use kube::{Resource, ResourceExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 use super::Context;
 use super::index::BatchChange;
 use sandbox_domain::api::{BatchSandbox, Pool, names};
+
+/// The store's own copy of an object the reflector just applied, so the indexes share it; the
+/// event's copy only if the store no longer has it.
+fn cached<K>(store: &Store<K>, obj: K) -> Arc<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .get(&ObjectRef::from_obj(&obj))
+        .unwrap_or_else(|| Arc::new(obj))
+}
 
 #[derive(Clone)]
 pub struct Router {
@@ -40,8 +51,9 @@ impl Router {
     pub fn pod_event(&self, event: Result<Event<Pod>, watcher::Error>) {
         match event {
             Ok(Event::Apply(pod)) => {
-                if self.ctx.index.with(|i| i.pod_applied(&pod)) {
-                    self.pod_changed(&pod);
+                let cached = cached(&self.ctx.pods, pod);
+                if self.ctx.index.with(|i| i.pod_applied(&cached)) {
+                    self.pod_changed(&cached);
                 }
             }
             Ok(Event::Delete(pod)) => {
@@ -50,9 +62,7 @@ impl Router {
             }
             Ok(Event::InitDone) => {
                 let pods = self.ctx.pods.state();
-                self.ctx
-                    .index
-                    .with(|i| i.pods_relisted(pods.iter().map(AsRef::as_ref)));
+                self.ctx.index.with(|i| i.pods_relisted(pods.iter()));
                 self.everything();
             }
             Ok(_) => {}
@@ -63,8 +73,9 @@ impl Router {
     pub fn batch_event(&self, event: Result<Event<BatchSandbox>, watcher::Error>) {
         match event {
             Ok(Event::Apply(batch)) => {
-                let change = self.ctx.index.with(|i| i.batch_applied(&batch));
-                self.batch_changed(&batch, change);
+                let cached = cached(&self.ctx.batches, batch);
+                let change = self.ctx.index.with(|i| i.batch_applied(&cached));
+                self.batch_changed(&cached, change);
             }
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
@@ -78,9 +89,7 @@ impl Router {
             }
             Ok(Event::InitDone) => {
                 let batches = self.ctx.batches.state();
-                self.ctx
-                    .index
-                    .with(|i| i.batches_relisted(batches.iter().map(AsRef::as_ref)));
+                self.ctx.index.with(|i| i.batches_relisted(batches.iter()));
                 self.everything();
             }
             Ok(_) => {}

@@ -663,7 +663,8 @@ async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
     // sorts first turned Ready, so "older" is planned p-a (and loses the race) and "newer" is next.
     let new_pod = pool_pod(&pool, "p-a", "127.1.1.2");
     pod_writer.apply_watcher_event(&watcher::Event::Apply(new_pod.clone()));
-    ctx.index.with(|i| i.pod_applied(&new_pod));
+    ctx.index
+        .with(|i| i.pod_applied(&Arc::new(new_pod.clone())));
     let _ = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
 
     let holders = holders(&api, &["older", "newer"]);
@@ -760,7 +761,7 @@ fn made_here(ctx: &Context, pods: &mut reflector::store::Writer<Pod>, mut pod: P
         ctx.incarnation.clone(),
     );
     pods.apply_watcher_event(&watcher::Event::Apply(pod.clone()));
-    ctx.index.with(|i| i.pod_applied(&pod));
+    ctx.index.with(|i| i.pod_applied(&Arc::new(pod.clone())));
 }
 
 /// A ledger this process saw readable and then unreadable holds what it last named, and only
@@ -798,7 +799,8 @@ async fn a_ledger_turned_unreadable_holds_the_pods_it_last_named() {
     corrupt.metadata.resource_version = Some("6".into());
     for batch in [corrupt, healthy] {
         batch_writer.apply_watcher_event(&watcher::Event::Apply(batch.clone()));
-        ctx.index.with(|i| i.batch_applied(&batch));
+        ctx.index
+            .with(|i| i.batch_applied(&Arc::new(batch.clone())));
     }
     reconcile_pool(Arc::new(pool), ctx)
         .await
@@ -1249,7 +1251,7 @@ async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice()
 
     // A newer claim arrives; the round after it runs while slow's write still hangs.
     batch_writer.apply_watcher_event(&watcher::Event::Apply(fast.clone()));
-    ctx.index.with(|i| i.batch_applied(&fast));
+    ctx.index.with(|i| i.batch_applied(&Arc::new(fast.clone())));
     bounded(ctx.clone())
         .await
         .expect("the second round returns while the first write hangs")
@@ -1619,7 +1621,7 @@ async fn a_held_pod_confirmed_gone_is_replaced_and_read_once() {
     // The replacement turns Ready: it takes the lost pod's place.
     let ready = pool_pod(&pool, "p-new", "127.1.1.4");
     pod_writer.apply_watcher_event(&watcher::Event::Apply(ready.clone()));
-    ctx.index.with(|i| i.pod_applied(&ready));
+    ctx.index.with(|i| i.pod_applied(&Arc::new(ready.clone())));
     reconcile_pool(Arc::new(pool), ctx)
         .await
         .expect("the reconcile succeeds");
