@@ -25,20 +25,28 @@ pub enum Orphan {
 }
 
 /// The decision for a pod of `pool` without owner references (`None`: not an orphan to handle:
-/// owned, terminating, or not labelled with this pool). `held`: a batch's ledger names it.
-pub fn decide(pod: &Pod, pool_name: &str, revision: &str, held: bool) -> Option<Orphan> {
+/// owned, terminating, or not labelled with this pool). `held`: whether a batch's ledger names
+/// it, asked only of an orphan. Every pool pod passes through here on every round, and nearly all
+/// are owned, so that is looked at first.
+pub fn decide(
+    pod: &Pod,
+    pool_name: &str,
+    revision: &str,
+    held: impl FnOnce() -> bool,
+) -> Option<Orphan> {
+    if !pod.owner_references().is_empty() || pods::is_terminating(pod) {
+        return None;
+    }
     let labels = pod.labels();
     let orphan = labels.get(names::LABEL_POOL_NAME).map(String::as_str) == Some(pool_name)
-        && labels.get(names::LABEL_MANAGED_BY).map(String::as_str) == Some(names::MANAGED_BY)
-        && pod.owner_references().is_empty()
-        && !pods::is_terminating(pod);
+        && labels.get(names::LABEL_MANAGED_BY).map(String::as_str) == Some(names::MANAGED_BY);
     if !orphan {
         return None;
     }
     let current = labels.get(names::LABEL_POOL_REVISION).map(String::as_str) == Some(revision);
     // A held pod serves a batch: it is never deleted here, whatever its revision; once released
     // it is recycled like any pod of the pool.
-    Some(if current || held {
+    Some(if current || held() {
         Orphan::Adopt
     } else {
         Orphan::Delete
@@ -60,7 +68,7 @@ pub async fn orphans(
     let mut deleted = Vec::new();
     for pod in pool_pods {
         let name = pods::pod_name(pod);
-        let Some(decision) = decide(pod, &pool_name, revision, held.contains(name)) else {
+        let Some(decision) = decide(pod, &pool_name, revision, || held.contains(name)) else {
             continue;
         };
         ctx.config.fence.check()?;
@@ -133,14 +141,20 @@ mod tests {
 
     #[test]
     fn current_or_held_orphans_are_adopted_and_idle_stale_ones_deleted() {
-        assert_eq!(decide(&orphan("r1"), "p", "r1", false), Some(Orphan::Adopt));
         assert_eq!(
-            decide(&orphan("r0"), "p", "r1", false),
+            decide(&orphan("r1"), "p", "r1", || false),
+            Some(Orphan::Adopt)
+        );
+        assert_eq!(
+            decide(&orphan("r0"), "p", "r1", || false),
             Some(Orphan::Delete)
         );
-        assert_eq!(decide(&orphan("r0"), "p", "r1", true), Some(Orphan::Adopt));
         assert_eq!(
-            decide(&orphan("r1"), "q", "r1", false),
+            decide(&orphan("r0"), "p", "r1", || true),
+            Some(Orphan::Adopt)
+        );
+        assert_eq!(
+            decide(&orphan("r1"), "q", "r1", || false),
             None,
             "another pool's"
         );
@@ -151,12 +165,12 @@ mod tests {
             uid: "old".into(),
             ..OwnerReference::default()
         }]);
-        assert_eq!(decide(&owned, "p", "r1", false), None, "owned");
+        assert_eq!(decide(&owned, "p", "r1", || false), None, "owned");
         let mut leaving = orphan("r0");
         leaving.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
             ));
-        assert_eq!(decide(&leaving, "p", "r1", false), None, "terminating");
+        assert_eq!(decide(&leaving, "p", "r1", || false), None, "terminating");
     }
 }
