@@ -635,6 +635,37 @@ mod tests {
     }
 
     #[test]
+    fn a_group_hands_out_the_latest_version_of_each_member() {
+        let mut index = Indexes::default();
+        let pending = Arc::new(pod("a", &[(names::LABEL_POOL_NAME, "p")]));
+        index.pod_applied(&pending);
+        let mut running = pod("a", &[(names::LABEL_POOL_NAME, "p")]);
+        running.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            ..PodStatus::default()
+        });
+        let running = Arc::new(running);
+        index.pod_applied(&running);
+        let members = index.pods_by_pool.members("ns", "p");
+        assert_eq!(members.len(), 1);
+        assert!(
+            Arc::ptr_eq(&members[0], &running),
+            "the update replaced the cached pod"
+        );
+
+        let claim = Arc::new(batch("x", "p", None));
+        index.batch_applied(&claim);
+        let granted = Arc::new(batch("x", "p", Some(r#"{"pods":["a"]}"#)));
+        index.batch_applied(&granted);
+        let batches = index.batches_by_pool.members("ns", "p");
+        assert_eq!(batches.len(), 1);
+        assert!(
+            Arc::ptr_eq(&batches[0], &granted),
+            "the update replaced the cached batch"
+        );
+    }
+
+    #[test]
     fn a_status_write_is_no_change_for_the_batch_nor_its_pool() {
         let mut index = Indexes::default();
         let both = BatchChange {
