@@ -91,6 +91,11 @@ pub struct RunArgs {
     /// their pods are deleted (not recycled) and the deletion completes, with a Warning event.
     #[arg(long, default_value_t = 60)]
     pub cleanup_deadline_seconds: u64,
+    /// Pool status writes per second, shared by all Pools, for changes that only move a Pool's
+    /// counts (a changed condition is written at once). Each Pool's status is written at most once
+    /// a second; with many Pools changing at once, their counts lag by up to Pools / this.
+    #[arg(long, default_value_t = crate::controller::DEFAULT_POOL_STATUS_WRITES_PER_SECOND, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pool_status_writes_per_second: u32,
     /// Image of the task-executor sidecar injected into pods that run tasks.
     #[arg(
         long,
@@ -312,6 +317,7 @@ impl From<RunArgs> for RunConfig {
                 resync: Duration::from_secs(args.resync_seconds.max(1)),
                 fence: Default::default(),
                 cleanup_deadline: Duration::from_secs(args.cleanup_deadline_seconds),
+                pool_status_writes_per_second: args.pool_status_writes_per_second,
             },
             executor_key: match (
                 args.executor_signing_key_file,

@@ -43,6 +43,7 @@ use sandbox_domain::pods;
 use sandbox_policy::PolicyEngine;
 
 pub use metrics::ControllerMetrics;
+pub use pacing::DEFAULT_STATUS_WRITES_PER_SECOND as DEFAULT_POOL_STATUS_WRITES_PER_SECOND;
 pub use writes::{Target as WriteTarget, WriteCounter};
 
 /// How the controller behaves; set from the command line.
@@ -62,6 +63,8 @@ pub struct ControllerConfig {
     /// How long after its deletion a batch's cleanup waits for tasks to stop before it deletes
     /// their pods anyway.
     pub cleanup_deadline: Duration,
+    /// Pool status writes that only move counts, per second, shared by all pools.
+    pub pool_status_writes_per_second: u32,
 }
 
 /// Where pods get their task executor from, and how the controller talks to it.
@@ -129,6 +132,7 @@ impl Default for ControllerConfig {
             executor: ExecutorSettings::default(),
             fence: Default::default(),
             cleanup_deadline: Duration::from_secs(60),
+            pool_status_writes_per_second: pacing::DEFAULT_STATUS_WRITES_PER_SECOND,
         }
     }
 }
@@ -249,6 +253,7 @@ impl Context {
             controller: names::MANAGED_BY.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let status_writes_per_second = config.pool_status_writes_per_second;
         let index = index::CacheIndex::default();
         index.with(|index| {
             index.pods_relisted(stores.pods.state().iter());
@@ -268,7 +273,7 @@ impl Context {
             claims: Default::default(),
             grants_in_flight: Default::default(),
             index,
-            pacing: Default::default(),
+            pacing: pacing::Pacing::new(status_writes_per_second),
             idle_left: Default::default(),
             held_pods_gone: Default::default(),
             incarnation: incarnation(),

@@ -6,6 +6,13 @@
 //! the claims are served (or for at most [`MAX_SIZING_DEFERRAL`], so a steady stream of claims
 //! never starves refills), and the status, which only reports counts, is written at most once per
 //! [`STATUS_INTERVAL`], with whatever changed in between coalesced into that one write.
+//!
+//! A status write that only moves counts also takes a slot of a budget shared by all pools
+//! (`--pool-status-writes-per-second`): with many pools, claims spread over all of them would
+//! otherwise bring a status write per pool per interval, so the controller's status traffic would
+//! grow with the number of pools rather than with the claims. Under that load each pool's counts
+//! lag by up to pools / rate seconds. A change of condition, revision or observed generation
+//! skips the budget.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,12 +43,50 @@ pub enum StatusWrite {
     After(Duration),
 }
 
+/// Default of `--pool-status-writes-per-second`.
+pub const DEFAULT_STATUS_WRITES_PER_SECOND: u32 = 5;
+
+/// Slots for Pool status writes shared by all pools, evenly spaced: each reservation takes the
+/// next free one, so however many pools ask at once, the writes go out at the budget's rate.
+#[derive(Clone, Debug)]
+pub struct StatusBudget {
+    spacing: Duration,
+    next_free: Option<Instant>,
+}
+
+impl StatusBudget {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            spacing: Duration::from_secs(1) / per_second.max(1),
+            next_free: None,
+        }
+    }
+
+    /// The first free slot at or after `earliest`, now taken.
+    fn reserve(&mut self, earliest: Instant) -> Instant {
+        let slot = self.next_free.map_or(earliest, |free| free.max(earliest));
+        self.next_free = Some(slot + self.spacing);
+        slot
+    }
+}
+
+/// How far a status change reaches beyond the pool's own counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusChange {
+    /// Only counts moved: the write waits for its slot of the shared budget.
+    Counts,
+    /// A condition, the revision or the observed generation changed: what readers wait on.
+    State,
+}
+
 /// One pool's pacing state.
 #[derive(Clone, Debug, Default)]
 pub struct PoolPace {
     /// Since when sizing has been waiting behind claims.
     deferred_since: Option<Instant>,
     last_status_write: Option<Instant>,
+    /// The budget slot this pool's next counts-only write holds.
+    reserved_slot: Option<Instant>,
 }
 
 impl PoolPace {
@@ -62,36 +107,76 @@ impl PoolPace {
     }
 
     /// Whether a changed status may be written now; call [`Self::status_written`] once it was.
-    pub fn status(&self, now: Instant) -> StatusWrite {
-        match self.last_status_write {
-            Some(at) if now.saturating_duration_since(at) < STATUS_INTERVAL => {
-                StatusWrite::After(STATUS_INTERVAL - now.saturating_duration_since(at))
+    pub fn status(
+        &mut self,
+        now: Instant,
+        change: StatusChange,
+        budget: &mut StatusBudget,
+    ) -> StatusWrite {
+        let earliest = self
+            .last_status_write
+            .map_or(now, |at| (at + STATUS_INTERVAL).max(now));
+        let at = match change {
+            StatusChange::State => earliest,
+            StatusChange::Counts => {
+                // A slot left unused for an interval (the counts went back) is given up, so
+                // unused slots never add up to a burst of writes.
+                if self
+                    .reserved_slot
+                    .is_some_and(|slot| slot + STATUS_INTERVAL < now)
+                {
+                    self.reserved_slot = None;
+                }
+                *self
+                    .reserved_slot
+                    .get_or_insert_with(|| budget.reserve(earliest))
             }
-            _ => StatusWrite::Now,
+        };
+        if at <= now {
+            StatusWrite::Now
+        } else {
+            StatusWrite::After(at - now)
         }
     }
 
     pub fn status_written(&mut self, now: Instant) {
         self.last_status_write = Some(now);
+        self.reserved_slot = None;
     }
 }
 
-/// Pacing state of every pool this process reconciles.
-#[derive(Default)]
+/// Pacing state of every pool this process reconciles, and their shared status budget.
 pub struct Pacing {
-    inner: Mutex<HashMap<Key, PoolPace>>,
+    inner: Mutex<(HashMap<Key, PoolPace>, StatusBudget)>,
 }
 
 impl Pacing {
+    pub fn new(status_writes_per_second: u32) -> Self {
+        Self {
+            inner: Mutex::new((HashMap::new(), StatusBudget::new(status_writes_per_second))),
+        }
+    }
+
     pub fn with<T>(&self, pool: &Key, f: impl FnOnce(&mut PoolPace) -> T) -> T {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        f(inner.entry(pool.clone()).or_default())
+        f(inner.0.entry(pool.clone()).or_default())
+    }
+
+    /// [`PoolPace::status`] of `pool` against the shared budget.
+    pub fn status(&self, pool: &Key, now: Instant, change: StatusChange) -> StatusWrite {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (pools, budget) = &mut *inner;
+        pools
+            .entry(pool.clone())
+            .or_default()
+            .status(now, change, budget)
     }
 
     pub fn forget(&self, pool: &Key) {
         self.inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .0
             .remove(pool);
     }
 }
@@ -128,15 +213,111 @@ mod tests {
     }
 
     #[test]
-    fn status_writes_are_at_least_an_interval_apart() {
+    fn status_writes_of_a_pool_are_at_least_an_interval_apart() {
+        for change in [StatusChange::Counts, StatusChange::State] {
+            let start = Instant::now();
+            let mut budget = StatusBudget::new(1000);
+            let mut pace = PoolPace::default();
+            assert_eq!(
+                pace.status(start, change, &mut budget),
+                StatusWrite::Now,
+                "the first goes out"
+            );
+            pace.status_written(start);
+            assert_eq!(
+                pace.status(start + 300 * MS, change, &mut budget),
+                StatusWrite::After(STATUS_INTERVAL - 300 * MS),
+                "{change:?}"
+            );
+            assert_eq!(
+                pace.status(start + STATUS_INTERVAL, change, &mut budget),
+                StatusWrite::Now
+            );
+        }
+    }
+
+    #[test]
+    fn pools_changing_at_once_share_the_budget_one_slot_each() {
         let start = Instant::now();
-        let mut pace = PoolPace::default();
-        assert_eq!(pace.status(start), StatusWrite::Now, "the first goes out");
-        pace.status_written(start);
+        let mut budget = StatusBudget::new(5);
+        let mut pools = vec![PoolPace::default(); 50];
+        let waits: Vec<StatusWrite> = pools
+            .iter_mut()
+            .map(|p| p.status(start, StatusChange::Counts, &mut budget))
+            .collect();
+        assert_eq!(waits[0], StatusWrite::Now);
+        for (i, wait) in waits.iter().enumerate().skip(1) {
+            assert_eq!(*wait, StatusWrite::After(i as u32 * 200 * MS), "pool {i}");
+        }
+        // Asking again (an event woke the pool) keeps its place instead of queueing anew.
         assert_eq!(
-            pace.status(start + 300 * MS),
-            StatusWrite::After(STATUS_INTERVAL - 300 * MS)
+            pools[10].status(start + 100 * MS, StatusChange::Counts, &mut budget),
+            StatusWrite::After(1900 * MS)
         );
-        assert_eq!(pace.status(start + STATUS_INTERVAL), StatusWrite::Now);
+        assert_eq!(
+            pools[10].status(start + 2000 * MS, StatusChange::Counts, &mut budget),
+            StatusWrite::Now
+        );
+        // All 50 slots went out over ten seconds: the rate, whatever the number of pools.
+        let mut fresh = PoolPace::default();
+        assert_eq!(
+            fresh.status(start, StatusChange::Counts, &mut budget),
+            StatusWrite::After(10 * STATUS_INTERVAL)
+        );
+    }
+
+    #[test]
+    fn a_change_of_state_does_not_wait_for_the_budget() {
+        let start = Instant::now();
+        let mut budget = StatusBudget::new(1);
+        let mut busy = PoolPace::default();
+        assert_eq!(
+            busy.status(start, StatusChange::Counts, &mut budget),
+            StatusWrite::Now
+        );
+        let mut pace = PoolPace::default();
+        assert_eq!(
+            pace.status(start, StatusChange::Counts, &mut budget),
+            StatusWrite::After(STATUS_INTERVAL)
+        );
+        assert_eq!(
+            pace.status(start + MS, StatusChange::State, &mut budget),
+            StatusWrite::Now,
+            "a condition that changed is written at once"
+        );
+        pace.status_written(start + MS);
+        // Its slot went with that write: the next counts change queues for a new one, behind
+        // the slot it held (start + 1 s).
+        assert_eq!(
+            pace.status(
+                start + STATUS_INTERVAL + MS,
+                StatusChange::Counts,
+                &mut budget
+            ),
+            StatusWrite::After(STATUS_INTERVAL - MS)
+        );
+    }
+
+    #[test]
+    fn a_slot_left_unused_is_given_up_rather_than_saved() {
+        let start = Instant::now();
+        let mut budget = StatusBudget::new(10);
+        let mut pace = PoolPace::default();
+        assert_eq!(
+            pace.status(start, StatusChange::Counts, &mut budget),
+            StatusWrite::Now
+        );
+        // The counts went back, so nothing was written; much later they move again.
+        let later = start + 5 * STATUS_INTERVAL;
+        let mut other = PoolPace::default();
+        assert_eq!(
+            other.status(later, StatusChange::Counts, &mut budget),
+            StatusWrite::Now
+        );
+        assert_eq!(
+            pace.status(later, StatusChange::Counts, &mut budget),
+            StatusWrite::After(100 * MS),
+            "the old slot is not spent now, beside another pool's"
+        );
     }
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::index::Key;
-use super::pacing::{Sizing, StatusWrite};
+use super::pacing::{Sizing, StatusChange, StatusWrite};
 use super::{Context, Error, ledger_of, policy_selector, released_of};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_domain::allocation::{self, AllocStatus, Demand, Grant};
@@ -726,7 +726,8 @@ async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action
 }
 
 /// Writes the pool's status if it changed, at most once per [`super::pacing::STATUS_INTERVAL`]
-/// (a draining pool's at once). Returns when a change held back is due.
+/// and, for a change of counts only, in a slot of the budget all pools share (a draining pool's
+/// at once). Returns when a change held back is due.
 async fn write_status(
     pool: &Pool,
     ctx: &Context,
@@ -793,16 +794,17 @@ async fn write_status(
     // The cached status may trail this process's own last write (a lagging watch): skipping on
     // it alone could leave a stale count in place, so the last write counts too.
     let uid = pool.uid().unwrap_or_default();
+    let last_written = ctx.pool_statuses.last(&uid);
     let unchanged = same_status(&status, &previous)
-        && ctx
-            .pool_statuses
-            .last(&uid)
-            .is_none_or(|last| same_status(&status, &last));
+        && last_written
+            .as_ref()
+            .is_none_or(|last| same_status(&status, last));
     if unchanged {
         return Ok(None);
     }
+    let change = status_change(&status, last_written.as_ref().unwrap_or(&previous));
     let now = std::time::Instant::now();
-    if paced && let StatusWrite::After(due) = ctx.pacing.with(&observed.key(), |p| p.status(now)) {
+    if paced && let StatusWrite::After(due) = ctx.pacing.status(&observed.key(), now, change) {
         return Ok(Some(due));
     }
     ctx.pool_statuses.record(uid, status.clone());
@@ -816,6 +818,18 @@ async fn write_status(
         p.status_written(std::time::Instant::now())
     });
     Ok(None)
+}
+
+/// Whether `status` differs from `before` in more than counts (see [`StatusChange`]).
+fn status_change(status: &PoolStatus, before: &PoolStatus) -> StatusChange {
+    if status.observed_generation == before.observed_generation
+        && status.revision == before.revision
+        && conditions::same_states(&status.conditions, &before.conditions)
+    {
+        StatusChange::Counts
+    } else {
+        StatusChange::State
+    }
 }
 
 /// Whether two statuses say the same (condition timestamps aside).

@@ -1391,7 +1391,11 @@ async fn a_pool_status_trailing_in_the_cache_does_not_hide_new_counts() {
             batches,
             pools: store(vec![idle_reported.clone()]),
         },
-        test_config(),
+        // Status writes are paced; this test is about what is compared, not when.
+        ControllerConfig {
+            pool_status_writes_per_second: u32::MAX,
+            ..test_config()
+        },
     ));
     pool::reconcile(Arc::new(idle_reported.clone()), ctx.clone())
         .await
@@ -1399,7 +1403,6 @@ async fn a_pool_status_trailing_in_the_cache_does_not_hide_new_counts() {
     // The batch is gone; the pool cache still shows the old idle status.
     batch_writer.apply_watcher_event(&watcher::Event::Delete(holder.clone()));
     ctx.index.with(|i| i.batch_deleted(&holder));
-    // Status writes are paced; this test is about what is compared, not when.
     ctx.pacing.forget(&index::Key::new(
         NS,
         &kube::ResourceExt::name_any(&idle_reported),
@@ -1414,6 +1417,87 @@ async fn a_pool_status_trailing_in_the_cache_does_not_hide_new_counts() {
         .map(|w| w.body["status"]["allocated"].clone())
         .collect();
     assert_eq!(allocated, [json!(1), json!(0)], "the release is reported");
+}
+
+/// A Pool status that only moves counts waits for its slot of the budget all pools share, and
+/// its reconcile comes back for it; one that flips a condition is written at once.
+#[tokio::test]
+async fn a_counts_only_pool_status_waits_for_the_shared_budget_a_condition_flip_does_not() {
+    // bufferMin 0: the pool stays Ready when its one pod is taken; bufferMin 1: it does not.
+    for (buffer_min, flips) in [(0, false), (1, true)] {
+        let pool = pool([buffer_min, 1, 1, 1]);
+        let idle = pool_pod(&pool, "p-a", "127.1.1.2");
+        let first = RecordedApi::default();
+        first.object(pool_path(), &pool);
+        pool::reconcile(
+            Arc::new(pool.clone()),
+            context(&first, vec![idle.clone()], vec![], vec![pool.clone()]),
+        )
+        .await
+        .expect("the first reconcile succeeds");
+        let mut reported = pool.clone();
+        reported.status = Some(
+            serde_json::from_value(first.writes()[0].body["status"].clone())
+                .expect("a pool status"),
+        );
+
+        let holder = with_ledger(batch_created("holder", 1, "5", 0), &["p-a"]);
+        let api = RecordedApi::default();
+        api.object(pool_path(), &reported);
+        let config = ControllerConfig {
+            pool_status_writes_per_second: 1,
+            ..test_config()
+        };
+        let ctx = Arc::new(context_from(
+            &api,
+            Stores {
+                pods: store(vec![idle]),
+                batches: store(vec![holder]),
+                pools: store(vec![reported.clone()]),
+            },
+            config.clone(),
+        ));
+        // Another pool has just taken the budget's slot.
+        let now = std::time::Instant::now();
+        let other = index::Key::new(NS, "other");
+        assert_eq!(
+            ctx.pacing.status(&other, now, pacing::StatusChange::Counts),
+            pacing::StatusWrite::Now
+        );
+        let action = pool::reconcile(Arc::new(reported), ctx.clone())
+            .await
+            .expect("the reconcile succeeds");
+        let status_writes: Vec<Value> = api
+            .writes()
+            .iter()
+            .filter(|w| w.path == pool_status_path())
+            .map(|w| w.body["status"]["allocated"].clone())
+            .collect();
+        if flips {
+            assert_eq!(status_writes, [json!(1)], "the flip to WarmingUp goes out");
+        } else {
+            assert_eq!(status_writes, Vec::<Value>::new(), "the counts wait");
+            assert_ne!(
+                action,
+                Action::requeue(config.resync),
+                "the reconcile comes back for its slot"
+            );
+            let key = index::Key::new(NS, "p");
+            match ctx.pacing.status(
+                &key,
+                std::time::Instant::now(),
+                pacing::StatusChange::Counts,
+            ) {
+                pacing::StatusWrite::After(due) => assert!(
+                    due <= std::time::Duration::from_secs(1),
+                    "the pool holds the next slot: {due:?}"
+                ),
+                pacing::StatusWrite::Now => {
+                    panic!("the slot after the other pool's is not due yet")
+                }
+            }
+        }
+    }
 }
 
 /// Pods a Pool of the same name left behind (deleted with `--cascade=orphan`) are taken back by

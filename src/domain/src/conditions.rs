@@ -58,12 +58,17 @@ pub fn merge(
 
 /// Whether two condition lists say the same thing (ignoring transition times).
 pub fn same(a: &[Condition], b: &[Condition]) -> bool {
+    same_states(a, b) && a.iter().zip(b).all(|(x, y)| x.message == y.message)
+}
+
+/// Whether two condition lists report the same states: types, statuses, reasons and observed
+/// generations, messages aside (a message may carry counts that change all the time).
+pub fn same_states(a: &[Condition], b: &[Condition]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             x.type_ == y.type_
                 && x.status == y.status
                 && x.reason == y.reason
-                && x.message == y.message
                 && x.observed_generation == y.observed_generation
         })
 }
@@ -99,5 +104,33 @@ mod tests {
         );
         assert_eq!(flipped[0].last_transition_time, time(3));
         assert!(!same(&first, &flipped));
+    }
+
+    #[test]
+    fn states_differ_by_status_reason_or_generation_not_by_message() {
+        let ready = |status: bool, reason: &str, message: &str, generation: i64| {
+            merge(
+                &[],
+                &[Desired::new("Ready", status, reason, message)],
+                &time(1),
+                generation,
+            )
+        };
+        let base = ready(true, "BufferFilled", "3 idle", 1);
+        assert!(same_states(
+            &base,
+            &ready(true, "BufferFilled", "4 idle", 1)
+        ));
+        assert!(!same(&base, &ready(true, "BufferFilled", "4 idle", 1)));
+        assert!(!same_states(
+            &base,
+            &ready(false, "BufferFilled", "3 idle", 1)
+        ));
+        assert!(!same_states(&base, &ready(true, "WarmingUp", "3 idle", 1)));
+        assert!(!same_states(
+            &base,
+            &ready(true, "BufferFilled", "3 idle", 2)
+        ));
+        assert!(!same_states(&base, &[]));
     }
 }
