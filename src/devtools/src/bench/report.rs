@@ -213,6 +213,11 @@ pub struct ScaleReport {
     /// Background claims and releases completed while measuring.
     pub churn_claims: usize,
     pub churn_releases: usize,
+    /// From the churn's start until, after the phases, every pool's status shows its live
+    /// batches again: the cost of claims and releases flowing, divided over every sandbox claimed
+    /// (the phases' and the churn's), status writes that trailed the claims included.
+    #[serde(default)]
+    pub flowing: PhaseCost,
     pub run: RunFigures,
     pub aggregate: Aggregate,
     pub memory: Memory,

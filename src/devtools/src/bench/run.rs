@@ -1,6 +1,7 @@
 //! The scenes and their phases, against a live cluster and one controller process the bench
 //! starts itself.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -557,13 +558,37 @@ impl Bench {
             live_ms / 1000.0
         );
 
+        let flow_start = self.snapshot().await?;
         let (stop, stopped) = watch::channel(false);
         let churn = self.start_churn(live, &pool_names, s.churn_per_second, stopped);
         let measured = self.scale_phases(s, &pool_names).await;
         // Stopped between operations, so no create is cut off half-sent.
         let _ = stop.send(true);
-        churn.await.context("the churn task failed")?;
+        let live_per_pool = churn.await.context("the churn task failed")?;
         let run = measured?;
+        // The flow's window closes once every pool's status shows its live batches again, so
+        // status writes held back while claims flowed are counted too.
+        {
+            let mut rx = self.pool_state.clone();
+            wait_for(
+                &mut rx,
+                "every pool's status showing its live batches",
+                Duration::from_secs(120),
+                |st| {
+                    pool_names.iter().all(|p| {
+                        st.counts.get(p).is_some_and(|c| {
+                            c.allocated == live_per_pool.get(p).copied().unwrap_or_default()
+                        })
+                    })
+                },
+            )
+            .await?;
+        }
+        let flow_end = self.snapshot().await?;
+        let sandboxes_claimed = run.burst.samples.len()
+            + run.sequential.samples.len()
+            + if run.batch100.is_some() { 100 } else { 0 };
+        let flowing = self.cost(&flow_start, &flow_end, sandboxes_claimed);
         let memory = self.memory()?;
         Ok(ScaleReport {
             pools: s.pools,
@@ -575,6 +600,7 @@ impl Bench {
             live_ms,
             churn_claims: self.churn.claims.load(Ordering::Relaxed),
             churn_releases: self.churn.releases.load(Ordering::Relaxed),
+            flowing,
             aggregate: Aggregate::of(std::slice::from_ref(&run)),
             run,
             memory,
@@ -608,30 +634,47 @@ impl Bench {
     }
 
     /// Releases the oldest live batch and claims a new one on the same pool, `per_second`
-    /// times a second, until `stop` turns true.
+    /// times a second, until `stop` turns true. Returns the live batches of each pool then.
     fn start_churn(
         &self,
-        mut live: Vec<String>,
+        live: Vec<String>,
         pools: &[String],
         per_second: f64,
         mut stop: watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> tokio::task::JoinHandle<HashMap<String, i32>> {
         let batches = self.batches.clone();
         let churn = self.churn.clone();
         let pools = pools.to_vec();
         let period = Duration::from_secs_f64(1.0 / per_second.max(0.01));
+        // Slot i holds a batch of pool i % pools, or none once a claim failed.
+        let mut live: Vec<Option<String>> = live.into_iter().map(Some).collect();
+        let names = pools.clone();
+        let live_per_pool = move |live: &[Option<String>]| {
+            let mut counts: HashMap<String, i32> = HashMap::new();
+            for (slot, batch) in live.iter().enumerate() {
+                if batch.is_some() {
+                    *counts.entry(names[slot % names.len()].clone()).or_default() += 1;
+                }
+            }
+            counts
+        };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             for round in 0usize.. {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.wait_for(|stop| *stop) => return,
+                    _ = stop.wait_for(|stop| *stop) => break,
                 }
-                let slot = round % live.len().max(1);
-                let Some(old) = live.get(slot).cloned() else {
-                    return;
-                };
-                if batches.delete(&old, &DeleteParams::default()).await.is_ok() {
+                if live.is_empty() {
+                    break;
+                }
+                let slot = round % live.len();
+                if let Some(old) = &live[slot] {
+                    if let Err(e) = batches.delete(old, &DeleteParams::default()).await {
+                        // Still live: the slot keeps it and this round claims nothing.
+                        tracing::warn!("churn release {old}: {e}");
+                        continue;
+                    }
                     churn.releases.fetch_add(1, Ordering::Relaxed);
                 }
                 let name = format!("churn-{round}");
@@ -642,11 +685,15 @@ impl Bench {
                 {
                     Ok(_) => {
                         churn.claims.fetch_add(1, Ordering::Relaxed);
-                        live[slot] = name;
+                        live[slot] = Some(name);
                     }
-                    Err(e) => tracing::warn!("churn claim {name}: {e}"),
+                    Err(e) => {
+                        tracing::warn!("churn claim {name}: {e}");
+                        live[slot] = None;
+                    }
                 }
             }
+            live_per_pool(&live)
         })
     }
 
@@ -998,5 +1045,11 @@ fn print_scale(s: &ScaleReport) {
         s.total_ms / 1000.0
     );
     print_aggregate(&s.aggregate);
+    println!(
+        "while claims flowed, until every pool's status caught up ({:.1} s): controller CPU per sandbox claimed {:.2} ms; controller writes per sandbox claimed: {}",
+        s.flowing.wall_ms / 1000.0,
+        s.flowing.cpu_per_claim_ms,
+        fmt_counts(&s.flowing.controller_writes_per_claim)
+    );
     print_memory(&s.memory);
 }
