@@ -236,8 +236,7 @@ fn pool_fingerprint(pool: &Pool) -> u64 {
         &pool.metadata.uid,
         pool.metadata.generation,
         pool.metadata.deletion_timestamp.is_some(),
-        status.available == 0,
-        status.total >= pool.spec.capacity_spec.pool_max,
+        status.headroom(pool.spec.capacity_spec.pool_max),
     ))
 }
 

@@ -802,7 +802,11 @@ async fn write_status(
     if unchanged {
         return Ok(None);
     }
-    let change = status_change(&status, last_written.as_ref().unwrap_or(&previous));
+    let change = status_change(
+        &status,
+        last_written.as_ref().unwrap_or(&previous),
+        pool.spec.capacity_spec.pool_max,
+    );
     let now = std::time::Instant::now();
     if paced && let StatusWrite::After(due) = ctx.pacing.status(&observed.key(), now, change) {
         return Ok(Some(due));
@@ -820,11 +824,13 @@ async fn write_status(
     Ok(None)
 }
 
-/// Whether `status` differs from `before` in more than counts (see [`StatusChange`]).
-fn status_change(status: &PoolStatus, before: &PoolStatus) -> StatusChange {
+/// Whether `status` differs from `before` in more than counts (see [`StatusChange`]). Running
+/// out of idle pods or reaching `poolMax` counts as more: the pool's batches report it.
+fn status_change(status: &PoolStatus, before: &PoolStatus, pool_max: i32) -> StatusChange {
     if status.observed_generation == before.observed_generation
         && status.revision == before.revision
         && conditions::same_states(&status.conditions, &before.conditions)
+        && status.headroom(pool_max) == before.headroom(pool_max)
     {
         StatusChange::Counts
     } else {
@@ -845,4 +851,66 @@ fn same_status(a: &PoolStatus, b: &PoolStatus) -> bool {
 
 fn non_negative(value: i32) -> u32 {
     u32::try_from(value).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(total: i32, allocated: i32, available: i32) -> PoolStatus {
+        PoolStatus {
+            observed_generation: 1,
+            revision: "r1".into(),
+            total,
+            allocated,
+            available,
+            conditions: conditions::merge(
+                &[],
+                &[Desired::new(
+                    "Ready",
+                    true,
+                    "BufferFilled",
+                    format!("{available} idle"),
+                )],
+                &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+                1,
+            ),
+            ..PoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn only_counts_moving_within_the_same_headroom_is_a_counts_change() {
+        let before = status(10, 3, 7);
+        assert_eq!(
+            status_change(&status(10, 4, 6), &before, 20),
+            StatusChange::Counts,
+            "a condition message carrying the count is still counts"
+        );
+        assert_eq!(
+            status_change(&status(10, 10, 0), &before, 20),
+            StatusChange::State,
+            "out of idle pods"
+        );
+        assert_eq!(
+            status_change(&status(20, 3, 17), &before, 20),
+            StatusChange::State,
+            "at poolMax"
+        );
+        let mut next_generation = status(10, 3, 7);
+        next_generation.observed_generation = 2;
+        assert_eq!(
+            status_change(&next_generation, &before, 20),
+            StatusChange::State
+        );
+        let mut new_revision = status(10, 3, 7);
+        new_revision.revision = "r2".into();
+        assert_eq!(
+            status_change(&new_revision, &before, 20),
+            StatusChange::State
+        );
+        let mut not_ready = status(10, 3, 7);
+        not_ready.conditions[0].status = "False".into();
+        assert_eq!(status_change(&not_ready, &before, 20), StatusChange::State);
+    }
 }

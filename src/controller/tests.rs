@@ -1423,15 +1423,19 @@ async fn a_pool_status_trailing_in_the_cache_does_not_hide_new_counts() {
 /// its reconcile comes back for it; one that flips a condition is written at once.
 #[tokio::test]
 async fn a_counts_only_pool_status_waits_for_the_shared_budget_a_condition_flip_does_not() {
-    // bufferMin 0: the pool stays Ready when its one pod is taken; bufferMin 1: it does not.
-    for (buffer_min, flips) in [(0, false), (1, true)] {
-        let pool = pool([buffer_min, 1, 1, 1]);
-        let idle = pool_pod(&pool, "p-a", "127.1.1.2");
+    // One of two idle pods is taken. bufferMin 0: the pool stays Ready with an idle pod left;
+    // bufferMin 2: it is not Ready any more.
+    for (buffer_min, flips) in [(0, false), (2, true)] {
+        let pool = pool([buffer_min, 2, 2, 2]);
+        let idle = vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+        ];
         let first = RecordedApi::default();
         first.object(pool_path(), &pool);
         pool::reconcile(
             Arc::new(pool.clone()),
-            context(&first, vec![idle.clone()], vec![], vec![pool.clone()]),
+            context(&first, idle.clone(), vec![], vec![pool.clone()]),
         )
         .await
         .expect("the first reconcile succeeds");
@@ -1451,7 +1455,7 @@ async fn a_counts_only_pool_status_waits_for_the_shared_budget_a_condition_flip_
         let ctx = Arc::new(context_from(
             &api,
             Stores {
-                pods: store(vec![idle]),
+                pods: store(idle),
                 batches: store(vec![holder]),
                 pools: store(vec![reported.clone()]),
             },
