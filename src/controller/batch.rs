@@ -989,7 +989,7 @@ fn pool_situation(batch: &BatchSandbox, ctx: &Context, shards: &[ShardView]) -> 
             let status = p.status.clone().unwrap_or_default();
             let short = shards.iter().any(|s| !s.has_pod);
             let pool_max = p.spec.capacity_spec.pool_max;
-            if short && status.exhausted(pool_max) {
+            if short && status.headroom(pool_max).exhausted {
                 PoolSituation::Exhausted { pool, pool_max }
             } else {
                 PoolSituation::Fine

@@ -228,8 +228,7 @@ fn object_fingerprint(batch: &BatchSandbox) -> u64 {
 }
 
 /// A hash of what a pool's batches read of it: whether it exists as this object, its spec (by
-/// its generation), its deletion, whether it has run out of idle pods (a batch it could not
-/// serve then reports itself pending), and whether it is exhausted (at `poolMax` as well).
+/// its generation), its deletion, and its status's headroom (out of idle pods, exhausted).
 fn pool_fingerprint(pool: &Pool) -> u64 {
     let status = pool.status.clone().unwrap_or_default();
     hash_of((
@@ -757,6 +756,11 @@ mod tests {
         assert!(index.pool_applied(&pool), "no longer exhausted");
         pool.status = Some(counts(2, 2));
         assert!(!index.pool_applied(&pool), "only counts changed");
+        pool.status = Some(counts(1, 1));
+        assert!(
+            !index.pool_applied(&pool),
+            "below poolMax again, with an idle pod left"
+        );
         pool.metadata.generation = Some(2);
         assert!(index.pool_applied(&pool), "a spec change");
         index.pool_deleted(&pool);

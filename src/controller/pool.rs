@@ -825,7 +825,7 @@ async fn write_status(
 }
 
 /// Whether `status` differs from `before` in more than counts (see [`StatusChange`]). Running
-/// out of idle pods or reaching `poolMax` counts as more: the pool's batches report it.
+/// out of idle pods counts as more (with or without room to grow): the pool's batches report it.
 fn status_change(status: &PoolStatus, before: &PoolStatus, pool_max: i32) -> StatusChange {
     if status.observed_generation == before.observed_generation
         && status.revision == before.revision
@@ -894,8 +894,14 @@ mod tests {
         );
         assert_eq!(
             status_change(&status(20, 3, 17), &before, 20),
+            StatusChange::Counts,
+            "reaching poolMax with idle pods left"
+        );
+        let out_of_idle = status(10, 10, 0);
+        assert_eq!(
+            status_change(&status(20, 20, 0), &out_of_idle, 20),
             StatusChange::State,
-            "at poolMax"
+            "out of idle pods, and now at poolMax: exhausted"
         );
         let mut next_generation = status(10, 3, 7);
         next_generation.observed_generation = 2;

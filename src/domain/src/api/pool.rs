@@ -213,27 +213,22 @@ pub struct PoolStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// What the pool's batches read of its status: whether idle pods are left, and room to grow.
+/// What the pool's batches read of its status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Headroom {
     /// No idle Running and Ready pod: a batch the pool could not serve reports itself pending.
     pub out_of_idle: bool,
-    /// `total` has reached `poolMax`.
-    pub at_pool_max: bool,
+    /// Out of idle pods at `poolMax` as well: a batch short of pods waits for a release.
+    pub exhausted: bool,
 }
 
 impl PoolStatus {
     pub fn headroom(&self, pool_max: i32) -> Headroom {
+        let out_of_idle = self.available == 0;
         Headroom {
-            out_of_idle: self.available == 0,
-            at_pool_max: self.total >= pool_max,
+            out_of_idle,
+            exhausted: out_of_idle && self.total >= pool_max,
         }
-    }
-
-    /// No idle pod left and no room to grow: a batch short of pods waits for a release.
-    pub fn exhausted(&self, pool_max: i32) -> bool {
-        let headroom = self.headroom(pool_max);
-        headroom.out_of_idle && headroom.at_pool_max
     }
 }
 
