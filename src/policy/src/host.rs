@@ -296,6 +296,20 @@ pub struct WasmHost {
 /// a slot rather than failing.
 pub const CONCURRENT_CALLS: u32 = 64;
 
+/// Slots of [`CONCURRENT_CALLS`] that only the embedded defaults may take. Their decisions run on
+/// the controller's reconciling threads (one call each at a time), and custom policies, any of
+/// which may use its whole time limit, must not make those threads wait for a slot.
+pub const RESERVED_FOR_DEFAULTS: u32 = 16;
+
+/// Whose policy a call runs, for [`RESERVED_FOR_DEFAULTS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallClass {
+    /// An embedded default policy: takes any free slot.
+    Default,
+    /// A custom policy: leaves the reserved slots free.
+    Custom,
+}
+
 /// How much of a slot's memory and tables is reset in place instead of handed back to the
 /// kernel, where the kernel can tell which pages a call wrote (Linux 6.7+, `PAGEMAP_SCAN`).
 /// Without that, keeping memory resident would mean a memset of all of it after every call.
@@ -324,26 +338,36 @@ fn pooling(limits: &Limits, reset_in_place: bool) -> PoolingAllocationConfig {
     pool
 }
 
-/// A counting semaphore for [`CONCURRENT_CALLS`]; callers are blocking threads.
+/// A counting semaphore for [`CONCURRENT_CALLS`], with [`RESERVED_FOR_DEFAULTS`] of them kept
+/// from custom policies; callers block their thread while they wait.
 struct CallSlots {
     free: Mutex<u32>,
     freed: Condvar,
+    reserved: u32,
 }
 
 impl CallSlots {
-    fn new(count: u32) -> Self {
+    fn new(count: u32, reserved: u32) -> Self {
         Self {
             free: Mutex::new(count),
             freed: Condvar::new(),
+            reserved: reserved.min(count.saturating_sub(1)),
         }
     }
 
-    fn acquire(&self) -> CallSlot<'_> {
+    fn may_take(&self, free: u32, class: CallClass) -> bool {
+        match class {
+            CallClass::Default => free > 0,
+            CallClass::Custom => free > self.reserved,
+        }
+    }
+
+    fn acquire(&self, class: CallClass) -> CallSlot<'_> {
         let mut free = self
             .free
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        while *free == 0 {
+        while !self.may_take(*free, class) {
             free = self
                 .freed
                 .wait(free)
@@ -351,6 +375,18 @@ impl CallSlots {
         }
         *free -= 1;
         CallSlot(self)
+    }
+
+    #[cfg(test)]
+    fn try_acquire(&self, class: CallClass) -> Option<CallSlot<'_>> {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.may_take(*free, class).then(|| {
+            *free -= 1;
+            CallSlot(self)
+        })
     }
 }
 
@@ -364,7 +400,9 @@ impl Drop for CallSlot<'_> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *free += 1;
-        self.0.freed.notify_one();
+        // Waiters differ in what they may take: a default may be waiting behind a custom call
+        // that cannot use this slot, so all are woken to look.
+        self.0.freed.notify_all();
     }
 }
 
@@ -379,7 +417,7 @@ impl WasmHost {
             engine,
             limits,
             compiled: Mutex::new(HashMap::new()),
-            slots: CallSlots::new(CONCURRENT_CALLS),
+            slots: CallSlots::new(CONCURRENT_CALLS, RESERVED_FOR_DEFAULTS),
             _ticker: ticker,
         })
     }
@@ -508,33 +546,90 @@ impl WasmHost {
         decision: Decision,
         settings: &str,
     ) -> Result<(), CallError> {
-        crate::with_kind!(decision, |K| self.run::<K, _>(policy, |pre, store| {
-            K::validate_settings(pre, store, settings)
-        }))
+        crate::with_kind!(decision, |K| self.run::<K, _>(
+            policy,
+            CallClass::Custom,
+            |pre, store| K::validate_settings(pre, store, settings)
+        ))
     }
 
     /// The policy's raw decision of kind `K` (not yet checked against its input).
     pub fn decide<K: DecisionKind>(
         &self,
         policy: &CompiledPolicy,
+        class: CallClass,
         settings: &str,
         input: &K::Input,
     ) -> Result<K::Output, CallError> {
-        self.run::<K, _>(policy, |pre, store| K::call(pre, store, settings, input))
+        self.run::<K, _>(policy, class, |pre, store| {
+            K::call(pre, store, settings, input)
+        })
     }
 
     /// One call into a fresh instance of `policy`'s `K` world, its failure classified.
     fn run<K: DecisionKind, T>(
         &self,
         policy: &CompiledPolicy,
+        class: CallClass,
         call: impl FnOnce(&K::Pre, &mut Store<CallState>) -> GuestResult<T>,
     ) -> Result<T, CallError> {
         let pre = K::pre_of(&policy.exports).ok_or(CallError::WrongWorld(K::DECISION))?;
         // Declared first, so the slot is given back only after the store is dropped.
-        let _slot = self.slots.acquire();
+        let _slot = self.slots.acquire(class);
         let mut store = self.store();
         call(pre, &mut store)
             .map_err(|e| self.classify(e))?
             .map_err(|e| CallError::Refused(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_calls_leave_the_reserved_slots_to_the_defaults() {
+        let slots = CallSlots::new(4, 2);
+        let custom: Vec<_> = (0..2)
+            .map(|_| slots.try_acquire(CallClass::Custom))
+            .collect();
+        assert!(custom.iter().all(Option::is_some));
+        assert!(
+            slots.try_acquire(CallClass::Custom).is_none(),
+            "the last two slots are the defaults'"
+        );
+        let first = slots.try_acquire(CallClass::Default);
+        let second = slots.try_acquire(CallClass::Default);
+        assert!(first.is_some() && second.is_some());
+        assert!(slots.try_acquire(CallClass::Default).is_none(), "all taken");
+        drop(first);
+        assert!(
+            slots.try_acquire(CallClass::Custom).is_none(),
+            "a freed reserved slot stays the defaults'"
+        );
+        drop(custom);
+        assert!(slots.try_acquire(CallClass::Custom).is_some());
+    }
+
+    #[test]
+    fn a_default_waiting_for_a_slot_gets_one_when_a_call_ends() {
+        let slots = Arc::new(CallSlots::new(2, 1));
+        let custom = slots.try_acquire(CallClass::Custom);
+        assert!(custom.is_some());
+        let last = slots.try_acquire(CallClass::Default);
+        assert!(last.is_some());
+        let (took, taken) = std::sync::mpsc::channel();
+        let waiter = {
+            let slots = slots.clone();
+            std::thread::spawn(move || {
+                let _slot = slots.acquire(CallClass::Default);
+                took.send(()).expect("the test is listening");
+            })
+        };
+        drop(last);
+        taken
+            .recv()
+            .expect("the waiting default got the freed slot");
+        waiter.join().expect("the waiter finished");
     }
 }

@@ -21,7 +21,7 @@ pub mod wasm;
 #[cfg(test)]
 mod tests;
 
-pub use host::{CallError, Limits, LoadError, WasmHost};
+pub use host::{CallClass, CallError, Limits, LoadError, WasmHost};
 pub use kind::DecisionKind;
 pub use metrics::{DegradedReason, PolicyMetrics};
 pub use registry::{PolicyRegistry, RegistryConfig};

@@ -18,7 +18,7 @@ use sandbox_decisions::tasks::{
 };
 
 use crate::embedded;
-use crate::host::{CallError, Limits, LoadError};
+use crate::host::{CallClass, CallError, Limits, LoadError};
 use crate::kind::ShardTasksKind;
 use crate::registry::{self, PolicyRegistry, RegistryConfig};
 use crate::wasm::{PolicyInput, Source, WasmPolicies};
@@ -337,7 +337,7 @@ proptest! {
     #[test]
     fn default_shard_tasks_compute_native_merge_even_for_inputs_admission_rejects(batch in arb_batch(false)) {
         let policies = shared();
-        let raw = policies.host().decide::<ShardTasksKind>(policies.default_policy(Decision::ShardTasks), "{}", &batch);
+        let raw = policies.host().decide::<ShardTasksKind>(policies.default_policy(Decision::ShardTasks), CallClass::Default, "{}", &batch);
         prop_assert_eq!(raw, Ok(Some(template_merge(&batch))));
     }
 

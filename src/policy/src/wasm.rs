@@ -15,7 +15,7 @@ use sandbox_decisions::selection::{SelectionDecision, SelectionInput};
 use sandbox_decisions::sizing::{PoolSnapshot, SizingDecision};
 
 use crate::embedded;
-use crate::host::{CallError, CompiledPolicy, HostError, Limits, LoadError, WasmHost};
+use crate::host::{CallClass, CallError, CompiledPolicy, HostError, Limits, LoadError, WasmHost};
 use crate::kind::{DecisionKind, Expiry, PoolSelection, PoolSizing, ShardTasksKind};
 use crate::metrics::{DegradedReason, PolicyMetrics};
 use crate::{
@@ -375,9 +375,14 @@ impl WasmPolicies {
         let decision = K::DECISION;
         self.metrics.decided(decision);
         let chosen = self.choose(decision, selector);
+        let class = if Arc::ptr_eq(&chosen.policy, self.default_policy(decision)) {
+            CallClass::Default
+        } else {
+            CallClass::Custom
+        };
         let result = self
             .host
-            .decide::<K>(&chosen.policy, &chosen.settings, input)
+            .decide::<K>(&chosen.policy, class, &chosen.settings, input)
             .and_then(|answer| match K::check(input, &answer) {
                 Ok(()) => Ok(answer),
                 Err(why) => Err(CallError::InvalidOutput(why)),
