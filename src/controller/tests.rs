@@ -322,6 +322,15 @@ fn pool_status_path() -> String {
     format!("{}/status", pool_path())
 }
 
+/// The `allocated` count of each Pool status write, in order.
+fn pool_status_allocated(api: &RecordedApi) -> Vec<Value> {
+    api.writes()
+        .iter()
+        .filter(|w| w.path == pool_status_path())
+        .map(|w| w.body["status"]["allocated"].clone())
+        .collect()
+}
+
 /// A Pool reconcile, and the grant writes it sent in the background until they are settled.
 async fn reconcile_pool(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let result = pool::reconcile(pool, ctx.clone()).await;
@@ -1410,13 +1419,11 @@ async fn a_pool_status_trailing_in_the_cache_does_not_hide_new_counts() {
     pool::reconcile(Arc::new(idle_reported), ctx)
         .await
         .expect("the reconcile succeeds");
-    let allocated: Vec<Value> = api
-        .writes()
-        .iter()
-        .filter(|w| w.path == pool_status_path())
-        .map(|w| w.body["status"]["allocated"].clone())
-        .collect();
-    assert_eq!(allocated, [json!(1), json!(0)], "the release is reported");
+    assert_eq!(
+        pool_status_allocated(&api),
+        [json!(1), json!(0)],
+        "the release is reported"
+    );
 }
 
 /// A Pool status that only moves counts waits for its slot of the budget all pools share, and
@@ -1471,12 +1478,7 @@ async fn a_counts_only_pool_status_waits_for_the_shared_budget_a_condition_flip_
         let action = pool::reconcile(Arc::new(reported), ctx.clone())
             .await
             .expect("the reconcile succeeds");
-        let status_writes: Vec<Value> = api
-            .writes()
-            .iter()
-            .filter(|w| w.path == pool_status_path())
-            .map(|w| w.body["status"]["allocated"].clone())
-            .collect();
+        let status_writes = pool_status_allocated(&api);
         if flips {
             assert_eq!(status_writes, [json!(1)], "the flip to WarmingUp goes out");
         } else {
