@@ -170,13 +170,13 @@ impl Expectations {
     }
 
     /// Returns (creations not yet in the cache, deletions whose pod the cache still shows as live).
-    /// `live` holds the names of the owner's pods the cache shows as live (not terminating).
-    /// `known` holds all names in the cache, terminating or not.
+    /// `live` says whether the cache shows the owner's pod of that name live (not terminating);
+    /// `known` whether it shows it at all, terminating or not.
     pub fn pending(
         &self,
         owner: &str,
-        known: &HashSet<&str>,
-        live: &HashSet<&str>,
+        known: impl Fn(&str) -> bool,
+        live: impl Fn(&str) -> bool,
     ) -> (u32, HashSet<String>) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let Some(expected) = inner.get_mut(owner) else {
@@ -184,10 +184,10 @@ impl Expectations {
         };
         expected
             .created
-            .retain(|(pod, at)| at.elapsed() < HORIZON && !known.contains(pod.as_str()));
+            .retain(|(pod, at)| at.elapsed() < HORIZON && !known(pod));
         expected
             .deleted
-            .retain(|(pod, at)| at.elapsed() < HORIZON && live.contains(pod.as_str()));
+            .retain(|(pod, at)| at.elapsed() < HORIZON && live(pod));
         let deleting = expected.deleted.iter().map(|(p, _)| p.clone()).collect();
         (expected.created.len() as u32, deleting)
     }
@@ -241,11 +241,9 @@ mod tests {
         let e = Expectations::default();
         e.created("ns/p", "p-1".into());
         e.deleted("ns/p", "p-0".into());
-        let (unseen, deleting) =
-            e.pending("ns/p", &HashSet::from(["p-0"]), &HashSet::from(["p-0"]));
+        let (unseen, deleting) = e.pending("ns/p", |p| p == "p-0", |p| p == "p-0");
         assert_eq!((unseen, deleting.len()), (1, 1));
-        let (unseen, deleting) =
-            e.pending("ns/p", &HashSet::from(["p-1"]), &HashSet::from(["p-1"]));
+        let (unseen, deleting) = e.pending("ns/p", |p| p == "p-1", |p| p == "p-1");
         assert_eq!((unseen, deleting.len()), (0, 0));
     }
 }

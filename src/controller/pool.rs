@@ -1,7 +1,7 @@
 //! Pool reconciler: the only writer that hands pool pods to batches. It keeps the pool's size
 //! where the sizing policy says, rolls idle pods to a new template, and drains on deletion.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::{StreamExt, stream};
@@ -23,7 +23,7 @@ use sandbox_domain::api::{BatchSandbox, Pool, PoolStatus, names};
 use sandbox_domain::conditions::{self, Desired};
 use sandbox_domain::pod_template;
 use sandbox_domain::pods;
-use sandbox_domain::pool_plan::{self, MaxUnavailable, PoolPod};
+use sandbox_domain::pool_plan::{self, MaxUnavailable, PoolCounts, PoolPod};
 use sandbox_domain::{endpoints, pods::is_running_and_ready};
 use sandbox_policy::Decision;
 
@@ -47,10 +47,8 @@ struct Observed {
     namespace: String,
     name: String,
     revision: String,
-    /// The pool's pods (owned by this pool object), terminating ones included.
+    /// The pool's pods (owned by this pool object), terminating ones included, in name order.
     pods: Vec<Arc<Pod>>,
-    /// Index into `pods` by name.
-    by_name: HashMap<String, usize>,
     /// Batches that reference this pool, oldest first, with their ledgers.
     batches: Vec<(Arc<BatchSandbox>, AllocStatus)>,
     /// Pods held by any batch's ledger or claimed by a write not yet seen.
@@ -68,13 +66,15 @@ impl Observed {
         let uid = pool.uid().unwrap_or_default();
         // Owned pods, and pods labelled with the pool that nothing owns: a pool deleted with
         // `--cascade=orphan` strips its pods' owner references, and they must still be drained.
-        let pods: Vec<Arc<Pod>> = ctx
+        let mut pods: Vec<Arc<Pod>> = ctx
             .pool_pods(&namespace, &name)
             .into_iter()
             .filter(|p| {
                 p.owner_references().iter().any(|o| o.uid == uid) || p.owner_references().is_empty()
             })
             .collect();
+        // The index hands them out in name order already; this keeps lookups right regardless.
+        pods.sort_by(|a, b| pods::pod_name(a).cmp(pods::pod_name(b)));
         let mut batches = Vec::new();
         let mut unreadable = Vec::new();
         for batch in ctx.batches_of_pool(&namespace, &name) {
@@ -112,22 +112,13 @@ impl Observed {
                 .and_then(|b| b.resource_version())
         }));
 
-        let known: HashSet<&str> = pods.iter().map(|p| pods::pod_name(p)).collect();
-        let live: HashSet<&str> = pods
-            .iter()
-            .filter(|p| !pods::is_terminating(p))
-            .map(|p| pods::pod_name(p))
-            .collect();
-        let (unseen_creations, deleting) =
-            ctx.expectations
-                .pending(&format!("{namespace}/{name}"), &known, &live);
-        let by_name = pods
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (pods::pod_name(p).to_string(), i))
-            .collect();
+        let cached = |name: &str| position_of(&pods, name).ok().map(|i| &pods[i]);
+        let (unseen_creations, deleting) = ctx.expectations.pending(
+            &format!("{namespace}/{name}"),
+            |pod| cached(pod).is_some(),
+            |pod| cached(pod).is_some_and(|p| !pods::is_terminating(p)),
+        );
         Ok(Self {
-            by_name,
             revision: pod_template::template_revision(&pool.spec.template),
             namespace,
             name,
@@ -151,7 +142,11 @@ impl Observed {
     }
 
     fn pod(&self, name: &str) -> Option<&Arc<Pod>> {
-        self.by_name.get(name).map(|&i| &self.pods[i])
+        self.position(name).ok().map(|i| &self.pods[i])
+    }
+
+    fn position(&self, name: &str) -> Result<usize, usize> {
+        position_of(&self.pods, name)
     }
 
     fn usable(&self, name: &str) -> bool {
@@ -189,6 +184,11 @@ impl Observed {
     }
 }
 
+/// Where the pod `name` is in `pods` (in name order), or where it would go.
+fn position_of(pods: &[Arc<Pod>], name: &str) -> Result<usize, usize> {
+    pods.binary_search_by(|p| pods::pod_name(p).cmp(name))
+}
+
 async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error> {
     let mut observed = Observed::gather(pool, ctx)?;
     if pool.metadata.deletion_timestamp.is_some() {
@@ -223,8 +223,11 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     if let Sizing::Defer(recheck) = ctx.pacing.with(&observed.key(), |p| p.sizing(now, serving)) {
         return Ok(Action::requeue(recheck));
     }
-    let degraded = resize(pool, ctx, &observed, round.unmet).await?;
-    let status_due = write_status(pool, ctx, &observed, degraded, None).await?;
+    // The round's view of its pods serves sizing and the status alike: neither changes it.
+    let plan = plan_pods(&observed);
+    let counts = pool_plan::counts(&plan, observed.unseen_creations);
+    let degraded = resize(pool, ctx, &observed, (&plan, counts), round.unmet).await?;
+    let status_due = write_status(pool, ctx, &observed, counts, degraded, None).await?;
     Ok(Action::requeue(
         status_due.map_or(ctx.config.resync, |due| due.min(ctx.config.resync)),
     ))
@@ -263,8 +266,9 @@ async fn confirm_held_pods_missing_from_cache(
         match ctx.api::<Pod>(&observed.namespace).get_opt(name).await? {
             Some(pod) if allocation::belongs_to_pool(&pod, &observed.name, uid.as_deref()) => {
                 debug!(pool = %observed.owner_key(), pod = %name, "a held pod the cache does not show yet stays held");
-                observed.by_name.insert(name.clone(), observed.pods.len());
-                observed.pods.push(Arc::new(pod));
+                if let Err(at) = observed.position(name) {
+                    observed.pods.insert(at, Arc::new(pod));
+                }
             }
             _ => newly_gone.push(name.clone()),
         }
@@ -546,10 +550,9 @@ async fn resize(
     pool: &Pool,
     ctx: &Arc<Context>,
     observed: &Observed,
+    (plan_pods, counts): (&[PoolPod], PoolCounts),
     unmet: u32,
 ) -> Result<Option<String>, Error> {
-    let plan_pods = plan_pods(observed);
-    let counts = pool_plan::counts(&plan_pods, observed.unseen_creations);
     let caps = pool.spec.capacity_spec;
     let snapshot = PoolSnapshot {
         pool_name: observed.name.clone(),
@@ -573,7 +576,7 @@ async fn resize(
         .decide(selector, move |p, s| p.pool_sizing(s, &snapshot))
         .await?;
     let changes = pool_plan::changes(
-        &plan_pods,
+        plan_pods,
         observed.unseen_creations,
         outcome.decision.desired_total,
         pacing(pool),
@@ -721,7 +724,8 @@ async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action
             observed.pods.len()
         )
     };
-    write_status(pool, ctx, observed, None, Some(message)).await?;
+    let counts = pool_plan::counts(&plan_pods(observed), observed.unseen_creations);
+    write_status(pool, ctx, observed, counts, None, Some(message)).await?;
     Ok(Action::requeue(ctx.config.resync))
 }
 
@@ -732,11 +736,11 @@ async fn write_status(
     pool: &Pool,
     ctx: &Context,
     observed: &Observed,
+    counts: PoolCounts,
     degraded: Option<String>,
     draining: Option<String>,
 ) -> Result<Option<std::time::Duration>, Error> {
     let paced = draining.is_none();
-    let counts = pool_plan::counts(&plan_pods(observed), observed.unseen_creations);
     ctx.metrics.pool_pods(
         &observed.namespace,
         &observed.name,
