@@ -11,8 +11,9 @@
 //! (`--pool-status-writes-per-second`): with many pools, claims spread over all of them would
 //! otherwise bring a status write per pool per interval, so the controller's status traffic would
 //! grow with the number of pools rather than with the claims. Under that load each pool's counts
-//! lag by up to pools / rate seconds. A change of condition, revision or observed generation
-//! skips the budget.
+//! lag by up to pools / rate seconds. What readers wait on skips the budget: a change of
+//! condition, revision or observed generation, or of what the pool's batches read (running out
+//! of idle pods, exhaustion).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -75,7 +76,8 @@ impl StatusBudget {
 pub enum StatusChange {
     /// Only counts moved: the write waits for its slot of the shared budget.
     Counts,
-    /// A condition, the revision or the observed generation changed: what readers wait on.
+    /// A condition, the revision, the observed generation or the pool's headroom for its batches
+    /// changed: what readers wait on.
     State,
 }
 
@@ -147,25 +149,33 @@ impl PoolPace {
 
 /// Pacing state of every pool this process reconciles, and their shared status budget.
 pub struct Pacing {
-    inner: Mutex<(HashMap<Key, PoolPace>, StatusBudget)>,
+    inner: Mutex<PacingState>,
+}
+
+struct PacingState {
+    pools: HashMap<Key, PoolPace>,
+    budget: StatusBudget,
 }
 
 impl Pacing {
     pub fn new(status_writes_per_second: u32) -> Self {
         Self {
-            inner: Mutex::new((HashMap::new(), StatusBudget::new(status_writes_per_second))),
+            inner: Mutex::new(PacingState {
+                pools: HashMap::new(),
+                budget: StatusBudget::new(status_writes_per_second),
+            }),
         }
     }
 
     pub fn with<T>(&self, pool: &Key, f: impl FnOnce(&mut PoolPace) -> T) -> T {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        f(inner.0.entry(pool.clone()).or_default())
+        f(inner.pools.entry(pool.clone()).or_default())
     }
 
     /// [`PoolPace::status`] of `pool` against the shared budget.
     pub fn status(&self, pool: &Key, now: Instant, change: StatusChange) -> StatusWrite {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (pools, budget) = &mut *inner;
+        let PacingState { pools, budget } = &mut *inner;
         pools
             .entry(pool.clone())
             .or_default()
@@ -176,7 +186,7 @@ impl Pacing {
         self.inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .0
+            .pools
             .remove(pool);
     }
 }
