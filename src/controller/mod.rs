@@ -43,7 +43,7 @@ use sandbox_domain::pods;
 use sandbox_policy::PolicyEngine;
 
 pub use metrics::ControllerMetrics;
-pub use pacing::DEFAULT_STATUS_WRITES_PER_SECOND as DEFAULT_POOL_STATUS_WRITES_PER_SECOND;
+pub use pacing::DEFAULT_POOL_STATUS_WRITES_PER_SECOND;
 pub use writes::{Target as WriteTarget, WriteCounter};
 
 /// How the controller behaves; set from the command line.
@@ -132,7 +132,7 @@ impl Default for ControllerConfig {
             executor: ExecutorSettings::default(),
             fence: Default::default(),
             cleanup_deadline: Duration::from_secs(60),
-            pool_status_writes_per_second: pacing::DEFAULT_STATUS_WRITES_PER_SECOND,
+            pool_status_writes_per_second: DEFAULT_POOL_STATUS_WRITES_PER_SECOND,
         }
     }
 }

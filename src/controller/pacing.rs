@@ -45,7 +45,7 @@ pub enum StatusWrite {
 }
 
 /// Default of `--pool-status-writes-per-second`.
-pub const DEFAULT_STATUS_WRITES_PER_SECOND: u32 = 5;
+pub const DEFAULT_POOL_STATUS_WRITES_PER_SECOND: u32 = 5;
 
 /// Slots for Pool status writes shared by all pools, evenly spaced: each reservation takes the
 /// next free one, so however many pools ask at once, the writes go out at the budget's rate.

@@ -226,7 +226,7 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     // The round's view of its pods serves sizing and the status alike: neither changes it.
     let plan = plan_pods(&observed);
     let counts = pool_plan::counts(&plan, observed.unseen_creations);
-    let degraded = resize(pool, ctx, &observed, (&plan, counts), round.unmet).await?;
+    let degraded = resize(pool, ctx, &observed, &plan, counts, round.unmet).await?;
     let status_due = write_status(pool, ctx, &observed, counts, degraded, None).await?;
     Ok(Action::requeue(
         status_due.map_or(ctx.config.resync, |due| due.min(ctx.config.resync)),
@@ -550,7 +550,8 @@ async fn resize(
     pool: &Pool,
     ctx: &Arc<Context>,
     observed: &Observed,
-    (plan_pods, counts): (&[PoolPod], PoolCounts),
+    plan_pods: &[PoolPod],
+    counts: PoolCounts,
     unmet: u32,
 ) -> Result<Option<String>, Error> {
     let caps = pool.spec.capacity_spec;

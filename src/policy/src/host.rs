@@ -362,31 +362,32 @@ impl CallSlots {
         }
     }
 
-    fn acquire(&self, class: CallClass) -> CallSlot<'_> {
-        let mut free = self
-            .free
+    fn free(&self) -> std::sync::MutexGuard<'_, u32> {
+        self.free
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn take<'a>(&'a self, free: &mut u32) -> CallSlot<'a> {
+        *free -= 1;
+        CallSlot(self)
+    }
+
+    fn acquire(&self, class: CallClass) -> CallSlot<'_> {
+        let mut free = self.free();
         while !self.may_take(*free, class) {
             free = self
                 .freed
                 .wait(free)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
-        *free -= 1;
-        CallSlot(self)
+        self.take(&mut free)
     }
 
     #[cfg(test)]
     fn try_acquire(&self, class: CallClass) -> Option<CallSlot<'_>> {
-        let mut free = self
-            .free
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.may_take(*free, class).then(|| {
-            *free -= 1;
-            CallSlot(self)
-        })
+        let mut free = self.free();
+        self.may_take(*free, class).then(|| self.take(&mut free))
     }
 }
 
@@ -394,12 +395,7 @@ struct CallSlot<'a>(&'a CallSlots);
 
 impl Drop for CallSlot<'_> {
     fn drop(&mut self) {
-        let mut free = self
-            .0
-            .free
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *free += 1;
+        *self.0.free() += 1;
         // Waiters differ in what they may take: a default may be waiting behind a custom call
         // that cannot use this slot, so all are woken to look.
         self.0.freed.notify_all();
