@@ -91,16 +91,7 @@ impl Observed {
                 }
             }
         }
-        batches.sort_by(|(a, _), (b, _)| {
-            (
-                a.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                a.name_any(),
-            )
-                .cmp(&(
-                    b.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    b.name_any(),
-                ))
-        });
+        batches.sort_by(|(a, _), (b, _)| creation_order(a).cmp(&creation_order(b)));
         let seen_held = allocation::held_pods(batches.iter().map(|(_, l)| l));
         let mut held: HashSet<String> = seen_held.iter().map(|p| p.to_string()).collect();
         for batch in &unreadable {
@@ -182,6 +173,15 @@ impl Observed {
     fn key(&self) -> Key {
         Key::new(&self.namespace, &self.name)
     }
+}
+
+/// Oldest first, by name among batches created in the same second; borrowed, as a round sorts
+/// every batch of its pool.
+fn creation_order(batch: &BatchSandbox) -> (Option<Timestamp>, &str) {
+    (
+        batch.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        batch.metadata.name.as_deref().unwrap_or_default(),
+    )
 }
 
 /// Where the pod `name` is in `pods` (in name order), or where it would go.
