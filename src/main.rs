@@ -14,10 +14,14 @@ fn main() -> anyhow::Result<()> {
     runtime::init_logging(cli.log_format);
     match cli.command {
         Command::Crdgen { out_dir } => crdgen(&out_dir),
-        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(runtime::run(
-            RunConfig::from(args),
-            runtime::shutdown_signal(),
-        )),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.worker_threads))
+            .enable_all()
+            .build()?
+            .block_on(runtime::run(
+                RunConfig::from(args),
+                runtime::shutdown_signal(),
+            )),
         Command::Policy(command) => {
             let code = sandbox_policy::cli::run(command)?;
             std::process::exit(code);
