@@ -28,8 +28,9 @@ const COMPONENTS: &[&str] = &[
 /// Sources whose change must rebuild the guests, relative to the repository's root.
 const WATCHED: &[&str] = &[
     "wit",
-    // The decisions the default guests adapt.
+    // The decisions the default guests adapt, and their heap.
     "src/decisions",
+    "src/guest-heap",
     "policies/Cargo.toml",
     "policies/Cargo.lock",
     "policies/defaults",

@@ -77,26 +77,27 @@ impl Quantity {
         // Trailing zeros of the fraction and leading zeros of the whole part carry no value.
         let fraction = fraction.trim_end_matches('0');
         let whole = whole.trim_start_matches('0');
-        let mut mantissa: i128 = 0;
-        for digit in whole.bytes().chain(fraction.bytes()) {
-            mantissa = mantissa
-                .checked_mul(10)
-                .and_then(|m| m.checked_add(i128::from(digit - b'0')))
-                .ok_or(QuantityError::OutOfRange)?;
-        }
+        let digits = || whole.bytes().chain(fraction.bytes()).map(|d| d - b'0');
+        // Up to 19 digits fit a u64, whose arithmetic is native in WebAssembly guests; i128's is
+        // a library call per operation there.
+        let mantissa =
+            match digits().try_fold(0u64, |m, d| m.checked_mul(10)?.checked_add(d.into())) {
+                Some(mantissa) => i128::from(mantissa),
+                None => digits()
+                    .try_fold(0i128, |m, d| m.checked_mul(10)?.checked_add(d.into()))
+                    .ok_or(QuantityError::OutOfRange)?,
+            };
         let fraction_digits =
             i32::try_from(fraction.len()).map_err(|_| QuantityError::OutOfRange)?;
         // value = mantissa * 10^(9 + decimal - fraction_digits) * 2^binary nano-units.
-        let mut value = mantissa
-            .checked_mul(1i128 << binary)
-            .ok_or(QuantityError::OutOfRange)?;
+        let mut value =
+            checked_product(mantissa, 1i128 << binary).ok_or(QuantityError::OutOfRange)?;
         let exponent = 9 + decimal - fraction_digits;
         if exponent >= 0 {
             if exponent > MAX_DECIMAL_EXPONENT && value != 0 {
                 return Err(QuantityError::OutOfRange);
             }
-            value = value
-                .checked_mul(pow10(exponent.min(MAX_DECIMAL_EXPONENT)))
+            value = checked_product(value, pow10(exponent.min(MAX_DECIMAL_EXPONENT)))
                 .ok_or(QuantityError::OutOfRange)?;
         } else if value != 0 {
             // Below a nano-unit: rounds up (away from zero), as the API server does.
@@ -156,8 +157,30 @@ fn suffix_scale(suffix: &str) -> Result<(i32, u32), QuantityError> {
     })
 }
 
+/// `a * b` for non-negative `a` and `b`, `None` on overflow. Worked in u64 when both fit, as
+/// most quantities do: that multiplication is native in WebAssembly, i128's a library call.
+fn checked_product(a: i128, b: i128) -> Option<i128> {
+    match (u64::try_from(a), u64::try_from(b)) {
+        (Ok(small_a), Ok(small_b)) => match small_a.checked_mul(small_b) {
+            Some(product) => Some(i128::from(product)),
+            None => a.checked_mul(b),
+        },
+        _ => a.checked_mul(b),
+    }
+}
+
+/// `10^exponent` for `exponent` in `0..=MAX_DECIMAL_EXPONENT`.
 fn pow10(exponent: i32) -> i128 {
-    (0..exponent).fold(1i128, |acc, _| acc * 10)
+    const POWERS: [i128; MAX_DECIMAL_EXPONENT as usize + 1] = {
+        let mut powers = [1i128; MAX_DECIMAL_EXPONENT as usize + 1];
+        let mut i = 1;
+        while i < powers.len() {
+            powers[i] = powers[i - 1] * 10;
+            i += 1;
+        }
+        powers
+    };
+    POWERS[exponent.clamp(0, MAX_DECIMAL_EXPONENT) as usize]
 }
 
 impl fmt::Display for Quantity {
@@ -190,6 +213,45 @@ mod tests {
     }
 
     const UNIT: i128 = 1_000_000_000;
+
+    /// Unsigned quantities read digit by digit in i128, powers by `checked_pow`.
+    fn plain(text: &str) -> Result<i128, QuantityError> {
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, suffix) = text.split_at(split);
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if whole.is_empty() && fraction.is_empty() {
+            return Err(QuantityError::Malformed);
+        }
+        let fraction = fraction.trim_end_matches('0');
+        let (decimal, binary) = suffix_scale(suffix)?;
+        let mut mantissa = 0i128;
+        for digit in whole.bytes().chain(fraction.bytes()) {
+            mantissa = mantissa
+                .checked_mul(10)
+                .and_then(|m| m.checked_add(i128::from(digit - b'0')))
+                .ok_or(QuantityError::OutOfRange)?;
+        }
+        let mantissa = mantissa
+            .checked_mul(1 << binary)
+            .ok_or(QuantityError::OutOfRange)?;
+        let exponent = 9 + decimal - fraction.len() as i32;
+        if mantissa == 0 {
+            return Ok(0);
+        }
+        if exponent >= 0 {
+            10i128
+                .checked_pow(exponent as u32)
+                .and_then(|p| mantissa.checked_mul(p))
+                .ok_or(QuantityError::OutOfRange)
+        } else {
+            Ok(match 10i128.checked_pow(exponent.unsigned_abs()) {
+                Some(d) => mantissa / d + i128::from(mantissa % d != 0),
+                None => 1,
+            })
+        }
+    }
 
     #[test]
     fn decimal_and_binary_suffixes() {
@@ -272,6 +334,25 @@ mod tests {
         fn display_round_trips(nanos in -1_000_000_000_000_000i128..1_000_000_000_000_000) {
             let quantity = Quantity::from_nanos(nanos);
             prop_assert_eq!(Quantity::parse(&format!("{quantity}")), Ok(quantity));
+        }
+
+        /// The u64 fast path and the table of powers give what plain i128 arithmetic gives.
+        #[test]
+        fn matches_plain_i128_arithmetic(
+            whole in "[0-9]{0,24}",
+            fraction in proptest::option::of("[0-9]{0,14}"),
+            suffix in prop_oneof![
+                Just(alloc::string::String::new()), Just("m".into()), Just("n".into()), Just("Ki".into()),
+                Just("Gi".into()), Just("Ei".into()), Just("E".into()), Just("k".into()),
+                // Up to the largest exponent kept (9 + 27 = 36).
+                (-40i32..=27).prop_map(|e| format!("e{e}")),
+            ],
+        ) {
+            let text = match &fraction {
+                Some(fraction) => format!("{whole}.{fraction}{suffix}"),
+                None => format!("{whole}{suffix}"),
+            };
+            prop_assert_eq!(Quantity::parse(&text).map(Quantity::nanos), plain(&text));
         }
 
         #[test]

@@ -3,6 +3,8 @@
 
 wit_bindgen::generate!({ world: "pool-selection-policy", path: "../../../wit" });
 
+// Each instance serves one call: allocation bumps a pointer and nothing is freed.
+use guest_heap as _;
 use exports::opensandbox::policy::pool_selection as wit;
 use sandbox_decisions::{Bridge, bridge_pool_selection, selection, settings};
 

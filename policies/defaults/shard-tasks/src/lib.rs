@@ -3,6 +3,8 @@
 
 wit_bindgen::generate!({ world: "shard-tasks-policy", path: "../../../wit" });
 
+// Each instance serves one call: allocation bumps a pointer and nothing is freed.
+use guest_heap as _;
 use exports::opensandbox::policy::shard_tasks as wit;
 use sandbox_decisions::{Bridge, bridge_shard_tasks, settings, tasks};
 
