@@ -23,6 +23,7 @@ WORKSPACE = {
     "sandbox-executor",
     "sandbox-policy",
     "sandbox-devtools",
+    "guest-heap",
 }
 
 
