@@ -122,6 +122,10 @@ unsafe impl<M: Memory> GlobalAlloc for BumpHeap<M> {
                 ptr::null_mut()
             };
         }
+        if new_size <= layout.size() {
+            // A block below the top shrinks where it is; its tail is not reused.
+            return ptr;
+        }
         // SAFETY: the caller guarantees `new_size`, rounded up to the alignment, does not
         // overflow isize, which is all `from_size_align_unchecked` needs.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
@@ -402,10 +406,18 @@ mod tests {
         let mut bytes = [0u8; 4];
         unsafe { moved.copy_to(bytes.as_mut_ptr(), 4) };
         assert_eq!(bytes, [1, 2, 3, 4]);
-        unsafe { heap.dealloc(b, layout(4, 4)) };
+        let top = unsafe { heap.alloc(layout(1, 1)) } as usize;
+        assert_eq!(top, moved as usize + 8);
+        assert_eq!(
+            unsafe { heap.realloc(b, layout(4, 4), 2) },
+            b,
+            "a block below the top shrinks in place"
+        );
+        assert_eq!(unsafe { heap.alloc(layout(1, 1)) } as usize, top + 1);
+        unsafe { heap.dealloc(b, layout(2, 4)) };
         assert_eq!(
             unsafe { heap.alloc(layout(4, 4)) } as usize,
-            moved as usize + 8,
+            (top + 2).next_multiple_of(4),
             "freeing a block below the top gives nothing back"
         );
     }
