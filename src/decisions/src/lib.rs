@@ -228,10 +228,19 @@ macro_rules! bridge_expiry {
 }
 
 /// Conversions for the types of the `pool-selection` interface; see [`bridge_pool_sizing!`].
+/// `bridge_pool_selection!(answers path)` converts only the answer and the error, for a binding
+/// generator whose input types borrow.
 #[macro_export]
 macro_rules! bridge_pool_selection {
-    ($($wit:ident)::+) => {
+    // Only what a guest answers: for a host that lowers the input from borrowed values.
+    (answers $($wit:ident)::+) => {
         $crate::bridge_policy_error!($($wit)::+::PolicyError);
+        $crate::bridge_struct!($crate::selection::SelectionDecision, $($wit)::+::SelectionDecision {
+            pool, reason,
+        });
+    };
+    ($($wit:ident)::+) => {
+        $crate::bridge_pool_selection!(answers $($wit)::+);
         $crate::bridge_struct!($crate::sizing::Bounds, $($wit)::+::Bounds {
             buffer_min, buffer_max, pool_min, pool_max,
         });
@@ -253,9 +262,6 @@ macro_rules! bridge_pool_selection {
         });
         $crate::bridge_struct!($crate::selection::SelectionInput, $($wit)::+::SelectionInput {
             batch, pools,
-        });
-        $crate::bridge_struct!($crate::selection::SelectionDecision, $($wit)::+::SelectionDecision {
-            pool, reason,
         });
     };
 }

@@ -56,13 +56,18 @@ pub trait DecisionKind: 'static {
     fn native(input: &Self::Input) -> Self::Output;
 }
 
+/// Lowers an input through an owned copy converted by the shared bridges.
+fn with_bridged<I: Clone + Bridge<W>, W, R>(input: &I, call: impl FnOnce(&W) -> R) -> R {
+    call(&input.clone().bridge())
+}
+
 /// `validate_settings` and `call` of a [`DecisionKind`]: instantiate, call the interface's export,
 /// convert with the shared bridges. `$accept` turns the guest's decision into the kind's output.
 macro_rules! guest_calls {
-    ($interface:ident, $wit_input:ty) => {
-        guest_calls!($interface, $wit_input, |answer| answer);
+    ($interface:ident, $with_input:expr) => {
+        guest_calls!($interface, $with_input, |answer| answer);
     };
-    ($interface:ident, $wit_input:ty, |$answer:ident| $accept:expr) => {
+    ($interface:ident, $with_input:expr, |$answer:ident| $accept:expr) => {
         fn validate_settings(
             pre: &Self::Pre,
             store: &mut Store<CallState>,
@@ -81,9 +86,10 @@ macro_rules! guest_calls {
             settings: &str,
             input: &Self::Input,
         ) -> GuestResult<Self::Output> {
-            let input: $wit_input = input.clone().bridge();
             let instance = pre.instantiate(&mut *store)?;
-            let answer = instance.$interface().call_decide(store, settings, &input)?;
+            let answer = $with_input(input, |input| {
+                instance.$interface().call_decide(store, settings, input)
+            })?;
             Ok(answer.bridge().map(|$answer| $accept))
         }
     };
@@ -117,7 +123,7 @@ impl DecisionKind for PoolSizing {
 
     guest_calls!(
         opensandbox_policy_pool_sizing,
-        sizing_wit::wit::PoolSnapshot
+        with_bridged::<_, sizing_wit::wit::PoolSnapshot, _>
     );
 
     fn check(pool: &PoolSnapshot, decision: &SizingDecision) -> Result<(), String> {
@@ -154,7 +160,7 @@ impl DecisionKind for ShardTasksKind {
 
     guest_calls!(
         opensandbox_policy_shard_tasks,
-        shard::wit::BatchInput,
+        with_bridged::<_, shard::wit::BatchInput, _>,
         |tasks| Some(tasks)
     );
 
@@ -187,7 +193,10 @@ impl DecisionKind for Expiry {
         exports.expiry.as_ref()
     }
 
-    guest_calls!(opensandbox_policy_expiry, expiry_wit::wit::BatchSnapshot);
+    guest_calls!(
+        opensandbox_policy_expiry,
+        with_bridged::<_, expiry_wit::wit::BatchSnapshot, _>
+    );
 
     fn check(batch: &BatchSnapshot, decision: &ExpiryDecision) -> Result<(), String> {
         checks::check_expiry(batch, decision)
@@ -220,10 +229,7 @@ impl DecisionKind for PoolSelection {
         exports.pool_selection.as_ref()
     }
 
-    guest_calls!(
-        opensandbox_policy_pool_selection,
-        selection_wit::wit::SelectionInput
-    );
+    guest_calls!(opensandbox_policy_pool_selection, selection_wit::with_input);
 
     fn check(input: &SelectionInput, decision: &SelectionDecision) -> Result<(), String> {
         checks::check_selection(input, decision)
