@@ -5,6 +5,7 @@
 //! the API server accepts (up to 2^63 of the largest suffix) with room to add them up.
 
 use core::fmt;
+use core::ops::{Div, Rem};
 
 /// A parsed quantity, in nano-units.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -119,23 +120,28 @@ impl Quantity {
 
 /// The decimal exponent and binary shift of a suffix.
 fn suffix_scale(suffix: &str) -> Result<(i32, u32), QuantityError> {
-    Ok(match suffix {
-        "" => (0, 0),
-        "n" => (-9, 0),
-        "u" => (-6, 0),
-        "m" => (-3, 0),
-        "k" => (3, 0),
-        "M" => (6, 0),
-        "G" => (9, 0),
-        "T" => (12, 0),
-        "P" => (15, 0),
-        "E" => (18, 0),
-        "Ki" => (0, 10),
-        "Mi" => (0, 20),
-        "Gi" => (0, 30),
-        "Ti" => (0, 40),
-        "Pi" => (0, 50),
-        "Ei" => (0, 60),
+    // Byte patterns: a match on `&str` compares each arm with a call to memcmp, which is not
+    // cheap in WebAssembly guests.
+    Ok(match suffix.as_bytes() {
+        b"" => (0, 0),
+        b"n" => (-9, 0),
+        b"u" => (-6, 0),
+        b"m" => (-3, 0),
+        b"k" => (3, 0),
+        b"M" => (6, 0),
+        b"G" => (9, 0),
+        b"T" => (12, 0),
+        b"P" => (15, 0),
+        b"E" => (18, 0),
+        [binary, b'i'] => match binary {
+            b'K' => (0, 10),
+            b'M' => (0, 20),
+            b'G' => (0, 30),
+            b'T' => (0, 40),
+            b'P' => (0, 50),
+            b'E' => (0, 60),
+            _ => return Err(QuantityError::Malformed),
+        },
         _ => {
             let digits = suffix
                 .strip_prefix('e')
@@ -186,18 +192,26 @@ fn pow10(exponent: i32) -> i128 {
 impl fmt::Display for Quantity {
     /// Shortest exact decimal form: `500m`, `2`, `1073741824`, `1500u`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nanos = self.nanos;
-        let (value, suffix) = if nanos % 1_000_000_000 == 0 {
-            (nanos / 1_000_000_000, "")
-        } else if nanos % 1_000_000 == 0 {
-            (nanos / 1_000_000, "m")
-        } else if nanos % 1_000 == 0 {
-            (nanos / 1_000, "u")
-        } else {
-            (nanos, "n")
-        };
-        write!(f, "{value}{suffix}")
+        // Most quantities fit an i64, whose arithmetic and formatting are native in WebAssembly
+        // guests; i128's are library calls.
+        match i64::try_from(self.nanos) {
+            Ok(nanos) => write_exact(f, nanos),
+            Err(_) => write_exact(f, self.nanos),
+        }
     }
+}
+
+fn write_exact<T>(f: &mut fmt::Formatter<'_>, nanos: T) -> fmt::Result
+where
+    T: Copy + fmt::Display + PartialEq + From<i32> + Rem<Output = T> + Div<Output = T>,
+{
+    for (scale, suffix) in [(1_000_000_000, ""), (1_000_000, "m"), (1_000, "u")] {
+        let scale = T::from(scale);
+        if nanos % scale == T::from(0) {
+            return write!(f, "{}{suffix}", nanos / scale);
+        }
+    }
+    write!(f, "{nanos}n")
 }
 
 #[cfg(test)]
@@ -315,6 +329,15 @@ mod tests {
         assert_eq!(format!("{}", Quantity::parse("500m").unwrap()), "500m");
         assert_eq!(format!("{}", Quantity::parse("1Gi").unwrap()), "1073741824");
         assert_eq!(format!("{}", Quantity::parse("1.5m").unwrap()), "1500u");
+        // Beyond an i64 of nano-units.
+        assert_eq!(
+            format!("{}", Quantity::parse("1Ei").unwrap()),
+            "1152921504606846976"
+        );
+        assert_eq!(
+            format!("{}", Quantity::from_nanos(-(1i128 << 80) - 1)),
+            "-1208925819614629174706177n"
+        );
     }
 
     proptest! {
@@ -331,7 +354,11 @@ mod tests {
         }
 
         #[test]
-        fn display_round_trips(nanos in -1_000_000_000_000_000i128..1_000_000_000_000_000) {
+        fn display_round_trips(nanos in prop_oneof![
+            -1_000_000_000_000_000i128..1_000_000_000_000_000,
+            // Past what an i64 holds.
+            -(1i128 << 100)..(1i128 << 100),
+        ]) {
             let quantity = Quantity::from_nanos(nanos);
             prop_assert_eq!(Quantity::parse(&format!("{quantity}")), Ok(quantity));
         }
