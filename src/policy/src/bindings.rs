@@ -1,5 +1,6 @@
 //! Host bindings generated from `wit/` (one module per world), and their conversions to the
-//! decision types of `sandbox-decisions` (the same conversions the default guests use).
+//! decision types of `sandbox-decisions` (the same conversions the default guests use). The
+//! selection world's input types borrow, and [`selection::with_input`] lowers into them.
 
 pub mod sizing {
     wasmtime::component::bindgen!({ world: "pool-sizing-policy", path: "../../wit" });
@@ -27,7 +28,7 @@ pub mod selection {
     use sandbox_decisions::selection::{self, PodRequirements, SelectionInput};
 
     /// Runs `call` with `input` as WIT values that borrow its strings. Every candidate pool brings
-    /// some ten strings, which copying into owned values cost more than a fifth of a selection;
+    /// some ten strings, and copying them into owned values cost about a sixth of a selection;
     /// borrowed, the whole input takes five allocations. Each kind of record goes into one list,
     /// and the records above it take slices of that list, so lists are filled from the leaves up.
     pub fn with_input<R>(

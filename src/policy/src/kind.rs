@@ -61,8 +61,9 @@ fn with_bridged<I: Clone + Bridge<W>, W, R>(input: &I, call: impl FnOnce(&W) -> 
     call(&input.clone().bridge())
 }
 
-/// `validate_settings` and `call` of a [`DecisionKind`]: instantiate, call the interface's export,
-/// convert with the shared bridges. `$accept` turns the guest's decision into the kind's output.
+/// `validate_settings` and `call` of a [`DecisionKind`]: instantiate, call the interface's export
+/// with the input `$with_input` lowers (through [`with_bridged`], or from borrowed values), convert
+/// the answer with the shared bridges. `$accept` turns the guest's decision into the kind's output.
 macro_rules! guest_calls {
     ($interface:ident, $with_input:expr) => {
         guest_calls!($interface, $with_input, |answer| answer);
