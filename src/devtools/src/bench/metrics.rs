@@ -1,6 +1,6 @@
-//! API write counts from Prometheus text: the apiserver's `apiserver_request_total` (every
-//! client's writes, by resource and verb) and the controller's own
-//! `sandbox_controller_api_writes_total` (by target).
+//! Counts from Prometheus text: the apiserver's `apiserver_request_total` (every client's
+//! writes, by resource and verb), the controller's own `sandbox_controller_api_writes_total` (by
+//! target) and its reconciles (by kind).
 
 use std::collections::BTreeMap;
 
@@ -81,6 +81,22 @@ pub fn controller_writes(text: &str) -> Result<Counts, ParseError> {
     Ok(counts)
 }
 
+/// The controller's reconciles by kind (`Pool`, `BatchSandbox`): the count of its reconcile
+/// duration histogram.
+pub fn controller_reconciles(text: &str) -> Result<Counts, ParseError> {
+    let mut counts = Counts::new();
+    for sample in scrape(text)?.samples {
+        if sample.metric != "sandbox_controller_reconcile_duration_seconds_count" {
+            continue;
+        }
+        if let (Some(kind), Some(value)) = (sample.labels.get("kind"), counter_value(&sample.value))
+        {
+            *counts.entry(kind.to_owned()).or_default() += value;
+        }
+    }
+    Ok(counts)
+}
+
 /// What the counters grew by between two scrapes; keys that did not grow are left out.
 pub fn delta(before: &Counts, after: &Counts) -> Counts {
     after
@@ -146,6 +162,28 @@ sandbox_controller_other_total{target=\"pod\"} 99\n\
 # EOF\n";
         let counts = controller_writes(text).unwrap();
         let expected: Counts = [("batchsandbox".to_owned(), 4.0), ("pod".to_owned(), 10.0)].into();
+        assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn controller_reconciles_from_the_duration_histograms_count() {
+        let text = "# HELP sandbox_controller_reconcile_duration_seconds Time one reconcile took, by kind.\n\
+# TYPE sandbox_controller_reconcile_duration_seconds histogram\n\
+sandbox_controller_reconcile_duration_seconds_sum{kind=\"Pool\"} 0.25\n\
+sandbox_controller_reconcile_duration_seconds_count{kind=\"Pool\"} 31\n\
+sandbox_controller_reconcile_duration_seconds_bucket{le=\"0.001\",kind=\"Pool\"} 30\n\
+sandbox_controller_reconcile_duration_seconds_bucket{le=\"+Inf\",kind=\"Pool\"} 31\n\
+sandbox_controller_reconcile_duration_seconds_sum{kind=\"BatchSandbox\"} 0.5\n\
+sandbox_controller_reconcile_duration_seconds_count{kind=\"BatchSandbox\"} 120\n\
+sandbox_controller_reconcile_duration_seconds_bucket{le=\"+Inf\",kind=\"BatchSandbox\"} 120\n\
+sandbox_controller_claim_duration_seconds_count{namespace=\"n\",pool=\"p\"} 7\n\
+# EOF\n";
+        let counts = controller_reconciles(text).unwrap();
+        let expected: Counts = [
+            ("BatchSandbox".to_owned(), 120.0),
+            ("Pool".to_owned(), 31.0),
+        ]
+        .into();
         assert_eq!(counts, expected);
     }
 

@@ -65,6 +65,12 @@ pub struct PhaseCost {
     /// Write requests the apiserver served from every client (by resource and verb).
     pub apiserver_writes: Counts,
     pub apiserver_writes_per_claim: Counts,
+    /// The controller's reconciles (by kind) over the phase; absent from figures taken before
+    /// they were counted.
+    #[serde(default)]
+    pub controller_reconciles: Counts,
+    #[serde(default)]
+    pub controller_reconciles_per_claim: Counts,
 }
 
 impl PhaseCost {
@@ -74,6 +80,7 @@ impl PhaseCost {
         cpu_ms: f64,
         controller_writes: Counts,
         apiserver_writes: Counts,
+        controller_reconciles: Counts,
     ) -> Self {
         Self {
             wall_ms,
@@ -85,8 +92,10 @@ impl PhaseCost {
             },
             controller_writes_per_claim: metrics::per_claim(&controller_writes, claims),
             apiserver_writes_per_claim: metrics::per_claim(&apiserver_writes, claims),
+            controller_reconciles_per_claim: metrics::per_claim(&controller_reconciles, claims),
             controller_writes,
             apiserver_writes,
+            controller_reconciles,
         }
     }
 }
@@ -136,6 +145,11 @@ pub struct Aggregate {
     pub burst_apiserver_writes_per_claim: Counts,
     pub sequential_controller_writes_per_claim: Counts,
     pub sequential_apiserver_writes_per_claim: Counts,
+    /// Median over runs of the controller's reconciles per claim, by kind.
+    #[serde(default)]
+    pub burst_reconciles_per_claim: Counts,
+    #[serde(default)]
+    pub sequential_reconciles_per_claim: Counts,
     pub nonpooled_ms: Option<f64>,
 }
 
@@ -181,6 +195,14 @@ impl Aggregate {
             sequential_apiserver_writes_per_claim: median_counts(
                 runs.iter()
                     .map(|r| &r.sequential.cost.apiserver_writes_per_claim),
+            ),
+            burst_reconciles_per_claim: median_counts(
+                runs.iter()
+                    .map(|r| &r.burst.cost.controller_reconciles_per_claim),
+            ),
+            sequential_reconciles_per_claim: median_counts(
+                runs.iter()
+                    .map(|r| &r.sequential.cost.controller_reconciles_per_claim),
             ),
             nonpooled_ms: scalar(&|r| r.nonpooled_ms),
         }
@@ -299,6 +321,7 @@ mod tests {
                 cpu_ms,
                 [("pod".to_owned(), pod_writes)].into(),
                 [("pods POST".to_owned(), pod_writes)].into(),
+                [("Pool".to_owned(), pod_writes * 3.0)].into(),
             ),
         )
     }
@@ -312,6 +335,7 @@ mod tests {
         assert_eq!(p.latency.controller_to_api_p50, Some(3.0));
         assert_eq!(p.cost.cpu_per_claim_ms, 50.0);
         assert_eq!(p.cost.controller_writes_per_claim["pod"], 2.0);
+        assert_eq!(p.cost.controller_reconciles_per_claim["Pool"], 6.0);
     }
 
     #[test]
@@ -332,6 +356,7 @@ mod tests {
         assert_eq!(agg.batch100_ms, Some(25.0));
         assert_eq!(agg.burst_cpu_per_claim_ms, Some(20.0));
         assert_eq!(agg.burst_controller_writes_per_claim["pod"], 6.0);
+        assert_eq!(agg.burst_reconciles_per_claim["Pool"], 18.0);
         assert_eq!(agg.nonpooled_ms, Some(20.0));
     }
 

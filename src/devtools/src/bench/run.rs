@@ -72,6 +72,7 @@ struct Snapshot {
     at: Instant,
     cpu_ms: f64,
     controller: Counts,
+    reconciles: Counts,
     apiserver: Counts,
     churn_claims: usize,
 }
@@ -201,11 +202,11 @@ impl Bench {
 
     async fn snapshot(&self) -> anyhow::Result<Snapshot> {
         let at = Instant::now();
-        let controller = metrics::controller_writes(
-            &http_get(&self.controller.metrics, "/metrics")
-                .await
-                .context("reading the controller's /metrics")?,
-        )?;
+        let controller_text = http_get(&self.controller.metrics, "/metrics")
+            .await
+            .context("reading the controller's /metrics")?;
+        let controller = metrics::controller_writes(&controller_text)?;
+        let reconciles = metrics::controller_reconciles(&controller_text)?;
         let request = http::Request::get("/metrics").body(Vec::new())?;
         let apiserver = metrics::apiserver_writes(
             &self
@@ -218,6 +219,7 @@ impl Bench {
             at,
             cpu_ms: procfs::cpu_ms(self.controller.pid())?,
             controller,
+            reconciles,
             apiserver,
             churn_claims: self.churn.claims.load(Ordering::Relaxed),
         })
@@ -233,6 +235,7 @@ impl Bench {
             after.cpu_ms - before.cpu_ms,
             metrics::delta(&before.controller, &after.controller),
             metrics::delta(&before.apiserver, &after.apiserver),
+            metrics::delta(&before.reconciles, &after.reconciles),
         )
     }
 
@@ -1004,6 +1007,11 @@ fn print_aggregate(a: &Aggregate) {
         fmt_counts(&a.burst_apiserver_writes_per_claim)
     );
     println!(
+        "controller reconciles per claim: burst {}; one at a time {}",
+        fmt_counts(&a.burst_reconciles_per_claim),
+        fmt_counts(&a.sequential_reconciles_per_claim)
+    );
+    println!(
         "controller writes per sequential claim: {}",
         fmt_counts(&a.sequential_controller_writes_per_claim)
     );
@@ -1046,10 +1054,11 @@ fn print_scale(s: &ScaleReport) {
     );
     print_aggregate(&s.aggregate);
     println!(
-        "while claims flowed, until every pool's status caught up ({:.1} s): controller CPU per sandbox claimed {:.2} ms; controller writes per sandbox claimed: {}",
+        "while claims flowed, until every pool's status caught up ({:.1} s): controller CPU per sandbox claimed {:.2} ms; controller writes per sandbox claimed: {}; reconciles per sandbox claimed: {}",
         s.flowing.wall_ms / 1000.0,
         s.flowing.cpu_per_claim_ms,
-        fmt_counts(&s.flowing.controller_writes_per_claim)
+        fmt_counts(&s.flowing.controller_writes_per_claim),
+        fmt_counts(&s.flowing.controller_reconciles_per_claim)
     );
     print_memory(&s.memory);
 }
