@@ -17,6 +17,7 @@ use kube::ResourceExt;
 
 use sandbox_domain::allocation::AllocStatus;
 use sandbox_domain::api::{BatchSandbox, Pool, names};
+use sandbox_domain::released::Released;
 
 /// `namespace/name` of a namespaced object, or of a group (a pool, a batch).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,6 +108,33 @@ impl<V: Clone> Grouping<V> {
     }
 }
 
+/// A batch as its pool's rounds read it: the cached object, with its ledger and released shards
+/// parsed once when the cache applied it rather than on every round of its pool.
+#[derive(Clone, Debug)]
+pub struct PoolBatch {
+    pub batch: Arc<BatchSandbox>,
+    /// Its ledger, or why it cannot be read (a corrupt ledger is never read as empty).
+    pub ledger: Result<Arc<AllocStatus>, Arc<serde_json::Error>>,
+    /// Shards released after their task finished.
+    pub released: Arc<Released>,
+}
+
+impl PoolBatch {
+    pub fn of(batch: Arc<BatchSandbox>) -> Self {
+        let released = Released::parse(
+            batch
+                .annotations()
+                .get(names::ANNOTATION_TASK_RESULTS)
+                .map(String::as_str),
+        );
+        Self {
+            ledger: AllocStatus::of(&batch).map(Arc::new).map_err(Arc::new),
+            released: Arc::new(released),
+            batch,
+        }
+    }
+}
+
 /// Which batches' ledgers name each pod, per namespace; a batch whose ledger cannot be read may
 /// hold any pod of its pool, so it is listed per pool instead.
 #[derive(Debug, Default)]
@@ -186,7 +214,7 @@ pub struct Indexes {
     pub pods_by_batch: Grouping<Arc<Pod>>,
     /// Batches by the Pool they reference; those waiting for a Pool to be chosen are grouped
     /// under [`names::ANY_POOL`].
-    pub batches_by_pool: Grouping<Arc<BatchSandbox>>,
+    pub batches_by_pool: Grouping<PoolBatch>,
     pub holders: Holders,
     /// Per batch, what its pool's allocation reads of it and what it is beside its status.
     batch_fingerprints: HashMap<Key, (u64, u64)>,
@@ -361,15 +389,19 @@ impl Indexes {
         let group = batch
             .pool_name()
             .or_else(|| batch.awaits_pool_selection().then_some(names::ANY_POOL));
-        self.batches_by_pool.set(&ns, &name, group, batch.clone());
+        let read = PoolBatch::of(batch.clone());
         match batch.pool_name() {
             Some(pool) => self.holders.set(
                 &ns,
                 &name,
-                AllocStatus::of(batch).map(|l| l.pods).map_err(|_| pool),
+                read.ledger
+                    .as_ref()
+                    .map(|l| l.pods.clone())
+                    .map_err(|_| pool),
             ),
             None => self.holders.remove(&ns, &name),
         }
+        self.batches_by_pool.set(&ns, &name, group, read);
         changed
     }
 
@@ -633,6 +665,21 @@ mod tests {
     }
 
     #[test]
+    fn a_group_hands_out_its_members_in_name_order() {
+        let mut index = Indexes::default();
+        for name in ["c", "a", "b"] {
+            index.pod_applied(&Arc::new(pod(name, &[(names::LABEL_POOL_NAME, "p")])));
+        }
+        let members: Vec<String> = index
+            .pods_by_pool
+            .members("ns", "p")
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        assert_eq!(members, ["a", "b", "c"]);
+    }
+
+    #[test]
     fn a_group_hands_out_the_latest_version_of_each_member() {
         let mut index = Indexes::default();
         let pending = Arc::new(pod("a", &[(names::LABEL_POOL_NAME, "p")]));
@@ -658,9 +705,39 @@ mod tests {
         let batches = index.batches_by_pool.members("ns", "p");
         assert_eq!(batches.len(), 1);
         assert!(
-            Arc::ptr_eq(&batches[0], &granted),
+            Arc::ptr_eq(&batches[0].batch, &granted),
             "the update replaced the cached batch"
         );
+        assert_eq!(
+            batches[0].ledger.as_ref().map(|l| l.pods.clone()).ok(),
+            Some(vec!["a".to_string()]),
+            "its ledger was read again with it"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_read_once_for_its_pools_rounds() {
+        let mut index = Indexes::default();
+        let mut released = batch("r", "p", Some(r#"{"pods":["a",""]}"#));
+        released.annotations_mut().insert(
+            names::ANNOTATION_TASK_RESULTS.into(),
+            r#"{"1":"Succeeded"}"#.into(),
+        );
+        index.batch_applied(&Arc::new(released));
+        index.batch_applied(&Arc::new(batch("c", "p", Some("{corrupt"))));
+        let batches = index.batches_by_pool.members("ns", "p");
+        let [corrupt, read] = batches.as_slice() else {
+            panic!("two batches in pool p: {batches:?}");
+        };
+        assert!(
+            corrupt.ledger.is_err(),
+            "a corrupt ledger is not read as empty"
+        );
+        assert_eq!(
+            read.ledger.as_ref().map(|l| l.pods.clone()).ok(),
+            Some(vec!["a".to_string(), String::new()])
+        );
+        assert!(read.released.contains(1) && !read.released.contains(0));
     }
 
     #[test]

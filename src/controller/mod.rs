@@ -312,6 +312,14 @@ impl Context {
     /// Batches in `namespace` in the cache that reference `pool` ([`names::ANY_POOL`]: those
     /// waiting for a Pool to be chosen).
     fn batches_of_pool(&self, namespace: &str, pool: &str) -> Vec<Arc<BatchSandbox>> {
+        self.pool_batches(namespace, pool)
+            .into_iter()
+            .map(|b| b.batch)
+            .collect()
+    }
+
+    /// [`Self::batches_of_pool`] with their ledgers as read when the cache applied them.
+    fn pool_batches(&self, namespace: &str, pool: &str) -> Vec<index::PoolBatch> {
         self.index
             .with(|i| i.batches_by_pool.members(namespace, pool))
     }

@@ -14,9 +14,9 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use super::index::Key;
+use super::index::{Key, PoolBatch};
 use super::pacing::{Sizing, StatusChange, StatusWrite};
-use super::{Context, Error, ledger_of, policy_selector, released_of};
+use super::{Context, Error, ledger_of, object_name, policy_selector};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_domain::allocation::{self, AllocStatus, Demand, Grant};
 use sandbox_domain::api::{BatchSandbox, Pool, PoolStatus, names};
@@ -24,6 +24,7 @@ use sandbox_domain::conditions::{self, Desired};
 use sandbox_domain::pod_template;
 use sandbox_domain::pods;
 use sandbox_domain::pool_plan::{self, MaxUnavailable, PoolCounts, PoolPod};
+use sandbox_domain::released::Released;
 use sandbox_domain::{endpoints, pods::is_running_and_ready};
 use sandbox_policy::Decision;
 
@@ -49,14 +50,21 @@ struct Observed {
     revision: String,
     /// The pool's pods (owned by this pool object), terminating ones included, in name order.
     pods: Vec<Arc<Pod>>,
-    /// Batches that reference this pool, oldest first, with their ledgers.
-    batches: Vec<(Arc<BatchSandbox>, AllocStatus)>,
+    /// Batches that reference this pool and whose ledgers can be read, oldest first.
+    batches: Vec<LedgeredBatch>,
     /// Pods held by any batch's ledger or claimed by a write not yet seen.
     held: HashSet<String>,
     /// Pods this process deleted that the cache still shows as live.
     deleting: HashSet<String>,
     /// Pods this process created that the cache does not show yet.
     unseen_creations: u32,
+}
+
+/// A batch of the pool with its readable ledger, as the cache index parsed them.
+struct LedgeredBatch {
+    batch: Arc<BatchSandbox>,
+    ledger: Arc<AllocStatus>,
+    released: Arc<Released>,
 }
 
 impl Observed {
@@ -66,33 +74,43 @@ impl Observed {
         let uid = pool.uid().unwrap_or_default();
         // Owned pods, and pods labelled with the pool that nothing owns: a pool deleted with
         // `--cascade=orphan` strips its pods' owner references, and they must still be drained.
-        let mut pods: Vec<Arc<Pod>> = ctx
+        let pods: Vec<Arc<Pod>> = ctx
             .pool_pods(&namespace, &name)
             .into_iter()
             .filter(|p| {
                 p.owner_references().iter().any(|o| o.uid == uid) || p.owner_references().is_empty()
             })
             .collect();
-        // The index hands them out in name order already; this keeps lookups right regardless.
-        pods.sort_by(|a, b| pods::pod_name(a).cmp(pods::pod_name(b)));
+        // The index keeps each pool's pods in a map by name, so they come in name order, which
+        // the round's binary searches rely on.
+        debug_assert!(pods.is_sorted_by(|a, b| pods::pod_name(a) < pods::pod_name(b)));
         let mut batches = Vec::new();
         let mut unreadable = Vec::new();
-        for batch in ctx.batches_of_pool(&namespace, &name) {
-            match ledger_of(&batch) {
+        for PoolBatch {
+            batch,
+            ledger,
+            released,
+        } in ctx.pool_batches(&namespace, &name)
+        {
+            match ledger {
                 Ok(ledger) => {
                     ctx.ledgers.remember(&batch, &ledger);
-                    batches.push((batch, ledger));
+                    batches.push(LedgeredBatch {
+                        batch,
+                        ledger,
+                        released,
+                    });
                 }
                 // One unreadable ledger must not stall the pool: its batch is left out (it
                 // reports the problem itself), and the pods it last held stay held.
                 Err(error) => {
-                    debug!(%error, "leaving a batch with an unreadable ledger out of allocation");
+                    debug!(batch = %object_name(batch.as_ref()), %error, "leaving a batch with an unreadable ledger out of allocation");
                     unreadable.push(batch);
                 }
             }
         }
-        batches.sort_by(|(a, _), (b, _)| creation_order(a).cmp(&creation_order(b)));
-        let seen_held = allocation::held_pods(batches.iter().map(|(_, l)| l));
+        batches.sort_by(|a, b| creation_order(&a.batch).cmp(&creation_order(&b.batch)));
+        let seen_held = allocation::held_pods(batches.iter().map(|b| b.ledger.as_ref()));
         let mut held: HashSet<String> = seen_held.iter().map(|p| p.to_string()).collect();
         for batch in &unreadable {
             held.extend(ctx.pods_an_unreadable_ledger_may_hold(batch, &name));
@@ -146,9 +164,9 @@ impl Observed {
         })
     }
 
-    /// Idle Running+Ready pods, current template first.
-    fn idle_ready(&self) -> Vec<String> {
-        let mut idle: Vec<(bool, String)> = self
+    /// Idle Running+Ready pods, current template first, each in name order.
+    fn idle_ready(&self) -> Vec<&str> {
+        let mut idle: Vec<(bool, &str)> = self
             .live_pods()
             .filter(|p| {
                 pods::is_live(p)
@@ -156,9 +174,10 @@ impl Observed {
                     && !is_evicted(p)
                     && !self.held.contains(pods::pod_name(p))
             })
-            .map(|p| (!self.is_current(p), pods::pod_name(p).to_string()))
+            .map(|p| (!self.is_current(p), pods::pod_name(p)))
             .collect();
-        idle.sort();
+        // Stable: the pods come in name order.
+        idle.sort_by_key(|&(stale, _)| stale);
         idle.into_iter().map(|(_, name)| name).collect()
     }
 
@@ -248,8 +267,8 @@ async fn confirm_held_pods_missing_from_cache(
     let missing: HashSet<String> = observed
         .batches
         .iter()
-        .filter(|(b, _)| b.metadata.deletion_timestamp.is_none())
-        .flat_map(|(_, ledger)| ledger.pods.iter())
+        .filter(|b| b.batch.metadata.deletion_timestamp.is_none())
+        .flat_map(|b| b.ledger.pods.iter())
         .filter(|name| !name.is_empty() && observed.pod(name).is_none())
         .cloned()
         .collect();
@@ -301,21 +320,21 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
             .get(&ObjectRef::new(batch).within(&observed.namespace))
             .and_then(|b| b.resource_version())
     });
-    let wanting: Vec<&(Arc<BatchSandbox>, AllocStatus)> = observed
+    let wanting: Vec<&LedgeredBatch> = observed
         .batches
         .iter()
-        .filter(|(b, _)| b.metadata.deletion_timestamp.is_none())
-        .filter(|(b, _)| {
+        .filter(|b| b.batch.metadata.deletion_timestamp.is_none())
+        .filter(|b| {
             !ctx.grants_in_flight
-                .contains(&Key::new(&observed.namespace, &b.name_any()))
+                .contains(&Key::new(&observed.namespace, &b.batch.name_any()))
         })
         .collect();
     let demands: Vec<Demand> = wanting
         .iter()
-        .map(|(b, ledger)| Demand {
-            replicas: b.desired_replicas(),
-            held: ledger.pods.clone(),
-            released: released_of(b).0.into_keys().collect(),
+        .map(|b| Demand {
+            replicas: b.batch.desired_replicas(),
+            held: &b.ledger.pods,
+            released: &b.released,
         })
         .collect();
     let idle = observed.idle_ready();
@@ -338,7 +357,7 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
     // Claimed before the writes go out: a write whose outcome is unknown must keep its pods
     // held, or the next round could hand them to another batch.
     for grant in &plan.grants {
-        let batch = wanting[grant.demand].0.clone();
+        let batch = wanting[grant.demand].batch.clone();
         ctx.claims.record(
             &observed.namespace,
             &batch.name_any(),
@@ -655,7 +674,7 @@ fn recent_allocations(observed: &Observed) -> Vec<AllocationEvent> {
     let mut events: Vec<AllocationEvent> = observed
         .batches
         .iter()
-        .filter_map(|(batch, ledger)| {
+        .filter_map(|LedgeredBatch { batch, ledger, .. }| {
             let at = batch
                 .metadata
                 .creation_timestamp
@@ -709,8 +728,8 @@ async fn drain(pool: &Pool, ctx: &Context, observed: &Observed) -> Result<Action
     let holders: Vec<String> = observed
         .batches
         .iter()
-        .filter(|(_, ledger)| ledger.pods.iter().any(|p| observed.usable(p)))
-        .map(|(b, _)| b.name_any())
+        .filter(|b| b.ledger.pods.iter().any(|p| observed.usable(p)))
+        .map(|b| b.batch.name_any())
         .collect();
     let allocated = observed
         .live_pods()

@@ -14,6 +14,7 @@ use kube::ResourceExt;
 
 use crate::api::{BatchSandbox, names};
 use crate::pods;
+use crate::released::Released;
 
 /// The `sandbox.opensandbox.io/alloc-status` annotation, in OpenSandbox's format.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,15 +52,23 @@ impl AllocStatus {
     }
 }
 
-/// One pooled batch that may want pods.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Demand {
+/// One pooled batch that may want pods, borrowed from its cached ledger: a round looks at every
+/// batch of its pool, and most want nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Demand<'a> {
     /// Desired shard count.
     pub replicas: usize,
     /// The pods it holds now, in shard order.
-    pub held: Vec<String>,
+    pub held: &'a [String],
     /// Shards released after their task finished: they never get a pod again.
-    pub released: BTreeSet<usize>,
+    pub released: &'a Released,
+}
+
+impl Demand<'_> {
+    /// Whether `shard` needs a pod: it is not released, and it has none or its pod is gone.
+    fn needs_pod(&self, shard: usize, is_live: &impl Fn(&str) -> bool) -> bool {
+        !self.released.contains(shard) && self.held.get(shard).is_none_or(|held| !is_live(held))
+    }
 }
 
 /// What one batch gets in this round.
@@ -88,33 +97,32 @@ pub struct Plan {
 /// - `idle`: pods free to allocate, most preferred first. Each is used at most once.
 ///
 /// Lists stay dense: a shard beyond the end of a list is only added once all before it are.
-pub fn plan(demands: &[Demand], is_live: impl Fn(&str) -> bool, idle: &[String]) -> Plan {
+pub fn plan(demands: &[Demand], is_live: impl Fn(&str) -> bool, idle: &[impl AsRef<str>]) -> Plan {
     let mut free = idle.iter();
     let mut plan = Plan::default();
     for (index, demand) in demands.iter().enumerate() {
-        let mut pods = demand.held.clone();
+        if !(0..demand.replicas).any(|shard| demand.needs_pod(shard, &is_live)) {
+            continue;
+        }
+        let mut pods = demand.held.to_vec();
         let mut granted = Vec::new();
         for shard in 0..demand.replicas {
-            if demand.released.contains(&shard) {
+            if demand.released.contains(shard) {
                 if shard >= pods.len() {
                     pods.push(String::new());
                 }
                 continue;
             }
-            let needs_pod = match pods.get(shard) {
-                Some(held) => !is_live(held),
-                None => true,
-            };
-            if !needs_pod {
+            if !demand.needs_pod(shard, &is_live) {
                 continue;
             }
-            match free.next() {
+            match free.next().map(|pod| pod.as_ref().to_string()) {
                 Some(pod) => {
                     granted.push(pod.clone());
                     if shard < pods.len() {
-                        pods[shard] = pod.clone();
+                        pods[shard] = pod;
                     } else {
-                        pods.push(pod.clone());
+                        pods.push(pod);
                     }
                 }
                 None => plan.unmet += 1,
@@ -166,6 +174,10 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::HashSet;
 
+    use sandbox_decisions::tasks::TaskPhase;
+
+    const NONE_RELEASED: &Released = &Released(std::collections::BTreeMap::new());
+
     fn names(prefix: &str, n: usize) -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i}")).collect()
     }
@@ -175,13 +187,13 @@ mod tests {
         let demands = vec![
             Demand {
                 replicas: 2,
-                released: BTreeSet::new(),
-                held: vec![],
+                released: NONE_RELEASED,
+                held: &[],
             },
             Demand {
                 replicas: 3,
-                released: BTreeSet::new(),
-                held: vec![],
+                released: NONE_RELEASED,
+                held: &[],
             },
         ];
         let plan = plan(&demands, |_| true, &names("p", 4));
@@ -192,10 +204,11 @@ mod tests {
 
     #[test]
     fn a_lost_pod_is_replaced_in_place() {
+        let held = names("h", 3);
         let demands = vec![Demand {
             replicas: 3,
-            released: BTreeSet::new(),
-            held: names("h", 3),
+            released: NONE_RELEASED,
+            held: &held,
         }];
         let plan = plan(&demands, |p| p != "h1", &names("p", 1));
         assert_eq!(plan.grants[0].pods, ["h0", "p0", "h2"]);
@@ -204,20 +217,23 @@ mod tests {
 
     #[test]
     fn satisfied_and_oversized_batches_get_nothing() {
+        let held = names("h", 3);
         let demands = vec![Demand {
             replicas: 1,
-            released: BTreeSet::new(),
-            held: names("h", 3),
+            released: NONE_RELEASED,
+            held: &held,
         }];
         assert_eq!(plan(&demands, |_| true, &names("p", 2)), Plan::default());
     }
 
     #[test]
     fn released_shards_never_get_a_pod_again() {
+        let held = ["h0".to_string(), String::new()];
+        let released = Released([(1, TaskPhase::Succeeded)].into());
         let demands = vec![Demand {
             replicas: 3,
-            held: vec!["h0".into(), String::new()],
-            released: BTreeSet::from([1]),
+            held: &held,
+            released: &released,
         }];
         let plan = plan(&demands, |p| p == "h0", &names("p", 3));
         assert_eq!(plan.grants[0].pods, ["h0", "", "p0"]);
@@ -246,26 +262,48 @@ mod tests {
         /// The ledger invariant: no pod ever serves two shards, across all batches.
         #[test]
         fn no_pod_is_ever_allocated_twice(
-            specs in prop::collection::vec((0usize..6, 0usize..5), 0..8),
+            specs in prop::collection::vec((0usize..6, 0usize..5, prop::collection::btree_set(0usize..6, 0..3)), 0..8),
             idle_count in 0usize..20,
             dead in prop::collection::hash_set(0usize..40, 0..10),
         ) {
             // Held pods are distinct across batches, as the ledger guarantees on input.
             let mut next = 0;
-            let demands: Vec<Demand> = specs.iter().map(|&(replicas, held)| {
+            let ledgers: Vec<(usize, Vec<String>, Released)> = specs.iter().map(|(replicas, held, released)| {
                 let pods = (next..next + held).map(|i| format!("h{i}")).collect();
                 next += held;
-                Demand { replicas, held: pods, released: BTreeSet::new() }
+                let released = Released(released.iter().map(|&s| (s, TaskPhase::Succeeded)).collect());
+                (*replicas, pods, released)
+            }).collect();
+            let demands: Vec<Demand> = ledgers.iter().map(|(replicas, held, released)| {
+                Demand { replicas: *replicas, held, released }
             }).collect();
             let is_live = |p: &str| !p.strip_prefix('h').and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| dead.contains(&n));
             let idle = names("p", idle_count);
             let result = plan(&demands, is_live, &idle);
 
-            let mut finals: Vec<Vec<String>> = demands.iter().map(|d| d.held.clone()).collect();
+            let mut finals: Vec<Vec<String>> = demands.iter().map(|d| d.held.to_vec()).collect();
             for grant in &result.grants { finals[grant.demand] = grant.pods.clone(); }
             let mut seen = HashSet::new();
             for pods in &finals {
-                for pod in pods { prop_assert!(seen.insert(pod.clone()), "{} allocated twice", pod); }
+                for pod in pods.iter().filter(|p| !p.is_empty()) { prop_assert!(seen.insert(pod.clone()), "{} allocated twice", pod); }
+            }
+            // A released shard never gets a pod; a batch granted nothing was left as it was.
+            for grant in &result.grants {
+                let demand = &demands[grant.demand];
+                for (shard, pod) in grant.pods.iter().enumerate() {
+                    if demand.released.contains(shard) {
+                        let before = demand.held.get(shard).cloned().unwrap_or_default();
+                        prop_assert_eq!(pod, &before);
+                    }
+                }
+                prop_assert!(!grant.granted.is_empty());
+            }
+            // Every batch with a shard that needs a pod got one, unless idle ran out first.
+            for (index, demand) in demands.iter().enumerate() {
+                let needy = (0..demand.replicas).any(|s| demand.needs_pod(s, &is_live));
+                let granted = result.grants.iter().any(|g| g.demand == index);
+                prop_assert!(!needy || granted || result.unmet > 0);
+                prop_assert!(needy || !granted);
             }
             // Every granted pod came from the idle list.
             for grant in &result.grants {
