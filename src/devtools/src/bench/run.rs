@@ -2,6 +2,7 @@
 //! starts itself.
 
 use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -48,7 +49,9 @@ pub struct ScaleSettings {
 /// Pods the normal scene's warm pool keeps available before each phase.
 const WARM: i32 = 105;
 
-/// The controller the bench runs; killed when dropped.
+/// The controller the bench runs, in a process group of its own; the group is killed when this
+/// is dropped, so a controller started through a wrapper (a profiler, a shell script) goes with
+/// it and never reconciles the next run's namespace.
 struct Controller {
     child: Child,
     metrics: String,
@@ -56,7 +59,10 @@ struct Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let group = rustix::process::Pid::from_child(&self.child);
+        if rustix::process::kill_process_group(group, rustix::process::Signal::KILL).is_err() {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -914,6 +920,7 @@ async fn start_controller(settings: &Settings, ns: &str) -> anyhow::Result<Contr
             "annotated",
         ])
         .env("RUST_LOG", "warn")
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
