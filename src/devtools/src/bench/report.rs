@@ -174,36 +174,27 @@ impl Aggregate {
         let scalar = |f: &dyn Fn(&RunFigures) -> Option<f64>| -> Option<f64> {
             stats::median(&runs.iter().filter_map(f).collect::<Vec<_>>())
         };
+        let counts = |f: fn(&RunFigures) -> &Counts| median_counts(runs.iter().map(f));
         Self {
             batch100_ms: scalar(&|r| r.batch100.map(|b| b.total_ms())),
             burst: LatencySummary::of(&all(|r| &r.burst)),
             sequential: LatencySummary::of(&all(|r| &r.sequential)),
             burst_cpu_per_claim_ms: scalar(&|r| Some(r.burst.cost.cpu_per_claim_ms)),
             sequential_cpu_per_claim_ms: scalar(&|r| Some(r.sequential.cost.cpu_per_claim_ms)),
-            burst_controller_writes_per_claim: median_counts(
-                runs.iter()
-                    .map(|r| &r.burst.cost.controller_writes_per_claim),
-            ),
-            burst_apiserver_writes_per_claim: median_counts(
-                runs.iter()
-                    .map(|r| &r.burst.cost.apiserver_writes_per_claim),
-            ),
-            sequential_controller_writes_per_claim: median_counts(
-                runs.iter()
-                    .map(|r| &r.sequential.cost.controller_writes_per_claim),
-            ),
-            sequential_apiserver_writes_per_claim: median_counts(
-                runs.iter()
-                    .map(|r| &r.sequential.cost.apiserver_writes_per_claim),
-            ),
-            burst_reconciles_per_claim: median_counts(
-                runs.iter()
-                    .map(|r| &r.burst.cost.controller_reconciles_per_claim),
-            ),
-            sequential_reconciles_per_claim: median_counts(
-                runs.iter()
-                    .map(|r| &r.sequential.cost.controller_reconciles_per_claim),
-            ),
+            burst_controller_writes_per_claim: counts(|r| {
+                &r.burst.cost.controller_writes_per_claim
+            }),
+            burst_apiserver_writes_per_claim: counts(|r| &r.burst.cost.apiserver_writes_per_claim),
+            sequential_controller_writes_per_claim: counts(|r| {
+                &r.sequential.cost.controller_writes_per_claim
+            }),
+            sequential_apiserver_writes_per_claim: counts(|r| {
+                &r.sequential.cost.apiserver_writes_per_claim
+            }),
+            burst_reconciles_per_claim: counts(|r| &r.burst.cost.controller_reconciles_per_claim),
+            sequential_reconciles_per_claim: counts(|r| {
+                &r.sequential.cost.controller_reconciles_per_claim
+            }),
             nonpooled_ms: scalar(&|r| r.nonpooled_ms),
         }
     }
