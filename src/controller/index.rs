@@ -716,7 +716,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_read_once_for_its_pools_rounds() {
+    fn a_pool_batch_carries_its_parsed_ledger_and_released_shards() {
         let mut index = Indexes::default();
         let mut released = batch("r", "p", Some(r#"{"pods":["a",""]}"#));
         released.annotations_mut().insert(
