@@ -72,19 +72,22 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
         return super::selection::reconcile(batch, ctx).await;
     }
 
-    if batch.pool_name().is_some()
-        && let Err(error) = ledger_of(batch)
-    {
-        return report_unreadable_ledger(batch, ctx, &error).await;
-    }
+    // A pooled batch's ledger, read once for the whole reconcile.
+    let pooled = match batch.pool_name() {
+        Some(pool) => match ledger_of(batch) {
+            Ok(ledger) => Some((pool, ledger)),
+            Err(error) => return report_unreadable_ledger(batch, ctx, &error).await,
+        },
+        None => None,
+    };
     let released = released_of(batch);
-    if batch.pool_name().is_some()
-        && let Some(action) = release_requested(batch, ctx, &released).await?
+    if let Some((_, ledger)) = &pooled
+        && let Some(action) = release_requested(batch, ctx, ledger, &released).await?
     {
         return Ok(action);
     }
-    let shards = match batch.pool_name() {
-        Some(pool) => pooled_shards(batch, ctx, pool).await?,
+    let shards = match pooled {
+        Some((pool, ledger)) => pooled_shards(batch, ctx, pool, ledger).await?,
         None => own_pods(batch, ctx, &released).await?,
     };
     write_endpoints(batch, ctx, &shards).await?;
@@ -293,9 +296,13 @@ fn owned_pods_by_index(batch: &BatchSandbox, ctx: &Context) -> BTreeMap<usize, A
 }
 
 /// Pooled: the ledger's pods; shards above `replicas` are released and dropped from the ledger.
-async fn pooled_shards(batch: &BatchSandbox, ctx: &Context, pool: &str) -> Result<Shards, Error> {
+async fn pooled_shards(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    pool: &str,
+    ledger: AllocStatus,
+) -> Result<Shards, Error> {
     let ns = batch.namespace().unwrap_or_default();
-    let ledger = ledger_of(batch)?;
     let replicas = batch.desired_replicas();
     // Only entries that are pods of the pool are given back; others are dropped untouched.
     let released = ledger_pods(batch, ctx, ledger.pods.iter().skip(replicas)).await?;
@@ -398,6 +405,7 @@ async fn ledger_pods<'a>(
 async fn release_requested(
     batch: &BatchSandbox,
     ctx: &Context,
+    ledger: &AllocStatus,
     released: &Released,
 ) -> Result<Option<Action>, Error> {
     let annotation = |key: &str| batch.annotations().get(key).map(String::as_str);
@@ -412,7 +420,7 @@ async fn release_requested(
     if request.pods.is_empty() {
         return Ok(None);
     }
-    let mut ledger = ledger_of(batch)?;
+    let mut ledger = ledger.clone();
     let shards = alloc_release::shards_to_release(&ledger.pods, &request.pods);
     if shards.is_empty() {
         return Ok(None);
