@@ -13,6 +13,7 @@ use kube::api::{DeleteParams, Preconditions};
 use serde_json::json;
 use tracing::{debug, info};
 
+use super::cached_pod::CachedPod;
 use super::{Context, Error};
 use sandbox_domain::api::{Pool, names};
 use sandbox_domain::pods;
@@ -59,7 +60,7 @@ pub fn decide(
 pub async fn orphans(
     pool: &Pool,
     ctx: &Context,
-    pool_pods: &[Arc<Pod>],
+    pool_pods: &[Arc<CachedPod>],
     held: &std::collections::HashSet<String>,
     revision: &str,
 ) -> Result<Vec<String>, Error> {

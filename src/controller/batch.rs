@@ -16,6 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::cached_pod::CachedPod;
 use super::tasks::{StopOutcome, still_stopping};
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use sandbox_decisions::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision};
@@ -51,7 +52,7 @@ pub async fn reconcile(batch: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Ac
 
 /// A batch's shards as observed: shard i's pod, if any.
 struct Shards {
-    pods: Vec<Option<Arc<Pod>>>,
+    pods: Vec<Option<Arc<CachedPod>>>,
     /// Live pods of the batch, including ones above `replicas` still going away.
     live: u32,
     /// Removed shards whose tasks are still stopping; their pods go once the tasks are gone.
@@ -227,7 +228,7 @@ async fn own_pods(
             Some(_) => {}
         }
     }
-    let excess_pods: Vec<Arc<Pod>> = by_index
+    let excess_pods: Vec<Arc<CachedPod>> = by_index
         .range(replicas..)
         .filter(|(_, p)| !pods::is_terminating(p))
         .map(|(_, p)| p.clone())
@@ -247,12 +248,12 @@ async fn own_pods(
 
     if !to_create.is_empty() {
         let created = to_create.len();
-        let results: Vec<Result<Pod, kube::Error>> =
+        let results: Vec<Result<(), kube::Error>> =
             stream::iter(to_create.into_iter().map(|pod| ctx.create_pod(&ns, pod)))
                 .buffer_unordered(POD_WRITE_CONCURRENCY)
                 .collect()
                 .await;
-        results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        results.into_iter().collect::<Result<(), _>>()?;
         ctx.event(
             batch,
             EventType::Normal,
@@ -284,7 +285,7 @@ async fn own_pods(
     })
 }
 
-fn owned_pods_by_index(batch: &BatchSandbox, ctx: &Context) -> BTreeMap<usize, Arc<Pod>> {
+fn owned_pods_by_index(batch: &BatchSandbox, ctx: &Context) -> BTreeMap<usize, Arc<CachedPod>> {
     let ns = batch.namespace();
     let name = batch.name_any();
     let uid = batch.uid().unwrap_or_default();
@@ -337,7 +338,7 @@ async fn pooled_shards(
         .await;
     }
     let shown = ledger.pods.len().min(replicas);
-    let mut shard_pods: Vec<Option<Arc<Pod>>> = ledger.pods[..shown]
+    let mut shard_pods: Vec<Option<Arc<CachedPod>>> = ledger.pods[..shown]
         .iter()
         .map(|p| held_pod(batch, ctx, p))
         .collect();
@@ -352,7 +353,7 @@ async fn pooled_shards(
 
 /// The pod a pooled batch's ledger entry names, if it is a live pod of the batch's pool. The
 /// ledger is an annotation: an entry naming any other pod is never dispatched to nor deleted.
-fn held_pod(batch: &BatchSandbox, ctx: &Context, name: &str) -> Option<Arc<Pod>> {
+fn held_pod(batch: &BatchSandbox, ctx: &Context, name: &str) -> Option<Arc<CachedPod>> {
     pod_named(ctx, &batch.namespace().unwrap_or_default(), name)
         .filter(|pod| is_pool_pod_of(batch, ctx, pod))
 }
@@ -378,13 +379,13 @@ async fn ledger_pods<'a>(
     batch: &BatchSandbox,
     ctx: &Context,
     names: impl IntoIterator<Item = &'a String>,
-) -> Result<Vec<Arc<Pod>>, Error> {
+) -> Result<Vec<Arc<CachedPod>>, Error> {
     let ns = batch.namespace().unwrap_or_default();
     let mut held = Vec::new();
     for name in names.into_iter().filter(|n| !n.is_empty()) {
         let pod = match pod_named(ctx, &ns, name) {
             Some(cached) => Some(cached),
-            None => ctx.api::<Pod>(&ns).get_opt(name).await?.map(Arc::new),
+            None => ctx.api::<CachedPod>(&ns).get_opt(name).await?.map(Arc::new),
         };
         if let Some(pod) = pod.filter(|pod| is_pool_pod_of(batch, ctx, pod)) {
             held.push(pod);
@@ -498,7 +499,7 @@ async fn release_requested(
     Ok(Some(Action::await_change()))
 }
 
-fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
+fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<CachedPod>> {
     ctx.pods.get(&ObjectRef::new(name).within(ns))
 }
 
@@ -509,7 +510,7 @@ fn pod_named(ctx: &Context, ns: &str, name: &str) -> Option<Arc<Pod>> {
 async fn stop_and_recycle(
     batch: &BatchSandbox,
     ctx: &Context,
-    released: &[Arc<Pod>],
+    released: &[Arc<CachedPod>],
     strategy: RecycleType,
 ) -> Result<bool, Error> {
     let outcomes = super::tasks::stop(ctx, released).await;
@@ -520,12 +521,12 @@ async fn stop_and_recycle(
 async fn recycle(
     batch: &BatchSandbox,
     ctx: &Context,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<CachedPod>],
     outcomes: &[StopOutcome],
     strategy: RecycleType,
 ) -> Result<bool, Error> {
     let ns = batch.namespace().unwrap_or_default();
-    let actions: Vec<(&Arc<Pod>, RecycleAction)> = pods
+    let actions: Vec<(&Arc<CachedPod>, RecycleAction)> = pods
         .iter()
         .zip(outcomes)
         .map(|(pod, stop)| {
@@ -630,7 +631,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let ns = batch.namespace().unwrap_or_default();
-    let pod_objects: Vec<Arc<Pod>> = match batch.pool_name() {
+    let pod_objects: Vec<Arc<CachedPod>> = match batch.pool_name() {
         Some(pool) => match ledger_of(batch) {
             Ok(ledger) => ledger_pods(batch, ctx, &ledger.pods).await?,
             // Which pods it holds cannot be proven: those it may hold are deleted, never
@@ -769,7 +770,7 @@ async fn write_endpoints(
     let ips: Vec<Option<&str>> = shards
         .pods
         .iter()
-        .map(|p| p.as_deref().and_then(pods::pod_ip))
+        .map(|p| p.as_deref().and_then(|p| pods::pod_ip(p)))
         .collect();
     let rendered = endpoints::render(&ips, ctx.config.endpoints_format.for_labels(batch.labels()));
     let current = batch.annotations().get(names::ANNOTATION_ENDPOINTS);
@@ -821,7 +822,7 @@ async fn release_finished(
     report: &super::tasks::TaskReport,
     released: &Released,
 ) -> Result<bool, Error> {
-    let finished: Vec<(usize, TaskPhase, Arc<Pod>)> = report
+    let finished: Vec<(usize, TaskPhase, Arc<CachedPod>)> = report
         .phases
         .iter()
         .enumerate()
@@ -861,7 +862,7 @@ async fn release_finished(
 
     // The finished task was the pod's only one: the answer that reported it finished also said
     // whether all its processes ended, so no stop call is needed.
-    let pods_released: Vec<Arc<Pod>> = finished.iter().map(|(_, _, p)| p.clone()).collect();
+    let pods_released: Vec<Arc<CachedPod>> = finished.iter().map(|(_, _, p)| p.clone()).collect();
     let outcomes: Vec<StopOutcome> = finished
         .iter()
         .map(|(i, _, _)| {
@@ -917,7 +918,9 @@ async fn write_status(
         .map(|(index, (pod, task))| ShardView {
             released: released.contains(index),
             has_pod: pod.is_some(),
-            ready: pod.as_deref().is_some_and(pods::is_running_and_ready),
+            ready: pod
+                .as_deref()
+                .is_some_and(|p| pods::is_running_and_ready(p)),
             task,
         })
         .collect();

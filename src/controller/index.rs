@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::Pod;
+
+use super::cached_pod::CachedPod;
 use kube::ResourceExt;
 
 use sandbox_domain::allocation::AllocStatus;
@@ -209,9 +211,9 @@ impl Holders {
 #[derive(Debug, Default)]
 pub struct Indexes {
     /// Pods by their pool label.
-    pub pods_by_pool: Grouping<Arc<Pod>>,
+    pub pods_by_pool: Grouping<Arc<CachedPod>>,
     /// Pods by their batch label (a non-pooled batch's own pods).
-    pub pods_by_batch: Grouping<Arc<Pod>>,
+    pub pods_by_batch: Grouping<Arc<CachedPod>>,
     /// Batches by the Pool they reference; those waiting for a Pool to be chosen are grouped
     /// under [`names::ANY_POOL`].
     pub batches_by_pool: Grouping<PoolBatch>,
@@ -299,43 +301,10 @@ fn pod_fingerprint(pod: &Pod) -> u64 {
     ))
 }
 
-/// Cuts a watched pod down to what the reconcilers read before it is cached: metadata (without
-/// managedFields), the names of its containers and init containers (with the init containers'
-/// restart policy, which tells a native sidecar), and its phase, conditions and IPs. The rest
-/// (volumes, environment, resources, container statuses) is most of a pod's size, and at 10,000
-/// pods it was most of the controller's memory. The controller writes pods only with merge
-/// patches, never from the cache, so a cut pod is never sent back.
-pub fn keep_what_reconcilers_read(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    if let Some(spec) = pod.spec.take() {
-        let named = |c: Container| Container {
-            name: c.name,
-            restart_policy: c.restart_policy,
-            ..Container::default()
-        };
-        pod.spec = Some(PodSpec {
-            containers: spec.containers.into_iter().map(named).collect(),
-            init_containers: spec
-                .init_containers
-                .map(|list| list.into_iter().map(named).collect()),
-            ..PodSpec::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            phase: status.phase,
-            conditions: status.conditions,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..PodStatus::default()
-        });
-    }
-}
-
 impl Indexes {
     /// Records a pod as the cache now shows it. Returns whether what the reconcilers read of it
     /// changed.
-    pub fn pod_applied(&mut self, pod: &Arc<Pod>) -> bool {
+    pub fn pod_applied(&mut self, pod: &Arc<CachedPod>) -> bool {
         let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
         let fingerprint = pod_fingerprint(pod);
         let changed = self
@@ -365,7 +334,7 @@ impl Indexes {
         self.pod_fingerprints.remove(&Key::new(&ns, &name));
     }
 
-    pub fn pods_relisted<'a>(&mut self, pods: impl IntoIterator<Item = &'a Arc<Pod>>) {
+    pub fn pods_relisted<'a>(&mut self, pods: impl IntoIterator<Item = &'a Arc<CachedPod>>) {
         self.pods_by_pool.clear();
         self.pods_by_batch.clear();
         self.pod_fingerprints.clear();
@@ -476,6 +445,10 @@ mod tests {
         }
     }
 
+    fn cached(pod: Pod) -> Arc<CachedPod> {
+        Arc::new(CachedPod::from(pod))
+    }
+
     fn batch(name: &str, pool_ref: &str, ledger: Option<&str>) -> BatchSandbox {
         let mut batch = BatchSandbox::new(
             name,
@@ -532,31 +505,10 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_pod_keeps_everything_the_reconcilers_read_and_little_else() {
+    fn a_cached_pod_has_the_fingerprint_of_the_whole_pod_it_was_cut_from() {
         let served = served_pod();
-        let mut cached = served.clone();
-        keep_what_reconcilers_read(&mut cached);
-
+        let cached = CachedPod::from(served.clone());
         assert_eq!(pod_fingerprint(&cached), pod_fingerprint(&served));
-        assert!(sandbox_domain::pods::is_running_and_ready(&cached));
-        assert_eq!(sandbox_domain::pods::pod_ip(&cached), Some("127.1.0.9"));
-        assert!(super::super::sidecar::has_injected_executor(&cached));
-        assert_eq!(
-            cached.metadata,
-            ObjectMeta {
-                managed_fields: None,
-                ..served.metadata.clone()
-            }
-        );
-        let spec = cached.spec.as_ref().expect("a spec");
-        assert_eq!(spec.containers.len(), 1);
-        assert_eq!(spec.containers[0].name, "app");
-        assert_eq!(spec.containers[0].image, None);
-        assert_eq!(spec.volumes, None);
-        assert_eq!(spec.node_name, None);
-        let status = cached.status.as_ref().expect("a status");
-        assert_eq!(status.container_statuses, None);
-        assert_eq!(status.host_ip, None);
 
         let size = |pod: &Pod| serde_json::to_vec(pod).map(|b| b.len()).unwrap_or_default();
         assert!(
@@ -577,11 +529,11 @@ mod tests {
             ..PodStatus::default()
         });
         assert!(
-            index.pod_applied(&Arc::new(pending.clone())),
+            index.pod_applied(&cached(pending.clone())),
             "a new pod is a change"
         );
         assert!(
-            !index.pod_applied(&Arc::new(pending.clone())),
+            !index.pod_applied(&cached(pending.clone())),
             "the same pod again is none"
         );
 
@@ -600,7 +552,7 @@ mod tests {
             ..PodStatus::default()
         });
         assert!(
-            !index.pod_applied(&Arc::new(pending.clone())),
+            !index.pod_applied(&cached(pending.clone())),
             "a binding is no change"
         );
 
@@ -614,7 +566,7 @@ mod tests {
             ..PodCondition::default()
         }]);
         assert!(
-            index.pod_applied(&Arc::new(ready.clone())),
+            index.pod_applied(&cached(ready.clone())),
             "running, ready and an IP are a change"
         );
 
@@ -624,7 +576,7 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::now(),
             ));
         assert!(
-            index.pod_applied(&Arc::new(terminating.clone())),
+            index.pod_applied(&cached(terminating.clone())),
             "a deletion is a change"
         );
 
@@ -633,13 +585,13 @@ mod tests {
             .labels_mut()
             .insert(names::LABEL_EVICT.into(), "true".into());
         assert!(
-            index.pod_applied(&Arc::new(relabelled.clone())),
+            index.pod_applied(&cached(relabelled.clone())),
             "a label is a change"
         );
 
         index.pod_deleted(&relabelled);
         assert!(
-            index.pod_applied(&Arc::new(relabelled.clone())),
+            index.pod_applied(&cached(relabelled.clone())),
             "a pod seen again after a delete is new"
         );
     }
@@ -647,16 +599,16 @@ mod tests {
     #[test]
     fn a_pod_moves_between_groups_as_its_labels_change_and_leaves_on_delete() {
         let mut index = Indexes::default();
-        index.pod_applied(&Arc::new(pod("a", &[(names::LABEL_POOL_NAME, "p")])));
-        index.pod_applied(&Arc::new(pod("b", &[(names::LABEL_POOL_NAME, "p")])));
+        index.pod_applied(&cached(pod("a", &[(names::LABEL_POOL_NAME, "p")])));
+        index.pod_applied(&cached(pod("b", &[(names::LABEL_POOL_NAME, "p")])));
         assert_eq!(index.pods_by_pool.names("ns", "p"), ["a", "b"]);
         assert!(index.pods_by_pool.names("other", "p").is_empty());
 
-        index.pod_applied(&Arc::new(pod("a", &[(names::LABEL_POOL_NAME, "q")])));
+        index.pod_applied(&cached(pod("a", &[(names::LABEL_POOL_NAME, "q")])));
         assert_eq!(index.pods_by_pool.names("ns", "p"), ["b"]);
         assert_eq!(index.pods_by_pool.names("ns", "q"), ["a"]);
 
-        index.pod_applied(&Arc::new(pod("b", &[(names::LABEL_BATCH_NAME, "web")])));
+        index.pod_applied(&cached(pod("b", &[(names::LABEL_BATCH_NAME, "web")])));
         assert!(index.pods_by_pool.names("ns", "p").is_empty());
         assert_eq!(index.pods_by_batch.names("ns", "web"), ["b"]);
 
@@ -668,7 +620,7 @@ mod tests {
     fn a_group_hands_out_its_members_in_name_order() {
         let mut index = Indexes::default();
         for name in ["c", "a", "b"] {
-            index.pod_applied(&Arc::new(pod(name, &[(names::LABEL_POOL_NAME, "p")])));
+            index.pod_applied(&cached(pod(name, &[(names::LABEL_POOL_NAME, "p")])));
         }
         let members: Vec<String> = index
             .pods_by_pool
@@ -682,14 +634,14 @@ mod tests {
     #[test]
     fn a_group_hands_out_the_latest_version_of_each_member() {
         let mut index = Indexes::default();
-        let pending = Arc::new(pod("a", &[(names::LABEL_POOL_NAME, "p")]));
+        let pending = cached(pod("a", &[(names::LABEL_POOL_NAME, "p")]));
         index.pod_applied(&pending);
         let mut running = pod("a", &[(names::LABEL_POOL_NAME, "p")]);
-        running.status = Some(PodStatus {
+        running.status = Some(k8s_openapi::api::core::v1::PodStatus {
             phase: Some("Running".into()),
-            ..PodStatus::default()
+            ..Default::default()
         });
-        let running = Arc::new(running);
+        let running = cached(running);
         index.pod_applied(&running);
         let members = index.pods_by_pool.members("ns", "p");
         assert_eq!(members.len(), 1);
@@ -848,10 +800,10 @@ mod tests {
     #[test]
     fn a_relist_forgets_what_it_no_longer_lists() {
         let mut index = Indexes::default();
-        index.pod_applied(&Arc::new(pod("gone", &[(names::LABEL_POOL_NAME, "p")])));
+        index.pod_applied(&cached(pod("gone", &[(names::LABEL_POOL_NAME, "p")])));
         index.batch_applied(&Arc::new(batch("gone", "p", Some(r#"{"pods":["gone"]}"#))));
         let kept = pod("kept", &[(names::LABEL_POOL_NAME, "p")]);
-        index.pods_relisted([&Arc::new(kept.clone())]);
+        index.pods_relisted([&cached(kept.clone())]);
         let kept_batch = batch("kept", "p", Some(r#"{"pods":["kept"]}"#));
         index.batches_relisted([&Arc::new(kept_batch.clone())]);
         assert_eq!(index.pods_by_pool.names("ns", "p"), ["kept"]);

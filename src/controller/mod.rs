@@ -7,6 +7,7 @@
 mod adopt;
 mod backoff;
 mod batch;
+mod cached_pod;
 mod claims;
 mod index;
 mod metrics;
@@ -37,6 +38,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use cached_pod::CachedPod;
 use sandbox_domain::api::{BatchSandbox, Pool, names};
 use sandbox_domain::endpoints::EndpointsFormat;
 use sandbox_domain::pods;
@@ -180,7 +182,7 @@ impl<K> NamespacedObject for K where
 /// Everything a reconcile needs.
 pub struct Context {
     pub client: Client,
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub batches: Store<BatchSandbox>,
     pub pools: Store<Pool>,
     pub policies: Arc<dyn PolicyEngine>,
@@ -236,7 +238,7 @@ fn incarnation() -> String {
 
 /// The caches a [`Context`] reads.
 pub struct Stores {
-    pub pods: Store<Pod>,
+    pub pods: Store<CachedPod>,
     pub batches: Store<BatchSandbox>,
     pub pools: Store<Pool>,
 }
@@ -299,12 +301,12 @@ impl Context {
     }
 
     /// Pods of `pool` in `namespace` in the cache (by their pool label).
-    fn pool_pods(&self, namespace: &str, pool: &str) -> Vec<Arc<Pod>> {
+    fn pool_pods(&self, namespace: &str, pool: &str) -> Vec<Arc<CachedPod>> {
         self.index.with(|i| i.pods_by_pool.members(namespace, pool))
     }
 
     /// Pods labelled with batch `batch` in `namespace` in the cache.
-    fn batch_pods(&self, namespace: &str, batch: &str) -> Vec<Arc<Pod>> {
+    fn batch_pods(&self, namespace: &str, batch: &str) -> Vec<Arc<CachedPod>> {
         self.index
             .with(|i| i.pods_by_batch.members(namespace, batch))
     }
@@ -494,26 +496,31 @@ impl Context {
     }
 
     /// Creates a pod; one that already exists (a cache lagging our own create) counts as created.
-    async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<Pod, kube::Error> {
+    async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);
-        let api = self.api::<Pod>(namespace);
-        match api.create(&PostParams::default(), &pod).await {
+        let url = <Pod as Resource>::url_path(&(), Some(namespace));
+        let body = serde_json::to_vec(&pod).map_err(kube::Error::SerdeError)?;
+        let request = kube::core::Request::new(url)
+            .create(&PostParams::default(), body)
+            .map_err(kube::Error::BuildRequest)?;
+        // The answer is the whole pod, which nothing reads: it is skipped, not built.
+        match self.client.request::<serde::de::IgnoredAny>(request).await {
             Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
-                api.get(pod.metadata.name.as_deref().unwrap_or_default())
-                    .await
+                Ok(())
             }
-            other => other,
+            other => other.map(|_| ()),
         }
     }
 
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);
-        match self
-            .api::<Pod>(namespace)
+        let url = <Pod as Resource>::url_path(&(), Some(namespace));
+        let request = kube::core::Request::new(url)
             .delete(name, &DeleteParams::default())
-            .await
-        {
+            .map_err(kube::Error::BuildRequest)?;
+        // The answer (the pod marked for deletion, or a status) is skipped, not built.
+        match self.client.request::<serde::de::IgnoredAny>(request).await {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other.map(|_| ()),
         }
@@ -567,7 +574,7 @@ pub async fn run(
     metrics: ControllerMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (pods_store, pods_writer) = reflector::store::<Pod>();
+    let (pods_store, pods_writer) = reflector::store::<CachedPod>();
     let (batches_store, batches_writer) = reflector::store::<BatchSandbox>();
     let (pools_store, pools_writer) = reflector::store::<Pool>();
     let (pool_tx, pool_rx) = mpsc::unbounded_channel::<ObjectRef<Pool>>();
@@ -597,7 +604,7 @@ pub async fn run(
         pods_writer,
         scoped(&client, ns),
         pods_cfg,
-        index::keep_what_reconcilers_read,
+        nothing_to_cut,
         router.clone(),
         router::Router::pod_event,
     );
@@ -719,6 +726,9 @@ where
         future::ready(())
     })
 }
+
+/// Pods are decoded as cached ([`CachedPod`]): there is nothing left to cut.
+fn nothing_to_cut(_: &mut CachedPod) {}
 
 /// Nothing reads managedFields, the bulk of a cached object: they are dropped before caching.
 fn drop_managed_fields<K: Resource>(obj: &mut K) {

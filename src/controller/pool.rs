@@ -14,6 +14,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::cached_pod::CachedPod;
 use super::index::{Key, PoolBatch};
 use super::pacing::{Sizing, StatusChange, StatusWrite};
 use super::{Context, Error, ledger_of, object_name, policy_selector};
@@ -49,7 +50,7 @@ struct Observed {
     name: String,
     revision: String,
     /// The pool's pods (owned by this pool object), terminating ones included, in name order.
-    pods: Vec<Arc<Pod>>,
+    pods: Vec<Arc<CachedPod>>,
     /// Batches that reference this pool and whose ledgers can be read, oldest first.
     batches: Vec<LedgeredBatch>,
     /// Pods held by any batch's ledger or claimed by a write not yet seen.
@@ -74,7 +75,7 @@ impl Observed {
         let uid = pool.uid().unwrap_or_default();
         // Owned pods, and pods labelled with the pool that nothing owns: a pool deleted with
         // `--cascade=orphan` strips its pods' owner references, and they must still be drained.
-        let pods: Vec<Arc<Pod>> = ctx
+        let pods: Vec<Arc<CachedPod>> = ctx
             .pool_pods(&namespace, &name)
             .into_iter()
             .filter(|p| {
@@ -144,13 +145,13 @@ impl Observed {
     }
 
     /// Pods that still count: not terminating and not being deleted by us.
-    fn live_pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
+    fn live_pods(&self) -> impl Iterator<Item = &Arc<CachedPod>> {
         self.pods
             .iter()
             .filter(|p| !pods::is_terminating(p) && !self.deleting.contains(pods::pod_name(p)))
     }
 
-    fn pod(&self, name: &str) -> Option<&Arc<Pod>> {
+    fn pod(&self, name: &str) -> Option<&Arc<CachedPod>> {
         self.position(name).ok().map(|i| &self.pods[i])
     }
 
@@ -204,7 +205,7 @@ fn creation_order(batch: &BatchSandbox) -> (Option<Timestamp>, &str) {
 }
 
 /// Where the pod `name` is in `pods` (in name order), or where it would go.
-fn position_of(pods: &[Arc<Pod>], name: &str) -> Result<usize, usize> {
+fn position_of(pods: &[Arc<CachedPod>], name: &str) -> Result<usize, usize> {
     pods.binary_search_by(|p| pods::pod_name(p).cmp(name))
 }
 
@@ -282,7 +283,11 @@ async fn confirm_held_pods_missing_from_cache(
     let uid = pool.uid();
     let mut newly_gone = Vec::new();
     for name in missing.difference(&known_gone) {
-        match ctx.api::<Pod>(&observed.namespace).get_opt(name).await? {
+        match ctx
+            .api::<CachedPod>(&observed.namespace)
+            .get_opt(name)
+            .await?
+        {
             Some(pod) if allocation::belongs_to_pool(&pod, &observed.name, uid.as_deref()) => {
                 debug!(pool = %observed.owner_key(), pod = %name, "a held pod the cache does not show yet stays held");
                 if let Err(at) = observed.position(name) {

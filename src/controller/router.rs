@@ -14,6 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 use super::Context;
+use super::cached_pod::CachedPod;
 use super::index::BatchChange;
 use sandbox_domain::api::{BatchSandbox, Pool, names};
 
@@ -48,7 +49,7 @@ impl Router {
         }
     }
 
-    pub fn pod_event(&self, event: Result<Event<Pod>, watcher::Error>) {
+    pub fn pod_event(&self, event: Result<Event<CachedPod>, watcher::Error>) {
         match event {
             Ok(Event::Apply(pod)) => {
                 let cached = cached(&self.ctx.pods, pod);

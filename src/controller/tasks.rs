@@ -15,6 +15,7 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use tracing::{debug, warn};
 
+use super::cached_pod::CachedPod;
 use super::sidecar::has_injected_executor;
 use super::{Context, Error};
 use sandbox_decisions::tasks::TaskPhase;
@@ -51,7 +52,7 @@ pub fn task_name(batch: &BatchSandbox, index: usize) -> String {
 pub async fn sync(
     batch: &BatchSandbox,
     ctx: &Context,
-    pods: &[Option<Arc<Pod>>],
+    pods: &[Option<Arc<CachedPod>>],
     released: &sandbox_domain::released::Released,
     tasks: Outcome<Option<ShardTasks>>,
 ) -> Result<TaskReport, Error> {
@@ -151,7 +152,7 @@ async fn dispatch(
 /// counts as clean: a pod without an executor or an IP, an executor that cannot be reached,
 /// refuses us or answers nonsense, all leave it unconfirmed (deleting the pod still ends
 /// everything in it).
-pub async fn stop(ctx: &Context, pods: &[Arc<Pod>]) -> Vec<StopOutcome> {
+pub async fn stop(ctx: &Context, pods: &[Arc<CachedPod>]) -> Vec<StopOutcome> {
     let stops = pods.iter().map(|pod| async move {
         if !has_injected_executor(pod) {
             return StopOutcome::Unconfirmed("the pod has no task executor".into());

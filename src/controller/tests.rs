@@ -185,14 +185,15 @@ fn conflict() -> Value {
 
 const NS: &str = "team";
 
-fn store<K>(objects: Vec<K>) -> Store<K>
+/// A cache holding `objects` (pods cut as the controller caches them).
+fn store<K, T: Into<K>>(objects: Vec<T>) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     let (store, mut writer) = reflector::store::<K>();
     writer.apply_watcher_event(&watcher::Event::Init);
     for object in objects {
-        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+        writer.apply_watcher_event(&watcher::Event::InitApply(object.into()));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
     store
@@ -581,14 +582,14 @@ async fn a_new_template_batch_gets_its_finalizer_then_its_pods_then_its_status()
 }
 
 /// A store and the writer that fills it, for tests that change the cache between reconciles.
-fn writable_store<K>(objects: Vec<K>) -> (Store<K>, reflector::store::Writer<K>)
+fn writable_store<K, T: Into<K>>(objects: Vec<T>) -> (Store<K>, reflector::store::Writer<K>)
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     let (store, mut writer) = reflector::store::<K>();
     writer.apply_watcher_event(&watcher::Event::Init);
     for object in objects {
-        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+        writer.apply_watcher_event(&watcher::Event::InitApply(object.into()));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
     (store, writer)
@@ -670,7 +671,7 @@ async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
 
     // Round 2: the batch cache is unchanged (its watch has not caught up); a new pod whose name
     // sorts first turned Ready, so "older" is planned p-a (and loses the race) and "newer" is next.
-    let new_pod = pool_pod(&pool, "p-a", "127.1.1.2");
+    let new_pod = CachedPod::from(pool_pod(&pool, "p-a", "127.1.1.2"));
     pod_writer.apply_watcher_event(&watcher::Event::Apply(new_pod.clone()));
     ctx.index
         .with(|i| i.pod_applied(&Arc::new(new_pod.clone())));
@@ -764,11 +765,12 @@ async fn an_unreadable_ledger_does_not_stall_its_pool() {
 }
 
 /// Adds `pod` to the pod cache as one `ctx`'s process made.
-fn made_here(ctx: &Context, pods: &mut reflector::store::Writer<Pod>, mut pod: Pod) {
+fn made_here(ctx: &Context, pods: &mut reflector::store::Writer<CachedPod>, mut pod: Pod) {
     pod.annotations_mut().insert(
         names::ANNOTATION_POD_MAKER.to_string(),
         ctx.incarnation.clone(),
     );
+    let pod = CachedPod::from(pod);
     pods.apply_watcher_event(&watcher::Event::Apply(pod.clone()));
     ctx.index.with(|i| i.pod_applied(&Arc::new(pod.clone())));
 }
@@ -1686,7 +1688,7 @@ async fn a_held_pod_confirmed_gone_is_replaced_and_read_once() {
     api.object(batch_path("holder"), &holder);
     api.object(pool_path(), &pool);
     // No idle pod at first: the shard waits, and the pool makes a replacement.
-    let (pods, mut pod_writer) = writable_store(vec![]);
+    let (pods, mut pod_writer) = writable_store::<CachedPod, CachedPod>(vec![]);
     let ctx = Arc::new(context_from(
         &api,
         Stores {
@@ -1709,7 +1711,7 @@ async fn a_held_pod_confirmed_gone_is_replaced_and_read_once() {
     assert_eq!(reads(&api), 1, "the gone pod is read once over two rounds");
 
     // The replacement turns Ready: it takes the lost pod's place.
-    let ready = pool_pod(&pool, "p-new", "127.1.1.4");
+    let ready = CachedPod::from(pool_pod(&pool, "p-new", "127.1.1.4"));
     pod_writer.apply_watcher_event(&watcher::Event::Apply(ready.clone()));
     ctx.index.with(|i| i.pod_applied(&Arc::new(ready.clone())));
     reconcile_pool(Arc::new(pool), ctx)

@@ -1,0 +1,341 @@
+//! A pod as the controller caches it: only what the reconcilers read, decoded straight from the
+//! API server's JSON.
+//!
+//! A served pod is mostly what no reconcile reads: managedFields, volumes, environment,
+//! resources, tolerations, container statuses. Decoding all of it into a [`Pod`] and cutting it
+//! afterwards allocated every string and map of it for every watch event, and the decoding was
+//! the largest part of the controller's CPU after the Pool rounds. [`CachedPod`] is decoded from
+//! a wire shape that names only the fields kept; serde skips the rest of the JSON without
+//! building anything. The controller writes pods only with merge patches and whole new pods,
+//! never from the cache, so a cut pod is never sent back.
+
+use std::ops::Deref;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodIP, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use serde::Deserialize;
+
+/// A pod cut down to what the reconcilers read: its metadata without managedFields, the names of
+/// its containers and init containers (with the init containers' restart policy, which tells a
+/// native sidecar), and its phase, conditions and IPs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CachedPod(Pod);
+
+impl Deref for CachedPod {
+    type Target = Pod;
+
+    fn deref(&self) -> &Pod {
+        &self.0
+    }
+}
+
+impl From<Pod> for CachedPod {
+    /// Cuts a whole pod (one built in a test, or read some other way) to what is cached.
+    fn from(pod: Pod) -> Self {
+        let Pod {
+            mut metadata,
+            spec,
+            status,
+        } = pod;
+        metadata.managed_fields = None;
+        CachedPod(Pod {
+            metadata,
+            spec: spec.map(|spec| PodSpec {
+                containers: spec.containers.into_iter().map(named).collect(),
+                init_containers: spec
+                    .init_containers
+                    .map(|list| list.into_iter().map(named).collect()),
+                ..PodSpec::default()
+            }),
+            status: status.map(|status| PodStatus {
+                phase: status.phase,
+                conditions: status.conditions,
+                pod_ip: status.pod_ip,
+                pod_ips: status.pod_ips,
+                ..PodStatus::default()
+            }),
+        })
+    }
+}
+
+/// A container as cached: its name and restart policy.
+fn named(container: Container) -> Container {
+    Container {
+        name: container.name,
+        restart_policy: container.restart_policy,
+        ..Container::default()
+    }
+}
+
+impl k8s_openapi::Resource for CachedPod {
+    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = <Pod as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::Metadata for CachedPod {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+impl<'de> Deserialize<'de> for CachedPod {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        WirePod::deserialize(deserializer).map(Into::into)
+    }
+}
+
+/// The fields of a served pod that are kept; serde ignores every other field without
+/// allocating for it.
+#[derive(Deserialize)]
+struct WirePod {
+    #[serde(default)]
+    metadata: WireMeta,
+    #[serde(default)]
+    spec: Option<WireSpec>,
+    #[serde(default)]
+    status: Option<WireStatus>,
+}
+
+/// Every field of [`ObjectMeta`] but managedFields.
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct WireMeta {
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+    creation_timestamp: Option<Time>,
+    deletion_grace_period_seconds: Option<i64>,
+    deletion_timestamp: Option<Time>,
+    finalizers: Option<Vec<String>>,
+    generate_name: Option<String>,
+    generation: Option<i64>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
+    name: Option<String>,
+    namespace: Option<String>,
+    owner_references: Option<Vec<OwnerReference>>,
+    resource_version: Option<String>,
+    self_link: Option<String>,
+    uid: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct WireSpec {
+    containers: Option<Vec<WireContainer>>,
+    init_containers: Option<Vec<WireContainer>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct WireContainer {
+    name: String,
+    restart_policy: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct WireStatus {
+    conditions: Option<Vec<PodCondition>>,
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<PodIP>>,
+}
+
+impl From<WireContainer> for Container {
+    fn from(wire: WireContainer) -> Self {
+        Container {
+            name: wire.name,
+            restart_policy: wire.restart_policy,
+            ..Container::default()
+        }
+    }
+}
+
+impl From<WirePod> for CachedPod {
+    fn from(wire: WirePod) -> Self {
+        let WireMeta {
+            annotations,
+            creation_timestamp,
+            deletion_grace_period_seconds,
+            deletion_timestamp,
+            finalizers,
+            generate_name,
+            generation,
+            labels,
+            name,
+            namespace,
+            owner_references,
+            resource_version,
+            self_link,
+            uid,
+        } = wire.metadata;
+        let containers = |list: Option<Vec<WireContainer>>| {
+            list.map(|list| list.into_iter().map(Container::from).collect())
+        };
+        CachedPod(Pod {
+            metadata: ObjectMeta {
+                annotations,
+                creation_timestamp,
+                deletion_grace_period_seconds,
+                deletion_timestamp,
+                finalizers,
+                generate_name,
+                generation,
+                labels,
+                managed_fields: None,
+                name,
+                namespace,
+                owner_references,
+                resource_version,
+                self_link,
+                uid,
+            },
+            spec: wire.spec.map(|spec| PodSpec {
+                containers: containers(spec.containers).unwrap_or_default(),
+                init_containers: containers(spec.init_containers),
+                ..PodSpec::default()
+            }),
+            status: wire.status.map(|status| PodStatus {
+                phase: status.phase,
+                conditions: status.conditions,
+                pod_ip: status.pod_ip,
+                pod_ips: status.pod_ips,
+                ..PodStatus::default()
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandbox_domain::api::names;
+
+    /// A pool pod as the API server serves it once kwok runs it, with the executor injected.
+    fn served_pod_json() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "warm-x7k2p", "generateName": "warm-", "namespace": "ns", "uid": "u-1",
+                "resourceVersion": "42", "generation": 1,
+                "creationTimestamp": "2026-12-05T00:00:00Z",
+                "deletionTimestamp": "2026-12-05T00:01:00Z", "deletionGracePeriodSeconds": 30,
+                "finalizers": ["example.com/keep"],
+                "labels": {(names::LABEL_POOL_NAME): "warm", (names::LABEL_POOL_REVISION): "abc"},
+                "annotations": {(super::super::sidecar::ANNOTATION_EXECUTOR_INJECTED): "true"},
+                "ownerReferences": [{"apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "Pool",
+                    "name": "warm", "uid": "pool-uid", "controller": true, "blockOwnerDeletion": true}],
+                "managedFields": [{"manager": "kwok", "operation": "Update", "apiVersion": "v1",
+                    "time": "2026-12-05T00:00:01Z", "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:status": {"f:conditions": {}, "f:podIP": {}}}}]
+            },
+            "spec": {
+                "containers": [{
+                    "name": "app", "image": "python:3.12", "command": ["sleep", "infinity"],
+                    "env": [{"name": "A", "value": "1"}],
+                    "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+                    "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets"}]
+                }],
+                "initContainers": [{"name": "task-executor", "image": "executor:1", "restartPolicy": "Always",
+                    "ports": [{"containerPort": 5758}]}],
+                "volumes": [{"name": "kube-api-access", "projected": {"sources": [
+                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                    "effect": "NoExecute", "tolerationSeconds": 300}],
+                "nodeName": "kwok-node-0", "schedulerName": "default-scheduler"
+            },
+            "status": {
+                "phase": "Running", "podIP": "127.1.0.9", "podIPs": [{"ip": "127.1.0.9"}],
+                "hostIP": "127.0.0.1", "qosClass": "Burstable", "startTime": "2026-12-05T00:00:00Z",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-05T00:00:02Z"}
+                ],
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
+                    "image": "python:3.12", "imageID": "sha256:0", "state": {"running": {}}}]
+            }
+        })
+    }
+
+    #[test]
+    fn decoding_a_served_pod_keeps_exactly_what_cutting_the_whole_pod_keeps() {
+        let json = served_pod_json();
+        let whole: Pod = serde_json::from_value(json.clone()).expect("a pod");
+        let decoded: CachedPod = serde_json::from_value(json).expect("a cached pod");
+        assert_eq!(decoded, CachedPod::from(whole.clone()));
+        // Every metadata field but managedFields survives, set or not.
+        assert_eq!(
+            decoded.metadata,
+            ObjectMeta {
+                managed_fields: None,
+                ..whole.metadata
+            }
+        );
+    }
+
+    #[test]
+    fn a_pod_without_spec_or_status_and_with_nulls_decodes_like_the_whole_pod() {
+        for json in [
+            serde_json::json!({"metadata": {"name": "bare"}}),
+            serde_json::json!({"metadata": {"name": "nulls", "labels": null, "ownerReferences": null},
+                "spec": {"containers": [{"name": "app"}], "initContainers": null},
+                "status": {"phase": null, "conditions": null, "podIPs": null}}),
+            serde_json::json!({"metadata": {"name": "empty"}, "spec": {"containers": []}, "status": {}}),
+        ] {
+            let whole: Pod = serde_json::from_value(json.clone()).expect("a pod");
+            let decoded: CachedPod = serde_json::from_value(json).expect("a cached pod");
+            assert_eq!(decoded, CachedPod::from(whole));
+        }
+    }
+
+    #[test]
+    fn a_cached_pod_keeps_everything_the_reconcilers_read_and_little_else() {
+        let cached: CachedPod = serde_json::from_value(served_pod_json()).expect("a cached pod");
+        assert!(sandbox_domain::pods::is_running_and_ready(&cached));
+        assert_eq!(sandbox_domain::pods::pod_ip(&cached), Some("127.1.0.9"));
+        assert!(super::super::sidecar::has_injected_executor(&cached));
+        let spec = cached.spec.as_ref().expect("a spec");
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!(spec.containers[0].name, "app");
+        assert_eq!(spec.containers[0].image, None);
+        let init = spec.init_containers.as_ref().expect("init containers");
+        assert_eq!(init[0].name, "task-executor");
+        assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+        assert_eq!(spec.volumes, None);
+        assert_eq!(spec.node_name, None);
+        let status = cached.status.as_ref().expect("a status");
+        assert_eq!(status.container_statuses, None);
+        assert_eq!(status.host_ip, None);
+        assert_eq!(cached.metadata.managed_fields, None);
+    }
+
+    #[test]
+    fn a_watch_event_and_a_list_decode_into_cached_pods() {
+        let event: kube::core::WatchEvent<CachedPod> = serde_json::from_value(
+            serde_json::json!({"type": "MODIFIED", "object": served_pod_json()}),
+        )
+        .expect("a watch event");
+        let kube::core::WatchEvent::Modified(pod) = event else {
+            panic!("a modified event, got {event:?}");
+        };
+        assert_eq!(pod.metadata.resource_version.as_deref(), Some("42"));
+
+        let list: kube::core::ObjectList<CachedPod> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "43"},
+            "items": [served_pod_json()]
+        }))
+        .expect("a pod list");
+        assert_eq!(list.items.len(), 1);
+        assert_eq!(list.items[0].metadata.name.as_deref(), Some("warm-x7k2p"));
+    }
+}
