@@ -222,7 +222,7 @@ async fn own_pods(
                 to_create.push(pod)
             }
             // A finished pod can never serve again: replace it (it is recreated once gone).
-            Some(pod) if pods::is_finished(pod) && !pods::is_terminating(pod) => {
+            Some(pod) if pod.is_finished() && !pods::is_terminating(pod) => {
                 to_delete.push(pods::pod_name(pod).to_string())
             }
             Some(_) => {}
@@ -274,9 +274,9 @@ async fn own_pods(
     }
 
     let by_index = owned_pods_by_index(batch, ctx);
-    let live = by_index.values().filter(|p| pods::is_live(p)).count() as u32;
+    let live = by_index.values().filter(|p| p.is_live()).count() as u32;
     let pods = (0..replicas)
-        .map(|i| by_index.get(&i).filter(|p| pods::is_live(p)).cloned())
+        .map(|i| by_index.get(&i).filter(|p| p.is_live()).cloned())
         .collect();
     Ok(Shards {
         pods,
@@ -530,7 +530,7 @@ async fn recycle(
         .iter()
         .zip(outcomes)
         .map(|(pod, stop)| {
-            let healthy = pods::is_live(pod) && pods::is_running_and_ready(pod);
+            let healthy = pod.is_live() && pod.is_running_and_ready();
             (pod, recycle_action(strategy, stop, healthy))
         })
         .collect();
@@ -918,9 +918,7 @@ async fn write_status(
         .map(|(index, (pod, task))| ShardView {
             released: released.contains(index),
             has_pod: pod.is_some(),
-            ready: pod
-                .as_deref()
-                .is_some_and(|p| pods::is_running_and_ready(p)),
+            ready: pod.as_deref().is_some_and(|p| p.is_running_and_ready()),
             task,
         })
         .collect();

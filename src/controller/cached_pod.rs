@@ -13,19 +13,66 @@ use std::ops::Deref;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodIP, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use sandbox_domain::api::names;
+use sandbox_domain::pods;
 use serde::Deserialize;
 
 /// A pod cut down to what the reconcilers read: its metadata without managedFields, the names of
 /// its containers and init containers (with the init containers' restart policy, which tells a
 /// native sidecar), and its phase, conditions and IPs.
+///
+/// What every Pool round asks of each of its pods (ready? finished? marked for eviction?) is
+/// answered once, when the pod is decoded, and kept beside it: a round reads a flag instead of
+/// walking the pod's conditions and labels on the heap.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct CachedPod(Pod);
+pub struct CachedPod {
+    pod: Pod,
+    running_and_ready: bool,
+    finished: bool,
+    evicted: bool,
+}
 
 impl Deref for CachedPod {
     type Target = Pod;
 
     fn deref(&self) -> &Pod {
-        &self.0
+        &self.pod
+    }
+}
+
+impl CachedPod {
+    /// Keeps `pod` (already cut) with its facts.
+    fn new(pod: Pod) -> Self {
+        CachedPod {
+            running_and_ready: pods::is_running_and_ready(&pod),
+            finished: pods::is_finished(&pod),
+            evicted: pod
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|labels| labels.contains_key(names::LABEL_EVICT)),
+            pod,
+        }
+    }
+
+    /// Running with its Ready condition true ([`pods::is_running_and_ready`]).
+    pub fn is_running_and_ready(&self) -> bool {
+        self.running_and_ready
+    }
+
+    /// Succeeded or Failed: it can never run again ([`pods::is_finished`]).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Still a live sandbox: neither terminating nor finished ([`pods::is_live`]).
+    pub fn is_live(&self) -> bool {
+        !pods::is_terminating(&self.pod) && !self.finished
+    }
+
+    /// Labelled for eviction from its pool ([`names::LABEL_EVICT`]).
+    pub fn is_evicted(&self) -> bool {
+        self.evicted
     }
 }
 
@@ -38,7 +85,7 @@ impl From<Pod> for CachedPod {
             status,
         } = pod;
         metadata.managed_fields = None;
-        CachedPod(Pod {
+        CachedPod::new(Pod {
             metadata,
             spec: spec.map(|spec| PodSpec {
                 containers: spec.containers.into_iter().map(named).collect(),
@@ -80,11 +127,13 @@ impl k8s_openapi::Metadata for CachedPod {
     type Ty = ObjectMeta;
 
     fn metadata(&self) -> &ObjectMeta {
-        &self.0.metadata
+        &self.pod.metadata
     }
 
+    /// The trait asks for it; nothing changes a cached pod's metadata, whose labels the eviction
+    /// fact was computed from.
     fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.0.metadata
+        &mut self.pod.metadata
     }
 }
 
@@ -182,7 +231,7 @@ impl From<WirePod> for CachedPod {
         let containers = |list: Option<Vec<WireContainer>>| {
             list.map(|list| list.into_iter().map(Container::from).collect())
         };
-        CachedPod(Pod {
+        CachedPod::new(Pod {
             metadata: ObjectMeta {
                 annotations,
                 creation_timestamp,
@@ -219,7 +268,7 @@ impl From<WirePod> for CachedPod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sandbox_domain::api::names;
+    use kube::ResourceExt;
 
     /// A pool pod as the API server serves it once kwok runs it, with the executor injected.
     fn served_pod_json() -> serde_json::Value {
@@ -296,6 +345,73 @@ mod tests {
             let decoded: CachedPod = serde_json::from_value(json).expect("a cached pod");
             assert_eq!(decoded, CachedPod::from(whole));
         }
+    }
+
+    /// The served pod changed one way each: every fact is true for some and false for others.
+    fn pods_in_every_state() -> Vec<serde_json::Value> {
+        let edit = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut pod = served_pod_json();
+            change(&mut pod);
+            pod
+        };
+        let not_deleted = |pod: &mut serde_json::Value| {
+            let metadata = pod["metadata"].as_object_mut().expect("metadata");
+            metadata.remove("deletionTimestamp");
+            metadata.remove("deletionGracePeriodSeconds");
+        };
+        vec![
+            served_pod_json(),
+            edit(&|pod| not_deleted(pod)),
+            edit(&|pod| {
+                not_deleted(pod);
+                pod["status"]["phase"] = "Pending".into();
+            }),
+            edit(&|pod| {
+                not_deleted(pod);
+                pod["status"]["conditions"][1]["status"] = "False".into();
+            }),
+            edit(&|pod| {
+                not_deleted(pod);
+                pod["status"]["phase"] = "Succeeded".into();
+            }),
+            edit(&|pod| pod["status"]["phase"] = "Failed".into()),
+            edit(&|pod| {
+                not_deleted(pod);
+                pod["metadata"]["labels"][names::LABEL_EVICT] = "true".into();
+            }),
+            edit(&|pod| {
+                pod.as_object_mut().expect("a pod").remove("status");
+            }),
+        ]
+    }
+
+    #[test]
+    fn the_facts_kept_beside_a_pod_agree_with_the_predicates_on_the_whole_pod() {
+        let mut seen = std::collections::BTreeSet::new();
+        for json in pods_in_every_state() {
+            let whole: Pod = serde_json::from_value(json.clone()).expect("a pod");
+            let decoded: CachedPod = serde_json::from_value(json).expect("a cached pod");
+            let facts = [
+                (
+                    "ready",
+                    decoded.is_running_and_ready(),
+                    pods::is_running_and_ready(&whole),
+                ),
+                ("finished", decoded.is_finished(), pods::is_finished(&whole)),
+                ("live", decoded.is_live(), pods::is_live(&whole)),
+                (
+                    "evicted",
+                    decoded.is_evicted(),
+                    whole.labels().contains_key(names::LABEL_EVICT),
+                ),
+            ];
+            for (fact, kept, computed) in facts {
+                assert_eq!(kept, computed, "{fact} of {}", pods::pod_name(&whole));
+                seen.insert((fact, kept));
+            }
+            assert_eq!(decoded, CachedPod::from(whole));
+        }
+        assert_eq!(seen.len(), 8, "each fact seen true and false: {seen:?}");
     }
 
     #[test]

@@ -22,11 +22,11 @@ use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_domain::allocation::{self, AllocStatus, Demand, Grant};
 use sandbox_domain::api::{BatchSandbox, Pool, PoolStatus, names};
 use sandbox_domain::conditions::{self, Desired};
+use sandbox_domain::endpoints;
 use sandbox_domain::pod_template;
 use sandbox_domain::pods;
 use sandbox_domain::pool_plan::{self, MaxUnavailable, PoolCounts, PoolPod};
 use sandbox_domain::released::Released;
-use sandbox_domain::{endpoints, pods::is_running_and_ready};
 use sandbox_policy::Decision;
 
 /// Pod writes in flight at once, per reconcile.
@@ -161,7 +161,7 @@ impl Observed {
 
     fn usable(&self, name: &str) -> bool {
         self.pod(name).is_some_and(|p| {
-            !pods::is_terminating(p) && !self.deleting.contains(name) && pods::is_live(p)
+            !pods::is_terminating(p) && !self.deleting.contains(name) && p.is_live()
         })
     }
 
@@ -170,9 +170,9 @@ impl Observed {
         let mut idle: Vec<(bool, &str)> = self
             .live_pods()
             .filter(|p| {
-                pods::is_live(p)
-                    && is_running_and_ready(p)
-                    && !is_evicted(p)
+                p.is_live()
+                    && p.is_running_and_ready()
+                    && !p.is_evicted()
                     && !self.held.contains(pods::pod_name(p))
             })
             .map(|p| (!self.is_current(p), pods::pod_name(p)))
@@ -652,19 +652,15 @@ fn plan_pods(observed: &Observed) -> Vec<PoolPod> {
         .map(|p| PoolPod {
             name: pods::pod_name(p).to_string(),
             allocated: observed.held.contains(pods::pod_name(p)),
-            ready: is_running_and_ready(p),
-            dead: pods::is_finished(p),
+            ready: p.is_running_and_ready(),
+            dead: p.is_finished(),
             current_revision: observed.is_current(p),
-            evict: is_evicted(p),
+            evict: p.is_evicted(),
         })
         .collect()
 }
 
 /// An operator asked for this pod to be taken out of service (see [`names::LABEL_EVICT`]).
-fn is_evicted(pod: &Pod) -> bool {
-    pod.labels().contains_key(names::LABEL_EVICT)
-}
-
 /// The pool's `scaleStrategy` and `updateStrategy` budgets.
 fn pacing(pool: &Pool) -> pool_plan::Pacing {
     pool_plan::Pacing {
