@@ -332,6 +332,71 @@ mod tests {
         );
     }
 
+    /// A pool pod of `sandbox-bench`'s normal scene as the API server served it (kwok running
+    /// it), managedFields included.
+    const SERVED_POOL_POD: &[u8] = include_bytes!("testdata/served-pool-pod.json");
+
+    #[test]
+    fn a_pod_as_the_api_server_served_it_decodes_like_the_whole_pod_cut() {
+        let whole: Pod = serde_json::from_slice(SERVED_POOL_POD).expect("a pod");
+        assert!(whole.metadata.managed_fields.is_some());
+        let decoded: CachedPod = serde_json::from_slice(SERVED_POOL_POD).expect("a cached pod");
+        assert!(decoded.is_running_and_ready());
+        assert_eq!(decoded, CachedPod::from(whole));
+    }
+
+    /// What decoding costs, as a watch event and as an answer to a create: `cargo test --release
+    /// -p sandbox-controller --lib decoding_cost -- --ignored --nocapture` prints it.
+    #[test]
+    #[ignore = "a benchmark: prints figures, asserts nothing about time"]
+    fn decoding_cost() {
+        let event = [
+            br#"{"type":"MODIFIED","object":"#.as_slice(),
+            SERVED_POOL_POD,
+            b"}",
+        ]
+        .concat();
+        let per_call = |f: &dyn Fn()| {
+            const CALLS: u32 = 20_000;
+            let started = std::time::Instant::now();
+            for _ in 0..CALLS {
+                f();
+            }
+            started.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS)
+        };
+        for round in 1..=5 {
+            let whole_then_cut = per_call(&|| {
+                let event: kube::core::WatchEvent<Pod> =
+                    serde_json::from_slice(&event).expect("an event");
+                if let kube::core::WatchEvent::Modified(pod) = event {
+                    std::hint::black_box(CachedPod::from(pod));
+                }
+            });
+            let cached = per_call(&|| {
+                let event: kube::core::WatchEvent<CachedPod> =
+                    serde_json::from_slice(&event).expect("an event");
+                std::hint::black_box(event);
+            });
+            let answer_decoded = per_call(&|| {
+                std::hint::black_box(
+                    serde_json::from_slice::<Pod>(SERVED_POOL_POD).expect("a pod"),
+                );
+            });
+            let answer_skipped = per_call(&|| {
+                std::hint::black_box(
+                    serde_json::from_slice::<serde::de::IgnoredAny>(SERVED_POOL_POD).expect("JSON"),
+                );
+            });
+            println!(
+                "round {round}: watch event {whole_then_cut:.2} µs whole then cut, \
+                 {cached:.2} µs as cached ({:.2}×); answer {answer_decoded:.2} µs decoded, \
+                 {answer_skipped:.2} µs skipped ({:.2}×)",
+                cached / whole_then_cut,
+                answer_skipped / answer_decoded
+            );
+        }
+    }
+
     #[test]
     fn a_pod_without_spec_or_status_and_with_nulls_decodes_like_the_whole_pod() {
         for json in [
