@@ -574,7 +574,7 @@ async fn resize(
     pool: &Pool,
     ctx: &Arc<Context>,
     observed: &Observed,
-    plan_pods: &[PoolPod],
+    plan_pods: &[PoolPod<'_>],
     counts: PoolCounts,
     unmet: u32,
 ) -> Result<Option<String>, Error> {
@@ -646,11 +646,11 @@ async fn resize(
     Ok(outcome.degraded)
 }
 
-fn plan_pods(observed: &Observed) -> Vec<PoolPod> {
+fn plan_pods(observed: &Observed) -> Vec<PoolPod<'_>> {
     observed
         .live_pods()
         .map(|p| PoolPod {
-            name: pods::pod_name(p).to_string(),
+            name: pods::pod_name(p),
             allocated: observed.held.contains(pods::pod_name(p)),
             ready: p.is_running_and_ready(),
             dead: p.is_finished(),

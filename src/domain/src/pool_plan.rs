@@ -94,10 +94,11 @@ impl Default for Pacing {
     }
 }
 
-/// One pool pod as the plan sees it.
+/// One pool pod as the plan sees it, borrowing its name from the cached pod: a round plans every
+/// pod of its pool, and only the names it deletes are copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolPod {
-    pub name: String,
+pub struct PoolPod<'a> {
+    pub name: &'a str,
     /// Held by a BatchSandbox (or claimed by a write this process has in flight).
     pub allocated: bool,
     /// Running and Ready.
@@ -110,7 +111,7 @@ pub struct PoolPod {
     pub evict: bool,
 }
 
-impl PoolPod {
+impl PoolPod<'_> {
     /// Whether the pod is going whatever the size: it is finished, or idle and labelled for
     /// eviction. Such pods do not count toward the pool's size, so they are replaced.
     pub fn doomed(&self) -> bool {
@@ -178,7 +179,7 @@ pub fn changes(
     let mut delete: Vec<String> = pods
         .iter()
         .filter(|p| p.doomed() && !p.allocated)
-        .map(|p| p.name.clone())
+        .map(|p| p.name.to_string())
         .collect();
 
     if desired_total > counts.total {
@@ -193,15 +194,13 @@ pub fn changes(
         .filter(|p| !p.doomed() && !p.allocated)
         .collect();
     // Cheapest to lose first: not ready, then an old template, then by name (stable).
-    idle.sort_by_key(|p| {
-        (
-            p.ready,
-            p.current_revision,
-            std::cmp::Reverse(p.name.clone()),
-        )
-    });
+    idle.sort_by_key(|p| (p.ready, p.current_revision, std::cmp::Reverse(p.name)));
     let surplus = (counts.total - desired_total) as usize;
-    let shrink: Vec<String> = idle.iter().take(surplus).map(|p| p.name.clone()).collect();
+    let shrink: Vec<String> = idle
+        .iter()
+        .take(surplus)
+        .map(|p| p.name.to_string())
+        .collect();
     if !shrink.is_empty() {
         delete.extend(shrink);
         return PodChanges { create: 0, delete };
@@ -215,9 +214,9 @@ pub fn changes(
     let mut room = budget.saturating_sub(counts.pending);
     for pod in idle.iter().filter(|p| !p.current_revision) {
         if !pod.ready {
-            delete.push(pod.name.clone());
+            delete.push(pod.name.to_string());
         } else if room > 0 {
-            delete.push(pod.name.clone());
+            delete.push(pod.name.to_string());
             room -= 1;
         }
     }
@@ -229,9 +228,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn pod(name: &str, allocated: bool, ready: bool, current: bool) -> PoolPod {
+    fn pod(name: &str, allocated: bool, ready: bool, current: bool) -> PoolPod<'_> {
         PoolPod {
-            name: name.into(),
+            name,
             allocated,
             ready,
             dead: false,
@@ -285,8 +284,10 @@ mod tests {
 
     #[test]
     fn rolls_old_idle_pods_within_the_update_budget() {
-        let pods: Vec<PoolPod> = (0..8)
-            .map(|i| pod(&format!("old{i}"), false, true, false))
+        let names: Vec<String> = (0..8).map(|i| format!("old{i}")).collect();
+        let pods: Vec<PoolPod> = names
+            .iter()
+            .map(|name| pod(name, false, true, false))
             .collect();
         // Default 25% of 8 pods: 2 at once.
         let step = changes(&pods, 0, 8, Pacing::default());
@@ -311,8 +312,10 @@ mod tests {
 
     #[test]
     fn old_idle_pods_that_are_not_ready_go_whatever_the_budget() {
-        let mut pods: Vec<PoolPod> = (0..4)
-            .map(|i| pod(&format!("old{i}"), false, false, false))
+        let names: Vec<String> = (0..4).map(|i| format!("old{i}")).collect();
+        let mut pods: Vec<PoolPod> = names
+            .iter()
+            .map(|name| pod(name, false, false, false))
             .collect();
         pods.push(pod("ready-old", false, true, false));
         pods.push(pod("held-old", true, true, false));
@@ -433,11 +436,12 @@ mod tests {
             unseen in 0u32..5,
             desired in 0u32..40,
         ) {
-            let pods: Vec<PoolPod> = spec.iter().enumerate()
-                .map(|(i, &(a, r, c))| pod(&format!("p{i}"), a, r, c)).collect();
+            let names: Vec<String> = (0..spec.len()).map(|i| format!("p{i}")).collect();
+            let pods: Vec<PoolPod> = spec.iter().zip(&names)
+                .map(|(&(a, r, c), name)| pod(name, a, r, c)).collect();
             let result = changes(&pods, unseen, desired, unpaced());
             for name in &result.delete {
-                let p = pods.iter().find(|p| &p.name == name).unwrap();
+                let p = pods.iter().find(|p| p.name == name).unwrap();
                 prop_assert!(!p.allocated);
             }
             let before = counts(&pods, unseen);
@@ -459,19 +463,20 @@ mod tests {
             scale in 0u32..6,
             update in 0u32..6,
         ) {
-            let pods: Vec<PoolPod> = spec.iter().enumerate()
-                .map(|(i, &(a, r, c, e))| PoolPod { evict: e, ..pod(&format!("p{i}"), a, r, c) })
+            let names: Vec<String> = (0..spec.len()).map(|i| format!("p{i}")).collect();
+            let pods: Vec<PoolPod> = spec.iter().zip(&names)
+                .map(|(&(a, r, c, e), name)| PoolPod { evict: e, ..pod(name, a, r, c) })
                 .collect();
             let pacing = Pacing { scale: MaxUnavailable::Count(scale), update: MaxUnavailable::Count(update) };
             let result = changes(&pods, unseen, desired, pacing);
             let before = counts(&pods, unseen);
             for name in &result.delete {
-                let p = pods.iter().find(|p| &p.name == name).unwrap();
+                let p = pods.iter().find(|p| p.name == name).unwrap();
                 prop_assert!(!p.allocated, "allocated pods are never deleted");
             }
             // Every idle evicted pod goes.
             for p in pods.iter().filter(|p| p.evict && !p.allocated) {
-                prop_assert!(result.delete.contains(&p.name));
+                prop_assert!(result.delete.iter().any(|d| d == p.name));
             }
             // Growth never pushes the starting pods past the scale budget (unless already there).
             if result.create > 0 {
@@ -479,7 +484,7 @@ mod tests {
             }
             // A rollout takes Ready idle pods out only within the update budget.
             let ready_old_deleted = result.delete.iter()
-                .filter(|n| pods.iter().any(|p| &&p.name == n && p.ready && !p.current_revision && !p.doomed()))
+                .filter(|n| pods.iter().any(|p| p.name == n.as_str() && p.ready && !p.current_revision && !p.doomed()))
                 .count() as u32;
             let shrinking = desired < before.total;
             if !shrinking {
