@@ -212,42 +212,28 @@ impl From<WireContainer> for Container {
 
 impl From<WirePod> for CachedPod {
     fn from(wire: WirePod) -> Self {
-        let WireMeta {
-            annotations,
-            creation_timestamp,
-            deletion_grace_period_seconds,
-            deletion_timestamp,
-            finalizers,
-            generate_name,
-            generation,
-            labels,
-            name,
-            namespace,
-            owner_references,
-            resource_version,
-            self_link,
-            uid,
-        } = wire.metadata;
+        let meta = wire.metadata;
         let containers = |list: Option<Vec<WireContainer>>| {
             list.map(|list| list.into_iter().map(Container::from).collect())
         };
         CachedPod::new(Pod {
+            // Every field named, so a field ObjectMeta gains is a decision here, not a default.
             metadata: ObjectMeta {
-                annotations,
-                creation_timestamp,
-                deletion_grace_period_seconds,
-                deletion_timestamp,
-                finalizers,
-                generate_name,
-                generation,
-                labels,
+                annotations: meta.annotations,
+                creation_timestamp: meta.creation_timestamp,
+                deletion_grace_period_seconds: meta.deletion_grace_period_seconds,
+                deletion_timestamp: meta.deletion_timestamp,
+                finalizers: meta.finalizers,
+                generate_name: meta.generate_name,
+                generation: meta.generation,
+                labels: meta.labels,
                 managed_fields: None,
-                name,
-                namespace,
-                owner_references,
-                resource_version,
-                self_link,
-                uid,
+                name: meta.name,
+                namespace: meta.namespace,
+                owner_references: meta.owner_references,
+                resource_version: meta.resource_version,
+                self_link: meta.self_link,
+                uid: meta.uid,
             },
             spec: wire.spec.map(|spec| PodSpec {
                 containers: containers(spec.containers).unwrap_or_default(),
@@ -264,6 +250,11 @@ impl From<WirePod> for CachedPod {
         })
     }
 }
+
+/// A pool pod of `sandbox-bench`'s normal scene as the API server served it (kwok running it),
+/// managedFields included.
+#[cfg(test)]
+pub(crate) const SERVED_POOL_POD: &[u8] = include_bytes!("testdata/served-pool-pod.json");
 
 #[cfg(test)]
 mod tests {
@@ -331,10 +322,6 @@ mod tests {
             }
         );
     }
-
-    /// A pool pod of `sandbox-bench`'s normal scene as the API server served it (kwok running
-    /// it), managedFields included.
-    const SERVED_POOL_POD: &[u8] = include_bytes!("testdata/served-pool-pod.json");
 
     #[test]
     fn a_pod_as_the_api_server_served_it_decodes_like_the_whole_pod_cut() {

@@ -464,49 +464,10 @@ mod tests {
         batch
     }
 
-    /// A pool pod as the API server returns it once kwok runs it, with the executor injected.
-    fn served_pod() -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "warm-x7k2p", "namespace": "ns", "uid": "u-1", "resourceVersion": "42",
-                "labels": {(names::LABEL_POOL_NAME): "warm", (names::LABEL_POOL_REVISION): "abc"},
-                "annotations": {(super::super::sidecar::ANNOTATION_EXECUTOR_INJECTED): "true"},
-                "ownerReferences": [{"apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "Pool",
-                    "name": "warm", "uid": "pool-uid", "controller": true}],
-                "managedFields": [{"manager": "kwok", "operation": "Update", "fieldsV1": {"f:status": {}}}]
-            },
-            "spec": {
-                "containers": [{
-                    "name": "app", "image": "python:3.12", "command": ["sleep", "infinity"],
-                    "env": [{"name": "A", "value": "1"}],
-                    "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
-                    "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets"}]
-                }],
-                "initContainers": [{"name": "task-executor", "image": "executor:1", "restartPolicy": "Always",
-                    "ports": [{"containerPort": 5758}]}],
-                "volumes": [{"name": "kube-api-access", "projected": {"sources": [
-                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
-                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
-                    "effect": "NoExecute", "tolerationSeconds": 300}],
-                "nodeName": "kwok-node-0", "schedulerName": "default-scheduler"
-            },
-            "status": {
-                "phase": "Running", "podIP": "127.1.0.9", "podIPs": [{"ip": "127.1.0.9"}],
-                "hostIP": "127.0.0.1", "qosClass": "Burstable", "startTime": "2026-12-05T00:00:00Z",
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True"},
-                    {"type": "Ready", "status": "True"}
-                ],
-                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
-                    "image": "python:3.12", "imageID": "sha256:0", "state": {"running": {}}}]
-            }
-        }))
-        .expect("a pod")
-    }
-
     #[test]
     fn a_cached_pod_has_the_fingerprint_of_the_whole_pod_it_was_cut_from() {
-        let served = served_pod();
+        let served: Pod =
+            serde_json::from_slice(super::super::cached_pod::SERVED_POOL_POD).expect("a pod");
         let cached = CachedPod::from(served.clone());
         assert_eq!(pod_fingerprint(&cached), pod_fingerprint(&served));
 
