@@ -241,7 +241,14 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
         (round.granted > 0 || ctx.grants_in_flight.busy(&observed.key())) && round.unmet == 0;
     let now = std::time::Instant::now();
     if let Sizing::Defer(recheck) = ctx.pacing.with(&observed.key(), |p| p.sizing(now, serving)) {
-        return Ok(Action::requeue(recheck));
+        // Each grant sent in this round wakes its pool when it ends: committed, by its batch's
+        // watch event (the ledger changed); otherwise by an explicit wake-up. A timed look is
+        // left only for grants of earlier rounds, whose answer may come after their event.
+        return Ok(if round.granted > 0 {
+            Action::await_change()
+        } else {
+            Action::requeue(recheck)
+        });
     }
     // The round's view of its pods serves sizing and the status alike: neither changes it.
     let plan = plan_pods(&observed);
@@ -383,7 +390,11 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
                 (settled == Settled::Committed).then_some(version),
             );
             match settled {
-                Settled::Committed | Settled::Refused => {}
+                // Its batch's watch event wakes the pool.
+                Settled::Committed => {}
+                // No event comes: the pods are free again, and the round that deferred sizing
+                // behind this grant left no timed look.
+                Settled::Refused => ctx.wake_pool(&pool.namespace, &pool.name),
                 // The batch changed: its pool plans it again from the new state (its event may
                 // have come while this write was in flight, when it was left out).
                 Settled::LostRace => ctx.wake_pool(&pool.namespace, &pool.name),

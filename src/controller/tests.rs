@@ -375,8 +375,8 @@ async fn a_healthy_pooled_claim_writes_its_ledger_and_its_status_and_nothing_els
         .expect("the reconcile succeeds");
     assert_eq!(
         action,
-        Action::requeue(pacing::SIZING_RECHECK),
-        "sizing and status wait behind the claim"
+        Action::await_change(),
+        "sizing and status wait behind the claim, until the grant's event"
     );
 
     let writes = api.writes();
@@ -491,6 +491,47 @@ async fn a_lost_grant_race_records_no_claim_and_is_retried() {
         Some(ObjectRef::new("p").within(NS)),
         "the pool is woken to plan again"
     );
+}
+
+/// A round that grants waits for its grants' outcomes instead of looking again on a timer: a
+/// committed grant's batch event wakes the pool, and a refused grant, for which no event comes,
+/// wakes it itself.
+#[tokio::test]
+async fn a_granting_round_is_woken_by_each_grant_outcome_not_by_a_timer() {
+    let pool = pool([0, 0, 2, 2]);
+    let pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+    ];
+    for (status, woken) in [(None, false), (Some(403), true)] {
+        let api = RecordedApi::default();
+        api.object(pool_path(), &pool);
+        api.object(batch_path("claim"), &pooled_batch("claim", 1, "7"));
+        if let Some(code) = status {
+            api.reply(
+                "PATCH",
+                &batch_path("claim"),
+                code,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": code, "message": "denied"}),
+            );
+        }
+        let ctx = context(
+            &api,
+            pods.clone(),
+            vec![pooled_batch("claim", 1, "7")],
+            vec![pool.clone()],
+        );
+        let mut wakeups = pool_wakeups(&ctx);
+        let action = reconcile_pool(Arc::new(pool.clone()), ctx)
+            .await
+            .expect("the round succeeds");
+        assert_eq!(action, Action::await_change(), "refused: {status:?}");
+        assert_eq!(
+            wakeups.try_recv().ok(),
+            woken.then(|| ObjectRef::new("p").within(NS)),
+            "refused: {status:?}"
+        );
+    }
 }
 
 #[tokio::test]
