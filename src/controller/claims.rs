@@ -152,6 +152,18 @@ impl Expectations {
             .push((pod, Instant::now()));
     }
 
+    /// Whether `pod` is a creation of `owner` not yet seen: its owner's rounds count it already,
+    /// as starting.
+    pub fn expects_creation(&self, owner: &str, pod: &str) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.get(owner).is_some_and(|expected| {
+            expected
+                .created
+                .iter()
+                .any(|(p, at)| p == pod && at.elapsed() < HORIZON)
+        })
+    }
+
     /// Forgets a creation that failed.
     pub fn creation_failed(&self, owner: &str, pod: &str) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

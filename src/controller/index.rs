@@ -327,6 +327,12 @@ impl Indexes {
         changed
     }
 
+    /// Whether the indexes hold the pod `namespace/name`.
+    pub fn knows_pod(&self, namespace: &str, name: &str) -> bool {
+        self.pod_fingerprints
+            .contains_key(&Key::new(namespace, name))
+    }
+
     pub fn pod_deleted(&mut self, pod: &Pod) {
         let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
         self.pods_by_pool.remove(&ns, &name);

@@ -53,13 +53,19 @@ impl Router {
         match event {
             Ok(Event::Apply(pod)) => {
                 let cached = cached(&self.ctx.pods, pod);
-                if self.ctx.index.with(|i| i.pod_applied(&cached)) {
-                    self.pod_changed(&cached);
+                let (ns, name) = (cached.namespace().unwrap_or_default(), cached.name_any());
+                let (known, changed) = self
+                    .ctx
+                    .index
+                    .with(|i| (i.knows_pod(&ns, &name), i.pod_applied(&cached)));
+                if changed {
+                    let wake_pool = known || !self.counted_as_starting(&cached);
+                    self.pod_changed(&cached, wake_pool);
                 }
             }
             Ok(Event::Delete(pod)) => {
                 self.ctx.index.with(|i| i.pod_deleted(&pod));
-                self.pod_changed(&pod);
+                self.pod_changed(&pod, true);
             }
             Ok(Event::InitDone) => {
                 let pods = self.ctx.pods.state();
@@ -145,14 +151,33 @@ impl Router {
         }
     }
 
-    fn pod_changed(&self, pod: &Pod) {
+    /// A pod first seen that its pool created and counts already, as a creation not yet seen,
+    /// and that is still starting: its appearance changes nothing the pool's round computes
+    /// (counts, sizing, idle pods), so it need not wake the pool; turning ready does.
+    fn counted_as_starting(&self, pod: &CachedPod) -> bool {
+        let Some(pool) = pod.labels().get(names::LABEL_POOL_NAME) else {
+            return false;
+        };
+        let starting = !pod.is_running_and_ready()
+            && !pod.is_finished()
+            && !sandbox_domain::pods::is_terminating(pod);
+        starting
+            && self.ctx.expectations.expects_creation(
+                &format!("{}/{pool}", pod.namespace().unwrap_or_default()),
+                &pod.name_any(),
+            )
+    }
+
+    fn pod_changed(&self, pod: &Pod, wake_pool: bool) {
         let ns = pod.namespace().unwrap_or_default();
         let labels = pod.labels();
         if let Some(batch) = labels.get(names::LABEL_BATCH_NAME) {
             self.batch(&ns, batch);
         }
         if let Some(pool) = labels.get(names::LABEL_POOL_NAME) {
-            self.pool(&ns, pool);
+            if wake_pool {
+                self.pool(&ns, pool);
+            }
             // The batches whose ledgers name it; a corrupt ledger may hold it too: wake that
             // batch as well, so it reports the corruption.
             let holders = self

@@ -1763,3 +1763,50 @@ async fn a_held_pod_confirmed_gone_is_replaced_and_read_once() {
         BTreeMap::from([("p-new".to_string(), vec!["holder".to_string()])]),
     );
 }
+
+/// A pool pod this process just created appears in the cache still starting: its pool counted
+/// it already (as a creation not yet seen), so nothing wakes the pool until it is ready. A pod
+/// the pool did not expect, or one already gone, wakes it at once.
+#[tokio::test]
+async fn a_pool_is_not_woken_by_its_own_new_pod_until_the_pod_is_ready() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 1]);
+    let ctx = context(&api, vec![], vec![], vec![pool.clone()]);
+    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
+    let (batches_tx, _batches_rx) = mpsc::unbounded_channel();
+    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
+    let woken = |rx: &mut mpsc::UnboundedReceiver<ObjectRef<Pool>>| {
+        std::iter::from_fn(|| rx.try_recv().ok()).count()
+    };
+    let starting = |name: &str| {
+        let mut pod = pool_pod(&pool, name, "127.1.1.2");
+        pod.status = Some(PodStatus {
+            phase: Some("Pending".into()),
+            ..PodStatus::default()
+        });
+        CachedPod::from(pod)
+    };
+
+    ctx.expectations.created(&format!("{NS}/p"), "p-new".into());
+    router.pod_event(Ok(watcher::Event::Apply(starting("p-new"))));
+    assert_eq!(woken(&mut pools_rx), 0, "its own starting pod");
+    router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(pool_pod(
+        &pool,
+        "p-new",
+        "127.1.1.2",
+    )))));
+    assert_eq!(woken(&mut pools_rx), 1, "the pod turned ready");
+
+    router.pod_event(Ok(watcher::Event::Apply(starting("p-stranger"))));
+    assert_eq!(woken(&mut pools_rx), 1, "a starting pod it did not create");
+
+    ctx.expectations
+        .created(&format!("{NS}/p"), "p-finished".into());
+    let mut finished = pool_pod(&pool, "p-finished", "127.1.1.3");
+    finished.status = Some(PodStatus {
+        phase: Some("Failed".into()),
+        ..PodStatus::default()
+    });
+    router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(finished))));
+    assert_eq!(woken(&mut pools_rx), 1, "its own pod, already finished");
+}
