@@ -498,13 +498,11 @@ impl Context {
     /// Creates a pod; one that already exists (a cache lagging our own create) counts as created.
     async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);
-        let url = <Pod as Resource>::url_path(&(), Some(namespace));
         let body = serde_json::to_vec(&pod).map_err(kube::Error::SerdeError)?;
-        let request = kube::core::Request::new(url)
+        let request = pods_request(namespace)
             .create(&PostParams::default(), body)
             .map_err(kube::Error::BuildRequest)?;
-        // The answer is the whole pod, which nothing reads: it is skipped, not built.
-        match self.client.request::<serde::de::IgnoredAny>(request).await {
+        match self.client.request::<AnswerSkipped>(request).await {
             Err(kube::Error::Api(status)) if status.code == 409 && pod.metadata.name.is_some() => {
                 Ok(())
             }
@@ -515,12 +513,10 @@ impl Context {
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);
-        let url = <Pod as Resource>::url_path(&(), Some(namespace));
-        let request = kube::core::Request::new(url)
+        let request = pods_request(namespace)
             .delete(name, &DeleteParams::default())
             .map_err(kube::Error::BuildRequest)?;
-        // The answer (the pod marked for deletion, or a status) is skipped, not built.
-        match self.client.request::<serde::de::IgnoredAny>(request).await {
+        match self.client.request::<AnswerSkipped>(request).await {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             other => other.map(|_| ()),
         }
@@ -725,6 +721,15 @@ where
         route(&router, event);
         future::ready(())
     })
+}
+
+/// The answer to a pod write, which nothing reads (the whole pod, or a status): skipped, not
+/// built.
+type AnswerSkipped = serde::de::IgnoredAny;
+
+/// Requests on the pods of `namespace`.
+fn pods_request(namespace: &str) -> kube::core::Request {
+    kube::core::Request::new(<Pod as Resource>::url_path(&(), Some(namespace)))
 }
 
 /// Pods are decoded as cached ([`CachedPod`]): there is nothing left to cut.
