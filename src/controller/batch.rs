@@ -630,6 +630,11 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::await_change());
     }
+    // A copy from before this process took the finalizer off: its pods may be another batch's
+    // by now. The watch brings the batch's removal.
+    if ctx.was_finalized(batch) {
+        return Ok(Action::await_change());
+    }
     let ns = batch.namespace().unwrap_or_default();
     let pod_objects: Vec<Arc<CachedPod>> = match batch.pool_name() {
         Some(pool) => match ledger_of(batch) {
@@ -698,6 +703,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         }
     }
     ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await?;
+    ctx.mark_finalized(batch);
     ctx.forget_returned_to_pool(batch);
     if let Some(uid) = batch.uid() {
         ctx.ledgers.forget(&uid);

@@ -225,6 +225,10 @@ pub struct Context {
     /// which its owner could edit to weaken the pool's strategy; after a restart the pool's
     /// strategy applies.
     returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Batches (by uid) whose finalizer this process took off, until the watch shows them gone.
+    /// Until then the cache can still show them with it, and a cleanup run from that stale copy
+    /// would stop tasks in, or delete, pods their pool has meanwhile handed to another batch.
+    finalized: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A token for this process's start: its pid and the time, to the nanosecond.
@@ -290,6 +294,7 @@ impl Context {
             pod_names: Default::default(),
             task_polls: Default::default(),
             returned_to_pool: Default::default(),
+            finalized: Default::default(),
         }
     }
 
@@ -388,6 +393,38 @@ impl Context {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&uid);
         }
+    }
+
+    fn finalized(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.finalized.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that this process took `batch`'s finalizer off (see `finalized`).
+    fn mark_finalized(&self, batch: &BatchSandbox) {
+        if let Some(uid) = batch.uid() {
+            self.finalized().insert(uid);
+        }
+    }
+
+    /// Whether this process already took `batch`'s finalizer off: a copy showing it is stale.
+    fn was_finalized(&self, batch: &BatchSandbox) -> bool {
+        batch
+            .uid()
+            .is_some_and(|uid| self.finalized().contains(&uid))
+    }
+
+    /// The watch shows `batch` gone: no copy of it can come any more.
+    fn forget_finalized(&self, batch: &BatchSandbox) {
+        if let Some(uid) = batch.uid() {
+            self.finalized().remove(&uid);
+        }
+    }
+
+    /// A relist: batches it no longer lists are gone (their Delete events were missed).
+    fn forget_finalized_except(&self, listed: &[Arc<BatchSandbox>]) {
+        let listed: std::collections::HashSet<String> =
+            listed.iter().filter_map(|b| b.uid()).collect();
+        self.finalized().retain(|uid| listed.contains(uid));
     }
 
     fn api<K>(&self, namespace: &str) -> Api<K>

@@ -86,6 +86,7 @@ impl Router {
             }
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
+                self.ctx.forget_finalized(&batch);
                 self.batch_changed(
                     &batch,
                     BatchChange {
@@ -97,6 +98,7 @@ impl Router {
             Ok(Event::InitDone) => {
                 let batches = self.ctx.batches.state();
                 self.ctx.index.with(|i| i.batches_relisted(batches.iter()));
+                self.ctx.forget_finalized_except(&batches);
                 self.everything();
             }
             Ok(_) => {}

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use sandbox_domain::allocation::AllocStatus;
-use sandbox_domain::api::{BatchSandboxSpec, CapacitySpec, PoolSpec};
+use sandbox_domain::api::{BatchSandboxSpec, CapacitySpec, PoolSpec, RecycleStrategy, RecycleType};
 
 /// One request the reconciler sent.
 #[derive(Clone, Debug)]
@@ -1376,6 +1376,82 @@ async fn a_deleted_batch_recycles_a_held_pod_its_pod_cache_does_not_show_yet() {
         .expect("the cleanup completes");
     let writes = methods_and_paths(&api.writes());
     assert_pod_deleted_before_finalizer(&writes, "p-a", "gone");
+}
+
+/// A cleanup run again from a copy of the batch that still shows the finalizer this process took
+/// off (the cache has not seen the removal yet; the reconcile was queued by an earlier event)
+/// does nothing: its pods went back to the pool in the first run and may be another batch's by
+/// now. Here the pool has handed the pod on and the pod has turned unready, which a second
+/// recycle under `Noop` would answer by deleting it under its new holder.
+#[tokio::test]
+async fn a_cleanup_from_a_copy_older_than_its_own_finalizer_removal_does_nothing() {
+    let mut pool = pool([0, 0, 1, 1]);
+    pool.spec.recycle_strategy = Some(RecycleStrategy {
+        type_: Some(RecycleType::Noop),
+    });
+    let mut deleting = with_ledger(batch_created("gone", 1, "5", 0), &["p-a"]);
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let api = RecordedApi::default();
+    api.object(batch_path("gone"), &deleting);
+    let (pods, mut pod_writer) = writable_store(vec![pool_pod(&pool, "p-a", "127.1.1.2")]);
+    let (batches, mut batch_writer) = writable_store(vec![deleting.clone()]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods,
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    batch::reconcile(Arc::new(deleting.clone()), ctx.clone())
+        .await
+        .expect("the cleanup completes");
+    let first = methods_and_paths(&api.writes());
+    assert!(
+        first.contains(&("PATCH".to_string(), batch_path("gone")))
+            && !first.iter().any(|(m, _)| m == "DELETE"),
+        "the first run returns the pod and takes the finalizer off: {first:#?}"
+    );
+
+    let next = with_ledger(batch_created("next", 1, "9", 1), &["p-a"]);
+    batch_writer.apply_watcher_event(&watcher::Event::Apply(next));
+    let mut unready = pool_pod(&pool, "p-a", "127.1.1.2");
+    unready.status.get_or_insert_default().conditions = Some(vec![PodCondition {
+        type_: "Ready".into(),
+        status: "False".into(),
+        ..PodCondition::default()
+    }]);
+    pod_writer.apply_watcher_event(&watcher::Event::Apply(CachedPod::from(unready)));
+    let stale = batch::reconcile(Arc::new(deleting.clone()), ctx.clone()).await;
+    assert_eq!(
+        methods_and_paths(&api.writes()),
+        first,
+        "the run from the stale copy writes nothing"
+    );
+    stale.expect("the stale run succeeds");
+
+    // Remembered until the watch shows the batch gone: by its Delete event, or by a relist
+    // that no longer lists it.
+    ctx.forget_finalized_except(&ctx.batches.state());
+    assert!(
+        ctx.was_finalized(&deleting),
+        "still listed, still remembered"
+    );
+    batch_writer.apply_watcher_event(&watcher::Event::Delete(deleting.clone()));
+    ctx.forget_finalized_except(&ctx.batches.state());
+    assert!(
+        !ctx.was_finalized(&deleting),
+        "gone from the list, forgotten"
+    );
+    ctx.mark_finalized(&deleting);
+    ctx.forget_finalized(&deleting);
+    assert!(
+        !ctx.was_finalized(&deleting),
+        "forgotten at its Delete event"
+    );
 }
 
 /// The same for a scale-down: a released shard's pod the cache does not show is recycled before
