@@ -8,7 +8,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::Error;
 
@@ -20,17 +20,20 @@ pub struct PerObjectBackoff {
 impl PerObjectBackoff {
     /// Records a failure and returns when to retry.
     pub fn on_error(&self, object: &ObjectRef<kube::api::DynamicObject>, error: &Error) -> Action {
+        if error.is_lost_race() {
+            // Resolved by fresh state, which arrives within milliseconds; routine under
+            // optimistic concurrency (a user's edit or delete landing beside our own write), so
+            // neither a warning nor a step of the backoff.
+            debug!(object = %object, %error, retry_in = ?LOST_RACE_RETRY, "reconcile lost a write race");
+            return Action::requeue(LOST_RACE_RETRY);
+        }
         let attempt = {
             let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
             let count = failures.entry(object.clone()).or_default();
             *count += 1;
             *count
         };
-        let delay = match error {
-            // A lost race is resolved by fresh state, which arrives within milliseconds.
-            Error::Conflict(_) => Duration::from_millis(50),
-            _ => delay_for(attempt),
-        };
+        let delay = delay_for(attempt);
         warn!(object = %object, %error, attempt, retry_in = ?delay, "reconcile failed");
         Action::requeue(delay)
     }
@@ -41,6 +44,9 @@ impl PerObjectBackoff {
         failures.remove(object);
     }
 }
+
+/// When a reconcile that lost a write race runs again.
+const LOST_RACE_RETRY: Duration = Duration::from_millis(50);
 
 /// Longest delay between retries of one object.
 pub const MAX_DELAY: Duration = Duration::from_secs(300);
@@ -75,6 +81,34 @@ mod tests {
                 step * 2
             );
         }
+    }
+
+    #[test]
+    fn a_lost_write_race_is_retried_at_once_and_does_not_step_the_backoff() {
+        let backoff = PerObjectBackoff::default();
+        let object = ObjectRef::<sandbox_domain::api::BatchSandbox>::new("b")
+            .within("team")
+            .erase();
+        let status = |code: u16, reason: &str| {
+            kube::Error::Api(Box::new(
+                kube::core::Status::failure(reason, reason).with_code(code),
+            ))
+        };
+        for error in [Error::Kube(status(409, "Conflict")), Error::Conflict(2)] {
+            assert_eq!(
+                backoff.on_error(&object, &error),
+                Action::requeue(LOST_RACE_RETRY)
+            );
+        }
+        let failures =
+            |b: &PerObjectBackoff| b.failures.lock().expect("failures").get(&object).copied();
+        assert_eq!(failures(&backoff), None, "lost races are no failures");
+        backoff.on_error(&object, &Error::Kube(status(503, "ServiceUnavailable")));
+        assert_eq!(
+            failures(&backoff),
+            Some(1),
+            "a real failure steps the backoff"
+        );
     }
 
     #[test]

@@ -155,8 +155,10 @@ impl ControllerMetrics {
 impl Error {
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
+        if self.is_lost_race() {
+            return "conflict";
+        }
         match self {
-            Error::Kube(kube::Error::Api(status)) if status.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(_)) => "api-error",
             Error::Kube(_) => "api-unreachable",
             Error::CorruptAllocStatus { .. } => "corrupt-ledger",

@@ -162,6 +162,18 @@ pub enum Error {
     Fenced(#[from] crate::runtime::leader::Fenced),
 }
 
+impl Error {
+    /// A write refused because the object changed since it was read (HTTP 409): the next
+    /// reconcile, from the fresh object, decides again.
+    pub fn is_lost_race(&self) -> bool {
+        match self {
+            Error::Conflict(_) => true,
+            Error::Kube(kube::Error::Api(status)) => status.code == 409,
+            _ => false,
+        }
+    }
+}
+
 /// A namespaced API object the controller reads and writes through a typed `Api`.
 pub trait NamespacedObject:
     Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -810,8 +822,11 @@ fn log_result<K: Resource, Q: std::error::Error>(
     K::DynamicType: std::fmt::Debug,
 {
     match result {
-        // Objects deleted since they were queued are routine.
-        Ok(_) | Err(controller::Error::ObjectNotFound(_)) => {}
+        // Objects deleted since they were queued are routine; a reconcile's own failure was
+        // logged, with its object and retry, by the error policy.
+        Ok(_)
+        | Err(controller::Error::ObjectNotFound(_))
+        | Err(controller::Error::ReconcilerFailed(..)) => {}
         Err(error) => warn!(%error, "reconcile failed"),
     }
 }

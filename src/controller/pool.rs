@@ -458,7 +458,7 @@ async fn settle_grant(
             debug!(%error, batch = %batch.name_any(), "grant refused; its pods are free again");
             ctx.claims
                 .refused(namespace, &batch.name_any(), &version, &grant.granted);
-            if matches!(&error, Error::Kube(kube::Error::Api(s)) if s.code == 409) {
+            if error.is_lost_race() {
                 Settled::LostRace
             } else {
                 Settled::Refused
