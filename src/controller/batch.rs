@@ -66,6 +66,12 @@ pub const CONDITION_LEDGER_UNREADABLE: &str = "LedgerUnreadable";
 const STOP_POLL: Duration = Duration::from_millis(250);
 
 async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
+    // A copy this process recycled pods from and then wrote past: those pods may be another
+    // batch's by now. The watch brings the newer copy (or the batch's removal), and with it a
+    // reconcile.
+    if ctx.already_recycled(batch) {
+        return Ok(Action::await_change());
+    }
     if batch.metadata.deletion_timestamp.is_some() {
         return cleanup(batch, ctx).await;
     }
@@ -329,6 +335,7 @@ async fn pooled_shards(
         }});
         ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
             .await?;
+        ctx.recycled_and_wrote_past(batch);
         ctx.event(
             batch,
             EventType::Normal,
@@ -480,6 +487,7 @@ async fn release_requested(
     }});
     ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
         .await?;
+    ctx.recycled_and_wrote_past(batch);
     ctx.event(
         batch,
         EventType::Normal,
@@ -630,11 +638,6 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::await_change());
     }
-    // A copy from before this process took the finalizer off: its pods may be another batch's
-    // by now. The watch brings the batch's removal.
-    if ctx.was_finalized(batch) {
-        return Ok(Action::await_change());
-    }
     let ns = batch.namespace().unwrap_or_default();
     let pod_objects: Vec<Arc<CachedPod>> = match batch.pool_name() {
         Some(pool) => match ledger_of(batch) {
@@ -703,7 +706,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         }
     }
     ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await?;
-    ctx.mark_finalized(batch);
+    ctx.recycled_and_wrote_past(batch);
     ctx.forget_returned_to_pool(batch);
     if let Some(uid) = batch.uid() {
         ctx.ledgers.forget(&uid);

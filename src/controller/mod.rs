@@ -237,10 +237,12 @@ pub struct Context {
     /// which its owner could edit to weaken the pool's strategy; after a restart the pool's
     /// strategy applies.
     returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Batches (by uid) whose finalizer this process took off, until the watch shows them gone.
-    /// Until then the cache can still show them with it, and a cleanup run from that stale copy
-    /// would stop tasks in, or delete, pods their pool has meanwhile handed to another batch.
-    finalized: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Per batch (by uid), the resourceVersion of the last copy whose pods this process
+    /// recycled before writing past it (the finalizer off, a scale-down's or a release's
+    /// ledger). Until the watch brings the newer copy, the cache can still hand a reconcile this
+    /// one, and acting on it again would stop tasks in, or delete, pods the pool has meanwhile
+    /// handed to another batch.
+    recycled_copies: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// A token for this process's start: its pid and the time, to the nanosecond.
@@ -306,7 +308,7 @@ impl Context {
             pod_names: Default::default(),
             task_polls: Default::default(),
             returned_to_pool: Default::default(),
-            finalized: Default::default(),
+            recycled_copies: Default::default(),
         }
     }
 
@@ -407,36 +409,42 @@ impl Context {
         }
     }
 
-    fn finalized(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.finalized.lock().unwrap_or_else(|e| e.into_inner())
+    fn recycled_copies(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.recycled_copies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records that this process took `batch`'s finalizer off (see `finalized`).
-    fn mark_finalized(&self, batch: &BatchSandbox) {
-        if let Some(uid) = batch.uid() {
-            self.finalized().insert(uid);
+    /// Records that this process recycled pods of this copy of `batch` and has written past it
+    /// (see `recycled_copies`).
+    fn recycled_and_wrote_past(&self, copy: &BatchSandbox) {
+        if let (Some(uid), Some(version)) = (copy.uid(), copy.resource_version()) {
+            self.recycled_copies().insert(uid, version);
         }
     }
 
-    /// Whether this process already took `batch`'s finalizer off: a copy showing it is stale.
-    fn was_finalized(&self, batch: &BatchSandbox) -> bool {
-        batch
-            .uid()
-            .is_some_and(|uid| self.finalized().contains(&uid))
+    /// Whether `copy` is one this process already recycled from and wrote past: a stale copy.
+    fn already_recycled(&self, copy: &BatchSandbox) -> bool {
+        match (copy.uid(), copy.resource_version()) {
+            (Some(uid), Some(version)) => self.recycled_copies().get(&uid) == Some(&version),
+            _ => false,
+        }
     }
 
     /// The watch shows `batch` gone: no copy of it can come any more.
-    fn forget_finalized(&self, batch: &BatchSandbox) {
+    fn forget_recycled(&self, batch: &BatchSandbox) {
         if let Some(uid) = batch.uid() {
-            self.finalized().remove(&uid);
+            self.recycled_copies().remove(&uid);
         }
     }
 
     /// A relist: batches it no longer lists are gone (their Delete events were missed).
-    fn forget_finalized_except(&self, listed: &[Arc<BatchSandbox>]) {
+    fn forget_recycled_except(&self, listed: &[Arc<BatchSandbox>]) {
         let listed: std::collections::HashSet<String> =
             listed.iter().filter_map(|b| b.uid()).collect();
-        self.finalized().retain(|uid| listed.contains(uid));
+        self.recycled_copies().retain(|uid, _| listed.contains(uid));
     }
 
     fn api<K>(&self, namespace: &str) -> Api<K>

@@ -86,7 +86,7 @@ impl Router {
             }
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
-                self.ctx.forget_finalized(&batch);
+                self.ctx.forget_recycled(&batch);
                 self.batch_changed(
                     &batch,
                     BatchChange {
@@ -98,7 +98,7 @@ impl Router {
             Ok(Event::InitDone) => {
                 let batches = self.ctx.batches.state();
                 self.ctx.index.with(|i| i.batches_relisted(batches.iter()));
-                self.ctx.forget_finalized_except(&batches);
+                self.ctx.forget_recycled_except(&batches);
                 self.everything();
             }
             Ok(_) => {}

@@ -1378,80 +1378,171 @@ async fn a_deleted_batch_recycles_a_held_pod_its_pod_cache_does_not_show_yet() {
     assert_pod_deleted_before_finalizer(&writes, "p-a", "gone");
 }
 
+/// A batch of a pool that recycles with `Noop`, in caches the test moves on between reconciles.
+struct StaleCopyScene {
+    pool: Pool,
+    api: RecordedApi,
+    ctx: Arc<Context>,
+    pods: reflector::store::Writer<CachedPod>,
+    batches: reflector::store::Writer<BatchSandbox>,
+}
+
+impl StaleCopyScene {
+    fn new(batch: &BatchSandbox, pods: &[(&str, &str)]) -> Self {
+        let mut pool = pool([0, 0, 2, 2]);
+        pool.spec.recycle_strategy = Some(RecycleStrategy {
+            type_: Some(RecycleType::Noop),
+        });
+        let api = RecordedApi::default();
+        api.object(batch_path(&batch.name_any()), batch);
+        let (pod_store, pod_writer) = writable_store(
+            pods.iter()
+                .map(|(name, ip)| pool_pod(&pool, name, ip))
+                .collect(),
+        );
+        let (batch_store, batch_writer) = writable_store(vec![batch.clone()]);
+        let ctx = Arc::new(context_from(
+            &api,
+            Stores {
+                pods: pod_store,
+                batches: batch_store,
+                pools: store(vec![pool.clone()]),
+            },
+            test_config(),
+        ));
+        Self {
+            pool,
+            api,
+            ctx,
+            pods: pod_writer,
+            batches: batch_writer,
+        }
+    }
+
+    /// The pool hands `pod` to a new batch, and the pod turns unready: a recycle under `Noop`
+    /// would now delete it under its new holder.
+    fn hand_on_and_fail(&mut self, pod: &str, ip: &str) {
+        let next = with_ledger(batch_created("next", 1, "90", 1), &[pod]);
+        self.batches
+            .apply_watcher_event(&watcher::Event::Apply(next));
+        let mut unready = pool_pod(&self.pool, pod, ip);
+        unready.status.get_or_insert_default().conditions = Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            ..PodCondition::default()
+        }]);
+        self.pods
+            .apply_watcher_event(&watcher::Event::Apply(CachedPod::from(unready)));
+    }
+
+    /// Reconciles `copy` once more; asserts it writes nothing.
+    async fn rerun_writes_nothing(&self, copy: &BatchSandbox) {
+        let before = methods_and_paths(&self.api.writes());
+        let rerun = batch::reconcile(Arc::new(copy.clone()), self.ctx.clone()).await;
+        assert_eq!(
+            methods_and_paths(&self.api.writes()),
+            before,
+            "the run from the stale copy writes nothing"
+        );
+        rerun.expect("the stale run succeeds");
+    }
+}
+
 /// A cleanup run again from a copy of the batch that still shows the finalizer this process took
 /// off (the cache has not seen the removal yet; the reconcile was queued by an earlier event)
 /// does nothing: its pods went back to the pool in the first run and may be another batch's by
-/// now. Here the pool has handed the pod on and the pod has turned unready, which a second
-/// recycle under `Noop` would answer by deleting it under its new holder.
+/// now.
 #[tokio::test]
 async fn a_cleanup_from_a_copy_older_than_its_own_finalizer_removal_does_nothing() {
-    let mut pool = pool([0, 0, 1, 1]);
-    pool.spec.recycle_strategy = Some(RecycleStrategy {
-        type_: Some(RecycleType::Noop),
-    });
     let mut deleting = with_ledger(batch_created("gone", 1, "5", 0), &["p-a"]);
     deleting.metadata.deletion_timestamp = Some(
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    let api = RecordedApi::default();
-    api.object(batch_path("gone"), &deleting);
-    let (pods, mut pod_writer) = writable_store(vec![pool_pod(&pool, "p-a", "127.1.1.2")]);
-    let (batches, mut batch_writer) = writable_store(vec![deleting.clone()]);
-    let ctx = Arc::new(context_from(
-        &api,
-        Stores {
-            pods,
-            batches,
-            pools: store(vec![pool.clone()]),
-        },
-        test_config(),
-    ));
-    batch::reconcile(Arc::new(deleting.clone()), ctx.clone())
+    let mut scene = StaleCopyScene::new(&deleting, &[("p-a", "127.1.1.2")]);
+    batch::reconcile(Arc::new(deleting.clone()), scene.ctx.clone())
         .await
         .expect("the cleanup completes");
-    let first = methods_and_paths(&api.writes());
+    let first = methods_and_paths(&scene.api.writes());
     assert!(
         first.contains(&("PATCH".to_string(), batch_path("gone")))
             && !first.iter().any(|(m, _)| m == "DELETE"),
         "the first run returns the pod and takes the finalizer off: {first:#?}"
     );
-
-    let next = with_ledger(batch_created("next", 1, "9", 1), &["p-a"]);
-    batch_writer.apply_watcher_event(&watcher::Event::Apply(next));
-    let mut unready = pool_pod(&pool, "p-a", "127.1.1.2");
-    unready.status.get_or_insert_default().conditions = Some(vec![PodCondition {
-        type_: "Ready".into(),
-        status: "False".into(),
-        ..PodCondition::default()
-    }]);
-    pod_writer.apply_watcher_event(&watcher::Event::Apply(CachedPod::from(unready)));
-    let stale = batch::reconcile(Arc::new(deleting.clone()), ctx.clone()).await;
-    assert_eq!(
-        methods_and_paths(&api.writes()),
-        first,
-        "the run from the stale copy writes nothing"
-    );
-    stale.expect("the stale run succeeds");
+    scene.hand_on_and_fail("p-a", "127.1.1.2");
+    scene.rerun_writes_nothing(&deleting).await;
 
     // Remembered until the watch shows the batch gone: by its Delete event, or by a relist
     // that no longer lists it.
-    ctx.forget_finalized_except(&ctx.batches.state());
+    let ctx = scene.ctx.clone();
+    ctx.forget_recycled_except(&ctx.batches.state());
     assert!(
-        ctx.was_finalized(&deleting),
+        ctx.already_recycled(&deleting),
         "still listed, still remembered"
     );
-    batch_writer.apply_watcher_event(&watcher::Event::Delete(deleting.clone()));
-    ctx.forget_finalized_except(&ctx.batches.state());
+    scene
+        .batches
+        .apply_watcher_event(&watcher::Event::Delete(deleting.clone()));
+    ctx.forget_recycled_except(&ctx.batches.state());
     assert!(
-        !ctx.was_finalized(&deleting),
+        !ctx.already_recycled(&deleting),
         "gone from the list, forgotten"
     );
-    ctx.mark_finalized(&deleting);
-    ctx.forget_finalized(&deleting);
+    ctx.recycled_and_wrote_past(&deleting);
+    ctx.forget_recycled(&deleting);
     assert!(
-        !ctx.was_finalized(&deleting),
+        !ctx.already_recycled(&deleting),
         "forgotten at its Delete event"
     );
+}
+
+/// The same for a scale-down: once its ledger write let a pod go, a reconcile from the copy
+/// before that write does not recycle the pod again.
+#[tokio::test]
+async fn a_scale_down_from_a_copy_older_than_its_own_ledger_write_does_nothing() {
+    let shrinking = with_ledger(batch_created("shrink", 1, "5", 0), &["p-a", "p-b"]);
+    let mut scene = StaleCopyScene::new(&shrinking, &[("p-a", "127.1.1.2"), ("p-b", "127.1.1.3")]);
+    batch::reconcile(Arc::new(shrinking.clone()), scene.ctx.clone())
+        .await
+        .expect("the scale-down completes");
+    let writes = scene.api.writes();
+    assert!(
+        writes.iter().any(|w| w.path == batch_path("shrink")
+            && w.body["metadata"]["annotations"][names::ANNOTATION_ALLOC_STATUS]
+                .as_str()
+                .is_some_and(|l| !l.contains("p-b")))
+            && writes.iter().all(|w| w.method != "DELETE"),
+        "the first run returns p-b and drops it from the ledger: {writes:#?}"
+    );
+    scene.hand_on_and_fail("p-b", "127.1.1.3");
+    scene.rerun_writes_nothing(&shrinking).await;
+}
+
+/// The same for a pod released on request (`alloc-release`): once the ledger let it go, a
+/// reconcile from the copy before that write does not stop or recycle it again.
+#[tokio::test]
+async fn a_release_from_a_copy_older_than_its_own_ledger_write_does_nothing() {
+    let mut releasing = with_ledger(batch_created("rel", 2, "5", 0), &["p-a", "p-b"]);
+    let annotations = releasing.metadata.annotations.get_or_insert_default();
+    annotations.insert(
+        names::ANNOTATION_ALLOC_RELEASE.into(),
+        r#"{"pods":["p-b"]}"#.into(),
+    );
+    annotations.insert(
+        names::ANNOTATION_TASK_RESULTS.into(),
+        r#"{"1":"None"}"#.into(),
+    );
+    let mut scene = StaleCopyScene::new(&releasing, &[("p-a", "127.1.1.2"), ("p-b", "127.1.1.3")]);
+    batch::reconcile(Arc::new(releasing.clone()), scene.ctx.clone())
+        .await
+        .expect("the release completes");
+    let stored: Vec<BatchSandbox> = scene.api.stored(&[batch_path("rel")]);
+    assert_eq!(
+        AllocStatus::of(&stored[0]).expect("a ledger").pods,
+        ["p-a", ""],
+        "the first run lets p-b go"
+    );
+    scene.hand_on_and_fail("p-b", "127.1.1.3");
+    scene.rerun_writes_nothing(&releasing).await;
 }
 
 /// The same for a scale-down: a released shard's pod the cache does not show is recycled before
