@@ -89,7 +89,7 @@ async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, 
     };
     let released = released_of(batch);
     if let Some((_, ledger)) = &pooled
-        && let Some(action) = release_requested(batch, ctx, ledger, &released).await?
+        && let Some(action) = release_shards(batch, ctx, ledger, &released).await?
     {
         return Ok(action);
     }
@@ -401,35 +401,34 @@ async fn ledger_pods<'a>(
     Ok(held)
 }
 
-/// Carries out a user's `alloc-release` request: the shards holding the listed pods are scaled in
-/// (tasks stopped, pods recycled by the pool's recycle strategy, shards never refilled).
-/// Returns the action to take when it did something or must wait for tasks to stop.
+/// Lets go of the pods of shards being released: those a user's `alloc-release` request names
+/// (scaled in: tasks stopped, pods recycled by the pool's recycle strategy, shards never
+/// refilled), and those already marked released whose ledger entry still names a pod (a finished
+/// task's shard under `taskResourcePolicyWhenCompleted: Release`). Returns the action to take
+/// when it did something or must wait for tasks to stop.
 ///
 /// A pod leaves the ledger only once its recycle is done: first the shards are marked released
 /// (so the pool never refills them, while the ledger still holds their pods), then their tasks
 /// are stopped and each pod deleted or judged fit to return, and only then does the ledger let go
 /// of it. A recycle that fails leaves the pod held, never idle with its previous holder's
 /// processes.
-async fn release_requested(
+async fn release_shards(
     batch: &BatchSandbox,
     ctx: &Context,
     ledger: &AllocStatus,
     released: &Released,
 ) -> Result<Option<Action>, Error> {
     let annotation = |key: &str| batch.annotations().get(key).map(String::as_str);
-    let request = match PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASE)) {
-        Ok(request) => request,
+    let requested = match PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASE)) {
+        Ok(request) => request.pods,
         Err(error) => {
             // Admission refuses such values; one written around it is ignored, loudly.
             warn!(batch = %object_name(batch), %error, "unreadable alloc-release annotation; ignored");
-            return Ok(None);
+            vec![]
         }
     };
-    if request.pods.is_empty() {
-        return Ok(None);
-    }
     let mut ledger = ledger.clone();
-    let shards = alloc_release::shards_to_release(&ledger.pods, &request.pods);
+    let shards = alloc_release::shards_to_let_go(&ledger.pods, &requested, released);
     if shards.is_empty() {
         return Ok(None);
     }
@@ -471,13 +470,21 @@ async fn release_requested(
         return Ok(Some(Action::requeue(STOP_POLL)));
     }
 
-    // 3. Only now let the ledger go of them (conditional on the resourceVersion).
+    // 3. Only now let the ledger go of them (conditional on the resourceVersion). Pods released
+    //    on request are recorded as such.
     for &shard in &shards {
         ledger.pods[shard].clear();
     }
+    // (shard, pod) of each shard let go, as released on request or after its task finished.
+    type LetGo = Vec<(usize, String)>;
+    let (on_request, finished): (LetGo, LetGo) = shards
+        .iter()
+        .copied()
+        .zip(pod_names)
+        .partition(|(_, pod)| requested.contains(pod));
     let done = PodList::parse(annotation(names::ANNOTATION_ALLOC_RELEASED))
         .unwrap_or_default()
-        .with(pod_names.iter().cloned());
+        .with(on_request.iter().map(|(_, pod)| pod.clone()));
     let patch = json!({"metadata": {
         "resourceVersion": batch.resource_version(),
         "annotations": {
@@ -488,22 +495,32 @@ async fn release_requested(
     ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
         .await?;
     ctx.recycled_and_wrote_past(batch);
-    ctx.event(
-        batch,
-        EventType::Normal,
-        "PodsReleased",
-        format!(
-            "released pod(s) {} of shard(s) {} on request",
-            pod_names.join(", "),
-            shards
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    )
-    .await;
-    info!(batch = %object_name(batch), pods = ?pod_names, "released on request");
+    let listed = |shards: &[(usize, String)]| {
+        let pods: Vec<&str> = shards.iter().map(|(_, pod)| pod.as_str()).collect();
+        let indexes: Vec<String> = shards.iter().map(|(shard, _)| shard.to_string()).collect();
+        (pods.join(", "), indexes.join(", "))
+    };
+    if !on_request.is_empty() {
+        let (pods, shards) = listed(&on_request);
+        ctx.event(
+            batch,
+            EventType::Normal,
+            "PodsReleased",
+            format!("released pod(s) {pods} of shard(s) {shards} on request"),
+        )
+        .await;
+        info!(batch = %object_name(batch), %pods, "released on request");
+    }
+    if !finished.is_empty() {
+        let (_, shards) = listed(&finished);
+        ctx.event(
+            batch,
+            EventType::Normal,
+            "ShardsReleased",
+            format!("task finished on shard(s) {shards}; released their pods"),
+        )
+        .await;
+    }
     Ok(Some(Action::await_change()))
 }
 
@@ -822,8 +839,9 @@ fn uses_tasks(batch: &BatchSandbox) -> bool {
 }
 
 /// Releases shards whose task has finished (`Release` policy): records their results on the
-/// batch first, conditional on its resourceVersion, then deletes or returns their pods. Returns
-/// whether anything was released.
+/// batch first, conditional on its resourceVersion, which marks the shards released. A template
+/// batch's pods are then deleted; a pooled batch's are recycled and let go of by the next
+/// reconcile ([`release_shards`]). Returns whether anything was released.
 async fn release_finished(
     batch: &BatchSandbox,
     ctx: &Context,
@@ -845,29 +863,20 @@ async fn release_finished(
     }
     let ns = batch.namespace().unwrap_or_default();
     let mut results = released.clone();
-    let mut annotations = serde_json::Map::new();
-    if batch.pool_name().is_some() {
-        let mut ledger = ledger_of(batch)?;
-        for (i, _, _) in &finished {
-            if let Some(entry) = ledger.pods.get_mut(*i) {
-                entry.clear();
-            }
-        }
-        annotations.insert(
-            names::ANNOTATION_ALLOC_STATUS.into(),
-            ledger.to_annotation().into(),
-        );
-    }
     for (i, phase, _) in &finished {
         results.0.insert(*i, *phase);
     }
-    annotations.insert(
-        ANNOTATION_TASK_RESULTS.into(),
-        results.to_annotation().into(),
-    );
-    let patch = json!({"metadata": {"resourceVersion": batch.resource_version(), "annotations": annotations}});
+    let patch = json!({"metadata": {
+        "resourceVersion": batch.resource_version(),
+        "annotations": {ANNOTATION_TASK_RESULTS: results.to_annotation()}
+    }});
     ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
         .await?;
+    // A pool's pod stays held by the ledger until it is recycled: the next reconcile, from the
+    // copy with the shards marked, lets go of it (`release_shards`), as for a release on request.
+    if batch.pool_name().is_some() {
+        return Ok(true);
+    }
 
     // The finished task was the pod's only one: the answer that reported it finished also said
     // whether all its processes ended, so no stop call is needed.

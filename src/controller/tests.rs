@@ -1006,26 +1006,30 @@ async fn forged_ledger_entries_are_never_deleted() {
     );
 }
 
-/// A fake task executor whose tasks never stop: every call answers one task being deleted.
-async fn stubborn_executor() -> u16 {
+/// A fake task executor on 127.0.0.1 that answers every call with `tasks` (JSON).
+async fn fake_executor(tasks: String) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("binding the fake executor");
     let port = listener.local_addr().expect("an address").port();
+    let tasks = hyper::body::Bytes::from(tasks);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let tasks = tasks.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_request| async {
-                    let body = r#"[{"name":"t","deletionTimestamp":"2026-01-01T00:00:00Z","process":{"command":["sleep","inf"]}}]"#;
-                    Ok::<_, std::convert::Infallible>(
-                        http::Response::builder()
-                            .header("content-type", "application/json")
-                            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-                            .expect("a response"),
-                    )
+                let service = hyper::service::service_fn(move |_request| {
+                    let tasks = tasks.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(tasks))
+                                .expect("a response"),
+                        )
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -1034,6 +1038,94 @@ async fn stubborn_executor() -> u16 {
         }
     });
     port
+}
+
+/// A fake task executor whose tasks never stop: every call answers one task being deleted.
+async fn stubborn_executor() -> u16 {
+    fake_executor(
+        r#"[{"name":"t","deletionTimestamp":"2026-01-01T00:00:00Z","process":{"command":["sleep","inf"]}}]"#
+            .into(),
+    )
+    .await
+}
+
+/// Under `taskResourcePolicyWhenCompleted: Release`, a pooled shard whose task finished has its
+/// result recorded first while the ledger still holds its pod; the next reconcile recycles the
+/// pod (under `Delete`, deletes it) and only then lets the ledger go of it. Let go first, the
+/// pod would look idle to the pool, with the finished task's files in it, until its deletion
+/// reached the cache.
+#[tokio::test]
+async fn a_finished_shard_keeps_its_pod_held_until_the_pod_is_recycled() {
+    let pool = pool([0, 0, 1, 1]);
+    let config = test_config();
+    let mut held = pool_pod(&pool, "p-a", "127.0.0.1");
+    config.executor.prepare(&mut held, true);
+    let mut batch = with_ledger(batch_created("fin", 1, "5", 0), &["p-a"]);
+    batch.spec.task_template = Some(
+        serde_json::from_value(json!({"spec": {"process": {"command": ["true"]}}}))
+            .expect("a task template"),
+    );
+    batch.spec.task_resource_policy_when_completed =
+        Some(sandbox_domain::api::TaskResourcePolicy::Release);
+    // As the grant wrote it, so the reconciles' only writes are the release's.
+    batch.annotations_mut().insert(
+        names::ANNOTATION_ENDPOINTS.into(),
+        r#"[{"sandbox_id":"0","ip":"127.0.0.1"}]"#.into(),
+    );
+    let finished = json!([{
+        "name": tasks::task_name(&batch, 0),
+        "process": {"command": ["true"]},
+        "processStatus": {"terminated": {"exitCode": 0, "reason": "Completed", "allProcessesEnded": true}},
+    }]);
+    let port = fake_executor(finished.to_string()).await;
+    let api = RecordedApi::default();
+    api.object(batch_path("fin"), &batch);
+    let reconcile = |copy: BatchSandbox| {
+        let mut ctx = context_from(
+            &api,
+            Stores {
+                pods: store(vec![held.clone()]),
+                batches: store(vec![copy.clone()]),
+                pools: store(vec![pool.clone()]),
+            },
+            test_config(),
+        );
+        ctx.executor = sandbox_executor::client::ExecutorClient::new(None).with_port(port);
+        batch::reconcile(Arc::new(copy), Arc::new(ctx))
+    };
+    let stored = || -> BatchSandbox { api.stored(&[batch_path("fin")]).remove(0) };
+
+    reconcile(batch)
+        .await
+        .expect("the first reconcile succeeds");
+    let marked = stored();
+    assert_eq!(
+        marked.annotations().get(names::ANNOTATION_TASK_RESULTS),
+        Some(&r#"{"0":"Succeeded"}"#.to_string()),
+        "the result is recorded"
+    );
+    assert_eq!(
+        AllocStatus::of(&marked).expect("a ledger").pods,
+        ["p-a"],
+        "the ledger still holds the pod"
+    );
+    let writes = api.writes();
+    assert!(
+        writes.iter().all(|w| w.method != "DELETE"),
+        "nothing is deleted yet: {writes:#?}"
+    );
+
+    let before = writes.len();
+    reconcile(marked)
+        .await
+        .expect("the second reconcile succeeds");
+    let writes = methods_and_paths(&api.writes()[before..]);
+    assert_pod_deleted_before_finalizer(&writes, "p-a", "fin");
+    assert_eq!(
+        AllocStatus::of(&stored()).expect("a ledger").pods,
+        [""],
+        "then the ledger lets go"
+    );
 }
 
 /// A task that ignores SIGTERM pins its batch only until the cleanup deadline: then its pod is

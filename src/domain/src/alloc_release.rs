@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::released::Released;
+
 /// The pods listed in an `alloc-release` or `alloc-released` annotation.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodList {
@@ -50,6 +52,25 @@ pub fn shards_to_release(ledger: &[String], requested: &[String]) -> Vec<usize> 
         .collect()
 }
 
+/// Shards whose pod is let go now: those whose pod the request names, and those already marked
+/// released (a finished task's shard under `Release`, or a request's shard marked by an earlier
+/// reconcile) whose ledger entry still names a pod. In order, each once.
+pub fn shards_to_let_go(
+    ledger: &[String],
+    requested: &[String],
+    released: &Released,
+) -> Vec<usize> {
+    let requested: BTreeSet<&str> = requested.iter().map(String::as_str).collect();
+    ledger
+        .iter()
+        .enumerate()
+        .filter(|(shard, pod)| {
+            !pod.is_empty() && (requested.contains(pod.as_str()) || released.contains(*shard))
+        })
+        .map(|(shard, _)| shard)
+        .collect()
+}
+
 /// Requested pods that are not the batch's: in neither its ledger nor its released record.
 pub fn foreign_pods<'a>(
     requested: &'a [String],
@@ -67,6 +88,7 @@ pub fn foreign_pods<'a>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use sandbox_decisions::tasks::TaskPhase;
 
     fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
@@ -104,7 +126,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn lets_go_of_requested_shards_and_marked_shards_still_holding_a_pod() {
+        let ledger = strings(&["p0", "", "p2", "p3", "p4"]);
+        let mut released = Released::default();
+        released.0.insert(1, TaskPhase::Succeeded);
+        released.0.insert(2, TaskPhase::Failed);
+        released.0.insert(3, TaskPhase::None);
+        assert_eq!(
+            shards_to_let_go(&ledger, &strings(&["p3", "p0"]), &released),
+            [0, 2, 3],
+            "shard 1 holds no pod any more; shard 4 is neither requested nor marked"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn shards_let_go_are_requested_or_marked_and_hold_a_pod(
+            ledger in prop::collection::vec("[a-d]?", 0..8),
+            requested in prop::collection::vec("[a-f]", 0..6),
+            marked in prop::collection::btree_set(0usize..8, 0..4),
+        ) {
+            let released = Released(marked.iter().map(|&i| (i, TaskPhase::Succeeded)).collect());
+            let shards = shards_to_let_go(&ledger, &requested, &released);
+            prop_assert!(shards.windows(2).all(|w| w[0] < w[1]));
+            for (i, pod) in ledger.iter().enumerate() {
+                let wanted = !pod.is_empty() && (requested.contains(pod) || marked.contains(&i));
+                prop_assert_eq!(shards.contains(&i), wanted);
+            }
+        }
+
         #[test]
         fn released_shards_hold_exactly_the_requested_pods(
             ledger in prop::collection::vec("[a-d]?", 0..8),
