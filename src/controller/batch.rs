@@ -593,6 +593,14 @@ async fn recycle(
             RecycleAction::ReturnIdle | RecycleAction::Wait => {}
         }
     }
+    // The pool counts them as being deleted from now on: the ledger may let go of them before
+    // the pod cache shows their deletion, and until then they would look idle to the pool.
+    if let Some(pool) = batch.pool_name() {
+        for name in &doomed {
+            ctx.expectations
+                .deleted(&format!("{ns}/{pool}"), name.clone());
+        }
+    }
     delete_all(ctx, &ns, &doomed).await?;
     // Say on the Pool what became of the pods, so `kubectl describe pool` shows where they went.
     if let (false, Some(pool)) = (pods.is_empty(), pool_of(batch, ctx)) {

@@ -1609,6 +1609,47 @@ async fn a_scale_down_from_a_copy_older_than_its_own_ledger_write_does_nothing()
     scene.rerun_writes_nothing(&shrinking).await;
 }
 
+/// A pod a batch's recycle deletes is not idle to its pool once the ledger lets go of it, even
+/// while the pod cache still shows it live (the batch watch ahead of the pod watch).
+#[tokio::test]
+async fn a_pod_deleted_by_a_recycle_is_never_idle_while_the_cache_lags() {
+    let pool = pool([0, 0, 2, 2]);
+    let shrinking = with_ledger(batch_created("shrink", 1, "5", 0), &["p-a", "p-b"]);
+    let api = RecordedApi::default();
+    api.object(batch_path("shrink"), &shrinking);
+    api.object(pool_path(), &pool);
+    let pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+    ];
+    let (batches, mut batch_writer) = writable_store(vec![shrinking.clone()]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(pods),
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    batch::reconcile(Arc::new(shrinking), ctx.clone())
+        .await
+        .expect("the scale-down completes");
+    let writes = methods_and_paths(&api.writes());
+    assert!(
+        writes.contains(&("DELETE".to_string(), pod_path("p-b"))),
+        "p-b is deleted (Delete strategy): {writes:#?}"
+    );
+    // The batch watch brings the ledger without p-b; the pod watch has not shown the deletion.
+    let shrunk: BatchSandbox = api.stored(&[batch_path("shrink")]).remove(0);
+    batch_writer.apply_watcher_event(&watcher::Event::Apply(shrunk.clone()));
+    ctx.index.with(|i| i.batch_applied(&Arc::new(shrunk)));
+    reconcile_pool(Arc::new(pool), ctx.clone())
+        .await
+        .expect("the pool reconciles");
+    assert_eq!(ctx.idle_left(NS, "p"), Some(0), "p-b is not idle");
+}
+
 /// The same for a pod released on request (`alloc-release`): once the ledger let it go, a
 /// reconcile from the copy before that write does not stop or recycle it again.
 #[tokio::test]
