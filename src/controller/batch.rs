@@ -730,7 +730,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
             delete_all(ctx, &ns, &pods).await?;
         }
     }
-    ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await?;
+    release_finalizer(batch, ctx).await?;
     ctx.recycled_and_wrote_past(batch);
     ctx.forget_returned_to_pool(batch);
     if let Some(uid) = batch.uid() {
@@ -738,6 +738,37 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     }
     info!(batch = %object_name(batch), pods = pods.len(), "cleaned up");
     Ok(Action::await_change())
+}
+
+/// Takes the batch's finalizer off once its cleanup is done, conditional on its resourceVersion.
+/// A batch that changed meanwhile only where the cleanup does not look (its status, written by
+/// an earlier reconcile while the deletion came in, is the usual case) is read afresh and the
+/// finalizer taken off that copy: a second cleanup would only find its pods gone, reading each
+/// from the API server. A changed ledger or finalizer list is a lost race, cleaned up again.
+async fn release_finalizer(batch: &BatchSandbox, ctx: &Context) -> Result<(), Error> {
+    let conflict = match ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => kube::Error::Api(status),
+        other => return Ok(other?),
+    };
+    let ns = batch.namespace().unwrap_or_default();
+    let Some(fresh) = ctx
+        .api::<BatchSandbox>(&ns)
+        .get_opt(&batch.name_any())
+        .await?
+    else {
+        return Ok(());
+    };
+    let ledger = |b: &BatchSandbox| b.annotations().get(names::ANNOTATION_ALLOC_STATUS).cloned();
+    let unchanged_for_cleanup = fresh.uid() == batch.uid()
+        && fresh.metadata.deletion_timestamp.is_some()
+        && fresh.finalizers() == batch.finalizers()
+        && ledger(&fresh) == ledger(batch);
+    if !unchanged_for_cleanup {
+        return Err(conflict.into());
+    }
+    ctx.remove_finalizer(&fresh, names::FINALIZER_BATCH).await?;
+    ctx.recycled_and_wrote_past(&fresh);
+    Ok(())
 }
 
 /// How far past its cleanup deadline a batch being deleted is (`None`: not yet past it).

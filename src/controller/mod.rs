@@ -237,12 +237,13 @@ pub struct Context {
     /// which its owner could edit to weaken the pool's strategy; after a restart the pool's
     /// strategy applies.
     returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Per batch (by uid), the resourceVersion of the last copy whose pods this process
-    /// recycled before writing past it (the finalizer off, a scale-down's or a release's
-    /// ledger). Until the watch brings the newer copy, the cache can still hand a reconcile this
-    /// one, and acting on it again would stop tasks in, or delete, pods the pool has meanwhile
-    /// handed to another batch.
-    recycled_copies: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Per batch (by uid), the resourceVersions of copies whose pods this process recycled
+    /// before writing past them (the finalizer off, a scale-down's or a release's ledger). Until
+    /// the watch brings the newer copy, the cache can still hand a reconcile such a copy, and
+    /// acting on it again would stop tasks in, or delete, pods the pool has meanwhile handed to
+    /// another batch. A few per batch, kept until the batch is gone.
+    recycled_copies:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
 }
 
 /// A token for this process's start: its pid and the time, to the nanosecond.
@@ -411,7 +412,10 @@ impl Context {
 
     fn recycled_copies(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, std::collections::BTreeSet<String>>,
+    > {
         self.recycled_copies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -421,14 +425,20 @@ impl Context {
     /// (see `recycled_copies`).
     fn recycled_and_wrote_past(&self, copy: &BatchSandbox) {
         if let (Some(uid), Some(version)) = (copy.uid(), copy.resource_version()) {
-            self.recycled_copies().insert(uid, version);
+            self.recycled_copies()
+                .entry(uid)
+                .or_default()
+                .insert(version);
         }
     }
 
     /// Whether `copy` is one this process already recycled from and wrote past: a stale copy.
     fn already_recycled(&self, copy: &BatchSandbox) -> bool {
         match (copy.uid(), copy.resource_version()) {
-            (Some(uid), Some(version)) => self.recycled_copies().get(&uid) == Some(&version),
+            (Some(uid), Some(version)) => self
+                .recycled_copies()
+                .get(&uid)
+                .is_some_and(|versions| versions.contains(&version)),
             _ => false,
         }
     }

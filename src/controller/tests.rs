@@ -1587,6 +1587,60 @@ async fn a_cleanup_from_a_copy_older_than_its_own_finalizer_removal_does_nothing
     );
 }
 
+/// A batch deleted while an earlier reconcile's status write was landing: the cleanup's
+/// conditional finalizer removal loses to that write. The batch, read afresh, differs only in
+/// its status, so the finalizer comes off that copy at once, without a second cleanup; both
+/// copies are remembered as recycled from. A changed ledger instead is a lost race.
+#[tokio::test]
+async fn a_cleanup_outrun_only_by_a_status_write_takes_the_finalizer_off_the_fresh_copy() {
+    let mut deleting = with_ledger(batch_created("gone", 1, "5", 0), &["p-a"]);
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let pool = pool([0, 0, 1, 1]);
+    for (ledger_moved, expect_done) in [(false, true), (true, false)] {
+        let mut fresh = deleting.clone();
+        fresh.metadata.resource_version = Some("6".into());
+        fresh.status = Some(Default::default());
+        if ledger_moved {
+            fresh = with_ledger(fresh, &["p-a", "p-b"]);
+        }
+        let api = RecordedApi::default();
+        api.object(batch_path("gone"), &fresh);
+        let ctx = context(
+            &api,
+            vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+            vec![deleting.clone()],
+            vec![pool.clone()],
+        );
+        let result = batch::reconcile(Arc::new(deleting.clone()), ctx.clone()).await;
+        let writes = methods_and_paths(&api.writes());
+        let count = |method: &str, path: &str| {
+            writes
+                .iter()
+                .filter(|(m, p)| m == method && p == path)
+                .count()
+        };
+        assert_eq!(count("DELETE", &pod_path("p-a")), 1, "{writes:#?}");
+        if expect_done {
+            result.expect("the cleanup completes");
+            assert_eq!(
+                count("PATCH", &batch_path("gone")),
+                2,
+                "the lost removal, then the one on the fresh copy: {writes:#?}"
+            );
+            let stored: BatchSandbox = api.stored(&[batch_path("gone")]).remove(0);
+            assert!(stored.finalizers().is_empty(), "the finalizer is off");
+            assert!(ctx.already_recycled(&deleting) && ctx.already_recycled(&fresh));
+        } else {
+            let error = result.expect_err("a changed ledger is a lost race");
+            assert!(error.is_lost_race(), "{error}");
+            assert_eq!(count("PATCH", &batch_path("gone")), 1, "{writes:#?}");
+            assert!(!ctx.already_recycled(&deleting));
+        }
+    }
+}
+
 /// The same for a scale-down: once its ledger write let a pod go, a reconcile from the copy
 /// before that write does not recycle the pod again.
 #[tokio::test]
