@@ -1470,7 +1470,8 @@ async fn a_deleted_batch_recycles_a_held_pod_its_pod_cache_does_not_show_yet() {
     assert_pod_deleted_before_finalizer(&writes, "p-a", "gone");
 }
 
-/// A batch of a pool that recycles with `Noop`, in caches the test moves on between reconciles.
+/// A batch of a pool (recycling with `Noop` unless told), in caches the test moves on between
+/// reconciles.
 struct StaleCopyScene {
     pool: Pool,
     api: RecordedApi,
@@ -1481,12 +1482,17 @@ struct StaleCopyScene {
 
 impl StaleCopyScene {
     fn new(batch: &BatchSandbox, pods: &[(&str, &str)]) -> Self {
+        Self::recycling(RecycleType::Noop, batch, pods)
+    }
+
+    fn recycling(strategy: RecycleType, batch: &BatchSandbox, pods: &[(&str, &str)]) -> Self {
         let mut pool = pool([0, 0, 2, 2]);
         pool.spec.recycle_strategy = Some(RecycleStrategy {
-            type_: Some(RecycleType::Noop),
+            type_: Some(strategy),
         });
         let api = RecordedApi::default();
         api.object(batch_path(&batch.name_any()), batch);
+        api.object(pool_path(), &pool);
         let (pod_store, pod_writer) = writable_store(
             pods.iter()
                 .map(|(name, ip)| pool_pod(&pool, name, ip))
@@ -1667,25 +1673,18 @@ async fn a_scale_down_from_a_copy_older_than_its_own_ledger_write_does_nothing()
 /// while the pod cache still shows it live (the batch watch ahead of the pod watch).
 #[tokio::test]
 async fn a_pod_deleted_by_a_recycle_is_never_idle_while_the_cache_lags() {
-    let pool = pool([0, 0, 2, 2]);
     let shrinking = with_ledger(batch_created("shrink", 1, "5", 0), &["p-a", "p-b"]);
-    let api = RecordedApi::default();
-    api.object(batch_path("shrink"), &shrinking);
-    api.object(pool_path(), &pool);
-    let pods = vec![
-        pool_pod(&pool, "p-a", "127.1.1.2"),
-        pool_pod(&pool, "p-b", "127.1.1.3"),
-    ];
-    let (batches, mut batch_writer) = writable_store(vec![shrinking.clone()]);
-    let ctx = Arc::new(context_from(
-        &api,
-        Stores {
-            pods: store(pods),
-            batches,
-            pools: store(vec![pool.clone()]),
-        },
-        test_config(),
-    ));
+    let StaleCopyScene {
+        pool,
+        api,
+        ctx,
+        batches: mut batch_writer,
+        ..
+    } = StaleCopyScene::recycling(
+        RecycleType::Delete,
+        &shrinking,
+        &[("p-a", "127.1.1.2"), ("p-b", "127.1.1.3")],
+    );
     batch::reconcile(Arc::new(shrinking), ctx.clone())
         .await
         .expect("the scale-down completes");
