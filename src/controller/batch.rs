@@ -17,6 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::cached_pod::CachedPod;
+use super::recycled::Copy;
 use super::tasks::{StopOutcome, still_stopping};
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use sandbox_decisions::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision};
@@ -66,11 +67,17 @@ pub const CONDITION_LEDGER_UNREADABLE: &str = "LedgerUnreadable";
 const STOP_POLL: Duration = Duration::from_millis(250);
 
 async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
-    // A copy this process recycled pods from and then wrote past: those pods may be another
-    // batch's by now. The watch brings the newer copy (or the batch's removal), and with it a
-    // reconcile.
-    if ctx.already_recycled(batch) {
-        return Ok(Action::await_change());
+    match ctx.recycled.of(batch) {
+        Copy::Current => {}
+        // Recycled from and written past: those pods may be another batch's by now. The watch
+        // brings the newer copy (or the batch's removal), and with it a reconcile.
+        Copy::WrittenPast => return Ok(Action::await_change()),
+        // The write past it went unanswered: the API server tells whether it committed.
+        Copy::MaybeWrittenPast => {
+            if !still_current(batch, ctx).await? {
+                return Ok(Action::await_change());
+            }
+        }
     }
     if batch.metadata.deletion_timestamp.is_some() {
         return cleanup(batch, ctx).await;
@@ -145,6 +152,24 @@ pub(super) async fn decide_expiry(
     let selector = policy_selector(batch, Decision::Expiry);
     ctx.decide(selector, move |p, s| p.expiry(s, &snapshot))
         .await
+}
+
+/// Whether `copy`, whose pods were recycled before a write past it that went unanswered, is
+/// still the batch's current state: then that write did not commit, and the copy is acted on.
+async fn still_current(copy: &BatchSandbox, ctx: &Context) -> Result<bool, Error> {
+    let fresh = ctx
+        .api::<BatchSandbox>(&copy.namespace().unwrap_or_default())
+        .get_opt(&copy.name_any())
+        .await?;
+    let current = fresh.is_some_and(|fresh| {
+        fresh.uid() == copy.uid() && fresh.resource_version() == copy.resource_version()
+    });
+    if current {
+        ctx.recycled.not_written_past(copy);
+    } else {
+        ctx.recycled.written_past(copy);
+    }
+    Ok(current)
 }
 
 /// Deletes an expired batch; its finalizer then releases the pods.
@@ -333,9 +358,10 @@ async fn pooled_shards(
                 names::ANNOTATION_ENDPOINTS: endpoints::render(&ips, ctx.config.endpoints_format.for_labels(batch.labels())),
             }
         }});
-        ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
-            .await?;
-        ctx.recycled_and_wrote_past(batch);
+        let written = ctx
+            .merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+            .await;
+        ctx.recycled.after_write(batch, written)?;
         ctx.event(
             batch,
             EventType::Normal,
@@ -492,9 +518,10 @@ async fn release_shards(
             names::ANNOTATION_ALLOC_RELEASED: done.to_annotation(),
         }
     }});
-    ctx.merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
-        .await?;
-    ctx.recycled_and_wrote_past(batch);
+    let written = ctx
+        .merge_patch::<BatchSandbox>(&ns, &batch.name_any(), &patch)
+        .await;
+    ctx.recycled.after_write(batch, written)?;
     let listed = |shards: &[(usize, String)]| {
         let pods: Vec<&str> = shards.iter().map(|(_, pod)| pod.as_str()).collect();
         let indexes: Vec<String> = shards.iter().map(|(shard, _)| shard.to_string()).collect();
@@ -731,7 +758,6 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         }
     }
     release_finalizer(batch, ctx).await?;
-    ctx.recycled_and_wrote_past(batch);
     ctx.forget_returned_to_pool(batch);
     if let Some(uid) = batch.uid() {
         ctx.ledgers.forget(&uid);
@@ -748,7 +774,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
 async fn release_finalizer(batch: &BatchSandbox, ctx: &Context) -> Result<(), Error> {
     let conflict = match ctx.remove_finalizer(batch, names::FINALIZER_BATCH).await {
         Err(kube::Error::Api(status)) if status.code == 409 => kube::Error::Api(status),
-        other => return Ok(other?),
+        other => return ctx.recycled.after_write(batch, other),
     };
     let ns = batch.namespace().unwrap_or_default();
     let Some(fresh) = ctx
@@ -766,8 +792,10 @@ async fn release_finalizer(batch: &BatchSandbox, ctx: &Context) -> Result<(), Er
     if !unchanged_for_cleanup {
         return Err(conflict.into());
     }
-    ctx.remove_finalizer(&fresh, names::FINALIZER_BATCH).await?;
-    ctx.recycled_and_wrote_past(&fresh);
+    let removed = ctx.remove_finalizer(&fresh, names::FINALIZER_BATCH).await;
+    ctx.recycled.after_write(&fresh, removed)?;
+    // The copy the cleanup acted on is older than the one just written past.
+    ctx.recycled.written_past(batch);
     Ok(())
 }
 

@@ -14,6 +14,7 @@ mod metrics;
 mod pacing;
 mod pool;
 mod pool_status;
+mod recycled;
 mod router;
 mod selection;
 pub mod sidecar;
@@ -172,6 +173,19 @@ impl Error {
             _ => false,
         }
     }
+
+    /// A write the API server definitely did not apply: refused with a client error (a lost
+    /// race, forbidden, invalid, gone), or never sent (fenced). A timeout, a 5xx or a lost
+    /// connection leaves the outcome unknown.
+    pub fn is_definite_refusal(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => {
+                (400..500).contains(&status.code) && status.code != 408
+            }
+            Error::Fenced(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// A namespaced API object the controller reads and writes through a typed `Api`.
@@ -237,13 +251,8 @@ pub struct Context {
     /// which its owner could edit to weaken the pool's strategy; after a restart the pool's
     /// strategy applies.
     returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Per batch (by uid), the resourceVersions of copies whose pods this process recycled
-    /// before writing past them (the finalizer off, a scale-down's or a release's ledger). Until
-    /// the watch brings the newer copy, the cache can still hand a reconcile such a copy, and
-    /// acting on it again would stop tasks in, or delete, pods the pool has meanwhile handed to
-    /// another batch. A few per batch, kept until the batch is gone.
-    recycled_copies:
-        std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
+    /// Copies of batches this process recycled pods from and wrote past (see `recycled`).
+    pub recycled: recycled::RecycledCopies,
 }
 
 /// A token for this process's start: its pid and the time, to the nanosecond.
@@ -309,7 +318,7 @@ impl Context {
             pod_names: Default::default(),
             task_polls: Default::default(),
             returned_to_pool: Default::default(),
-            recycled_copies: Default::default(),
+            recycled: Default::default(),
         }
     }
 
@@ -408,53 +417,6 @@ impl Context {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&uid);
         }
-    }
-
-    fn recycled_copies(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<String, std::collections::BTreeSet<String>>,
-    > {
-        self.recycled_copies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records that this process recycled pods of this copy of `batch` and has written past it
-    /// (see `recycled_copies`).
-    fn recycled_and_wrote_past(&self, copy: &BatchSandbox) {
-        if let (Some(uid), Some(version)) = (copy.uid(), copy.resource_version()) {
-            self.recycled_copies()
-                .entry(uid)
-                .or_default()
-                .insert(version);
-        }
-    }
-
-    /// Whether `copy` is one this process already recycled from and wrote past: a stale copy.
-    fn already_recycled(&self, copy: &BatchSandbox) -> bool {
-        match (copy.uid(), copy.resource_version()) {
-            (Some(uid), Some(version)) => self
-                .recycled_copies()
-                .get(&uid)
-                .is_some_and(|versions| versions.contains(&version)),
-            _ => false,
-        }
-    }
-
-    /// The watch shows `batch` gone: no copy of it can come any more.
-    fn forget_recycled(&self, batch: &BatchSandbox) {
-        if let Some(uid) = batch.uid() {
-            self.recycled_copies().remove(&uid);
-        }
-    }
-
-    /// A relist: batches it no longer lists are gone (their Delete events were missed).
-    fn forget_recycled_except(&self, listed: &[Arc<BatchSandbox>]) {
-        let listed: std::collections::HashSet<String> =
-            listed.iter().filter_map(|b| b.uid()).collect();
-        self.recycled_copies().retain(|uid, _| listed.contains(uid));
     }
 
     fn api<K>(&self, namespace: &str) -> Api<K>

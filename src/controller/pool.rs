@@ -440,7 +440,7 @@ async fn settle_grant(
     let version = batch.resource_version().unwrap_or_default();
     let outcome = match write_grant(ctx, namespace, batch, &patch).await {
         Ok(()) => GrantOutcome::Committed,
-        Err(error) if is_definite_refusal(&error) => GrantOutcome::Refused(error),
+        Err(error) if error.is_definite_refusal() => GrantOutcome::Refused(error),
         Err(error) => resolve(ctx, namespace, batch, grant, error).await,
     };
     match outcome {
@@ -479,18 +479,6 @@ enum GrantOutcome {
     Refused(Error),
     /// Not known yet; the claim stays until the cache moves past the version written against.
     Unknown(Error),
-}
-
-/// Whether a failed write certainly changed nothing: the API server answered with a refusal.
-/// Timeouts, server errors and lost connections are not: the write may have committed.
-fn is_definite_refusal(error: &Error) -> bool {
-    match error {
-        Error::Kube(kube::Error::Api(status)) => {
-            (400..500).contains(&status.code) && status.code != 408
-        }
-        Error::Fenced(_) => true,
-        _ => false,
-    }
 }
 
 /// Settles an ambiguous grant write with a fresh read of the batch. The write was conditional on

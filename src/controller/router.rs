@@ -86,7 +86,7 @@ impl Router {
             }
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
-                self.ctx.forget_recycled(&batch);
+                self.ctx.recycled.forget(&batch);
                 self.batch_changed(
                     &batch,
                     BatchChange {
@@ -98,7 +98,7 @@ impl Router {
             Ok(Event::InitDone) => {
                 let batches = self.ctx.batches.state();
                 self.ctx.index.with(|i| i.batches_relisted(batches.iter()));
-                self.ctx.forget_recycled_except(&batches);
+                self.ctx.recycled.forget_all_but(&batches);
                 self.everything();
             }
             Ok(_) => {}

@@ -44,6 +44,8 @@ enum Fault {
     CommitThenLose,
     /// The request never gets an answer.
     Hang,
+    /// The connection resets before the request takes effect.
+    LoseBeforeCommit,
 }
 
 impl RecordedApi {
@@ -63,6 +65,10 @@ impl RecordedApi {
                             "connection reset by peer",
                         ))
                     }
+                    Some(Fault::LoseBeforeCommit) => Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "connection reset by peer",
+                    )),
                     None => Ok(api.answer(request).await),
                 }
             }
@@ -1568,29 +1574,6 @@ async fn a_cleanup_from_a_copy_older_than_its_own_finalizer_removal_does_nothing
     );
     scene.hand_on_and_fail("p-a", "127.1.1.2");
     scene.rerun_writes_nothing(&deleting).await;
-
-    // Remembered until the watch shows the batch gone: by its Delete event, or by a relist
-    // that no longer lists it.
-    let ctx = scene.ctx.clone();
-    ctx.forget_recycled_except(&ctx.batches.state());
-    assert!(
-        ctx.already_recycled(&deleting),
-        "still listed, still remembered"
-    );
-    scene
-        .batches
-        .apply_watcher_event(&watcher::Event::Delete(deleting.clone()));
-    ctx.forget_recycled_except(&ctx.batches.state());
-    assert!(
-        !ctx.already_recycled(&deleting),
-        "gone from the list, forgotten"
-    );
-    ctx.recycled_and_wrote_past(&deleting);
-    ctx.forget_recycled(&deleting);
-    assert!(
-        !ctx.already_recycled(&deleting),
-        "forgotten at its Delete event"
-    );
 }
 
 /// A batch deleted while an earlier reconcile's status write was landing: the cleanup's
@@ -1637,12 +1620,14 @@ async fn a_cleanup_outrun_only_by_a_status_write_takes_the_finalizer_off_the_fre
             );
             let stored: BatchSandbox = api.stored(&[batch_path("gone")]).remove(0);
             assert!(stored.finalizers().is_empty(), "the finalizer is off");
-            assert!(ctx.already_recycled(&deleting) && ctx.already_recycled(&fresh));
+            for copy in [&deleting, &fresh] {
+                assert_eq!(ctx.recycled.of(copy), recycled::Copy::WrittenPast);
+            }
         } else {
             let error = result.expect_err("a changed ledger is a lost race");
             assert!(error.is_lost_race(), "{error}");
             assert_eq!(count("PATCH", &batch_path("gone")), 1, "{writes:#?}");
-            assert!(!ctx.already_recycled(&deleting));
+            assert_eq!(ctx.recycled.of(&deleting), recycled::Copy::Current);
         }
     }
 }
@@ -1701,6 +1686,55 @@ async fn a_pod_deleted_by_a_recycle_is_never_idle_while_the_cache_lags() {
         .await
         .expect("the pool reconciles");
     assert_eq!(ctx.idle_left(NS, "p"), Some(0), "p-b is not idle");
+}
+
+/// A scale-down whose ledger write went unanswered: whether it committed is asked of the API
+/// server before the copy is acted on again. Committed, the rerun from the old copy only reads;
+/// lost before it took effect, the rerun recycles and writes again.
+#[tokio::test]
+async fn a_scale_down_whose_ledger_write_went_unanswered_reads_before_acting_again() {
+    for fault in [Fault::CommitThenLose, Fault::LoseBeforeCommit] {
+        let shrinking = with_ledger(batch_created("shrink", 1, "5", 0), &["p-a", "p-b"]);
+        let scene = StaleCopyScene::new(&shrinking, &[("p-a", "127.1.1.2"), ("p-b", "127.1.1.3")]);
+        scene.api.fault("PATCH", &batch_path("shrink"), Some(fault));
+        batch::reconcile(Arc::new(shrinking.clone()), scene.ctx.clone())
+            .await
+            .expect_err("the ledger write goes unanswered");
+        assert_eq!(
+            scene.ctx.recycled.of(&shrinking),
+            recycled::Copy::MaybeWrittenPast,
+            "{fault:?}"
+        );
+        scene.api.fault("PATCH", &batch_path("shrink"), None);
+        let before = scene.api.writes().len();
+        batch::reconcile(Arc::new(shrinking.clone()), scene.ctx.clone())
+            .await
+            .expect("the rerun succeeds");
+        let rerun = methods_and_paths(&scene.api.writes()[before..]);
+        let ledger_written = rerun.contains(&("PATCH".to_string(), batch_path("shrink")));
+        let stored: BatchSandbox = scene.api.stored(&[batch_path("shrink")]).remove(0);
+        assert_eq!(
+            AllocStatus::of(&stored).expect("a ledger").pods,
+            ["p-a"],
+            "{fault:?}: p-b is let go once"
+        );
+        match fault {
+            Fault::CommitThenLose => {
+                assert!(
+                    rerun.is_empty(),
+                    "committed: the rerun only reads: {rerun:#?}"
+                );
+                assert_eq!(
+                    scene.ctx.recycled.of(&shrinking),
+                    recycled::Copy::WrittenPast
+                );
+            }
+            _ => assert!(
+                ledger_written,
+                "lost: the rerun writes the ledger again: {rerun:#?}"
+            ),
+        }
+    }
 }
 
 /// The same for a pod released on request (`alloc-release`): once the ledger let it go, a
