@@ -620,15 +620,20 @@ async fn recycle(
             RecycleAction::ReturnIdle | RecycleAction::Wait => {}
         }
     }
-    // The pool counts them as being deleted from now on: the ledger may let go of them before
-    // the pod cache shows their deletion, and until then they would look idle to the pool.
-    if let Some(pool) = batch.pool_name() {
-        for name in &doomed {
-            ctx.expectations
-                .deleted(&format!("{ns}/{pool}"), name.clone());
+    match batch.pool_name() {
+        // The pool counts them as being deleted from now on: the ledger may let go of them
+        // before the pod cache shows their deletion, and until then they would look idle to it.
+        Some(pool) => {
+            let ns = ns.as_str();
+            let results: Vec<Result<(), Error>> = stream::iter(doomed.iter().cloned())
+                .map(|name| async move { ctx.delete_pool_pod(ns, pool, &name).await })
+                .buffer_unordered(POD_WRITE_CONCURRENCY)
+                .collect()
+                .await;
+            results.into_iter().collect::<Result<(), _>>()?;
         }
+        None => delete_all(ctx, &ns, &doomed).await?,
     }
-    delete_all(ctx, &ns, &doomed).await?;
     // Say on the Pool what became of the pods, so `kubectl describe pool` shows where they went.
     if let (false, Some(pool)) = (pods.is_empty(), pool_of(batch, ctx)) {
         let kept = pods.len() - doomed.len();

@@ -172,6 +172,14 @@ impl Expectations {
         }
     }
 
+    /// Forgets a deletion the API server refused: the pod stays.
+    pub fn deletion_failed(&self, owner: &str, pod: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(expected) = inner.get_mut(owner) {
+            expected.deleted.retain(|(p, _)| p != pod);
+        }
+    }
+
     pub fn deleted(&self, owner: &str, pod: String) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner
@@ -257,6 +265,16 @@ mod tests {
         assert_eq!((unseen, deleting.len()), (1, 1));
         let (unseen, deleting) = e.pending("ns/p", |p| p == "p-1", |p| p == "p-1");
         assert_eq!((unseen, deleting.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_refused_deletion_is_forgotten_while_the_pod_is_still_live() {
+        let e = Expectations::default();
+        e.deleted("ns/p", "p-0".into());
+        e.deleted("ns/p", "p-1".into());
+        e.deletion_failed("ns/p", "p-0");
+        let (_, deleting) = e.pending("ns/p", |_| true, |_| true);
+        assert_eq!(deleting, HashSet::from(["p-1".to_string()]));
     }
 }
 

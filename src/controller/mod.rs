@@ -539,6 +539,23 @@ impl Context {
         }
     }
 
+    /// Deletes a pod of `pool`. It counts for the pool as being deleted from the moment its
+    /// deletion is sent until the cache shows it go: a deletion whose answer is lost may have
+    /// committed, and a round that took the pod for idle meanwhile would grant a pod on its way
+    /// out. A deletion the API server refused is forgotten.
+    async fn delete_pool_pod(&self, namespace: &str, pool: &str, name: &str) -> Result<(), Error> {
+        let owner = format!("{namespace}/{pool}");
+        self.expectations.deleted(&owner, name.to_string());
+        let error = match self.delete_pod(namespace, name).await {
+            Ok(()) => return Ok(()),
+            Err(error) => Error::from(error),
+        };
+        if error.is_definite_refusal() {
+            self.expectations.deletion_failed(&owner, name);
+        }
+        Err(error)
+    }
+
     /// Deletes a pod; one already gone counts as deleted.
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);

@@ -694,9 +694,8 @@ fn recent_allocations(observed: &Observed) -> Vec<AllocationEvent> {
 
 async fn delete_pods(ctx: &Context, observed: &Observed, names: Vec<String>) -> Result<(), Error> {
     let deletions = names.into_iter().map(|name| async move {
-        ctx.delete_pod(&observed.namespace, &name).await?;
-        ctx.expectations.deleted(&observed.owner_key(), name);
-        Ok::<(), Error>(())
+        ctx.delete_pool_pod(&observed.namespace, &observed.name, &name)
+            .await
     });
     let results: Vec<Result<(), Error>> = stream::iter(deletions)
         .buffer_unordered(POD_WRITE_CONCURRENCY)

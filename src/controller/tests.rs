@@ -743,6 +743,50 @@ async fn a_grant_whose_answer_was_lost_is_never_handed_to_another_batch() {
     assert_eq!(violations, [], "{violations:#?}");
 }
 
+/// A pod the pool deleted, whose deletion's answer was lost, is not granted while the cache
+/// still shows it live: it may be on its way out.
+#[tokio::test]
+async fn a_pod_whose_deletion_went_unanswered_is_not_granted() {
+    let pool = pool([0, 0, 1, 1]);
+    let api = RecordedApi::default();
+    api.object(pool_path(), &pool);
+    api.fault("DELETE", &pod_path("p-b"), Some(Fault::CommitThenLose));
+    let (batches, mut batch_writer) = writable_store(Vec::<BatchSandbox>::new());
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(vec![
+                pool_pod(&pool, "p-a", "127.1.1.2"),
+                pool_pod(&pool, "p-b", "127.1.1.3"),
+            ]),
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    // One pod too many: p-b goes, and the answer is lost.
+    let shrink = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
+    let writes = methods_and_paths(&api.writes());
+    assert!(
+        writes.contains(&("DELETE".to_string(), pod_path("p-b"))),
+        "p-b is deleted ({shrink:?}): {writes:#?}"
+    );
+    // Two claims arrive while the pod cache still shows p-b live and idle.
+    for (name, second) in [("w1", 1), ("w2", 2)] {
+        let claim = batch_created(name, 1, "7", second);
+        api.object(batch_path(name), &claim);
+        batch_writer.apply_watcher_event(&watcher::Event::Apply(claim.clone()));
+        ctx.index.with(|i| i.batch_applied(&Arc::new(claim)));
+    }
+    let _ = reconcile_pool(Arc::new(pool), ctx.clone()).await;
+    let claimed = ctx.claims.current(NS, |_| Some("7".into()));
+    assert_eq!(
+        claimed,
+        HashSet::from(["p-a".to_string()]),
+        "only p-a is granted"
+    );
+}
+
 /// A refused grant does not end the round: the other grants' outcomes are still recorded, so
 /// their pods stay held while the cache lags.
 #[tokio::test]
@@ -1046,6 +1090,27 @@ async fn fake_executor(tasks: String) -> u16 {
     port
 }
 
+/// A context caching `pod`, `batch` and `pool`, whose task executors answer on 127.0.0.1:`port`.
+fn context_with_executor(
+    api: &RecordedApi,
+    pod: &Pod,
+    batch: &BatchSandbox,
+    pool: &Pool,
+    port: u16,
+) -> Arc<Context> {
+    let mut ctx = context_from(
+        api,
+        Stores {
+            pods: store(vec![pod.clone()]),
+            batches: store(vec![batch.clone()]),
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    );
+    ctx.executor = sandbox_executor::client::ExecutorClient::new(None).with_port(port);
+    Arc::new(ctx)
+}
+
 /// A fake task executor whose tasks never stop: every call answers one task being deleted.
 async fn stubborn_executor() -> u16 {
     fake_executor(
@@ -1087,17 +1152,8 @@ async fn a_finished_shard_keeps_its_pod_held_until_the_pod_is_recycled() {
     let api = RecordedApi::default();
     api.object(batch_path("fin"), &batch);
     let reconcile = |copy: BatchSandbox| {
-        let mut ctx = context_from(
-            &api,
-            Stores {
-                pods: store(vec![held.clone()]),
-                batches: store(vec![copy.clone()]),
-                pools: store(vec![pool.clone()]),
-            },
-            test_config(),
-        );
-        ctx.executor = sandbox_executor::client::ExecutorClient::new(None).with_port(port);
-        batch::reconcile(Arc::new(copy), Arc::new(ctx))
+        let ctx = context_with_executor(&api, &held, &copy, &pool, port);
+        batch::reconcile(Arc::new(copy), ctx)
     };
     let stored = || -> BatchSandbox { api.stored(&[batch_path("fin")]).remove(0) };
 
@@ -1161,17 +1217,8 @@ async fn a_cleanup_past_its_deadline_deletes_the_pods_of_tasks_that_do_not_stop(
             ));
         let api = RecordedApi::default();
         api.object(batch_path("stuck"), &deleting);
-        let mut ctx = context_from(
-            &api,
-            Stores {
-                pods: store(vec![held.clone()]),
-                batches: store(vec![deleting.clone()]),
-                pools: store(vec![pool.clone()]),
-            },
-            test_config(),
-        );
-        ctx.executor = sandbox_executor::client::ExecutorClient::new(None).with_port(port);
-        batch::reconcile(Arc::new(deleting), Arc::new(ctx))
+        let ctx = context_with_executor(&api, &held, &deleting, &pool, port);
+        batch::reconcile(Arc::new(deleting), ctx)
             .await
             .expect("the cleanup reconcile succeeds");
         outcomes.push(api.writes());
