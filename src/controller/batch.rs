@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::cached_pod::CachedPod;
-use super::recycled::Copy;
+use super::recycled::RecycledCopy;
 use super::tasks::{StopOutcome, still_stopping};
 use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
 use sandbox_decisions::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision};
@@ -68,12 +68,12 @@ const STOP_POLL: Duration = Duration::from_millis(250);
 
 async fn reconcile_batch(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     match ctx.recycled.of(batch) {
-        Copy::Current => {}
+        RecycledCopy::Current => {}
         // Recycled from and written past: those pods may be another batch's by now. The watch
         // brings the newer copy (or the batch's removal), and with it a reconcile.
-        Copy::WrittenPast => return Ok(Action::await_change()),
+        RecycledCopy::WrittenPast => return Ok(Action::await_change()),
         // The write past it went unanswered: the API server tells whether it committed.
-        Copy::MaybeWrittenPast => {
+        RecycledCopy::MaybeWrittenPast => {
             if !still_current(batch, ctx).await? {
                 return Ok(Action::await_change());
             }

@@ -252,7 +252,7 @@ pub struct Context {
     /// strategy applies.
     returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Copies of batches this process recycled pods from and wrote past (see `recycled`).
-    pub recycled: recycled::RecycledCopies,
+    recycled: recycled::RecycledCopies,
 }
 
 /// A token for this process's start: its pid and the time, to the nanosecond.

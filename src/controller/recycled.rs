@@ -19,7 +19,7 @@ use super::Error;
 
 /// What is known of a copy of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Copy {
+pub enum RecycledCopy {
     /// Nothing was recycled from it, or its write did not commit: act on it.
     Current,
     /// Recycled from and written past: stale, leave it alone.
@@ -45,14 +45,14 @@ impl RecycledCopies {
     }
 
     /// What is known of `copy`.
-    pub fn of(&self, copy: &BatchSandbox) -> Copy {
+    pub fn of(&self, copy: &BatchSandbox) -> RecycledCopy {
         let Some((uid, version)) = Self::key(copy) else {
-            return Copy::Current;
+            return RecycledCopy::Current;
         };
         match self.copies().get(&uid).and_then(|v| v.get(&version)) {
-            None => Copy::Current,
-            Some(true) => Copy::WrittenPast,
-            Some(false) => Copy::MaybeWrittenPast,
+            None => RecycledCopy::Current,
+            Some(true) => RecycledCopy::WrittenPast,
+            Some(false) => RecycledCopy::MaybeWrittenPast,
         }
     }
 
@@ -154,18 +154,22 @@ mod tests {
         copies
             .after_write::<()>(&c, Err(status(409)))
             .expect_err("refused");
-        assert_eq!(copies.of(&a), Copy::WrittenPast);
-        assert_eq!(copies.of(&b), Copy::MaybeWrittenPast);
-        assert_eq!(copies.of(&c), Copy::Current, "a refusal changed nothing");
-        assert_eq!(copies.of(&copy("other", "5")), Copy::Current);
+        assert_eq!(copies.of(&a), RecycledCopy::WrittenPast);
+        assert_eq!(copies.of(&b), RecycledCopy::MaybeWrittenPast);
+        assert_eq!(
+            copies.of(&c),
+            RecycledCopy::Current,
+            "a refusal changed nothing"
+        );
+        assert_eq!(copies.of(&copy("other", "5")), RecycledCopy::Current);
 
         // An unanswered write never downgrades one known to have committed.
         copies
             .after_write::<()>(&a, Err(reset()))
             .expect_err("unanswered");
-        assert_eq!(copies.of(&a), Copy::WrittenPast);
+        assert_eq!(copies.of(&a), RecycledCopy::WrittenPast);
         copies.not_written_past(&b);
-        assert_eq!(copies.of(&b), Copy::Current);
+        assert_eq!(copies.of(&b), RecycledCopy::Current);
     }
 
     #[test]
@@ -175,9 +179,9 @@ mod tests {
         copies.written_past(&kept);
         copies.written_past(&gone);
         copies.forget_all_but(&[Arc::new(kept.clone())]);
-        assert_eq!(copies.of(&kept), Copy::WrittenPast);
-        assert_eq!(copies.of(&gone), Copy::Current);
+        assert_eq!(copies.of(&kept), RecycledCopy::WrittenPast);
+        assert_eq!(copies.of(&gone), RecycledCopy::Current);
         copies.forget(&kept);
-        assert_eq!(copies.of(&kept), Copy::Current);
+        assert_eq!(copies.of(&kept), RecycledCopy::Current);
     }
 }

@@ -1668,13 +1668,13 @@ async fn a_cleanup_outrun_only_by_a_status_write_takes_the_finalizer_off_the_fre
             let stored: BatchSandbox = api.stored(&[batch_path("gone")]).remove(0);
             assert!(stored.finalizers().is_empty(), "the finalizer is off");
             for copy in [&deleting, &fresh] {
-                assert_eq!(ctx.recycled.of(copy), recycled::Copy::WrittenPast);
+                assert_eq!(ctx.recycled.of(copy), recycled::RecycledCopy::WrittenPast);
             }
         } else {
             let error = result.expect_err("a changed ledger is a lost race");
             assert!(error.is_lost_race(), "{error}");
             assert_eq!(count("PATCH", &batch_path("gone")), 1, "{writes:#?}");
-            assert_eq!(ctx.recycled.of(&deleting), recycled::Copy::Current);
+            assert_eq!(ctx.recycled.of(&deleting), recycled::RecycledCopy::Current);
         }
     }
 }
@@ -1749,7 +1749,7 @@ async fn a_scale_down_whose_ledger_write_went_unanswered_reads_before_acting_aga
             .expect_err("the ledger write goes unanswered");
         assert_eq!(
             scene.ctx.recycled.of(&shrinking),
-            recycled::Copy::MaybeWrittenPast,
+            recycled::RecycledCopy::MaybeWrittenPast,
             "{fault:?}"
         );
         scene.api.fault("PATCH", &batch_path("shrink"), None);
@@ -1773,7 +1773,7 @@ async fn a_scale_down_whose_ledger_write_went_unanswered_reads_before_acting_aga
                 );
                 assert_eq!(
                     scene.ctx.recycled.of(&shrinking),
-                    recycled::Copy::WrittenPast
+                    recycled::RecycledCopy::WrittenPast
                 );
             }
             _ => assert!(
