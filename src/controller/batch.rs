@@ -293,7 +293,7 @@ async fn own_pods(
         )
         .await;
     }
-    delete_all(ctx, &ns, &to_delete).await?;
+    delete_all(ctx, batch, &to_delete).await?;
     if !excess.is_empty() {
         ctx.event(
             batch,
@@ -577,7 +577,6 @@ async fn recycle(
     outcomes: &[StopOutcome],
     strategy: RecycleType,
 ) -> Result<bool, Error> {
-    let ns = batch.namespace().unwrap_or_default();
     let actions: Vec<(&Arc<CachedPod>, RecycleAction)> = pods
         .iter()
         .zip(outcomes)
@@ -620,20 +619,7 @@ async fn recycle(
             RecycleAction::ReturnIdle | RecycleAction::Wait => {}
         }
     }
-    match batch.pool_name() {
-        // The pool counts them as being deleted from now on: the ledger may let go of them
-        // before the pod cache shows their deletion, and until then they would look idle to it.
-        Some(pool) => {
-            let ns = ns.as_str();
-            let results: Vec<Result<(), Error>> = stream::iter(doomed.iter().cloned())
-                .map(|name| async move { ctx.delete_pool_pod(ns, pool, &name).await })
-                .buffer_unordered(POD_WRITE_CONCURRENCY)
-                .collect()
-                .await;
-            results.into_iter().collect::<Result<(), _>>()?;
-        }
-        None => delete_all(ctx, &ns, &doomed).await?,
-    }
+    delete_all(ctx, batch, &doomed).await?;
     // Say on the Pool what became of the pods, so `kubectl describe pool` shows where they went.
     if let (false, Some(pool)) = (pods.is_empty(), pool_of(batch, ctx)) {
         let kept = pods.len() - doomed.len();
@@ -671,14 +657,23 @@ fn recycle_type(batch: &BatchSandbox, ctx: &Context) -> RecycleType {
     )
 }
 
-async fn delete_all(ctx: &Context, ns: &str, names: &[String]) -> Result<(), Error> {
-    let results: Vec<Result<(), kube::Error>> = stream::iter(names.iter().cloned())
-        .map(|name| async move { ctx.delete_pod(ns, &name).await })
+/// Deletes `batch`'s pods `names`. A pooled batch's pods are its pool's: they count for the pool
+/// as being deleted from the moment the deletion is sent (see [`Context::delete_pool_pod`]), as
+/// the ledger may let go of them, or the batch be gone, before the pod cache shows them go.
+async fn delete_all(ctx: &Context, batch: &BatchSandbox, names: &[String]) -> Result<(), Error> {
+    let ns = batch.namespace().unwrap_or_default();
+    let (ns, pool) = (ns.as_str(), batch.pool_name());
+    let results: Vec<Result<(), Error>> = stream::iter(names.iter().cloned())
+        .map(|name| async move {
+            match pool {
+                Some(pool) => ctx.delete_pool_pod(ns, pool, &name).await,
+                None => Ok(ctx.delete_pod(ns, &name).await?),
+            }
+        })
         .buffer_unordered(POD_WRITE_CONCURRENCY)
         .collect()
         .await;
-    results.into_iter().collect::<Result<(), _>>()?;
-    Ok(())
+    results.into_iter().collect()
 }
 
 /// Deletion: stop tasks, release or delete pods, then let the object go.
@@ -695,7 +690,6 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
     {
         return Ok(Action::await_change());
     }
-    let ns = batch.namespace().unwrap_or_default();
     let pod_objects: Vec<Arc<CachedPod>> = match batch.pool_name() {
         Some(pool) => match ledger_of(batch) {
             Ok(ledger) => ledger_pods(batch, ctx, &ledger.pods).await?,
@@ -719,7 +713,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
                     ),
                 )
                 .await;
-                delete_all(ctx, &ns, &suspects).await?;
+                delete_all(ctx, batch, &suspects).await?;
                 vec![]
             }
         },
@@ -747,7 +741,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
         info!(batch = %object_name(batch), overdue_s = overdue.as_secs(), "cleanup forced");
-        delete_all(ctx, &ns, &pods).await?;
+        delete_all(ctx, batch, &pods).await?;
     } else {
         recycle(
             batch,
@@ -759,7 +753,7 @@ async fn cleanup(batch: &BatchSandbox, ctx: &Context) -> Result<Action, Error> {
         .await?;
         if batch.pool_name().is_none() {
             // Non-pooled pods the cache does not show yet go too.
-            delete_all(ctx, &ns, &pods).await?;
+            delete_all(ctx, batch, &pods).await?;
         }
     }
     release_finalizer(batch, ctx).await?;

@@ -1206,6 +1206,7 @@ async fn a_cleanup_past_its_deadline_deletes_the_pods_of_tasks_that_do_not_stop(
     batch.metadata.finalizers = Some(vec![names::FINALIZER_BATCH.into()]);
     let port = stubborn_executor().await;
     let mut outcomes = Vec::new();
+    let mut deleting_for_pool = Vec::new();
     for deleted_ago in [1, 120] {
         let mut deleting = batch.clone();
         deleting.metadata.deletion_timestamp =
@@ -1218,14 +1219,23 @@ async fn a_cleanup_past_its_deadline_deletes_the_pods_of_tasks_that_do_not_stop(
         let api = RecordedApi::default();
         api.object(batch_path("stuck"), &deleting);
         let ctx = context_with_executor(&api, &held, &deleting, &pool, port);
-        batch::reconcile(Arc::new(deleting), ctx)
+        batch::reconcile(Arc::new(deleting), ctx.clone())
             .await
             .expect("the cleanup reconcile succeeds");
         outcomes.push(api.writes());
+        let (_, deleting) = ctx
+            .expectations
+            .pending(&format!("{NS}/p"), |_| true, |_| true);
+        deleting_for_pool.push(deleting);
     }
     let [before, after] = &outcomes[..] else {
         unreachable!()
     };
+    assert_eq!(
+        deleting_for_pool,
+        [HashSet::new(), HashSet::from(["p-a".to_string()])],
+        "the forced deletion counts for the pool as one from the moment it is sent"
+    );
     assert!(
         before.is_empty(),
         "within the deadline the cleanup waits for the tasks: {before:#?}"
