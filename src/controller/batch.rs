@@ -19,7 +19,9 @@ use tracing::{info, warn};
 use super::cached_pod::CachedPod;
 use super::recycled::RecycledCopy;
 use super::tasks::{StopOutcome, still_stopping};
-use super::{Context, Error, ledger_of, object_name, policy_selector, released_of};
+use super::{
+    Context, Error, POD_WRITE_CONCURRENCY, ledger_of, object_name, policy_selector, released_of,
+};
 use sandbox_decisions::expiry::{BatchSnapshot, ExpireAction, ExpiryDecision};
 use sandbox_decisions::tasks::TaskPhase;
 use sandbox_domain::alloc_release::{self, PodList};
@@ -33,8 +35,6 @@ use sandbox_domain::{endpoints, pod_template, pods};
 use sandbox_policy::Decision;
 use sandbox_policy::ShardTaskInput;
 use std::time::Duration;
-
-const POD_WRITE_CONCURRENCY: usize = 32;
 
 pub async fn reconcile(batch: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(batch.as_ref()).erase();
@@ -662,18 +662,7 @@ fn recycle_type(batch: &BatchSandbox, ctx: &Context) -> RecycleType {
 /// the ledger may let go of them, or the batch be gone, before the pod cache shows them go.
 async fn delete_all(ctx: &Context, batch: &BatchSandbox, names: &[String]) -> Result<(), Error> {
     let ns = batch.namespace().unwrap_or_default();
-    let (ns, pool) = (ns.as_str(), batch.pool_name());
-    let results: Vec<Result<(), Error>> = stream::iter(names.iter().cloned())
-        .map(|name| async move {
-            match pool {
-                Some(pool) => ctx.delete_pool_pod(ns, pool, &name).await,
-                None => Ok(ctx.delete_pod(ns, &name).await?),
-            }
-        })
-        .buffer_unordered(POD_WRITE_CONCURRENCY)
-        .collect()
-        .await;
-    results.into_iter().collect()
+    ctx.delete_pods(&ns, batch.pool_name(), names).await
 }
 
 /// Deletion: stop tasks, release or delete pods, then let the object go.

@@ -188,6 +188,9 @@ impl Error {
     }
 }
 
+/// Pod creations or deletions one reconcile has in flight at once.
+const POD_WRITE_CONCURRENCY: usize = 32;
+
 /// A namespaced API object the controller reads and writes through a typed `Api`.
 pub trait NamespacedObject:
     Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -537,6 +540,27 @@ impl Context {
             }
             other => other.map(|_| ()),
         }
+    }
+
+    /// Deletes pods `names`, at most [`POD_WRITE_CONCURRENCY`] at a time; pods of `pool` go
+    /// through [`Context::delete_pool_pod`].
+    async fn delete_pods(
+        &self,
+        namespace: &str,
+        pool: Option<&str>,
+        names: &[String],
+    ) -> Result<(), Error> {
+        let results: Vec<Result<(), Error>> = futures::stream::iter(names.iter().cloned())
+            .map(|name| async move {
+                match pool {
+                    Some(pool) => self.delete_pool_pod(namespace, pool, &name).await,
+                    None => Ok(self.delete_pod(namespace, &name).await?),
+                }
+            })
+            .buffer_unordered(POD_WRITE_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     /// Deletes a pod of `pool`. It counts for the pool as being deleted from the moment its

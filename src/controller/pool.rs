@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -28,9 +27,6 @@ use sandbox_domain::pods;
 use sandbox_domain::pool_plan::{self, MaxUnavailable, PoolCounts, PoolPod};
 use sandbox_domain::released::Released;
 use sandbox_policy::Decision;
-
-/// Pod writes in flight at once, per reconcile.
-const POD_WRITE_CONCURRENCY: usize = 32;
 
 pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(pool.as_ref()).erase();
@@ -693,15 +689,8 @@ fn recent_allocations(observed: &Observed) -> Vec<AllocationEvent> {
 }
 
 async fn delete_pods(ctx: &Context, observed: &Observed, names: Vec<String>) -> Result<(), Error> {
-    let deletions = names.into_iter().map(|name| async move {
-        ctx.delete_pool_pod(&observed.namespace, &observed.name, &name)
-            .await
-    });
-    let results: Vec<Result<(), Error>> = stream::iter(deletions)
-        .buffer_unordered(POD_WRITE_CONCURRENCY)
-        .collect()
-        .await;
-    results.into_iter().collect()
+    ctx.delete_pods(&observed.namespace, Some(&observed.name), &names)
+        .await
 }
 
 /// A deleted pool: idle pods go at once; allocated ones stay with their batches until released.
