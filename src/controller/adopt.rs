@@ -5,6 +5,7 @@
 //! resourceVersion); an idle pod of another revision is deleted (conditional on its uid and
 //! resourceVersion), and the pool warms a current one in its place.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -54,14 +55,18 @@ pub fn decide(
     })
 }
 
-/// Adopts or deletes the orphans among `pool_pods` (see the module docs). Returns the pods it
-/// deleted, which no longer count for the pool. A write that loses a race (the pod changed or
-/// went meanwhile) is left to the next reconcile, which the pod's change triggers.
+/// Adopts or deletes the orphans among `pool_pods` (see the module docs), leaving alone those
+/// whose deletion was already sent (`deleting`). Returns the pods it deleted, which no longer
+/// count for the pool; like every deletion of a pool pod, each counts as being deleted from the
+/// moment it is sent (see [`Context::delete_pool_pod`]), so one whose answer is lost is never
+/// taken for idle. A write that loses a race (the pod changed or went meanwhile) is left to the
+/// next reconcile, which the pod's change triggers.
 pub async fn orphans(
     pool: &Pool,
     ctx: &Context,
     pool_pods: &[Arc<CachedPod>],
-    held: &std::collections::HashSet<String>,
+    held: &HashSet<String>,
+    deleting: &HashSet<String>,
     revision: &str,
 ) -> Result<Vec<String>, Error> {
     let namespace = pool.namespace().unwrap_or_default();
@@ -72,6 +77,9 @@ pub async fn orphans(
         let Some(decision) = decide(pod, &pool_name, revision, || held.contains(name)) else {
             continue;
         };
+        if deleting.contains(name) {
+            continue;
+        }
         ctx.config.fence.check()?;
         let result = match decision {
             Orphan::Adopt => {
@@ -82,9 +90,9 @@ pub async fn orphans(
                 ctx.merge_patch::<Pod>(&namespace, name, &patch)
                     .await
                     .map(|_| ())
+                    .map_err(Error::from)
             }
             Orphan::Delete => {
-                ctx.metrics.writes.count(super::writes::Target::Pod);
                 let params = DeleteParams {
                     preconditions: Some(Preconditions {
                         uid: pod.uid(),
@@ -92,25 +100,23 @@ pub async fn orphans(
                     }),
                     ..DeleteParams::default()
                 };
-                ctx.api::<Pod>(&namespace)
-                    .delete(name, &params)
+                ctx.delete_pool_pod(&namespace, &pool_name, name, &params)
                     .await
-                    .map(|_| ())
             }
         };
         match result {
             Ok(()) => {
                 info!(pool = %format!("{namespace}/{pool_name}"), pod = %name, action = ?decision, "orphaned pool pod taken back");
                 if decision == Orphan::Delete {
-                    ctx.expectations
-                        .deleted(&format!("{namespace}/{pool_name}"), name.to_string());
                     deleted.push(name.to_string());
                 }
             }
-            Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {
+            Err(Error::Kube(kube::Error::Api(status)))
+                if status.code == 409 || status.code == 404 =>
+            {
                 debug!(pod = %name, %status.message, "orphan changed meanwhile; left to the next round");
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(error),
         }
     }
     Ok(deleted)

@@ -552,9 +552,10 @@ impl Context {
     ) -> Result<(), Error> {
         let results: Vec<Result<(), Error>> = futures::stream::iter(names.iter().cloned())
             .map(|name| async move {
+                let params = DeleteParams::default();
                 match pool {
-                    Some(pool) => self.delete_pool_pod(namespace, pool, &name).await,
-                    None => Ok(self.delete_pod(namespace, &name).await?),
+                    Some(pool) => self.delete_pool_pod(namespace, pool, &name, &params).await,
+                    None => Ok(self.delete_pod(namespace, &name, &params).await?),
                 }
             })
             .buffer_unordered(POD_WRITE_CONCURRENCY)
@@ -567,10 +568,16 @@ impl Context {
     /// deletion is sent until the cache shows it go: a deletion whose answer is lost may have
     /// committed, and a round that took the pod for idle meanwhile would grant a pod on its way
     /// out. A deletion the API server refused is forgotten.
-    async fn delete_pool_pod(&self, namespace: &str, pool: &str, name: &str) -> Result<(), Error> {
+    async fn delete_pool_pod(
+        &self,
+        namespace: &str,
+        pool: &str,
+        name: &str,
+        params: &DeleteParams,
+    ) -> Result<(), Error> {
         let owner = format!("{namespace}/{pool}");
         self.expectations.deleted(&owner, name.to_string());
-        let error = match self.delete_pod(namespace, name).await {
+        let error = match self.delete_pod(namespace, name, params).await {
             Ok(()) => return Ok(()),
             Err(error) => Error::from(error),
         };
@@ -581,10 +588,15 @@ impl Context {
     }
 
     /// Deletes a pod; one already gone counts as deleted.
-    async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
+    async fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        params: &DeleteParams,
+    ) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);
         let request = pods_request(namespace)
-            .delete(name, &DeleteParams::default())
+            .delete(name, params)
             .map_err(kube::Error::BuildRequest)?;
         match self.client.request::<AnswerSkipped>(request).await {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),

@@ -226,6 +226,7 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
         ctx,
         &observed.pods,
         &observed.held,
+        &observed.deleting,
         &observed.revision,
     );
     observed.deleting.extend(adopted.await?);

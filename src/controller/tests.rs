@@ -787,6 +787,55 @@ async fn a_pod_whose_deletion_went_unanswered_is_not_granted() {
     );
 }
 
+/// The same for an orphan of another revision that the pool takes back by deleting it: once
+/// its deletion is sent, it is not granted while the cache still shows it, and not deleted again.
+#[tokio::test]
+async fn an_orphan_whose_deletion_went_unanswered_is_not_granted() {
+    let pool = pool([0, 0, 1, 1]);
+    let mut orphan = pool_pod(&pool, "stale", "127.1.1.2");
+    orphan.metadata.owner_references = None;
+    orphan
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(names::LABEL_POOL_REVISION.into(), "old".into());
+    let api = RecordedApi::default();
+    api.object(pool_path(), &pool);
+    api.object(pod_path("stale"), &orphan);
+    api.fault("DELETE", &pod_path("stale"), Some(Fault::CommitThenLose));
+    let (batches, mut batch_writer) = writable_store(Vec::<BatchSandbox>::new());
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(vec![orphan]),
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    let first = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
+    let deletions = |api: &RecordedApi| {
+        methods_and_paths(&api.writes())
+            .into_iter()
+            .filter(|w| *w == ("DELETE".to_string(), pod_path("stale")))
+            .count()
+    };
+    assert_eq!(deletions(&api), 1, "the orphan is deleted ({first:?})");
+    api.fault("DELETE", &pod_path("stale"), None);
+    // A claim arrives while the pod cache still shows the orphan live and idle.
+    let claim = batch_created("w1", 1, "7", 1);
+    api.object(batch_path("w1"), &claim);
+    batch_writer.apply_watcher_event(&watcher::Event::Apply(claim.clone()));
+    ctx.index.with(|i| i.batch_applied(&Arc::new(claim)));
+    let _ = reconcile_pool(Arc::new(pool), ctx.clone()).await;
+    assert_eq!(
+        ctx.claims.current(NS, |_| Some("7".into())),
+        HashSet::new(),
+        "the orphan on its way out is not granted"
+    );
+    assert_eq!(deletions(&api), 1, "nor deleted twice");
+}
+
 /// A refused grant does not end the round: the other grants' outcomes are still recorded, so
 /// their pods stay held while the cache lags.
 #[tokio::test]
