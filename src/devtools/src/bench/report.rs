@@ -207,6 +207,13 @@ pub struct NormalReport {
     pub aggregate: Aggregate,
     /// Controller memory at the end of the scene.
     pub memory: Memory,
+    /// Controller CPU over the whole scene: the warm pool's fill, every run's phases and the
+    /// waits between them (the process's start-up is not in it).
+    #[serde(default)]
+    pub cpu_ms: f64,
+    /// Controller CPU since the process started, read at the end of the scene.
+    #[serde(default)]
+    pub process_cpu_ms: f64,
 }
 
 /// The big scene: many pools and pods, live batches, claims and releases flowing.
@@ -369,6 +376,8 @@ mod tests {
                     rss_kib: 1,
                     peak_rss_kib: 2,
                 },
+                cpu_ms: 3.0,
+                process_cpu_ms: 4.0,
             }),
             scale: Some(ScaleReport {
                 pools: 50,

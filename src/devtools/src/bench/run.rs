@@ -418,6 +418,7 @@ impl Bench {
     }
 
     async fn normal(&mut self) -> anyhow::Result<NormalReport> {
+        let cpu_at_start = procfs::cpu_ms(self.controller.pid())?;
         self.pools
             .create(
                 &PostParams::default(),
@@ -444,11 +445,14 @@ impl Bench {
             runs.push(figures);
         }
         let memory = self.memory()?;
+        let process_cpu_ms = procfs::cpu_ms(self.controller.pid())?;
         self.pools.delete("warm", &DeleteParams::default()).await?;
         Ok(NormalReport {
             aggregate: Aggregate::of(&runs),
             runs,
             memory,
+            cpu_ms: process_cpu_ms - cpu_at_start,
+            process_cpu_ms,
         })
     }
 
@@ -1042,6 +1046,11 @@ fn print_memory(m: &Memory) {
 fn print_normal(n: &NormalReport) {
     println!("== normal scene, {} run(s)", n.runs.len());
     print_aggregate(&n.aggregate);
+    println!(
+        "controller CPU for the whole scene: {:.2} s ({:.2} s since the process started)",
+        n.cpu_ms / 1000.0,
+        n.process_cpu_ms / 1000.0
+    );
     print_memory(&n.memory);
 }
 
