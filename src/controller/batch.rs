@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::cached_pod::CachedPod;
 use super::recycled::RecycledCopy;
@@ -1046,8 +1046,20 @@ fn pool_can_serve(batch: &BatchSandbox, ctx: &Context) -> bool {
     let Some(pool) = batch.pool_name() else {
         return false;
     };
+    // Its grant is being written: the pool is serving it, and the idle pods the pool has left
+    // no longer count the ones granted (the pool's round may come before this reconcile).
+    if ctx
+        .grants_in_flight
+        .contains(&super::index::Key::new(&ns, &batch.name_any()))
+    {
+        return true;
+    }
     if let Some(idle) = ctx.idle_left(&ns, pool) {
-        return idle >= batch.desired_replicas();
+        let enough = idle >= batch.desired_replicas();
+        if !enough {
+            debug!(batch = %object_name(batch), idle, "its pool has too few idle pods left to serve it now");
+        }
+        return enough;
     }
     ctx.pools
         .get(&ObjectRef::<Pool>::new(pool).within(&ns))

@@ -836,6 +836,43 @@ async fn an_orphan_whose_deletion_went_unanswered_is_not_granted() {
     assert_eq!(deletions(&api), 1, "nor deleted twice");
 }
 
+/// A fresh pooled batch whose grant its pool is already writing (the pool's round came before
+/// the batch's own reconcile, so the pool has no idle pod left) writes no status: the write would
+/// change its resourceVersion and make the conditional grant lose its race.
+#[tokio::test]
+async fn a_fresh_batch_whose_grant_is_being_written_writes_no_status() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 1]);
+    let claim = batch_created("claim", 1, "7", 0);
+    api.object(batch_path("claim"), &claim);
+    api.object(pool_path(), &pool);
+    api.fault("PATCH", &batch_path("claim"), Some(Fault::Hang));
+    let ctx = context(
+        &api,
+        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+        vec![claim.clone()],
+        vec![pool.clone()],
+    );
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        pool::reconcile(Arc::new(pool), ctx.clone()),
+    )
+    .await
+    .expect("the round returns while its write hangs")
+    .expect("the round succeeds");
+    assert!(ctx.grants_in_flight.contains(&index::Key::new(NS, "claim")));
+    batch::reconcile(Arc::new(claim), ctx.clone())
+        .await
+        .expect("the batch reconciles");
+    let writes = api.writes();
+    assert!(
+        !writes
+            .iter()
+            .any(|w| w.path == format!("{}/status", batch_path("claim"))),
+        "no status write while the grant is in flight: {writes:#?}"
+    );
+}
+
 /// A refused grant does not end the round: the other grants' outcomes are still recorded, so
 /// their pods stay held while the cache lags.
 #[tokio::test]
