@@ -1025,6 +1025,15 @@ async fn write_status(
             json!({ "status": &status }),
         )
         .await?;
+        debug!(
+            batch = %object_name(batch),
+            replicas = status.replicas,
+            allocated = status.allocated,
+            ready = status.ready,
+            conditions = ?status.conditions.iter().filter(|c| c.status == "True").map(|c| c.type_.as_str()).collect::<Vec<_>>(),
+            first = batch.status.is_none(),
+            "status written"
+        );
         for problem in status::allocation_problems_begun(&previous, &status) {
             ctx.event(
                 batch,
