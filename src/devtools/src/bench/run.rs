@@ -337,17 +337,30 @@ impl Bench {
         .await
     }
 
-    /// One pooled batch of `replicas` -> allocated with endpoints for all of them.
+    /// One pooled batch of `replicas` -> allocated with endpoints for all of them. With
+    /// `settle`, the batch is deleted only once the pool's status counts that many pods
+    /// allocated: the next phase's wait for a warm pool reads the status, and one written before
+    /// this batch was served would show the pool warm while its pods are being recycled.
     async fn one_batch(
         &self,
         name: &str,
         pool: &str,
         replicas: i32,
+        settle: Option<(&str, i32)>,
     ) -> anyhow::Result<ClaimSample> {
         let start = self.create_claim(name, pool, replicas).await?;
         let names = [name.to_owned()];
         self.wait_complete(&names, Duration::from_secs(120)).await?;
         let sample = self.samples(&[(name.to_owned(), start)])[0];
+        if let Some((pool, held)) = settle {
+            self.wait_pool(
+                pool,
+                "pool status counting the batch",
+                Duration::from_secs(120),
+                |c| c.allocated == held,
+            )
+            .await?;
+        }
         self.delete_batches(&names).await?;
         Ok(sample)
     }
@@ -430,7 +443,10 @@ impl Bench {
         for run in 0..self.settings.runs {
             let mut figures = RunFigures::default();
             self.wait_warm().await?;
-            figures.batch100 = Some(self.one_batch(&format!("b100-{run}"), "warm", 100).await?);
+            figures.batch100 = Some(
+                self.one_batch(&format!("b100-{run}"), "warm", 100, Some(("warm", 100)))
+                    .await?,
+            );
             self.wait_warm().await?;
             figures.burst = self
                 .burst(&format!("c{run}"), &warm, 100, Some(("warm", 100)))
@@ -636,7 +652,7 @@ impl Bench {
                 |c| c.available >= 100,
             )
             .await?;
-            figures.batch100 = Some(self.one_batch("scale-b100", &pools[0], 100).await?);
+            figures.batch100 = Some(self.one_batch("scale-b100", &pools[0], 100, None).await?);
         } else {
             println!("scale: pools too small for a batch of 100; skipped");
         }
