@@ -53,7 +53,7 @@ pub const MAX_DELAY: Duration = Duration::from_secs(300);
 
 /// The `attempt`-th delay (1-based): 200 ms doubling, each with a random jitter of up to the
 /// delay itself (backon's), never more than [`MAX_DELAY`]: the doubling stops at half of it.
-fn delay_for(attempt: usize) -> Duration {
+pub(super) fn delay_for(attempt: usize) -> Duration {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(MAX_DELAY / 2)

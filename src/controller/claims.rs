@@ -300,6 +300,52 @@ impl LastStatus {
     }
 }
 
+/// Batches whose grant the API server rejected (forbidden, invalid, denied by an admission
+/// webhook): each is left out of its pool's plans until its retry time, which backs off per
+/// batch, so a write that would be rejected again is not sent at the pace of the pool's rounds.
+/// A grant that commits forgets the batch's rejections; so does a quiet spell of
+/// [`super::backoff::MAX_DELAY`] after its last retry time.
+#[derive(Default)]
+pub struct RejectedGrants {
+    inner: Mutex<HashMap<super::index::Key, Rejection>>,
+}
+
+struct Rejection {
+    attempts: usize,
+    retry_at: Instant,
+}
+
+impl RejectedGrants {
+    /// Records a rejection of `batch`'s grant at `now`; returns how long the batch is held back.
+    pub fn rejected(&self, batch: super::index::Key, now: Instant) -> Duration {
+        let mut inner = self.lock();
+        inner.retain(|_, r| r.retry_at + super::backoff::MAX_DELAY > now);
+        let attempts = inner.get(&batch).map_or(0, |r| r.attempts) + 1;
+        let delay = super::backoff::delay_for(attempts);
+        inner.insert(
+            batch,
+            Rejection {
+                attempts,
+                retry_at: now + delay,
+            },
+        );
+        delay
+    }
+
+    /// Whether `batch` is held back from its pool's plans at `now`.
+    pub fn held_back(&self, batch: &super::index::Key, now: Instant) -> bool {
+        self.lock().get(batch).is_some_and(|r| r.retry_at > now)
+    }
+
+    pub fn committed(&self, batch: &super::index::Key) {
+        self.lock().remove(batch);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<super::index::Key, Rejection>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Grant writes in flight, by batch (`namespace/name`), with the pool that sent each: sent and
 /// not yet answered, or committed and not yet visible in the batch cache. Such a batch is left
 /// out of its pool's next plans: its cached ledger is about to be superseded, and planning it from
@@ -425,5 +471,51 @@ mod in_flight_tests {
         flights.answered(&c, Some("3".into()));
         flights.refresh(&Key::new("ns", "other"), |_| None);
         assert!(!flights.contains(&c), "the cache shows the batch deleted");
+    }
+}
+
+#[cfg(test)]
+mod rejected_tests {
+    use super::super::index::Key;
+    use super::*;
+
+    #[test]
+    fn a_rejected_batch_is_held_back_for_a_growing_delay_until_a_grant_commits() {
+        let rejected = RejectedGrants::default();
+        let batch = Key::new("ns", "b");
+        let start = Instant::now();
+        assert!(!rejected.held_back(&batch, start));
+        let first = rejected.rejected(batch.clone(), start);
+        assert!(rejected.held_back(&batch, start + first / 2));
+        assert!(!rejected.held_back(&batch, start + first));
+        assert!(
+            !rejected.held_back(&Key::new("ns", "other"), start),
+            "only the rejected batch"
+        );
+        let later = start + first;
+        let second = rejected.rejected(batch.clone(), later);
+        let third = rejected.rejected(batch.clone(), later + second);
+        // 200 ms doubling, each with up to its own size of jitter.
+        assert!(first < Duration::from_millis(400), "{first:?}");
+        assert!(second >= Duration::from_millis(400), "{second:?}");
+        assert!(third >= Duration::from_millis(800), "{third:?}");
+        rejected.committed(&batch);
+        assert!(!rejected.held_back(&batch, later + second));
+        let after_commit = rejected.rejected(batch.clone(), later + second);
+        assert!(
+            after_commit < Duration::from_millis(400),
+            "a commit starts the backoff over: {after_commit:?}"
+        );
+    }
+
+    #[test]
+    fn rejections_are_forgotten_after_a_quiet_spell() {
+        let rejected = RejectedGrants::default();
+        let batch = Key::new("ns", "b");
+        let start = Instant::now();
+        let first = rejected.rejected(batch.clone(), start);
+        let quiet = start + first + super::super::backoff::MAX_DELAY;
+        let again = rejected.rejected(batch.clone(), quiet);
+        assert!(again < Duration::from_millis(400), "{again:?}");
     }
 }

@@ -221,6 +221,8 @@ pub struct Context {
     claims: claims::Claims,
     /// Grant writes sent and not yet answered.
     grants_in_flight: claims::InFlight,
+    /// Batches whose grants the API server rejected, held back from their pools' plans.
+    rejected_grants: claims::RejectedGrants,
     /// The caches indexed by pool and by batch, kept by the router.
     index: index::CacheIndex,
     /// When each pool's sizing and status writes run (behind its claims).
@@ -305,6 +307,7 @@ impl Context {
             config,
             claims: Default::default(),
             grants_in_flight: Default::default(),
+            rejected_grants: Default::default(),
             index,
             pacing: pacing::Pacing::new(status_writes_per_second),
             idle_left: Default::default(),

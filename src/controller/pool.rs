@@ -324,6 +324,7 @@ struct Round {
 /// settled on its own (see [`settle_grant`]): a round never waits for the API server, so the next
 /// one can serve the claims that arrived meanwhile.
 fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error> {
+    let now = std::time::Instant::now();
     ctx.grants_in_flight.refresh(&observed.key(), |batch| {
         ctx.batches
             .get(&ObjectRef::new(batch).within(&observed.namespace))
@@ -334,8 +335,8 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
         .iter()
         .filter(|b| b.batch.metadata.deletion_timestamp.is_none())
         .filter(|b| {
-            !ctx.grants_in_flight
-                .contains(&Key::new(&observed.namespace, &b.batch.name_any()))
+            let key = Key::new(&observed.namespace, &b.batch.name_any());
+            !ctx.grants_in_flight.contains(&key) && !ctx.rejected_grants.held_back(&key, now)
         })
         .collect();
     let demands: Vec<Demand> = wanting
@@ -384,14 +385,39 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
             let version = batch.resource_version().unwrap_or_default();
             ctx.grants_in_flight.answered(
                 &batch_key,
-                (settled == Settled::Committed).then_some(version),
+                matches!(settled, Settled::Committed).then_some(version),
             );
             match settled {
                 // Its batch's watch event wakes the pool.
-                Settled::Committed => {}
+                Settled::Committed => ctx.rejected_grants.committed(&batch_key),
                 // No event comes: the pods are free again, and the round that deferred sizing
                 // behind this grant left no timed look.
                 Settled::Refused => ctx.wake_pool(&pool.namespace, &pool.name),
+                // The same write would be rejected again: the batch waits out its backoff,
+                // and its owner learns why it gets no pods.
+                Settled::Rejected(message) => {
+                    let delay = ctx
+                        .rejected_grants
+                        .rejected(batch_key, std::time::Instant::now());
+                    warn!(batch = %object_name(batch.as_ref()), %message, retry_in = ?delay, "grant rejected by the API server; the batch is held back");
+                    ctx.event(
+                        batch.as_ref(),
+                        EventType::Warning,
+                        "AllocationRejected",
+                        format!(
+                            "the API server rejected the allocation of {} pod(s) from pool {}: {message}; retrying in {} ms",
+                            grant.granted.len(),
+                            pool.name,
+                            delay.as_millis()
+                        ),
+                    )
+                    .await;
+                    // The pods are free again and sizing waited behind this grant: the pool's
+                    // other batches need not wait out the backoff.
+                    ctx.wake_pool(&pool.namespace, &pool.name);
+                    tokio::time::sleep(delay).await;
+                    ctx.wake_pool(&pool.namespace, &pool.name);
+                }
                 // The batch changed: its pool plans it again from the new state (its event may
                 // have come while this write was in flight, when it was left out).
                 Settled::LostRace => ctx.wake_pool(&pool.namespace, &pool.name),
@@ -413,13 +439,17 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
 const UNKNOWN_GRANT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How a grant write ended, for what comes next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Settled {
     Committed,
     /// Refused because the batch changed since the cache showed it.
     LostRace,
-    /// Refused for good (forbidden, invalid, fenced...).
+    /// Refused because of this process or the batch's moment (fenced, the batch gone or moved
+    /// on): planning it again from fresh state may succeed.
     Refused,
+    /// Rejected by the API server for what it is (forbidden, invalid, denied by an admission
+    /// webhook), with the server's message: the same write would be rejected again.
+    Rejected(String),
     /// Not known: the claim stays until the cache moves past the version written against.
     Unknown,
 }
@@ -457,6 +487,8 @@ async fn settle_grant(
                 .refused(namespace, &batch.name_any(), &version, &grant.granted);
             if error.is_lost_race() {
                 Settled::LostRace
+            } else if let Some(message) = rejection(&error) {
+                Settled::Rejected(message)
             } else {
                 Settled::Refused
             }
@@ -465,6 +497,19 @@ async fn settle_grant(
             warn!(%error, batch = %batch.name_any(), "grant outcome unknown; its pods stay held until the cache shows the batch");
             Settled::Unknown
         }
+    }
+}
+
+/// The API server's message when it rejected a write for what it is, rather than for the
+/// moment it came at (a lost race, a gone batch, a timeout).
+fn rejection(error: &Error) -> Option<String> {
+    match error {
+        Error::Kube(kube::Error::Api(status))
+            if (400..500).contains(&status.code) && !matches!(status.code, 404 | 408 | 409) =>
+        {
+            Some(status.message.clone())
+        }
+        _ => None,
     }
 }
 

@@ -907,6 +907,78 @@ async fn every_grant_outcome_is_handled_after_a_refusal() {
     );
 }
 
+/// A grant the API server rejects for what it is (here a 403) would be rejected again: the batch
+/// is held back from its pool's plans for a backoff instead of being granted again at the pace
+/// of the pool's rounds, and a Warning event tells its owner why it gets no pods; the pool's
+/// other batches are served meanwhile.
+#[tokio::test]
+async fn a_rejected_grant_is_not_sent_again_before_its_backoff() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 2, 2]);
+    let denied = batch_created("denied", 1, "7", 0);
+    api.object(batch_path("denied"), &denied);
+    api.object(pool_path(), &pool);
+    api.reply(
+        "PATCH",
+        &batch_path("denied"),
+        403,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "denied by policy"}),
+    );
+    let (batches, mut batch_writer) = writable_store(vec![denied]);
+    let ctx = Arc::new(context_from(
+        &api,
+        Stores {
+            pods: store(vec![
+                pool_pod(&pool, "p-a", "127.1.1.2"),
+                pool_pod(&pool, "p-b", "127.1.1.3"),
+            ]),
+            batches,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    let _wakeups = pool_wakeups(&ctx);
+    let _ = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
+    wait_for_writes(&api, "the rejection's event", |writes| {
+        writes
+            .iter()
+            .any(|w| w.method == "POST" && w.body["reason"] == "AllocationRejected")
+    })
+    .await;
+    let patches = |api: &RecordedApi, batch: &str| {
+        methods_and_paths(&api.writes())
+            .into_iter()
+            .filter(|w| *w == ("PATCH".to_string(), batch_path(batch)))
+            .count()
+    };
+    assert_eq!(patches(&api, "denied"), 1);
+
+    // The next rounds come at once (a new claim arrives): the rejected batch is not planned.
+    let other = batch_created("other", 1, "8", 1);
+    api.object(batch_path("other"), &other);
+    batch_writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
+    ctx.index.with(|i| i.batch_applied(&Arc::new(other)));
+    let _ = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
+    wait_for_writes(&api, "other's grant", |writes| {
+        writes.iter().any(|w| w.path == batch_path("other"))
+    })
+    .await;
+    let _ = pool::reconcile(Arc::new(pool), ctx.clone()).await;
+    // The backoff's first step is at least 200 ms; these rounds ran within it.
+    assert!(
+        ctx.rejected_grants
+            .held_back(&index::Key::new(NS, "denied"), std::time::Instant::now()),
+        "the rounds above took longer than the first backoff step"
+    );
+    ctx.grants_in_flight.settled().await;
+    assert_eq!(
+        patches(&api, "denied"),
+        1,
+        "the rejected grant is not sent again during its backoff: {:#?}",
+        methods_and_paths(&api.writes())
+    );
+}
+
 /// A batch whose ledger cannot be read is left out; the rest of its pool is served.
 #[tokio::test]
 async fn an_unreadable_ledger_does_not_stall_its_pool() {
