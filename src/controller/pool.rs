@@ -501,11 +501,12 @@ async fn settle_grant(
 }
 
 /// The API server's message when it rejected a write for what it is, rather than for the
-/// moment it came at (a lost race, a gone batch, a timeout).
+/// moment it came at (a lost race, a gone batch, a timeout, throttling).
 fn rejection(error: &Error) -> Option<String> {
     match error {
         Error::Kube(kube::Error::Api(status))
-            if (400..500).contains(&status.code) && !matches!(status.code, 404 | 408 | 409) =>
+            if (400..500).contains(&status.code)
+                && !matches!(status.code, 404 | 408 | 409 | 429) =>
         {
             Some(status.message.clone())
         }
@@ -914,6 +915,23 @@ fn non_negative(value: i32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_answers_about_the_write_itself_are_rejections() {
+        let answer = |code: u16| {
+            Error::Kube(kube::Error::Api(Box::new(
+                kube::core::Status::failure("no", "Reason").with_code(code),
+            )))
+        };
+        for code in [400, 403, 422] {
+            assert_eq!(rejection(&answer(code)), Some("no".to_string()), "{code}");
+        }
+        // The moment, not the write: a gone batch, a timeout, a lost race, throttling, the
+        // server's own trouble.
+        for code in [404, 408, 409, 429, 500, 503] {
+            assert_eq!(rejection(&answer(code)), None, "{code}");
+        }
+    }
 
     fn status(total: i32, allocated: i32, available: i32) -> PoolStatus {
         PoolStatus {
