@@ -901,3 +901,144 @@ async fn a_ledger_corrupted_while_no_controller_ran_keeps_its_pods_after_a_resta
         "the newcomer's pod stays: {granted:?}, live {live:?}"
     );
 }
+
+/// Deletes this test's cluster-scoped admission policy and binding when the test ends, passed or
+/// not.
+struct ClusterScoped<'a> {
+    env: &'a crate::harness::TestEnv,
+    kinds: &'static str,
+    name: String,
+}
+
+impl Drop for ClusterScoped<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .env
+            .kubectl(&["delete", self.kinds, &self.name, "--ignore-not-found"]);
+    }
+}
+
+/// A grant the API server rejects (here a ValidatingAdmissionPolicy denies allocations to one
+/// batch) is not resent at the pace of the pool's rounds: the batch is held back for a growing
+/// delay, a Warning `AllocationRejected` event carries the server's message, and the pool's
+/// other batches are served meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_allocation_backs_off_and_is_reported() {
+    let env = env("rejected-allocation").await;
+    let policy = format!("deny-alloc-{}", env.ns);
+    let _policy = ClusterScoped {
+        env: &env,
+        kinds: "validatingadmissionpolicy,validatingadmissionpolicybinding",
+        name: policy.clone(),
+    };
+    env.apply(&format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {policy}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: ["sandbox.opensandbox.io"]
+      apiVersions: ["v1alpha1"]
+      operations: ["UPDATE"]
+      resources: ["batchsandboxes"]
+  validations:
+  - expression: "!object.metadata.name.startsWith('denied') || !has(object.metadata.annotations) || !('{annotation}' in object.metadata.annotations)"
+    message: "allocations to this batch are not allowed here"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {policy}
+spec:
+  policyName: {policy}
+  validationActions: ["Deny"]
+  matchResources:
+    namespaceSelector:
+      matchLabels:
+        kubernetes.io/metadata.name: {ns}
+"#,
+        annotation = names::ANNOTATION_ALLOC_STATUS,
+        ns = env.ns,
+    ));
+    // The policy is in force once a server-side dry run of an allocation is denied; a probe
+    // batch of a pool that does not exist is never allocated to.
+    env.apply(&pooled_batch_yaml("denied-probe", "no-such-pool", 1));
+    env.wait_for("the admission policy in force", T, || async {
+        let out = env.kubectl(&[
+            "annotate",
+            "batchsandbox",
+            "denied-probe",
+            &format!("{}={{}}", names::ANNOTATION_ALLOC_STATUS),
+            "--dry-run=server",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (!out.status.success() && stderr.contains("not allowed here"))
+            .then_some(())
+            .ok_or(stderr)
+    })
+    .await;
+
+    let controller = env.start_controller(&[]);
+    let batch_writes = || async {
+        let (status, body) = controller.health_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find(|l| l.starts_with("sandbox_controller_api_writes_total{target=\"batchsandbox\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    env.apply(&fixtures::pool("p", [1, 2, 2, 3]).yaml());
+    wait_pool(&env, "p", 2, 0, 2).await;
+    env.apply(&pooled_batch_yaml("denied", "p", 1));
+    let rejected = env
+        .wait_for("an AllocationRejected warning on denied", T, || async {
+            let events = env.kubectl_ok(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=denied,reason=AllocationRejected",
+                "-o",
+                "jsonpath={.items[*].message}",
+            ]);
+            (!events.trim().is_empty())
+                .then_some(events)
+                .ok_or(String::new())
+        })
+        .await;
+    assert!(
+        rejected.contains("allocations to this batch are not allowed here"),
+        "the event carries the server's message: {rejected}"
+    );
+
+    // The pool's other batches are served meanwhile.
+    env.apply(&pooled_batch_yaml("served", "p", 1));
+    env.wait_batch_ready("served", 1, T).await;
+
+    // Held back, the rejected batch's grant is resent a handful of times in three seconds (its
+    // backoff doubles from 200 ms), not at the pace of the pool's rounds.
+    let before = batch_writes().await;
+    let window = tokio::time::Instant::now();
+    env.wait_for("three seconds to pass", T, || async {
+        window.elapsed() >= Duration::from_secs(3)
+    })
+    .await;
+    let resent = batch_writes().await - before;
+    assert!(resent <= 5, "{resent} grant writes in three seconds");
+    let ledger_of_denied = env.kubectl_ok(&[
+        "get",
+        "batchsandbox",
+        "denied",
+        "-o",
+        &format!(
+            "jsonpath={{.metadata.annotations.{}}}",
+            names::ANNOTATION_ALLOC_STATUS.replace('.', "\\.")
+        ),
+    ]);
+    assert!(
+        ledger_of_denied.trim().is_empty(),
+        "the policy kept the allocation out: {ledger_of_denied}"
+    );
+}
