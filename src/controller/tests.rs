@@ -652,6 +652,39 @@ fn test_config() -> ControllerConfig {
     }
 }
 
+/// A batch cache a test changes as the watch would: each change lands in the store and in the
+/// indexes, as the router applies it.
+struct BatchFeed(reflector::store::Writer<BatchSandbox>);
+
+impl BatchFeed {
+    fn apply(&mut self, ctx: &Context, batch: &BatchSandbox) {
+        self.0
+            .apply_watcher_event(&watcher::Event::Apply(batch.clone()));
+        ctx.index
+            .with(|i| i.batch_applied(&Arc::new(batch.clone())));
+    }
+}
+
+/// A context over `pool`, its `pods` and `batches`, whose batch cache the test feeds.
+fn context_with_feed(
+    api: &RecordedApi,
+    pool: &Pool,
+    pods: Vec<Pod>,
+    batches: Vec<BatchSandbox>,
+) -> (Arc<Context>, BatchFeed) {
+    let (batch_store, writer) = writable_store(batches);
+    let ctx = Arc::new(context_from(
+        api,
+        Stores {
+            pods: store(pods),
+            batches: batch_store,
+            pools: store(vec![pool.clone()]),
+        },
+        test_config(),
+    ));
+    (ctx, BatchFeed(writer))
+}
+
 fn context_from(api: &RecordedApi, stores: Stores, config: ControllerConfig) -> Context {
     Context::new(
         api.client(),
@@ -751,19 +784,15 @@ async fn a_pod_whose_deletion_went_unanswered_is_not_granted() {
     let api = RecordedApi::default();
     api.object(pool_path(), &pool);
     api.fault("DELETE", &pod_path("p-b"), Some(Fault::CommitThenLose));
-    let (batches, mut batch_writer) = writable_store(Vec::<BatchSandbox>::new());
-    let ctx = Arc::new(context_from(
+    let (ctx, mut feed) = context_with_feed(
         &api,
-        Stores {
-            pods: store(vec![
-                pool_pod(&pool, "p-a", "127.1.1.2"),
-                pool_pod(&pool, "p-b", "127.1.1.3"),
-            ]),
-            batches,
-            pools: store(vec![pool.clone()]),
-        },
-        test_config(),
-    ));
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+        ],
+        vec![],
+    );
     // One pod too many: p-b goes, and the answer is lost.
     let shrink = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
     let writes = methods_and_paths(&api.writes());
@@ -775,8 +804,7 @@ async fn a_pod_whose_deletion_went_unanswered_is_not_granted() {
     for (name, second) in [("w1", 1), ("w2", 2)] {
         let claim = batch_created(name, 1, "7", second);
         api.object(batch_path(name), &claim);
-        batch_writer.apply_watcher_event(&watcher::Event::Apply(claim.clone()));
-        ctx.index.with(|i| i.batch_applied(&Arc::new(claim)));
+        feed.apply(&ctx, &claim);
     }
     let _ = reconcile_pool(Arc::new(pool), ctx.clone()).await;
     let claimed = ctx.claims.current(NS, |_| Some("7".into()));
@@ -803,16 +831,7 @@ async fn an_orphan_whose_deletion_went_unanswered_is_not_granted() {
     api.object(pool_path(), &pool);
     api.object(pod_path("stale"), &orphan);
     api.fault("DELETE", &pod_path("stale"), Some(Fault::CommitThenLose));
-    let (batches, mut batch_writer) = writable_store(Vec::<BatchSandbox>::new());
-    let ctx = Arc::new(context_from(
-        &api,
-        Stores {
-            pods: store(vec![orphan]),
-            batches,
-            pools: store(vec![pool.clone()]),
-        },
-        test_config(),
-    ));
+    let (ctx, mut feed) = context_with_feed(&api, &pool, vec![orphan], vec![]);
     let first = reconcile_pool(Arc::new(pool.clone()), ctx.clone()).await;
     let deletions = |api: &RecordedApi| {
         methods_and_paths(&api.writes())
@@ -825,8 +844,7 @@ async fn an_orphan_whose_deletion_went_unanswered_is_not_granted() {
     // A claim arrives while the pod cache still shows the orphan live and idle.
     let claim = batch_created("w1", 1, "7", 1);
     api.object(batch_path("w1"), &claim);
-    batch_writer.apply_watcher_event(&watcher::Event::Apply(claim.clone()));
-    ctx.index.with(|i| i.batch_applied(&Arc::new(claim)));
+    feed.apply(&ctx, &claim);
     let _ = reconcile_pool(Arc::new(pool), ctx.clone()).await;
     assert_eq!(
         ctx.claims.current(NS, |_| Some("7".into())),
@@ -924,19 +942,15 @@ async fn a_rejected_grant_is_not_sent_again_before_its_backoff() {
         403,
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "denied by policy"}),
     );
-    let (batches, mut batch_writer) = writable_store(vec![denied]);
-    let ctx = Arc::new(context_from(
+    let (ctx, mut feed) = context_with_feed(
         &api,
-        Stores {
-            pods: store(vec![
-                pool_pod(&pool, "p-a", "127.1.1.2"),
-                pool_pod(&pool, "p-b", "127.1.1.3"),
-            ]),
-            batches,
-            pools: store(vec![pool.clone()]),
-        },
-        test_config(),
-    ));
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+        ],
+        vec![denied],
+    );
     let _wakeups = pool_wakeups(&ctx);
     let _ = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
     wait_for_writes(&api, "the rejection's event", |writes| {
@@ -956,8 +970,7 @@ async fn a_rejected_grant_is_not_sent_again_before_its_backoff() {
     // The next rounds come at once (a new claim arrives): the rejected batch is not planned.
     let other = batch_created("other", 1, "8", 1);
     api.object(batch_path("other"), &other);
-    batch_writer.apply_watcher_event(&watcher::Event::Apply(other.clone()));
-    ctx.index.with(|i| i.batch_applied(&Arc::new(other)));
+    feed.apply(&ctx, &other);
     let _ = pool::reconcile(Arc::new(pool.clone()), ctx.clone()).await;
     wait_for_writes(&api, "other's grant", |writes| {
         writes.iter().any(|w| w.path == batch_path("other"))
@@ -1034,20 +1047,15 @@ async fn a_ledger_turned_unreadable_holds_the_pods_it_last_named() {
     let healthy = batch_created("healthy", 1, "7", 1);
     api.object(batch_path("healthy"), &healthy);
     api.object(pool_path(), &pool);
-    let pods = vec![
-        pool_pod(&pool, "p-a", "127.1.1.2"),
-        pool_pod(&pool, "p-b", "127.1.1.3"),
-    ];
-    let (batches, mut batch_writer) = writable_store(vec![readable.clone()]);
-    let ctx = Arc::new(context_from(
+    let (ctx, mut feed) = context_with_feed(
         &api,
-        Stores {
-            pods: store(pods),
-            batches,
-            pools: store(vec![pool.clone()]),
-        },
-        test_config(),
-    ));
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+        ],
+        vec![readable.clone()],
+    );
     // The first round sees the ledger readable.
     reconcile_pool(Arc::new(pool.clone()), ctx.clone())
         .await
@@ -1058,9 +1066,7 @@ async fn a_ledger_turned_unreadable_holds_the_pods_it_last_named() {
         .insert(names::ANNOTATION_ALLOC_STATUS.to_string(), "{".to_string());
     corrupt.metadata.resource_version = Some("6".into());
     for batch in [corrupt, healthy] {
-        batch_writer.apply_watcher_event(&watcher::Event::Apply(batch.clone()));
-        ctx.index
-            .with(|i| i.batch_applied(&Arc::new(batch.clone())));
+        feed.apply(&ctx, &batch);
     }
     reconcile_pool(Arc::new(pool), ctx)
         .await
@@ -1588,20 +1594,16 @@ async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice()
     api.object(batch_path("fast"), &fast);
     api.object(pool_path(), &pool);
     api.fault("PATCH", &batch_path("slow"), Some(Fault::Hang));
-    let (batches, mut batch_writer) = writable_store(vec![slow]);
-    let ctx = Arc::new(context_from(
+    let (ctx, mut feed) = context_with_feed(
         &api,
-        Stores {
-            pods: store(vec![
-                pool_pod(&pool, "p-a", "127.1.1.2"),
-                pool_pod(&pool, "p-b", "127.1.1.3"),
-                pool_pod(&pool, "p-c", "127.1.1.4"),
-            ]),
-            batches,
-            pools: store(vec![pool.clone()]),
-        },
-        test_config(),
-    ));
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+            pool_pod(&pool, "p-c", "127.1.1.4"),
+        ],
+        vec![slow],
+    );
     let bounded = |ctx: Arc<Context>| {
         tokio::time::timeout(
             std::time::Duration::from_secs(10),
@@ -1615,8 +1617,7 @@ async fn a_round_does_not_wait_for_grant_writes_and_never_grants_a_batch_twice()
     assert!(ctx.grants_in_flight.contains(&index::Key::new(NS, "slow")));
 
     // A newer claim arrives; the round after it runs while slow's write still hangs.
-    batch_writer.apply_watcher_event(&watcher::Event::Apply(fast.clone()));
-    ctx.index.with(|i| i.batch_applied(&Arc::new(fast.clone())));
+    feed.apply(&ctx, &fast);
     bounded(ctx.clone())
         .await
         .expect("the second round returns while the first write hangs")

@@ -749,14 +749,6 @@ async fn a_leader_stopped_gracefully_hands_its_lease_over_at_once() {
 async fn describe_shows_failures_recycling_and_expiry_but_no_event_for_a_healthy_claim() {
     let env = env("describe-events").await;
     let controller = env.start_controller(&[]);
-    let event_writes = || async {
-        let (status, body) = controller.health_get("/metrics").await;
-        assert_eq!(status, 200, "{body}");
-        body.lines()
-            .find(|l| l.starts_with("sandbox_controller_api_writes_total{target=\"event\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     let describe = |kind: &str, name: &str| env.kubectl_ok(&["describe", kind, name]);
     let events_section = |text: &str| -> String {
         text.split_once("\nEvents:")
@@ -766,12 +758,12 @@ async fn describe_shows_failures_recycling_and_expiry_but_no_event_for_a_healthy
 
     env.apply(&fixtures::pool("p", [1, 1, 1, 2]).yaml());
     wait_pool(&env, "p", 1, 0, 1).await;
-    let writes_before = event_writes().await;
+    let writes_before = controller.api_writes_to("event").await;
     env.apply(&pooled_batch_yaml("healthy", "p", 1));
     env.wait_batch_ready("healthy", 1, T).await;
     wait_pool(&env, "p", 2, 1, 1).await;
     assert_eq!(
-        event_writes().await,
+        controller.api_writes_to("event").await,
         writes_before,
         "a healthy claim (and the pool's refill) wrote events"
     );
@@ -982,14 +974,6 @@ spec:
     .await;
 
     let controller = env.start_controller(&[]);
-    let batch_writes = || async {
-        let (status, body) = controller.health_get("/metrics").await;
-        assert_eq!(status, 200, "{body}");
-        body.lines()
-            .find(|l| l.starts_with("sandbox_controller_api_writes_total{target=\"batchsandbox\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     env.apply(&fixtures::pool("p", [1, 2, 2, 3]).yaml());
     wait_pool(&env, "p", 2, 0, 2).await;
     env.apply(&pooled_batch_yaml("denied", "p", 1));
@@ -1019,13 +1003,13 @@ spec:
 
     // Held back, the rejected batch's grant is resent a handful of times in three seconds (its
     // backoff doubles from 200 ms), not at the pace of the pool's rounds.
-    let before = batch_writes().await;
+    let before = controller.api_writes_to("batchsandbox").await;
     let window = tokio::time::Instant::now();
     env.wait_for("three seconds to pass", T, || async {
         window.elapsed() >= Duration::from_secs(3)
     })
     .await;
-    let resent = batch_writes().await - before;
+    let resent = controller.api_writes_to("batchsandbox").await - before;
     assert!(resent <= 5, "{resent} grant writes in three seconds");
     let ledger_of_denied = env.kubectl_ok(&[
         "get",

@@ -293,10 +293,24 @@ impl ControllerProcess {
 
     /// The sum of `sandbox_controller_api_writes_total` over all targets.
     pub async fn api_writes(&self) -> u64 {
+        self.api_writes_in("sandbox_controller_api_writes_total{")
+            .await
+    }
+
+    /// `sandbox_controller_api_writes_total` for one target (`batchsandbox`, `event`...).
+    pub async fn api_writes_to(&self, target: &str) -> u64 {
+        self.api_writes_in(&format!(
+            "sandbox_controller_api_writes_total{{target=\"{target}\"}}"
+        ))
+        .await
+    }
+
+    /// The sum of the series whose lines start with `series`.
+    async fn api_writes_in(&self, series: &str) -> u64 {
         let (status, body) = self.health_get("/metrics").await;
         assert_eq!(status, 200, "{body}");
         body.lines()
-            .filter(|l| l.starts_with("sandbox_controller_api_writes_total{"))
+            .filter(|l| l.starts_with(series))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     }
