@@ -158,7 +158,8 @@ pub struct PolicyArgs {
     /// Fuel (about one unit per WebAssembly instruction) for one policy decision.
     #[arg(long, default_value_t = Limits::default().fuel)]
     pub policy_fuel: u64,
-    /// Wall-clock limit of one policy decision, in milliseconds.
+    /// Wall-clock limit of one policy decision, in milliseconds; a call is stopped between 95 %
+    /// and 100 % of it.
     #[arg(long, default_value_t = Limits::default().timeout.as_millis() as u64)]
     pub policy_timeout_ms: u64,
     /// Memory limit of one policy instance, in MiB.

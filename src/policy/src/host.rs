@@ -27,7 +27,7 @@ use crate::metrics::DegradedReason;
 pub struct Limits {
     /// Units of fuel (about one per WebAssembly instruction) for instantiation plus the call.
     pub fuel: u64,
-    /// Wall-clock bound, enforced by epoch interruption at [`EPOCH_TICK`] granularity.
+    /// Wall-clock bound, enforced by epoch interruption in ticks of [`Limits::epoch_tick`].
     pub timeout: Duration,
     /// Largest linear memory, in bytes.
     pub memory_bytes: usize,
@@ -48,8 +48,28 @@ impl Default for Limits {
     }
 }
 
-/// How often the epoch advances; the wall-clock limit is rounded up to whole ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Ticks per wall-clock limit: a call is stopped between 95 % and 100 % of its limit.
+const TICKS_PER_TIMEOUT: u32 = 20;
+/// Bounds of the tick. The ticking thread wakes once per tick for as long as the controller
+/// runs, so the tick is as coarse as the limit allows (50 ms for the default second: 20 wakeups
+/// a second where a fixed 5 ms tick made 200, each one taking a core from a reconcile or a call).
+const MIN_EPOCH_TICK: Duration = Duration::from_millis(1);
+const MAX_EPOCH_TICK: Duration = Duration::from_millis(50);
+
+impl Limits {
+    /// How often the epoch advances for these limits.
+    pub fn epoch_tick(&self) -> Duration {
+        (self.timeout / TICKS_PER_TIMEOUT).clamp(MIN_EPOCH_TICK, MAX_EPOCH_TICK)
+    }
+
+    /// The epoch deadline of one call: the timeout in whole ticks, rounded up.
+    fn epoch_deadline(&self) -> u64 {
+        let tick = self.epoch_tick().as_micros().max(1);
+        u64::try_from(self.timeout.as_micros().div_ceil(tick))
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
 
 /// Why a host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +274,7 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: &Engine) -> Result<Self, HostError> {
+    fn start(engine: &Engine, tick: Duration) -> Result<Self, HostError> {
         let stop = Arc::new(AtomicBool::new(false));
         let weak = engine.weak();
         let flag = stop.clone();
@@ -262,7 +282,7 @@ impl EpochTicker {
             .name("policy-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
+                    std::thread::sleep(tick);
                     match weak.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => break,
@@ -408,7 +428,7 @@ impl WasmHost {
         let engine = Engine::new(&Self::config(&limits, true))
             .or_else(|_| Engine::new(&Self::config(&limits, false)))
             .map_err(|e| HostError(e.to_string()))?;
-        let ticker = EpochTicker::start(&engine)?;
+        let ticker = EpochTicker::start(&engine, limits.epoch_tick())?;
         Ok(Self {
             engine,
             limits,
@@ -509,12 +529,7 @@ impl WasmHost {
         store.limiter(|state| &mut state.limiter);
         // Fuel is enabled on the engine, so this cannot fail.
         let _ = store.set_fuel(self.limits.fuel);
-        let tick = EPOCH_TICK.as_micros().max(1);
-        store.set_epoch_deadline(
-            u64::try_from(self.limits.timeout.as_micros().div_ceil(tick))
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
+        store.set_epoch_deadline(self.limits.epoch_deadline());
         store.epoch_deadline_trap();
         store
     }
@@ -582,6 +597,33 @@ impl WasmHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits_with_timeout(timeout: Duration) -> Limits {
+        Limits {
+            timeout,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn the_epoch_ticks_a_twentieth_of_the_timeout_within_its_bounds() {
+        let cases = [
+            // The default second: 50 ms ticks, twenty of them.
+            (Duration::from_secs(1), Duration::from_millis(50), 20),
+            (Duration::from_millis(100), Duration::from_millis(5), 20),
+            // Short limits tick no faster than every millisecond.
+            (Duration::from_millis(5), Duration::from_millis(1), 5),
+            (Duration::from_micros(300), Duration::from_millis(1), 1),
+            // Long limits tick no slower than every 50 ms.
+            (Duration::from_secs(60), Duration::from_millis(50), 1200),
+            (Duration::from_millis(1010), Duration::from_millis(50), 21),
+        ];
+        for (timeout, tick, deadline) in cases {
+            let limits = limits_with_timeout(timeout);
+            assert_eq!(limits.epoch_tick(), tick, "tick of {timeout:?}");
+            assert_eq!(limits.epoch_deadline(), deadline, "ticks of {timeout:?}");
+        }
+    }
 
     #[test]
     fn custom_calls_leave_the_reserved_slots_to_the_defaults() {

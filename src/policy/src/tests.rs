@@ -518,10 +518,16 @@ fn an_infinite_loop_hits_the_wall_clock_limit_when_fuel_is_plentiful() {
         "exceeded its time limit",
         DegradedReason::Timeout,
     );
-    // Four looping calls of 50 ms each, plus slack for a busy machine.
+    // Four looping calls of 50 ms each, plus slack for a busy machine; none stopped before 95 %
+    // of its limit (the first of its twenty ticks may come right after it started).
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() >= 4 * Duration::from_micros(47_500),
+        "stopped early: {:?}",
         started.elapsed()
     );
 }
