@@ -12,10 +12,12 @@
 use std::ops::Deref;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodIP, PodSpec, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sandbox_domain::api::names;
 use sandbox_domain::pods;
 use serde::Deserialize;
+
+use super::served::WireMeta;
 
 /// A pod cut down to what the reconcilers read: its metadata without managedFields, the names of
 /// its containers and init containers (with the init containers' restart policy, which tells a
@@ -155,26 +157,6 @@ struct WirePod {
     status: Option<WireStatus>,
 }
 
-/// Every field of [`ObjectMeta`] but managedFields.
-#[derive(Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-struct WireMeta {
-    annotations: Option<std::collections::BTreeMap<String, String>>,
-    creation_timestamp: Option<Time>,
-    deletion_grace_period_seconds: Option<i64>,
-    deletion_timestamp: Option<Time>,
-    finalizers: Option<Vec<String>>,
-    generate_name: Option<String>,
-    generation: Option<i64>,
-    labels: Option<std::collections::BTreeMap<String, String>>,
-    name: Option<String>,
-    namespace: Option<String>,
-    owner_references: Option<Vec<OwnerReference>>,
-    resource_version: Option<String>,
-    self_link: Option<String>,
-    uid: Option<String>,
-}
-
 #[derive(Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 struct WireSpec {
@@ -212,29 +194,11 @@ impl From<WireContainer> for Container {
 
 impl From<WirePod> for CachedPod {
     fn from(wire: WirePod) -> Self {
-        let meta = wire.metadata;
         let containers = |list: Option<Vec<WireContainer>>| {
             list.map(|list| list.into_iter().map(Container::from).collect())
         };
         CachedPod::new(Pod {
-            // Every field named, so a field ObjectMeta gains is a decision here, not a default.
-            metadata: ObjectMeta {
-                annotations: meta.annotations,
-                creation_timestamp: meta.creation_timestamp,
-                deletion_grace_period_seconds: meta.deletion_grace_period_seconds,
-                deletion_timestamp: meta.deletion_timestamp,
-                finalizers: meta.finalizers,
-                generate_name: meta.generate_name,
-                generation: meta.generation,
-                labels: meta.labels,
-                managed_fields: None,
-                name: meta.name,
-                namespace: meta.namespace,
-                owner_references: meta.owner_references,
-                resource_version: meta.resource_version,
-                self_link: meta.self_link,
-                uid: meta.uid,
-            },
+            metadata: wire.metadata.into(),
             spec: wire.spec.map(|spec| PodSpec {
                 containers: containers(spec.containers).unwrap_or_default(),
                 init_containers: containers(spec.init_containers),

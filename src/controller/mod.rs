@@ -17,6 +17,7 @@ mod pool_status;
 mod recycled;
 mod router;
 mod selection;
+mod served;
 pub mod sidecar;
 mod tasks;
 mod writes;
@@ -27,7 +28,7 @@ mod tests;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt, future};
+use futures::{StreamExt, TryStreamExt, future};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -44,6 +45,7 @@ use sandbox_domain::api::{BatchSandbox, Pool, names};
 use sandbox_domain::endpoints::EndpointsFormat;
 use sandbox_domain::pods;
 use sandbox_policy::PolicyEngine;
+use served::Served;
 
 pub use metrics::ControllerMetrics;
 pub use pacing::DEFAULT_POOL_STATUS_WRITES_PER_SECOND;
@@ -685,23 +687,23 @@ pub async fn run(
         pods_writer,
         scoped(&client, ns),
         pods_cfg,
-        nothing_to_cut,
+        as_decoded,
         router.clone(),
         router::Router::pod_event,
     );
     let batch_events = reflect(
         batches_writer,
-        scoped(&client, ns),
+        scoped::<Served<BatchSandbox>>(&client, ns),
         watcher::Config::default(),
-        drop_managed_fields,
+        Served::into_object,
         router.clone(),
         router::Router::batch_event,
     );
     let pool_events = reflect(
         pools_writer,
-        scoped(&client, ns),
+        scoped::<Served<Pool>>(&client, ns),
         watcher::Config::default(),
-        drop_managed_fields,
+        Served::into_object,
         router.clone(),
         router::Router::pool_event,
     );
@@ -784,24 +786,27 @@ pub async fn run(
 
 /// Keeps `writer`'s store in sync with a watch of `api`, each object cut down by `trim` before
 /// it is cached, handing every event to `route`.
-fn reflect<K>(
+/// Caches what `api`'s watch decodes, each object as `decode` makes it, and routes every event.
+fn reflect<W, K>(
     writer: reflector::store::Writer<K>,
-    api: Api<K>,
+    api: Api<W>,
     config: watcher::Config,
-    trim: fn(&mut K),
+    decode: fn(W) -> K,
     router: router::Router,
     route: fn(&router::Router, Result<watcher::Event<K>, watcher::Error>),
 ) -> impl std::future::Future<Output = ()>
 where
-    K: Resource<DynamicType = ()>
+    W: Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
         + Send
-        + Sync
         + 'static,
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let events = watcher(api, config).default_backoff().modify(trim);
+    let events = watcher(api, config)
+        .default_backoff()
+        .map_ok(move |event| served::decoded(event, decode));
     reflector::reflector(writer, events).for_each(move |event| {
         route(&router, event);
         future::ready(())
@@ -817,12 +822,9 @@ fn pods_request(namespace: &str) -> kube::core::Request {
     kube::core::Request::new(<Pod as Resource>::url_path(&(), Some(namespace)))
 }
 
-/// Pods are decoded as cached ([`CachedPod`]): there is nothing left to cut.
-fn nothing_to_cut(_: &mut CachedPod) {}
-
-/// Nothing reads managedFields, the bulk of a cached object: they are dropped before caching.
-fn drop_managed_fields<K: Resource>(obj: &mut K) {
-    obj.managed_fields_mut().clear();
+/// Pods are decoded as cached ([`CachedPod`]).
+fn as_decoded(pod: CachedPod) -> CachedPod {
+    pod
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
