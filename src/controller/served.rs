@@ -74,31 +74,26 @@ pub trait CustomObject: kube::Resource<DynamicType = ()> + Sized {
     fn assemble(metadata: ObjectMeta, spec: Self::Spec, status: Option<Self::Status>) -> Self;
 }
 
-impl CustomObject for BatchSandbox {
-    type Spec = BatchSandboxSpec;
-    type Status = BatchSandboxStatus;
+/// `impl CustomObject for $kind` with the struct kube's derive made of it.
+macro_rules! custom_object {
+    ($kind:ty, $spec:ty, $status:ty) => {
+        impl CustomObject for $kind {
+            type Spec = $spec;
+            type Status = $status;
 
-    fn assemble(metadata: ObjectMeta, spec: Self::Spec, status: Option<Self::Status>) -> Self {
-        BatchSandbox {
-            metadata,
-            spec,
-            status,
+            fn assemble(metadata: ObjectMeta, spec: $spec, status: Option<$status>) -> Self {
+                Self {
+                    metadata,
+                    spec,
+                    status,
+                }
+            }
         }
-    }
+    };
 }
 
-impl CustomObject for Pool {
-    type Spec = PoolSpec;
-    type Status = PoolStatus;
-
-    fn assemble(metadata: ObjectMeta, spec: Self::Spec, status: Option<Self::Status>) -> Self {
-        Pool {
-            metadata,
-            spec,
-            status,
-        }
-    }
-}
+custom_object!(BatchSandbox, BatchSandboxSpec, BatchSandboxStatus);
+custom_object!(Pool, PoolSpec, PoolStatus);
 
 /// `K` as its watch decodes it, before it is cached as `K` ([`Served::into_object`]). Requests
 /// for it go to `K`'s API.
