@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::cached_pod::CachedPod;
 use kube::ResourceExt;
@@ -220,8 +221,8 @@ pub struct Indexes {
     pub holders: Holders,
     /// Per batch, what its pool's allocation reads of it and what it is beside its status.
     batch_fingerprints: HashMap<Key, (u64, u64)>,
-    /// Per pool, what its batches read of it.
-    pool_fingerprints: HashMap<Key, u64>,
+    /// Per pool, what its batches read of it and what it is beside its status.
+    pool_fingerprints: HashMap<Key, (u64, u64)>,
     /// Per pod, what the reconcilers read of it.
     pod_fingerprints: HashMap<Key, u64>,
 }
@@ -235,6 +236,16 @@ pub struct BatchChange {
     pub beyond_status: bool,
 }
 
+/// What changed in a pool, as [`Indexes::pool_applied`] saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolChange {
+    /// What its batches read of it: its spec, its deletion, and whether it ran out of idle pods
+    /// or room to grow.
+    pub batches_read: bool,
+    /// Anything but its status (and resourceVersion).
+    pub beyond_status: bool,
+}
+
 fn hash_of(value: impl std::hash::Hash) -> u64 {
     use std::hash::Hasher;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -242,9 +253,8 @@ fn hash_of(value: impl std::hash::Hash) -> u64 {
     hasher.finish()
 }
 
-/// A hash of a batch's spec (by its generation) and metadata, without its status.
-fn object_fingerprint(batch: &BatchSandbox) -> u64 {
-    let meta = &batch.metadata;
+/// A hash of an object's spec (by its generation) and metadata, without its status.
+fn object_fingerprint(meta: &ObjectMeta) -> u64 {
     hash_of((
         &meta.uid,
         meta.generation,
@@ -353,7 +363,10 @@ impl Indexes {
     /// frequent change, concerns neither the batch's reconcile (which wrote it) nor its pool.
     pub fn batch_applied(&mut self, batch: &Arc<BatchSandbox>) -> BatchChange {
         let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
-        let fingerprints = (allocation_fingerprint(batch), object_fingerprint(batch));
+        let fingerprints = (
+            allocation_fingerprint(batch),
+            object_fingerprint(&batch.metadata),
+        );
         let previous = self
             .batch_fingerprints
             .insert(Key::new(&ns, &name), fingerprints);
@@ -389,10 +402,14 @@ impl Indexes {
 
     /// Records a pool as the cache now shows it. Returns whether what its batches read of it
     /// changed: its own status writes, which only count pods, mostly do not.
-    pub fn pool_applied(&mut self, pool: &Pool) -> bool {
+    pub fn pool_applied(&mut self, pool: &Pool) -> PoolChange {
         let key = Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any());
-        let fingerprint = pool_fingerprint(pool);
-        self.pool_fingerprints.insert(key, fingerprint) != Some(fingerprint)
+        let fingerprints = (pool_fingerprint(pool), object_fingerprint(&pool.metadata));
+        let previous = self.pool_fingerprints.insert(key, fingerprints);
+        PoolChange {
+            batches_read: previous.map(|p| p.0) != Some(fingerprints.0),
+            beyond_status: previous.map(|p| p.1) != Some(fingerprints.1),
+        }
     }
 
     pub fn pool_deleted(&mut self, pool: &Pool) {
@@ -734,33 +751,80 @@ mod tests {
         let mut pool = Pool::new("p", sandbox_domain::api::PoolSpec::default());
         pool.metadata.namespace = Some("ns".into());
         pool.spec.capacity_spec.pool_max = 2;
-        assert!(index.pool_applied(&pool), "a new pool");
+        let batches_read = |index: &mut Indexes, pool: &Pool| index.pool_applied(pool).batches_read;
+        assert!(batches_read(&mut index, &pool), "a new pool");
         let counts = |total, available| sandbox_domain::api::PoolStatus {
             total,
             available,
             ..Default::default()
         };
         pool.status = Some(counts(1, 1));
-        assert!(index.pool_applied(&pool), "an idle pod");
+        assert!(batches_read(&mut index, &pool), "an idle pod");
         pool.status = Some(counts(1, 2));
-        assert!(!index.pool_applied(&pool), "only counts changed");
+        assert!(!batches_read(&mut index, &pool), "only counts changed");
         pool.status = Some(counts(1, 0));
-        assert!(index.pool_applied(&pool), "no idle pod left");
+        assert!(batches_read(&mut index, &pool), "no idle pod left");
         pool.status = Some(counts(2, 0));
-        assert!(index.pool_applied(&pool), "exhausted");
+        assert!(batches_read(&mut index, &pool), "exhausted");
         pool.status = Some(counts(2, 1));
-        assert!(index.pool_applied(&pool), "no longer exhausted");
+        assert!(batches_read(&mut index, &pool), "no longer exhausted");
         pool.status = Some(counts(2, 2));
-        assert!(!index.pool_applied(&pool), "only counts changed");
+        assert!(!batches_read(&mut index, &pool), "only counts changed");
         pool.status = Some(counts(1, 1));
         assert!(
-            !index.pool_applied(&pool),
+            !batches_read(&mut index, &pool),
             "below poolMax again, with an idle pod left"
         );
         pool.metadata.generation = Some(2);
-        assert!(index.pool_applied(&pool), "a spec change");
+        assert!(batches_read(&mut index, &pool), "a spec change");
         index.pool_deleted(&pool);
-        assert!(index.pool_applied(&pool), "known again after its Delete");
+        assert!(
+            batches_read(&mut index, &pool),
+            "known again after its Delete"
+        );
+    }
+
+    #[test]
+    fn only_what_a_pool_is_beside_its_status_counts_as_changing_the_pool_itself() {
+        let mut index = Indexes::default();
+        let mut pool = Pool::new("p", sandbox_domain::api::PoolSpec::default());
+        pool.metadata.namespace = Some("ns".into());
+        pool.spec.capacity_spec.pool_max = 2;
+        let itself = |index: &mut Indexes, pool: &Pool| index.pool_applied(pool).beyond_status;
+        assert!(itself(&mut index, &pool), "a new pool");
+        pool.status = Some(sandbox_domain::api::PoolStatus {
+            total: 2,
+            ..Default::default()
+        });
+        pool.metadata.resource_version = Some("2".into());
+        assert!(!itself(&mut index, &pool), "a status write");
+        pool.status = None;
+        assert!(!itself(&mut index, &pool), "the status cleared");
+        type Change = (&'static str, fn(&mut ObjectMeta));
+        let changes: [Change; 5] = [
+            ("a spec change", |m| m.generation = Some(2)),
+            ("an annotation", |m| {
+                m.annotations = Some(BTreeMap::from([("policy".into(), "custom".into())]))
+            }),
+            ("a label", |m| {
+                m.labels = Some(BTreeMap::from([("team".into(), "a".into())]))
+            }),
+            ("a finalizer", |m| {
+                m.finalizers = Some(vec!["example.com/keep".into()])
+            }),
+            ("its deletion", |m| {
+                m.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ))
+            }),
+        ];
+        for (what, change) in changes {
+            change(&mut pool.metadata);
+            assert!(itself(&mut index, &pool), "{what}");
+            assert!(!itself(&mut index, &pool), "{what}, seen again");
+        }
+        index.pool_deleted(&pool);
+        assert!(itself(&mut index, &pool), "known again after its Delete");
     }
 
     /// A relist drops objects that vanished while the watch was down, without Delete events.

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::Context;
 use super::cached_pod::CachedPod;
-use super::index::BatchChange;
+use super::index::{BatchChange, PoolChange};
 use sandbox_domain::api::{BatchSandbox, Pool, names};
 
 /// The store's own copy of an object the reflector just applied, so the indexes share it; the
@@ -121,12 +121,18 @@ impl Router {
     pub fn pool_event(&self, event: Result<Event<Pool>, watcher::Error>) {
         match event {
             Ok(Event::Apply(pool)) => {
-                let batches_read_changed = self.ctx.index.with(|i| i.pool_applied(&pool));
-                self.pool_changed(&pool, batches_read_changed);
+                let change = self.ctx.index.with(|i| i.pool_applied(&pool));
+                self.pool_changed(&pool, change);
             }
             Ok(Event::Delete(pool)) => {
                 self.ctx.index.with(|i| i.pool_deleted(&pool));
-                self.pool_changed(&pool, true);
+                self.pool_changed(
+                    &pool,
+                    PoolChange {
+                        batches_read: true,
+                        beyond_status: true,
+                    },
+                );
             }
             Ok(Event::InitDone) => self.everything(),
             Ok(_) => {}
@@ -134,14 +140,17 @@ impl Router {
         }
     }
 
-    /// Wakes the pool; its batches when what they read of it changed (its own status writes
-    /// mostly only count pods); and the batches waiting for a Pool to be chosen, which compare
-    /// every pool's counts: this one may fit now.
-    fn pool_changed(&self, pool: &Pool, batches_read_changed: bool) {
+    /// Wakes the pool unless only its status changed: its own rounds write it, and a round
+    /// reads it only to tell whether it must write it again. Wakes its batches when what they
+    /// read of it changed (its own status writes mostly only count pods), and the batches
+    /// waiting for a Pool to be chosen, which compare every pool's counts: this one may fit now.
+    fn pool_changed(&self, pool: &Pool, change: PoolChange) {
         let ns = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
-        self.pool(&ns, &name);
-        let groups: &[&str] = if batches_read_changed {
+        if change.beyond_status {
+            self.pool(&ns, &name);
+        }
+        let groups: &[&str] = if change.batches_read {
             &[name.as_str(), names::ANY_POOL]
         } else {
             &[names::ANY_POOL]

@@ -2413,3 +2413,50 @@ async fn a_pool_is_not_woken_by_its_own_new_pod_until_the_pod_is_ready() {
     router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(finished))));
     assert_eq!(woken(&mut pools_rx), 1, "its own pod, already finished");
 }
+
+/// A pool's round reads its status only to tell whether to write it again, so its own status
+/// write does not wake it; the batches waiting for a Pool to be chosen, which compare every
+/// pool's counts, are woken by it. What the pool is beside its status (an annotation choosing a
+/// policy, say) wakes it.
+#[tokio::test]
+async fn a_pool_is_not_woken_by_a_change_of_its_status_alone() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 1]);
+    let mut waiting = pooled_batch("waiting", 1, "5");
+    waiting.spec.pool_ref = Some(names::ANY_POOL.into());
+    waiting.spec.template = Some(sandbox_template());
+    let ctx = context(&api, vec![], vec![waiting.clone()], vec![pool.clone()]);
+    ctx.index.with(|i| i.batch_applied(&Arc::new(waiting)));
+    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
+    let (batches_tx, mut batches_rx) = mpsc::unbounded_channel();
+    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
+    fn woken<K: kube::Resource>(rx: &mut mpsc::UnboundedReceiver<ObjectRef<K>>) -> Vec<String>
+    where
+        K::DynamicType: Default,
+    {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|r| r.name)
+            .collect()
+    }
+    router.pool_event(Ok(watcher::Event::Apply(pool.clone())));
+    assert_eq!(woken(&mut pools_rx), ["p"], "first seen");
+    assert_eq!(woken(&mut batches_rx), ["waiting"]);
+
+    let mut counted = pool.clone();
+    counted.metadata.resource_version = Some("101".into());
+    counted.status = Some(sandbox_domain::api::PoolStatus {
+        total: 1,
+        available: 1,
+        ..sandbox_domain::api::PoolStatus::default()
+    });
+    router.pool_event(Ok(watcher::Event::Apply(counted.clone())));
+    assert!(woken(&mut pools_rx).is_empty(), "its own status write");
+    assert_eq!(woken(&mut batches_rx), ["waiting"], "a count to compare");
+
+    counted.metadata.annotations = Some(BTreeMap::from([(
+        "policy.sandbox.opensandbox.io/pool-sizing".to_string(),
+        "custom".to_string(),
+    )]));
+    router.pool_event(Ok(watcher::Event::Apply(counted)));
+    assert_eq!(woken(&mut pools_rx), ["p"], "an annotation");
+}
