@@ -1076,7 +1076,11 @@ fn pool_can_serve(batch: &BatchSandbox, ctx: &Context) -> bool {
         .is_some_and(|status| status.available >= batch.spec.replicas)
 }
 
-fn pool_situation(batch: &BatchSandbox, ctx: &Context, shards: &[ShardView]) -> PoolSituation {
+pub(super) fn pool_situation(
+    batch: &BatchSandbox,
+    ctx: &Context,
+    shards: &[ShardView],
+) -> PoolSituation {
     let Some(pool_name) = batch.pool_name() else {
         return PoolSituation::Fine;
     };
@@ -1092,7 +1096,15 @@ fn pool_situation(batch: &BatchSandbox, ctx: &Context, shards: &[ShardView]) -> 
             let status = p.status.clone().unwrap_or_default();
             let short = shards.iter().any(|s| !s.has_pod);
             let pool_max = p.spec.capacity_spec.pool_max;
-            if short && status.headroom(pool_max).exhausted {
+            let rejection = || {
+                ctx.rejected_grants.rejection(
+                    &super::index::Key::new(&ns, &batch.name_any()),
+                    std::time::Instant::now(),
+                )
+            };
+            if let Some(message) = short.then(rejection).flatten() {
+                PoolSituation::AllocationRejected { pool, message }
+            } else if short && status.headroom(pool_max).exhausted {
                 PoolSituation::Exhausted { pool, pool_max }
             } else {
                 PoolSituation::Fine

@@ -313,13 +313,23 @@ pub struct RejectedGrants {
 struct Rejection {
     attempts: usize,
     retry_at: Instant,
+    /// What the API server said, for the batch's status.
+    message: String,
+}
+
+impl Rejection {
+    /// A batch left alone this long after its retry was due is no longer retried by its pool.
+    fn forgotten(&self, now: Instant) -> bool {
+        self.retry_at + super::backoff::MAX_DELAY <= now
+    }
 }
 
 impl RejectedGrants {
-    /// Records a rejection of `batch`'s grant at `now`; returns how long the batch is held back.
-    pub fn rejected(&self, batch: super::index::Key, now: Instant) -> Duration {
+    /// Records a rejection of `batch`'s grant at `now`, for `message`; returns how long the batch
+    /// is held back.
+    pub fn rejected(&self, batch: super::index::Key, now: Instant, message: String) -> Duration {
         let mut inner = self.lock();
-        inner.retain(|_, r| r.retry_at + super::backoff::MAX_DELAY > now);
+        inner.retain(|_, r| !r.forgotten(now));
         let attempts = inner.get(&batch).map_or(0, |r| r.attempts) + 1;
         let delay = super::backoff::delay_for(attempts);
         inner.insert(
@@ -327,6 +337,7 @@ impl RejectedGrants {
             Rejection {
                 attempts,
                 retry_at: now + delay,
+                message,
             },
         );
         delay
@@ -335,6 +346,15 @@ impl RejectedGrants {
     /// Whether `batch` is held back from its pool's plans at `now`.
     pub fn held_back(&self, batch: &super::index::Key, now: Instant) -> bool {
         self.lock().get(batch).is_some_and(|r| r.retry_at > now)
+    }
+
+    /// What the API server said when it last rejected `batch`'s grant, until a grant of it
+    /// commits or the rejection is forgotten.
+    pub fn rejection(&self, batch: &super::index::Key, now: Instant) -> Option<String> {
+        self.lock()
+            .get(batch)
+            .filter(|r| !r.forgotten(now))
+            .map(|r| r.message.clone())
     }
 
     pub fn committed(&self, batch: &super::index::Key) {
@@ -485,7 +505,7 @@ mod rejected_tests {
         let batch = Key::new("ns", "b");
         let start = Instant::now();
         assert!(!rejected.held_back(&batch, start));
-        let first = rejected.rejected(batch.clone(), start);
+        let first = rejected.rejected(batch.clone(), start, "denied".into());
         assert!(rejected.held_back(&batch, start + first / 2));
         assert!(!rejected.held_back(&batch, start + first));
         assert!(
@@ -493,15 +513,15 @@ mod rejected_tests {
             "only the rejected batch"
         );
         let later = start + first;
-        let second = rejected.rejected(batch.clone(), later);
-        let third = rejected.rejected(batch.clone(), later + second);
+        let second = rejected.rejected(batch.clone(), later, "denied".into());
+        let third = rejected.rejected(batch.clone(), later + second, "denied".into());
         // 200 ms doubling, each with up to its own size of jitter.
         assert!(first < Duration::from_millis(400), "{first:?}");
         assert!(second >= Duration::from_millis(400), "{second:?}");
         assert!(third >= Duration::from_millis(800), "{third:?}");
         rejected.committed(&batch);
         assert!(!rejected.held_back(&batch, later + second));
-        let after_commit = rejected.rejected(batch.clone(), later + second);
+        let after_commit = rejected.rejected(batch.clone(), later + second, "denied".into());
         assert!(
             after_commit < Duration::from_millis(400),
             "a commit starts the backoff over: {after_commit:?}"
@@ -509,13 +529,36 @@ mod rejected_tests {
     }
 
     #[test]
+    fn the_last_rejection_is_told_until_a_grant_commits() {
+        let rejected = RejectedGrants::default();
+        let batch = Key::new("ns", "b");
+        let start = Instant::now();
+        assert_eq!(rejected.rejection(&batch, start), None);
+        let first = rejected.rejected(batch.clone(), start, "forbidden".into());
+        assert_eq!(
+            rejected.rejection(&batch, start + first * 2).as_deref(),
+            Some("forbidden"),
+            "also once its retry is due: it has not succeeded"
+        );
+        rejected.rejected(batch.clone(), start + first, "denied by policy".into());
+        assert_eq!(
+            rejected.rejection(&batch, start + first).as_deref(),
+            Some("denied by policy")
+        );
+        assert_eq!(rejected.rejection(&Key::new("ns", "other"), start), None);
+        rejected.committed(&batch);
+        assert_eq!(rejected.rejection(&batch, start + first), None);
+    }
+
+    #[test]
     fn rejections_are_forgotten_after_a_quiet_spell() {
         let rejected = RejectedGrants::default();
         let batch = Key::new("ns", "b");
         let start = Instant::now();
-        let first = rejected.rejected(batch.clone(), start);
+        let first = rejected.rejected(batch.clone(), start, "denied".into());
         let quiet = start + first + super::super::backoff::MAX_DELAY;
-        let again = rejected.rejected(batch.clone(), quiet);
+        assert_eq!(rejected.rejection(&batch, quiet), None, "forgotten");
+        let again = rejected.rejected(batch.clone(), quiet, "denied".into());
         assert!(again < Duration::from_millis(400), "{again:?}");
     }
 }

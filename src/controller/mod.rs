@@ -239,6 +239,8 @@ pub struct Context {
         std::sync::Mutex<std::collections::HashMap<index::Key, std::collections::HashSet<String>>>,
     /// Wakes a Pool reconcile from outside one (a grant write answered in the background).
     pool_wakeups: std::sync::OnceLock<mpsc::UnboundedSender<ObjectRef<Pool>>>,
+    /// Wakes a BatchSandbox reconcile from outside one (its grant rejected in the background).
+    batch_wakeups: std::sync::OnceLock<mpsc::UnboundedSender<ObjectRef<BatchSandbox>>>,
     /// The last readable ledger of every pooled batch, for when one turns unreadable.
     ledgers: claims::LastLedgers,
     /// Pods created or deleted but maybe not yet visible in the pod cache.
@@ -316,6 +318,7 @@ impl Context {
             held_pods_gone: Default::default(),
             incarnation: incarnation(),
             pool_wakeups: Default::default(),
+            batch_wakeups: Default::default(),
             ledgers: Default::default(),
             expectations: Default::default(),
             last_status: Default::default(),
@@ -334,6 +337,13 @@ impl Context {
     fn wake_pool(&self, namespace: &str, pool: &str) {
         if let Some(wakeups) = self.pool_wakeups.get() {
             let _ = wakeups.send(ObjectRef::new(pool).within(namespace));
+        }
+    }
+
+    /// Queues a reconcile of `batch` (a no-op before the reconcilers run).
+    fn wake_batch(&self, namespace: &str, batch: &str) {
+        if let Some(wakeups) = self.batch_wakeups.get() {
+            let _ = wakeups.send(ObjectRef::new(batch).within(namespace));
         }
     }
 
@@ -675,6 +685,7 @@ pub async fn run(
         metrics,
     ));
     let _ = context.pool_wakeups.set(pool_tx.clone());
+    let _ = context.batch_wakeups.set(batch_tx.clone());
     let router = router::Router::new(context.clone(), pool_tx, batch_tx);
 
     let ns = config.namespace.as_deref();

@@ -396,9 +396,11 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
                 // The same write would be rejected again: the batch waits out its backoff,
                 // and its owner learns why it gets no pods.
                 Settled::Rejected(message) => {
-                    let delay = ctx
-                        .rejected_grants
-                        .rejected(batch_key, std::time::Instant::now());
+                    let delay = ctx.rejected_grants.rejected(
+                        batch_key,
+                        std::time::Instant::now(),
+                        message.clone(),
+                    );
                     warn!(batch = %object_name(batch.as_ref()), %message, retry_in = ?delay, "grant rejected by the API server; the batch is held back");
                     ctx.event(
                         batch.as_ref(),
@@ -412,8 +414,10 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
                         ),
                     )
                     .await;
-                    // The pods are free again and sizing waited behind this grant: the pool's
-                    // other batches need not wait out the backoff.
+                    // Its status tells why it has no pods (its first reconcile may have left
+                    // the status to the grant). The pods are free again and sizing waited
+                    // behind this grant: the pool's other batches need not wait out the backoff.
+                    ctx.wake_batch(&pool.namespace, &batch.name_any());
                     ctx.wake_pool(&pool.namespace, &pool.name);
                     tokio::time::sleep(delay).await;
                     ctx.wake_pool(&pool.namespace, &pool.name);

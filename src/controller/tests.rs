@@ -352,6 +352,13 @@ fn pool_wakeups(ctx: &Context) -> mpsc::UnboundedReceiver<ObjectRef<Pool>> {
     rx
 }
 
+/// Lets `ctx` wake BatchSandbox reconciles into the returned receiver, as the router's queue does.
+fn batch_wakeups(ctx: &Context) -> mpsc::UnboundedReceiver<ObjectRef<BatchSandbox>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    ctx.batch_wakeups.set(tx).expect("wakeups are set once");
+    rx
+}
+
 fn methods_and_paths(writes: &[Request]) -> Vec<(String, String)> {
     writes
         .iter()
@@ -989,6 +996,89 @@ async fn a_rejected_grant_is_not_sent_again_before_its_backoff() {
         1,
         "the rejected grant is not sent again during its backoff: {:#?}",
         methods_and_paths(&api.writes())
+    );
+}
+
+/// A rejected grant wakes its batch, whose status then tells why it has no pods, in the API
+/// server's words (its first reconcile left the status to the grant). Once a grant commits, the
+/// batch holds its pods and the condition goes.
+#[tokio::test]
+async fn a_rejected_grant_is_told_in_its_batchs_status() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 1]);
+    let denied = batch_created("denied", 1, "7", 0);
+    api.object(batch_path("denied"), &denied);
+    api.object(pool_path(), &pool);
+    api.reply(
+        "PATCH",
+        &batch_path("denied"),
+        403,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "denied by policy"}),
+    );
+    let (ctx, _feed) = context_with_feed(
+        &api,
+        &pool,
+        vec![pool_pod(&pool, "p-a", "127.1.1.2")],
+        vec![denied.clone()],
+    );
+    let _pools = pool_wakeups(&ctx);
+    let mut batches = batch_wakeups(&ctx);
+    let _ = pool::reconcile(Arc::new(pool), ctx.clone()).await;
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(30), batches.recv())
+        .await
+        .ok()
+        .flatten()
+        .expect("the batch is woken");
+    assert_eq!(woken.name, "denied");
+
+    batch::reconcile(Arc::new(denied.clone()), ctx.clone())
+        .await
+        .expect("the reconcile succeeds");
+    let status_writes: Vec<serde_json::Value> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "PATCH" && w.path == format!("{}/status", batch_path("denied")))
+        .map(|w| w.body)
+        .collect();
+    assert_eq!(status_writes.len(), 1, "{status_writes:#?}");
+    let unavailable = status_writes[0]["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "PoolUnavailable"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(unavailable["status"], "True", "{unavailable}");
+    assert_eq!(unavailable["reason"], "AllocationRejected");
+    assert!(
+        unavailable["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("denied by policy")),
+        "{unavailable}"
+    );
+
+    // A batch holding its pods is told of no rejection, whatever the record says (its ledger's
+    // event may come before the answer to the grant that committed).
+    use sandbox_decisions::tasks::TaskPhase;
+    use sandbox_domain::status::{PoolSituation, ShardView};
+    let shard = |has_pod| ShardView {
+        released: false,
+        has_pod,
+        ready: has_pod,
+        task: TaskPhase::None,
+    };
+    assert_eq!(
+        batch::pool_situation(&denied, &ctx, &[shard(true)]),
+        PoolSituation::Fine
+    );
+    assert!(matches!(
+        batch::pool_situation(&denied, &ctx, &[shard(false)]),
+        PoolSituation::AllocationRejected { .. }
+    ));
+    ctx.rejected_grants
+        .committed(&index::Key::new(NS, "denied"));
+    assert_eq!(
+        batch::pool_situation(&denied, &ctx, &[shard(false)]),
+        PoolSituation::Fine,
+        "a grant committed since"
     );
 }
 

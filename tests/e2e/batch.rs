@@ -996,6 +996,27 @@ spec:
         rejected.contains("allocations to this batch are not allowed here"),
         "the event carries the server's message: {rejected}"
     );
+    // Its status says so too, in the server's words.
+    let unavailable = env
+        .wait_for("denied's status to tell the rejection", T, || async {
+            let condition = env.kubectl_ok(&[
+                "get",
+                "batchsandbox",
+                "denied",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"PoolUnavailable\")]}",
+            ]);
+            condition
+                .contains("\"reason\":\"AllocationRejected\"")
+                .then_some(condition.clone())
+                .ok_or(condition)
+        })
+        .await;
+    assert!(
+        unavailable.contains("\"status\":\"True\"")
+            && unavailable.contains("allocations to this batch are not allowed here"),
+        "{unavailable}"
+    );
 
     // The pool's other batches are served meanwhile.
     env.apply(&pooled_batch_yaml("served", "p", 1));

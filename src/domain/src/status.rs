@@ -35,6 +35,12 @@ pub enum PoolSituation {
         pool: String,
         pool_max: i32,
     },
+    /// The API server rejected the write that allocates the pool's pods to the batch (RBAC, an
+    /// admission webhook or policy); the allocation is retried with a backoff.
+    AllocationRejected {
+        pool: String,
+        message: String,
+    },
 }
 
 /// Everything the status is computed from.
@@ -64,6 +70,9 @@ pub const CONDITION_POLICY_DEGRADED: &str = "PolicyDegraded";
 pub const CONDITION_POOL_SELECTION_PENDING: &str = "PoolSelectionPending";
 /// Reason of [`CONDITION_POOL_SELECTION_PENDING`].
 pub const REASON_NO_ELIGIBLE_POOL: &str = "NoEligiblePool";
+/// The reason of `PoolUnavailable` while the API server rejects a batch's allocation. Each
+/// rejection is reported by an event of its own, with its retry time.
+pub const REASON_ALLOCATION_REJECTED: &str = "AllocationRejected";
 
 /// The status of a `poolRef: "*"` batch for which no Pool fits: nothing delivered, and why.
 pub fn selection_pending_status(
@@ -213,6 +222,7 @@ pub fn allocation_problems_begun<'a>(
                 c.type_.as_str(),
                 CONDITION_POOL_UNAVAILABLE | CONDITION_POOL_ALLOCATION_PENDING
             ) && c.status == "True"
+                && c.reason != REASON_ALLOCATION_REJECTED
                 && !is_true(previous, &c.type_)
         })
         .collect()
@@ -276,6 +286,17 @@ fn pool_conditions(pool: &PoolSituation) -> (Desired, Desired) {
                 true,
                 "PoolTerminating",
                 format!("Pool {pool:?} is being deleted; no new pods are allocated"),
+            ),
+            not_exhausted,
+        ),
+        PoolSituation::AllocationRejected { pool, message } => (
+            Desired::new(
+                CONDITION_POOL_UNAVAILABLE,
+                true,
+                REASON_ALLOCATION_REJECTED,
+                format!(
+                    "the API server rejected the allocation of Pool {pool:?}'s pods: {message}; retrying with a backoff"
+                ),
             ),
             not_exhausted,
         ),
@@ -439,6 +460,34 @@ mod tests {
     }
 
     #[test]
+    fn a_rejected_allocation_makes_the_pool_unavailable_with_the_servers_words() {
+        let mut v = view(vec![shard(false, false, TaskPhase::None)]);
+        v.pooled = true;
+        v.pool = PoolSituation::AllocationRejected {
+            pool: "p".into(),
+            message: "admission webhook \"deny.example.com\" denied the request".into(),
+        };
+        let s = batch_status(&v, &Default::default(), &now());
+        let unavailable = condition(&s, "PoolUnavailable");
+        assert_eq!(
+            (unavailable.status.as_str(), unavailable.reason.as_str()),
+            ("True", "AllocationRejected")
+        );
+        assert!(
+            unavailable.message.contains("Pool \"p\"")
+                && unavailable.message.contains("deny.example.com"),
+            "{}",
+            unavailable.message
+        );
+        let pending = condition(&s, "PoolAllocationPending");
+        assert_eq!(
+            (pending.status.as_str(), pending.reason.as_str()),
+            ("False", "PoolHasCapacity"),
+            "not a matter of capacity"
+        );
+    }
+
+    #[test]
     fn allocation_problems_are_reported_once_when_they_begin() {
         let mut v = view(vec![shard(false, false, TaskPhase::None)]);
         v.pooled = true;
@@ -466,6 +515,14 @@ mod tests {
         let begun = allocation_problems_begun(&again, &missing);
         assert_eq!(begun.len(), 1);
         assert_eq!(begun[0].reason, "PoolNotFound");
+
+        // A rejected allocation has an event of its own per rejection.
+        v.pool = PoolSituation::AllocationRejected {
+            pool: "p".into(),
+            message: "denied".into(),
+        };
+        let rejected = batch_status(&v, &fine, &now());
+        assert!(allocation_problems_begun(&fine, &rejected).is_empty());
 
         // Other conditions turning True are not allocation problems.
         let mut failing = view(vec![shard(true, true, TaskPhase::Failed)]);
