@@ -932,23 +932,31 @@ async fn every_grant_outcome_is_handled_after_a_refusal() {
     );
 }
 
+/// An API server that holds `batch` and `pool` and answers each patch of the batch (a grant)
+/// with 403 Forbidden, "denied by policy" (as RBAC or an admission policy would).
+fn api_refusing_grants_to(batch: &BatchSandbox, pool: &Pool) -> RecordedApi {
+    let api = RecordedApi::default();
+    let name = batch.name_any();
+    api.object(batch_path(&name), batch);
+    api.object(pool_path(), pool);
+    api.reply(
+        "PATCH",
+        &batch_path(&name),
+        403,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "denied by policy"}),
+    );
+    api
+}
+
 /// A grant the API server rejects for what it is (here a 403) would be rejected again: the batch
 /// is held back from its pool's plans for a backoff instead of being granted again at the pace
 /// of the pool's rounds, and a Warning event tells its owner why it gets no pods; the pool's
 /// other batches are served meanwhile.
 #[tokio::test]
 async fn a_rejected_grant_is_not_sent_again_before_its_backoff() {
-    let api = RecordedApi::default();
     let pool = pool([0, 0, 2, 2]);
     let denied = batch_created("denied", 1, "7", 0);
-    api.object(batch_path("denied"), &denied);
-    api.object(pool_path(), &pool);
-    api.reply(
-        "PATCH",
-        &batch_path("denied"),
-        403,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "denied by policy"}),
-    );
+    let api = api_refusing_grants_to(&denied, &pool);
     let (ctx, mut feed) = context_with_feed(
         &api,
         &pool,
@@ -1004,17 +1012,9 @@ async fn a_rejected_grant_is_not_sent_again_before_its_backoff() {
 /// batch holds its pods and the condition goes.
 #[tokio::test]
 async fn a_rejected_grant_is_told_in_its_batchs_status() {
-    let api = RecordedApi::default();
     let pool = pool([0, 0, 1, 1]);
     let denied = batch_created("denied", 1, "7", 0);
-    api.object(batch_path("denied"), &denied);
-    api.object(pool_path(), &pool);
-    api.reply(
-        "PATCH",
-        &batch_path("denied"),
-        403,
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "denied by policy"}),
-    );
+    let api = api_refusing_grants_to(&denied, &pool);
     let (ctx, _feed) = context_with_feed(
         &api,
         &pool,
