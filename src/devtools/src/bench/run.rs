@@ -338,7 +338,7 @@ impl Bench {
     }
 
     /// One pooled batch of `replicas` -> allocated with endpoints for all of them. With
-    /// `settle`, the batch is deleted only once the pool's status counts that many pods
+    /// `settle`, the batch is deleted only once the pool's status counts at least that many pods
     /// allocated: the next phase's wait for a warm pool reads the status, and one written before
     /// this batch was served would show the pool warm while its pods are being recycled.
     async fn one_batch(
@@ -357,7 +357,7 @@ impl Bench {
                 pool,
                 "pool status counting the batch",
                 Duration::from_secs(120),
-                |c| c.allocated == held,
+                |c| c.allocated >= held,
             )
             .await?;
         }
@@ -652,7 +652,21 @@ impl Bench {
                 |c| c.available >= 100,
             )
             .await?;
-            figures.batch100 = Some(self.one_batch("scale-b100", &pools[0], 100, None).await?);
+            figures.batch100 = Some(
+                self.one_batch("scale-b100", &pools[0], 100, Some((&pools[0], 100)))
+                    .await?,
+            );
+            // Its 100 pods are recycled: the burst starts once they are back, not among their
+            // deletions and re-creations.
+            let size = i32::try_from(s.pods_per_pool).context("--pods-per-pool")?;
+            let refilled = size - i32::try_from(live_per_pool).context("--live-batches")? - 5;
+            self.wait_pool(
+                &pools[0],
+                "pool-0 refilled after the batch of 100",
+                Duration::from_secs(300),
+                |c| c.total == size && c.available >= refilled,
+            )
+            .await?;
         } else {
             println!("scale: pools too small for a batch of 100; skipped");
         }
