@@ -698,7 +698,8 @@ pub async fn run(
         pods_writer,
         scoped(&client, ns),
         pods_cfg,
-        as_decoded,
+        // Pods are decoded as cached ([`CachedPod`]).
+        std::convert::identity,
         router.clone(),
         router::Router::pod_event,
     );
@@ -831,11 +832,6 @@ type AnswerSkipped = serde::de::IgnoredAny;
 /// Requests on the pods of `namespace`.
 fn pods_request(namespace: &str) -> kube::core::Request {
     kube::core::Request::new(<Pod as Resource>::url_path(&(), Some(namespace)))
-}
-
-/// Pods are decoded as cached ([`CachedPod`]).
-fn as_decoded(pod: CachedPod) -> CachedPod {
-    pod
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
