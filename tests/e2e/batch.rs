@@ -810,17 +810,19 @@ async fn describe_shows_failures_recycling_and_expiry_but_no_event_for_a_healthy
         pooled_batch_yaml("short", "p", 1),
         expire_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     ));
-    env.wait_for("an Expired event on short", T, || async {
-        let events = env.kubectl_ok(&[
+    env.wait_for_kubectl(
+        "an Expired event on short",
+        T,
+        &[
             "get",
             "events",
             "--field-selector",
             "reason=Expired,involvedObject.name=short",
             "-o",
             "name",
-        ]);
-        !events.trim().is_empty()
-    })
+        ],
+        |events| !events.trim().is_empty(),
+    )
     .await;
 }
 
@@ -978,19 +980,19 @@ spec:
     wait_pool(&env, "p", 2, 0, 2).await;
     env.apply(&pooled_batch_yaml("denied", "p", 1));
     let rejected = env
-        .wait_for("an AllocationRejected warning on denied", T, || async {
-            let events = env.kubectl_ok(&[
+        .wait_for_kubectl(
+            "an AllocationRejected warning on denied",
+            T,
+            &[
                 "get",
                 "events",
                 "--field-selector",
                 "involvedObject.name=denied,reason=AllocationRejected",
                 "-o",
                 "jsonpath={.items[*].message}",
-            ]);
-            (!events.trim().is_empty())
-                .then_some(events)
-                .ok_or(String::new())
-        })
+            ],
+            |events| !events.trim().is_empty(),
+        )
         .await;
     assert!(
         rejected.contains("allocations to this batch are not allowed here"),
@@ -998,19 +1000,18 @@ spec:
     );
     // Its status says so too, in the server's words.
     let unavailable = env
-        .wait_for("denied's status to tell the rejection", T, || async {
-            let condition = env.kubectl_ok(&[
+        .wait_for_kubectl(
+            "denied's status to tell the rejection",
+            T,
+            &[
                 "get",
                 "batchsandbox",
                 "denied",
                 "-o",
                 "jsonpath={.status.conditions[?(@.type==\"PoolUnavailable\")]}",
-            ]);
-            condition
-                .contains("\"reason\":\"AllocationRejected\"")
-                .then_some(condition.clone())
-                .ok_or(condition)
-        })
+            ],
+            |condition| condition.contains("\"reason\":\"AllocationRejected\""),
+        )
         .await;
     assert!(
         unavailable.contains("\"status\":\"True\"")

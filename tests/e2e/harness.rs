@@ -185,6 +185,22 @@ impl TestEnv {
         }
     }
 
+    /// Polls `kubectl args` (as [`TestEnv::wait_for`] does) until its output satisfies
+    /// `accept`, and returns that output.
+    pub async fn wait_for_kubectl(
+        &self,
+        what: &str,
+        timeout: Duration,
+        args: &[&str],
+        accept: impl Fn(&str) -> bool,
+    ) -> String {
+        self.wait_for(what, timeout, || async {
+            let out = self.kubectl_ok(args);
+            if accept(&out) { Ok(out) } else { Err(out) }
+        })
+        .await
+    }
+
     /// The kubectl command [`TestEnv::kubectl`] runs, not started yet.
     pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
         let cluster = cluster();
