@@ -361,15 +361,25 @@ fn pooling(limits: &Limits, reset_in_place: bool) -> PoolingAllocationConfig {
 /// A counting semaphore for [`CONCURRENT_CALLS`], with [`RESERVED_FOR_DEFAULTS`] of them kept
 /// from custom policies; callers block their thread while they wait.
 struct CallSlots {
-    free: Mutex<u32>,
+    counts: Mutex<SlotCounts>,
     freed: Condvar,
     reserved: u32,
+}
+
+struct SlotCounts {
+    free: u32,
+    /// Callers blocked in [`CallSlots::acquire`]: a freed slot wakes them only if there are any,
+    /// as waking no one still costs a system call on every decision.
+    waiting: u32,
 }
 
 impl CallSlots {
     fn new(count: u32, reserved: u32) -> Self {
         Self {
-            free: Mutex::new(count),
+            counts: Mutex::new(SlotCounts {
+                free: count,
+                waiting: 0,
+            }),
             freed: Condvar::new(),
             reserved: reserved.min(count.saturating_sub(1)),
         }
@@ -382,32 +392,42 @@ impl CallSlots {
         }
     }
 
-    fn free(&self) -> std::sync::MutexGuard<'_, u32> {
-        self.free
+    fn counts(&self) -> std::sync::MutexGuard<'_, SlotCounts> {
+        self.counts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn take<'a>(&'a self, free: &mut u32) -> CallSlot<'a> {
-        *free -= 1;
+    fn take<'a>(&'a self, counts: &mut SlotCounts) -> CallSlot<'a> {
+        counts.free -= 1;
         CallSlot(self)
     }
 
     fn acquire(&self, class: CallClass) -> CallSlot<'_> {
-        let mut free = self.free();
-        while !self.may_take(*free, class) {
-            free = self
-                .freed
-                .wait(free)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut counts = self.counts();
+        if !self.may_take(counts.free, class) {
+            counts.waiting += 1;
+            while !self.may_take(counts.free, class) {
+                counts = self
+                    .freed
+                    .wait(counts)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            counts.waiting -= 1;
         }
-        self.take(&mut free)
+        self.take(&mut counts)
     }
 
     #[cfg(test)]
     fn try_acquire(&self, class: CallClass) -> Option<CallSlot<'_>> {
-        let mut free = self.free();
-        self.may_take(*free, class).then(|| self.take(&mut free))
+        let mut counts = self.counts();
+        self.may_take(counts.free, class)
+            .then(|| self.take(&mut counts))
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> u32 {
+        self.counts().waiting
     }
 }
 
@@ -415,10 +435,16 @@ struct CallSlot<'a>(&'a CallSlots);
 
 impl Drop for CallSlot<'_> {
     fn drop(&mut self) {
-        *self.0.free() += 1;
+        let someone_waits = {
+            let mut counts = self.0.counts();
+            counts.free += 1;
+            counts.waiting > 0
+        };
         // Waiters differ in what they may take: a default may be waiting behind a custom call
         // that cannot use this slot, so all are woken to look.
-        self.0.freed.notify_all();
+        if someone_waits {
+            self.0.freed.notify_all();
+        }
     }
 }
 
@@ -597,6 +623,7 @@ impl WasmHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn limits_with_timeout(timeout: Duration) -> Limits {
         Limits {
@@ -664,10 +691,17 @@ mod tests {
                 took.send(()).expect("the test is listening");
             })
         };
+        // The slot is freed only once the waiter is blocked, so that freeing it must wake it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while slots.waiting() == 0 {
+            assert!(Instant::now() < deadline, "the waiter never blocked");
+            std::thread::yield_now();
+        }
         drop(last);
         taken
-            .recv()
+            .recv_timeout(Duration::from_secs(10))
             .expect("the waiting default got the freed slot");
         waiter.join().expect("the waiter finished");
+        assert_eq!(slots.waiting(), 0);
     }
 }
