@@ -79,20 +79,21 @@ impl Quantity {
         let fraction = fraction.trim_end_matches('0');
         let whole = whole.trim_start_matches('0');
         let digits = || whole.bytes().chain(fraction.bytes()).map(|d| d - b'0');
-        // Up to 19 digits fit a u64, whose arithmetic is native in WebAssembly guests; i128's is
-        // a library call per operation there.
-        let mantissa =
-            match digits().try_fold(0u64, |m, d| m.checked_mul(10)?.checked_add(d.into())) {
-                Some(mantissa) => i128::from(mantissa),
-                None => digits()
-                    .try_fold(0i128, |m, d| m.checked_mul(10)?.checked_add(d.into()))
-                    .ok_or(QuantityError::OutOfRange)?,
-            };
+        // Up to 19 digits always fit a u64 (10^19 - 1 < 2^64), so they are read without overflow
+        // checks: in WebAssembly guests a checked u64 multiplication is a 128-bit library call,
+        // as is all of i128's arithmetic.
+        let mantissa = if whole.len() + fraction.len() <= 19 {
+            i128::from(digits().fold(0u64, |m, d| m * 10 + u64::from(d)))
+        } else {
+            digits()
+                .try_fold(0i128, |m, d| m.checked_mul(10)?.checked_add(d.into()))
+                .ok_or(QuantityError::OutOfRange)?
+        };
         let fraction_digits =
             i32::try_from(fraction.len()).map_err(|_| QuantityError::OutOfRange)?;
         // value = mantissa * 10^(9 + decimal - fraction_digits) * 2^binary nano-units.
-        let mut value =
-            checked_product(mantissa, 1i128 << binary).ok_or(QuantityError::OutOfRange)?;
+        let mut value = checked_product(mantissa, i128::from(1u64 << binary))
+            .ok_or(QuantityError::OutOfRange)?;
         let exponent = 9 + decimal - fraction_digits;
         if exponent >= 0 {
             if exponent > MAX_DECIMAL_EXPONENT && value != 0 {
@@ -160,14 +161,14 @@ fn suffix_scale(suffix: &str) -> Result<(i32, u32), QuantityError> {
     })
 }
 
-/// `a * b` for non-negative `a` and `b`, `None` on overflow. Worked in u64 when both fit, as
-/// most quantities do: that multiplication is native in WebAssembly, i128's a library call.
+/// `a * b` for non-negative `a` and `b`, `None` on overflow. Worked in u64 when the product
+/// surely fits (the factors' significant bits add up to at most 64), as for most quantities: that
+/// multiplication is native in WebAssembly, while a checked one, or i128's, is a library call.
 fn checked_product(a: i128, b: i128) -> Option<i128> {
     match (u64::try_from(a), u64::try_from(b)) {
-        (Ok(small_a), Ok(small_b)) => match small_a.checked_mul(small_b) {
-            Some(product) => Some(i128::from(product)),
-            None => a.checked_mul(b),
-        },
+        (Ok(small_a), Ok(small_b)) if small_a.leading_zeros() + small_b.leading_zeros() >= 64 => {
+            Some(i128::from(small_a * small_b))
+        }
         _ => a.checked_mul(b),
     }
 }

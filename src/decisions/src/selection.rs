@@ -121,7 +121,11 @@ impl<'a> Wanted<'a> {
         Self {
             replicas: batch.replicas,
             images: images(&batch.template),
-            requests: total_requests(&batch.template),
+            requests: total_requests(&batch.template).map(|mut totals| {
+                // The order the reason names short resources in.
+                totals.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                totals
+            }),
             node_selector: &batch.template.node_selector,
         }
     }
@@ -143,8 +147,8 @@ enum Misfit<'a> {
     PoolRequest(String),
     /// Resources the pool requests less of (`None`: not at all), with what the batch wants.
     Requests(Vec<(&'a str, Option<Quantity>, Quantity)>),
-    /// Node-selector keys the pool does not match: the key, the pool's value, the wanted value.
-    NodeSelector(Vec<(&'a str, Option<&'a str>, &'a str)>),
+    /// Node-selector keys the pool does not match, in the order the reason names them, each once.
+    NodeSelector(Vec<WrongNodeLabel<'a>>),
 }
 
 impl fmt::Display for Misfit<'_> {
@@ -158,38 +162,73 @@ impl fmt::Display for Misfit<'_> {
                 f,
                 "at capacity (poolMax {pool_max}, allocated {allocated}, wants {wants})"
             ),
-            Misfit::Images { offered, wanted } => write!(
-                f,
-                "images [{}] not [{}]",
-                images(offered).join(", "),
-                wanted.join(", ")
-            ),
+            Misfit::Images { offered, wanted } => {
+                f.write_str("images [")?;
+                write_joined(f, &images(offered))?;
+                f.write_str("] not [")?;
+                write_joined(f, wanted)?;
+                f.write_str("]")
+            }
             Misfit::BatchRequest(bad) => write!(f, "batch request {bad}"),
             Misfit::PoolRequest(bad) => write!(f, "pool request {bad}"),
             Misfit::Requests(short) => {
                 f.write_str("requests ")?;
                 for (i, (name, has, want)) in short.iter().enumerate() {
-                    let sep = if i == 0 { "" } else { ", " };
+                    f.write_str(if i == 0 { "" } else { ", " })?;
+                    f.write_str(name)?;
+                    f.write_str(" ")?;
                     match has {
-                        Some(has) => write!(f, "{sep}{name} {has} < {want}")?,
-                        None => write!(f, "{sep}{name} none < {want}")?,
+                        Some(has) => fmt::Display::fmt(has, f)?,
+                        None => f.write_str("none")?,
                     }
+                    f.write_str(" < ")?;
+                    fmt::Display::fmt(want, f)?;
                 }
                 Ok(())
             }
             Misfit::NodeSelector(wrong) => {
-                let mut wrong: Vec<String> = wrong
-                    .iter()
-                    .map(|(key, has, want)| match has {
-                        Some(has) => format!("{key}={has} not {want}"),
-                        None => format!("{key} unset"),
-                    })
-                    .collect();
-                wrong.sort_unstable();
-                wrong.dedup();
-                write!(f, "nodeSelector {}", wrong.join(", "))
+                f.write_str("nodeSelector ")?;
+                for (i, entry) in wrong.iter().enumerate() {
+                    f.write_str(if i == 0 { "" } else { ", " })?;
+                    for part in entry.words() {
+                        f.write_str(part)?;
+                    }
+                }
+                Ok(())
             }
         }
+    }
+}
+
+/// `items` separated by commas.
+fn write_joined(f: &mut fmt::Formatter<'_>, items: &[&str]) -> fmt::Result {
+    for (i, item) in items.iter().enumerate() {
+        f.write_str(if i == 0 { "" } else { ", " })?;
+        f.write_str(item)?;
+    }
+    Ok(())
+}
+
+/// A node-selector key a pool does not match: the key, the pool's value, the wanted value.
+struct WrongNodeLabel<'a> {
+    key: &'a str,
+    has: Option<&'a str>,
+    want: &'a str,
+}
+
+impl<'a> WrongNodeLabel<'a> {
+    /// How the reason puts it: `key=has not want`, or `key unset`.
+    fn words(&self) -> [&'a str; 5] {
+        match self.has {
+            Some(has) => [self.key, "=", has, " not ", self.want],
+            None => [self.key, " unset", "", "", ""],
+        }
+    }
+
+    /// Orders entries as their words read, byte by byte, without writing them out.
+    fn cmp_words(&self, other: &Self) -> Ordering {
+        let bytes = |entry: &Self| entry.words().into_iter().flat_map(str::bytes);
+        bytes(self).cmp(bytes(other))
     }
 }
 
@@ -240,9 +279,11 @@ fn image_mismatch(wanted: &[&str], pool: &PodRequirements) -> bool {
             .any(|c| !c.image.is_empty() && wanted.binary_search(&c.image.as_str()).is_ok())
 }
 
-/// Requests summed over containers, by resource name; `Err` names an unreadable quantity.
+/// Requests summed over containers, one entry per resource name in the order first requested;
+/// `Err` names an unreadable quantity.
 fn total_requests(template: &PodRequirements) -> Result<Vec<(&str, Quantity)>, String> {
-    let mut totals: Vec<(&str, Quantity)> = Vec::new();
+    let requests = template.containers.iter().map(|c| c.requests.len()).sum();
+    let mut totals: Vec<(&str, Quantity)> = Vec::with_capacity(requests);
     for request in template.containers.iter().flat_map(|c| &c.requests) {
         let quantity = Quantity::parse(&request.quantity)
             .map_err(|e| format!("{} {:?} {e}", request.name, request.quantity))?;
@@ -255,7 +296,6 @@ fn total_requests(template: &PodRequirements) -> Result<Vec<(&str, Quantity)>, S
             None => totals.push((&request.name, quantity)),
         }
     }
-    totals.sort_unstable_by(|a, b| a.0.cmp(b.0));
     Ok(totals)
 }
 
@@ -299,13 +339,19 @@ fn node_selector_mismatch<'a>(wanted: &'a [Label], pool: &'a CandidatePool) -> O
             .find(|l| l.key == key)
             .map(|l| l.value.as_str())
     };
-    let wrong: Vec<(&str, Option<&str>, &str)> = wanted
+    let mut wrong: Vec<WrongNodeLabel<'a>> = wanted
         .iter()
         .filter_map(|want| match pool_value(&want.key) {
             Some(v) if v == want.value => None,
-            has => Some((want.key.as_str(), has, want.value.as_str())),
+            has => Some(WrongNodeLabel {
+                key: &want.key,
+                has,
+                want: &want.value,
+            }),
         })
         .collect();
+    wrong.sort_unstable_by(WrongNodeLabel::cmp_words);
+    wrong.dedup_by(|a, b| a.cmp_words(b) == Ordering::Equal);
     (!wrong.is_empty()).then_some(Misfit::NodeSelector(wrong))
 }
 
@@ -347,7 +393,8 @@ pub fn least_allocated_fit(input: &SelectionInput) -> SelectionDecision {
             _ => best,
         }
     });
-    let mut reason = String::new();
+    // Room for the longest reason kept, so that writing it never moves it.
+    let mut reason = String::with_capacity(MAX_REASON_BYTES + 256);
     match best {
         Some(pool) => {
             let _ = write!(
@@ -370,9 +417,12 @@ pub fn least_allocated_fit(input: &SelectionInput) -> SelectionDecision {
             if reason.len() > MAX_REASON_BYTES {
                 break;
             }
-            let _ = write!(reason, "{}{name}: ", if i == 0 { "" } else { "; " });
+            reason.push_str(if i == 0 { "" } else { "; " });
+            reason.push_str(name);
+            reason.push_str(": ");
             for (j, misfit) in why.iter().enumerate() {
-                let _ = write!(reason, "{}{misfit}", if j == 0 { "" } else { "; " });
+                reason.push_str(if j == 0 { "" } else { "; " });
+                let _ = write!(reason, "{misfit}");
             }
         }
     }
@@ -623,6 +673,30 @@ pub(crate) mod tests {
             d.reason.ends_with("p: nodeSelector zone=b not a"),
             "{}",
             d.reason
+        );
+    }
+
+    #[test]
+    fn a_misfit_names_every_image_and_wrong_node_label_in_order_once() {
+        let mut b = batch("img-b", &[]);
+        b.template.containers.push(container("img-a", &[]));
+        b.template.node_selector = vec![
+            Label::new("a", "x"),
+            Label::new("a-b", "y"),
+            Label::new("zone", "1"),
+            Label::new("a", "x"),
+        ];
+        let mut p = pool("p", "other-2", &[], 1, 0);
+        p.template
+            .containers
+            .extend([container("other-1", &[]), container("other-2", &[])]);
+        p.labels = vec![Label::new("a", "z"), Label::new("a-b", "w")];
+        let d = select(b, vec![p]);
+        // As the words read: "a-b=" before "a=", each wrong label once.
+        assert_eq!(
+            d.reason,
+            "0/1 pools fit: p: images [other-1, other-2] not [img-a, img-b]; \
+             nodeSelector a-b=w not y, a=z not x, zone unset"
         );
     }
 
