@@ -6,6 +6,12 @@
 //!
 //! Linking this crate makes [`BumpHeap`] the global allocator of a `wasm32` guest; `use guest_heap
 //! as _;` is enough. Elsewhere (the crate's own tests) it only provides the type.
+//!
+//! It also gives a `no_std` guest the two things the standard library would: the canonical ABI's
+//! `cabi_realloc` (over the same heap) and a panic handler (a trap). A guest without the standard
+//! library imports nothing from WASI, so its component is a single core module with no imports: the
+//! host sets up less for each call than for the standard library's WASI imports and the adapter
+//! modules that satisfy them.
 #![no_std]
 
 use core::alloc::{GlobalAlloc, Layout};
@@ -296,6 +302,52 @@ impl<M: Memory> BumpHeap<M> {
             moved.add(C_HEADER)
         }
     }
+}
+
+/// The canonical ABI's allocation function, through which the host moves strings and lists into
+/// the guest: the global allocator, as the standard library would define it.
+///
+/// # Safety
+/// As the canonical ABI's `realloc`: `old` is null with `old_len` 0, or a block of `old_len`
+/// bytes at `align` from an earlier call; `align` is a power of two.
+#[cfg(target_arch = "wasm32")]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cabi_realloc(
+    old: *mut u8,
+    old_len: usize,
+    align: usize,
+    new_len: usize,
+) -> *mut u8 {
+    if new_len == 0 {
+        // A well-aligned, never dereferenced address, as for any empty allocation.
+        return align as *mut u8;
+    }
+    // SAFETY: the caller guarantees `align` is a power of two; the sizes are not zero.
+    unsafe {
+        if old_len == 0 {
+            HEAP.alloc(Layout::from_size_align_unchecked(new_len, align))
+        } else {
+            HEAP.realloc(
+                old,
+                Layout::from_size_align_unchecked(old_len, align),
+                new_len,
+            )
+        }
+    }
+}
+
+// The C library's memory functions (`memcmp` and the like, which compiled Rust calls), as the
+// standard library would link them; none of them imports anything.
+#[cfg(target_arch = "wasm32")]
+#[link(name = "c")]
+unsafe extern "C" {}
+
+/// A panic traps: the host reports the call as failed and falls back, as for any trap. (With the
+/// standard library a panic would write to stderr first, an import that traps here anyway.)
+#[cfg(target_arch = "wasm32")]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    core::arch::wasm32::unreachable()
 }
 
 #[cfg(test)]

@@ -377,6 +377,23 @@ fn the_committed_prebuilt_components_match_the_sources() {
 }
 
 #[test]
+fn the_defaults_import_nothing() {
+    // A component with imports carries adapter modules that every instantiation sets up too.
+    let engine = wasmtime::Engine::default();
+    for decision in Decision::ALL {
+        let component =
+            wasmtime::component::Component::new(&engine, embedded::default_component(decision))
+                .expect("a default compiles");
+        let imports: Vec<String> = component
+            .component_type()
+            .imports(&engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        assert!(imports.is_empty(), "{decision:?} imports {imports:?}");
+    }
+}
+
+#[test]
 fn defaults_take_no_settings() {
     let policies = shared();
     for decision in Decision::ALL {

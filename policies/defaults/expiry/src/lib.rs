@@ -1,6 +1,12 @@
 //! The default expiry policy: [`sandbox_decisions::expiry::at_expire_time`] (expire exactly at
 //! `expireTime`, recheck when it falls due) behind the `expiry` interface.
 
+#![no_std]
+
+extern crate alloc;
+
+use alloc::string::String;
+
 wit_bindgen::generate!({ world: "expiry-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.

@@ -1,6 +1,12 @@
 //! The default pool-selection policy: [`sandbox_decisions::selection::least_allocated_fit`] (the
 //! least allocated pool whose pods fit the batch's template) behind the `pool-selection` interface.
 
+#![no_std]
+
+extern crate alloc;
+
+use alloc::string::String;
+
 wit_bindgen::generate!({ world: "pool-selection-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.

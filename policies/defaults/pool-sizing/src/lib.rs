@@ -2,6 +2,12 @@
 //! `pool-sizing` interface. The decision itself lives in `sandbox-decisions`, which the controller
 //! runs natively as its fail-safe, so the two cannot differ.
 
+#![no_std]
+
+extern crate alloc;
+
+use alloc::string::String;
+
 wit_bindgen::generate!({ world: "pool-sizing-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.

@@ -1,6 +1,13 @@
 //! The default shard-task policy: [`sandbox_decisions::tasks::template_merge`] (`taskTemplate`
 //! merged with `shardTaskPatches[i]`) behind the `shard-tasks` interface.
 
+#![no_std]
+
+extern crate alloc;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
 wit_bindgen::generate!({ world: "shard-tasks-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.
