@@ -10,8 +10,8 @@ use alloc::string::String;
 wit_bindgen::generate!({ world: "expiry-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.
-use guest_heap as _;
 use exports::opensandbox::policy::expiry as wit;
+use guest_heap as _;
 use sandbox_decisions::{Bridge, bridge_expiry, expiry, settings};
 
 bridge_expiry!(wit);

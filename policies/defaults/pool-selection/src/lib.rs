@@ -10,8 +10,8 @@ use alloc::string::String;
 wit_bindgen::generate!({ world: "pool-selection-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.
-use guest_heap as _;
 use exports::opensandbox::policy::pool_selection as wit;
+use guest_heap as _;
 use sandbox_decisions::{Bridge, bridge_pool_selection, selection, settings};
 
 bridge_pool_selection!(wit);

@@ -11,8 +11,8 @@ use alloc::string::String;
 wit_bindgen::generate!({ world: "pool-sizing-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.
-use guest_heap as _;
 use exports::opensandbox::policy::pool_sizing as wit;
+use guest_heap as _;
 use sandbox_decisions::{Bridge, bridge_pool_sizing, settings, sizing};
 
 bridge_pool_sizing!(wit);

@@ -11,8 +11,8 @@ use alloc::vec::Vec;
 wit_bindgen::generate!({ world: "shard-tasks-policy", path: "../../../wit" });
 
 // Each instance serves one call: allocation bumps a pointer and nothing is freed.
-use guest_heap as _;
 use exports::opensandbox::policy::shard_tasks as wit;
+use guest_heap as _;
 use sandbox_decisions::{Bridge, bridge_shard_tasks, settings, tasks};
 
 bridge_shard_tasks!(wit);
