@@ -393,7 +393,7 @@ pub fn least_allocated_fit(input: &SelectionInput) -> SelectionDecision {
             _ => best,
         }
     });
-    // Room for the longest reason kept, so that writing it never moves it.
+    // Room for the longest reason kept and then some, so that writing it seldom moves it.
     let mut reason = String::with_capacity(MAX_REASON_BYTES + 256);
     match best {
         Some(pool) => {
