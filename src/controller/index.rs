@@ -472,6 +472,14 @@ mod tests {
         Arc::new(CachedPod::from(pod))
     }
 
+    /// Pool `ns/p` with room for two pods.
+    fn pool_of_two() -> Pool {
+        let mut pool = Pool::new("p", sandbox_domain::api::PoolSpec::default());
+        pool.metadata.namespace = Some("ns".into());
+        pool.spec.capacity_spec.pool_max = 2;
+        pool
+    }
+
     fn batch(name: &str, pool_ref: &str, ledger: Option<&str>) -> BatchSandbox {
         let mut batch = BatchSandbox::new(
             name,
@@ -748,9 +756,7 @@ mod tests {
     #[test]
     fn a_pool_status_write_wakes_its_batches_only_when_the_pool_runs_out_or_turns_exhausted() {
         let mut index = Indexes::default();
-        let mut pool = Pool::new("p", sandbox_domain::api::PoolSpec::default());
-        pool.metadata.namespace = Some("ns".into());
-        pool.spec.capacity_spec.pool_max = 2;
+        let mut pool = pool_of_two();
         let batches_read = |index: &mut Indexes, pool: &Pool| index.pool_applied(pool).batches_read;
         assert!(batches_read(&mut index, &pool), "a new pool");
         let counts = |total, available| sandbox_domain::api::PoolStatus {
@@ -787,9 +793,7 @@ mod tests {
     #[test]
     fn only_what_a_pool_is_beside_its_status_counts_as_changing_the_pool_itself() {
         let mut index = Indexes::default();
-        let mut pool = Pool::new("p", sandbox_domain::api::PoolSpec::default());
-        pool.metadata.namespace = Some("ns".into());
-        pool.spec.capacity_spec.pool_max = 2;
+        let mut pool = pool_of_two();
         let itself = |index: &mut Indexes, pool: &Pool| index.pool_applied(pool).beyond_status;
         assert!(itself(&mut index, &pool), "a new pool");
         pool.status = Some(sandbox_domain::api::PoolStatus {
