@@ -3,9 +3,10 @@
 //!
 //! Claims are the latency that matters. While a pool's grants are being written, a refill's pod
 //! creations and a status write would compete with them for the API server, so sizing waits until
-//! the claims are served (or for at most [`MAX_SIZING_DEFERRAL`], so a steady stream of claims
-//! never starves refills), and the status, which only reports counts, is written at most once per
-//! [`STATUS_INTERVAL`], with whatever changed in between coalesced into that one write.
+//! the claims are served and no claim has come for [`CLAIM_QUIET`] (or for at most
+//! [`MAX_SIZING_DEFERRAL`], so a steady stream of claims never starves refills), and the status,
+//! which only reports counts, is written at most once per [`STATUS_INTERVAL`], with whatever
+//! changed in between coalesced into that one write. A pool short of idle pods sizes at once.
 //!
 //! A status write that only moves counts also takes a slot of a budget shared by all pools
 //! (`--pool-status-writes-per-second`): with many pools, claims spread over all of them would
@@ -25,6 +26,13 @@ use super::index::Key;
 pub const MAX_SIZING_DEFERRAL: Duration = Duration::from_millis(500);
 /// How soon a deferred sizing is looked at again when no event comes first.
 pub const SIZING_RECHECK: Duration = Duration::from_millis(50);
+/// How long after its last grant a pool still counts as serving claims. Claims made one after
+/// another come closer together than this, and a refill sized between two of them would send its
+/// pod's writes (create, binding, the node's status) to the API server with the next claim.
+pub const CLAIM_QUIET: Duration = Duration::from_millis(50);
+/// Longest time sizing waits for that quiet time. Claims one after another never leave one, and
+/// the refills held back meanwhile are created together: a short bound keeps that group small.
+pub const MAX_QUIET_DEFERRAL: Duration = Duration::from_millis(100);
 /// Shortest time between two status writes of one pool.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -34,6 +42,17 @@ pub enum Sizing {
     Now,
     /// Claims are being served: look again after this long (or on the next event).
     Defer(Duration),
+}
+
+/// Where a pool's claims stand after an allocation round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claims {
+    /// Grants were planned in this round or are still being written, and every demand was met.
+    Serving,
+    /// Some demand found no idle pod: the pool needs its refill at once.
+    Short,
+    /// Nothing to serve.
+    Served,
 }
 
 /// What a reconcile does about a status that differs from the one the Pool shows.
@@ -86,26 +105,38 @@ pub enum StatusChange {
 pub struct PoolPace {
     /// Since when sizing has been waiting behind claims.
     deferred_since: Option<Instant>,
+    /// When a round last found claims being served.
+    last_serving: Option<Instant>,
     last_status_write: Option<Instant>,
     /// The budget slot this pool's next counts-only write holds.
     reserved_slot: Option<Instant>,
 }
 
 impl PoolPace {
-    /// `serving`: grants were planned in this round or are still being written, and none of the
-    /// demand is short of idle pods (a short pool needs its refill at once).
-    pub fn sizing(&mut self, now: Instant, serving: bool) -> Sizing {
-        if !serving {
+    pub fn sizing(&mut self, now: Instant, claims: Claims) -> Sizing {
+        let wait = match claims {
+            Claims::Short => None,
+            Claims::Serving => {
+                self.last_serving = Some(now);
+                Some((SIZING_RECHECK, MAX_SIZING_DEFERRAL))
+            }
+            Claims::Served => self
+                .last_serving
+                .map(|at| (at + CLAIM_QUIET).saturating_duration_since(now))
+                .filter(|quiet_in| !quiet_in.is_zero())
+                .map(|quiet_in| (quiet_in, MAX_QUIET_DEFERRAL)),
+        };
+        let Some((recheck, bound)) = wait else {
             self.deferred_since = None;
             return Sizing::Now;
-        }
+        };
         let since = *self.deferred_since.get_or_insert(now);
         let waited = now.saturating_duration_since(since);
-        if waited >= MAX_SIZING_DEFERRAL {
+        if waited >= bound {
             self.deferred_since = None;
             return Sizing::Now;
         }
-        Sizing::Defer(SIZING_RECHECK.min(MAX_SIZING_DEFERRAL - waited))
+        Sizing::Defer(recheck.min(bound - waited))
     }
 
     /// Whether a changed status may be written now; call [`Self::status_written`] once it was.
@@ -201,25 +232,77 @@ mod tests {
     fn sizing_waits_behind_claims_but_never_longer_than_the_bound() {
         let start = Instant::now();
         let mut pace = PoolPace::default();
-        assert_eq!(pace.sizing(start, false), Sizing::Now);
-        assert_eq!(pace.sizing(start, true), Sizing::Defer(SIZING_RECHECK));
+        assert_eq!(pace.sizing(start, Claims::Served), Sizing::Now);
+        assert_eq!(
+            pace.sizing(start, Claims::Serving),
+            Sizing::Defer(SIZING_RECHECK)
+        );
         // Still serving later on: the wait is counted from the first deferral.
         let late = start + MAX_SIZING_DEFERRAL - 10 * MS;
-        assert_eq!(pace.sizing(late, true), Sizing::Defer(10 * MS));
+        assert_eq!(pace.sizing(late, Claims::Serving), Sizing::Defer(10 * MS));
         assert_eq!(
-            pace.sizing(start + MAX_SIZING_DEFERRAL, true),
+            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Serving),
             Sizing::Now,
             "a steady stream of claims does not starve refills"
         );
         // The bound starts over with the next deferral.
         let next = start + MAX_SIZING_DEFERRAL + MS;
-        assert_eq!(pace.sizing(next, true), Sizing::Defer(SIZING_RECHECK));
-        // Once claims are served, sizing runs and the deferral is forgotten.
-        assert_eq!(pace.sizing(next + MS, false), Sizing::Now);
         assert_eq!(
-            pace.sizing(next + 2 * MS, true),
+            pace.sizing(next, Claims::Serving),
             Sizing::Defer(SIZING_RECHECK)
         );
+        // A pool short of idle pods sizes at once, and the deferral is forgotten.
+        assert_eq!(pace.sizing(next + MS, Claims::Short), Sizing::Now);
+        assert_eq!(
+            pace.sizing(next + 2 * MS, Claims::Serving),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+    }
+
+    #[test]
+    fn sizing_waits_for_a_quiet_time_after_the_last_claim() {
+        let start = Instant::now();
+        let mut pace = PoolPace::default();
+        assert_eq!(
+            pace.sizing(start, Claims::Serving),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+        // The claim is served; the next one may come within the quiet time.
+        let served = start + 3 * MS;
+        assert_eq!(
+            pace.sizing(served, Claims::Served),
+            Sizing::Defer(CLAIM_QUIET - 3 * MS)
+        );
+        // Another claim starts the quiet time over.
+        let again = start + 10 * MS;
+        assert_eq!(
+            pace.sizing(again, Claims::Serving),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+        assert_eq!(
+            pace.sizing(again + CLAIM_QUIET - MS, Claims::Served),
+            Sizing::Defer(MS)
+        );
+        assert_eq!(
+            pace.sizing(again + CLAIM_QUIET, Claims::Served),
+            Sizing::Now
+        );
+        // Claims one after another, each served before the next comes, never leave a quiet
+        // time: their refills go out at the quiet time's own, shorter bound.
+        let mut pace = PoolPace::default();
+        let mut now = start;
+        let mut sized_at = None;
+        while now < start + MAX_SIZING_DEFERRAL && sized_at.is_none() {
+            if pace.sizing(now, Claims::Serving) == Sizing::Now {
+                sized_at = Some(now);
+            } else if pace.sizing(now + 3 * MS, Claims::Served) == Sizing::Now {
+                sized_at = Some(now + 3 * MS);
+            }
+            now += 12 * MS;
+        }
+        let sized_at = sized_at.expect("sized before the bound for claims in flight");
+        assert!(sized_at - start >= MAX_QUIET_DEFERRAL);
+        assert!(sized_at - start < MAX_QUIET_DEFERRAL + 12 * MS);
     }
 
     #[test]

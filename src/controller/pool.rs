@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::cached_pod::CachedPod;
 use super::index::{Key, PoolBatch};
-use super::pacing::{Sizing, StatusChange, StatusWrite};
+use super::pacing::{Claims, Sizing, StatusChange, StatusWrite};
 use super::{Context, Error, ledger_of, object_name, policy_selector};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_domain::allocation::{self, AllocStatus, Demand, Grant};
@@ -234,13 +234,19 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     // Claims first, and nothing else while they are being served: grants go out without waiting
     // for each other, and sizing (refills) and the status wait behind them (see `pacing`).
     let round = allocate(ctx, &mut observed)?;
-    let serving =
-        (round.granted > 0 || ctx.grants_in_flight.busy(&observed.key())) && round.unmet == 0;
+    let claims = if round.unmet > 0 {
+        Claims::Short
+    } else if round.granted > 0 || ctx.grants_in_flight.busy(&observed.key()) {
+        Claims::Serving
+    } else {
+        Claims::Served
+    };
     let now = std::time::Instant::now();
-    if let Sizing::Defer(recheck) = ctx.pacing.with(&observed.key(), |p| p.sizing(now, serving)) {
+    if let Sizing::Defer(recheck) = ctx.pacing.with(&observed.key(), |p| p.sizing(now, claims)) {
         // Each grant sent in this round wakes its pool when it ends: committed, by its batch's
         // watch event (the ledger changed); otherwise by an explicit wake-up. A timed look is
-        // left only for grants of earlier rounds, whose answer may come after their event.
+        // left for grants of earlier rounds, whose answer may come after their event, and for
+        // the end of the quiet time after the last claim.
         return Ok(if round.granted > 0 {
             Action::await_change()
         } else {
