@@ -3,7 +3,8 @@
 //!
 //! Claims are the latency that matters. While a pool's grants are being written, a refill's pod
 //! creations and a status write would compete with them for the API server, so sizing waits until
-//! the claims are served and no claim has come for [`CLAIM_QUIET`] (or for at most
+//! the claims are served and, when they come one after another, until none has come for
+//! [`CLAIM_QUIET`] (or for at most
 //! [`MAX_SIZING_DEFERRAL`], so a steady stream of claims never starves refills), and the status,
 //! which only reports counts, is written at most once per [`STATUS_INTERVAL`], with whatever
 //! changed in between coalesced into that one write. A pool short of idle pods sizes at once.
@@ -26,9 +27,9 @@ use super::index::Key;
 pub const MAX_SIZING_DEFERRAL: Duration = Duration::from_millis(500);
 /// How soon a deferred sizing is looked at again when no event comes first.
 pub const SIZING_RECHECK: Duration = Duration::from_millis(50);
-/// How long after its last grant a pool still counts as serving claims. Claims made one after
-/// another come closer together than this, and a refill sized between two of them would send its
-/// pod's writes (create, binding, the node's status) to the API server with the next claim.
+/// Grants this close together are claims coming one after another, and sizing waits until the
+/// last of them is this long past: a refill sized between two such claims would send its pod's
+/// writes (create, binding, the node's status) to the API server with the next claim.
 pub const CLAIM_QUIET: Duration = Duration::from_millis(50);
 /// Longest time sizing waits for that quiet time. Claims one after another never leave one, and
 /// the refills held back meanwhile are created together: a short bound keeps that group small.
@@ -47,8 +48,10 @@ pub enum Sizing {
 /// Where a pool's claims stand after an allocation round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claims {
-    /// Grants were planned in this round or are still being written, and every demand was met.
-    Serving,
+    /// This round planned grants, and every demand was met.
+    Granted,
+    /// Grants of earlier rounds are still being written, and every demand was met.
+    Writing,
     /// Some demand found no idle pod: the pool needs its refill at once.
     Short,
     /// Nothing to serve.
@@ -105,8 +108,11 @@ pub enum StatusChange {
 pub struct PoolPace {
     /// Since when sizing has been waiting behind claims.
     deferred_since: Option<Instant>,
-    /// When a round last found claims being served.
-    last_serving: Option<Instant>,
+    /// When a round last planned grants.
+    last_grant: Option<Instant>,
+    /// Whether that round came within [`CLAIM_QUIET`] of the one before: claims are coming one
+    /// after another, not alone.
+    in_stream: bool,
     last_status_write: Option<Instant>,
     /// The budget slot this pool's next counts-only write holds.
     reserved_slot: Option<Instant>,
@@ -116,12 +122,18 @@ impl PoolPace {
     pub fn sizing(&mut self, now: Instant, claims: Claims) -> Sizing {
         let wait = match claims {
             Claims::Short => None,
-            Claims::Serving => {
-                self.last_serving = Some(now);
+            Claims::Granted => {
+                self.in_stream = self
+                    .last_grant
+                    .is_some_and(|at| now.saturating_duration_since(at) < CLAIM_QUIET);
+                self.last_grant = Some(now);
                 Some((SIZING_RECHECK, MAX_SIZING_DEFERRAL))
             }
+            Claims::Writing => Some((SIZING_RECHECK, MAX_SIZING_DEFERRAL)),
+            // A claim that came alone gets its refill at once: waiting would cost a round.
+            Claims::Served if !self.in_stream => None,
             Claims::Served => self
-                .last_serving
+                .last_grant
                 .map(|at| (at + CLAIM_QUIET).saturating_duration_since(now))
                 .filter(|quiet_in| !quiet_in.is_zero())
                 .map(|quiet_in| (quiet_in, MAX_QUIET_DEFERRAL)),
@@ -234,66 +246,86 @@ mod tests {
         let mut pace = PoolPace::default();
         assert_eq!(pace.sizing(start, Claims::Served), Sizing::Now);
         assert_eq!(
-            pace.sizing(start, Claims::Serving),
+            pace.sizing(start, Claims::Granted),
             Sizing::Defer(SIZING_RECHECK)
         );
         // Still serving later on: the wait is counted from the first deferral.
         let late = start + MAX_SIZING_DEFERRAL - 10 * MS;
-        assert_eq!(pace.sizing(late, Claims::Serving), Sizing::Defer(10 * MS));
+        assert_eq!(pace.sizing(late, Claims::Writing), Sizing::Defer(10 * MS));
         assert_eq!(
-            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Serving),
+            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Granted),
             Sizing::Now,
             "a steady stream of claims does not starve refills"
         );
         // The bound starts over with the next deferral.
         let next = start + MAX_SIZING_DEFERRAL + MS;
         assert_eq!(
-            pace.sizing(next, Claims::Serving),
+            pace.sizing(next, Claims::Writing),
             Sizing::Defer(SIZING_RECHECK)
         );
         // A pool short of idle pods sizes at once, and the deferral is forgotten.
         assert_eq!(pace.sizing(next + MS, Claims::Short), Sizing::Now);
         assert_eq!(
-            pace.sizing(next + 2 * MS, Claims::Serving),
+            pace.sizing(next + 2 * MS, Claims::Granted),
             Sizing::Defer(SIZING_RECHECK)
         );
     }
 
     #[test]
-    fn sizing_waits_for_a_quiet_time_after_the_last_claim() {
+    fn a_claim_that_comes_alone_gets_its_refill_once_served() {
         let start = Instant::now();
         let mut pace = PoolPace::default();
         assert_eq!(
-            pace.sizing(start, Claims::Serving),
+            pace.sizing(start, Claims::Granted),
             Sizing::Defer(SIZING_RECHECK)
         );
-        // The claim is served; the next one may come within the quiet time.
-        let served = start + 3 * MS;
+        assert_eq!(pace.sizing(start + 3 * MS, Claims::Served), Sizing::Now);
+        // The next claim, a while later, is alone too.
+        let later = start + CLAIM_QUIET + 3 * MS;
         assert_eq!(
-            pace.sizing(served, Claims::Served),
+            pace.sizing(later, Claims::Granted),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+        assert_eq!(pace.sizing(later + 3 * MS, Claims::Served), Sizing::Now);
+    }
+
+    #[test]
+    fn sizing_waits_for_a_quiet_time_after_claims_one_after_another() {
+        let start = Instant::now();
+        let mut pace = PoolPace::default();
+        pace.sizing(start, Claims::Granted);
+        assert_eq!(pace.sizing(start + 3 * MS, Claims::Served), Sizing::Now);
+        // A second claim within the quiet time: claims are coming one after another.
+        let second = start + 10 * MS;
+        assert_eq!(
+            pace.sizing(second, Claims::Granted),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+        assert_eq!(
+            pace.sizing(second + 3 * MS, Claims::Served),
             Sizing::Defer(CLAIM_QUIET - 3 * MS)
         );
         // Another claim starts the quiet time over.
-        let again = start + 10 * MS;
+        let third = second + 12 * MS;
+        pace.sizing(third, Claims::Granted);
         assert_eq!(
-            pace.sizing(again, Claims::Serving),
-            Sizing::Defer(SIZING_RECHECK)
-        );
-        assert_eq!(
-            pace.sizing(again + CLAIM_QUIET - MS, Claims::Served),
+            pace.sizing(third + CLAIM_QUIET - MS, Claims::Served),
             Sizing::Defer(MS)
         );
         assert_eq!(
-            pace.sizing(again + CLAIM_QUIET, Claims::Served),
+            pace.sizing(third + CLAIM_QUIET, Claims::Served),
             Sizing::Now
         );
-        // Claims one after another, each served before the next comes, never leave a quiet
-        // time: their refills go out at the quiet time's own, shorter bound.
+        // A stream that never leaves a quiet time (a claim every 12 ms, each served in 3 ms)
+        // gets its refills at the quiet time's own, shorter bound, counted from its second claim.
         let mut pace = PoolPace::default();
-        let mut now = start;
+        pace.sizing(start, Claims::Granted);
+        assert_eq!(pace.sizing(start + 3 * MS, Claims::Served), Sizing::Now);
+        let second = start + 12 * MS;
+        let mut now = second;
         let mut sized_at = None;
         while now < start + MAX_SIZING_DEFERRAL && sized_at.is_none() {
-            if pace.sizing(now, Claims::Serving) == Sizing::Now {
+            if pace.sizing(now, Claims::Granted) == Sizing::Now {
                 sized_at = Some(now);
             } else if pace.sizing(now + 3 * MS, Claims::Served) == Sizing::Now {
                 sized_at = Some(now + 3 * MS);
@@ -301,8 +333,8 @@ mod tests {
             now += 12 * MS;
         }
         let sized_at = sized_at.expect("sized before the bound for claims in flight");
-        assert!(sized_at - start >= MAX_QUIET_DEFERRAL);
-        assert!(sized_at - start < MAX_QUIET_DEFERRAL + 12 * MS);
+        assert!(sized_at - second >= MAX_QUIET_DEFERRAL);
+        assert!(sized_at - second < MAX_QUIET_DEFERRAL + 12 * MS);
     }
 
     #[test]

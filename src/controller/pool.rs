@@ -236,8 +236,10 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     let round = allocate(ctx, &mut observed)?;
     let claims = if round.unmet > 0 {
         Claims::Short
-    } else if round.granted > 0 || ctx.grants_in_flight.busy(&observed.key()) {
-        Claims::Serving
+    } else if round.granted > 0 {
+        Claims::Granted
+    } else if ctx.grants_in_flight.busy(&observed.key()) {
+        Claims::Writing
     } else {
         Claims::Served
     };
