@@ -3,11 +3,11 @@
 //!
 //! Claims are the latency that matters. While a pool's grants are being written, a refill's pod
 //! creations and a status write would compete with them for the API server, so sizing waits until
-//! the claims are served and, when they come one after another, until none has come for
-//! [`CLAIM_QUIET`] (or for at most
-//! [`MAX_SIZING_DEFERRAL`], so a steady stream of claims never starves refills), and the status,
-//! which only reports counts, is written at most once per [`STATUS_INTERVAL`], with whatever
-//! changed in between coalesced into that one write. A pool short of idle pods sizes at once.
+//! the claims are served (for at most [`MAX_SIZING_DEFERRAL`], so a steady stream of claims never
+//! starves refills) and, when claims come one after another, until none has come for
+//! [`CLAIM_QUIET`] (for at most [`MAX_QUIET_DEFERRAL`]). A pool short of idle pods sizes at once.
+//! The status, which only reports counts, is written at most once per [`STATUS_INTERVAL`], with
+//! whatever changed in between coalesced into that one write.
 //!
 //! A status write that only moves counts also takes a slot of a budget shared by all pools
 //! (`--pool-status-writes-per-second`): with many pools, claims spread over all of them would
