@@ -10,6 +10,7 @@ use sandbox_policy::Limits;
 use sandbox_policy::cli::PolicyCommand;
 
 use crate::controller::{ControllerConfig, ExecutorSettings, PoolInjection};
+use crate::runtime::api_client::ApiProtocol;
 use crate::runtime::leader::LeaderConfig;
 use crate::runtime::{ExecutorKeySource, LogFormat, PolicySettings, RunConfig, WebhookSettings};
 use crate::webhook::{self, registration::DEFAULT_CONFIGURATION_NAME};
@@ -102,6 +103,11 @@ pub struct RunArgs {
     /// CPU stays near one full core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
+    /// HTTP versions offered to the Kubernetes API server. With HTTP/2 (`negotiate`, if the
+    /// server accepts it) all requests and watches share one connection; `http1` opens one
+    /// connection per request in flight, for proxies in between that mishandle HTTP/2.
+    #[arg(long, value_enum, default_value_t = ApiProtocol::Negotiate)]
+    pub api_protocol: ApiProtocol,
     /// Image of the task-executor sidecar injected into pods that run tasks.
     #[arg(
         long,
@@ -346,6 +352,7 @@ impl From<RunArgs> for RunConfig {
             }),
             webhook: args.webhook.then_some(webhook),
             policy: PolicySettings::from(&args.policy),
+            api_protocol: args.api_protocol,
         }
     }
 }

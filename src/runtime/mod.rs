@@ -1,6 +1,7 @@
 //! The process shell every binary shares: logging, shutdown signals, the health and metrics
 //! server, and leader election.
 
+pub mod api_client;
 mod executor_key;
 pub mod health;
 pub mod leader;
@@ -17,6 +18,7 @@ use sandbox_policy::{Limits, NativePolicies, PolicyEngine, PolicyRegistry, Regis
 
 use crate::controller::{self, ControllerConfig, ControllerMetrics};
 use crate::webhook::{self, Registration, Target, Webhook};
+use api_client::ApiProtocol;
 use health::Health;
 use leader::LeaderConfig;
 
@@ -75,6 +77,8 @@ pub struct RunConfig {
     /// Serve the admission webhook next to the controller (`None`: don't).
     pub webhook: Option<WebhookSettings>,
     pub policy: PolicySettings,
+    /// Which HTTP versions the API client offers.
+    pub api_protocol: ApiProtocol,
 }
 
 /// Where the controller's executor signing key comes from.
@@ -152,7 +156,7 @@ pub async fn run(
     config: RunConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
+    let client = api_client::connect(config.api_protocol)
         .await
         .context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
     let mut registry = Registry::default();
@@ -274,7 +278,7 @@ pub async fn run_webhook(
     let client = match settings.controller_username {
         Some(_) => None,
         None => Some(
-            kube::Client::try_default()
+            api_client::connect(ApiProtocol::default())
                 .await
                 .context("connecting to the Kubernetes API to learn the controller's username (or pass --controller-username)")?,
         ),
@@ -337,7 +341,7 @@ async fn bind_webhook(
             };
             let client = match client {
                 Some(client) => client,
-                None => kube::Client::try_default()
+                None => api_client::connect(ApiProtocol::default())
                     .await
                     .context("connecting to the Kubernetes API to register the webhook")?,
             };
