@@ -103,10 +103,11 @@ pub struct RunArgs {
     /// CPU stays near one full core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
-    /// HTTP versions offered to the Kubernetes API server. With HTTP/2 (`negotiate`, if the
-    /// server accepts it) all requests and watches share one connection; `http1` opens one
-    /// connection per request in flight, for proxies in between that mishandle HTTP/2.
-    #[arg(long, value_enum, default_value_t = ApiProtocol::Negotiate)]
+    /// HTTP versions offered to the Kubernetes API server. `http1`: kube's client, a connection
+    /// per request in flight. `negotiate`: HTTP/2 where the server accepts it, one connection for
+    /// every request and watch (fewer connections, the same claim latency; a fault on that
+    /// connection fails all of them at once, so recovery from a flaky network is slower).
+    #[arg(long, value_enum, default_value_t = ApiProtocol::Http1)]
     pub api_protocol: ApiProtocol,
     /// Image of the task-executor sidecar injected into pods that run tasks.
     #[arg(

@@ -1,11 +1,14 @@
-//! The client for the Kubernetes API: kube's default stack (timeouts, retries of 429/503/504,
-//! authentication, impersonation headers), with HTTP/2 offered to the API server.
+//! The client for the Kubernetes API: kube's own (HTTP/1.1), or the same stack (timeouts, retries
+//! of 429/503/504, authentication, impersonation headers) offering HTTP/2.
 //!
-//! kube's own client speaks HTTP/1.1 only, so every request in flight needs a connection of its
-//! own: a burst of 100 claims opened about 100 TLS connections to the API server, each costing
-//! both sides a handshake. Over HTTP/2 all requests and watches share one connection, as
-//! client-go's do. A connection that goes silent would stall all of them at once, so the client
-//! pings it and drops it when a ping goes unanswered (client-go's read-idle and ping timeouts).
+//! kube's client speaks HTTP/1.1 only, so every request in flight needs a connection of its own:
+//! a burst of 100 claims holds about 100 TLS connections to the API server. Over HTTP/2 all
+//! requests and watches share one connection, as client-go's do, for the same claim latency and
+//! CPU here (docs/benchmarks.md). The price is that a fault on that connection fails every
+//! request and watch at once, so under a flaky network the watches back off together and a
+//! controller recovers more slowly; HTTP/1.1 stays the default. A connection that goes silent
+//! would stall everything on it, so the HTTP/2 client pings it and drops it when a ping goes
+//! unanswered (client-go's read-idle and ping timeouts).
 
 use std::time::Duration;
 
@@ -20,11 +23,11 @@ use tower::{BoxError, ServiceBuilder};
 /// Which HTTP versions the client offers the API server (`--api-protocol`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ApiProtocol {
-    /// HTTP/2 where the API server accepts it (by ALPN), else HTTP/1.1.
+    /// HTTP/1.1 (kube's client): a connection per request in flight.
     #[default]
-    Negotiate,
-    /// HTTP/1.1 only: one connection per request in flight (for proxies that break HTTP/2).
     Http1,
+    /// HTTP/2 where the API server accepts it (by ALPN), else HTTP/1.1.
+    Negotiate,
 }
 
 /// A connection on which nothing has arrived for this long is pinged.
@@ -43,6 +46,14 @@ pub async fn connect(protocol: ApiProtocol) -> Result<kube::Client, kube::Error>
 
 /// A client for `config`.
 pub fn client(config: kube::Config, protocol: ApiProtocol) -> Result<kube::Client, kube::Error> {
+    match protocol {
+        ApiProtocol::Http1 => kube::Client::try_from(config),
+        ApiProtocol::Negotiate => http2_client(config),
+    }
+}
+
+/// kube's default stack with ALPN `h2` offered, and HTTP/2 pings.
+fn http2_client(config: kube::Config) -> Result<kube::Client, kube::Error> {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     // HTTP/2 writes a request's headers and body as separate frames: with Nagle's algorithm the
@@ -50,11 +61,9 @@ pub fn client(config: kube::Config, protocol: ApiProtocol) -> Result<kube::Clien
     tcp.set_nodelay(true);
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config.rustls_client_config()?)
-        .https_or_http();
-    let tls = match protocol {
-        ApiProtocol::Negotiate => tls.enable_all_versions().wrap_connector(tcp),
-        ApiProtocol::Http1 => tls.enable_http1().wrap_connector(tcp),
-    };
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(tcp);
     let mut connector = TimeoutConnector::new(tls);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
