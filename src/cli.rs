@@ -106,7 +106,8 @@ pub struct RunArgs {
     /// HTTP versions offered to the Kubernetes API server. `http1`: kube's client, a connection
     /// per request in flight. `negotiate`: HTTP/2 where the server accepts it, one connection for
     /// every request and watch (fewer connections, the same claim latency; a fault on that
-    /// connection fails all of them at once, so recovery from a flaky network is slower).
+    /// connection fails all of them at once, so recovery from a flaky network is slower; not
+    /// with a kubeconfig `proxy-url`).
     #[arg(long, value_enum, default_value_t = ApiProtocol::Http1)]
     pub api_protocol: ApiProtocol,
     /// Image of the task-executor sidecar injected into pods that run tasks.

@@ -36,8 +36,20 @@ pub const PING_AFTER_SILENCE: Duration = Duration::from_secs(30);
 /// retried on a new one.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Why no client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    /// The HTTP/2 client connects directly; going around the configured proxy would be wrong.
+    #[error(
+        "the kubeconfig sends requests through the proxy {0}, which --api-protocol negotiate does not support: use --api-protocol http1"
+    )]
+    ProxyWithHttp2(String),
+}
+
 /// A client for the cluster the environment names (in-cluster, or `KUBECONFIG`).
-pub async fn connect(protocol: ApiProtocol) -> Result<kube::Client, kube::Error> {
+pub async fn connect(protocol: ApiProtocol) -> Result<kube::Client, ClientError> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
@@ -45,10 +57,13 @@ pub async fn connect(protocol: ApiProtocol) -> Result<kube::Client, kube::Error>
 }
 
 /// A client for `config`.
-pub fn client(config: kube::Config, protocol: ApiProtocol) -> Result<kube::Client, kube::Error> {
+pub fn client(config: kube::Config, protocol: ApiProtocol) -> Result<kube::Client, ClientError> {
     match protocol {
-        ApiProtocol::Http1 => kube::Client::try_from(config),
-        ApiProtocol::Negotiate => http2_client(config),
+        ApiProtocol::Http1 => Ok(kube::Client::try_from(config)?),
+        ApiProtocol::Negotiate => match &config.proxy_url {
+            Some(proxy) => Err(ClientError::ProxyWithHttp2(proxy.to_string())),
+            None => Ok(http2_client(config)?),
+        },
     }
 }
 
@@ -197,6 +212,19 @@ mod tests {
         let seen = requests_in_flight_together(ApiProtocol::Negotiate, 20).await;
         assert_eq!(seen.connections, vec![Some(b"h2".to_vec())]);
         assert_eq!(seen.versions, vec![Version::HTTP_2; 21]);
+    }
+
+    #[test]
+    fn http2_refuses_a_proxy_it_would_go_around() {
+        let mut config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        config.proxy_url = Some("http://127.0.0.1:3128".parse().unwrap());
+        let Err(refused) = client(config, ApiProtocol::Negotiate) else {
+            panic!("a client that would go around the proxy");
+        };
+        assert!(
+            matches!(&refused, ClientError::ProxyWithHttp2(proxy) if proxy == "http://127.0.0.1:3128/"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]
