@@ -190,6 +190,7 @@ mod tests {
             ClaimSample {
                 api_ms,
                 controller_ms: 10.0,
+                status_ready_ms: None,
             };
             4
         ];

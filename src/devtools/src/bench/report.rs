@@ -17,6 +17,11 @@ pub struct ClaimSample {
     pub api_ms: f64,
     /// First watch event -> allocated with endpoints (the controller's share).
     pub controller_ms: f64,
+    /// Create call -> the batch's `status.ready` counts every replica: what OpenSandbox's server
+    /// waits for before it reports a sandbox Running. Absent from figures taken before it was
+    /// measured, and for claims whose status was not awaited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_ready_ms: Option<f64>,
 }
 
 impl ClaimSample {
@@ -34,6 +39,9 @@ pub struct LatencySummary {
     /// Controller's share / API server's share, at p50 and at p99.
     pub controller_to_api_p50: Option<f64>,
     pub controller_to_api_p99: Option<f64>,
+    /// Create call -> status ready, when every sample has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_ready: Option<Summary>,
 }
 
 impl LatencySummary {
@@ -42,12 +50,16 @@ impl LatencySummary {
         let api: Vec<f64> = samples.iter().map(|s| s.api_ms).collect();
         let controller: Vec<f64> = samples.iter().map(|s| s.controller_ms).collect();
         let (api, controller) = (Summary::of(&api), Summary::of(&controller));
+        let status_ready: Option<Vec<f64>> = samples.iter().map(|s| s.status_ready_ms).collect();
         Self {
             total: Summary::of(&total),
             api,
             controller,
             controller_to_api_p50: stats::ratio(controller.p50_ms, api.p50_ms),
             controller_to_api_p99: stats::ratio(controller.p99_ms, api.p99_ms),
+            status_ready: status_ready
+                .filter(|ms| !ms.is_empty())
+                .map(|ms| Summary::of(&ms)),
         }
     }
 }
@@ -308,6 +320,7 @@ mod tests {
             .map(|&(api_ms, controller_ms)| ClaimSample {
                 api_ms,
                 controller_ms,
+                status_ready_ms: Some(api_ms + controller_ms + 2.0),
             })
             .collect();
         let n = samples.len();
@@ -331,9 +344,22 @@ mod tests {
         assert_eq!(p.latency.api.p99_ms, 20.0);
         assert_eq!(p.latency.controller.p50_ms, 30.0);
         assert_eq!(p.latency.controller_to_api_p50, Some(3.0));
+        assert_eq!(p.latency.status_ready.map(|s| s.p99_ms), Some(82.0));
         assert_eq!(p.cost.cpu_per_claim_ms, 50.0);
         assert_eq!(p.cost.controller_writes_per_claim["pod"], 2.0);
         assert_eq!(p.cost.controller_reconciles_per_claim["Pool"], 6.0);
+    }
+
+    #[test]
+    fn status_ready_is_summarised_only_when_every_claim_has_it() {
+        let mut samples = phase(&[(1.0, 2.0), (3.0, 4.0)], 1.0, 1.0).samples;
+        assert_eq!(
+            LatencySummary::of(&samples).status_ready.map(|s| s.p50_ms),
+            Some(5.0)
+        );
+        samples[1].status_ready_ms = None;
+        assert_eq!(LatencySummary::of(&samples).status_ready, None);
+        assert_eq!(LatencySummary::of(&[]).status_ready, None);
     }
 
     #[test]
@@ -342,6 +368,7 @@ mod tests {
             batch100: Some(ClaimSample {
                 api_ms: 5.0,
                 controller_ms: cpu,
+                status_ready_ms: None,
             }),
             burst: phase(&[(1.0, cpu)], cpu, writes),
             sequential: phase(&[(1.0, 1.0)], 1.0, 1.0),

@@ -292,6 +292,10 @@ impl Bench {
                 ClaimSample {
                     api_ms: (seen - *start).as_secs_f64() * 1000.0,
                     controller_ms: (state.complete[name] - seen).as_secs_f64() * 1000.0,
+                    status_ready_ms: state
+                        .status_ready
+                        .get(name)
+                        .map(|at| (*at - *start).as_secs_f64() * 1000.0),
                 }
             })
             .collect()
@@ -414,8 +418,8 @@ impl Bench {
     ) -> anyhow::Result<ClaimPhase> {
         let names: Vec<String> = starts.iter().map(|(n, _)| n.clone()).collect();
         self.wait_complete(&names, Duration::from_secs(120)).await?;
-        let samples = self.samples(&starts);
         self.wait_ready(&names, 1, Duration::from_secs(120)).await?;
+        let samples = self.samples(&starts);
         if let Some((pool, held)) = settle {
             // The pool's status counts the claims, and the pool has refilled its buffer.
             self.wait_pool(pool, "pool status settled", Duration::from_secs(120), |c| {
@@ -1028,6 +1032,12 @@ fn print_aggregate(a: &Aggregate) {
             s.controller_to_api_p50.unwrap_or(f64::NAN),
             s.controller_to_api_p99.unwrap_or(f64::NAN)
         );
+        if let Some(ready) = &s.status_ready {
+            println!(
+                "  create call -> status ready (what OpenSandbox's server waits for): p50 {:.1} ms, p99 {:.1} ms",
+                ready.p50_ms, ready.p99_ms
+            );
+        }
     };
     if let Some(ms) = a.batch100_ms {
         println!("pooled batch of 100 -> allocated with endpoints: median {ms:.1} ms");

@@ -113,6 +113,8 @@ pub struct Batches {
     pub complete: HashMap<String, Instant>,
     /// `status.ready` as last seen.
     pub ready: HashMap<String, i32>,
+    /// When each batch's `status.ready` first counted every replica.
+    pub status_ready: HashMap<String, Instant>,
     /// Batches that exist now.
     pub present: HashSet<String>,
 }
@@ -124,6 +126,9 @@ impl Batches {
         self.present.insert(name.clone());
         if let Some(status) = &batch.status {
             self.ready.insert(name.clone(), status.ready);
+            if batch.spec.replicas > 0 && status.ready >= batch.spec.replicas {
+                self.status_ready.entry(name.clone()).or_insert(now);
+            }
         }
         let want = usize::try_from(batch.spec.replicas).unwrap_or(0);
         if want > 0 && held_pods(batch) == want && endpoints(batch) == want {
@@ -325,6 +330,27 @@ mod tests {
         assert_eq!(state.first_seen["b"], now);
         state.delete(&full);
         assert!(!state.present.contains("b"));
+    }
+
+    #[test]
+    fn status_ready_is_when_status_first_counts_every_replica() {
+        let now = Instant::now();
+        let mut state = Batches::default();
+        let with_ready = |ready: i32| {
+            let mut batch = batch_with(json!({}), 2);
+            batch.status = Some(sandbox_domain::api::BatchSandboxStatus {
+                ready,
+                ..Default::default()
+            });
+            batch
+        };
+        state.apply(&batch_with(json!({}), 2), now);
+        state.apply(&with_ready(1), now + Duration::from_millis(1));
+        assert!(!state.status_ready.contains_key("b"));
+        let ready_at = now + Duration::from_millis(2);
+        state.apply(&with_ready(2), ready_at);
+        state.apply(&with_ready(2), now + Duration::from_millis(3));
+        assert_eq!(state.status_ready["b"], ready_at);
     }
 
     #[test]
