@@ -1,7 +1,8 @@
 //! When a Pool reconcile does the work that can wait behind claims: sizing (whose refills create
 //! pods) and the Pool status write.
 //!
-//! Claims are the latency that matters. While a pool's grants are being written, a refill's pod
+//! Claims are the latency that matters. While a pool's grants are being written, and then its
+//! batches' statuses (a claim's last write: what OpenSandbox's server waits for), a refill's pod
 //! creations and a status write would compete with them for the API server, so sizing waits until
 //! the claims are served (for at most [`MAX_SIZING_DEFERRAL`], so a steady stream of claims never
 //! starves refills) and, when claims come one after another, until none has come for
@@ -23,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use super::index::Key;
 
-/// Longest time sizing waits behind claims being served.
-pub const MAX_SIZING_DEFERRAL: Duration = Duration::from_millis(500);
+/// Longest time sizing waits behind claims being served. A burst of a hundred claims takes
+/// about half a second on a 2-core machine to be granted and reported; refills started before
+/// the statuses are written slow every one of them.
+pub const MAX_SIZING_DEFERRAL: Duration = Duration::from_secs(1);
 /// How soon a deferred sizing is looked at again when no event comes first.
 pub const SIZING_RECHECK: Duration = Duration::from_millis(50);
 /// Grants this close together are claims coming one after another, and sizing waits until the
@@ -48,10 +51,13 @@ pub enum Sizing {
 /// Where a pool's claims stand after an allocation round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claims {
-    /// This round planned grants, and every demand was met.
-    Granted,
+    /// This round planned grants to this many batches, and every demand was met.
+    Granted { batches: usize },
     /// Grants of earlier rounds are still being written, and every demand was met.
     Writing,
+    /// Every grant is written, but a batch's status does not count its pods yet: its status
+    /// write, the claim's last, is still to come.
+    Reporting,
     /// Some demand found no idle pod: the pool needs its refill at once.
     Short,
     /// Nothing to serve.
@@ -110,8 +116,8 @@ pub struct PoolPace {
     deferred_since: Option<Instant>,
     /// When a round last planned grants.
     last_grant: Option<Instant>,
-    /// Whether that round came within [`CLAIM_QUIET`] of the one before: claims are coming one
-    /// after another, not alone.
+    /// Whether that round granted several batches, or came within [`CLAIM_QUIET`] of the one
+    /// before: claims are coming together or one after another, not alone.
     in_stream: bool,
     last_status_write: Option<Instant>,
     /// The budget slot this pool's next counts-only write holds.
@@ -122,16 +128,23 @@ impl PoolPace {
     pub fn sizing(&mut self, now: Instant, claims: Claims) -> Sizing {
         let wait = match claims {
             Claims::Short => None,
-            Claims::Granted => {
-                self.in_stream = self
-                    .last_grant
-                    .is_some_and(|at| now.saturating_duration_since(at) < CLAIM_QUIET);
+            Claims::Granted { batches } => {
+                self.in_stream = batches > 1
+                    || self
+                        .last_grant
+                        .is_some_and(|at| now.saturating_duration_since(at) < CLAIM_QUIET);
                 self.last_grant = Some(now);
                 Some((SIZING_RECHECK, MAX_SIZING_DEFERRAL))
             }
             Claims::Writing => Some((SIZING_RECHECK, MAX_SIZING_DEFERRAL)),
             // A claim that came alone gets its refill at once: waiting would cost a round.
-            Claims::Served if !self.in_stream => None,
+            Claims::Served | Claims::Reporting if !self.in_stream => None,
+            // Only behind recent grants: a status that never catches up (a write the API server
+            // keeps refusing, a held pod gone) must not hold every later refill back.
+            Claims::Reporting => self
+                .last_grant
+                .filter(|at| now.saturating_duration_since(*at) < MAX_SIZING_DEFERRAL)
+                .map(|_| (SIZING_RECHECK, MAX_SIZING_DEFERRAL)),
             Claims::Served => self
                 .last_grant
                 .map(|at| (at + CLAIM_QUIET).saturating_duration_since(now))
@@ -239,6 +252,7 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    const GRANTED_ONE: Claims = Claims::Granted { batches: 1 };
 
     #[test]
     fn sizing_waits_behind_claims_but_never_longer_than_the_bound() {
@@ -246,14 +260,14 @@ mod tests {
         let mut pace = PoolPace::default();
         assert_eq!(pace.sizing(start, Claims::Served), Sizing::Now);
         assert_eq!(
-            pace.sizing(start, Claims::Granted),
+            pace.sizing(start, GRANTED_ONE),
             Sizing::Defer(SIZING_RECHECK)
         );
         // Still serving later on: the wait is counted from the first deferral.
         let late = start + MAX_SIZING_DEFERRAL - 10 * MS;
         assert_eq!(pace.sizing(late, Claims::Writing), Sizing::Defer(10 * MS));
         assert_eq!(
-            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Granted),
+            pace.sizing(start + MAX_SIZING_DEFERRAL, GRANTED_ONE),
             Sizing::Now,
             "a steady stream of claims does not starve refills"
         );
@@ -266,7 +280,55 @@ mod tests {
         // A pool short of idle pods sizes at once, and the deferral is forgotten.
         assert_eq!(pace.sizing(next + MS, Claims::Short), Sizing::Now);
         assert_eq!(
-            pace.sizing(next + 2 * MS, Claims::Granted),
+            pace.sizing(next + 2 * MS, GRANTED_ONE),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+    }
+
+    #[test]
+    fn sizing_waits_for_the_statuses_of_recent_grants_in_a_stream_only() {
+        const GRANTED_TWO: Claims = Claims::Granted { batches: 2 };
+        let start = Instant::now();
+        let mut pace = PoolPace::default();
+        assert_eq!(
+            pace.sizing(start, Claims::Reporting),
+            Sizing::Now,
+            "no grant of this process: nothing to wait for"
+        );
+        // Two claims served in one round are a stream: sizing waits for their statuses, then
+        // for the quiet time after them.
+        pace.sizing(start, GRANTED_TWO);
+        assert_eq!(
+            pace.sizing(start + 20 * MS, Claims::Reporting),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+        assert_eq!(
+            pace.sizing(start + 40 * MS, Claims::Served),
+            Sizing::Defer(CLAIM_QUIET - 40 * MS)
+        );
+        assert_eq!(
+            pace.sizing(start + CLAIM_QUIET, Claims::Served),
+            Sizing::Now
+        );
+        // A claim that came alone gets its refill once its grant is written, status or not.
+        let mut pace = PoolPace::default();
+        pace.sizing(start, GRANTED_ONE);
+        assert_eq!(pace.sizing(start + 3 * MS, Claims::Reporting), Sizing::Now);
+        // A status that never catches up holds refills back for the bound, then no more until
+        // the next grant.
+        let mut pace = PoolPace::default();
+        pace.sizing(start, GRANTED_TWO);
+        assert_eq!(
+            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Reporting),
+            Sizing::Now
+        );
+        assert_eq!(
+            pace.sizing(start + MAX_SIZING_DEFERRAL + 50 * MS, Claims::Reporting),
+            Sizing::Now
+        );
+        pace.sizing(start + MAX_SIZING_DEFERRAL + 60 * MS, GRANTED_TWO);
+        assert_eq!(
+            pace.sizing(start + MAX_SIZING_DEFERRAL + 70 * MS, Claims::Reporting),
             Sizing::Defer(SIZING_RECHECK)
         );
     }
@@ -276,14 +338,14 @@ mod tests {
         let start = Instant::now();
         let mut pace = PoolPace::default();
         assert_eq!(
-            pace.sizing(start, Claims::Granted),
+            pace.sizing(start, GRANTED_ONE),
             Sizing::Defer(SIZING_RECHECK)
         );
         assert_eq!(pace.sizing(start + 3 * MS, Claims::Served), Sizing::Now);
         // The next claim, a while later, is alone too.
         let later = start + CLAIM_QUIET + 3 * MS;
         assert_eq!(
-            pace.sizing(later, Claims::Granted),
+            pace.sizing(later, GRANTED_ONE),
             Sizing::Defer(SIZING_RECHECK)
         );
         assert_eq!(pace.sizing(later + 3 * MS, Claims::Served), Sizing::Now);
@@ -293,12 +355,12 @@ mod tests {
     fn sizing_waits_for_a_quiet_time_after_claims_one_after_another() {
         let start = Instant::now();
         let mut pace = PoolPace::default();
-        pace.sizing(start, Claims::Granted);
+        pace.sizing(start, GRANTED_ONE);
         assert_eq!(pace.sizing(start + 3 * MS, Claims::Served), Sizing::Now);
         // A second claim within the quiet time: claims are coming one after another.
         let second = start + 10 * MS;
         assert_eq!(
-            pace.sizing(second, Claims::Granted),
+            pace.sizing(second, GRANTED_ONE),
             Sizing::Defer(SIZING_RECHECK)
         );
         assert_eq!(
@@ -307,7 +369,7 @@ mod tests {
         );
         // Another claim starts the quiet time over.
         let third = second + 12 * MS;
-        pace.sizing(third, Claims::Granted);
+        pace.sizing(third, GRANTED_ONE);
         assert_eq!(
             pace.sizing(third + CLAIM_QUIET - MS, Claims::Served),
             Sizing::Defer(MS)
@@ -319,13 +381,13 @@ mod tests {
         // A stream that never leaves a quiet time (a claim every 12 ms, each served in 3 ms)
         // gets its refills at the quiet time's own, shorter bound, counted from its second claim.
         let mut pace = PoolPace::default();
-        pace.sizing(start, Claims::Granted);
+        pace.sizing(start, GRANTED_ONE);
         assert_eq!(pace.sizing(start + 3 * MS, Claims::Served), Sizing::Now);
         let second = start + 12 * MS;
         let mut now = second;
         let mut sized_at = None;
         while now < start + MAX_SIZING_DEFERRAL && sized_at.is_none() {
-            if pace.sizing(now, Claims::Granted) == Sizing::Now {
+            if pace.sizing(now, GRANTED_ONE) == Sizing::Now {
                 sized_at = Some(now);
             } else if pace.sizing(now + 3 * MS, Claims::Served) == Sizing::Now {
                 sized_at = Some(now + 3 * MS);

@@ -189,6 +189,24 @@ impl Observed {
     fn key(&self) -> Key {
         Key::new(&self.namespace, &self.name)
     }
+
+    /// Whether a batch's status counts fewer pods than its ledger serves: its status write is
+    /// still to come.
+    fn statuses_behind_ledgers(&self) -> bool {
+        self.batches
+            .iter()
+            .filter(|b| b.batch.metadata.deletion_timestamp.is_none())
+            .any(|b| {
+                let reported = b.batch.status.as_ref().map_or(0, |s| s.allocated);
+                let served = Demand {
+                    replicas: b.batch.desired_replicas(),
+                    held: &b.ledger.pods,
+                    released: &b.released,
+                }
+                .served(|pod| self.usable(pod));
+                usize::try_from(reported).unwrap_or(0) < served
+            })
+    }
 }
 
 /// Oldest first, by name among batches created in the same second; borrowed, as a round sorts
@@ -237,9 +255,13 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     let claims = if round.unmet > 0 {
         Claims::Short
     } else if round.granted > 0 {
-        Claims::Granted
+        Claims::Granted {
+            batches: round.batches,
+        }
     } else if ctx.grants_in_flight.busy(&observed.key()) {
         Claims::Writing
+    } else if observed.statuses_behind_ledgers() {
+        Claims::Reporting
     } else {
         Claims::Served
     };
@@ -324,6 +346,8 @@ async fn confirm_held_pods_missing_from_cache(
 struct Round {
     /// Pods granted (their writes are in flight).
     granted: usize,
+    /// Batches granted pods.
+    batches: usize,
     /// Shards still without a pod.
     unmet: u32,
 }
@@ -365,6 +389,7 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
     if plan.grants.is_empty() {
         return Ok(Round {
             granted: 0,
+            batches: 0,
             unmet: plan.unmet,
         });
     }
@@ -443,6 +468,7 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
     debug!(pool = %observed.owner_key(), granted, unmet = plan.unmet, "allocation round");
     Ok(Round {
         granted,
+        batches: plan.grants.len(),
         unmet: plan.unmet,
     })
 }

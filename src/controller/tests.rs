@@ -472,6 +472,111 @@ async fn a_pool_reports_its_status_once_its_claims_are_served() {
     );
 }
 
+/// Behind claims served together, a pool's refill waits until every batch it granted reports
+/// its pods: the status write is a claim's last, and the refill's pod writes would go to the API
+/// server alongside it. A claim that came alone is refilled once its grant is written.
+#[tokio::test]
+async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its_pods() {
+    let api = RecordedApi::default();
+    let pool = pool([2, 2, 3, 5]);
+    let first = batch_created("first", 1, "7", 0);
+    let second = batch_created("second", 1, "8", 1);
+    api.object(batch_path("first"), &first);
+    api.object(batch_path("second"), &second);
+    api.object(pool_path(), &pool);
+    let (ctx, mut feed) = context_with_feed(
+        &api,
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+            pool_pod(&pool, "p-c", "127.1.1.4"),
+        ],
+        vec![first, second],
+    );
+    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+        .await
+        .expect("the granting round succeeds");
+    assert_eq!(
+        methods_and_paths(&api.writes()),
+        [
+            ("PATCH".to_string(), batch_path("first")),
+            ("PATCH".to_string(), batch_path("second")),
+        ]
+    );
+
+    // The grants' events: each ledger holds a pod, no status counts it yet. Then one batch
+    // reports its pod, the other not yet.
+    for name in ["first", "second"] {
+        let granted: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
+        assert!(granted.status.is_none());
+        feed.apply(&ctx, &granted);
+    }
+    for reported in [None, Some("first")] {
+        if let Some(name) = reported {
+            let granted: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
+            batch::reconcile(Arc::new(granted), ctx.clone())
+                .await
+                .expect("the batch reconcile succeeds");
+            let reported: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
+            assert_eq!(reported.status.as_ref().map(|s| s.allocated), Some(1));
+            feed.apply(&ctx, &reported);
+        }
+        let writes_before = api.writes().len();
+        let action = reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+            .await
+            .expect("the round after the grants succeeds");
+        assert_eq!(
+            action,
+            Action::requeue(pacing::SIZING_RECHECK),
+            "reported: {reported:?}"
+        );
+        let writes = api.writes();
+        assert_eq!(
+            writes.len(),
+            writes_before,
+            "no refill, no pool status: {writes:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_claim_that_came_alone_is_refilled_once_its_grant_is_written() {
+    let api = RecordedApi::default();
+    let pool = pool([2, 2, 2, 4]);
+    let claim = pooled_batch("claim", 1, "7");
+    api.object(batch_path("claim"), &claim);
+    api.object(pool_path(), &pool);
+    let (ctx, mut feed) = context_with_feed(
+        &api,
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+        ],
+        vec![claim],
+    );
+    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+        .await
+        .expect("the granting round succeeds");
+    let granted: BatchSandbox = api.stored(&[batch_path("claim")]).remove(0);
+    assert!(granted.status.is_none());
+    feed.apply(&ctx, &granted);
+    reconcile_pool(Arc::new(pool), ctx)
+        .await
+        .expect("the round after the grant succeeds");
+    let writes = api.writes();
+    assert_eq!(
+        methods_and_paths(&writes),
+        [
+            ("PATCH".to_string(), batch_path("claim")),
+            ("POST".to_string(), format!("/api/v1/namespaces/{NS}/pods")),
+            ("PATCH".to_string(), pool_status_path()),
+        ],
+        "{writes:#?}"
+    );
+}
+
 #[tokio::test]
 async fn a_lost_grant_race_records_no_claim_and_is_retried() {
     let api = RecordedApi::default();

@@ -69,6 +69,17 @@ impl Demand<'_> {
     fn needs_pod(&self, shard: usize, is_live: &impl Fn(&str) -> bool) -> bool {
         !self.released.contains(shard) && self.held.get(shard).is_none_or(|held| !is_live(held))
     }
+
+    /// Shards holding a live pod, released ones left out: what the batch's status counts as
+    /// allocated once it has caught up with this ledger.
+    pub fn served(&self, is_live: impl Fn(&str) -> bool) -> usize {
+        self.held
+            .iter()
+            .take(self.replicas)
+            .enumerate()
+            .filter(|(shard, held)| !self.released.contains(*shard) && is_live(held))
+            .count()
+    }
 }
 
 /// What one batch gets in this round.
@@ -180,6 +191,32 @@ mod tests {
 
     fn names(prefix: &str, n: usize) -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    #[test]
+    fn served_counts_live_pods_of_shards_kept_and_not_released() {
+        let released = Released(std::collections::BTreeMap::from([(
+            1,
+            TaskPhase::Succeeded,
+        )]));
+        let held = names("p", 5);
+        let demand = Demand {
+            replicas: 4,
+            held: &held,
+            released: &released,
+        };
+        // p1 is released, p2 is gone, p4 is beyond the replicas (being scaled in).
+        assert_eq!(demand.served(|pod| pod != "p2"), 2);
+        assert_eq!(
+            Demand {
+                replicas: 4,
+                held: &[String::new(), "p1".into()],
+                released: NONE_RELEASED,
+            }
+            .served(|pod| !pod.is_empty()),
+            1,
+            "a shard without a pod is not served"
+        );
     }
 
     #[test]
@@ -312,6 +349,16 @@ mod tests {
             // Demand is either met or idle ran out.
             let granted: usize = result.grants.iter().map(|g| g.granted.len()).sum();
             prop_assert!(result.unmet == 0 || granted == idle_count);
+            // Met in full, each ledger serves every shard not released: the count its
+            // batch's status reports once it has caught up.
+            if result.unmet == 0 {
+                let live_after = |p: &str| !p.is_empty() && (idle.iter().any(|i| i == p) || is_live(p));
+                for (demand, pods) in demands.iter().zip(&finals) {
+                    let kept = (0..demand.replicas).filter(|s| !demand.released.contains(*s)).count();
+                    let after = Demand { held: pods, ..*demand };
+                    prop_assert_eq!(after.served(live_after), kept);
+                }
+            }
         }
     }
 }
