@@ -1,12 +1,13 @@
 //! When a Pool reconcile does the work that can wait behind claims: sizing (whose refills create
 //! pods) and the Pool status write.
 //!
-//! Claims are the latency that matters. While a pool's grants are being written, and then its
-//! batches' statuses (a claim's last write: what OpenSandbox's server waits for), a refill's pod
+//! Claims are the latency that matters. While a pool's grants are being written, a refill's pod
 //! creations and a status write would compete with them for the API server, so sizing waits until
 //! the claims are served (for at most [`MAX_SIZING_DEFERRAL`], so a steady stream of claims never
 //! starves refills) and, when claims come one after another, until none has come for
-//! [`CLAIM_QUIET`] (for at most [`MAX_QUIET_DEFERRAL`]). A pool short of idle pods sizes at once.
+//! [`CLAIM_QUIET`] (for at most [`MAX_QUIET_DEFERRAL`]). Behind claims that came together it also
+//! waits for their batches' statuses, a claim's last write and what OpenSandbox's server waits
+//! for (for at most [`MAX_BURST_DEFERRAL`]). A pool short of idle pods sizes at once.
 //! The status, which only reports counts, is written at most once per [`STATUS_INTERVAL`], with
 //! whatever changed in between coalesced into that one write.
 //!
@@ -24,10 +25,12 @@ use std::time::{Duration, Instant};
 
 use super::index::Key;
 
-/// Longest time sizing waits behind claims being served. A burst of a hundred claims takes
-/// about half a second on a 2-core machine to be granted and reported; refills started before
-/// the statuses are written slow every one of them.
-pub const MAX_SIZING_DEFERRAL: Duration = Duration::from_secs(1);
+/// Longest time sizing waits behind claims being served.
+pub const MAX_SIZING_DEFERRAL: Duration = Duration::from_millis(500);
+/// Longest time sizing waits behind claims that came together (a round granted several
+/// batches), their statuses included: a burst of a hundred claims takes about half a second on
+/// a 2-core machine to be granted and reported, and refills sent meanwhile slow every status.
+pub const MAX_BURST_DEFERRAL: Duration = Duration::from_secs(1);
 /// How soon a deferred sizing is looked at again when no event comes first.
 pub const SIZING_RECHECK: Duration = Duration::from_millis(50);
 /// Grants this close together are claims coming one after another, and sizing waits until the
@@ -119,6 +122,9 @@ pub struct PoolPace {
     /// Whether that round granted several batches, or came within [`CLAIM_QUIET`] of the one
     /// before: claims are coming together or one after another, not alone.
     in_stream: bool,
+    /// Whether a round since sizing last ran granted several batches: a burst, whose statuses
+    /// sizing waits for too.
+    together: bool,
     last_status_write: Option<Instant>,
     /// The budget slot this pool's next counts-only write holds.
     reserved_slot: Option<Instant>,
@@ -126,42 +132,49 @@ pub struct PoolPace {
 
 impl PoolPace {
     pub fn sizing(&mut self, now: Instant, claims: Claims) -> Sizing {
+        if let Claims::Granted { batches } = claims {
+            self.in_stream = batches > 1
+                || self
+                    .last_grant
+                    .is_some_and(|at| now.saturating_duration_since(at) < CLAIM_QUIET);
+            self.together |= batches > 1;
+            self.last_grant = Some(now);
+        }
+        let serving = if self.together {
+            MAX_BURST_DEFERRAL
+        } else {
+            MAX_SIZING_DEFERRAL
+        };
         let wait = match claims {
             Claims::Short => None,
-            Claims::Granted { batches } => {
-                self.in_stream = batches > 1
-                    || self
-                        .last_grant
-                        .is_some_and(|at| now.saturating_duration_since(at) < CLAIM_QUIET);
-                self.last_grant = Some(now);
-                Some((SIZING_RECHECK, MAX_SIZING_DEFERRAL))
-            }
-            Claims::Writing => Some((SIZING_RECHECK, MAX_SIZING_DEFERRAL)),
-            // A claim that came alone gets its refill at once: waiting would cost a round.
+            Claims::Granted { .. } | Claims::Writing => Some((SIZING_RECHECK, serving)),
+            Claims::Reporting if self.together => Some((SIZING_RECHECK, serving)),
+            // Statuses of claims one after another or alone are not waited for: a stream would
+            // hold its refills back until the bound and send them in one large group, and a
+            // claim alone would pay a timed round.
             Claims::Served | Claims::Reporting if !self.in_stream => None,
-            // Only behind recent grants: a status that never catches up (a write the API server
-            // keeps refusing, a held pod gone) must not hold every later refill back.
-            Claims::Reporting => self
-                .last_grant
-                .filter(|at| now.saturating_duration_since(*at) < MAX_SIZING_DEFERRAL)
-                .map(|_| (SIZING_RECHECK, MAX_SIZING_DEFERRAL)),
-            Claims::Served => self
+            Claims::Served | Claims::Reporting => self
                 .last_grant
                 .map(|at| (at + CLAIM_QUIET).saturating_duration_since(now))
                 .filter(|quiet_in| !quiet_in.is_zero())
                 .map(|quiet_in| (quiet_in, MAX_QUIET_DEFERRAL)),
         };
         let Some((recheck, bound)) = wait else {
-            self.deferred_since = None;
-            return Sizing::Now;
+            return self.size_now();
         };
         let since = *self.deferred_since.get_or_insert(now);
         let waited = now.saturating_duration_since(since);
         if waited >= bound {
-            self.deferred_since = None;
-            return Sizing::Now;
+            return self.size_now();
         }
         Sizing::Defer(recheck.min(bound - waited))
+    }
+
+    /// Sizing runs: the next deferral, and whether its claims came together, start afresh.
+    fn size_now(&mut self) -> Sizing {
+        self.deferred_since = None;
+        self.together = false;
+        Sizing::Now
     }
 
     /// Whether a changed status may be written now; call [`Self::status_written`] once it was.
@@ -286,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn sizing_waits_for_the_statuses_of_recent_grants_in_a_stream_only() {
+    fn sizing_waits_for_the_statuses_of_claims_that_came_together() {
         const GRANTED_TWO: Claims = Claims::Granted { batches: 2 };
         let start = Instant::now();
         let mut pace = PoolPace::default();
@@ -295,41 +308,69 @@ mod tests {
             Sizing::Now,
             "no grant of this process: nothing to wait for"
         );
-        // Two claims served in one round are a stream: sizing waits for their statuses, then
-        // for the quiet time after them.
+        // Two claims served in one round: sizing waits for their grants and statuses, past the
+        // bound for claims that did not come together, then for the quiet time after them.
         pace.sizing(start, GRANTED_TWO);
         assert_eq!(
-            pace.sizing(start + 20 * MS, Claims::Reporting),
+            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Writing),
             Sizing::Defer(SIZING_RECHECK)
         );
         assert_eq!(
-            pace.sizing(start + 40 * MS, Claims::Served),
-            Sizing::Defer(CLAIM_QUIET - 40 * MS)
+            pace.sizing(start + MAX_SIZING_DEFERRAL + 20 * MS, Claims::Reporting),
+            Sizing::Defer(SIZING_RECHECK)
         );
+        let mut reported = PoolPace::default();
+        reported.sizing(start, GRANTED_TWO);
+        reported.sizing(start + 20 * MS, Claims::Reporting);
         assert_eq!(
-            pace.sizing(start + CLAIM_QUIET, Claims::Served),
+            reported.sizing(start + 30 * MS, Claims::Served),
+            Sizing::Defer(CLAIM_QUIET - 30 * MS)
+        );
+        // A status that never catches up holds refills back for the burst's bound, then no
+        // more until claims come together again.
+        assert_eq!(
+            pace.sizing(start + MAX_BURST_DEFERRAL, Claims::Reporting),
             Sizing::Now
         );
-        // A claim that came alone gets its refill once its grant is written, status or not.
+        assert_eq!(
+            pace.sizing(start + MAX_BURST_DEFERRAL + 50 * MS, Claims::Reporting),
+            Sizing::Now
+        );
+        let again = start + MAX_BURST_DEFERRAL + 60 * MS;
+        pace.sizing(again, GRANTED_TWO);
+        assert_eq!(
+            pace.sizing(again + 10 * MS, Claims::Reporting),
+            Sizing::Defer(SIZING_RECHECK)
+        );
+    }
+
+    #[test]
+    fn statuses_of_claims_alone_or_one_after_another_are_not_waited_for() {
+        let start = Instant::now();
+        // Alone: refilled once the grant is written, status or not.
         let mut pace = PoolPace::default();
         pace.sizing(start, GRANTED_ONE);
         assert_eq!(pace.sizing(start + 3 * MS, Claims::Reporting), Sizing::Now);
-        // A status that never catches up holds refills back for the bound, then no more until
-        // the next grant.
+        // One after another: the quiet time after the last grant, as once served.
         let mut pace = PoolPace::default();
-        pace.sizing(start, GRANTED_TWO);
+        pace.sizing(start, GRANTED_ONE);
+        pace.sizing(start + 3 * MS, Claims::Reporting);
+        pace.sizing(start + 10 * MS, GRANTED_ONE);
         assert_eq!(
-            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Reporting),
-            Sizing::Now
+            pace.sizing(start + 13 * MS, Claims::Reporting),
+            Sizing::Defer(CLAIM_QUIET - 3 * MS)
         );
         assert_eq!(
-            pace.sizing(start + MAX_SIZING_DEFERRAL + 50 * MS, Claims::Reporting),
-            Sizing::Now
+            pace.sizing(start + 10 * MS + MAX_QUIET_DEFERRAL, Claims::Reporting),
+            Sizing::Now,
+            "the quiet time's bound, counted from the second claim's grant"
         );
-        pace.sizing(start + MAX_SIZING_DEFERRAL + 60 * MS, GRANTED_TWO);
+        // Claims one after another are not held behind their writes past the shorter bound.
+        let mut pace = PoolPace::default();
+        pace.sizing(start, GRANTED_ONE);
         assert_eq!(
-            pace.sizing(start + MAX_SIZING_DEFERRAL + 70 * MS, Claims::Reporting),
-            Sizing::Defer(SIZING_RECHECK)
+            pace.sizing(start + MAX_SIZING_DEFERRAL, Claims::Writing),
+            Sizing::Now
         );
     }
 
