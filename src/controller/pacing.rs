@@ -7,7 +7,9 @@
 //! starves refills) and, when claims come one after another, until none has come for
 //! [`CLAIM_QUIET`] (for at most [`MAX_QUIET_DEFERRAL`]). Behind claims that came together it also
 //! waits for their batches' statuses, a claim's last write and what OpenSandbox's server waits
-//! for (for at most [`MAX_BURST_DEFERRAL`]). A pool short of idle pods sizes at once.
+//! for (for at most [`MAX_BURST_DEFERRAL`]): the round records which batches it waits on, and the
+//! status event that brings the last of them wakes the pool once (see [`Pacing::status_reported`]).
+//! A pool short of idle pods sizes at once.
 //! The status, which only reports counts, is written at most once per [`STATUS_INTERVAL`], with
 //! whatever changed in between coalesced into that one write.
 //!
@@ -33,6 +35,9 @@ pub const MAX_SIZING_DEFERRAL: Duration = Duration::from_millis(500);
 pub const MAX_BURST_DEFERRAL: Duration = Duration::from_secs(1);
 /// How soon a deferred sizing is looked at again when no event comes first.
 pub const SIZING_RECHECK: Duration = Duration::from_millis(50);
+/// How soon sizing waiting for statuses is looked at again: the last awaited status wakes the
+/// pool, so this look only matters when a status reports fewer pods than its batch was granted.
+pub const STATUS_RECHECK: Duration = Duration::from_millis(250);
 /// Grants this close together are claims coming one after another, and sizing waits until the
 /// last of them is this long past: a refill sized between two such claims would send its pod's
 /// writes (create, binding, the node's status) to the API server with the next claim.
@@ -125,12 +130,52 @@ pub struct PoolPace {
     /// Whether a round since sizing last ran granted several batches: a burst, whose statuses
     /// sizing waits for too.
     together: bool,
+    /// The batches whose statuses sizing waits for, each with the pod count its status must
+    /// reach; the event that empties it wakes the pool.
+    awaited_statuses: Vec<AwaitedStatus>,
     last_status_write: Option<Instant>,
     /// The budget slot this pool's next counts-only write holds.
     reserved_slot: Option<Instant>,
 }
 
+/// A batch whose status does not count every pod its ledger serves yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwaitedStatus {
+    pub batch: String,
+    /// `status.allocated` once the status catches up.
+    pub allocated: usize,
+}
+
 impl PoolPace {
+    /// What the round does about sizing. `behind` are the batches whose statuses lag their
+    /// ledgers (the round's claims are [`Claims::Reporting`] if there are any): when sizing waits
+    /// for them, they are recorded for [`Self::status_reported`].
+    pub fn sizing_awaiting(
+        &mut self,
+        now: Instant,
+        claims: Claims,
+        behind: Vec<AwaitedStatus>,
+    ) -> Sizing {
+        let sizing = self.sizing(now, claims);
+        self.awaited_statuses =
+            if claims == Claims::Reporting && self.together && sizing != Sizing::Now {
+                behind
+            } else {
+                Vec::new()
+            };
+        sizing
+    }
+
+    /// Whether this status event brought the last status sizing waits for: then the pool is
+    /// woken, once.
+    pub fn status_reported(&mut self, batch: &str, allocated: usize) -> bool {
+        let before = self.awaited_statuses.len();
+        self.awaited_statuses
+            .retain(|awaited| awaited.batch != batch || awaited.allocated > allocated);
+        before > 0 && self.awaited_statuses.is_empty()
+    }
+
+    /// What the round does about sizing, given where its claims stand.
     pub fn sizing(&mut self, now: Instant, claims: Claims) -> Sizing {
         if let Claims::Granted { batches } = claims {
             self.in_stream = batches > 1
@@ -148,7 +193,7 @@ impl PoolPace {
         let wait = match claims {
             Claims::Short => None,
             Claims::Granted { .. } | Claims::Writing => Some((SIZING_RECHECK, serving)),
-            Claims::Reporting if self.together => Some((SIZING_RECHECK, serving)),
+            Claims::Reporting if self.together => Some((STATUS_RECHECK, serving)),
             // Statuses of claims one after another or alone are not waited for: a stream would
             // hold its refills back until the bound and send them in one large group, and a
             // claim alone would pay a timed round.
@@ -241,6 +286,19 @@ impl Pacing {
         f(inner.pools.entry(pool.clone()).or_default())
     }
 
+    /// [`PoolPace::status_reported`] of `pool`: whether to wake it. A round records what it
+    /// waits on under the same lock as it reads those statuses from the cache, and the cache
+    /// holds an event's copy before the router calls this, so a status that lands while the
+    /// round records is either seen by the round or finds its record here.
+    pub fn status_reported(&self, pool: &Key, batch: &str, allocated: usize) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pools
+            .get_mut(pool)
+            .is_some_and(|pace| pace.status_reported(batch, allocated))
+    }
+
     /// [`PoolPace::status`] of `pool` against the shared budget.
     pub fn status(&self, pool: &Key, now: Instant, change: StatusChange) -> StatusWrite {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -317,7 +375,7 @@ mod tests {
         );
         assert_eq!(
             pace.sizing(start + MAX_SIZING_DEFERRAL + 20 * MS, Claims::Reporting),
-            Sizing::Defer(SIZING_RECHECK)
+            Sizing::Defer(STATUS_RECHECK)
         );
         let mut reported = PoolPace::default();
         reported.sizing(start, GRANTED_TWO);
@@ -340,8 +398,64 @@ mod tests {
         pace.sizing(again, GRANTED_TWO);
         assert_eq!(
             pace.sizing(again + 10 * MS, Claims::Reporting),
-            Sizing::Defer(SIZING_RECHECK)
+            Sizing::Defer(STATUS_RECHECK)
         );
+    }
+
+    fn awaited(batch: &str, allocated: usize) -> AwaitedStatus {
+        AwaitedStatus {
+            batch: batch.into(),
+            allocated,
+        }
+    }
+
+    #[test]
+    fn the_last_status_awaited_wakes_the_pool_once() {
+        const GRANTED_TWO: Claims = Claims::Granted { batches: 2 };
+        let start = Instant::now();
+        let mut pace = PoolPace::default();
+        pace.sizing(start, GRANTED_TWO);
+        let behind = vec![awaited("a", 1), awaited("b", 3)];
+        assert_eq!(
+            pace.sizing_awaiting(start + 20 * MS, Claims::Reporting, behind.clone()),
+            Sizing::Defer(STATUS_RECHECK)
+        );
+        assert!(!pace.status_reported("a", 0), "a status short of its pods");
+        assert!(!pace.status_reported("a", 1), "b's status is still to come");
+        assert!(!pace.status_reported("other", 5), "a batch not awaited");
+        assert!(!pace.status_reported("b", 2), "short of b's pods");
+        assert!(pace.status_reported("b", 3), "the last one");
+        assert!(!pace.status_reported("b", 3), "once");
+
+        // The next round replaces what is awaited; a round that does not wait awaits nothing.
+        pace.sizing_awaiting(start + 30 * MS, Claims::Reporting, behind.clone());
+        pace.sizing_awaiting(start + 40 * MS, Claims::Writing, behind.clone());
+        assert!(!pace.status_reported("a", 1) && !pace.status_reported("b", 3));
+        pace.sizing_awaiting(start + 50 * MS, Claims::Reporting, behind.clone());
+        assert_eq!(
+            pace.sizing_awaiting(
+                start + MAX_BURST_DEFERRAL,
+                Claims::Reporting,
+                behind.clone()
+            ),
+            Sizing::Now
+        );
+        assert!(!pace.status_reported("a", 1) && !pace.status_reported("b", 3));
+
+        // Statuses of a claim alone, or of claims one after another, are not waited for, so
+        // not recorded either (the latter wait for the quiet time only).
+        let mut alone = PoolPace::default();
+        alone.sizing(start, GRANTED_ONE);
+        alone.sizing_awaiting(start + 10 * MS, Claims::Reporting, vec![awaited("a", 1)]);
+        assert!(!alone.status_reported("a", 1));
+        let mut stream = PoolPace::default();
+        stream.sizing(start, GRANTED_ONE);
+        stream.sizing(start + 10 * MS, GRANTED_ONE);
+        assert_eq!(
+            stream.sizing_awaiting(start + 20 * MS, Claims::Reporting, vec![awaited("a", 1)]),
+            Sizing::Defer(CLAIM_QUIET - 10 * MS)
+        );
+        assert!(!stream.status_reported("a", 1));
     }
 
     #[test]

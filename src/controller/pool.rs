@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::cached_pod::CachedPod;
 use super::index::{Key, PoolBatch};
-use super::pacing::{Claims, Sizing, StatusChange, StatusWrite};
+use super::pacing::{AwaitedStatus, Claims, Sizing, StatusChange, StatusWrite};
 use super::{Context, Error, ledger_of, object_name, policy_selector};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
 use sandbox_domain::allocation::{self, AllocStatus, Demand, Grant};
@@ -190,23 +190,32 @@ impl Observed {
         Key::new(&self.namespace, &self.name)
     }
 
-    /// Whether a batch's status counts fewer pods than its ledger serves: its status write is
-    /// still to come.
-    fn statuses_behind_ledgers(&self) -> bool {
+    /// The batches whose status counts fewer pods than their ledger serves: their status
+    /// writes are still to come.
+    fn statuses_behind_ledgers(&self) -> Vec<AwaitedStatus> {
         self.batches
             .iter()
             .filter(|b| b.batch.metadata.deletion_timestamp.is_none())
-            .any(|b| {
-                let reported = b.batch.status.as_ref().map_or(0, |s| s.allocated);
+            .filter_map(|b| {
                 let served = Demand {
                     replicas: b.batch.desired_replicas(),
                     held: &b.ledger.pods,
                     released: &b.released,
                 }
                 .served(|pod| self.usable(pod));
-                usize::try_from(reported).unwrap_or(0) < served
+                (reported_pods(&b.batch) < served).then(|| AwaitedStatus {
+                    batch: b.batch.name_any(),
+                    allocated: served,
+                })
             })
+            .collect()
     }
+}
+
+/// The pods a batch's status counts as allocated.
+pub(super) fn reported_pods(batch: &BatchSandbox) -> usize {
+    let allocated = batch.status.as_ref().map_or(0, |s| s.allocated);
+    usize::try_from(allocated).unwrap_or(0)
 }
 
 /// Oldest first, by name among batches created in the same second; borrowed, as a round sorts
@@ -252,25 +261,41 @@ async fn reconcile_pool(pool: &Pool, ctx: &Arc<Context>) -> Result<Action, Error
     // Claims first, and nothing else while they are being served: grants go out without waiting
     // for each other, and sizing (refills) and the status wait behind them (see `pacing`).
     let round = allocate(ctx, &mut observed)?;
-    let claims = if round.unmet > 0 {
-        Claims::Short
+    let key = observed.key();
+    let (claims, behind) = if round.unmet > 0 {
+        (Claims::Short, Vec::new())
     } else if round.granted > 0 {
-        Claims::Granted {
-            batches: round.batches,
-        }
-    } else if ctx.grants_in_flight.busy(&observed.key()) {
-        Claims::Writing
-    } else if observed.statuses_behind_ledgers() {
-        Claims::Reporting
+        let batches = round.batches;
+        (Claims::Granted { batches }, Vec::new())
+    } else if ctx.grants_in_flight.busy(&key) {
+        (Claims::Writing, Vec::new())
     } else {
-        Claims::Served
+        (Claims::Reporting, observed.statuses_behind_ledgers())
     };
     let now = std::time::Instant::now();
-    if let Sizing::Defer(recheck) = ctx.pacing.with(&observed.key(), |p| p.sizing(now, claims)) {
+    let sizing = ctx.pacing.with(&key, |pace| {
+        // Read again under the lock the router takes to tell the pool a status came: one that
+        // landed since the round gathered its view is seen here or finds the round's record.
+        let behind: Vec<AwaitedStatus> = behind
+            .into_iter()
+            .filter(|awaited| {
+                ctx.batches
+                    .get(&ObjectRef::new(&awaited.batch).within(&observed.namespace))
+                    .is_some_and(|batch| reported_pods(&batch) < awaited.allocated)
+            })
+            .collect();
+        let claims = match claims {
+            Claims::Reporting if behind.is_empty() => Claims::Served,
+            claims => claims,
+        };
+        pace.sizing_awaiting(now, claims, behind)
+    });
+    if let Sizing::Defer(recheck) = sizing {
         // Each grant sent in this round wakes its pool when it ends: committed, by its batch's
         // watch event (the ledger changed); otherwise by an explicit wake-up. A timed look is
         // left for grants of earlier rounds, whose answer may come after their event, and for
-        // the end of the quiet time after the last claim.
+        // the end of the quiet time after the last claim. Behind statuses, the event of the
+        // last one awaited wakes the pool.
         return Ok(if round.granted > 0 {
             Action::await_change()
         } else {

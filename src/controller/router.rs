@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::Context;
 use super::cached_pod::CachedPod;
-use super::index::{BatchChange, PoolChange};
+use super::index::{BatchChange, Key, PoolChange};
 use sandbox_domain::api::{BatchSandbox, Pool, names};
 
 /// The store's own copy of an object the reflector just applied, so the indexes share it; the
@@ -83,6 +83,7 @@ impl Router {
                 let cached = cached(&self.ctx.batches, batch);
                 let change = self.ctx.index.with(|i| i.batch_applied(&cached));
                 self.batch_changed(&cached, change);
+                self.status_reported(&cached);
             }
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
@@ -114,6 +115,21 @@ impl Router {
             self.batch(&ns, &batch.name_any());
         }
         if let (true, Some(pool)) = (change.allocation, batch.pool_name()) {
+            self.pool(&ns, pool);
+        }
+    }
+
+    /// Wakes the batch's pool if its sizing waits for statuses and this was the last of them.
+    fn status_reported(&self, batch: &BatchSandbox) {
+        let Some(pool) = batch.pool_name() else {
+            return;
+        };
+        let ns = batch.namespace().unwrap_or_default();
+        if self.ctx.pacing.status_reported(
+            &Key::new(&ns, pool),
+            &batch.name_any(),
+            super::pool::reported_pods(batch),
+        ) {
             self.pool(&ns, pool);
         }
     }

@@ -474,7 +474,8 @@ async fn a_pool_reports_its_status_once_its_claims_are_served() {
 
 /// Behind claims served together, a pool's refill waits until every batch it granted reports
 /// its pods: the status write is a claim's last, and the refill's pod writes would go to the API
-/// server alongside it. A claim that came alone is refilled once its grant is written.
+/// server alongside it. The event of the last status awaited wakes the pool, once, and the round
+/// it wakes refills. A claim that came alone is refilled once its grant is written.
 #[tokio::test]
 async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its_pods() {
     let api = RecordedApi::default();
@@ -505,22 +506,42 @@ async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its
         ]
     );
 
+    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
+    let (batches_tx, _batches_rx) = mpsc::unbounded_channel();
+    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
+    let mut pool_wakeups = || std::iter::from_fn(|| pools_rx.try_recv().ok()).count();
+    // The batch cache holds an event's copy before the router sees it, as the reflector's does.
+    let mut status_event = |batch: BatchSandbox| {
+        feed.0
+            .apply_watcher_event(&watcher::Event::Apply(batch.clone()));
+        router.batch_event(Ok(watcher::Event::Apply(batch)));
+    };
+    let report = |name: &str| {
+        let (api, ctx) = (api.clone(), ctx.clone());
+        let name = name.to_string();
+        async move {
+            let granted: BatchSandbox = api.stored(&[batch_path(&name)]).remove(0);
+            batch::reconcile(Arc::new(granted), ctx)
+                .await
+                .expect("the batch reconcile succeeds");
+            let reported: BatchSandbox = api.stored(&[batch_path(&name)]).remove(0);
+            assert_eq!(reported.status.as_ref().map(|s| s.allocated), Some(1));
+            reported
+        }
+    };
+
     // The grants' events: each ledger holds a pod, no status counts it yet. Then one batch
     // reports its pod, the other not yet.
     for name in ["first", "second"] {
         let granted: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
         assert!(granted.status.is_none());
-        feed.apply(&ctx, &granted);
+        status_event(granted);
     }
+    pool_wakeups();
     for reported in [None, Some("first")] {
         if let Some(name) = reported {
-            let granted: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
-            batch::reconcile(Arc::new(granted), ctx.clone())
-                .await
-                .expect("the batch reconcile succeeds");
-            let reported: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
-            assert_eq!(reported.status.as_ref().map(|s| s.allocated), Some(1));
-            feed.apply(&ctx, &reported);
+            status_event(report(name).await);
+            assert_eq!(pool_wakeups(), 0, "a status still awaited: {reported:?}");
         }
         let writes_before = api.writes().len();
         let action = reconcile_pool(Arc::new(pool.clone()), ctx.clone())
@@ -528,7 +549,7 @@ async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its
             .expect("the round after the grants succeeds");
         assert_eq!(
             action,
-            Action::requeue(pacing::SIZING_RECHECK),
+            Action::requeue(pacing::STATUS_RECHECK),
             "reported: {reported:?}"
         );
         let writes = api.writes();
@@ -538,6 +559,83 @@ async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its
             "no refill, no pool status: {writes:#?}"
         );
     }
+
+    // The last status awaited wakes the pool once; the round it wakes refills its buffer.
+    status_event(report("second").await);
+    assert_eq!(pool_wakeups(), 1, "the last status awaited");
+    status_event(api.stored(&[batch_path("second")]).remove(0));
+    assert_eq!(pool_wakeups(), 0, "the same status again wakes nothing");
+    // Claims that came together are refilled after a quiet time since the last grant, which a
+    // burst's statuses outlast; here they came within it.
+    std::thread::sleep(pacing::CLAIM_QUIET);
+    let writes_before = api.writes().len();
+    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+        .await
+        .expect("the round after the statuses succeeds");
+    let pods_path = format!("/api/v1/namespaces/{NS}/pods");
+    assert_eq!(
+        methods_and_paths(&api.writes()[writes_before..]),
+        [
+            ("POST".to_string(), pods_path),
+            ("PATCH".to_string(), pool_status_path()),
+        ]
+    );
+}
+
+/// A status that lands while a round records what it waits for is not missed: the round reads
+/// the cache again under the lock the router takes, so it sizes at once when the status it
+/// would wait for is there already.
+#[tokio::test]
+async fn a_status_that_lands_while_the_round_looks_is_not_waited_for() {
+    let api = RecordedApi::default();
+    let pool = pool([2, 2, 3, 5]);
+    let first = batch_created("first", 1, "7", 0);
+    let second = batch_created("second", 1, "8", 1);
+    api.object(batch_path("first"), &first);
+    api.object(batch_path("second"), &second);
+    api.object(pool_path(), &pool);
+    let (ctx, mut feed) = context_with_feed(
+        &api,
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+            pool_pod(&pool, "p-c", "127.1.1.4"),
+        ],
+        vec![first, second],
+    );
+    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+        .await
+        .expect("the granting round succeeds");
+    for name in ["first", "second"] {
+        let granted: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
+        feed.apply(&ctx, &granted);
+        batch::reconcile(Arc::new(granted), ctx.clone())
+            .await
+            .expect("the batch reconcile succeeds");
+    }
+    // Both statuses are in the store, but the indexes the round gathers from still hold the
+    // copies without them: the store is read again before the round waits.
+    for name in ["first", "second"] {
+        let reported: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
+        feed.0.apply_watcher_event(&watcher::Event::Apply(reported));
+    }
+    // Past the quiet time after the grants, as a burst's statuses are.
+    std::thread::sleep(pacing::CLAIM_QUIET);
+    let writes_before = api.writes().len();
+    let action = reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+        .await
+        .expect("the round after the statuses succeeds");
+    assert_ne!(action, Action::requeue(pacing::STATUS_RECHECK));
+    let writes = api.writes();
+    assert_eq!(
+        writes[writes_before..]
+            .iter()
+            .filter(|w| w.method == "POST")
+            .count(),
+        1,
+        "the refill: {writes:#?}"
+    );
 }
 
 #[tokio::test]
