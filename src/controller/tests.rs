@@ -479,25 +479,7 @@ async fn a_pool_reports_its_status_once_its_claims_are_served() {
 #[tokio::test]
 async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its_pods() {
     let api = RecordedApi::default();
-    let pool = pool([2, 2, 3, 5]);
-    let first = batch_created("first", 1, "7", 0);
-    let second = batch_created("second", 1, "8", 1);
-    api.object(batch_path("first"), &first);
-    api.object(batch_path("second"), &second);
-    api.object(pool_path(), &pool);
-    let (ctx, mut feed) = context_with_feed(
-        &api,
-        &pool,
-        vec![
-            pool_pod(&pool, "p-a", "127.1.1.2"),
-            pool_pod(&pool, "p-b", "127.1.1.3"),
-            pool_pod(&pool, "p-c", "127.1.1.4"),
-        ],
-        vec![first, second],
-    );
-    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
-        .await
-        .expect("the granting round succeeds");
+    let (pool, ctx, mut feed) = two_claims_granted_together(&api).await;
     assert_eq!(
         methods_and_paths(&api.writes()),
         [
@@ -588,25 +570,7 @@ async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its
 #[tokio::test]
 async fn a_status_that_lands_while_the_round_looks_is_not_waited_for() {
     let api = RecordedApi::default();
-    let pool = pool([2, 2, 3, 5]);
-    let first = batch_created("first", 1, "7", 0);
-    let second = batch_created("second", 1, "8", 1);
-    api.object(batch_path("first"), &first);
-    api.object(batch_path("second"), &second);
-    api.object(pool_path(), &pool);
-    let (ctx, mut feed) = context_with_feed(
-        &api,
-        &pool,
-        vec![
-            pool_pod(&pool, "p-a", "127.1.1.2"),
-            pool_pod(&pool, "p-b", "127.1.1.3"),
-            pool_pod(&pool, "p-c", "127.1.1.4"),
-        ],
-        vec![first, second],
-    );
-    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
-        .await
-        .expect("the granting round succeeds");
+    let (pool, ctx, mut feed) = two_claims_granted_together(&api).await;
     for name in ["first", "second"] {
         let granted: BatchSandbox = api.stored(&[batch_path(name)]).remove(0);
         feed.apply(&ctx, &granted);
@@ -876,6 +840,31 @@ impl BatchFeed {
 }
 
 /// A context over `pool`, its `pods` and `batches`, whose batch cache the test feeds.
+/// A pool of three idle pods (buffer 2..3) and the round that grants it two claims created
+/// together, "first" and "second", one pod each; neither grant's status is written yet.
+async fn two_claims_granted_together(api: &RecordedApi) -> (Pool, Arc<Context>, BatchFeed) {
+    let pool = pool([2, 2, 3, 5]);
+    let first = batch_created("first", 1, "7", 0);
+    let second = batch_created("second", 1, "8", 1);
+    api.object(batch_path("first"), &first);
+    api.object(batch_path("second"), &second);
+    api.object(pool_path(), &pool);
+    let (ctx, feed) = context_with_feed(
+        api,
+        &pool,
+        vec![
+            pool_pod(&pool, "p-a", "127.1.1.2"),
+            pool_pod(&pool, "p-b", "127.1.1.3"),
+            pool_pod(&pool, "p-c", "127.1.1.4"),
+        ],
+        vec![first, second],
+    );
+    reconcile_pool(Arc::new(pool.clone()), ctx.clone())
+        .await
+        .expect("the granting round succeeds");
+    (pool, ctx, feed)
+}
+
 fn context_with_feed(
     api: &RecordedApi,
     pool: &Pool,
