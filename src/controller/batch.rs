@@ -150,8 +150,21 @@ pub(super) async fn decide_expiry(
         task_phases: task_phases.to_vec(),
     };
     let selector = policy_selector(batch, Decision::Expiry);
-    ctx.decide(selector, move |p, s| p.expiry(s, &snapshot))
-        .await
+    let uid = batch.uid();
+    if let Some(uid) = &uid
+        && let Some(standing) = ctx.remembered.expiry(uid, selector.as_deref(), &snapshot)
+    {
+        return Ok(sandbox_policy::Outcome::ok(standing));
+    }
+    let asked = snapshot.clone();
+    let outcome = ctx
+        .decide(selector.clone(), move |p, s| p.expiry(s, &asked))
+        .await?;
+    if let Some(uid) = &uid {
+        ctx.remembered
+            .remember_expiry(uid, selector.as_deref(), &snapshot, &outcome);
+    }
+    Ok(outcome)
 }
 
 /// Whether `copy`, whose pods were recycled before a write past it that went unanswered, is
@@ -882,9 +895,24 @@ async fn task_phases(
         shard_patches: batch.spec.shard_task_patches.clone(),
     };
     let selector = policy_selector(batch, Decision::ShardTasks);
-    let outcome = ctx
-        .decide(selector, move |p, s| p.shard_tasks(s, &input))
-        .await?;
+    let uid = batch.uid();
+    let remembered = uid
+        .as_deref()
+        .and_then(|uid| ctx.remembered.shard_tasks(uid, selector.as_deref(), &input));
+    let outcome = match remembered {
+        Some(tasks) => sandbox_policy::Outcome::ok(Some(tasks)),
+        None => {
+            let asked = input.clone();
+            let outcome = ctx
+                .decide(selector.clone(), move |p, s| p.shard_tasks(s, &asked))
+                .await?;
+            if let Some(uid) = &uid {
+                ctx.remembered
+                    .remember_shard_tasks(uid, selector.as_deref(), &input, &outcome);
+            }
+            outcome
+        }
+    };
     super::tasks::sync(batch, ctx, &shards.pods, released, outcome).await
 }
 

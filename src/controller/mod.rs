@@ -262,6 +262,9 @@ pub struct Context {
     returned_to_pool: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Copies of batches this process recycled pods from and wrote past (see `recycled`).
     recycled: recycled::RecycledCopies,
+    /// Each batch's last shard-task and expiry answers, by uid: a batch reconciles about twice
+    /// per claim with the same tasks, and asking a pure policy again would only spend a call.
+    remembered: sandbox_policy::Remembered,
 }
 
 /// A token for this process's start: its pid and the time, to the nanosecond.
@@ -299,6 +302,7 @@ impl Context {
             index.batches_relisted(stores.batches.state().iter());
         });
         Context {
+            remembered: sandbox_policy::Remembered::new(policies.as_ref()),
             recorder: Recorder::new(client.clone(), reporter),
             executor: sandbox_executor::client::ExecutorClient::new(
                 config.executor.signing_key.clone(),

@@ -88,6 +88,9 @@ impl Router {
             Ok(Event::Delete(batch)) => {
                 self.ctx.index.with(|i| i.batch_deleted(&batch));
                 self.ctx.recycled.forget(&batch);
+                if let Some(uid) = batch.uid() {
+                    self.ctx.remembered.forget(&uid);
+                }
                 self.batch_changed(
                     &batch,
                     BatchChange {
@@ -100,6 +103,9 @@ impl Router {
                 let batches = self.ctx.batches.state();
                 self.ctx.index.with(|i| i.batches_relisted(batches.iter()));
                 self.ctx.recycled.forget_all_but(&batches);
+                self.ctx
+                    .remembered
+                    .forget_all_but(&batches.iter().filter_map(|b| b.uid()).collect());
                 self.everything();
             }
             Ok(_) => {}

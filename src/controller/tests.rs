@@ -434,6 +434,120 @@ async fn a_healthy_pooled_claim_writes_its_ledger_and_its_status_and_nothing_els
     assert_eq!(writes[1].body["status"]["ready"], json!(2), "{writes:#?}");
 }
 
+/// Counts the shard-task and expiry decisions asked of it, and answers them natively.
+#[derive(Default)]
+struct CountingPolicies {
+    shard_tasks: std::sync::atomic::AtomicUsize,
+    expiry: std::sync::atomic::AtomicUsize,
+}
+
+impl PolicyEngine for CountingPolicies {
+    fn pool_sizing(
+        &self,
+        s: sandbox_policy::PolicySelector<'_>,
+        p: &sandbox_decisions::sizing::PoolSnapshot,
+    ) -> sandbox_policy::Outcome<sandbox_decisions::sizing::SizingDecision> {
+        sandbox_policy::NativePolicies.pool_sizing(s, p)
+    }
+    fn shard_tasks(
+        &self,
+        s: sandbox_policy::PolicySelector<'_>,
+        b: &sandbox_policy::ShardTaskInput,
+    ) -> sandbox_policy::Outcome<Option<sandbox_policy::ShardTasks>> {
+        self.shard_tasks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        sandbox_policy::NativePolicies.shard_tasks(s, b)
+    }
+    fn expiry(
+        &self,
+        s: sandbox_policy::PolicySelector<'_>,
+        b: &sandbox_decisions::expiry::BatchSnapshot,
+    ) -> sandbox_policy::Outcome<sandbox_decisions::expiry::ExpiryDecision> {
+        self.expiry
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        sandbox_policy::NativePolicies.expiry(s, b)
+    }
+    fn pool_selection(
+        &self,
+        s: sandbox_policy::PolicySelector<'_>,
+        i: &sandbox_decisions::selection::SelectionInput,
+    ) -> sandbox_policy::Outcome<sandbox_decisions::selection::SelectionDecision> {
+        sandbox_policy::NativePolicies.pool_selection(s, i)
+    }
+}
+
+impl CountingPolicies {
+    fn asked(&self) -> (usize, usize) {
+        (
+            self.shard_tasks.load(std::sync::atomic::Ordering::Relaxed),
+            self.expiry.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
+/// Policies are pure functions of their input: a batch reconciled again with the same tasks and
+/// no expiry due is not asked about again, a changed batch is, and a batch re-created under the
+/// same name (a new uid) starts afresh.
+#[tokio::test]
+async fn a_batch_reconciled_again_unchanged_asks_its_policies_nothing() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 3, 3]);
+    let pods = vec![
+        pool_pod(&pool, "p-a", "127.1.1.2"),
+        pool_pod(&pool, "p-b", "127.1.1.3"),
+    ];
+    let batch = pooled_batch("claim", 2, "7");
+    api.object(batch_path("claim"), &batch);
+    api.object(pool_path(), &pool);
+    let ctx = context(&api, pods.clone(), vec![batch], vec![pool.clone()]);
+    reconcile_pool(Arc::new(pool.clone()), ctx)
+        .await
+        .expect("the granting round succeeds");
+    let granted: BatchSandbox = api.stored(&[batch_path("claim")]).remove(0);
+
+    let policies = Arc::new(CountingPolicies::default());
+    let ctx = Arc::new(Context::new(
+        api.client(),
+        Stores {
+            pods: store(pods),
+            batches: store(vec![granted.clone()]),
+            pools: store(vec![pool]),
+        },
+        policies.clone(),
+        test_config(),
+        ControllerMetrics::default(),
+    ));
+    for _ in 0..3 {
+        batch::reconcile(Arc::new(granted.clone()), ctx.clone())
+            .await
+            .expect("the batch reconcile succeeds");
+    }
+    assert_eq!(policies.asked(), (1, 1), "asked once for three reconciles");
+
+    let mut expiring = granted.clone();
+    expiring.spec.expire_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(1),
+    ));
+    batch::reconcile(Arc::new(expiring.clone()), ctx.clone())
+        .await
+        .expect("the batch reconcile succeeds");
+    batch::reconcile(Arc::new(expiring), ctx.clone())
+        .await
+        .expect("the batch reconcile succeeds");
+    assert_eq!(
+        policies.asked(),
+        (1, 2),
+        "a new expireTime is asked about once; its answer stands until it is due"
+    );
+
+    let mut recreated = granted;
+    recreated.metadata.uid = Some("another-uid".into());
+    batch::reconcile(Arc::new(recreated), ctx.clone())
+        .await
+        .expect("the batch reconcile succeeds");
+    assert_eq!(policies.asked(), (2, 3), "a new uid is a new batch");
+}
+
 /// Once its claims are served, a pool sizes itself and reports its status, in one write.
 #[tokio::test]
 async fn a_pool_reports_its_status_once_its_claims_are_served() {

@@ -16,6 +16,7 @@ pub mod kind;
 pub mod metrics;
 pub mod names;
 pub mod registry;
+pub mod remembered;
 pub mod wasm;
 
 #[cfg(test)]
@@ -25,6 +26,7 @@ pub use host::{CallClass, CallError, Limits, LoadError, WasmHost};
 pub use kind::DecisionKind;
 pub use metrics::{DegradedReason, PolicyMetrics};
 pub use registry::{PolicyRegistry, RegistryConfig};
+pub use remembered::Remembered;
 pub use wasm::{PolicyInput, Source, WasmPolicies};
 
 pub use sandbox_decisions::tasks::{ShardTaskInput, ShardTasks};
