@@ -97,6 +97,24 @@ pub fn controller_reconciles(text: &str) -> Result<Counts, ParseError> {
     Ok(counts)
 }
 
+/// The policy decisions the controller asked for, by decision (`pool-sizing`, `shard-tasks`,
+/// `expiry`, `pool-selection`): `sandbox_policy_decisions_total`. Answers the controller reused
+/// are not asked for, so they are not counted.
+pub fn policy_decisions(text: &str) -> Result<Counts, ParseError> {
+    let mut counts = Counts::new();
+    for sample in scrape(text)?.samples {
+        if sample.metric != "sandbox_policy_decisions_total" {
+            continue;
+        }
+        if let (Some(decision), Some(value)) =
+            (sample.labels.get("decision"), counter_value(&sample.value))
+        {
+            *counts.entry(decision.to_owned()).or_default() += value;
+        }
+    }
+    Ok(counts)
+}
+
 /// What the counters grew by between two scrapes; keys that did not grow are left out.
 pub fn delta(before: &Counts, after: &Counts) -> Counts {
     after
@@ -184,6 +202,20 @@ sandbox_controller_claim_duration_seconds_count{namespace=\"n\",pool=\"p\"} 7\n\
             ("Pool".to_owned(), 31.0),
         ]
         .into();
+        assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn policy_decisions_by_decision() {
+        let text = "# HELP sandbox_policy_decisions Decisions asked of the policy engine.\n\
+# TYPE sandbox_policy_decisions counter\n\
+sandbox_policy_decisions_total{decision=\"pool-sizing\"} 12\n\
+sandbox_policy_decisions_total{decision=\"expiry\"} 3\n\
+sandbox_policy_degraded_total{decision=\"expiry\",reason=\"trap\"} 1\n\
+# EOF\n";
+        let counts = policy_decisions(text).unwrap();
+        let expected: Counts =
+            [("expiry".to_owned(), 3.0), ("pool-sizing".to_owned(), 12.0)].into();
         assert_eq!(counts, expected);
     }
 

@@ -83,6 +83,12 @@ pub struct PhaseCost {
     pub controller_reconciles: Counts,
     #[serde(default)]
     pub controller_reconciles_per_claim: Counts,
+    /// Policy decisions the controller asked for (by decision) over the phase; absent from
+    /// figures taken before they were counted.
+    #[serde(default)]
+    pub policy_decisions: Counts,
+    #[serde(default)]
+    pub policy_decisions_per_claim: Counts,
 }
 
 impl PhaseCost {
@@ -93,6 +99,7 @@ impl PhaseCost {
         controller_writes: Counts,
         apiserver_writes: Counts,
         controller_reconciles: Counts,
+        policy_decisions: Counts,
     ) -> Self {
         Self {
             wall_ms,
@@ -105,9 +112,11 @@ impl PhaseCost {
             controller_writes_per_claim: metrics::per_claim(&controller_writes, claims),
             apiserver_writes_per_claim: metrics::per_claim(&apiserver_writes, claims),
             controller_reconciles_per_claim: metrics::per_claim(&controller_reconciles, claims),
+            policy_decisions_per_claim: metrics::per_claim(&policy_decisions, claims),
             controller_writes,
             apiserver_writes,
             controller_reconciles,
+            policy_decisions,
         }
     }
 }
@@ -162,6 +171,11 @@ pub struct Aggregate {
     pub burst_reconciles_per_claim: Counts,
     #[serde(default)]
     pub sequential_reconciles_per_claim: Counts,
+    /// Median over runs of the policy decisions asked per claim, by decision.
+    #[serde(default)]
+    pub burst_policy_decisions_per_claim: Counts,
+    #[serde(default)]
+    pub sequential_policy_decisions_per_claim: Counts,
     pub nonpooled_ms: Option<f64>,
 }
 
@@ -206,6 +220,10 @@ impl Aggregate {
             burst_reconciles_per_claim: counts(|r| &r.burst.cost.controller_reconciles_per_claim),
             sequential_reconciles_per_claim: counts(|r| {
                 &r.sequential.cost.controller_reconciles_per_claim
+            }),
+            burst_policy_decisions_per_claim: counts(|r| &r.burst.cost.policy_decisions_per_claim),
+            sequential_policy_decisions_per_claim: counts(|r| {
+                &r.sequential.cost.policy_decisions_per_claim
             }),
             nonpooled_ms: scalar(&|r| r.nonpooled_ms),
         }
@@ -333,6 +351,7 @@ mod tests {
                 [("pod".to_owned(), pod_writes)].into(),
                 [("pods POST".to_owned(), pod_writes)].into(),
                 [("Pool".to_owned(), pod_writes * 3.0)].into(),
+                [("expiry".to_owned(), pod_writes * 2.0)].into(),
             ),
         )
     }
@@ -348,6 +367,7 @@ mod tests {
         assert_eq!(p.cost.cpu_per_claim_ms, 50.0);
         assert_eq!(p.cost.controller_writes_per_claim["pod"], 2.0);
         assert_eq!(p.cost.controller_reconciles_per_claim["Pool"], 6.0);
+        assert_eq!(p.cost.policy_decisions_per_claim["expiry"], 4.0);
     }
 
     #[test]

@@ -79,6 +79,7 @@ struct Snapshot {
     cpu_ms: f64,
     controller: Counts,
     reconciles: Counts,
+    policy_decisions: Counts,
     apiserver: Counts,
     churn_claims: usize,
 }
@@ -213,6 +214,7 @@ impl Bench {
             .context("reading the controller's /metrics")?;
         let controller = metrics::controller_writes(&controller_text)?;
         let reconciles = metrics::controller_reconciles(&controller_text)?;
+        let policy_decisions = metrics::policy_decisions(&controller_text)?;
         let request = http::Request::get("/metrics").body(Vec::new())?;
         let apiserver = metrics::apiserver_writes(
             &self
@@ -226,6 +228,7 @@ impl Bench {
             cpu_ms: procfs::cpu_ms(self.controller.pid())?,
             controller,
             reconciles,
+            policy_decisions,
             apiserver,
             churn_claims: self.churn.claims.load(Ordering::Relaxed),
         })
@@ -242,6 +245,7 @@ impl Bench {
             metrics::delta(&before.controller, &after.controller),
             metrics::delta(&before.apiserver, &after.apiserver),
             metrics::delta(&before.reconciles, &after.reconciles),
+            metrics::delta(&before.policy_decisions, &after.policy_decisions),
         )
     }
 
@@ -1061,6 +1065,11 @@ fn print_aggregate(a: &Aggregate) {
         "controller reconciles per claim: burst {}; one at a time {}",
         fmt_counts(&a.burst_reconciles_per_claim),
         fmt_counts(&a.sequential_reconciles_per_claim)
+    );
+    println!(
+        "policy decisions asked per claim: burst {}; one at a time {}",
+        fmt_counts(&a.burst_policy_decisions_per_claim),
+        fmt_counts(&a.sequential_policy_decisions_per_claim)
     );
     println!(
         "controller writes per sequential claim: {}",
