@@ -76,7 +76,7 @@ impl Controller {
 /// Counters at a moment, to take phase deltas from.
 struct Snapshot {
     at: Instant,
-    cpu_ms: f64,
+    cpu: procfs::CpuReading,
     controller: Counts,
     reconciles: Counts,
     policy_decisions: Counts,
@@ -225,7 +225,7 @@ impl Bench {
         )?;
         Ok(Snapshot {
             at,
-            cpu_ms: procfs::cpu_ms(self.controller.pid())?,
+            cpu: procfs::cpu_reading(self.controller.pid())?,
             controller,
             reconciles,
             policy_decisions,
@@ -241,7 +241,7 @@ impl Bench {
         PhaseCost::new(
             claims,
             (after.at - before.at).as_secs_f64() * 1000.0,
-            after.cpu_ms - before.cpu_ms,
+            after.cpu.ms_since(&before.cpu),
             metrics::delta(&before.controller, &after.controller),
             metrics::delta(&before.apiserver, &after.apiserver),
             metrics::delta(&before.reconciles, &after.reconciles),
@@ -439,7 +439,7 @@ impl Bench {
     }
 
     async fn normal(&mut self) -> anyhow::Result<NormalReport> {
-        let cpu_at_start = procfs::cpu_ms(self.controller.pid())?;
+        let cpu_at_start = procfs::cpu_reading(self.controller.pid())?;
         self.pools
             .create(
                 &PostParams::default(),
@@ -469,13 +469,14 @@ impl Bench {
             runs.push(figures);
         }
         let memory = self.memory()?;
+        let cpu_at_end = procfs::cpu_reading(self.controller.pid())?;
         let process_cpu_ms = procfs::cpu_ms(self.controller.pid())?;
         self.pools.delete("warm", &DeleteParams::default()).await?;
         Ok(NormalReport {
             aggregate: Aggregate::of(&runs),
             runs,
             memory,
-            cpu_ms: process_cpu_ms - cpu_at_start,
+            cpu_ms: cpu_at_end.ms_since(&cpu_at_start),
             process_cpu_ms,
         })
     }
@@ -633,7 +634,7 @@ impl Bench {
             live_batches: s.live_batches,
             nodes_added,
             fill_ms: (filled.at - fill_start.at).as_secs_f64() * 1000.0,
-            fill_cpu_ms: filled.cpu_ms - fill_start.cpu_ms,
+            fill_cpu_ms: filled.cpu.ms_since(&fill_start.cpu),
             live_ms,
             churn_claims: self.churn.claims.load(Ordering::Relaxed),
             churn_releases: self.churn.releases.load(Ordering::Relaxed),
