@@ -36,6 +36,41 @@ struct PoolStateLabels {
     state: &'static str,
 }
 
+/// What woke a Pool's reconcile (timed rechecks a round asks for are not wakes).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PoolWake {
+    /// One of its pods changed in a way its round reads, appeared or went.
+    Pod,
+    /// One of its batches changed what the pool allocates from (demand, ledger, deletion).
+    Batch,
+    /// The last batch status its sizing waited for was written.
+    StatusReported,
+    /// The Pool object changed beyond its status.
+    Pool,
+    /// A grant write was answered in the background (refused, rejected, raced, unknown).
+    Grant,
+    /// A relist or a change of policies: every pool is looked at again.
+    Everything,
+}
+
+impl PoolWake {
+    fn label(self) -> &'static str {
+        match self {
+            PoolWake::Pod => "pod",
+            PoolWake::Batch => "batch",
+            PoolWake::StatusReported => "status-reported",
+            PoolWake::Pool => "pool",
+            PoolWake::Grant => "grant",
+            PoolWake::Everything => "everything",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WakeLabels {
+    cause: &'static str,
+}
+
 /// The controller's metrics. Clones share them.
 #[derive(Clone, Debug)]
 pub struct ControllerMetrics {
@@ -44,6 +79,7 @@ pub struct ControllerMetrics {
     reconcile_errors: Family<ErrorLabels, Counter>,
     claim_seconds: Family<PoolLabels, Histogram>,
     pool_pods: Family<PoolStateLabels, Gauge>,
+    pool_wakes: Family<WakeLabels, Counter>,
 }
 
 impl Default for ControllerMetrics {
@@ -66,6 +102,7 @@ impl Default for ControllerMetrics {
             reconcile_errors: Family::default(),
             claim_seconds: Family::new_with_constructor(claim),
             pool_pods: Family::default(),
+            pool_wakes: Family::default(),
         }
     }
 }
@@ -94,6 +131,29 @@ impl ControllerMetrics {
             "A pool's pods by state: idle (Running and Ready, not allocated), allocated, pending",
             self.pool_pods.clone(),
         );
+        registry.register(
+            "pool_wakes",
+            "Pool reconciles asked for, by what asked (a pool already queued runs once for several)",
+            self.pool_wakes.clone(),
+        );
+    }
+
+    pub fn pool_woken(&self, cause: PoolWake) {
+        self.pool_wakes
+            .get_or_create(&WakeLabels {
+                cause: cause.label(),
+            })
+            .inc();
+    }
+
+    /// How many times pools were woken for `cause`.
+    #[cfg(test)]
+    pub fn pool_wakes(&self, cause: PoolWake) -> u64 {
+        self.pool_wakes
+            .get_or_create(&WakeLabels {
+                cause: cause.label(),
+            })
+            .get()
     }
 
     pub fn reconciled(&self, kind: &'static str, took: Duration, result: Result<(), &Error>) {
@@ -183,6 +243,8 @@ mod tests {
         metrics.reconciled("Pool", Duration::from_millis(3), Err(&Error::Conflict(1)));
         metrics.claimed("team", "fast", Duration::from_millis(700));
         metrics.pool_pods("team", "fast", 4, 2, 1);
+        metrics.pool_woken(PoolWake::StatusReported);
+        metrics.pool_woken(PoolWake::StatusReported);
         let mut text = String::new();
         encode(&mut text, &registry).expect("encoding");
         let has = |parts: &[&str]| text.lines().any(|l| parts.iter().all(|p| l.contains(p)));
@@ -205,6 +267,7 @@ mod tests {
             &[
                 "sandbox_controller_pool_pods{namespace=\"team\",pool=\"fast\",state=\"allocated\"} 2",
             ],
+            &["sandbox_controller_pool_wakes_total{cause=\"status-reported\"} 2"],
         ] {
             assert!(has(parts), "{parts:?} missing from\n{text}");
         }

@@ -338,7 +338,8 @@ impl Context {
     }
 
     /// Queues a reconcile of `pool` (a no-op before the reconcilers run).
-    fn wake_pool(&self, namespace: &str, pool: &str) {
+    fn wake_pool(&self, namespace: &str, pool: &str, cause: metrics::PoolWake) {
+        self.metrics.pool_woken(cause);
         if let Some(wakeups) = self.pool_wakeups.get() {
             let _ = wakeups.send(ObjectRef::new(pool).within(namespace));
         }

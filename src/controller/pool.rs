@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::cached_pod::CachedPod;
 use super::index::{Key, PoolBatch};
+use super::metrics::PoolWake;
 use super::pacing::{AwaitedStatus, Claims, Sizing, StatusChange, StatusWrite};
 use super::{Context, Error, ledger_of, object_name, policy_selector};
 use sandbox_decisions::sizing::{AllocationEvent, Bounds, PoolSnapshot};
@@ -450,7 +451,7 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
                 Settled::Committed => ctx.rejected_grants.committed(&batch_key),
                 // No event comes: the pods are free again, and the round that deferred sizing
                 // behind this grant left no timed look.
-                Settled::Refused => ctx.wake_pool(&pool.namespace, &pool.name),
+                Settled::Refused => ctx.wake_pool(&pool.namespace, &pool.name, PoolWake::Grant),
                 // The same write would be rejected again: the batch waits out its backoff,
                 // and its owner learns why it gets no pods.
                 Settled::Rejected(message) => {
@@ -476,16 +477,16 @@ fn allocate(ctx: &Arc<Context>, observed: &mut Observed) -> Result<Round, Error>
                     // the status to the grant). The pods are free again and sizing waited
                     // behind this grant: the pool's other batches need not wait out the backoff.
                     ctx.wake_batch(&pool.namespace, &batch.name_any());
-                    ctx.wake_pool(&pool.namespace, &pool.name);
+                    ctx.wake_pool(&pool.namespace, &pool.name, PoolWake::Grant);
                     tokio::time::sleep(delay).await;
-                    ctx.wake_pool(&pool.namespace, &pool.name);
+                    ctx.wake_pool(&pool.namespace, &pool.name, PoolWake::Grant);
                 }
                 // The batch changed: its pool plans it again from the new state (its event may
                 // have come while this write was in flight, when it was left out).
-                Settled::LostRace => ctx.wake_pool(&pool.namespace, &pool.name),
+                Settled::LostRace => ctx.wake_pool(&pool.namespace, &pool.name, PoolWake::Grant),
                 Settled::Unknown => {
                     tokio::time::sleep(UNKNOWN_GRANT_RETRY).await;
-                    ctx.wake_pool(&pool.namespace, &pool.name);
+                    ctx.wake_pool(&pool.namespace, &pool.name, PoolWake::Grant);
                 }
             }
         });

@@ -16,6 +16,7 @@ use tracing::warn;
 use super::Context;
 use super::cached_pod::CachedPod;
 use super::index::{BatchChange, Key, PoolChange};
+use super::metrics::PoolWake;
 use sandbox_domain::api::{BatchSandbox, Pool, names};
 
 /// The store's own copy of an object the reflector just applied, so the indexes share it; the
@@ -121,7 +122,7 @@ impl Router {
             self.batch(&ns, &batch.name_any());
         }
         if let (true, Some(pool)) = (change.allocation, batch.pool_name()) {
-            self.pool(&ns, pool);
+            self.pool(&ns, pool, PoolWake::Batch);
         }
     }
 
@@ -136,7 +137,7 @@ impl Router {
             &batch.name_any(),
             super::pool::reported_pods(batch),
         ) {
-            self.pool(&ns, pool);
+            self.pool(&ns, pool, PoolWake::StatusReported);
         }
     }
 
@@ -170,7 +171,7 @@ impl Router {
         let ns = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
         if change.beyond_status {
-            self.pool(&ns, &name);
+            self.pool(&ns, &name, PoolWake::Pool);
         }
         let groups: &[&str] = if change.batches_read {
             &[name.as_str(), names::ANY_POOL]
@@ -209,7 +210,7 @@ impl Router {
         }
         if let Some(pool) = labels.get(names::LABEL_POOL_NAME) {
             if wake_pool {
-                self.pool(&ns, pool);
+                self.pool(&ns, pool, PoolWake::Pod);
             }
             // The batches whose ledgers name it; a corrupt ledger may hold it too: wake that
             // batch as well, so it reports the corruption.
@@ -226,6 +227,7 @@ impl Router {
     /// After a (re)list, or a change of policies, every object is looked at again.
     pub(super) fn everything(&self) {
         for pool in self.ctx.pools.state() {
+            self.ctx.metrics.pool_woken(PoolWake::Everything);
             let _ = self.pools.send(ObjectRef::from_obj(pool.as_ref()));
         }
         for batch in self.ctx.batches.state() {
@@ -233,7 +235,8 @@ impl Router {
         }
     }
 
-    fn pool(&self, ns: &str, name: &str) {
+    fn pool(&self, ns: &str, name: &str, cause: PoolWake) {
+        self.ctx.metrics.pool_woken(cause);
         let _ = self.pools.send(ObjectRef::new(name).within(ns));
     }
 

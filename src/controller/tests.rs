@@ -657,8 +657,14 @@ async fn a_pool_refills_behind_claims_served_together_only_once_each_reports_its
     }
 
     // The last status awaited wakes the pool once; the round it wakes refills its buffer.
+    let woken_by_status = ctx.metrics.pool_wakes(metrics::PoolWake::StatusReported);
     status_event(report("second").await);
     assert_eq!(pool_wakeups(), 1, "the last status awaited");
+    assert_eq!(
+        ctx.metrics.pool_wakes(metrics::PoolWake::StatusReported),
+        woken_by_status + 1,
+        "counted by its cause"
+    );
     status_event(api.stored(&[batch_path("second")]).remove(0));
     assert_eq!(pool_wakeups(), 0, "the same status again wakes nothing");
     // Claims that came together are refilled after a quiet time since the last grant, which a

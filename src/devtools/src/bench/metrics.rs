@@ -101,15 +101,23 @@ pub fn controller_reconciles(text: &str) -> Result<Counts, ParseError> {
 /// `expiry`, `pool-selection`): `sandbox_policy_decisions_total`. Answers the controller reused
 /// are not asked for, so they are not counted.
 pub fn policy_decisions(text: &str) -> Result<Counts, ParseError> {
+    labelled_counter(text, "sandbox_policy_decisions_total", "decision")
+}
+
+/// Pool reconciles asked for, by cause (`pod`, `batch`, `status-reported`, ...):
+/// `sandbox_controller_pool_wakes_total`.
+pub fn pool_wakes(text: &str) -> Result<Counts, ParseError> {
+    labelled_counter(text, "sandbox_controller_pool_wakes_total", "cause")
+}
+
+fn labelled_counter(text: &str, metric: &str, label: &str) -> Result<Counts, ParseError> {
     let mut counts = Counts::new();
     for sample in scrape(text)?.samples {
-        if sample.metric != "sandbox_policy_decisions_total" {
+        if sample.metric != metric {
             continue;
         }
-        if let (Some(decision), Some(value)) =
-            (sample.labels.get("decision"), counter_value(&sample.value))
-        {
-            *counts.entry(decision.to_owned()).or_default() += value;
+        if let (Some(key), Some(value)) = (sample.labels.get(label), counter_value(&sample.value)) {
+            *counts.entry(key.to_owned()).or_default() += value;
         }
     }
     Ok(counts)
@@ -217,6 +225,17 @@ sandbox_policy_degraded_total{decision=\"expiry\",reason=\"trap\"} 1\n\
         let expected: Counts =
             [("expiry".to_owned(), 3.0), ("pool-sizing".to_owned(), 12.0)].into();
         assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn pool_wakes_by_cause() {
+        let text = "# TYPE sandbox_controller_pool_wakes counter\n\
+sandbox_controller_pool_wakes_total{cause=\"pod\"} 40\n\
+sandbox_controller_pool_wakes_total{cause=\"batch\"} 7\n\
+sandbox_policy_decisions_total{decision=\"expiry\"} 3\n\
+# EOF\n";
+        let expected: Counts = [("batch".to_owned(), 7.0), ("pod".to_owned(), 40.0)].into();
+        assert_eq!(pool_wakes(text).unwrap(), expected);
     }
 
     #[test]

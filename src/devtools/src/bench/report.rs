@@ -89,18 +89,27 @@ pub struct PhaseCost {
     pub policy_decisions: Counts,
     #[serde(default)]
     pub policy_decisions_per_claim: Counts,
+    /// Pool reconciles asked for (by cause) over the phase; absent from figures taken before
+    /// they were counted.
+    #[serde(default)]
+    pub pool_wakes: Counts,
+    #[serde(default)]
+    pub pool_wakes_per_claim: Counts,
+}
+
+/// What the counters grew by over a phase, each by key.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PhaseCounts {
+    pub controller_writes: Counts,
+    pub apiserver_writes: Counts,
+    pub controller_reconciles: Counts,
+    pub policy_decisions: Counts,
+    pub pool_wakes: Counts,
 }
 
 impl PhaseCost {
-    pub fn new(
-        claims: usize,
-        wall_ms: f64,
-        cpu_ms: f64,
-        controller_writes: Counts,
-        apiserver_writes: Counts,
-        controller_reconciles: Counts,
-        policy_decisions: Counts,
-    ) -> Self {
+    pub fn new(claims: usize, wall_ms: f64, cpu_ms: f64, counts: PhaseCounts) -> Self {
+        let per_claim = |c: &Counts| metrics::per_claim(c, claims);
         Self {
             wall_ms,
             cpu_ms,
@@ -109,14 +118,16 @@ impl PhaseCost {
             } else {
                 cpu_ms / claims as f64
             },
-            controller_writes_per_claim: metrics::per_claim(&controller_writes, claims),
-            apiserver_writes_per_claim: metrics::per_claim(&apiserver_writes, claims),
-            controller_reconciles_per_claim: metrics::per_claim(&controller_reconciles, claims),
-            policy_decisions_per_claim: metrics::per_claim(&policy_decisions, claims),
-            controller_writes,
-            apiserver_writes,
-            controller_reconciles,
-            policy_decisions,
+            controller_writes_per_claim: per_claim(&counts.controller_writes),
+            apiserver_writes_per_claim: per_claim(&counts.apiserver_writes),
+            controller_reconciles_per_claim: per_claim(&counts.controller_reconciles),
+            policy_decisions_per_claim: per_claim(&counts.policy_decisions),
+            pool_wakes_per_claim: per_claim(&counts.pool_wakes),
+            controller_writes: counts.controller_writes,
+            apiserver_writes: counts.apiserver_writes,
+            controller_reconciles: counts.controller_reconciles,
+            policy_decisions: counts.policy_decisions,
+            pool_wakes: counts.pool_wakes,
         }
     }
 }
@@ -176,6 +187,11 @@ pub struct Aggregate {
     pub burst_policy_decisions_per_claim: Counts,
     #[serde(default)]
     pub sequential_policy_decisions_per_claim: Counts,
+    /// Median over runs of the Pool reconciles asked for per claim, by cause.
+    #[serde(default)]
+    pub burst_pool_wakes_per_claim: Counts,
+    #[serde(default)]
+    pub sequential_pool_wakes_per_claim: Counts,
     pub nonpooled_ms: Option<f64>,
 }
 
@@ -225,6 +241,8 @@ impl Aggregate {
             sequential_policy_decisions_per_claim: counts(|r| {
                 &r.sequential.cost.policy_decisions_per_claim
             }),
+            burst_pool_wakes_per_claim: counts(|r| &r.burst.cost.pool_wakes_per_claim),
+            sequential_pool_wakes_per_claim: counts(|r| &r.sequential.cost.pool_wakes_per_claim),
             nonpooled_ms: scalar(&|r| r.nonpooled_ms),
         }
     }
@@ -348,10 +366,13 @@ mod tests {
                 n,
                 1000.0,
                 cpu_ms,
-                [("pod".to_owned(), pod_writes)].into(),
-                [("pods POST".to_owned(), pod_writes)].into(),
-                [("Pool".to_owned(), pod_writes * 3.0)].into(),
-                [("expiry".to_owned(), pod_writes * 2.0)].into(),
+                PhaseCounts {
+                    controller_writes: [("pod".to_owned(), pod_writes)].into(),
+                    apiserver_writes: [("pods POST".to_owned(), pod_writes)].into(),
+                    controller_reconciles: [("Pool".to_owned(), pod_writes * 3.0)].into(),
+                    policy_decisions: [("expiry".to_owned(), pod_writes * 2.0)].into(),
+                    pool_wakes: [("pod".to_owned(), pod_writes * 4.0)].into(),
+                },
             ),
         )
     }
@@ -368,6 +389,7 @@ mod tests {
         assert_eq!(p.cost.controller_writes_per_claim["pod"], 2.0);
         assert_eq!(p.cost.controller_reconciles_per_claim["Pool"], 6.0);
         assert_eq!(p.cost.policy_decisions_per_claim["expiry"], 4.0);
+        assert_eq!(p.cost.pool_wakes_per_claim["pod"], 8.0);
     }
 
     #[test]

@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use super::metrics::{self, Counts};
 use super::procfs::{self, Memory};
 use super::report::{
-    Aggregate, ClaimPhase, ClaimSample, LoadSample, NormalReport, PhaseCost, Report, RunFigures,
-    ScaleReport,
+    Aggregate, ClaimPhase, ClaimSample, LoadSample, NormalReport, PhaseCost, PhaseCounts, Report,
+    RunFigures, ScaleReport,
 };
 use super::scene::{self, Batches, Pools, wait_for};
 
@@ -80,6 +80,7 @@ struct Snapshot {
     controller: Counts,
     reconciles: Counts,
     policy_decisions: Counts,
+    pool_wakes: Counts,
     apiserver: Counts,
     churn_claims: usize,
 }
@@ -215,6 +216,7 @@ impl Bench {
         let controller = metrics::controller_writes(&controller_text)?;
         let reconciles = metrics::controller_reconciles(&controller_text)?;
         let policy_decisions = metrics::policy_decisions(&controller_text)?;
+        let pool_wakes = metrics::pool_wakes(&controller_text)?;
         let request = http::Request::get("/metrics").body(Vec::new())?;
         let apiserver = metrics::apiserver_writes(
             &self
@@ -229,6 +231,7 @@ impl Bench {
             controller,
             reconciles,
             policy_decisions,
+            pool_wakes,
             apiserver,
             churn_claims: self.churn.claims.load(Ordering::Relaxed),
         })
@@ -242,10 +245,13 @@ impl Bench {
             claims,
             (after.at - before.at).as_secs_f64() * 1000.0,
             after.cpu.ms_since(&before.cpu),
-            metrics::delta(&before.controller, &after.controller),
-            metrics::delta(&before.apiserver, &after.apiserver),
-            metrics::delta(&before.reconciles, &after.reconciles),
-            metrics::delta(&before.policy_decisions, &after.policy_decisions),
+            PhaseCounts {
+                controller_writes: metrics::delta(&before.controller, &after.controller),
+                apiserver_writes: metrics::delta(&before.apiserver, &after.apiserver),
+                controller_reconciles: metrics::delta(&before.reconciles, &after.reconciles),
+                policy_decisions: metrics::delta(&before.policy_decisions, &after.policy_decisions),
+                pool_wakes: metrics::delta(&before.pool_wakes, &after.pool_wakes),
+            },
         )
     }
 
@@ -1073,6 +1079,11 @@ fn print_aggregate(a: &Aggregate) {
         fmt_counts(&a.sequential_policy_decisions_per_claim)
     );
     println!(
+        "Pool reconciles asked for per claim, by cause: burst {}; one at a time {}",
+        fmt_counts(&a.burst_pool_wakes_per_claim),
+        fmt_counts(&a.sequential_pool_wakes_per_claim)
+    );
+    println!(
         "controller writes per sequential claim: {}",
         fmt_counts(&a.sequential_controller_writes_per_claim)
     );
@@ -1125,6 +1136,11 @@ fn print_scale(s: &ScaleReport) {
         s.flowing.cpu_per_claim_ms,
         fmt_counts(&s.flowing.controller_writes_per_claim),
         fmt_counts(&s.flowing.controller_reconciles_per_claim)
+    );
+    println!(
+        "while claims flowed: Pool reconciles asked for per sandbox claimed, by cause: {}; policy decisions asked per sandbox claimed: {}",
+        fmt_counts(&s.flowing.pool_wakes_per_claim),
+        fmt_counts(&s.flowing.policy_decisions_per_claim)
     );
     print_memory(&s.memory);
 }
