@@ -54,6 +54,15 @@ pub enum PoolWake {
 }
 
 impl PoolWake {
+    const ALL: [PoolWake; 6] = [
+        PoolWake::Pod,
+        PoolWake::Batch,
+        PoolWake::StatusReported,
+        PoolWake::Pool,
+        PoolWake::Grant,
+        PoolWake::Everything,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             PoolWake::Pod => "pod",
@@ -80,6 +89,9 @@ pub struct ControllerMetrics {
     claim_seconds: Family<PoolLabels, Histogram>,
     pool_pods: Family<PoolStateLabels, Gauge>,
     pool_wakes: Family<WakeLabels, Counter>,
+    /// The family's counters by [`PoolWake`], made once: every pod event may wake a pool, and
+    /// the family's lookup hashes its labels under a lock.
+    pool_wake_counters: [Counter; PoolWake::ALL.len()],
 }
 
 impl Default for ControllerMetrics {
@@ -96,13 +108,21 @@ impl Default for ControllerMetrics {
                 0.5, 2.0, 11,
             ))
         };
+        let pool_wakes = Family::<WakeLabels, Counter>::default();
         Self {
             writes: WriteCounter::default(),
             reconcile_seconds: Family::new_with_constructor(reconcile),
             reconcile_errors: Family::default(),
             claim_seconds: Family::new_with_constructor(claim),
             pool_pods: Family::default(),
-            pool_wakes: Family::default(),
+            pool_wake_counters: PoolWake::ALL.map(|cause| {
+                pool_wakes
+                    .get_or_create(&WakeLabels {
+                        cause: cause.label(),
+                    })
+                    .clone()
+            }),
+            pool_wakes,
         }
     }
 }
@@ -139,21 +159,13 @@ impl ControllerMetrics {
     }
 
     pub fn pool_woken(&self, cause: PoolWake) {
-        self.pool_wakes
-            .get_or_create(&WakeLabels {
-                cause: cause.label(),
-            })
-            .inc();
+        self.pool_wake_counters[cause as usize].inc();
     }
 
     /// How many times pools were woken for `cause`.
     #[cfg(test)]
     pub fn pool_wakes(&self, cause: PoolWake) -> u64 {
-        self.pool_wakes
-            .get_or_create(&WakeLabels {
-                cause: cause.label(),
-            })
-            .get()
+        self.pool_wake_counters[cause as usize].get()
     }
 
     pub fn reconciled(&self, kind: &'static str, took: Duration, result: Result<(), &Error>) {
@@ -234,6 +246,19 @@ impl Error {
 mod tests {
     use super::*;
     use prometheus_client::encoding::text::encode;
+
+    #[test]
+    fn each_wake_cause_has_its_own_counter() {
+        for (index, cause) in PoolWake::ALL.into_iter().enumerate() {
+            assert_eq!(cause as usize, index, "{cause:?}");
+        }
+        let metrics = ControllerMetrics::default();
+        metrics.pool_woken(PoolWake::Grant);
+        for cause in PoolWake::ALL {
+            let expected = u64::from(cause == PoolWake::Grant);
+            assert_eq!(metrics.pool_wakes(cause), expected, "{cause:?}");
+        }
+    }
 
     #[test]
     fn series_render_with_their_labels_and_a_deleted_pool_goes_away() {
