@@ -366,12 +366,8 @@ fn methods_and_paths(writes: &[Request]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The whole API cost of a healthy pooled claim: one conditional ledger write (carrying the
-/// finalizer and the endpoints) from the Pool reconcile, then one status write from the batch's
-/// own reconcile. No event, no Pool status write: those wait behind the claims.
-#[tokio::test]
-async fn a_healthy_pooled_claim_writes_its_ledger_and_its_status_and_nothing_else() {
-    let api = RecordedApi::default();
+/// A pool of three idle pods and a batch `claim` of two, stored in `api` and cached.
+fn a_claim_for_two_of_three_idle_pods(api: &RecordedApi) -> (Pool, Vec<Pod>, Arc<Context>) {
     let pool = pool([0, 0, 3, 3]);
     let pods = vec![
         pool_pod(&pool, "p-a", "127.1.1.2"),
@@ -381,7 +377,17 @@ async fn a_healthy_pooled_claim_writes_its_ledger_and_its_status_and_nothing_els
     let batch = pooled_batch("claim", 2, "7");
     api.object(batch_path("claim"), &batch);
     api.object(pool_path(), &pool);
-    let ctx = context(&api, pods.clone(), vec![batch], vec![pool.clone()]);
+    let ctx = context(api, pods.clone(), vec![batch], vec![pool.clone()]);
+    (pool, pods, ctx)
+}
+
+/// The whole API cost of a healthy pooled claim: one conditional ledger write (carrying the
+/// finalizer and the endpoints) from the Pool reconcile, then one status write from the batch's
+/// own reconcile. No event, no Pool status write: those wait behind the claims.
+#[tokio::test]
+async fn a_healthy_pooled_claim_writes_its_ledger_and_its_status_and_nothing_else() {
+    let api = RecordedApi::default();
+    let (pool, pods, ctx) = a_claim_for_two_of_three_idle_pods(&api);
 
     let action = reconcile_pool(Arc::new(pool.clone()), ctx.clone())
         .await
@@ -491,15 +497,7 @@ impl CountingPolicies {
 #[tokio::test]
 async fn a_batch_reconciled_again_unchanged_asks_its_policies_nothing() {
     let api = RecordedApi::default();
-    let pool = pool([0, 0, 3, 3]);
-    let pods = vec![
-        pool_pod(&pool, "p-a", "127.1.1.2"),
-        pool_pod(&pool, "p-b", "127.1.1.3"),
-    ];
-    let batch = pooled_batch("claim", 2, "7");
-    api.object(batch_path("claim"), &batch);
-    api.object(pool_path(), &pool);
-    let ctx = context(&api, pods.clone(), vec![batch], vec![pool.clone()]);
+    let (pool, pods, ctx) = a_claim_for_two_of_three_idle_pods(&api);
     reconcile_pool(Arc::new(pool.clone()), ctx)
         .await
         .expect("the granting round succeeds");
