@@ -164,6 +164,18 @@ impl Expectations {
         })
     }
 
+    /// Whether `pod` is a deletion `owner` sent that has not run out: the pool's rounds count the
+    /// pod as being deleted from the moment it was sent, whatever the cache shows of it.
+    pub fn expects_deletion(&self, owner: &str, pod: &str) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.get(owner).is_some_and(|expected| {
+            expected
+                .deleted
+                .iter()
+                .any(|(p, at)| p == pod && at.elapsed() < HORIZON)
+        })
+    }
+
     /// Forgets a creation that failed.
     pub fn creation_failed(&self, owner: &str, pod: &str) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

@@ -60,7 +60,11 @@ impl Router {
                     .index
                     .with(|i| (i.knows_pod(&ns, &name), i.pod_applied(&cached)));
                 if changed {
-                    let wake_pool = known || !self.counted_as_starting(&cached);
+                    let wake_pool = if known {
+                        !self.counted_as_deleting(&cached)
+                    } else {
+                        !self.counted_as_starting(&cached)
+                    };
                     self.pod_changed(&cached, wake_pool);
                 }
             }
@@ -197,6 +201,22 @@ impl Router {
             && !sandbox_domain::pods::is_terminating(pod);
         starting
             && self.ctx.expectations.expects_creation(
+                &format!("{}/{pool}", pod.namespace().unwrap_or_default()),
+                &pod.name_any(),
+            )
+    }
+
+    /// A pod turned terminating by a deletion this process sent: every round since the deletion
+    /// was sent counts it as being deleted. A round of the pool that sent it planned with it; a
+    /// batch that gave it back follows its deletions with a write the pool watches (its ledger,
+    /// or the removal of its finalizer). So only the pod's removal wakes the pool again. A
+    /// deletion that has not taken effect (the pod not terminating) still wakes it.
+    fn counted_as_deleting(&self, pod: &CachedPod) -> bool {
+        let Some(pool) = pod.labels().get(names::LABEL_POOL_NAME) else {
+            return false;
+        };
+        sandbox_domain::pods::is_terminating(pod)
+            && self.ctx.expectations.expects_deletion(
                 &format!("{}/{pool}", pod.namespace().unwrap_or_default()),
                 &pod.name_any(),
             )

@@ -2814,6 +2814,73 @@ async fn a_pool_is_not_woken_by_its_own_new_pod_until_the_pod_is_ready() {
     assert_eq!(woken(&mut pools_rx), 1, "its own pod, already finished");
 }
 
+/// A pool pod whose deletion this process sent is counted as being deleted by every round since:
+/// its turning terminating wakes no round (the write that follows the deletion does), its
+/// removal does. A pod deleted by someone else wakes the pool as it turns terminating, and so
+/// does a change of a pod whose deletion has not taken effect.
+#[tokio::test]
+async fn a_pool_is_not_woken_by_a_pod_it_deleted_turning_terminating_only_by_its_removal() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 1]);
+    let ctx = context(&api, vec![], vec![], vec![pool.clone()]);
+    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
+    let (batches_tx, _batches_rx) = mpsc::unbounded_channel();
+    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
+    let woken = |rx: &mut mpsc::UnboundedReceiver<ObjectRef<Pool>>| {
+        std::iter::from_fn(|| rx.try_recv().ok()).count()
+    };
+    let terminating = |name: &str, ip: &str| {
+        let mut pod = pool_pod(&pool, name, ip);
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        CachedPod::from(pod)
+    };
+    for (name, ip) in [("p-going", "127.1.1.2"), ("p-other", "127.1.1.3")] {
+        router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(pool_pod(
+            &pool, name, ip,
+        )))));
+    }
+    assert_eq!(woken(&mut pools_rx), 2, "two idle pods appear");
+
+    ctx.expectations
+        .deleted(&format!("{NS}/p"), "p-going".into());
+    router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(pool_pod(
+        &pool,
+        "p-going",
+        "127.1.1.9",
+    )))));
+    assert_eq!(
+        woken(&mut pools_rx),
+        1,
+        "a change before the deletion takes effect"
+    );
+    router.pod_event(Ok(watcher::Event::Apply(terminating(
+        "p-going",
+        "127.1.1.9",
+    ))));
+    assert_eq!(
+        woken(&mut pools_rx),
+        0,
+        "the pod it deleted turns terminating"
+    );
+    router.pod_event(Ok(watcher::Event::Apply(terminating(
+        "p-other",
+        "127.1.1.3",
+    ))));
+    assert_eq!(
+        woken(&mut pools_rx),
+        1,
+        "a pod someone else deleted turns terminating"
+    );
+    router.pod_event(Ok(watcher::Event::Delete(terminating(
+        "p-going",
+        "127.1.1.9",
+    ))));
+    assert_eq!(woken(&mut pools_rx), 1, "the pod it deleted is removed");
+}
+
 /// A pool's round reads its status only to tell whether to write it again, so its own status
 /// write does not wake it; the batches waiting for a Pool to be chosen, which compare every
 /// pool's counts, are woken by it. What the pool is beside its status (an annotation choosing a
