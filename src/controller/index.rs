@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::cached_pod::CachedPod;
 use kube::ResourceExt;
 
-use sandbox_domain::allocation::AllocStatus;
+use sandbox_domain::allocation::{self, AllocStatus};
 use sandbox_domain::api::{BatchSandbox, Pool, names};
 use sandbox_domain::released::Released;
 
@@ -123,6 +123,19 @@ pub struct PoolBatch {
 }
 
 impl PoolBatch {
+    /// Whether its ledger shows every shard given a pod or released
+    /// ([`allocation::Demand::fully_granted`]); an unreadable ledger shows nothing.
+    pub fn fully_granted(&self) -> bool {
+        self.ledger.as_ref().is_ok_and(|ledger| {
+            allocation::Demand {
+                replicas: self.batch.desired_replicas(),
+                held: &ledger.pods,
+                released: &self.released,
+            }
+            .fully_granted()
+        })
+    }
+
     pub fn of(batch: Arc<BatchSandbox>) -> Self {
         let released = Released::parse(
             batch
@@ -280,12 +293,15 @@ fn pool_fingerprint(pool: &Pool) -> u64 {
 }
 
 /// A hash of the fields of a batch its pool's allocation reads.
-fn allocation_fingerprint(batch: &BatchSandbox) -> u64 {
+fn allocation_fingerprint(batch: &BatchSandbox, fully_granted: bool) -> u64 {
     let annotation = |key: &str| batch.annotations().get(key).cloned();
     hash_of((
         &batch.spec.pool_ref,
         batch.spec.replicas,
-        batch.metadata.deletion_timestamp.is_some(),
+        // A batch going away changes its pool's round only if it still wanted pods: one fully
+        // granted keeps holding them until it gives them back, by a write of its ledger or the
+        // removal of its finalizer, which its pool sees.
+        batch.metadata.deletion_timestamp.is_some() && !fully_granted,
         annotation(names::ANNOTATION_ALLOC_STATUS),
         annotation(names::ANNOTATION_TASK_RESULTS),
     ))
@@ -363,8 +379,9 @@ impl Indexes {
     /// frequent change, concerns neither the batch's reconcile (which wrote it) nor its pool.
     pub fn batch_applied(&mut self, batch: &Arc<BatchSandbox>) -> BatchChange {
         let (ns, name) = (batch.namespace().unwrap_or_default(), batch.name_any());
+        let read = PoolBatch::of(batch.clone());
         let fingerprints = (
-            allocation_fingerprint(batch),
+            allocation_fingerprint(batch, read.fully_granted()),
             object_fingerprint(&batch.metadata),
         );
         let previous = self
@@ -377,7 +394,6 @@ impl Indexes {
         let group = batch
             .pool_name()
             .or_else(|| batch.awaits_pool_selection().then_some(names::ANY_POOL));
-        let read = PoolBatch::of(batch.clone());
         match batch.pool_name() {
             Some(pool) => self.holders.set(
                 &ns,

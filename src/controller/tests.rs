@@ -2881,6 +2881,55 @@ async fn a_pool_is_not_woken_by_a_pod_it_deleted_turning_terminating_only_by_its
     assert_eq!(woken(&mut pools_rx), 1, "the pod it deleted is removed");
 }
 
+/// A batch that starts going away while holding a pod for every shard asks its pool for nothing
+/// new: it keeps its pods until it gives them back, and that write wakes the pool. One still
+/// waiting for pods wakes the pool at once, as its demand is gone.
+#[tokio::test]
+async fn a_pool_is_woken_by_a_batch_going_away_only_if_it_still_wanted_pods() {
+    let api = RecordedApi::default();
+    let pool = pool([0, 0, 1, 1]);
+    let ctx = context(&api, vec![], vec![], vec![pool]);
+    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
+    let (batches_tx, _batches_rx) = mpsc::unbounded_channel();
+    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
+    let woken = |rx: &mut mpsc::UnboundedReceiver<ObjectRef<Pool>>| {
+        std::iter::from_fn(|| rx.try_recv().ok()).count()
+    };
+    let going = |mut batch: BatchSandbox| {
+        batch.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        batch.metadata.resource_version = Some("9".into());
+        batch
+    };
+    let served = with_ledger(pooled_batch("served", 2, "5"), &["p-a", "p-b"]);
+    let short = with_ledger(pooled_batch("short", 2, "5"), &["p-c"]);
+    for batch in [&served, &short] {
+        router.batch_event(Ok(watcher::Event::Apply(batch.clone())));
+    }
+    assert_eq!(woken(&mut pools_rx), 2, "two batches of the pool appear");
+
+    router.batch_event(Ok(watcher::Event::Apply(going(served.clone()))));
+    assert_eq!(
+        woken(&mut pools_rx),
+        0,
+        "a batch holding all its pods starts going away"
+    );
+    router.batch_event(Ok(watcher::Event::Apply(going(short))));
+    assert_eq!(
+        woken(&mut pools_rx),
+        1,
+        "a batch short of a pod starts going away"
+    );
+    router.batch_event(Ok(watcher::Event::Delete(going(served))));
+    assert_eq!(
+        woken(&mut pools_rx),
+        1,
+        "the batch that held its pods is gone"
+    );
+}
+
 /// A pool's round reads its status only to tell whether to write it again, so its own status
 /// write does not wake it; the batches waiting for a Pool to be chosen, which compare every
 /// pool's counts, are woken by it. What the pool is beside its status (an annotation choosing a

@@ -70,6 +70,12 @@ impl Demand<'_> {
         !self.released.contains(shard) && self.held.get(shard).is_none_or(|held| !is_live(held))
     }
 
+    /// Whether every shard has been given a pod or released, whatever became of the pods since:
+    /// the batch asks its pool for nothing its ledger does not already show.
+    pub fn fully_granted(&self) -> bool {
+        !(0..self.replicas).any(|shard| self.needs_pod(shard, &|held: &str| !held.is_empty()))
+    }
+
     /// Shards holding a live pod, released ones left out: what the batch's status counts as
     /// allocated once it has caught up with this ledger.
     pub fn served(&self, is_live: impl Fn(&str) -> bool) -> usize {
@@ -191,6 +197,42 @@ mod tests {
 
     fn names(prefix: &str, n: usize) -> Vec<String> {
         (0..n).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    #[test]
+    fn a_demand_is_fully_granted_once_every_shard_got_a_pod_or_was_released() {
+        let released = Released(std::collections::BTreeMap::from([(
+            1,
+            TaskPhase::Succeeded,
+        )]));
+        let demand = |replicas: usize, held: &[&str], released: &Released| {
+            let held: Vec<String> = held.iter().map(|p| p.to_string()).collect();
+            Demand {
+                replicas,
+                held: &held,
+                released,
+            }
+            .fully_granted()
+        };
+        assert!(demand(0, &[], NONE_RELEASED), "no shards");
+        assert!(demand(2, &["a", "b"], NONE_RELEASED));
+        assert!(demand(1, &["a", "b"], NONE_RELEASED), "scaled down");
+        assert!(
+            !demand(2, &["a"], NONE_RELEASED),
+            "a shard without an entry"
+        );
+        assert!(
+            !demand(2, &["a", ""], NONE_RELEASED),
+            "a shard whose entry was cleared"
+        );
+        assert!(
+            demand(2, &["a", ""], &released),
+            "the cleared shard was released"
+        );
+        assert!(
+            demand(2, &["a"], &released),
+            "the missing shard was released"
+        );
     }
 
     #[test]
