@@ -155,22 +155,25 @@ impl Expectations {
     /// Whether `pod` is a creation of `owner` not yet seen: its owner's rounds count it already,
     /// as starting.
     pub fn expects_creation(&self, owner: &str, pod: &str) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.get(owner).is_some_and(|expected| {
-            expected
-                .created
-                .iter()
-                .any(|(p, at)| p == pod && at.elapsed() < HORIZON)
-        })
+        self.expects(owner, pod, |expected| &expected.created)
     }
 
     /// Whether `pod` is a deletion `owner` sent that has not run out: the pool's rounds count the
     /// pod as being deleted from the moment it was sent, whatever the cache shows of it.
     pub fn expects_deletion(&self, owner: &str, pod: &str) -> bool {
+        self.expects(owner, pod, |expected| &expected.deleted)
+    }
+
+    /// Whether `which` of `owner`'s expectations names `pod` and has not run out.
+    fn expects(
+        &self,
+        owner: &str,
+        pod: &str,
+        which: impl Fn(&Expected) -> &Vec<(String, Instant)>,
+    ) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.get(owner).is_some_and(|expected| {
-            expected
-                .deleted
+            which(expected)
                 .iter()
                 .any(|(p, at)| p == pod && at.elapsed() < HORIZON)
         })

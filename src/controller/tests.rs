@@ -2767,6 +2767,38 @@ async fn a_held_pod_confirmed_gone_is_replaced_and_read_once() {
     );
 }
 
+/// A router over a test's context, with the Pool wakes it sends.
+struct Routed {
+    router: router::Router,
+    pools: mpsc::UnboundedReceiver<ObjectRef<Pool>>,
+    _batches: mpsc::UnboundedReceiver<ObjectRef<BatchSandbox>>,
+}
+
+impl Routed {
+    fn new(ctx: &Arc<Context>) -> Self {
+        let (pools_tx, pools) = mpsc::unbounded_channel();
+        let (batches_tx, batches) = mpsc::unbounded_channel();
+        Self {
+            router: router::Router::new(ctx.clone(), pools_tx, batches_tx),
+            pools,
+            _batches: batches,
+        }
+    }
+
+    fn pod(&self, event: watcher::Event<CachedPod>) {
+        self.router.pod_event(Ok(event));
+    }
+
+    fn batch(&self, event: watcher::Event<BatchSandbox>) {
+        self.router.batch_event(Ok(event));
+    }
+
+    /// The Pool wakes sent since the last call.
+    fn pool_wakes(&mut self) -> usize {
+        std::iter::from_fn(|| self.pools.try_recv().ok()).count()
+    }
+}
+
 /// A pool pod this process just created appears in the cache still starting: its pool counted
 /// it already (as a creation not yet seen), so nothing wakes the pool until it is ready. A pod
 /// the pool did not expect, or one already gone, wakes it at once.
@@ -2775,12 +2807,7 @@ async fn a_pool_is_not_woken_by_its_own_new_pod_until_the_pod_is_ready() {
     let api = RecordedApi::default();
     let pool = pool([0, 0, 1, 1]);
     let ctx = context(&api, vec![], vec![], vec![pool.clone()]);
-    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
-    let (batches_tx, _batches_rx) = mpsc::unbounded_channel();
-    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
-    let woken = |rx: &mut mpsc::UnboundedReceiver<ObjectRef<Pool>>| {
-        std::iter::from_fn(|| rx.try_recv().ok()).count()
-    };
+    let mut routed = Routed::new(&ctx);
     let starting = |name: &str| {
         let mut pod = pool_pod(&pool, name, "127.1.1.2");
         pod.status = Some(PodStatus {
@@ -2791,17 +2818,17 @@ async fn a_pool_is_not_woken_by_its_own_new_pod_until_the_pod_is_ready() {
     };
 
     ctx.expectations.created(&format!("{NS}/p"), "p-new".into());
-    router.pod_event(Ok(watcher::Event::Apply(starting("p-new"))));
-    assert_eq!(woken(&mut pools_rx), 0, "its own starting pod");
-    router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(pool_pod(
+    routed.pod(watcher::Event::Apply(starting("p-new")));
+    assert_eq!(routed.pool_wakes(), 0, "its own starting pod");
+    routed.pod(watcher::Event::Apply(CachedPod::from(pool_pod(
         &pool,
         "p-new",
         "127.1.1.2",
-    )))));
-    assert_eq!(woken(&mut pools_rx), 1, "the pod turned ready");
+    ))));
+    assert_eq!(routed.pool_wakes(), 1, "the pod turned ready");
 
-    router.pod_event(Ok(watcher::Event::Apply(starting("p-stranger"))));
-    assert_eq!(woken(&mut pools_rx), 1, "a starting pod it did not create");
+    routed.pod(watcher::Event::Apply(starting("p-stranger")));
+    assert_eq!(routed.pool_wakes(), 1, "a starting pod it did not create");
 
     ctx.expectations
         .created(&format!("{NS}/p"), "p-finished".into());
@@ -2810,8 +2837,8 @@ async fn a_pool_is_not_woken_by_its_own_new_pod_until_the_pod_is_ready() {
         phase: Some("Failed".into()),
         ..PodStatus::default()
     });
-    router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(finished))));
-    assert_eq!(woken(&mut pools_rx), 1, "its own pod, already finished");
+    routed.pod(watcher::Event::Apply(CachedPod::from(finished)));
+    assert_eq!(routed.pool_wakes(), 1, "its own pod, already finished");
 }
 
 /// A pool pod whose deletion this process sent is counted as being deleted by every round since:
@@ -2823,12 +2850,7 @@ async fn a_pool_is_not_woken_by_a_pod_it_deleted_turning_terminating_only_by_its
     let api = RecordedApi::default();
     let pool = pool([0, 0, 1, 1]);
     let ctx = context(&api, vec![], vec![], vec![pool.clone()]);
-    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
-    let (batches_tx, _batches_rx) = mpsc::unbounded_channel();
-    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
-    let woken = |rx: &mut mpsc::UnboundedReceiver<ObjectRef<Pool>>| {
-        std::iter::from_fn(|| rx.try_recv().ok()).count()
-    };
+    let mut routed = Routed::new(&ctx);
     let terminating = |name: &str, ip: &str| {
         let mut pod = pool_pod(&pool, name, ip);
         pod.metadata.deletion_timestamp =
@@ -2838,47 +2860,38 @@ async fn a_pool_is_not_woken_by_a_pod_it_deleted_turning_terminating_only_by_its
         CachedPod::from(pod)
     };
     for (name, ip) in [("p-going", "127.1.1.2"), ("p-other", "127.1.1.3")] {
-        router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(pool_pod(
+        routed.pod(watcher::Event::Apply(CachedPod::from(pool_pod(
             &pool, name, ip,
-        )))));
+        ))));
     }
-    assert_eq!(woken(&mut pools_rx), 2, "two idle pods appear");
+    assert_eq!(routed.pool_wakes(), 2, "two idle pods appear");
 
     ctx.expectations
         .deleted(&format!("{NS}/p"), "p-going".into());
-    router.pod_event(Ok(watcher::Event::Apply(CachedPod::from(pool_pod(
+    routed.pod(watcher::Event::Apply(CachedPod::from(pool_pod(
         &pool,
         "p-going",
         "127.1.1.9",
-    )))));
+    ))));
     assert_eq!(
-        woken(&mut pools_rx),
+        routed.pool_wakes(),
         1,
         "a change before the deletion takes effect"
     );
-    router.pod_event(Ok(watcher::Event::Apply(terminating(
-        "p-going",
-        "127.1.1.9",
-    ))));
+    routed.pod(watcher::Event::Apply(terminating("p-going", "127.1.1.9")));
     assert_eq!(
-        woken(&mut pools_rx),
+        routed.pool_wakes(),
         0,
         "the pod it deleted turns terminating"
     );
-    router.pod_event(Ok(watcher::Event::Apply(terminating(
-        "p-other",
-        "127.1.1.3",
-    ))));
+    routed.pod(watcher::Event::Apply(terminating("p-other", "127.1.1.3")));
     assert_eq!(
-        woken(&mut pools_rx),
+        routed.pool_wakes(),
         1,
         "a pod someone else deleted turns terminating"
     );
-    router.pod_event(Ok(watcher::Event::Delete(terminating(
-        "p-going",
-        "127.1.1.9",
-    ))));
-    assert_eq!(woken(&mut pools_rx), 1, "the pod it deleted is removed");
+    routed.pod(watcher::Event::Delete(terminating("p-going", "127.1.1.9")));
+    assert_eq!(routed.pool_wakes(), 1, "the pod it deleted is removed");
 }
 
 /// A batch that starts going away while holding a pod for every shard asks its pool for nothing
@@ -2889,12 +2902,7 @@ async fn a_pool_is_woken_by_a_batch_going_away_only_if_it_still_wanted_pods() {
     let api = RecordedApi::default();
     let pool = pool([0, 0, 1, 1]);
     let ctx = context(&api, vec![], vec![], vec![pool]);
-    let (pools_tx, mut pools_rx) = mpsc::unbounded_channel();
-    let (batches_tx, _batches_rx) = mpsc::unbounded_channel();
-    let router = router::Router::new(ctx.clone(), pools_tx, batches_tx);
-    let woken = |rx: &mut mpsc::UnboundedReceiver<ObjectRef<Pool>>| {
-        std::iter::from_fn(|| rx.try_recv().ok()).count()
-    };
+    let mut routed = Routed::new(&ctx);
     let going = |mut batch: BatchSandbox| {
         batch.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -2906,25 +2914,25 @@ async fn a_pool_is_woken_by_a_batch_going_away_only_if_it_still_wanted_pods() {
     let served = with_ledger(pooled_batch("served", 2, "5"), &["p-a", "p-b"]);
     let short = with_ledger(pooled_batch("short", 2, "5"), &["p-c"]);
     for batch in [&served, &short] {
-        router.batch_event(Ok(watcher::Event::Apply(batch.clone())));
+        routed.batch(watcher::Event::Apply(batch.clone()));
     }
-    assert_eq!(woken(&mut pools_rx), 2, "two batches of the pool appear");
+    assert_eq!(routed.pool_wakes(), 2, "two batches of the pool appear");
 
-    router.batch_event(Ok(watcher::Event::Apply(going(served.clone()))));
+    routed.batch(watcher::Event::Apply(going(served.clone())));
     assert_eq!(
-        woken(&mut pools_rx),
+        routed.pool_wakes(),
         0,
         "a batch holding all its pods starts going away"
     );
-    router.batch_event(Ok(watcher::Event::Apply(going(short))));
+    routed.batch(watcher::Event::Apply(going(short)));
     assert_eq!(
-        woken(&mut pools_rx),
+        routed.pool_wakes(),
         1,
         "a batch short of a pod starts going away"
     );
-    router.batch_event(Ok(watcher::Event::Delete(going(served))));
+    routed.batch(watcher::Event::Delete(going(served)));
     assert_eq!(
-        woken(&mut pools_rx),
+        routed.pool_wakes(),
         1,
         "the batch that held its pods is gone"
     );
