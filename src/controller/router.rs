@@ -30,6 +30,12 @@ where
         .unwrap_or_else(|| Arc::new(obj))
 }
 
+/// The key a pool pod's expectations are kept under (`namespace/pool`), if it is a pool's.
+fn pool_owner(pod: &Pod) -> Option<String> {
+    let pool = pod.labels().get(names::LABEL_POOL_NAME)?;
+    Some(format!("{}/{pool}", pod.namespace().unwrap_or_default()))
+}
+
 #[derive(Clone)]
 pub struct Router {
     ctx: Arc<Context>,
@@ -193,17 +199,15 @@ impl Router {
     /// and that is still starting: its appearance changes nothing the pool's round computes
     /// (counts, sizing, idle pods), so it need not wake the pool; turning ready does.
     fn counted_as_starting(&self, pod: &CachedPod) -> bool {
-        let Some(pool) = pod.labels().get(names::LABEL_POOL_NAME) else {
-            return false;
-        };
         let starting = !pod.is_running_and_ready()
             && !pod.is_finished()
             && !sandbox_domain::pods::is_terminating(pod);
         starting
-            && self.ctx.expectations.expects_creation(
-                &format!("{}/{pool}", pod.namespace().unwrap_or_default()),
-                &pod.name_any(),
-            )
+            && pool_owner(pod).is_some_and(|owner| {
+                self.ctx
+                    .expectations
+                    .expects_creation(&owner, &pod.name_any())
+            })
     }
 
     /// A pod turned terminating by a deletion this process sent: every round since the deletion
@@ -212,14 +216,12 @@ impl Router {
     /// or the removal of its finalizer). So only the pod's removal wakes the pool again. A
     /// deletion that has not taken effect (the pod not terminating) still wakes it.
     fn counted_as_deleting(&self, pod: &CachedPod) -> bool {
-        let Some(pool) = pod.labels().get(names::LABEL_POOL_NAME) else {
-            return false;
-        };
         sandbox_domain::pods::is_terminating(pod)
-            && self.ctx.expectations.expects_deletion(
-                &format!("{}/{pool}", pod.namespace().unwrap_or_default()),
-                &pod.name_any(),
-            )
+            && pool_owner(pod).is_some_and(|owner| {
+                self.ctx
+                    .expectations
+                    .expects_deletion(&owner, &pod.name_any())
+            })
     }
 
     fn pod_changed(&self, pod: &Pod, wake_pool: bool) {
