@@ -477,16 +477,18 @@ impl Context {
         namespace: &str,
         name: &str,
         patch: &serde_json::Value,
-    ) -> Result<K, kube::Error>
+    ) -> Result<(), kube::Error>
     where
         K: NamespacedObject,
     {
         self.metrics
             .writes
             .count(writes::Target::for_kind(&K::kind(&()), false));
-        self.api::<K>(namespace)
+        let request = objects_request::<K>(namespace)
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
+            .map_err(kube::Error::BuildRequest)?;
+        self.client.request::<AnswerSkipped>(request).await?;
+        Ok(())
     }
 
     async fn patch_status<K>(
@@ -494,16 +496,23 @@ impl Context {
         namespace: &str,
         name: &str,
         patch: serde_json::Value,
-    ) -> Result<K, kube::Error>
+    ) -> Result<(), kube::Error>
     where
         K: NamespacedObject,
     {
         self.metrics
             .writes
             .count(writes::Target::for_kind(&K::kind(&()), true));
-        self.api::<K>(namespace)
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
+        let request = objects_request::<K>(namespace)
+            .patch_subresource(
+                "status",
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .map_err(kube::Error::BuildRequest)?;
+        self.client.request::<AnswerSkipped>(request).await?;
+        Ok(())
     }
 
     /// Adds a finalizer, conditional on the object's resourceVersion.
@@ -551,7 +560,7 @@ impl Context {
     async fn create_pod(&self, namespace: &str, pod: Pod) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);
         let body = serde_json::to_vec(&pod).map_err(kube::Error::SerdeError)?;
-        let request = pods_request(namespace)
+        let request = objects_request::<Pod>(namespace)
             .create(&PostParams::default(), body)
             .map_err(kube::Error::BuildRequest)?;
         match self.client.request::<AnswerSkipped>(request).await {
@@ -615,7 +624,7 @@ impl Context {
         params: &DeleteParams,
     ) -> Result<(), kube::Error> {
         self.metrics.writes.count(writes::Target::Pod);
-        let request = pods_request(namespace)
+        let request = objects_request::<Pod>(namespace)
             .delete(name, params)
             .map_err(kube::Error::BuildRequest)?;
         match self.client.request::<AnswerSkipped>(request).await {
@@ -830,13 +839,13 @@ where
     })
 }
 
-/// The answer to a pod write, which nothing reads (the whole pod, or a status): skipped, not
+/// The answer to a write, which nothing reads (the whole object, or a status): skipped, not
 /// built.
 type AnswerSkipped = serde::de::IgnoredAny;
 
-/// Requests on the pods of `namespace`.
-fn pods_request(namespace: &str) -> kube::core::Request {
-    kube::core::Request::new(<Pod as Resource>::url_path(&(), Some(namespace)))
+/// Requests on the objects of kind `K` in `namespace`.
+fn objects_request<K: NamespacedObject>(namespace: &str) -> kube::core::Request {
+    kube::core::Request::new(K::url_path(&(), Some(namespace)))
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
