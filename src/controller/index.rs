@@ -19,7 +19,8 @@ use super::cached_pod::CachedPod;
 use kube::ResourceExt;
 
 use sandbox_domain::allocation::{self, AllocStatus};
-use sandbox_domain::api::{BatchSandbox, Pool, names};
+use sandbox_domain::api::{BatchSandbox, Pool, PoolStatus, names};
+use sandbox_domain::pod_template;
 use sandbox_domain::released::Released;
 
 /// `namespace/name` of a namespaced object, or of a group (a pool, a batch).
@@ -238,6 +239,26 @@ pub struct Indexes {
     pool_fingerprints: HashMap<Key, (u64, u64)>,
     /// Per pod, what the reconcilers read of it.
     pod_fingerprints: HashMap<Key, u64>,
+    /// Per pool, the revision of its template, worked out when its spec changes rather than in
+    /// every round.
+    pool_revisions: HashMap<Key, PoolRevision>,
+}
+
+/// A pool's template revision, with the object and generation it was worked out for.
+#[derive(Debug)]
+struct PoolRevision {
+    uid: String,
+    generation: i64,
+    revision: String,
+}
+
+impl PoolRevision {
+    /// Whether it was worked out from `pool`'s spec as it is: the same object, at the same
+    /// generation (which the API server moves with every change of the spec).
+    fn is_of(&self, pool: &Pool) -> bool {
+        pool.metadata.uid.as_deref() == Some(self.uid.as_str())
+            && pool.metadata.generation == Some(self.generation)
+    }
 }
 
 /// What changed in a batch, as [`Indexes::batch_applied`] saw it.
@@ -283,12 +304,16 @@ fn object_fingerprint(meta: &ObjectMeta) -> u64 {
 /// A hash of what a pool's batches read of it: whether it exists as this object, its spec (by
 /// its generation), its deletion, and its status's headroom (out of idle pods, exhausted).
 fn pool_fingerprint(pool: &Pool) -> u64 {
-    let status = pool.status.clone().unwrap_or_default();
+    let headroom = pool
+        .status
+        .as_ref()
+        .map(|status| status.headroom(pool.spec.capacity_spec.pool_max));
     hash_of((
         &pool.metadata.uid,
         pool.metadata.generation,
         pool.metadata.deletion_timestamp.is_some(),
-        status.headroom(pool.spec.capacity_spec.pool_max),
+        headroom
+            .unwrap_or_else(|| PoolStatus::default().headroom(pool.spec.capacity_spec.pool_max)),
     ))
 }
 
@@ -421,6 +446,22 @@ impl Indexes {
     pub fn pool_applied(&mut self, pool: &Pool) -> PoolChange {
         let key = Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any());
         let fingerprints = (pool_fingerprint(pool), object_fingerprint(&pool.metadata));
+        let known = self
+            .pool_revisions
+            .get(&key)
+            .is_some_and(|kept| kept.is_of(pool));
+        if let (false, Some(uid), Some(generation)) =
+            (known, &pool.metadata.uid, pool.metadata.generation)
+        {
+            self.pool_revisions.insert(
+                key.clone(),
+                PoolRevision {
+                    uid: uid.clone(),
+                    generation,
+                    revision: pod_template::template_revision(&pool.spec.template),
+                },
+            );
+        }
         let previous = self.pool_fingerprints.insert(key, fingerprints);
         PoolChange {
             batches_read: previous.map(|p| p.0) != Some(fingerprints.0),
@@ -429,10 +470,19 @@ impl Indexes {
     }
 
     pub fn pool_deleted(&mut self, pool: &Pool) {
-        self.pool_fingerprints.remove(&Key::new(
-            &pool.namespace().unwrap_or_default(),
-            &pool.name_any(),
-        ));
+        let key = Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any());
+        self.pool_revisions.remove(&key);
+        self.pool_fingerprints.remove(&key);
+    }
+
+    /// The revision of `pool`'s template ([`pod_template::template_revision`]), from what was
+    /// worked out when the cache applied this spec of it, or worked out now.
+    pub fn pool_revision(&self, pool: &Pool) -> String {
+        let key = Key::new(&pool.namespace().unwrap_or_default(), &pool.name_any());
+        match self.pool_revisions.get(&key) {
+            Some(kept) if kept.is_of(pool) => kept.revision.clone(),
+            _ => pod_template::template_revision(&pool.spec.template),
+        }
     }
 
     pub fn batches_relisted<'a>(
@@ -845,6 +895,53 @@ mod tests {
         }
         index.pool_deleted(&pool);
         assert!(itself(&mut index, &pool), "known again after its Delete");
+    }
+
+    #[test]
+    fn a_pool_revision_is_worked_out_when_its_spec_is_applied_and_kept_for_that_generation() {
+        use sandbox_domain::pod_template::template_revision;
+        let mut index = Indexes::default();
+        let mut pool = pool_of_two();
+        pool.metadata.uid = Some("u1".into());
+        pool.metadata.generation = Some(1);
+        let image = |pool: &mut Pool, image: &str| {
+            pool.spec.template.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+                containers: vec![k8s_openapi::api::core::v1::Container {
+                    name: "c".into(),
+                    image: Some(image.into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        };
+        image(&mut pool, "a");
+        let first = template_revision(&pool.spec.template);
+        index.pool_applied(&pool);
+        assert_eq!(index.pool_revision(&pool), first);
+        // Kept, not worked out again: the same object at the same generation. (The API server
+        // moves the generation with every spec change; a changed template under the same
+        // generation only shows which revision is read.)
+        let mut same_generation = pool.clone();
+        image(&mut same_generation, "b");
+        assert_eq!(index.pool_revision(&same_generation), first);
+        // A newer spec the index has not applied yet, and another object of the same name, are
+        // worked out from what the reconcile holds.
+        let mut newer = same_generation.clone();
+        newer.metadata.generation = Some(2);
+        let second = template_revision(&newer.spec.template);
+        assert_ne!(first, second);
+        assert_eq!(index.pool_revision(&newer), second);
+        let mut other_object = same_generation.clone();
+        other_object.metadata.uid = Some("u2".into());
+        assert_eq!(index.pool_revision(&other_object), second);
+        index.pool_applied(&newer);
+        assert_eq!(index.pool_revision(&newer), second);
+        index.pool_deleted(&newer);
+        assert_eq!(
+            index.pool_revision(&same_generation),
+            second,
+            "forgotten on delete"
+        );
     }
 
     /// A relist drops objects that vanished while the watch was down, without Delete events.

@@ -126,7 +126,7 @@ impl Observed {
             |pod| cached(pod).is_some_and(|p| !pods::is_terminating(p)),
         );
         Ok(Self {
-            revision: pod_template::template_revision(&pool.spec.template),
+            revision: ctx.index.with(|i| i.pool_revision(pool)),
             namespace,
             name,
             pods,
@@ -867,7 +867,8 @@ async fn write_status(
         counts.allocated,
         counts.pending,
     );
-    let previous = pool.status.clone().unwrap_or_default();
+    let none_yet = PoolStatus::default();
+    let previous = pool.status.as_ref().unwrap_or(&none_yet);
     let generation = pool.metadata.generation.unwrap_or_default();
     let buffer_min = non_negative(pool.spec.capacity_spec.buffer_min);
     let mut desired = vec![if counts.available >= buffer_min {
@@ -918,29 +919,26 @@ async fn write_status(
     // it alone could leave a stale count in place, so the last write counts too.
     let uid = pool.uid().unwrap_or_default();
     let last_written = ctx.pool_statuses.last(&uid);
-    let unchanged = same_status(&status, &previous)
+    let unchanged = same_status(&status, previous)
         && last_written
-            .as_ref()
+            .as_deref()
             .is_none_or(|last| same_status(&status, last));
     if unchanged {
         return Ok(None);
     }
     let change = status_change(
         &status,
-        last_written.as_ref().unwrap_or(&previous),
+        last_written.as_deref().unwrap_or(previous),
         pool.spec.capacity_spec.pool_max,
     );
     let now = std::time::Instant::now();
     if paced && let StatusWrite::After(due) = ctx.pacing.status(&observed.key(), now, change) {
         return Ok(Some(due));
     }
-    ctx.pool_statuses.record(uid, status.clone());
-    ctx.patch_status::<Pool>(
-        &observed.namespace,
-        &observed.name,
-        json!({ "status": status }),
-    )
-    .await?;
+    let patch = json!({ "status": &status });
+    ctx.pool_statuses.record(uid, status);
+    ctx.patch_status::<Pool>(&observed.namespace, &observed.name, patch)
+        .await?;
     ctx.pacing.with(&observed.key(), |p| {
         p.status_written(std::time::Instant::now())
     });
@@ -961,15 +959,28 @@ fn status_change(status: &PoolStatus, before: &PoolStatus, pool_max: i32) -> Sta
     }
 }
 
-/// Whether two statuses say the same (condition timestamps aside).
+/// Whether two statuses say the same (condition timestamps aside). Compared in place: every
+/// round of every pool asks, and most find nothing to write.
 fn same_status(a: &PoolStatus, b: &PoolStatus) -> bool {
-    PoolStatus {
-        conditions: vec![],
-        ..a.clone()
-    } == PoolStatus {
-        conditions: vec![],
-        ..b.clone()
-    } && conditions::same(&a.conditions, &b.conditions)
+    // Destructured, so a new field cannot be left out of the comparison.
+    let PoolStatus {
+        observed_generation,
+        revision,
+        total,
+        allocated,
+        available,
+        pending,
+        updated,
+        conditions,
+    } = a;
+    *observed_generation == b.observed_generation
+        && *revision == b.revision
+        && *total == b.total
+        && *allocated == b.allocated
+        && *available == b.available
+        && *pending == b.pending
+        && *updated == b.updated
+        && conditions::same(conditions, &b.conditions)
 }
 
 fn non_negative(value: i32) -> u32 {
@@ -1058,5 +1069,38 @@ mod tests {
         let mut not_ready = status(10, 3, 7);
         not_ready.conditions[0].status = "False".into();
         assert_eq!(status_change(&not_ready, &before, 20), StatusChange::State);
+    }
+
+    #[test]
+    fn statuses_are_the_same_only_if_every_field_but_condition_times_is() {
+        let before = status(10, 3, 7);
+        let mut later = before.clone();
+        later.conditions[0].last_transition_time =
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::from_second(60).unwrap(),
+            );
+        assert!(same_status(&later, &before), "a transition time alone");
+        type Change = (&'static str, fn(&mut PoolStatus));
+        let changes: [Change; 9] = [
+            ("observedGeneration", |s| s.observed_generation = 2),
+            ("revision", |s| s.revision = "r2".into()),
+            ("total", |s| s.total = 11),
+            ("allocated", |s| s.allocated = 4),
+            ("available", |s| s.available = 6),
+            ("pending", |s| s.pending = 1),
+            ("updated", |s| s.updated = 1),
+            ("a condition's message", |s| {
+                s.conditions[0].message = "8 idle".into()
+            }),
+            ("a condition more", |s| {
+                s.conditions.push(s.conditions[0].clone())
+            }),
+        ];
+        for (what, change) in changes {
+            let mut changed = before.clone();
+            change(&mut changed);
+            assert!(!same_status(&changed, &before), "{what}");
+            assert!(!same_status(&before, &changed), "{what}, the other way");
+        }
     }
 }
