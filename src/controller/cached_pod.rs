@@ -13,15 +13,18 @@ use std::ops::Deref;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodIP, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use sandbox_domain::api::names;
+use sandbox_domain::api::names::{self, EXECUTOR_CONTAINER_NAME};
 use sandbox_domain::pods;
 use serde::Deserialize;
 
 use super::served::WireMeta;
 
-/// A pod cut down to what the reconcilers read: its metadata without managedFields, the names of
-/// its containers and init containers (with the init containers' restart policy, which tells a
-/// native sidecar), and its phase, conditions and IPs.
+/// A pod cut down to what the reconcilers read: its metadata without managedFields, its task
+/// executor if it runs one (a container or init container named [`EXECUTOR_CONTAINER_NAME`],
+/// with its restart policy, which tells a native sidecar), its phase, the type and status of its
+/// `Ready` condition, and its IPs. Every other container and condition is dropped: a container
+/// as k8s-openapi types it takes 2 KiB even when only its name is set, and at 10,000 pods the
+/// pods' own containers and other conditions took about a fifth of the controller's memory.
 ///
 /// What every Pool round asks of each of its pods (ready? finished? marked for eviction?) is
 /// answered once, when the pod is decoded, and kept beside it: a round reads a flag instead of
@@ -32,6 +35,8 @@ pub struct CachedPod {
     running_and_ready: bool,
     finished: bool,
     evicted: bool,
+    /// Its pool-revision label: compared with the pool's revision for every pod in every round.
+    pool_revision: Option<Box<str>>,
 }
 
 impl Deref for CachedPod {
@@ -53,6 +58,12 @@ impl CachedPod {
                 .labels
                 .as_ref()
                 .is_some_and(|labels| labels.contains_key(names::LABEL_EVICT)),
+            pool_revision: pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(names::LABEL_POOL_REVISION))
+                .map(|revision| revision.as_str().into()),
             pod,
         }
     }
@@ -76,6 +87,11 @@ impl CachedPod {
     pub fn is_evicted(&self) -> bool {
         self.evicted
     }
+
+    /// The template revision of its pool it was made from ([`names::LABEL_POOL_REVISION`]).
+    pub fn pool_revision(&self) -> Option<&str> {
+        self.pool_revision.as_deref()
+    }
 }
 
 impl From<Pod> for CachedPod {
@@ -87,32 +103,32 @@ impl From<Pod> for CachedPod {
             status,
         } = pod;
         metadata.managed_fields = None;
+        let containers = |list: Vec<Container>| -> Vec<Container> {
+            list.into_iter()
+                .filter(|c| is_kept_container(&c.name))
+                .map(|c| container(c.name, c.restart_policy))
+                .collect()
+        };
         CachedPod::new(Pod {
             metadata,
             spec: spec.map(|spec| PodSpec {
-                containers: spec.containers.into_iter().map(named).collect(),
-                init_containers: spec
-                    .init_containers
-                    .map(|list| list.into_iter().map(named).collect()),
+                containers: containers(spec.containers),
+                init_containers: spec.init_containers.map(containers),
                 ..PodSpec::default()
             }),
             status: status.map(|status| PodStatus {
                 phase: status.phase,
-                conditions: status.conditions,
+                conditions: status.conditions.map(|list| {
+                    list.into_iter()
+                        .filter(|c| is_kept_condition(&c.type_))
+                        .map(|c| condition(c.type_, c.status))
+                        .collect()
+                }),
                 pod_ip: status.pod_ip,
                 pod_ips: status.pod_ips,
                 ..PodStatus::default()
             }),
         })
-    }
-}
-
-/// A container as cached: its name and restart policy.
-fn named(container: Container) -> Container {
-    Container {
-        name: container.name,
-        restart_policy: container.restart_policy,
-        ..Container::default()
     }
 }
 
@@ -174,7 +190,7 @@ struct WireContainer {
 #[derive(Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 struct WireStatus {
-    conditions: Option<Vec<PodCondition>>,
+    conditions: Option<Vec<WireCondition>>,
     phase: Option<String>,
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
@@ -182,20 +198,51 @@ struct WireStatus {
     pod_ips: Option<Vec<PodIP>>,
 }
 
-impl From<WireContainer> for Container {
-    fn from(wire: WireContainer) -> Self {
-        Container {
-            name: wire.name,
-            restart_policy: wire.restart_policy,
-            ..Container::default()
-        }
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct WireCondition {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+}
+
+/// The only container any reconcile looks for ([`super::sidecar::has_executor`]).
+fn is_kept_container(name: &str) -> bool {
+    name == EXECUTOR_CONTAINER_NAME
+}
+
+/// The only condition any reconcile reads ([`pods::is_running_and_ready`]).
+fn is_kept_condition(type_: &str) -> bool {
+    type_ == "Ready"
+}
+
+/// A kept container: its name and restart policy.
+fn container(name: String, restart_policy: Option<String>) -> Container {
+    Container {
+        name,
+        restart_policy,
+        ..Container::default()
+    }
+}
+
+/// A kept condition: its type and status.
+fn condition(type_: String, status: String) -> PodCondition {
+    PodCondition {
+        type_,
+        status,
+        ..PodCondition::default()
     }
 }
 
 impl From<WirePod> for CachedPod {
     fn from(wire: WirePod) -> Self {
         let containers = |list: Option<Vec<WireContainer>>| {
-            list.map(|list| list.into_iter().map(Container::from).collect())
+            list.map(|list| {
+                list.into_iter()
+                    .filter(|c| is_kept_container(&c.name))
+                    .map(|c| container(c.name, c.restart_policy))
+                    .collect()
+            })
         };
         CachedPod::new(Pod {
             metadata: wire.metadata.into(),
@@ -206,7 +253,12 @@ impl From<WirePod> for CachedPod {
             }),
             status: wire.status.map(|status| PodStatus {
                 phase: status.phase,
-                conditions: status.conditions,
+                conditions: status.conditions.map(|list: Vec<WireCondition>| {
+                    list.into_iter()
+                        .filter(|c| is_kept_condition(&c.type_))
+                        .map(|c| condition(c.type_, c.status))
+                        .collect()
+                }),
                 pod_ip: status.pod_ip,
                 pod_ips: status.pod_ips,
                 ..PodStatus::default()
@@ -222,6 +274,7 @@ pub(crate) const SERVED_POOL_POD: &[u8] = include_bytes!("testdata/served-pool-p
 
 #[cfg(test)]
 mod tests {
+    use super::super::sidecar::has_injected_executor;
     use super::*;
     use kube::ResourceExt;
 
@@ -363,7 +416,8 @@ mod tests {
         }
     }
 
-    /// The served pod changed one way each: every fact is true for some and false for others.
+    /// The served pod changed one way each: every fact is true for some and false for others, and
+    /// some carry a pool revision and one none.
     fn pods_in_every_state() -> Vec<serde_json::Value> {
         let edit = |change: &dyn Fn(&mut serde_json::Value)| {
             let mut pod = served_pod_json();
@@ -398,12 +452,35 @@ mod tests {
             edit(&|pod| {
                 pod.as_object_mut().expect("a pod").remove("status");
             }),
+            edit(&|pod| {
+                let labels = pod["metadata"]["labels"].as_object_mut().expect("labels");
+                labels.remove(names::LABEL_POOL_REVISION);
+            }),
+            // The executor as an init container that is not a native sidecar, and as a container.
+            edit(&|pod| {
+                let init = &mut pod["spec"]["initContainers"][0];
+                init.as_object_mut()
+                    .expect("a container")
+                    .remove("restartPolicy");
+            }),
+            edit(&|pod| {
+                let executor = pod["spec"]["initContainers"][0].clone();
+                pod["spec"]
+                    .as_object_mut()
+                    .expect("a spec")
+                    .remove("initContainers");
+                let containers = pod["spec"]["containers"]
+                    .as_array_mut()
+                    .expect("containers");
+                containers.push(executor);
+            }),
         ]
     }
 
     #[test]
     fn the_facts_kept_beside_a_pod_agree_with_the_predicates_on_the_whole_pod() {
         let mut seen = std::collections::BTreeSet::new();
+        let mut seen_revisions = std::collections::BTreeSet::new();
         for json in pods_in_every_state() {
             let whole: Pod = serde_json::from_value(json.clone()).expect("a pod");
             let decoded: CachedPod = serde_json::from_value(json).expect("a cached pod");
@@ -420,14 +497,34 @@ mod tests {
                     decoded.is_evicted(),
                     whole.labels().contains_key(names::LABEL_EVICT),
                 ),
+                (
+                    "executor",
+                    has_injected_executor(&decoded),
+                    has_injected_executor(&whole),
+                ),
             ];
             for (fact, kept, computed) in facts {
                 assert_eq!(kept, computed, "{fact} of {}", pods::pod_name(&whole));
                 seen.insert((fact, kept));
             }
+            assert_eq!(
+                decoded.pool_revision(),
+                whole
+                    .labels()
+                    .get(names::LABEL_POOL_REVISION)
+                    .map(String::as_str),
+                "pool revision of {}",
+                pods::pod_name(&whole)
+            );
+            seen_revisions.insert(decoded.pool_revision().map(str::to_owned));
             assert_eq!(decoded, CachedPod::from(whole));
         }
-        assert_eq!(seen.len(), 8, "each fact seen true and false: {seen:?}");
+        assert_eq!(seen.len(), 10, "each fact seen true and false: {seen:?}");
+        assert_eq!(
+            seen_revisions.len(),
+            2,
+            "a revision and none: {seen_revisions:?}"
+        );
     }
 
     #[test]
@@ -437,15 +534,31 @@ mod tests {
         assert_eq!(sandbox_domain::pods::pod_ip(&cached), Some("127.1.0.9"));
         assert!(super::super::sidecar::has_injected_executor(&cached));
         let spec = cached.spec.as_ref().expect("a spec");
-        assert_eq!(spec.containers.len(), 1);
-        assert_eq!(spec.containers[0].name, "app");
-        assert_eq!(spec.containers[0].image, None);
+        assert!(spec.containers.is_empty(), "the app container is not kept");
         let init = spec.init_containers.as_ref().expect("init containers");
-        assert_eq!(init[0].name, "task-executor");
-        assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+        assert_eq!(
+            init,
+            &[Container {
+                name: EXECUTOR_CONTAINER_NAME.into(),
+                restart_policy: Some("Always".into()),
+                ..Container::default()
+            }],
+            "the executor, with its restart policy alone"
+        );
         assert_eq!(spec.volumes, None);
         assert_eq!(spec.node_name, None);
         let status = cached.status.as_ref().expect("a status");
+        assert_eq!(
+            status.conditions.as_deref(),
+            Some(
+                &[PodCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..PodCondition::default()
+                }][..]
+            ),
+            "the Ready condition's type and status alone"
+        );
         assert_eq!(status.container_statuses, None);
         assert_eq!(status.host_ip, None);
         assert_eq!(cached.metadata.managed_fields, None);

@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
@@ -179,8 +178,8 @@ impl Observed {
         idle.into_iter().map(|(_, name)| name).collect()
     }
 
-    fn is_current(&self, pod: &Pod) -> bool {
-        pod.labels().get(names::LABEL_POOL_REVISION) == Some(&self.revision)
+    fn is_current(&self, pod: &CachedPod) -> bool {
+        pod.pool_revision() == Some(self.revision.as_str())
     }
 
     fn pod_ip(&self, name: &str) -> Option<&str> {
