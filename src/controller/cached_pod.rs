@@ -103,11 +103,8 @@ impl From<Pod> for CachedPod {
             status,
         } = pod;
         metadata.managed_fields = None;
-        let containers = |list: Vec<Container>| -> Vec<Container> {
-            list.into_iter()
-                .filter(|c| is_kept_container(&c.name))
-                .map(|c| container(c.name, c.restart_policy))
-                .collect()
+        let containers = |list: Vec<Container>| {
+            kept_containers(list.into_iter().map(|c| (c.name, c.restart_policy)))
         };
         CachedPod::new(Pod {
             metadata,
@@ -118,12 +115,9 @@ impl From<Pod> for CachedPod {
             }),
             status: status.map(|status| PodStatus {
                 phase: status.phase,
-                conditions: status.conditions.map(|list| {
-                    list.into_iter()
-                        .filter(|c| is_kept_condition(&c.type_))
-                        .map(|c| condition(c.type_, c.status))
-                        .collect()
-                }),
+                conditions: status
+                    .conditions
+                    .map(|list| kept_conditions(list.into_iter().map(|c| (c.type_, c.status)))),
                 pod_ip: status.pod_ip,
                 pod_ips: status.pod_ips,
                 ..PodStatus::default()
@@ -206,43 +200,36 @@ struct WireCondition {
     status: String,
 }
 
-/// The only container any reconcile looks for ([`super::sidecar::has_executor`]).
-fn is_kept_container(name: &str) -> bool {
-    name == EXECUTOR_CONTAINER_NAME
+/// The containers of a pod that are kept, from each one's name and restart policy: only the
+/// executor, the one container any reconcile looks for ([`super::sidecar::has_executor`]).
+fn kept_containers(list: impl IntoIterator<Item = (String, Option<String>)>) -> Vec<Container> {
+    list.into_iter()
+        .filter(|(name, _)| name == EXECUTOR_CONTAINER_NAME)
+        .map(|(name, restart_policy)| Container {
+            name,
+            restart_policy,
+            ..Container::default()
+        })
+        .collect()
 }
 
-/// The only condition any reconcile reads ([`pods::is_running_and_ready`]).
-fn is_kept_condition(type_: &str) -> bool {
-    type_ == "Ready"
-}
-
-/// A kept container: its name and restart policy.
-fn container(name: String, restart_policy: Option<String>) -> Container {
-    Container {
-        name,
-        restart_policy,
-        ..Container::default()
-    }
-}
-
-/// A kept condition: its type and status.
-fn condition(type_: String, status: String) -> PodCondition {
-    PodCondition {
-        type_,
-        status,
-        ..PodCondition::default()
-    }
+/// The conditions of a pod that are kept, from each one's type and status: only `Ready`, the
+/// one condition any reconcile reads ([`pods::is_running_and_ready`]).
+fn kept_conditions(list: impl IntoIterator<Item = (String, String)>) -> Vec<PodCondition> {
+    list.into_iter()
+        .filter(|(type_, _)| type_ == "Ready")
+        .map(|(type_, status)| PodCondition {
+            type_,
+            status,
+            ..PodCondition::default()
+        })
+        .collect()
 }
 
 impl From<WirePod> for CachedPod {
     fn from(wire: WirePod) -> Self {
         let containers = |list: Option<Vec<WireContainer>>| {
-            list.map(|list| {
-                list.into_iter()
-                    .filter(|c| is_kept_container(&c.name))
-                    .map(|c| container(c.name, c.restart_policy))
-                    .collect()
-            })
+            list.map(|list| kept_containers(list.into_iter().map(|c| (c.name, c.restart_policy))))
         };
         CachedPod::new(Pod {
             metadata: wire.metadata.into(),
@@ -254,10 +241,7 @@ impl From<WirePod> for CachedPod {
             status: wire.status.map(|status| PodStatus {
                 phase: status.phase,
                 conditions: status.conditions.map(|list: Vec<WireCondition>| {
-                    list.into_iter()
-                        .filter(|c| is_kept_condition(&c.type_))
-                        .map(|c| condition(c.type_, c.status))
-                        .collect()
+                    kept_conditions(list.into_iter().map(|c| (c.type_, c.status)))
                 }),
                 pod_ip: status.pod_ip,
                 pod_ips: status.pod_ips,

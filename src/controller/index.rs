@@ -19,7 +19,7 @@ use super::cached_pod::CachedPod;
 use kube::ResourceExt;
 
 use sandbox_domain::allocation::{self, AllocStatus};
-use sandbox_domain::api::{BatchSandbox, Pool, PoolStatus, names};
+use sandbox_domain::api::{BatchSandbox, Pool, names};
 use sandbox_domain::pod_template;
 use sandbox_domain::released::Released;
 
@@ -304,16 +304,12 @@ fn object_fingerprint(meta: &ObjectMeta) -> u64 {
 /// A hash of what a pool's batches read of it: whether it exists as this object, its spec (by
 /// its generation), its deletion, and its status's headroom (out of idle pods, exhausted).
 fn pool_fingerprint(pool: &Pool) -> u64 {
-    let headroom = pool
-        .status
-        .as_ref()
-        .map(|status| status.headroom(pool.spec.capacity_spec.pool_max));
+    let status = pool.status.clone().unwrap_or_default();
     hash_of((
         &pool.metadata.uid,
         pool.metadata.generation,
         pool.metadata.deletion_timestamp.is_some(),
-        headroom
-            .unwrap_or_else(|| PoolStatus::default().headroom(pool.spec.capacity_spec.pool_max)),
+        status.headroom(pool.spec.capacity_spec.pool_max),
     ))
 }
 
